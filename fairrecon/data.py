@@ -1,0 +1,121 @@
+"""Datasets as tensors: images in [0, 1], shape (N, C, H, W), float32.
+
+Whole datasets are read straight from torchvision's `.data` arrays (no per-item
+Python, no DataLoader): the MNIST family is 55 MB and fits in memory many times
+over, and training later indexes it on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+# name -> (torchvision class name, files torchvision needs, how to get them)
+_TORCHVISION = {
+    "mnist": ("MNIST", "MNIST/raw/train-images-idx3-ubyte"),
+    "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw/train-images-idx3-ubyte"),
+    "kmnist": ("KMNIST", "KMNIST/raw/train-images-idx3-ubyte"),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py/data_batch_1"),
+}
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """A dataset's train and test pools; `*_index` are positions in the original dataset."""
+
+    name: str
+    train: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
+    test: torch.Tensor
+    train_index: torch.Tensor  # (N,) int64
+    test_index: torch.Tensor
+    files: tuple[str, ...] | None = None  # image-folder only: file name of each original index
+
+
+def load_images(name: str, root: str | Path = "datasets", download: bool = False, split_seed: int = 0) -> ImageSet:
+    """Load a dataset by name. Missing files give a one-line UserError saying where and how."""
+    if name == "digits":
+        return _digits(split_seed)
+    if name == "folder":
+        return load_folder(root, split_seed)
+    if name not in _TORCHVISION:
+        raise UserError(f"unknown dataset '{name}'")
+    return _torchvision(name, Path(root), download)
+
+
+def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded train/test split for datasets that ship without one."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, int(round(n * test_fraction)))
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def _digits(split_seed: int) -> ImageSet:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, UCI), scaled from 0..16 to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    images = torch.from_numpy(load_digits().images.astype(np.float32) / 16.0).unsqueeze(1)  # (1797, 1, 8, 8)
+    train, test = split_indices(len(images), 0.2, split_seed)
+    return ImageSet("digits", images[train], images[test], torch.from_numpy(train), torch.from_numpy(test))
+
+
+def _torchvision(name: str, root: Path, download: bool) -> ImageSet:
+    import torchvision.datasets as tvd
+
+    class_name, probe = _TORCHVISION[name]
+    cls = getattr(tvd, class_name)
+    try:
+        train, test = cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
+    except RuntimeError as e:
+        if "not found" not in str(e).lower() and "corrupted" not in str(e).lower():
+            raise
+        raise UserError(
+            f"{name}: no dataset files under {root / probe.split('/')[0]} (looked for {root / probe}); "
+            f"pass --download to fetch them, or --data-root DIR where they are (see datasets/{name}.md)"
+        ) from None
+    except (OSError, ValueError) as e:  # truncated or malformed files
+        raise UserError(f"{name}: cannot read dataset files under {root}: {e}") from None
+    return ImageSet(name, _to_float(train.data), _to_float(test.data),
+                    torch.arange(len(train.data)), torch.arange(len(test.data)))
+
+
+def _to_float(data) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, H, W, C) -> float32 (N, C, H, W) in [0, 1]."""
+    t = torch.as_tensor(np.asarray(data))
+    t = t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
+    return t.contiguous().float().div_(255.0)
+
+
+def load_folder(root: str | Path, split_seed: int = 0, test_fraction: float = 0.2) -> ImageSet:
+    """A flat folder of the user's own images (all the same size and mode), split 80/20 with a seed.
+
+    Indices refer to the sorted file names (`ImageSet.files`), which a labels CSV may use instead.
+    """
+    from torchvision.io import decode_image
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"image folder {root} does not exist; pass --data-root DIR with your images")
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < 2:
+        raise UserError(f"image folder {root} has {len(files)} image(s); need at least 2 ({', '.join(IMAGE_SUFFIXES)})")
+    images = []
+    for path in files:
+        try:
+            img = decode_image(str(path))  # (C, H, W) uint8
+        except (RuntimeError, OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable image ({str(e).splitlines()[0][:120]})") from None
+        if img.shape != images[0].shape if images else False:
+            raise UserError(f"{path}: shape {tuple(img.shape)} differs from {files[0].name} {tuple(images[0].shape)}; "
+                            "all images must have the same size and number of channels")
+        images.append(img)
+    data = torch.stack(images).float().div_(255.0)  # (N, C, H, W)
+    train, test = split_indices(len(data), test_fraction, split_seed)
+    return ImageSet("folder", data[train], data[test], torch.from_numpy(train), torch.from_numpy(test),
+                    files=tuple(p.name for p in files))

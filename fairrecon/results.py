@@ -1,0 +1,134 @@
+"""An audit's results: tidy DataFrames, and how they are saved to and read from a folder.
+
+Files in a results folder (all written atomically: a crash never leaves half a file):
+  samples.csv   one row per (loss, seed, test image): loss, seed, group, index, mse, mae, psnr
+  cells.csv     one row per (loss, seed): status, learned sigma, training MSE and NLL
+  groups.csv    measured brightness and contrast per split and group
+  history.csv   training NLL and MSE per cell and epoch
+  summary.json  spec, versions, per-(loss, group) means over seeds, the above in brief, timings
+  report.md     a short table for pull requests
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import UserError
+from .spec import AuditSpec
+
+METRICS = ("mse", "mae", "psnr")
+TABLES = ("samples", "cells", "groups", "history")
+
+
+@dataclass
+class AuditResult:
+    spec: AuditSpec
+    samples: pd.DataFrame
+    cells: pd.DataFrame
+    groups: pd.DataFrame
+    history: pd.DataFrame
+    info: dict[str, Any] = field(default_factory=dict)  # versions, device, timings
+
+    @property
+    def ok_samples(self) -> pd.DataFrame:
+        """Per-sample rows of the cells that trained without failing."""
+        ok = self.cells.loc[self.cells["status"] == "ok", ["loss", "seed"]]
+        return self.samples.merge(ok, on=["loss", "seed"])
+
+    def by_cell_group(self) -> pd.DataFrame:
+        """One row per (loss, seed, group): n and mean of each metric over the group's test images."""
+        df = self.ok_samples
+        out = df.groupby(["loss", "seed", "group"], observed=True, sort=False)[list(METRICS)].mean()
+        out.insert(0, "n", df.groupby(["loss", "seed", "group"], observed=True, sort=False).size())
+        return out.reset_index()
+
+    def by_group(self) -> pd.DataFrame:
+        """One row per (loss, group): each metric's mean over seeds of the per-seed group means, and its spread."""
+        cg = self.by_cell_group()
+        agg = cg.groupby(["loss", "group"], observed=True, sort=False).agg(
+            n=("n", "first"), seeds=("seed", "nunique"),
+            **{m: (m, "mean") for m in METRICS}, **{f"{m}_seed_std": (m, "std") for m in METRICS})
+        return agg.reset_index()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "fairrecon_version": self.info.get("fairrecon_version"),
+            "spec": self.spec.to_dict(),
+            "info": {k: v for k, v in self.info.items() if k != "fairrecon_version"},
+            "groups": _records(self.groups),
+            "cells": _records(self.cells),
+            "by_group": _records(self.by_group()),
+        }
+
+    def save(self, out: str | Path) -> Path:
+        """Write every table, summary.json and report.md into `out` (created if needed)."""
+        from .report import markdown_report
+
+        out = Path(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for name in TABLES:
+                atomic_write(out / f"{name}.csv", getattr(self, name).to_csv(index=False))
+            atomic_write(out / "summary.json", json.dumps(self.summary(), indent=2, default=_json_default) + "\n")
+            atomic_write(out / "report.md", markdown_report(self))
+        except OSError as e:
+            raise UserError(f"cannot write results to {out}: {e.strerror or e}") from None
+        return out
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "AuditResult":
+        """Read a results folder written by `save`."""
+        folder = Path(folder)
+        try:
+            summary = json.loads((folder / "summary.json").read_text())
+            tables = {name: pd.read_csv(folder / f"{name}.csv") for name in TABLES}
+        except FileNotFoundError as e:
+            raise UserError(f"{folder}: not a fairrecon results folder ({Path(e.filename).name} missing)") from None
+        except (OSError, ValueError) as e:
+            raise UserError(f"{folder}: cannot read results ({e})") from None
+        spec = AuditSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in summary["spec"].items()})
+        tables["samples"]["group"] = pd.Categorical(tables["samples"]["group"].astype(str),
+                                                    categories=_group_order(tables["groups"]))
+        tables["groups"]["group"] = tables["groups"]["group"].astype(str)
+        info = {"fairrecon_version": summary.get("fairrecon_version"), **summary.get("info", {})}
+        return cls(spec, info=info, **tables)
+
+
+def _group_order(groups: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(groups["group"].astype(str)))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename over the target."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    return json.loads(df.to_json(orient="records"))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

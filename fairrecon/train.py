@@ -1,0 +1,210 @@
+"""Training a grid of (loss, seed) cells together, as one batched model. No file I/O.
+
+Why batched: the models are small, so one model at a time leaves most of the machine
+idle. The cells' weights are stacked along a leading cell dimension
+(`torch.func.stack_module_state`) and run with `vmap`; each cell sees only its own
+loss, so the gradient of the summed loss with respect to cell c's weights is exactly
+cell c's own gradient. Adam is elementwise, so every cell keeps its own optimizer state
+and the result equals training the cells one by one (see tests/test_train.py).
+
+Randomness: a cell's seed fixes its initial weights and its batch order; cells that
+share a seed differ only in their loss. Every cell trains on the same split.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from .losses import effective_log_sigma, get_loss
+from .models import build_model
+
+SIGMA_COLLAPSE_FACTOR = 1.01  # a learned sigma within 1% of its floor counts as collapsed
+
+
+@dataclass(frozen=True)
+class Cell:
+    loss: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.loss}/seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "mlp"
+    latent: int = 16
+    hidden: int = 256
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    sigma_lr: float = 1e-2
+    sigma_floor: float = 1e-3
+    grad_points: int = 0  # how many batches per cell to hand to `on_snapshot`
+
+
+@dataclass
+class StackedCells:
+    """C cells' weights stacked along dim 0, and how to run them."""
+
+    cells: list[Cell]
+    base: nn.Module  # an uninitialised template (meta device) for functional_call
+    params: dict[str, torch.Tensor]  # each (C, ...)
+    buffers: dict[str, torch.Tensor]
+    log_sigma: torch.Tensor  # (C,)
+    config: TrainConfig
+
+    def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (C, B, ...) -> reconstructions (C, B, ...), each cell on its own batch."""
+        def one(p, b, xc):
+            return functional_call(self.base, (p, b), (xc,))
+        return vmap(one)(self.params if params is None else params, self.buffers, x)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+        """The same images x (N, ...) through every cell -> (C, N, ...)."""
+        def one(p, b, xc):
+            return functional_call(self.base, (p, b), (xc,))
+        run = vmap(one, in_dims=(0, 0, None))
+        return torch.cat([run(self.params, self.buffers, x[i:i + chunk]) for i in range(0, len(x), chunk)], dim=1)
+
+    def per_sample_nll(self, x: torch.Tensor, x_hat: torch.Tensor, log_sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """Each cell's own loss on its own batch: (C, B, ...) -> (C, B)."""
+        log_sigma = self.log_sigma if log_sigma is None else log_sigma
+        x, x_hat = x.flatten(2), x_hat.flatten(2)  # (C, B, M)
+        parts, order = [], []
+        for name, idx in self.cells_by_loss().items():
+            i = torch.tensor(idx, device=x.device)
+            parts.append(get_loss(name).nll(x[i], x_hat[i], log_sigma[i], self.config.sigma_floor))
+            order.extend(idx)
+        return torch.cat(parts)[torch.tensor(order, device=x.device).argsort()]  # back to cell order
+
+    def cells_by_loss(self) -> dict[str, list[int]]:
+        groups: dict[str, list[int]] = {}
+        for i, cell in enumerate(self.cells):
+            groups.setdefault(cell.loss, []).append(i)
+        return groups
+
+    def sigma(self) -> torch.Tensor:
+        """Learned sigma per cell (NaN for losses that learn none)."""
+        s = effective_log_sigma(self.log_sigma.detach(), self.config.sigma_floor).exp()
+        learns = torch.tensor([get_loss(c.loss).learns_sigma for c in self.cells], device=s.device)
+        return torch.where(learns, s, torch.nan)
+
+    def module(self, c: int) -> nn.Module:
+        """Cell c as an ordinary nn.Module (to save, share or inspect)."""
+        model = build_model(self.config.model, self.base.shape, self.config.latent, self.config.hidden)
+        model.load_state_dict({k: v[c].detach().cpu() for k, v in {**self.params, **self.buffers}.items()})
+        return model
+
+
+@dataclass
+class Snapshot:
+    """One training batch handed to a measurement hook (e.g. gradient shares) before the update."""
+
+    step: int
+    epoch: int
+    stacked: StackedCells
+    x: torch.Tensor  # (C, B, ...)
+    group: torch.Tensor  # (C, B) group code of each sample
+
+
+@dataclass
+class TrainResult:
+    stacked: StackedCells
+    history: pd.DataFrame  # one row per cell and epoch
+    status: list[str] = field(default_factory=list)  # "ok" or "failed: <reason>" per cell
+    seconds: float = 0.0
+
+
+def init_cells(cells: list[Cell], shape: tuple[int, int, int], config: TrainConfig, device: torch.device) -> StackedCells:
+    """Seeded initial weights, the same for a seed whatever the loss or the batch of cells."""
+    models = []
+    for cell in cells:
+        torch.manual_seed(cell.seed)
+        models.append(build_model(config.model, shape, config.latent, config.hidden).to(device))
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    log_sigma = torch.zeros(len(cells), device=device, requires_grad=True)
+    return StackedCells(cells, base, params, buffers, log_sigma, config)
+
+
+def train_cells(
+    x: torch.Tensor,
+    group: torch.Tensor,
+    cells: list[Cell],
+    config: TrainConfig,
+    device: torch.device | str = "cpu",
+    on_snapshot: Callable[[Snapshot], None] | None = None,
+    on_epoch: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """Train every cell on images x (N, C, H, W) in [0, 1] with group codes `group` (N,)."""
+    start = time.perf_counter()
+    device = torch.device(device)
+    x, group = x.to(device), group.to(device)
+    n = len(x)
+    stacked = init_cells(cells, tuple(x.shape[1:]), config, device)
+    opt = torch.optim.Adam([{"params": list(stacked.params.values()), "lr": config.lr},
+                            {"params": [stacked.log_sigma], "lr": config.sigma_lr}])
+    orders = {s: torch.Generator().manual_seed(s) for s in sorted({c.seed for c in cells})}
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    snap_at = set(torch.linspace(0, total - 1, config.grad_points).round().long().tolist()) if config.grad_points else set()
+    alive = torch.ones(len(cells), dtype=torch.bool, device=device)
+    failed_at = [None] * len(cells)
+    rows, step = [], 0
+    for epoch in range(config.epochs):
+        perms = {s: torch.randperm(n, generator=g) for s, g in orders.items()}
+        perm = torch.stack([perms[c.seed] for c in cells]).to(device)  # (C, N)
+        sums = torch.zeros(3, len(cells), device=device)  # nll, mse, count
+        for lo in range(0, n, config.batch_size):
+            idx = perm[:, lo:lo + config.batch_size]  # (C, B)
+            xb = x[idx]  # (C, B, C_img, H, W)
+            if step in snap_at and on_snapshot is not None:
+                on_snapshot(Snapshot(step, epoch, stacked, xb, group[idx]))
+            x_hat = stacked.forward(xb)
+            nll = stacked.per_sample_nll(xb, x_hat)  # (C, B)
+            per_cell = nll.mean(1)
+            finite = torch.isfinite(per_cell) & alive
+            loss = torch.where(finite, per_cell, torch.zeros_like(per_cell)).sum()  # cells are independent
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                alive &= finite
+                sums += torch.stack([torch.nan_to_num(nll.detach(), nan=0.0, posinf=0.0).sum(1),
+                                     (x_hat.detach() - xb).pow(2).flatten(2).mean(2).sum(1),
+                                     torch.full_like(per_cell, idx.shape[1])])
+            step += 1
+        alive_now = alive.tolist()
+        for c, ok in enumerate(alive_now):
+            if not ok and failed_at[c] is None:
+                failed_at[c] = f"failed: non-finite loss in epoch {epoch + 1}"
+        means = (sums[:2] / sums[2]).cpu()
+        for c, cell in enumerate(cells):
+            rows.append({"loss": cell.loss, "seed": cell.seed, "epoch": epoch + 1,
+                         "train_nll": means[0, c].item(), "train_mse": means[1, c].item()})
+        if on_epoch is not None:
+            on_epoch(epoch + 1, config.epochs)
+    status = []
+    sigma = stacked.sigma().cpu()
+    for c, cell in enumerate(cells):
+        if failed_at[c]:
+            status.append(failed_at[c])
+        elif get_loss(cell.loss).learns_sigma and sigma[c] <= config.sigma_floor * SIGMA_COLLAPSE_FACTOR:
+            status.append(f"failed: learned sigma collapsed to its floor {config.sigma_floor:g}")
+        else:
+            status.append("ok")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return TrainResult(stacked, pd.DataFrame(rows), status, time.perf_counter() - start)
