@@ -56,7 +56,7 @@ def audit(spec_file, quiet, **flags) -> None:
     for key, kind in (("targets", float), ("proportions", float), ("losses", str)):
         if flags[key] is not None:
             flags[key] = parse_list(flags[key], kind)
-    spec = load_spec(spec_file, **flags) if spec_file else AuditSpec().replace(**flags)
+    spec = load_spec(spec_file, **flags) if spec_file else AuditSpec().override(**flags)
     log = (lambda m: None) if quiet else (lambda m: click.echo(f"[fairrecon] {m}", err=True))
     result = run_audit(spec, log=log)
     click.echo(f"\nHeld-out MSE per pixel by group (mean ± std over {spec.seeds} seeds):")
