@@ -15,6 +15,7 @@ import importlib
 import os
 import pickle
 import sys
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -90,7 +91,9 @@ def load_model(weights: str | Path, factory: str | None = None) -> nn.Module:
         names = z.namelist()
     if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
         try:
-            return torch.jit.load(str(weights), map_location="cpu").eval()
+            with warnings.catch_warnings():  # TorchScript is deprecated upstream, but users still hold such files
+                warnings.filterwarnings("ignore", message=".*torch.jit.load.* deprecated", category=FutureWarning)
+                return torch.jit.load(str(weights), map_location="cpu").eval()
         except RuntimeError as e:
             raise UserError(f"{weights}: not a loadable TorchScript file ({_brief(e)})") from None
     try:

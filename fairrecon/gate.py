@@ -37,7 +37,7 @@ class Outcome:
 def check(result, metric: str = "mse", max_ratio: float | None = None, max_gap: float | None = None,
           adjusted: bool = False, alpha: float = 0.05, reference: str = "best",
           losses: list[str] | None = None, pca: pd.DataFrame | None = None,
-          n_boot: int = 4000) -> Outcome:
+          n_boot: int = 4000, n_perm: int = stats.N_PERM) -> Outcome:
     """Apply the gate to an AuditResult (or a results folder). Raises UserError on a usage mistake."""
     result = _as_result(result)
     _validate(metric, max_ratio, max_gap, adjusted, alpha)
@@ -54,7 +54,7 @@ def check(result, metric: str = "mse", max_ratio: float | None = None, max_gap: 
         return Outcome(INSUFFICIENT, f"insufficient data: group(s) {listed} have fewer than "
                                      f"{stats.MIN_GROUP_N} test images; use more test images")
     table = stats.disparities(result, metric, reference, alpha, adjusted=adjusted, pca=pca, losses=losses,
-                              n_boot=n_boot)
+                              n_boot=n_boot, n_perm=n_perm)
     if table.empty:
         return Outcome(INSUFFICIENT, "insufficient data: no loss has a trained cell")
     confidence = f"{1 - alpha:.0%}"
