@@ -42,12 +42,14 @@ def cli() -> None:
 @click.option("--lr", type=float, help="Adam learning rate.")
 @click.option("--device", help="auto (default: CUDA when present), cpu, or cuda.")
 @click.option("--out", help="Folder for samples.csv, summary.json, report.md and the other tables.")
+@click.option("--force", is_flag=True, help="Write into an --out folder that holds an audit of a different spec.")
 @click.option("--quiet", is_flag=True, help="Only print the final table.")
-def audit(spec_file, quiet, **flags) -> None:
+def audit(spec_file, quiet, force, **flags) -> None:
     """Train autoencoders under each loss and measure per-group error on held-out images.
 
     With no arguments: the bundled digits, groups at mean brightness 0.3 and 0.9,
-    four losses, three seeds. Flags override SPEC_FILE.
+    four losses, three seeds. Flags override SPEC_FILE. With --out, finished cells are
+    kept in OUT/cells: run the same command again after an interruption to resume.
     """
     from .audit import run_audit
     from .report import error_table
@@ -58,12 +60,14 @@ def audit(spec_file, quiet, **flags) -> None:
             flags[key] = parse_list(flags[key], kind)
     spec = load_spec(spec_file, **flags) if spec_file else AuditSpec().override(**flags)
     log = (lambda m: None) if quiet else (lambda m: click.echo(f"[fairrecon] {m}", err=True))
-    result = run_audit(spec, log=log)
+    result = run_audit(spec, log=log, force=force)
     click.echo(f"\nHeld-out MSE per pixel by group (mean ± std over {spec.seeds} seeds):")
     click.echo(error_table(result, "mse").to_string(index=False))
     failed = result.cells[result.cells["status"] != "ok"]
     for row in failed.itertuples():
         click.echo(f"warning: cell {row.loss}/seed{row.seed} {row.status}", err=True)
+    if len(failed) == len(result.cells):
+        click.echo("warning: every cell failed; the table above is empty (see the cells' status in summary.json)", err=True)
     click.echo(f"\ntotal {result.info['timings']['total_s']:.1f} s on {result.info['device']}"
                + (f"; results in {spec.out}/" if spec.out else ""))
 
@@ -140,6 +144,6 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except (click.Abort, KeyboardInterrupt):
-        click.echo("fairrecon: interrupted", err=True)
+        click.echo("fairrecon: interrupted; with --out, run the same command again to resume", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

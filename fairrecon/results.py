@@ -116,10 +116,15 @@ def _group_order(groups: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(groups["group"].astype(str)))
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process umask (umask can only be read by setting it)
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder, then rename over the target."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are ordinary files
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
