@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for the plain recipe")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--scaling", action="store_true", help="also time fairrecon across grid and dataset sizes")
+    ap.add_argument("--scaling-only", action="store_true", help="only the scaling table")
     ap.add_argument("--small", action="store_true", help="CI preset: 256 images, 1 epoch, 2 losses x 1 seed")
     ap.add_argument("--_point", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -311,8 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(f"torch {torch.__version__}, device {device} ({name}), {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} threads, load average {load}")
-    compare(args, device)
-    if args.scaling:
+    if not args.scaling_only:
+        compare(args, device)
+    if args.scaling or args.scaling_only:
         scaling(args)
 
 
