@@ -23,7 +23,7 @@ from .data import load_images
 from .errors import UserError
 from .groups import make_groups
 from .losses import get_loss
-from .measure import sample_errors, train_mse
+from .measure import example_reconstructions, sample_errors, train_mse
 from .results import AuditResult
 from .spec import AuditSpec, load_spec
 from .train import Cell, TrainConfig, train_cells
@@ -45,8 +45,12 @@ def train_config(spec: AuditSpec) -> TrainConfig:
 
 
 def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str], None] | None = None,
-              **overrides: Any) -> AuditResult:
-    """Run the audit a spec (object or TOML path) describes, with keyword overrides."""
+              on_epoch: Callable[[int, int], None] | None = None, **overrides: Any) -> AuditResult:
+    """Run the audit a spec (object or TOML path) describes, with keyword overrides.
+
+    `log` gets one line per stage; `on_epoch(epoch, epochs)` is called after each training epoch
+    of the whole grid (progress bars: see progress.py); without it, each epoch is a `log` line.
+    """
     if spec is None:
         spec = AuditSpec().replace(**overrides)
     elif isinstance(spec, (str, Path)):
@@ -71,11 +75,12 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
     config = train_config(spec)
     log(f"training {len(cells)} cells ({len(spec.losses)} losses x {spec.seeds} seeds) on {device}")
     trained = train_cells(data.train_x, data.train_g, cells, config, device,
-                          on_epoch=lambda e, n: log(f"epoch {e}/{n}"))
+                          on_epoch=on_epoch or (lambda e, n: log(f"epoch {e}/{n}")))
     timings["train_s"] = trained.seconds
 
     t1 = time.perf_counter()
     samples = sample_errors(trained.stacked, data, device)
+    examples = example_reconstructions(trained.stacked, data, device=device)
     sigma = trained.stacked.sigma().cpu()
     fit_mse = train_mse(trained.stacked, data.train_x, device)
     last = trained.history.groupby(["loss", "seed"], sort=False).last().reset_index()
@@ -92,7 +97,7 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
         "threads": torch.get_num_threads(), "contrast_factor": data.contrast_factor,
         "train_config": asdict(config), "timings": timings,
     }
-    result = AuditResult(spec, samples, cell_table, described, trained.history, info)
+    result = AuditResult(spec, samples, cell_table, described, trained.history, info, examples=examples)
     if spec.out:
         result.save(spec.out)
     return result
