@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 1, 1, 1, 1)))
@@ -36,6 +37,12 @@ def group_styles(groups) -> dict[str, GroupStyle]:
     colors = sns.color_palette("colorblind", max(len(names), 1))
     return {n: GroupStyle(tuple(colors[i % len(colors)]), MARKERS[i % len(MARKERS)],
                           LINESTYLES[i % len(LINESTYLES)], HATCHES[i % len(HATCHES)]) for i, n in enumerate(names)}
+
+
+def _dashes(linestyle) -> tuple | str:
+    """A matplotlib line style as the dash tuple seaborn's `dashes=` wants ("" = solid)."""
+    named = {"-": "", "--": (4, 1.5), ":": (1, 1.5), "-.": (4, 1.5, 1, 1.5)}
+    return named[linestyle] if isinstance(linestyle, str) else tuple(linestyle[1])
 
 
 def _figure(height: float, width: float = WIDTH) -> Figure:
@@ -91,21 +98,24 @@ def grad_share_figure(grad_shares: pd.DataFrame, share: str = "projection_share"
     axes = fig.subplots(1, max(len(losses), 1), squeeze=False, sharey=True)[0]
     for ax, loss in zip(axes, losses):
         part = df[df["loss"] == loss]
+        sns.lineplot(data=part, x="step", y=share, hue="group", style="group", hue_order=groups, style_order=groups,
+                     palette={g: styles[g].color for g in groups}, dashes={g: _dashes(styles[g].linestyle) for g in groups},
+                     markers={g: styles[g].marker for g in groups}, markersize=5, linewidth=2,
+                     errorbar=("pi", 100), estimator="mean", ax=ax, legend=False)  # band: range over seeds
         for g in groups:
-            st, mine = styles[g], part[part["group"] == g]
-            by_step = mine.groupby("step")[share]
-            mean, lo, hi = by_step.mean(), by_step.min(), by_step.max()
-            ax.fill_between(mean.index, lo, hi, color=st.color, alpha=0.18, linewidth=0)
-            ax.plot(mean.index, mean.values, color=st.color, linestyle=st.linestyle, marker=st.marker, markersize=4,
-                    markevery=max(1, len(mean) // 6), linewidth=2, label=f"{g}: gradient share")
-            ax.axhline(mine["sample_share"].mean(), color=st.color, linestyle=(0, (1, 2)), linewidth=1.4,
-                       label=f"{g}: share of samples")
+            ax.axhline(part.loc[part["group"] == g, "sample_share"].mean(), color=styles[g].color,
+                       linestyle=(0, (1, 2)), linewidth=1.4)
         ax.set_title(loss, fontweight="bold")
         ax.set_xlabel("training step")
         _style(ax)
     axes[0].set_ylabel(share.replace("_", " "))
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), frameon=False)
+    handles = []
+    for g in groups:
+        st = styles[g]
+        handles.append(Line2D([], [], color=st.color, linestyle=st.linestyle, marker=st.marker, linewidth=2,
+                              label=f"{g}: gradient share"))
+        handles.append(Line2D([], [], color=st.color, linestyle=(0, (1, 2)), linewidth=1.4, label=f"{g}: share of samples"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), frameon=False)
     fig.suptitle("Whose error drives the updates? Gradient share per group over training "
                  "(dotted: the group's share of samples)", fontsize=11)
     return fig
@@ -122,13 +132,17 @@ def error_distribution_figure(samples: pd.DataFrame, metric: str = "mse") -> Fig
     axes = fig.subplots(1, max(len(losses), 1), squeeze=False, sharey=True)[0]
     for ax, loss in zip(axes, losses):
         part = df[df["loss"] == loss]
-        sns.boxplot(data=part, x="group", y=metric, hue="group", order=groups, hue_order=groups, ax=ax,
-                    palette={g: styles[g].color for g in groups}, legend=False, log_scale=metric != "psnr",
-                    width=0.6, fliersize=2, linewidth=1.2, saturation=1.0)
-        for patch, g in zip(ax.patches, groups):
-            patch.set_hatch(styles[g].hatch)
-            patch.set_edgecolor("0.15")
-            patch.set_alpha(0.85)
+        values = [part.loc[part["group"] == g, metric].to_numpy() for g in groups]
+        boxes = ax.boxplot(values, positions=range(len(groups)), widths=0.6, patch_artist=True,
+                           flierprops={"marker": ".", "markersize": 3, "markerfacecolor": "0.3", "markeredgecolor": "none"},
+                           medianprops={"color": "0.1", "linewidth": 1.6}, whiskerprops={"color": "0.25"},
+                           capprops={"color": "0.25"})
+        for patch, g in zip(boxes["boxes"], groups):
+            patch.set(facecolor=(*styles[g].color, 0.85), edgecolor="0.15", hatch=styles[g].hatch)
+        ax.set_xticks(range(len(groups)), groups)
+        ax.set_xlabel("group")
+        if metric != "psnr":
+            ax.set_yscale("log")
         ax.set_title(loss, fontweight="bold")
         ax.set_ylabel("")
         _style(ax)

@@ -33,7 +33,7 @@ class Progress:
         self.chunk = 0  # chunks started so far
         self._bar: tqdm | None = None
         self._overall: tqdm | None = None
-        self._start = self._chunk_start = 0.0
+        self._start = 0.0
         self._last_logged = -1
 
     def log(self, message: str) -> None:
@@ -62,18 +62,16 @@ class Progress:
         step = epoch * LOG_STEPS // epochs
         if step != self._last_logged or epoch == epochs:
             self._last_logged = step
-            elapsed = now - self._chunk_start
-            eta = elapsed / epoch * (epochs - epoch)
-            done = (self.chunk - 1) * epochs + epoch
+            elapsed, done, total = now - self._start, (self.chunk - 1) * epochs + epoch, epochs * self.chunks
+            eta = elapsed / done * (total - done)  # for the whole grid, all chunks
             where = f"chunk {self.chunk}/{self.chunks} " if self.chunks > 1 else ""
-            overall = f", overall {done / (epochs * self.chunks):.0%}" if self.chunks > 1 else ""
+            overall = f", overall {done / total:.0%}" if self.chunks > 1 else ""
             self.log(f"{where}epoch {epoch}/{epochs} ({epoch / epochs:.0%}{overall}), "
                      f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}")
 
     def _new_chunk(self, epochs: int, now: float) -> None:
         self._close_bars(keep_overall=True)
         self.chunk += 1
-        self._chunk_start = now
         self._last_logged = -1
         if self.chunk == 1:
             self._start = now
