@@ -14,6 +14,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 1, 1, 1, 1)))
@@ -79,7 +80,7 @@ def group_error_figure(intervals: pd.DataFrame, metric: str = "mse", method: str
         ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.set_title(loss, fontweight="bold")
         ax.set_xlabel("group")
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
         _style(ax)
     axes[0].set_ylabel(METRIC_LABELS.get(metric, metric) + ("\n(lower is better)" if metric != "psnr" else "\n(higher is better)"))
     fig.suptitle(f"Per-group {METRIC_LABELS.get(metric, metric)} with 95% intervals" + (f"  ({method})" if method else ""),

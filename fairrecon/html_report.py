@@ -40,6 +40,7 @@ figure{margin:8px 0 4px}
 figure img{display:block;max-width:100%;height:auto}
 figcaption{color:#57606a;font-size:13px;margin-top:2px}
 details{margin:8px 0}summary{cursor:pointer;font-weight:600}
+.warnings summary{color:#9a3412;font-size:13.5px}.warnings li{font-size:13px}
 .scroll{overflow-x:auto}
 code{background:#f3f5f7;padding:0 3px;border-radius:3px}
 """
@@ -57,15 +58,18 @@ def html_report(result, unc: Uncertainty | None = None) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>fairrecon audit: {_e(spec.dataset)}</title>", f"<style>{CSS}</style></head><body><main>",
         "<header><h1>fairrecon audit: which group does each loss favour?</h1>",
-        f'<p class="meta">{_e(describe_audit(result).replace("`", ""))} Held-out {METRIC_LABELS["mse"]}, lower is better. '
+        f'<p class="meta">{_e(describe_audit(result).replace("`", ""))} Numbers are {METRIC_LABELS["mse"]}, lower is better. '
         f'{_e(_run_line(result))} Generated {when}.</p></header>',
         '<h2 class="first" id="answer">Answer</h2>',
         f'<p class="headline">{_e(headline(unc))}</p>',
         _verdict_html(verdict),
         f'<p class="{"fallback" if unc.fallback else "note"}">{_e(unc.method)}</p>',
+        _warnings_html(unc),
         _failed_html(result),
         _figure(figs, "group_error", "Each point is a group's mean error over seeds and test images; bars: 95% interval. "
-                "Panels have their own y scale so that the gap between groups is visible; compare losses in the table."),
+                "Panels have their own y scale so that the gap between groups is visible; compare losses in the table. "
+                "Overlapping bars do not rule out a gap: both groups share each seed's model, so read the gap's "
+                "own interval in the table."),
     ]
     if "grad_shares" in figs:
         parts += ["<h2 id='gradients'>Gradient shares during training</h2>",
@@ -80,6 +84,10 @@ def html_report(result, unc: Uncertainty | None = None) -> str:
         parts += ["<h2 id='reconstructions'>Reconstructions</h2>",
                   _figure(figs, "reconstructions", "The same held-out images under every loss. Stored as 8-bit images for "
                           "display; the errors above use the full-precision reconstructions.")]
+    else:
+        parts += ["<h2 id='reconstructions'>Reconstructions</h2>",
+                  '<p class="note">This results folder has no examples.npz (saved by an older fairrecon), '
+                  "so there are no reconstructions or per-image brightness histograms to show.</p>"]
     parts += ["<h2 id='groups'>The groups</h2>"]
     if "brightness_contrast" in figs:
         parts.append(_figure(figs, "brightness_contrast", "If the groups differ in contrast as well as brightness, "
@@ -103,6 +111,18 @@ def _verdict_html(verdict: pd.DataFrame) -> str:
         cls = "clear" if text.startswith("clear") else "unclear"
         body = body.replace(f"<td>{_e(text)}</td>", f'<td class="sure {cls}">{_e(text)}</td>')
     return body
+
+
+def _warnings_html(unc: Uncertainty) -> str:
+    """The statistics' own warnings (few seeds, tiny groups, low power), folded so the first screen stays short."""
+    if unc.fallback or "warnings" not in unc.disparities:
+        return ""
+    rows = [(loss, str(w)) for loss, w in zip(unc.disparities["loss"], unc.disparities["warnings"]) if w and str(w) != "nan"]
+    if not rows:
+        return ""
+    items = "".join(f"<li><b>{_e(loss)}</b>: {_e(w)}</li>" for loss, w in rows)
+    return (f'<details class="warnings"><summary>Warnings from the statistics for {len(rows)} loss(es): '
+            f"read before trusting a verdict</summary><ul>{items}</ul></details>")
 
 
 def _failed_html(result) -> str:

@@ -34,9 +34,11 @@ class Progress:
         self._bar: tqdm | None = None
         self._overall: tqdm | None = None
         self._start = 0.0
+        self._last_event = time.perf_counter()  # a chunk's clock starts at the event before its first epoch
         self._last_logged = -1
 
     def log(self, message: str) -> None:
+        self._last_event = time.perf_counter()
         if self.quiet:
             return
         line = f"{self.prefix}{message}"
@@ -51,7 +53,8 @@ class Progress:
             return
         now = time.perf_counter()
         if epoch == 1 or self.chunk == 0:
-            self._new_chunk(epochs, now)
+            self._new_chunk(epochs)
+        self._last_event = now
         if self.bars:
             self._bar.update(epoch - self._bar.n)
             if self._overall is not None:
@@ -69,12 +72,12 @@ class Progress:
             self.log(f"{where}epoch {epoch}/{epochs} ({epoch / epochs:.0%}{overall}), "
                      f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}")
 
-    def _new_chunk(self, epochs: int, now: float) -> None:
+    def _new_chunk(self, epochs: int) -> None:
         self._close_bars(keep_overall=True)
         self.chunk += 1
         self._last_logged = -1
         if self.chunk == 1:
-            self._start = now
+            self._start = self._last_event
         if not self.bars:
             return
         if self.chunks > 1 and self._overall is None:
@@ -83,6 +86,10 @@ class Progress:
         desc = f"chunk {self.chunk}/{self.chunks}" if self.chunks > 1 else "training"
         self._bar = tqdm(total=epochs, desc=desc, unit="epoch", file=self.stream, leave=self.chunks == 1,
                          position=1 if self.chunks > 1 else 0, dynamic_ncols=True)
+        started = self._bar._time() - (time.perf_counter() - self._last_event)  # tqdm's clock
+        self._bar.start_t = started  # the first epoch ran before this bar existed
+        if self._overall is not None and self.chunk == 1:
+            self._overall.start_t = started
 
     def _close_bars(self, keep_overall: bool = False) -> None:
         if self._bar is not None:

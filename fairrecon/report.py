@@ -37,7 +37,7 @@ def uncertainty(result, metric: str = "mse") -> Uncertainty:
     except (ImportError, AttributeError):
         return _seed_t_fallback(result, metric)
     method = ("95% intervals from fairrecon.stats (bootstrap over seeds and test images); "
-              "p: permutation test, Holm-corrected across losses.")
+              "p: permutation test over test images (seed-averaged errors), Holm-corrected across losses.")
     return Uncertainty(intervals, gaps, method, fallback=False)
 
 
@@ -109,10 +109,12 @@ def verdict_table(result, metric: str = "mse", unc: Uncertainty | None = None) -
 
 def headline(unc: Uncertainty) -> str:
     """One or two sentences: which losses show a clear gap, against which group, and which do not."""
-    clear, unclear = [], []
+    clear, unclear, unknown = [], [], []
     for d in unc.disparities.itertuples(index=False):
         rel = d.gap / abs(d.reference_mean) if d.reference_mean else np.nan
-        if np.isfinite(d.gap_low) and d.gap_low > 0:
+        if not (np.isfinite(d.gap_low) and np.isfinite(d.gap_high)):
+            unknown.append(f"{d.loss} (group {d.worst} worse by {_pct(rel).lstrip('+')})")
+        elif d.gap_low > 0:
             clear.append(f"{d.loss} (group {d.worst} worse by {_pct(rel).lstrip('+')})")
         else:
             unclear.append(str(d.loss))
@@ -122,6 +124,8 @@ def headline(unc: Uncertainty) -> str:
     if unclear:
         parts.append(("No clear gap" if clear else "No loss shows a clear gap") + ": " + ", ".join(unclear)
                      + " (the 95% interval of the gap includes 0).")
+    if unknown:
+        parts.append("No interval (too few seeds), so no verdict: " + "; ".join(unknown) + ".")
     return " ".join(parts)
 
 
