@@ -81,7 +81,10 @@ def _seed_t_fallback(result, metric: str) -> Uncertainty:
     method = (f"FALLBACK (fairrecon.stats not available): mean over seeds with a 95% t interval over the "
               f"per-seed group means; p: t test of the per-seed gap, not corrected across losses. "
               f"Test-image sampling error is not included.")
-    return Uncertainty(pd.DataFrame(rows), pd.DataFrame(gaps), method, fallback=True)
+    interval_cols = ["loss", "group", "metric", "mean", "ci_low", "ci_high", "n", "seeds"]
+    gap_cols = ["loss", "metric", "reference", "worst", "reference_mean", "worst_mean", "gap", "gap_low", "gap_high",
+                "ratio", "ratio_low", "ratio_high", "p_value", "p_holm", "warnings"]
+    return Uncertainty(pd.DataFrame(rows, columns=interval_cols), pd.DataFrame(gaps, columns=gap_cols), method, True)
 
 
 def verdict_table(result, metric: str = "mse", unc: Uncertainty | None = None) -> pd.DataFrame:
@@ -126,7 +129,7 @@ def headline(unc: Uncertainty) -> str:
                      + " (the 95% interval of the gap includes 0).")
     if unknown:
         parts.append("No interval (too few seeds), so no verdict: " + "; ".join(unknown) + ".")
-    return " ".join(parts)
+    return " ".join(parts) or "No loss has a cell that trained without failing: nothing to compare (see Cells)."
 
 
 def sureness(gap_low: float, gap_high: float) -> str:
