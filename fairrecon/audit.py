@@ -52,11 +52,10 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
     of the whole grid (progress bars: see progress.py); without it, each epoch is a `log` line.
     """
     if spec is None:
-        spec = AuditSpec().replace(**overrides)
+        spec = AuditSpec()
     elif isinstance(spec, (str, Path)):
-        spec = load_spec(spec, **overrides)
-    else:
-        spec = spec.replace(**overrides)
+        spec = load_spec(spec)
+    spec = spec.replace(**overrides)
     for name in spec.losses:
         get_loss(name)  # unknown names fail here, before any work
     device = resolve_device(spec.device)

@@ -57,7 +57,7 @@ def audit(spec_file, quiet, **flags) -> None:
     for key, kind in (("targets", float), ("proportions", float), ("losses", str)):
         if flags[key] is not None:
             flags[key] = parse_list(flags[key], kind)
-    spec = load_spec(spec_file, **flags) if spec_file else AuditSpec().replace(**flags)
+    spec = load_spec(spec_file, **flags) if spec_file else AuditSpec().override(**flags)
     with Progress(quiet=quiet) as progress:
         result = run_audit(spec, log=progress.log, on_epoch=progress.on_epoch)
         unc = uncertainty(result, "mse")
@@ -84,6 +84,66 @@ def report(result_dir, out) -> None:
     paths = write_reports(result, out or result_dir)
     click.echo(terminal_summary(result, uncertainty(result, "mse")))
     click.echo(f"\nwrote {paths['html']} and {paths['md']}")
+
+
+@cli.command()
+@click.argument("result_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--metric", default="mse", show_default=True, help="mse, mae or psnr.")
+@click.option("--max-ratio", type=float, help="Fail if worst/reference error exceeds this (with confidence 1 - alpha).")
+@click.option("--max-gap", type=float, help="Fail if worst - reference error exceeds this (metric units; dB for psnr).")
+@click.option("--adjusted", is_flag=True, help="Gate the gap in excess of each group's own rank-k PCA error.")
+@click.option("--alpha", type=float, default=0.05, show_default=True, help="1 - confidence of the lower bound.")
+@click.option("--reference", default="best", show_default=True, help="Reference group name, or 'best'.")
+@click.option("--losses", help="Only these losses (comma-separated).")
+@click.option("--weights", type=click.Path(dir_okay=False),
+              help="Audit a trained model instead of RESULT_DIR: a state_dict (with --model-factory), "
+                   "a TorchScript or a torch.export file.")
+@click.option("--model-factory", help="package.module:function returning the nn.Module for --weights.")
+@click.option("--spec", "spec_file", type=click.Path(dir_okay=False), help="Spec TOML for the test images (with --weights).")
+@click.option("--dataset", help="With --weights: dataset of the test images.")
+@click.option("--data-root", help="With --weights: folder holding the dataset files.")
+@click.option("--targets", help="With --weights: target mean pixel value per group, e.g. 0.3,0.9.")
+@click.option("--proportions", help="With --weights: share of images per group.")
+@click.option("--group-method", help="With --weights: transform, select, or labels.")
+@click.option("--contrast", help="With --weights: matched or squeeze.")
+@click.option("--labels", help="With --weights: labels CSV for --dataset folder.")
+@click.option("--limit", type=int, help="With --weights: cap on training images (used by --adjusted).")
+@click.option("--test-limit", type=int, help="With --weights: cap on held-out images.")
+@click.option("--split-seed", type=int, help="With --weights: seed of the split and group assignment.")
+@click.option("--latent", type=int, help="With --weights: the model's latent size, the PCA rank for --adjusted.")
+@click.option("--device", help="With --weights: auto, cpu or cuda.")
+def check(result_dir, metric, max_ratio, max_gap, adjusted, alpha, reference, losses, weights, model_factory,
+          spec_file, **data_flags) -> int:
+    """Gate: exit 1 if a group gap exceeds a threshold with confidence, 0 if not, 3 if data are insufficient.
+
+    Checks a results folder (from `fairrecon audit --out`), or with --weights a trained
+    autoencoder on the spec's grouped test images, without training.
+    """
+    from .gate import check as gate_check
+    from .results import AuditResult
+    from .spec import load_spec
+
+    if (result_dir is None) == (weights is None):
+        raise UserError("give either RESULT_DIR or --weights FILE (a trained model), not both or neither")
+    given = sorted(k.replace("_", "-") for k, v in data_flags.items() if v is not None)
+    if result_dir is not None:
+        if model_factory or spec_file or given:
+            raise UserError(f"--{(given or ['model-factory' if model_factory else 'spec'])[0]} applies only with --weights")
+        result = AuditResult.load(result_dir)
+    else:
+        from .external import audit_model, load_model
+
+        for key, kind in (("targets", float), ("proportions", float)):
+            if data_flags[key] is not None:
+                data_flags[key] = parse_list(data_flags[key], kind)
+        device = data_flags.pop("device") or "cpu"
+        spec = load_spec(spec_file, **data_flags) if spec_file else AuditSpec().replace(**data_flags)
+        model = load_model(weights, model_factory)
+        result = audit_model(model, spec, name="model", device=device)
+    outcome = gate_check(result, metric=metric, max_ratio=max_ratio, max_gap=max_gap, adjusted=adjusted,
+                         alpha=alpha, reference=reference, losses=parse_list(losses, str) if losses else None)
+    click.echo(outcome.message)
+    return outcome.code
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -70,7 +70,17 @@ class AuditResult:
             "groups": _records(self.groups),
             "cells": _records(self.cells),
             "by_group": _records(self.by_group()),
+            "disparities": self._disparities(),
         }
+
+    def _disparities(self) -> list[dict[str, Any]] | dict[str, str]:
+        """stats.disparities (MSE, raw gaps) as records; imported here, as stats comes after results."""
+        from .stats import disparities
+
+        try:
+            return _records(disparities(self))
+        except UserError as e:
+            return {"error": str(e)}
 
     def save(self, out: str | Path) -> Path:
         """Write every table, summary.json and report.md into `out` (created if needed)."""

@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,10 +48,10 @@ class AuditSpec:
     latent: int = 16
     hidden: int = 256
     seeds: int = 3  # cells use seeds 0 .. seeds-1
-    epochs: int = 20
+    epochs: int = 50
     batch_size: int = 128
     lr: float = 1e-3
-    sigma_lr: float = 1e-2  # learned-sigma's log sigma moves ~10x faster than the weights
+    sigma_lr: float = 5e-2  # log sigma moves faster than the weights so sigma^2 tracks the MSE within the run
     sigma_floor: float = 1e-3  # smallest sigma learned-sigma may reach (pixel units)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # measurements
@@ -62,12 +62,15 @@ class AuditSpec:
         _validate(self)
 
     def replace(self, **changes: Any) -> "AuditSpec":
-        """A copy with some fields changed (None values are ignored: 'not given')."""
-        changes = {k: v for k, v in changes.items() if v is not None}
+        """A copy with some fields changed, like dataclasses.replace but checked and coerced."""
         unknown = sorted(set(changes) - set(FIELDS))
         if unknown:
             raise UserError(f"unknown spec field(s) {unknown}; allowed: {', '.join(FIELDS)}")
         return dataclasses.replace(self, **{k: _coerce(k, v, "argument") for k, v in changes.items()})
+
+    def override(self, **flags: Any) -> "AuditSpec":
+        """Apply CLI flags: a flag left at None was not given and changes nothing."""
+        return self.replace(**{k: v for k, v in flags.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -82,8 +85,8 @@ FIELDS = tuple(f.name for f in dataclasses.fields(AuditSpec))
 _TYPES = {f.name: f.type for f in dataclasses.fields(AuditSpec)}
 
 
-def load_spec(path: str | Path, **overrides: Any) -> AuditSpec:
-    """Read a TOML spec (flat keys, or under an [audit] table) and apply overrides."""
+def load_spec(path: str | Path, **flags: Any) -> AuditSpec:
+    """Read a TOML spec (flat keys, or under an [audit] table) and apply CLI-style flags (None = not given)."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -105,7 +108,7 @@ def load_spec(path: str | Path, **overrides: Any) -> AuditSpec:
         spec = AuditSpec(**values)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
-    return spec.replace(**overrides)
+    return spec.override(**flags)
 
 
 def parse_list(text: str, kind: type = float) -> tuple:

@@ -45,10 +45,10 @@ class TrainConfig:
     model: str = "mlp"
     latent: int = 16
     hidden: int = 256
-    epochs: int = 20
+    epochs: int = 50
     batch_size: int = 128
     lr: float = 1e-3
-    sigma_lr: float = 1e-2
+    sigma_lr: float = 5e-2
     sigma_floor: float = 1e-3
     grad_points: int = 0  # how many batches per cell to hand to `on_snapshot`
 

@@ -1,0 +1,153 @@
+"""The gate: exit codes, its false-positive rate on simulated null data, and `fairrecon check` end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import FAST, REPO
+from fairrecon import gate, run_audit
+from fairrecon.cli import main
+from fairrecon.errors import UserError
+from test_stats import simulate, synthetic_result
+
+
+def _result(means=(0.010, 0.010), seeds=5, n=(80, 60), rng_seed=0, **kwargs):
+    values, codes = simulate(np.random.default_rng(rng_seed), seeds=seeds, n=n, means=means)
+    return synthetic_result({"l1": values, "l2": values * 1.01}, codes, **kwargs)
+
+
+def test_fail_names_the_loss_groups_and_numbers():
+    outcome = gate.check(_result(means=(0.010, 0.016)), max_ratio=1.2, n_boot=1000)
+    assert outcome.code == gate.FAIL
+    head, *lines = outcome.message.splitlines()
+    assert "l1" in head and "l2" in head
+    fail_line = next(line for line in lines if line.startswith("FAIL l1"))
+    row = outcome.table.set_index("loss").loc["l1"]
+    assert "group b vs a" in fail_line and f"{row.ratio_lcb:.4g} > max-ratio 1.2" in fail_line
+    assert row.ratio_lcb > 1.2
+
+
+def test_pass_under_a_loose_threshold_and_the_lower_bound_decides():
+    result = _result(means=(0.010, 0.016))
+    table = gate.check(result, max_gap=1.0, n_boot=1000).table
+    lcb = table["gap_lcb"].max()
+    assert gate.check(result, max_gap=1.0, n_boot=1000).code == gate.PASS
+    assert gate.check(result, max_gap=lcb * 0.999, n_boot=1000).code == gate.FAIL
+    assert gate.check(result, max_gap=lcb * 1.001, n_boot=1000).code == gate.PASS
+    # the point estimate alone exceeds this threshold, but not with confidence
+    assert gate.check(result, max_gap=table["gap"].max() * 0.99, n_boot=1000).code == gate.PASS
+
+
+def test_insufficient_data():
+    failed = _result(status={("l2", 1): "failed: non-finite loss in epoch 2"})
+    outcome = gate.check(failed, max_ratio=2.0)
+    assert outcome.code == gate.INSUFFICIENT and "l2/seed1" in outcome.message
+    tiny = gate.check(_result(n=(80, 10)), max_ratio=2.0)
+    assert tiny.code == gate.INSUFFICIENT and "b (n=10)" in tiny.message
+    # restricting the gate to the losses that trained is allowed
+    assert gate.check(failed, max_ratio=2.0, losses=["l1"]).code == gate.PASS
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(), "give a threshold"),
+    (dict(max_ratio=1.1, metric="psnr"), "not defined for psnr"),
+    (dict(max_ratio=1.1, adjusted=True), "use --max-gap"),
+    (dict(max_ratio=0.5), "must be >= 1"),
+    (dict(max_gap=-1.0), ">= 0"),
+    (dict(max_gap=0.1, alpha=0.0), "alpha"),
+    (dict(max_gap=0.1, metric="rmse"), "unknown metric"),
+])
+def test_usage_errors_raise(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        gate.check(_result(), **kwargs)
+
+
+def test_assert_fair_uses_the_same_policy(tmp_path):
+    unfair = _result(means=(0.010, 0.016))
+    with pytest.raises(AssertionError, match="FAIL l1"):
+        gate.assert_fair(unfair, max_ratio=1.2)
+    unfair.save(tmp_path / "unfair")
+    with pytest.raises(AssertionError, match="FAIL l1"):
+        gate.assert_fair(tmp_path / "unfair", max_ratio=1.2)
+    assert gate.assert_fair(_result(), max_ratio=1.5).passed
+    with pytest.raises(AssertionError, match="insufficient"):
+        gate.assert_fair(_result(n=(80, 10)), max_ratio=2.0)
+
+
+def test_false_positive_rate_on_simulated_null_audits():
+    """Equal groups, strictest threshold (max-gap 0): the gate fails at most ~alpha of the time."""
+    alpha, reps = 0.1, 150
+    fails = sum(gate.check(_result(seeds=5, rng_seed=r), max_gap=0.0, alpha=alpha, n_boot=400,
+                           n_perm=19).code == gate.FAIL for r in range(reps))
+    slack = 3 * np.sqrt(alpha * (1 - alpha) / reps)
+    assert fails / reps <= alpha + slack
+    # ...and it does flag a modest real gap most of the time
+    hits = sum(gate.check(_result(means=(0.010, 0.0125), seeds=5, rng_seed=r), max_gap=0.0, alpha=alpha,
+                          n_boot=400, n_perm=19).code == gate.FAIL for r in range(20))
+    assert hits >= 18
+
+
+# ------------------------------------------------------------------ through the CLI
+
+def _fairrecon(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fairrecon", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _main(capsys, *args) -> tuple[int, str, str]:
+    """The CLI entry point in-process (no interpreter start-up): exit status, stdout, stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def audits(tmp_path_factory):
+    """A default-groups (0.3 vs 0.9) audit and a null (0.5 vs 0.5) one, FAST settings, two losses each."""
+    tmp = tmp_path_factory.mktemp("audits")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: more threads only contend on a small shared machine
+    try:
+        for name, targets in (("default", None), ("null", (0.5, 0.5))):
+            run_audit(**FAST, losses=("l1", "l2"), targets=targets, out=str(tmp / name))
+    finally:
+        torch.set_num_threads(threads)
+    return {name: tmp / name for name in ("default", "null")}
+
+
+def test_check_fails_the_default_audit_under_a_tight_threshold(audits):
+    run = _fairrecon("check", audits["default"], "--metric", "mse", "--max-ratio", "1.05")
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.stdout.startswith("fail:") and "group 0.3 vs 0.9" in run.stdout
+    summary = json.loads((audits["default"] / "summary.json").read_text())
+    assert [d["loss"] for d in summary["disparities"]] == ["l1", "l2"]
+
+
+def test_check_passes_a_null_audit_under_a_loose_threshold(audits, capsys):
+    code, out, err = _main(capsys, "check", audits["null"], "--max-ratio", "1.5", "--alpha", "0.05")
+    assert code == 0 and out.startswith("pass:"), out + err
+    code, out, err = _main(capsys, "check", audits["null"], "--max-gap", "0.01", "--adjusted")
+    assert code == 0 and "in excess of per-group PCA" in out, out + err
+
+
+def test_check_exit_codes_for_usage_and_insufficient_data(audits, tmp_path, capsys):
+    code, out, err = _main(capsys, "check", audits["null"])
+    assert code == 2 and err.count("\n") == 1 and "give a threshold" in err
+    code, out, err = _main(capsys, "check", audits["null"], "--max-gap", "1", "--targets", "0.2,0.8")
+    assert code == 2 and "only with --weights" in err
+    broken = tmp_path / "broken"
+    shutil.copytree(audits["null"], broken)
+    cells = pd.read_csv(broken / "cells.csv")
+    cells.loc[0, "status"] = "failed: non-finite loss in epoch 3"
+    cells.to_csv(broken / "cells.csv", index=False)
+    code, out, err = _main(capsys, "check", broken, "--max-ratio", "1.5")
+    assert code == 3 and "insufficient data" in out

@@ -1,0 +1,74 @@
+"""The spec: defaults, TOML loading, overrides and validation."""
+
+from pathlib import Path
+
+import pytest
+
+from fairrecon.errors import UserError
+from fairrecon.spec import AuditSpec, load_spec, parse_list
+
+AUDITS = sorted((Path(__file__).resolve().parents[1] / "audits").glob("*.toml"))
+
+
+def test_default_spec_is_the_teaching_question():
+    spec = AuditSpec()
+    assert spec.dataset == "digits" and spec.targets == (0.3, 0.9)
+    assert spec.losses == ("l1", "l2", "log-mse", "learned-sigma") and spec.seeds >= 3
+    assert spec.group_proportions == (0.5, 0.5)
+
+
+def test_toml_is_loaded_and_overrides_win(tmp_path):
+    f = tmp_path / "a.toml"
+    f.write_text('dataset = "mnist"\ntargets = [0.2, 0.8]\nproportions = [0.9, 0.1]\nseeds = 5\n')
+    spec = load_spec(f, seeds=2, limit=None)  # CLI-style: None means the flag was not given
+    assert (spec.dataset, spec.targets, spec.proportions, spec.seeds) == ("mnist", (0.2, 0.8), (0.9, 0.1), 2)
+
+
+def test_unknown_keys_are_caught_with_a_suggestion(tmp_path):
+    f = tmp_path / "typo.toml"
+    f.write_text('lossses = ["l1"]\n')
+    with pytest.raises(UserError, match=r"typo.toml: unknown key 'lossses' \(did you mean 'losses'\?\)"):
+        load_spec(f)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(targets=(0.3, 1.0)), "target 1.0 is outside"),
+    (dict(targets=(0.3,)), "two or more"),
+    (dict(proportions=(0.5, 0.6)), "sum to 1.1, not 1"),
+    (dict(proportions=(1.0,)), "1 values for 2 targets"),
+    (dict(seeds=0), "seeds must be >= 1"),
+    (dict(model="resnet"), "unknown model 'resnet'"),
+    (dict(group_method="labels"), "needs a labels CSV"),
+])
+def test_invalid_values_give_one_line_errors(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        AuditSpec(**kwargs)
+
+
+def test_wrong_types_and_bad_lists_are_user_errors(tmp_path):
+    f = tmp_path / "t.toml"
+    f.write_text('seeds = "three"\n')
+    with pytest.raises(UserError, match="'seeds' = 'three'"):
+        load_spec(f)
+    with pytest.raises(UserError, match="comma-separated"):
+        parse_list("0.3,x")
+
+
+@pytest.mark.parametrize("path", AUDITS, ids=[p.stem for p in AUDITS])
+def test_shipped_audit_specs_load(path):
+    spec = load_spec(path)
+    assert spec.targets == ((0.3, 0.3) if "null" in path.stem else (0.3, 0.9))
+
+
+def test_spec_round_trips_through_its_dict():
+    spec = AuditSpec(proportions=(0.9, 0.1), limit=100)
+    again = AuditSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.to_dict().items()})
+    assert again == spec
+
+
+def test_replace_is_strict_and_override_skips_flags_not_given():
+    spec = AuditSpec(out="r", limit=100)
+    assert spec.replace(out=None).out is None
+    assert spec.override(out=None, limit=50) == AuditSpec(out="r", limit=50)
+    with pytest.raises(UserError, match="unknown spec field"):
+        spec.replace(epoch=3)
