@@ -63,7 +63,7 @@ def audit(spec_file, quiet, **flags) -> None:
         unc = uncertainty(result, "mse")
         if spec.out:
             progress.log(f"writing {spec.out}/report.html")
-            write_reports(result, spec.out)
+            write_reports(result, spec.out, unc)
     click.echo("\n" + terminal_summary(result, unc))
     failed = result.cells[result.cells["status"] != "ok"]
     for row in failed.itertuples():
@@ -81,8 +81,9 @@ def report(result_dir, out) -> None:
     from .results import AuditResult
 
     result = AuditResult.load(result_dir)
-    paths = write_reports(result, out or result_dir)
-    click.echo(terminal_summary(result, uncertainty(result, "mse")))
+    unc = uncertainty(result, "mse")
+    paths = write_reports(result, out or result_dir, unc)
+    click.echo(terminal_summary(result, unc))
     click.echo(f"\nwrote {paths['html']} and {paths['md']}")
 
 

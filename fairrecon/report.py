@@ -215,13 +215,13 @@ def describe_audit(result) -> str:
             + f", model `{spec.model}` (latent {spec.latent}), {spec.seeds} seed(s), {spec.epochs} epoch(s).")
 
 
-def write_reports(result, folder: str | Path) -> dict[str, Path]:
+def write_reports(result, folder: str | Path, unc: Uncertainty | None = None) -> dict[str, Path]:
     """Write report.md and report.html into `folder`; returns their paths."""
     from .html_report import html_report
     from .results import atomic_write
 
     folder = Path(folder)
-    unc = uncertainty(result, "mse")
+    unc = unc or uncertainty(result, "mse")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         paths = {"md": folder / "report.md", "html": folder / "report.html"}

@@ -17,6 +17,7 @@ from PIL import Image
 from scipy import stats as sps
 
 from conftest import FAST, REPO
+import fairrecon
 from fairrecon import run_audit
 from fairrecon.audit import train_config
 from fairrecon.data import load_images
@@ -100,9 +101,11 @@ def test_uncertainty_prefers_stats_and_falls_back_without_it(saved, monkeypatch)
     fake.group_intervals = lambda r, m: pd.DataFrame({"loss": ["sentinel"]})
     fake.disparities = lambda r, m: pd.DataFrame({"loss": ["sentinel"]})
     monkeypatch.setitem(sys.modules, "fairrecon.stats", fake)
+    monkeypatch.setattr(fairrecon, "stats", fake, raising=False)
     unc = uncertainty(result, "mse")
     assert not unc.fallback and unc.intervals["loss"].tolist() == ["sentinel"]
     monkeypatch.setitem(sys.modules, "fairrecon.stats", None)  # import now raises ImportError
+    monkeypatch.delattr(fairrecon, "stats")
     assert uncertainty(result, "mse").fallback
 
 
