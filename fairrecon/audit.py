@@ -15,16 +15,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 import torch
 
 from . import __version__
 from .data import load_images
 from .errors import UserError
-from .groups import make_groups
+from .groups import GroupedData, make_groups
 from .losses import get_loss
 from .measure import example_reconstructions, sample_errors, train_mse
-from .results import AuditResult
+from .results import EXAMPLES_FILE, METRICS, AuditResult, atomic_write_bytes, load_examples, npz_bytes
+from .resume import CellStore, result_fields
 from .spec import AuditSpec, load_spec
 from .train import Cell, TrainConfig, train_cells
 
@@ -45,11 +47,15 @@ def train_config(spec: AuditSpec) -> TrainConfig:
 
 
 def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str], None] | None = None,
-              on_epoch: Callable[[int, int], None] | None = None, **overrides: Any) -> AuditResult:
+              on_epoch: Callable[..., None] | None = None, force: bool = False, **overrides: Any) -> AuditResult:
     """Run the audit a spec (object or TOML path) describes, with keyword overrides.
 
-    `log` gets one line per stage; `on_epoch(epoch, epochs)` is called after each training epoch
-    of the whole grid (progress bars: see progress.py); without it, each epoch is a `log` line.
+    `log` gets one line per stage; `on_epoch(epoch, epochs, chunk, chunks)` is called after each
+    training epoch of a chunk (progress bars: see progress.py); without it, each epoch is a `log` line.
+
+    With `spec.out` set, every finished cell is checkpointed in OUT/cells, and a run
+    into a folder that holds some of this audit's cells trains only the others.
+    A folder holding a different audit is refused unless `force`.
     """
     if spec is None:
         spec = AuditSpec()
@@ -60,6 +66,9 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
         get_loss(name)  # unknown names fail here, before any work
     device = resolve_device(spec.device)
     log = log or (lambda message: None)
+    store = CellStore(spec.out, result_fields(spec, device.type)) if spec.out else None
+    if store is not None:
+        store.check(force)  # reads only; nothing is written before the data and groups are good
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -72,31 +81,103 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
 
     cells = [Cell(loss, seed) for loss in spec.losses for seed in range(spec.seeds)]
     config = train_config(spec)
-    log(f"training {len(cells)} cells ({len(spec.losses)} losses x {spec.seeds} seeds) on {device}")
-    trained = train_cells(data.train_x, data.train_g, cells, config, device,
-                          on_epoch=on_epoch or (lambda e, n: log(f"epoch {e}/{n}")))
-    timings["train_s"] = trained.seconds
+    tables: dict[Cell, dict[str, pd.DataFrame]] = {}
+    if store is not None:
+        store.open()
+        tables = {cell: store.load(cell) for cell in cells if store.done(cell)}
+        if tables:
+            log(f"resuming: {len(tables)} of {len(cells)} cells already done in {store.folder}")
+    todo = [chunk for chunk in chunks(cells) if any(cell not in tables for cell in chunk)]
+    log(f"training {sum(map(len, todo))} cells ({len(spec.losses)} losses x {spec.seeds} seeds, "
+        f"{len(todo)} chunk(s)) on {device}")
+    timings["train_s"] = timings["measure_s"] = 0.0
+    examples: dict[str, Any] = {}
 
-    t1 = time.perf_counter()
-    samples = sample_errors(trained.stacked, data, device)
-    examples = example_reconstructions(trained.stacked, data, device=device)
-    sigma = trained.stacked.sigma().cpu()
-    fit_mse = train_mse(trained.stacked, data.train_x, device)
-    last = trained.history.groupby(["loss", "seed"], sort=False).last().reset_index()
-    cell_table = pd.DataFrame({
-        "loss": [c.loss for c in cells], "seed": [c.seed for c in cells], "status": trained.status,
-        "sigma": sigma.numpy(), "sigma_squared": (sigma**2).numpy(), "train_mse": fit_mse.numpy(),
-        "train_nll": last["train_nll"].to_numpy(),
-    })
-    timings["measure_s"] = time.perf_counter() - t1
+    def keep_examples(stacked) -> None:  # seed 0's chunk: a few test images and each loss's reconstruction
+        if min(c.seed for c in stacked.cells) == 0:
+            examples.update(example_reconstructions(stacked, data, device=device))
+            if store is not None:  # kept beside the checkpoints, so a resumed audit still has them
+                atomic_write_bytes(Path(spec.out) / EXAMPLES_FILE, npz_bytes(examples))
+
+    for k, chunk in enumerate(todo):
+        epoch_hook = (lambda e, n, k=k: on_epoch(e, n, k + 1, len(todo))) if on_epoch else None
+        for cell, cell_tables in train_chunk(data, chunk, config, device, log, timings, epoch_hook,
+                                             keep_examples).items():
+            if store is not None:
+                store.save(cell, cell_tables)  # the moment its chunk ends
+            tables[cell] = cell_tables
+        log(f"done: {', '.join(c.key for c in chunk)}")
+
+    samples, cell_table, history = (_concat([tables[c][name] for c in cells]) for name in ("samples", "cells", "history"))
+    samples["group"] = pd.Categorical(samples["group"].astype(str), categories=list(data.names))
     timings["total_s"] = time.perf_counter() - t0
     info = {
         "fairrecon_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "contrast_factor": data.contrast_factor,
-        "train_config": asdict(config), "timings": timings,
+        "train_config": asdict(config), "resumed_cells": len(cells) - sum(map(len, todo)), "timings": timings,
     }
-    result = AuditResult(spec, samples, cell_table, described, trained.history, info, examples=examples)
+    result = AuditResult(spec, samples, cell_table, described, history, info,
+                         examples=examples or (load_examples(spec.out) if spec.out else None))
     if spec.out:
         result.save(spec.out)
     return result
+
+
+def chunks(cells: list[Cell]) -> list[list[Cell]]:
+    """Cells trained together and checkpointed together: one chunk per seed (all its losses).
+
+    Cells of a seed share initial weights and batch order, and chunks are independent,
+    so a resumed audit trains exactly the chunks an uninterrupted one would.
+    """
+    by_seed: dict[int, list[Cell]] = {}
+    for cell in cells:
+        by_seed.setdefault(cell.seed, []).append(cell)
+    return list(by_seed.values())
+
+
+def train_chunk(data: GroupedData, chunk: list[Cell], config: TrainConfig, device: torch.device,
+                log: Callable[[str], None], timings: dict[str, float],
+                on_epoch: Callable[[int, int], None] | None = None,
+                on_trained: Callable[[Any], None] | None = None) -> dict[Cell, dict[str, pd.DataFrame]]:
+    """Train one chunk of cells and measure them: per cell, its samples, cells (one row) and history tables.
+
+    `on_trained(stacked)` sees the trained chunk before it is dropped (to keep example reconstructions).
+    """
+    trained = train_cells(data.train_x, data.train_g, chunk, config, device,
+                          on_epoch=on_epoch or (lambda e, n: log(f"epoch {e}/{n}")))
+    timings["train_s"] += trained.seconds
+    t1 = time.perf_counter()
+    samples = _float64(sample_errors(trained.stacked, data, device))
+    if on_trained is not None:
+        on_trained(trained.stacked)
+    sigma = trained.stacked.sigma().cpu().double()
+    fit_mse = train_mse(trained.stacked, data.train_x, device).double()
+    history = _float64(trained.history)
+    out = {}
+    for c, cell in enumerate(chunk):
+        own_history = history[(history["loss"] == cell.loss) & (history["seed"] == cell.seed)].reset_index(drop=True)
+        own_samples = samples[(samples["loss"] == cell.loss) & (samples["seed"] == cell.seed)].reset_index(drop=True)
+        status = trained.status[c]
+        if status == "ok" and not np.isfinite(own_samples[list(METRICS)].to_numpy()).all():
+            status = "failed: non-finite reconstruction error on held-out images"  # trained, but blew up
+        out[cell] = {
+            "samples": own_samples,
+            "cells": pd.DataFrame({
+                "loss": [cell.loss], "seed": [cell.seed], "status": [status],
+                "sigma": [sigma[c].item()], "sigma_squared": [sigma[c].item() ** 2], "train_mse": [fit_mse[c].item()],
+                "train_nll": [own_history["train_nll"].iloc[-1]],
+            }),
+            "history": own_history,
+        }
+    timings["measure_s"] += time.perf_counter() - t1
+    return out
+
+
+def _float64(df: pd.DataFrame) -> pd.DataFrame:
+    """float32 columns as float64, so a checkpoint read back from CSV is bit-identical."""
+    return df.astype({c: "float64" for c in df.columns if df[c].dtype == "float32"})
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat(frames, ignore_index=True)

@@ -42,12 +42,14 @@ def cli() -> None:
 @click.option("--lr", type=float, help="Adam learning rate.")
 @click.option("--device", help="auto (default: CUDA when present), cpu, or cuda.")
 @click.option("--out", help="Folder for the results: tables, summary.json, examples.npz, report.md and report.html.")
+@click.option("--force", is_flag=True, help="Write into an --out folder that holds an audit of a different spec.")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines: only the final table.")
-def audit(spec_file, quiet, **flags) -> None:
+def audit(spec_file, quiet, force, **flags) -> None:
     """Train autoencoders under each loss and measure per-group error on held-out images.
 
     With no arguments: the bundled digits, groups at mean brightness 0.3 and 0.9,
-    four losses, three seeds. Flags override SPEC_FILE.
+    four losses, three seeds. Flags override SPEC_FILE. With --out, finished cells are
+    kept in OUT/cells: run the same command again after an interruption to resume.
     """
     from .audit import run_audit
     from .progress import Progress
@@ -59,7 +61,7 @@ def audit(spec_file, quiet, **flags) -> None:
             flags[key] = parse_list(flags[key], kind)
     spec = load_spec(spec_file, **flags) if spec_file else AuditSpec().override(**flags)
     with Progress(quiet=quiet) as progress:
-        result = run_audit(spec, log=progress.log, on_epoch=progress.on_epoch)
+        result = run_audit(spec, log=progress.log, on_epoch=progress.on_epoch, force=force)
         unc = uncertainty(result, "mse")
         if spec.out:
             progress.log(f"writing {spec.out}/report.html")
@@ -68,6 +70,8 @@ def audit(spec_file, quiet, **flags) -> None:
     failed = result.cells[result.cells["status"] != "ok"]
     for row in failed.itertuples():
         click.echo(f"warning: cell {row.loss}/seed{row.seed} {row.status}", err=True)
+    if len(failed) == len(result.cells):
+        click.echo("warning: every cell failed; the table above is empty (see the cells' status in summary.json)", err=True)
     click.echo(f"\ntotal {result.info['timings']['total_s']:.1f} s on {result.info['device']}"
                + (f"; results in {spec.out}/ (open {spec.out}/report.html)" if spec.out else ""))
 
@@ -159,6 +163,6 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except (click.Abort, KeyboardInterrupt):
-        click.echo("fairrecon: interrupted", err=True)
+        click.echo("fairrecon: interrupted; with --out, run the same command again to resume", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

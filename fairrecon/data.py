@@ -70,19 +70,59 @@ def _torchvision(name: str, root: Path, download: bool) -> ImageSet:
 
     class_name, probe = _TORCHVISION[name]
     cls = getattr(tvd, class_name)
+    missing = UserError(
+        f"{name}: no dataset files under {root / probe.split('/')[0]} (looked for {root / probe}); "
+        f"pass --download to fetch them, or --data-root DIR where they are (see datasets/{name}.md)")
+    if probe.endswith("-ubyte") and not download:
+        raw = (root / probe).parent
+        if not raw.is_dir():
+            raise missing
+        for split in ("train", "t10k"):
+            n_images, n_labels = _idx_count(raw / f"{split}-images-idx3-ubyte"), _idx_count(raw / f"{split}-labels-idx1-ubyte")
+            if n_images != n_labels:
+                raise UserError(f"{name}: {raw} has {n_images} {split} images but {n_labels} labels; "
+                                "re-download the dataset (--download into an empty --data-root)")
     try:
         train, test = cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
     except RuntimeError as e:
         if "not found" not in str(e).lower() and "corrupted" not in str(e).lower():
-            raise
-        raise UserError(
-            f"{name}: no dataset files under {root / probe.split('/')[0]} (looked for {root / probe}); "
-            f"pass --download to fetch them, or --data-root DIR where they are (see datasets/{name}.md)"
-        ) from None
-    except (OSError, ValueError) as e:  # truncated or malformed files
-        raise UserError(f"{name}: cannot read dataset files under {root}: {e}") from None
+            raise UserError(f"{name}: cannot read dataset files under {root}: {str(e).splitlines()[0]}") from None
+        raise missing from None
+    except (OSError, ValueError, EOFError) as e:  # truncated or malformed files
+        raise UserError(f"{name}: cannot read dataset files under {root}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return ImageSet(name, _to_float(train.data), _to_float(test.data),
                     torch.arange(len(train.data)), torch.arange(len(test.data)))
+
+
+def _describe(img: torch.Tensor) -> str:
+    """'28x28 grey' / '32x32 RGB': an image's size and mode, for messages."""
+    modes = {1: "grey", 2: "grey+alpha", 3: "RGB", 4: "RGBA"}
+    return f"{img.shape[2]}x{img.shape[1]} {modes.get(img.shape[0], f'{img.shape[0]}-channel')}"
+
+
+def _idx_count(path: Path) -> int:
+    """Number of items in an idx file (MNIST's format), after checking its header and length."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:2] != b"\0\0" or head[2] != 0x08 or not 1 <= head[3] <= 4:
+                raise UserError(f"{path}: not an idx file of unsigned bytes (header {head.hex() or 'empty'}); "
+                                "re-download the dataset (--download into an empty --data-root)")
+            dims_raw = f.read(4 * head[3])
+            size = path.stat().st_size
+    except FileNotFoundError:
+        raise UserError(f"{path}: dataset file missing; pass --download to fetch the dataset, "
+                        "or --data-root DIR where it is") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read dataset file ({e.strerror or e})") from None
+    if len(dims_raw) < 4 * head[3]:
+        raise UserError(f"{path}: truncated ({size} bytes, header incomplete); re-download the dataset")
+    dims = np.frombuffer(dims_raw, dtype=">u4").astype(np.int64)
+    expected = 4 + 4 * head[3] + int(np.prod(dims))
+    if size != expected:
+        raise UserError(f"{path}: {'truncated' if size < expected else 'too long'} ({size} bytes, header says "
+                        f"{expected}); re-download the dataset (--download into an empty --data-root)")
+    return int(dims[0])
 
 
 def _to_float(data) -> torch.Tensor:
@@ -105,17 +145,21 @@ def load_folder(root: str | Path, split_seed: int = 0, test_fraction: float = 0.
     files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) < 2:
         raise UserError(f"image folder {root} has {len(files)} image(s); need at least 2 ({', '.join(IMAGE_SUFFIXES)})")
-    images = []
+    images: list[torch.Tensor] = []
     for path in files:
         try:
-            img = decode_image(str(path))  # (C, H, W) uint8
+            img = decode_image(str(path))  # (C, H, W) uint8, or uint16 for 16-bit PNGs
         except (RuntimeError, OSError, ValueError) as e:
-            raise UserError(f"{path}: not a readable image ({str(e).splitlines()[0][:120]})") from None
-        if img.shape != images[0].shape if images else False:
-            raise UserError(f"{path}: shape {tuple(img.shape)} differs from {files[0].name} {tuple(images[0].shape)}; "
-                            "all images must have the same size and number of channels")
-        images.append(img)
-    data = torch.stack(images).float().div_(255.0)  # (N, C, H, W)
+            reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            raise UserError(f"{path}: not a readable image ({reason})") from None
+        if img.ndim != 3 or img.dtype not in (torch.uint8, torch.uint16):
+            raise UserError(f"{path}: unsupported image ({img.dtype}, shape {tuple(img.shape)}); "
+                            "use 8- or 16-bit grey, RGB or RGBA images")
+        if images and img.shape != images[0].shape:
+            raise UserError(f"{path}: {_describe(img)} differs from {files[0].name} {_describe(images[0])}; "
+                            "all images must have the same size and mode (grey, RGB or RGBA)")
+        images.append(img.float().div_(255.0 if img.dtype == torch.uint8 else 65535.0))  # [0, 1] at any bit depth
+    data = torch.stack(images)  # (N, C, H, W)
     train, test = split_indices(len(data), test_fraction, split_seed)
     return ImageSet("folder", data[train], data[test], torch.from_numpy(train), torch.from_numpy(test),
                     files=tuple(p.name for p in files))

@@ -1,12 +1,12 @@
 """Training progress for the command line: tqdm bars on a terminal, plain log lines elsewhere.
 
-The cells of an audit train together in one batched loop, so the unit of progress is an epoch
-of the whole grid (`train_cells(on_epoch=...)`). When an audit trains its grid in several chunks
-(several `train_cells` calls, each counting epochs from 1), each chunk gets its own bar and an
-overall bar counts epochs across chunks; tell `Progress` how many with `chunks=`.
+An audit trains its cells in chunks (one per seed, all losses batched together), so the units
+are an epoch of a chunk and the chunks: `run_audit(on_epoch=progress.on_epoch)` calls
+`on_epoch(epoch, epochs, chunk, chunks)` after every epoch. On a terminal there is a bar per
+chunk and, with several chunks, an overall bar; both show an ETA.
 
-Not a terminal (CI logs, pipes): one plain line per ~10% of training with elapsed time and ETA,
-so a log stays short and readable. quiet: nothing at all.
+Not a terminal (CI logs, pipes): one plain line per ~10% of all training, with elapsed time
+and the ETA, so a log stays short. quiet: nothing at all.
 """
 
 from __future__ import annotations
@@ -17,24 +17,23 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-LOG_STEPS = 10  # plain-line mode: about this many progress lines per training run
+LOG_STEPS = 10  # plain-line mode: about this many progress lines per audit
 
 
 class Progress:
-    """`log(message)` for stage lines and `on_epoch(epoch, epochs)` for training; use as a context manager."""
+    """`log(message)` for stage lines and `on_epoch(...)` for training; use as a context manager."""
 
     def __init__(self, stream: TextIO | None = None, quiet: bool = False, bars: bool | None = None,
-                 chunks: int = 1, prefix: str = "[fairrecon] "):
+                 prefix: str = "[fairrecon] "):
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.bars = (not quiet) and (bars if bars is not None else _is_terminal(self.stream))
-        self.chunks = max(1, chunks)
         self.prefix = prefix
-        self.chunk = 0  # chunks started so far
+        self.chunk = 0  # the chunk now training (1-based); 0 before training
         self._bar: tqdm | None = None
         self._overall: tqdm | None = None
-        self._start = 0.0
-        self._last_event = time.perf_counter()  # a chunk's clock starts at the event before its first epoch
+        self._start: float | None = None
+        self._last_event = time.perf_counter()  # training's clock starts at the event before its first epoch
         self._last_logged = -1
 
     def log(self, message: str) -> None:
@@ -42,68 +41,62 @@ class Progress:
         if self.quiet:
             return
         line = f"{self.prefix}{message}"
-        if self._bar is not None:
+        if self._bar is not None or self._overall is not None:
             tqdm.write(line, file=self.stream)  # above the bars, without breaking them
         else:
             print(line, file=self.stream, flush=True)
 
-    def on_epoch(self, epoch: int, epochs: int) -> None:
-        """Called by train_cells after each epoch; epoch counts from 1 and restarts at each chunk."""
+    def on_epoch(self, epoch: int, epochs: int, chunk: int = 1, chunks: int = 1) -> None:
+        """After each epoch: `epoch` of `epochs` (from 1) in chunk `chunk` of `chunks` (from 1)."""
         if self.quiet:
             return
         now = time.perf_counter()
-        if epoch == 1 or self.chunk == 0:
-            self._new_chunk(epochs)
+        if self._start is None:
+            self._start = self._last_event
+        if chunk != self.chunk:
+            self._new_chunk(epochs, chunk, chunks)
         self._last_event = now
+        done, total = (chunk - 1) * epochs + epoch, epochs * chunks
         if self.bars:
             self._bar.update(epoch - self._bar.n)
             if self._overall is not None:
-                self._overall.update(1)
-            if epoch == epochs:
-                self._close_bars()
+                self._overall.update(done - self._overall.n)
+            if done == total:
+                self.close()
             return
-        step = epoch * LOG_STEPS // epochs
-        if step != self._last_logged or epoch == epochs:
+        step = done * LOG_STEPS // total
+        if step != self._last_logged or done == total:
             self._last_logged = step
-            elapsed, done, total = now - self._start, (self.chunk - 1) * epochs + epoch, epochs * self.chunks
-            eta = elapsed / done * (total - done)  # for the whole grid, all chunks
-            where = f"chunk {self.chunk}/{self.chunks} " if self.chunks > 1 else ""
-            overall = f", overall {done / total:.0%}" if self.chunks > 1 else ""
-            self.log(f"{where}epoch {epoch}/{epochs} ({epoch / epochs:.0%}{overall}), "
-                     f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}")
+            elapsed = now - self._start
+            where = f"chunk {chunk}/{chunks}, " if chunks > 1 else ""
+            self.log(f"{where}epoch {epoch}/{epochs} ({done / total:.0%} of training), "
+                     f"{_clock(elapsed)} elapsed, ETA {_clock(elapsed / done * (total - done))}")
 
-    def _new_chunk(self, epochs: int) -> None:
-        self._close_bars(keep_overall=True)
-        self.chunk += 1
-        self._last_logged = -1
-        if self.chunk == 1:
-            self._start = self._last_event
-        if not self.bars:
-            return
-        if self.chunks > 1 and self._overall is None:
-            self._overall = tqdm(total=epochs * self.chunks, desc="overall", unit="epoch", file=self.stream,
-                                 position=0, dynamic_ncols=True)
-        desc = f"chunk {self.chunk}/{self.chunks}" if self.chunks > 1 else "training"
-        self._bar = tqdm(total=epochs, desc=desc, unit="epoch", file=self.stream, leave=self.chunks == 1,
-                         position=1 if self.chunks > 1 else 0, dynamic_ncols=True)
-        started = self._bar._time() - (time.perf_counter() - self._last_event)  # tqdm's clock
-        self._bar.start_t = started  # the first epoch ran before this bar existed
-        if self._overall is not None and self.chunk == 1:
-            self._overall.start_t = started
-
-    def _close_bars(self, keep_overall: bool = False) -> None:
+    def _new_chunk(self, epochs: int, chunk: int, chunks: int) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if not keep_overall and self._overall is not None and self._overall.n >= self._overall.total:
-            self._overall.close()
-            self._overall = None
+        self.chunk = chunk
+        if not self.bars:
+            return
+        if chunks > 1 and self._overall is None:
+            self._overall = tqdm(total=epochs * chunks, initial=(chunk - 1) * epochs, desc="overall", unit="epoch",
+                                 file=self.stream, position=0, dynamic_ncols=True)
+            self._overall.start_t = self._tqdm_time(self._start)
+        self._bar = tqdm(total=epochs, desc=f"chunk {chunk}/{chunks}" if chunks > 1 else "training", unit="epoch",
+                         file=self.stream, leave=chunks == 1, position=1 if chunks > 1 else 0, dynamic_ncols=True)
+        self._bar.start_t = self._tqdm_time(self._last_event)  # the first epoch ran before this bar existed
+
+    @staticmethod
+    def _tqdm_time(perf: float) -> float:
+        """A time.perf_counter() reading on tqdm's clock (time.time)."""
+        return time.time() - (time.perf_counter() - perf)
 
     def close(self) -> None:
-        self._close_bars()
-        if self._overall is not None:
-            self._overall.close()
-            self._overall = None
+        for bar in (self._bar, self._overall):
+            if bar is not None:
+                bar.close()
+        self._bar = self._overall = None
 
     def __enter__(self) -> "Progress":
         return self

@@ -93,7 +93,7 @@ class AuditResult:
                 atomic_write(out / f"{name}.csv", getattr(self, name).to_csv(index=False))
             atomic_write(out / "summary.json", json.dumps(self.summary(), indent=2, default=_json_default) + "\n")
             if self.examples is not None:
-                atomic_write_bytes(out / EXAMPLES_FILE, _npz_bytes(self.examples))
+                atomic_write_bytes(out / EXAMPLES_FILE, npz_bytes(self.examples))
             atomic_write(out / "report.md", markdown_report(self))
         except OSError as e:
             raise UserError(f"cannot write results to {out}: {e.strerror or e}") from None
@@ -130,7 +130,8 @@ def load_examples(folder: str | Path) -> dict[str, np.ndarray] | None:
         raise UserError(f"{path}: cannot read saved examples ({e})") from None
 
 
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """A compressed .npz file's bytes (for atomic_write_bytes)."""
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return buf.getvalue()
@@ -138,6 +139,10 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 def _group_order(groups: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(groups["group"].astype(str)))
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process umask (umask can only be read by setting it)
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -149,6 +154,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """atomic_write for bytes."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are ordinary files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -9,14 +9,24 @@ and the result equals training the cells one by one (see tests/test_train.py).
 
 Randomness: a cell's seed fixes its initial weights and its batch order; cells that
 share a seed differ only in their loss. Every cell trains on the same split.
+
+Speed: the data stays on the device as one tensor and each step gathers the C batches
+with one index; the per-loss slices of the cell dimension are worked out once; Adam is
+the fused kernel where torch has one; nothing in the step loop waits for the device
+(the only host syncs are once per epoch). When the grid does not fit in memory,
+`train_cells` trains it in chunks of cells (see `cells_per_chunk`); since cells are
+independent and each seed's batch order comes from its own generator, chunking does not
+change the result.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import pandas as pd
@@ -82,18 +92,38 @@ class StackedCells:
         """Each cell's own loss on its own batch: (C, B, ...) -> (C, B)."""
         log_sigma = self.log_sigma if log_sigma is None else log_sigma
         x, x_hat = x.flatten(2), x_hat.flatten(2)  # (C, B, M)
-        parts, order = [], []
-        for name, idx in self.cells_by_loss().items():
-            i = torch.tensor(idx, device=x.device)
-            parts.append(get_loss(name).nll(x[i], x_hat[i], log_sigma[i], self.config.sigma_floor))
-            order.extend(idx)
-        return torch.cat(parts)[torch.tensor(order, device=x.device).argsort()]  # back to cell order
+        floor = self.config.sigma_floor
+        parts = [get_loss(name).nll(x[i], x_hat[i], log_sigma[i], floor) for name, i in self._loss_index]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out if self._loss_restore is None else out[self._loss_restore]  # back to cell order
 
     def cells_by_loss(self) -> dict[str, list[int]]:
         groups: dict[str, list[int]] = {}
         for i, cell in enumerate(self.cells):
             groups.setdefault(cell.loss, []).append(i)
         return groups
+
+    @cached_property
+    def _loss_index(self) -> list[tuple[str, slice | torch.Tensor]]:
+        """Per loss, its cells as a slice (a view, no copy) when they are contiguous, else an index tensor.
+
+        Built once, not every step: rebuilding index tensors per step costs host work and,
+        on a GPU, a host-to-device copy per step.
+        """
+        device = self.log_sigma.device
+        out = []
+        for name, idx in self.cells_by_loss().items():
+            contiguous = idx == list(range(idx[0], idx[-1] + 1))
+            out.append((name, slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=device)))
+        return out
+
+    @cached_property
+    def _loss_restore(self) -> torch.Tensor | None:
+        """The permutation from loss-grouped order back to cell order (None when it is the identity)."""
+        order = [i for idx in self.cells_by_loss().values() for i in idx]
+        if order == list(range(len(order))):
+            return None
+        return torch.tensor(order).argsort().to(self.log_sigma.device)
 
     def sigma(self) -> torch.Tensor:
         """Learned sigma per cell (NaN for losses that learn none)."""
@@ -139,6 +169,62 @@ def init_cells(cells: list[Cell], shape: tuple[int, int, int], config: TrainConf
     return StackedCells(cells, base, params, buffers, log_sigma, config)
 
 
+def concat_stacked(parts: list[StackedCells]) -> StackedCells:
+    """Chunks of cells trained apart -> one StackedCells in the chunks' order."""
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda name: {k: torch.cat([getattr(p, name)[k] for p in parts]) for k in getattr(parts[0], name)}
+    log_sigma = torch.cat([p.log_sigma.detach() for p in parts]).requires_grad_()
+    return StackedCells([c for p in parts for c in p.cells], parts[0].base, cat("params"), cat("buffers"),
+                        log_sigma, parts[0].config)
+
+
+def cell_bytes(config: TrainConfig, shape: tuple[int, int, int]) -> int:
+    """Estimated training memory of one cell, in bytes (float32).
+
+    Weights: parameter, gradient and Adam's two moments (4 copies). Activations: every
+    layer's output for a batch, measured by a forward pass on the meta device (no memory
+    used), counted 3x (saved for backward, its gradient, a temporary). Images: the
+    gathered batch, the reconstruction and the loss's elementwise temporaries, ~8 copies
+    of a batch of images. An estimate on the safe side, not a measurement.
+    """
+    with torch.device("meta"):
+        model = build_model(config.model, shape, config.latent, config.hidden)
+        n_params = sum(p.numel() for p in model.parameters())
+        sizes: list[int] = []
+        hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel()))
+                 for m in model.modules() if not list(m.children())]
+        model(torch.empty(config.batch_size, *shape))
+        for h in hooks:
+            h.remove()
+    image = config.batch_size * math.prod(shape)
+    return 4 * (4 * n_params + 3 * sum(sizes) + 8 * image)
+
+
+def available_bytes(device: torch.device | str) -> int:
+    """Free memory on the device: CUDA's free memory, or the host's MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def cells_per_chunk(config: TrainConfig, shape: tuple[int, int, int], n_images: int,
+                    device: torch.device | str = "cpu", budget: float = 0.5, free: int | None = None) -> int:
+    """How many cells to train together: as many as fit in `budget` of the free memory
+    after the resident dataset (at least 1)."""
+    free = available_bytes(device) if free is None else free
+    room = budget * free - 4 * n_images * math.prod(shape)
+    return max(1, int(room // cell_bytes(config, shape)))
+
+
 def train_cells(
     x: torch.Tensor,
     group: torch.Tensor,
@@ -147,16 +233,47 @@ def train_cells(
     device: torch.device | str = "cpu",
     on_snapshot: Callable[[Snapshot], None] | None = None,
     on_epoch: Callable[[int, int], None] | None = None,
+    *,
+    max_cells: int | None = None,
+    fused: bool | None = None,
 ) -> TrainResult:
-    """Train every cell on images x (N, C, H, W) in [0, 1] with group codes `group` (N,)."""
+    """Train every cell on images x (N, C, H, W) in [0, 1] with group codes `group` (N,).
+
+    Cells are trained together in chunks of at most `max_cells` (default: as many as fit
+    in memory, `cells_per_chunk`); the results are concatenated in cell order, and
+    `on_snapshot` / `on_epoch` are called per chunk (a snapshot's `stacked.cells` says
+    which). `fused` picks torch's fused Adam kernel (default: on CPU and CUDA).
+    """
     start = time.perf_counter()
     device = torch.device(device)
     x, group = x.to(device), group.to(device)
+    if max_cells is None:
+        max_cells = cells_per_chunk(config, tuple(x.shape[1:]), len(x), device)
+    if max_cells < 1:
+        raise ValueError(f"max_cells must be >= 1, got {max_cells}")
+    if fused is None:
+        fused = device.type in ("cpu", "cuda")
+    parts = [_train_chunk(x, group, cells[i:i + max_cells], config, device, on_snapshot, on_epoch, fused)
+             for i in range(0, len(cells), max_cells)]
+    stacked = concat_stacked([p[0] for p in parts])
+    history = pd.concat([p[1] for p in parts], ignore_index=True)
+    if len(parts) > 1:  # one row per cell and epoch, epoch-major as for a single chunk
+        order = {cell: i for i, cell in enumerate(cells)}
+        history = (history.assign(_c=[order[Cell(l, s)] for l, s in zip(history["loss"], history["seed"])])
+                   .sort_values(["epoch", "_c"], kind="stable").drop(columns="_c").reset_index(drop=True))
+    status = [s for p in parts for s in p[2]]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return TrainResult(stacked, history, status, time.perf_counter() - start)
+
+
+def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, fused):
+    """Train one chunk of cells together; x and group are already on the device."""
     n = len(x)
     stacked = init_cells(cells, tuple(x.shape[1:]), config, device)
     opt = torch.optim.Adam([{"params": list(stacked.params.values()), "lr": config.lr},
-                            {"params": [stacked.log_sigma], "lr": config.sigma_lr}])
-    orders = {s: torch.Generator().manual_seed(s) for s in sorted({c.seed for c in cells})}
+                            {"params": [stacked.log_sigma], "lr": config.sigma_lr}], fused=fused)
+    orders = {s: torch.Generator().manual_seed(s) for s in sorted({c.seed for c in cells})}  # on the CPU
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
     snap_at = set(torch.linspace(0, total - 1, config.grad_points).round().long().tolist()) if config.grad_points else set()
@@ -165,7 +282,7 @@ def train_cells(
     rows, step = [], 0
     for epoch in range(config.epochs):
         perms = {s: torch.randperm(n, generator=g) for s, g in orders.items()}
-        perm = torch.stack([perms[c.seed] for c in cells]).to(device)  # (C, N)
+        perm = torch.stack([perms[c.seed] for c in cells]).to(device, non_blocking=True)  # (C, N)
         sums = torch.zeros(3, len(cells), device=device)  # nll, mse, count
         for lo in range(0, n, config.batch_size):
             idx = perm[:, lo:lo + config.batch_size]  # (C, B)
@@ -182,11 +299,11 @@ def train_cells(
             opt.step()
             with torch.no_grad():
                 alive &= finite
-                sums += torch.stack([torch.nan_to_num(nll.detach(), nan=0.0, posinf=0.0).sum(1),
-                                     (x_hat.detach() - xb).pow(2).flatten(2).mean(2).sum(1),
-                                     torch.full_like(per_cell, idx.shape[1])])
+                sums[0] += torch.nan_to_num(nll.detach(), nan=0.0, posinf=0.0).sum(1)
+                sums[1] += (x_hat.detach() - xb).pow(2).flatten(2).mean(2).sum(1)
+                sums[2] += idx.shape[1]
             step += 1
-        alive_now = alive.tolist()
+        alive_now = alive.tolist()  # one host sync per epoch
         for c, ok in enumerate(alive_now):
             if not ok and failed_at[c] is None:
                 failed_at[c] = f"failed: non-finite loss in epoch {epoch + 1}"
@@ -205,6 +322,4 @@ def train_cells(
             status.append(f"failed: learned sigma collapsed to its floor {config.sigma_floor:g}")
         else:
             status.append("ok")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return TrainResult(stacked, pd.DataFrame(rows), status, time.perf_counter() - start)
+    return stacked, pd.DataFrame(rows), status

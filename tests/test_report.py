@@ -173,19 +173,20 @@ class _Tty(io.StringIO):
 def test_progress_plain_lines_when_not_a_terminal():
     stream = io.StringIO()
     with Progress(stream=stream) as p:
-        for e in range(1, 101):
-            p.on_epoch(e, 100)
+        for chunk in (1, 2, 3):
+            for e in range(1, 41):
+                p.on_epoch(e, 40, chunk, 3)
     lines = stream.getvalue().splitlines()
     assert 10 <= len(lines) <= 11 and all("ETA" in line for line in lines) and "\r" not in stream.getvalue()
-    assert lines[-1].startswith("[fairrecon] epoch 100/100 (100%)")
+    assert lines[-1].startswith("[fairrecon] chunk 3/3, epoch 40/40 (100% of training)")
 
 
 def test_progress_bars_on_a_terminal_and_nothing_when_quiet():
     tty = _Tty()
-    with Progress(stream=tty, chunks=2) as p:
-        for _ in range(2):
+    with Progress(stream=tty) as p:
+        for chunk in (1, 2):
             for e in range(1, 6):
-                p.on_epoch(e, 5)
+                p.on_epoch(e, 5, chunk, 2)
     text = tty.getvalue()
     assert "\r" in text and "overall" in text and "10/10" in text and "chunk 2/2" in text
     quiet = _Tty()

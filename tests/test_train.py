@@ -1,0 +1,149 @@
+"""Batched cell training equals training each cell alone, and chunking the grid changes nothing.
+
+The reference is an independent, plain training loop: one nn.Module, one torch Adam
+(the default for-loop kernel), the cell's loss on its own batches, the same seeded
+initial weights and batch order. Tolerance: float32 throughout; the batched run may sum
+in a different order (bmm under vmap instead of mm, fused instead of for-loop Adam), so
+results agree to rounding only. Measured on digits (14 steps): weights differ by <= 3e-8,
+outputs by <= 6e-8, while training moves weights by ~1.4e-2. ATOL = 1e-5 sits ~300x above
+the rounding we see and ~1000x below the effect of training, so a real difference (a
+wrong batch, a shared optimizer state, another cell's loss) cannot hide under it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fairrecon.data import load_images
+from fairrecon.losses import effective_log_sigma, get_loss
+from fairrecon.models import build_model
+from fairrecon import train as train_mod
+from fairrecon.train import Cell, TrainConfig, cell_bytes, cells_per_chunk, train_cells
+
+ATOL = 1e-5
+CONFIG = TrainConfig(latent=8, hidden=32, epochs=2, batch_size=64, grad_points=0)
+# l2 appears twice, apart, so the per-loss index path (not only slices) is exercised.
+CELLS = [Cell("l2", 0), Cell("learned-sigma", 1), Cell("log-mse", 0), Cell("l1", 2), Cell("l2", 1)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, and far faster on a shared, loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images = load_images("digits")
+    return images.train[:400], images.test[:200]
+
+
+def plain_train(x: torch.Tensor, cell: Cell, config: TrainConfig):
+    """One cell, the textbook way."""
+    torch.manual_seed(cell.seed)
+    model = build_model(config.model, tuple(x.shape[1:]), config.latent, config.hidden)
+    log_sigma = torch.zeros((), requires_grad=True)
+    opt = torch.optim.Adam([{"params": model.parameters(), "lr": config.lr},
+                            {"params": [log_sigma], "lr": config.sigma_lr}], foreach=False)
+    order = torch.Generator().manual_seed(cell.seed)
+    steps = 0
+    for _ in range(config.epochs):
+        perm = torch.randperm(len(x), generator=order)
+        for lo in range(0, len(x), config.batch_size):
+            xb = x[perm[lo:lo + config.batch_size]]
+            nll = get_loss(cell.loss).nll(xb.flatten(1), model(xb).flatten(1), log_sigma, config.sigma_floor)
+            opt.zero_grad()
+            nll.mean().backward()
+            opt.step()
+            steps += 1
+    return model, log_sigma, steps
+
+
+def assert_same_cell(stacked, c: int, model, log_sigma, test_x):
+    ref = model.state_dict()
+    got = stacked.module(c).state_dict()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=ATOL, msg=f"{stacked.cells[c].key} {name}")
+    with torch.no_grad():
+        torch.testing.assert_close(stacked.reconstruct(test_x)[c], model(test_x), rtol=0, atol=ATOL)
+    torch.testing.assert_close(effective_log_sigma(stacked.log_sigma[c].detach(), CONFIG.sigma_floor),
+                               effective_log_sigma(log_sigma.detach(), CONFIG.sigma_floor), rtol=0, atol=ATOL)
+
+
+def test_batched_cells_match_plain_loop_and_alone(digits):
+    x, test_x = digits
+    group = torch.zeros(len(x), dtype=torch.long)
+    together = train_cells(x, group, CELLS, CONFIG)
+    assert together.status == ["ok"] * len(CELLS)
+    for c, cell in enumerate(CELLS):
+        model, log_sigma, steps = plain_train(x, cell, CONFIG)
+        assert steps == CONFIG.epochs * math.ceil(len(x) / CONFIG.batch_size)
+        assert_same_cell(together.stacked, c, model, log_sigma, test_x)
+        alone = train_cells(x, group, [cell], CONFIG)
+        for name, p in alone.stacked.params.items():
+            torch.testing.assert_close(together.stacked.params[name][c], p[0], rtol=0, atol=ATOL)
+        # the per-sample losses, too, agree
+        xb = test_x[:32].expand(1, *test_x[:32].shape)
+        with torch.no_grad():
+            mine = together.stacked.per_sample_nll(xb.expand(len(CELLS), *xb.shape[1:]),
+                                                   together.stacked.reconstruct(test_x[:32]))[c]
+            ref = get_loss(cell.loss).nll(test_x[:32].flatten(1), model(test_x[:32]).flatten(1),
+                                          log_sigma, CONFIG.sigma_floor)
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-2)  # sums over 64 pixels of NLL terms
+
+
+def test_training_moves_the_weights(digits):
+    """Guard against a vacuous comparison: trained weights are far from initial ones (>> ATOL)."""
+    x, _ = digits
+    cfg = CONFIG
+    trained = train_cells(x, torch.zeros(len(x), dtype=torch.long), CELLS[:1], cfg)
+    torch.manual_seed(CELLS[0].seed)
+    init = build_model(cfg.model, tuple(x.shape[1:]), cfg.latent, cfg.hidden).state_dict()
+    moved = max((trained.stacked.module(0).state_dict()[k] - v).abs().max().item() for k, v in init.items())
+    assert moved > 100 * ATOL  # ~1.4e-2 measured
+
+
+def test_chunks_give_the_same_result(digits, monkeypatch):
+    x, test_x = digits
+    group = torch.zeros(len(x), dtype=torch.long)
+    whole = train_cells(x, group, CELLS, CONFIG, max_cells=len(CELLS))
+    # too little memory for more than two cells -> the automatic split must chunk
+    two = 2 * cell_bytes(CONFIG, tuple(x.shape[1:])) + 4 * x.numel()
+    monkeypatch.setattr(train_mod, "available_bytes", lambda device: int(two / 0.5))
+    assert cells_per_chunk(CONFIG, tuple(x.shape[1:]), len(x)) == 2
+    chunked = train_cells(x, group, CELLS, CONFIG)
+    assert [c.key for c in chunked.stacked.cells] == [c.key for c in CELLS]
+    assert chunked.status == whole.status
+    for name, p in whole.stacked.params.items():
+        torch.testing.assert_close(chunked.stacked.params[name], p, rtol=0, atol=ATOL)
+    torch.testing.assert_close(chunked.stacked.reconstruct(test_x), whole.stacked.reconstruct(test_x), rtol=0, atol=ATOL)
+    cols = ["loss", "seed", "epoch"]
+    assert chunked.history[cols].equals(whole.history[cols])
+    torch.testing.assert_close(torch.tensor(chunked.history["train_nll"].to_numpy()),
+                               torch.tensor(whole.history["train_nll"].to_numpy()), rtol=1e-5, atol=1e-5)
+
+
+def test_cell_bytes_counts_weights_and_grows_with_batch():
+    shape = (1, 28, 28)
+    small, big = (TrainConfig(hidden=64, latent=8, batch_size=b) for b in (32, 64))
+    n_params = sum(p.numel() for p in build_model("mlp", shape, 8, 64).parameters())
+    # at batch size b: 16 bytes per parameter + a part linear in b
+    per_batch = cell_bytes(big, shape) - cell_bytes(small, shape)
+    assert per_batch > 0
+    assert cell_bytes(small, shape) - per_batch == 16 * n_params
+    assert cells_per_chunk(small, shape, 1000, free=0) == 1  # never zero cells
+
+
+def test_fused_and_plain_adam_agree(digits):
+    x, _ = digits
+    group = torch.zeros(len(x), dtype=torch.long)
+    a = train_cells(x, group, CELLS[:3], CONFIG, fused=True)
+    b = train_cells(x, group, CELLS[:3], CONFIG, fused=False)
+    for name, p in a.stacked.params.items():
+        torch.testing.assert_close(p, b.stacked.params[name], rtol=0, atol=ATOL)
