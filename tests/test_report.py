@@ -50,6 +50,15 @@ def test_examples_are_saved_small_and_round_trip(saved):
         np.testing.assert_array_equal(loaded[key], value)
 
 
+def test_a_resumed_audit_keeps_its_examples(saved):
+    """Every cell is checkpointed in the folder: a rerun trains nothing and reads the examples back."""
+    result, out = saved
+    again = run_audit(dataset="digits", **{**FAST, "seeds": 3}, out=str(out))
+    assert again.info["resumed_cells"] == len(again.cells)
+    for key, value in result.examples.items():
+        np.testing.assert_array_equal(again.examples[key], value)
+
+
 def test_example_reconstructions_match_an_ordinary_module():
     """uint8 originals and reconstructions equal each cell run as a plain nn.Module, to rounding."""
     spec = AuditSpec(dataset="digits", **FAST)
