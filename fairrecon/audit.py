@@ -24,8 +24,8 @@ from .data import load_images
 from .errors import UserError
 from .groups import GroupedData, make_groups
 from .losses import get_loss
-from .measure import sample_errors, train_mse
-from .results import METRICS, AuditResult
+from .measure import example_reconstructions, sample_errors, train_mse
+from .results import EXAMPLES_FILE, METRICS, AuditResult, atomic_write_bytes, load_examples, npz_bytes
 from .resume import CellStore, result_fields
 from .spec import AuditSpec, load_spec
 from .train import Cell, TrainConfig, train_cells
@@ -47,8 +47,11 @@ def train_config(spec: AuditSpec) -> TrainConfig:
 
 
 def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str], None] | None = None,
-              force: bool = False, **overrides: Any) -> AuditResult:
+              on_epoch: Callable[..., None] | None = None, force: bool = False, **overrides: Any) -> AuditResult:
     """Run the audit a spec (object or TOML path) describes, with keyword overrides.
+
+    `log` gets one line per stage; `on_epoch(epoch, epochs, chunk, chunks)` is called after each
+    training epoch of a chunk (progress bars: see progress.py); without it, each epoch is a `log` line.
 
     With `spec.out` set, every finished cell is checkpointed in OUT/cells, and a run
     into a folder that holds some of this audit's cells trains only the others.
@@ -88,8 +91,18 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
     log(f"training {sum(map(len, todo))} cells ({len(spec.losses)} losses x {spec.seeds} seeds, "
         f"{len(todo)} chunk(s)) on {device}")
     timings["train_s"] = timings["measure_s"] = 0.0
-    for chunk in todo:
-        for cell, cell_tables in train_chunk(data, chunk, config, device, log, timings).items():
+    examples: dict[str, Any] = {}
+
+    def keep_examples(stacked) -> None:  # seed 0's chunk: a few test images and each loss's reconstruction
+        if min(c.seed for c in stacked.cells) == 0:
+            examples.update(example_reconstructions(stacked, data, device=device))
+            if store is not None:  # kept beside the checkpoints, so a resumed audit still has them
+                atomic_write_bytes(Path(spec.out) / EXAMPLES_FILE, npz_bytes(examples))
+
+    for k, chunk in enumerate(todo):
+        epoch_hook = (lambda e, n, k=k: on_epoch(e, n, k + 1, len(todo))) if on_epoch else None
+        for cell, cell_tables in train_chunk(data, chunk, config, device, log, timings, epoch_hook,
+                                             keep_examples).items():
             if store is not None:
                 store.save(cell, cell_tables)  # the moment its chunk ends
             tables[cell] = cell_tables
@@ -104,7 +117,8 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
         "threads": torch.get_num_threads(), "contrast_factor": data.contrast_factor,
         "train_config": asdict(config), "resumed_cells": len(cells) - sum(map(len, todo)), "timings": timings,
     }
-    result = AuditResult(spec, samples, cell_table, described, history, info)
+    result = AuditResult(spec, samples, cell_table, described, history, info,
+                         examples=examples or (load_examples(spec.out) if spec.out else None))
     if spec.out:
         result.save(spec.out)
     return result
@@ -123,13 +137,20 @@ def chunks(cells: list[Cell]) -> list[list[Cell]]:
 
 
 def train_chunk(data: GroupedData, chunk: list[Cell], config: TrainConfig, device: torch.device,
-                log: Callable[[str], None], timings: dict[str, float]) -> dict[Cell, dict[str, pd.DataFrame]]:
-    """Train one chunk of cells and measure them: per cell, its samples, cells (one row) and history tables."""
+                log: Callable[[str], None], timings: dict[str, float],
+                on_epoch: Callable[[int, int], None] | None = None,
+                on_trained: Callable[[Any], None] | None = None) -> dict[Cell, dict[str, pd.DataFrame]]:
+    """Train one chunk of cells and measure them: per cell, its samples, cells (one row) and history tables.
+
+    `on_trained(stacked)` sees the trained chunk before it is dropped (to keep example reconstructions).
+    """
     trained = train_cells(data.train_x, data.train_g, chunk, config, device,
-                          on_epoch=lambda e, n: log(f"epoch {e}/{n}"))
+                          on_epoch=on_epoch or (lambda e, n: log(f"epoch {e}/{n}")))
     timings["train_s"] += trained.seconds
     t1 = time.perf_counter()
     samples = _float64(sample_errors(trained.stacked, data, device))
+    if on_trained is not None:
+        on_trained(trained.stacked)
     sigma = trained.stacked.sigma().cpu().double()
     fit_mse = train_mse(trained.stacked, data.train_x, device).double()
     history = _float64(trained.history)

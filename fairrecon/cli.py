@@ -41,9 +41,9 @@ def cli() -> None:
 @click.option("--batch-size", type=int, help="Training batch size.")
 @click.option("--lr", type=float, help="Adam learning rate.")
 @click.option("--device", help="auto (default: CUDA when present), cpu, or cuda.")
-@click.option("--out", help="Folder for samples.csv, summary.json, report.md and the other tables.")
+@click.option("--out", help="Folder for the results: tables, summary.json, examples.npz, report.md and report.html.")
 @click.option("--force", is_flag=True, help="Write into an --out folder that holds an audit of a different spec.")
-@click.option("--quiet", is_flag=True, help="Only print the final table.")
+@click.option("--quiet", is_flag=True, help="No progress bars or log lines: only the final table.")
 def audit(spec_file, quiet, force, **flags) -> None:
     """Train autoencoders under each loss and measure per-group error on held-out images.
 
@@ -52,24 +52,43 @@ def audit(spec_file, quiet, force, **flags) -> None:
     kept in OUT/cells: run the same command again after an interruption to resume.
     """
     from .audit import run_audit
-    from .report import error_table
+    from .progress import Progress
+    from .report import terminal_summary, uncertainty, write_reports
     from .spec import load_spec
 
     for key, kind in (("targets", float), ("proportions", float), ("losses", str)):
         if flags[key] is not None:
             flags[key] = parse_list(flags[key], kind)
     spec = load_spec(spec_file, **flags) if spec_file else AuditSpec().override(**flags)
-    log = (lambda m: None) if quiet else (lambda m: click.echo(f"[fairrecon] {m}", err=True))
-    result = run_audit(spec, log=log, force=force)
-    click.echo(f"\nHeld-out MSE per pixel by group (mean ± std over {spec.seeds} seeds):")
-    click.echo(error_table(result, "mse").to_string(index=False))
+    with Progress(quiet=quiet) as progress:
+        result = run_audit(spec, log=progress.log, on_epoch=progress.on_epoch, force=force)
+        unc = uncertainty(result, "mse")
+        if spec.out:
+            progress.log(f"writing {spec.out}/report.html")
+            write_reports(result, spec.out, unc)
+    click.echo("\n" + terminal_summary(result, unc))
     failed = result.cells[result.cells["status"] != "ok"]
     for row in failed.itertuples():
         click.echo(f"warning: cell {row.loss}/seed{row.seed} {row.status}", err=True)
     if len(failed) == len(result.cells):
         click.echo("warning: every cell failed; the table above is empty (see the cells' status in summary.json)", err=True)
     click.echo(f"\ntotal {result.info['timings']['total_s']:.1f} s on {result.info['device']}"
-               + (f"; results in {spec.out}/" if spec.out else ""))
+               + (f"; results in {spec.out}/ (open {spec.out}/report.html)" if spec.out else ""))
+
+
+@cli.command()
+@click.argument("result_dir", type=click.Path(file_okay=False))
+@click.option("--out", help="Folder for report.md and report.html (default: RESULT_DIR).")
+def report(result_dir, out) -> None:
+    """Re-render report.html and report.md from a saved results folder, without retraining."""
+    from .report import terminal_summary, uncertainty, write_reports
+    from .results import AuditResult
+
+    result = AuditResult.load(result_dir)
+    unc = uncertainty(result, "mse")
+    paths = write_reports(result, out or result_dir, unc)
+    click.echo(terminal_summary(result, unc))
+    click.echo(f"\nwrote {paths['html']} and {paths['md']}")
 
 
 @cli.command()

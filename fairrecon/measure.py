@@ -5,6 +5,7 @@ One row per (loss, seed, test image): the unit every later statistic resamples.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -36,3 +37,33 @@ def train_mse(stacked: StackedCells, x: torch.Tensor, device: torch.device | str
     """Each cell's MSE per pixel over the whole training set (C,), to set beside its learned sigma^2."""
     x = x.to(device)
     return (stacked.reconstruct(x) - x).pow(2).flatten(2).mean(dim=(1, 2)).cpu()
+
+
+EXAMPLES_PER_GROUP = 8  # test images per group kept, with their reconstructions, for the report's grids
+
+
+@torch.no_grad()
+def example_reconstructions(stacked: StackedCells, data: GroupedData, per_group: int = EXAMPLES_PER_GROUP,
+                            device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+    """A few test images per group and each loss's reconstruction of them (lowest seed), for a results folder.
+
+    Images are stored as uint8 (display only: the errors live in samples.csv), so a results folder stays
+    small; each held-out image's brightness and contrast (float16) come along for the report's histograms.
+    """
+    pick = torch.cat([torch.nonzero(data.test_g == g).flatten()[:per_group] for g in range(len(data.names))])
+    seed = min(c.seed for c in stacked.cells)
+    chosen = [i for i, c in enumerate(stacked.cells) if c.seed == seed]  # one cell per loss
+    recon = stacked.reconstruct(data.test_x[pick].to(device))[chosen].clamp(0, 1).cpu()
+    flat = data.test_x.flatten(1)
+
+    def to_uint8(x: torch.Tensor) -> np.ndarray:
+        return (x * 255).round().to(torch.uint8).numpy()
+
+    return {
+        "images": to_uint8(data.test_x[pick]), "group": data.test_g[pick].numpy(), "index": data.test_index[pick].numpy(),
+        "recon": to_uint8(recon), "losses": np.array([stacked.cells[i].loss for i in chosen]), "seed": np.array(seed),
+        "group_names": np.array([str(n) for n in data.names]),
+        "test_group": data.test_g.numpy().astype(np.int16),
+        "test_brightness": flat.mean(1).numpy().astype(np.float16),
+        "test_contrast": flat.std(1).numpy().astype(np.float16),
+    }

@@ -6,11 +6,13 @@ Files in a results folder (all written atomically: a crash never leaves half a f
   groups.csv    measured brightness and contrast per split and group
   history.csv   training NLL and MSE per cell and epoch
   summary.json  spec, versions, per-(loss, group) means over seeds, the above in brief, timings
-  report.md     a short table for pull requests
+  examples.npz  a few test images per group with each loss's reconstruction (uint8), for the report
+  report.md     a short table for pull requests (report.html: written by `fairrecon audit --out` / `report`)
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -26,6 +28,7 @@ from .spec import AuditSpec
 
 METRICS = ("mse", "mae", "psnr")
 TABLES = ("samples", "cells", "groups", "history")
+EXAMPLES_FILE = "examples.npz"
 
 
 @dataclass
@@ -36,6 +39,7 @@ class AuditResult:
     groups: pd.DataFrame
     history: pd.DataFrame
     info: dict[str, Any] = field(default_factory=dict)  # versions, device, timings
+    examples: dict[str, np.ndarray] | None = None  # measure.example_reconstructions; None when not kept
 
     @property
     def ok_samples(self) -> pd.DataFrame:
@@ -88,6 +92,8 @@ class AuditResult:
             for name in TABLES:
                 atomic_write(out / f"{name}.csv", getattr(self, name).to_csv(index=False))
             atomic_write(out / "summary.json", json.dumps(self.summary(), indent=2, default=_json_default) + "\n")
+            if self.examples is not None:
+                atomic_write_bytes(out / EXAMPLES_FILE, npz_bytes(self.examples))
             atomic_write(out / "report.md", markdown_report(self))
         except OSError as e:
             raise UserError(f"cannot write results to {out}: {e.strerror or e}") from None
@@ -109,7 +115,26 @@ class AuditResult:
                                                     categories=_group_order(tables["groups"]))
         tables["groups"]["group"] = tables["groups"]["group"].astype(str)
         info = {"fairrecon_version": summary.get("fairrecon_version"), **summary.get("info", {})}
-        return cls(spec, info=info, **tables)
+        return cls(spec, info=info, examples=load_examples(folder), **tables)
+
+
+def load_examples(folder: str | Path) -> dict[str, np.ndarray] | None:
+    """examples.npz as a dict of arrays, or None when the folder has none (older results)."""
+    path = Path(folder) / EXAMPLES_FILE
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read saved examples ({e})") from None
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """A compressed .npz file's bytes (for atomic_write_bytes)."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
 
 
 def _group_order(groups: pd.DataFrame) -> list[str]:
@@ -122,11 +147,16 @@ os.umask(_UMASK)  # read the process umask (umask can only be read by setting it
 
 def atomic_write(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder, then rename over the target."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """atomic_write for bytes."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are ordinary files
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

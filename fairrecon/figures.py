@@ -1,0 +1,232 @@
+"""seaborn/matplotlib figures of an audit's results. Each function returns a matplotlib Figure.
+
+Readable in grayscale and by colour-blind readers: seaborn's colorblind palette, and every group
+also has its own marker, line style and hatch, so groups separate without colour. Figures are
+built on `matplotlib.figure.Figure` (no pyplot state), so they work headless and in notebooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 1, 1, 1, 1)))
+HATCHES = ("", "///", "...", "xx", "\\\\", "++", "oo", "--")
+WIDTH = 11.0  # inches; at DPI 110 about 1200 px, the report's content width
+DPI = 110
+METRIC_LABELS = {"mse": "held-out MSE per pixel", "mae": "held-out MAE per pixel", "psnr": "held-out PSNR (dB)"}
+
+
+@dataclass(frozen=True)
+class GroupStyle:
+    color: tuple[float, float, float]
+    marker: str
+    linestyle: object
+    hatch: str
+
+
+def group_styles(groups) -> dict[str, GroupStyle]:
+    """One colour (colorblind palette), marker, line style and hatch per group, in the given order."""
+    names = [str(g) for g in groups]
+    colors = sns.color_palette("colorblind", max(len(names), 1))
+    return {n: GroupStyle(tuple(colors[i % len(colors)]), MARKERS[i % len(MARKERS)],
+                          LINESTYLES[i % len(LINESTYLES)], HATCHES[i % len(HATCHES)]) for i, n in enumerate(names)}
+
+
+def _dashes(linestyle) -> tuple | str:
+    """A matplotlib line style as the dash tuple seaborn's `dashes=` wants ("" = solid)."""
+    named = {"-": "", "--": (4, 1.5), ":": (1, 1.5), "-.": (4, 1.5, 1, 1.5)}
+    return named[linestyle] if isinstance(linestyle, str) else tuple(linestyle[1])
+
+
+def _figure(height: float, width: float = WIDTH) -> Figure:
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def _style(ax) -> None:
+    ax.grid(True, axis="y", color="0.88", linewidth=0.8)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def group_error_figure(intervals: pd.DataFrame, metric: str = "mse", method: str = "") -> Figure:
+    """Per-group mean error with its 95% interval, one panel per loss (own y scale, so gaps are visible)."""
+    losses = list(dict.fromkeys(intervals["loss"]))
+    groups = list(dict.fromkeys(intervals["group"].astype(str)))
+    styles = group_styles(groups)
+    fig = _figure(3.2)
+    axes = fig.subplots(1, max(len(losses), 1), squeeze=False)[0]
+    for ax, loss in zip(axes, losses):
+        part = intervals[intervals["loss"] == loss]
+        part = part.set_index(part["group"].astype(str))
+        for i, g in enumerate(groups):
+            if g not in part.index:
+                continue
+            r, st = part.loc[g], styles[g]
+            err = [[r["mean"] - r["ci_low"]], [r["ci_high"] - r["mean"]]]
+            ax.errorbar([i], [r["mean"]], yerr=np.nan_to_num(err), color=st.color, marker=st.marker, markersize=8,
+                        capsize=6, linewidth=2, linestyle="none", label=g)
+        ax.plot(range(len(groups)), [part["mean"].get(g, np.nan) for g in groups], color="0.6", linewidth=1,
+                linestyle=":", zorder=0)
+        ax.set_xticks(range(len(groups)), groups)
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        ax.set_title(loss, fontweight="bold")
+        ax.set_xlabel("group")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+        _style(ax)
+    axes[0].set_ylabel(METRIC_LABELS.get(metric, metric) + ("\n(lower is better)" if metric != "psnr" else "\n(higher is better)"))
+    fig.suptitle(f"Per-group {METRIC_LABELS.get(metric, metric)} with 95% intervals" + (f"  ({method})" if method else ""),
+                 fontsize=11)
+    return fig
+
+
+def grad_share_figure(grad_shares: pd.DataFrame, share: str = "projection_share") -> Figure:
+    """Each group's share of the gradient over training (mean and range over seeds), against its share of samples."""
+    df = grad_shares.copy()
+    df["group"] = df["group"].astype(str)
+    losses = list(dict.fromkeys(df["loss"]))
+    groups = list(dict.fromkeys(df["group"]))
+    styles = group_styles(groups)
+    fig = _figure(3.2)
+    axes = fig.subplots(1, max(len(losses), 1), squeeze=False, sharey=True)[0]
+    for ax, loss in zip(axes, losses):
+        part = df[df["loss"] == loss]
+        sns.lineplot(data=part, x="step", y=share, hue="group", style="group", hue_order=groups, style_order=groups,
+                     palette={g: styles[g].color for g in groups}, dashes={g: _dashes(styles[g].linestyle) for g in groups},
+                     markers={g: styles[g].marker for g in groups}, markersize=5, linewidth=2,
+                     errorbar=("pi", 100), estimator="mean", ax=ax, legend=False)  # band: range over seeds
+        for g in groups:
+            ax.axhline(part.loc[part["group"] == g, "sample_share"].mean(), color=styles[g].color,
+                       linestyle=(0, (1, 2)), linewidth=1.4)
+        ax.set_title(loss, fontweight="bold")
+        ax.set_xlabel("training step")
+        _style(ax)
+    axes[0].set_ylabel(share.replace("_", " "))
+    handles = []
+    for g in groups:
+        st = styles[g]
+        handles.append(Line2D([], [], color=st.color, linestyle=st.linestyle, marker=st.marker, linewidth=2,
+                              label=f"{g}: gradient share"))
+        handles.append(Line2D([], [], color=st.color, linestyle=(0, (1, 2)), linewidth=1.4, label=f"{g}: share of samples"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), frameon=False)
+    fig.suptitle("Whose error drives the updates? Gradient share per group over training "
+                 "(dotted: the group's share of samples)", fontsize=11)
+    return fig
+
+
+def error_distribution_figure(samples: pd.DataFrame, metric: str = "mse") -> Figure:
+    """Per-group distribution of per-image error (averaged over seeds), one panel per loss, log scale."""
+    df = samples.groupby(["loss", "group", "index"], observed=True, sort=False)[metric].mean().reset_index()
+    df["group"] = df["group"].astype(str)
+    losses = list(dict.fromkeys(df["loss"]))
+    groups = list(dict.fromkeys(df["group"]))
+    styles = group_styles(groups)
+    fig = _figure(3.2)
+    axes = fig.subplots(1, max(len(losses), 1), squeeze=False, sharey=True)[0]
+    for ax, loss in zip(axes, losses):
+        part = df[df["loss"] == loss]
+        values = [part.loc[part["group"] == g, metric].to_numpy() for g in groups]
+        boxes = ax.boxplot(values, positions=range(len(groups)), widths=0.6, patch_artist=True,
+                           flierprops={"marker": ".", "markersize": 3, "markerfacecolor": "0.3", "markeredgecolor": "none"},
+                           medianprops={"color": "0.1", "linewidth": 1.6}, whiskerprops={"color": "0.25"},
+                           capprops={"color": "0.25"})
+        for patch, g in zip(boxes["boxes"], groups):
+            patch.set(facecolor=(*styles[g].color, 0.85), edgecolor="0.15", hatch=styles[g].hatch)
+        ax.set_xticks(range(len(groups)), groups)
+        ax.set_xlabel("group")
+        if metric != "psnr":
+            ax.set_yscale("log")
+        ax.set_title(loss, fontweight="bold")
+        ax.set_ylabel("")
+        _style(ax)
+    axes[0].set_ylabel(f"per-image {metric} (mean over seeds)")
+    fig.suptitle(f"Distribution of per-image {METRIC_LABELS.get(metric, metric)} by group (box: quartiles, line: median)",
+                 fontsize=11)
+    return fig
+
+
+def reconstruction_figure(examples: dict[str, np.ndarray], per_group: int = 6) -> Figure:
+    """Originals (top row) and each loss's reconstructions (seed 0), a block of columns per group."""
+    names = [str(n) for n in examples["group_names"]]
+    losses = [str(n) for n in examples["losses"]]
+    rows = ["original", *losses]
+    images, recon, codes = examples["images"], examples["recon"], examples["group"]
+    blocks = []
+    for g in range(len(names)):
+        idx = np.flatnonzero(codes == g)[:per_group]
+        stack = [images[idx]] + [recon[k][idx] for k in range(len(losses))]  # each (k, C, H, W)
+        blocks.append(_mosaic(stack))
+    cols = len(blocks)
+    h, w = blocks[0].shape[:2]
+    fig = _figure(min(0.55 * len(rows) * (1 + 0.1 * len(rows)), 7.5) + 0.6)
+    axes = fig.subplots(1, cols, squeeze=False)[0]
+    for ax, block, name in zip(axes, blocks, names):
+        ax.imshow(block, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(f"group {name}", fontweight="bold")
+        pitch = block.shape[0] / len(rows)
+        ax.set_yticks([pitch * (i + 0.5) for i in range(len(rows))], rows)
+        ax.set_xticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+    fig.suptitle(f"Held-out images and their reconstructions (seed {int(examples['seed'])}, one row per loss)",
+                 fontsize=11)
+    return fig
+
+
+def _mosaic(stack: list[np.ndarray], pad: int = 1) -> np.ndarray:
+    """Rows of (k, C, H, W) uint8 images -> one (rows*(H+pad), k*(W+pad)[, 3]) image with light separators."""
+    k, c, h, w = stack[0].shape
+    out = np.full((len(stack) * (h + pad) - pad, k * (w + pad) - pad, c), 255, dtype=np.uint8)
+    for r, imgs in enumerate(stack):
+        for j in range(len(imgs)):
+            out[r * (h + pad): r * (h + pad) + h, j * (w + pad): j * (w + pad) + w] = imgs[j].transpose(1, 2, 0)
+    return out[..., 0] if c == 1 else out
+
+
+def brightness_contrast_figure(examples: dict[str, np.ndarray]) -> Figure:
+    """Histograms of each held-out image's brightness (mean pixel) and contrast (pixel std), per group."""
+    names = [str(n) for n in examples["group_names"]]
+    styles = group_styles(names)
+    codes = examples["test_group"]
+    fig = _figure(3.0)
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    for ax, key, label in zip(axes, ("test_brightness", "test_contrast"),
+                              ("brightness (mean pixel value)", "contrast (std of pixel values)")):
+        values = examples[key].astype(np.float64)
+        bins = np.histogram_bin_edges(values, bins=40)
+        for g, name in enumerate(names):
+            st = styles[name]
+            ax.hist(values[codes == g], bins=bins, histtype="stepfilled", color=(*st.color, 0.25), hatch=st.hatch,
+                    edgecolor=st.color, linewidth=1.8, linestyle=st.linestyle, label=f"group {name}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out images")
+        _style(ax)
+    axes[0].legend(frameon=False)
+    fig.suptitle("Groups as the models see them: per-image brightness and contrast of the held-out images", fontsize=11)
+    return fig
+
+
+def audit_figures(result, intervals: pd.DataFrame | None = None, method: str = "") -> dict[str, Figure]:
+    """Every figure the saved result supports, by name (those needing absent data are left out)."""
+    from .report import uncertainty
+
+    if intervals is None:
+        intervals = uncertainty(result, "mse").intervals
+    figs = {"group_error": group_error_figure(intervals, "mse", method)}
+    shares = getattr(result, "grad_shares", None)
+    if shares is not None and len(shares):
+        figs["grad_shares"] = grad_share_figure(shares)
+    figs["error_distribution"] = error_distribution_figure(result.ok_samples, "mse")
+    examples = getattr(result, "examples", None)
+    if examples is not None:
+        figs["reconstructions"] = reconstruction_figure(examples)
+        figs["brightness_contrast"] = brightness_contrast_figure(examples)
+    return figs

@@ -1,0 +1,167 @@
+"""report.html: one self-contained page (figures as base64 PNG, inline CSS, no scripts, no network).
+
+Its first screen answers the audit's question: which group each loss favours, by how much, and
+how sure we are; the figures and full tables follow for whoever wants to check.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+
+import numpy as np
+import pandas as pd
+
+from .figures import METRIC_LABELS, audit_figures
+from .report import Uncertainty, describe_audit, error_table, headline, uncertainty, verdict_table
+
+CSS = """
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#1d2329;background:#fff}
+main{max-width:1240px;margin:0 auto;padding:14px 20px 40px}
+header{border-bottom:2px solid #1d2329;padding-bottom:6px;margin-bottom:10px}
+h1{font-size:22px;margin:0 0 2px}
+h2{font-size:18px;margin:26px 0 6px;border-bottom:1px solid #d0d7de;padding-bottom:3px}
+h2.first{margin-top:8px}
+.meta{color:#57606a;font-size:13px;margin:0}
+.headline{font-size:16px;margin:4px 0 6px}
+table{border-collapse:collapse;font-size:13.5px;margin:6px 0 4px;font-variant-numeric:tabular-nums}
+th,td{padding:4px 10px;white-space:nowrap;border-bottom:1px solid #d8dee4;text-align:left;vertical-align:top}
+th{background:#f3f5f7;font-weight:600}
+tr:nth-child(even) td{background:#fafbfc}
+.sure{font-weight:600;white-space:nowrap}
+.sure.clear{color:#0b5394}.sure.unclear{color:#7a4b00}
+.note{color:#57606a;font-size:12.5px;margin:2px 0 8px}
+.fallback{background:#fff4d6;border:1px solid #e0b300;padding:6px 10px;font-size:13px;margin:6px 0}
+.warn{background:#fdeceb;border:1px solid #d1242f;padding:6px 10px;font-size:13px;margin:6px 0}
+figure{margin:8px 0 4px}
+figure img{display:block;max-width:100%;height:auto}
+figcaption{color:#57606a;font-size:13px;margin-top:2px}
+details{margin:8px 0}summary{cursor:pointer;font-weight:600}
+.warnings summary{color:#9a3412;font-size:13.5px}.warnings li{font-size:13px}
+.scroll{overflow-x:auto}
+code{background:#f3f5f7;padding:0 3px;border-radius:3px}
+"""
+
+
+def html_report(result, unc: Uncertainty | None = None) -> str:
+    """The whole page as a string."""
+    unc = unc or uncertainty(result, "mse")
+    figs = {name: _png(fig) for name, fig in audit_figures(result, unc.intervals, "fallback" if unc.fallback else "").items()}
+    verdict = verdict_table(result, "mse", unc)
+    spec = result.spec
+    when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>fairrecon audit: {_e(spec.dataset)}</title>", f"<style>{CSS}</style></head><body><main>",
+        "<header><h1>fairrecon audit: which group does each loss favour?</h1>",
+        f'<p class="meta">{_e(describe_audit(result).replace("`", ""))} Numbers are {METRIC_LABELS["mse"]}, lower is better. '
+        f'{_e(_run_line(result))} Generated {when}.</p></header>',
+        '<h2 class="first" id="answer">Answer</h2>',
+        f'<p class="headline">{_e(headline(unc))}</p>',
+        _verdict_html(verdict),
+        f'<p class="{"fallback" if unc.fallback else "note"}">{_e(unc.method)}</p>',
+        _warnings_html(unc),
+        _failed_html(result),
+        _figure(figs, "group_error", "Each point is a group's mean error over seeds and test images; bars: 95% interval. "
+                "Panels have their own y scale so that the gap between groups is visible; compare losses in the table. "
+                "Overlapping bars do not rule out a gap: both groups share each seed's model, so read the gap's "
+                "own interval in the table."),
+    ]
+    if "grad_shares" in figs:
+        parts += ["<h2 id='gradients'>Gradient shares during training</h2>",
+                  _figure(figs, "grad_shares", "A group whose gradient share (solid) stays above its share of samples "
+                          "(dotted) pulls the updates towards itself: the loss spends its effort there.")]
+    parts += [
+        "<h2 id='distributions'>Error distributions</h2>",
+        _figure(figs, "error_distribution", "Per-image error averaged over seeds. A gap in the means can come from a "
+                "few hard images (long whisker) or from the whole group (shifted box)."),
+    ]
+    if "reconstructions" in figs:
+        parts += ["<h2 id='reconstructions'>Reconstructions</h2>",
+                  _figure(figs, "reconstructions", "The same held-out images under every loss. Stored as 8-bit images for "
+                          "display; the errors above use the full-precision reconstructions.")]
+    else:
+        parts += ["<h2 id='reconstructions'>Reconstructions</h2>",
+                  '<p class="note">This results folder has no examples.npz (saved by an older fairrecon), '
+                  "so there are no reconstructions or per-image brightness histograms to show.</p>"]
+    parts += ["<h2 id='groups'>The groups</h2>"]
+    if "brightness_contrast" in figs:
+        parts.append(_figure(figs, "brightness_contrast", "If the groups differ in contrast as well as brightness, "
+                             "a gap may be about contrast (easier images), not brightness."))
+    parts += [_table(result.groups, digits=4), "<h2 id='tables'>Tables</h2>",
+              "<h3>Per-group MSE per pixel: mean [95% interval]</h3>", _table(error_table(result, "mse", unc)),
+              "<h3>Gap of the worst group, all columns</h3>", _table(unc.disparities, digits=4),
+              "<h3>All metrics: mean over seeds (± std across seeds)</h3>", _table(result.by_group(), digits=4),
+              "<h3>Cells (one model per loss and seed)</h3>", _table(result.cells, digits=5),
+              "<details><summary>Audit spec (re-run with these values)</summary>",
+              _table(pd.DataFrame({"field": list(spec.to_dict()), "value": [str(v) for v in spec.to_dict().values()]})),
+              "</details>",
+              "</main></body></html>"]
+    return "\n".join(p for p in parts if p)
+
+
+def _verdict_html(verdict: pd.DataFrame) -> str:
+    df = verdict.copy()
+    body = _table(df)
+    for text in df.get("how sure", pd.Series(dtype=str)).unique():  # colour + words, never colour alone
+        cls = "clear" if text.startswith("clear") else "unclear"
+        body = body.replace(f"<td>{_e(text)}</td>", f'<td class="sure {cls}">{_e(text)}</td>')
+    return body
+
+
+def _warnings_html(unc: Uncertainty) -> str:
+    """The statistics' own warnings (few seeds, tiny groups, low power), folded so the first screen stays short."""
+    if unc.fallback or "warnings" not in unc.disparities:
+        return ""
+    rows = [(loss, str(w)) for loss, w in zip(unc.disparities["loss"], unc.disparities["warnings"]) if w and str(w) != "nan"]
+    if not rows:
+        return ""
+    items = "".join(f"<li><b>{_e(loss)}</b>: {_e(w)}</li>" for loss, w in rows)
+    return (f'<details class="warnings"><summary>Warnings from the statistics for {len(rows)} loss(es): '
+            f"read before trusting a verdict</summary><ul>{items}</ul></details>")
+
+
+def _failed_html(result) -> str:
+    failed = result.cells[result.cells["status"] != "ok"]
+    if failed.empty:
+        return ""
+    items = "".join(f"<li>{_e(r.loss)} seed {r.seed}: {_e(r.status)}</li>" for r in failed.itertuples())
+    return f'<div class="warn"><b>Failed cells, left out of every number above:</b><ul>{items}</ul></div>'
+
+
+def _run_line(result) -> str:
+    info = result.info or {}
+    total = (info.get("timings") or {}).get("total_s")
+    return (f"Ran on {info.get('device', '?')}" + (f" in {total:.1f} s" if total else "")
+            + f", fairrecon {info.get('fairrecon_version', '?')}.")
+
+
+def _figure(figs: dict[str, str], name: str, caption: str) -> str:
+    if name not in figs:
+        return ""
+    return (f'<figure id="fig-{name}"><img alt="{_e(name.replace("_", " "))}" src="data:image/png;base64,{figs[name]}">'
+            f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+
+def _table(df: pd.DataFrame, digits: int | None = None) -> str:
+    if digits is not None:
+        df = df.copy()
+        for c in df.columns:
+            if pd.api.types.is_float_dtype(df[c]):
+                df[c] = df[c].map(lambda v: "" if pd.isna(v) else f"{v:.{digits}g}")
+    return '<div class="scroll">' + df.to_html(index=False, border=0, escape=True, na_rep="") + "</div>"
+
+
+def _png(fig) -> str:
+    """A Figure as base64 PNG text."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi, metadata={"Software": None})
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _e(text) -> str:
+    return html.escape(str(text), quote=True)

@@ -1,0 +1,71 @@
+"""report.html in a real browser: `fairrecon audit --out` writes it, headless Chromium renders it offline.
+
+Skipped when no Chromium is installed, except under CI (env CI set), where its absence fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FAST, REPO
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> str:
+    for name in BROWSERS:
+        if path := shutil.which(name):
+            return path
+    if os.environ.get("CI"):
+        pytest.fail("CI must have Chromium to test report.html (apt-get install -y chromium)")
+    pytest.skip("no Chromium installed")
+
+
+@pytest.fixture(scope="module")
+def report_html(tmp_path_factory):
+    """A real small audit through the CLI, as a user runs it."""
+    folder = tmp_path_factory.mktemp("browser")
+    spec = folder / "fast.toml"
+    spec.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in FAST.items()))  # JSON scalars are TOML
+    out = folder / "results"
+    proc = subprocess.run([sys.executable, "-m", "fairrecon", "audit", str(spec), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "worst group" in proc.stdout and "\r" not in proc.stderr  # not a terminal: plain lines, no bars
+    return out / "report.html"
+
+
+def _run(browser: str, profile, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([browser, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_report_renders_in_chromium(browser, report_html, tmp_path):
+    url = report_html.resolve().as_uri()
+    shot = tmp_path / "report.png"
+    proc = _run(browser, tmp_path / "profile", "--window-size=1280,2000", f"--screenshot={shot}", url)
+    assert shot.exists(), proc.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.shape == (2000, 1280)
+    assert pixels.std() > 20  # not a blank page: text, tables and figures
+    assert pixels[:800].std() > 20  # and the first screen is not empty either
+
+    dom = _run(browser, tmp_path / "profile2", "--dump-dom", url).stdout
+    images = re.findall(r'<img[^>]+src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', dom)
+    assert len(images) >= 4  # group error, distributions, reconstructions, brightness/contrast
+    assert dom.count("<table") >= 5
+    for loss in ("l1", "l2", "log-mse", "learned-sigma"):
+        assert re.search(rf"<td>{re.escape(loss)}</td>", dom)
+    assert "how sure" in dom

@@ -1,0 +1,205 @@
+"""Reports: intervals and verdicts against independent computations, examples.npz, report.html, `fairrecon report`."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from scipy import stats as sps
+
+from conftest import FAST, REPO
+import fairrecon
+from fairrecon import run_audit
+from fairrecon.audit import train_config
+from fairrecon.data import load_images
+from fairrecon.figures import HATCHES, group_styles
+from fairrecon.groups import make_groups
+from fairrecon.html_report import html_report
+from fairrecon.measure import example_reconstructions
+from fairrecon.progress import Progress
+from fairrecon.report import _seed_t_fallback, markdown_report, uncertainty, verdict_table
+from fairrecon.results import AuditResult
+from fairrecon.spec import AuditSpec
+from fairrecon.train import Cell, train_cells
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A small real audit (digits, 3 seeds so the t interval exists), saved to a folder."""
+    out = tmp_path_factory.mktemp("audit")
+    result = run_audit(dataset="digits", **{**FAST, "seeds": 3}, out=str(out))
+    return result, out
+
+
+def test_examples_are_saved_small_and_round_trip(saved):
+    result, out = saved
+    path = out / "examples.npz"
+    assert path.exists() and path.stat().st_size < 300_000
+    loaded = AuditResult.load(out).examples
+    assert set(loaded) == set(result.examples)
+    for key, value in result.examples.items():
+        np.testing.assert_array_equal(loaded[key], value)
+
+
+def test_a_resumed_audit_keeps_its_examples(saved):
+    """Every cell is checkpointed in the folder: a rerun trains nothing and reads the examples back."""
+    result, out = saved
+    again = run_audit(dataset="digits", **{**FAST, "seeds": 3}, out=str(out))
+    assert again.info["resumed_cells"] == len(again.cells)
+    for key, value in result.examples.items():
+        np.testing.assert_array_equal(again.examples[key], value)
+
+
+def test_example_reconstructions_match_an_ordinary_module():
+    """uint8 originals and reconstructions equal each cell run as a plain nn.Module, to rounding."""
+    spec = AuditSpec(dataset="digits", **FAST)
+    data = make_groups(load_images("digits"), spec)
+    cells = [Cell(loss, seed) for loss in ("l1", "l2") for seed in (0, 1)]
+    trained = train_cells(data.train_x, data.train_g, cells, train_config(spec))
+    ex = example_reconstructions(trained.stacked, data, per_group=3)
+    assert list(ex["losses"]) == ["l1", "l2"] and int(ex["seed"]) == 0
+    pos = {int(i): k for k, i in enumerate(data.test_index)}
+    rows = [pos[int(i)] for i in ex["index"]]
+    assert (data.test_g[rows].numpy() == ex["group"]).all()
+    assert np.bincount(ex["group"]).tolist() == [3] * len(data.names)
+    x = data.test_x[rows]
+    assert np.abs(ex["images"].astype(int) - np.round(x.numpy() * 255)).max() <= 1
+    with torch.no_grad():
+        for k, c in enumerate([0, 2]):  # l1/seed0, l2/seed0
+            want = trained.stacked.module(c)(x).clamp(0, 1).numpy() * 255
+            assert np.abs(ex["recon"][k].astype(float) - want).max() <= 1.0
+    # per-image brightness and contrast agree with the groups' measured means
+    described = data.describe().query("split == 'test'")
+    for code, name in enumerate(data.names):
+        mine = ex["test_group"] == code
+        row = described[described["group"] == name].iloc[0]
+        assert ex["test_brightness"][mine].astype(float).mean() == pytest.approx(row["brightness"], abs=1e-3)
+        assert ex["test_contrast"][mine].astype(float).mean() == pytest.approx(row["contrast"], abs=1e-3)
+
+
+def test_fallback_intervals_are_t_intervals_over_seed_means(saved):
+    result, _ = saved
+    unc = _seed_t_fallback(result, "mse")
+    assert unc.fallback and "FALLBACK" in unc.method
+    df = result.samples
+    for row in unc.intervals.itertuples():
+        per_seed = df[(df["loss"] == row.loss) & (df["group"] == row.group)].groupby("seed")["mse"].mean().to_numpy()
+        low, high = sps.t.interval(0.95, len(per_seed) - 1, loc=per_seed.mean(), scale=sps.sem(per_seed))
+        assert (row.mean, row.ci_low, row.ci_high) == pytest.approx((per_seed.mean(), low, high), rel=1e-9)
+        assert row.seeds == 3 and row.n == (df["group"] == row.group).sum() / (3 * df["loss"].nunique())
+    for d in unc.disparities.itertuples():
+        wide = df[df["loss"] == d.loss].groupby(["seed", "group"], observed=True)["mse"].mean().unstack()
+        assert d.reference == str(wide.mean().idxmin()) and d.worst == str(wide.mean().idxmax())
+        gaps = (wide[d.worst] - wide[d.reference]).to_numpy()
+        assert d.gap == pytest.approx(gaps.mean())
+        assert d.p_value == pytest.approx(sps.ttest_1samp(gaps, 0.0).pvalue)
+
+
+def test_uncertainty_prefers_stats_and_falls_back_without_it(saved, monkeypatch):
+    result, _ = saved
+    fake = types.ModuleType("fairrecon.stats")
+    fake.group_intervals = lambda r, m: pd.DataFrame({"loss": ["sentinel"]})
+    fake.disparities = lambda r, m: pd.DataFrame({"loss": ["sentinel"]})
+    monkeypatch.setitem(sys.modules, "fairrecon.stats", fake)
+    monkeypatch.setattr(fairrecon, "stats", fake, raising=False)
+    unc = uncertainty(result, "mse")
+    assert not unc.fallback and unc.intervals["loss"].tolist() == ["sentinel"]
+    monkeypatch.setitem(sys.modules, "fairrecon.stats", None)  # import now raises ImportError
+    monkeypatch.delattr(fairrecon, "stats")
+    assert uncertainty(result, "mse").fallback
+
+
+def test_verdict_names_the_lowest_and_highest_error_group(saved):
+    result, _ = saved
+    bg = result.by_group()
+    table = verdict_table(result, "mse").set_index("loss")
+    for loss, part in bg.groupby("loss"):
+        assert table.loc[loss, "favours"] == str(part.loc[part["mse"].idxmin(), "group"])
+        assert table.loc[loss, "worse group"] == str(part.loc[part["mse"].idxmax(), "group"])
+    md = markdown_report(result)
+    assert all(f"| {loss} |" in md for loss in result.spec.losses)
+
+
+def _images(page: str) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(base64.b64decode(b64))) for b64 in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+
+
+def test_html_is_self_contained_with_every_figure(saved):
+    result, _ = saved
+    shares = pd.DataFrame([{"loss": loss, "seed": s, "step": step, "epoch": 1, "group": g, "sample_share": 0.5,
+                            "projection_share": 0.5 + (0.1 if g == "0.3" else -0.1), "norm_share": 0.5, "output_share": 0.5}
+                           for loss in result.spec.losses for s in range(2) for step in (0, 5, 10) for g in ("0.3", "0.9")])
+    result.grad_shares = shares  # as the gradient-share measurement will attach them
+    try:
+        page = html_report(result)
+    finally:
+        del result.grad_shares
+    assert not re.search(r"<script|<link|@import|url\(|https?:", page, re.I)
+    sources = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    images = _images(page)
+    assert len(images) == 5  # group error, gradient shares, distributions, reconstructions, brightness/contrast
+    assert all(im.format == "PNG" and 1000 <= im.width <= 1400 for im in images)
+    assert page.index('id="answer"') < page.index("<table") < page.index('id="fig-group_error"')
+
+
+def test_cli_report_rerenders_from_saved_results(saved, tmp_path):
+    _, out = saved
+    proc = subprocess.run([sys.executable, "-m", "fairrecon", "report", str(out), "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    page = (tmp_path / "report.html").read_text()
+    assert len(_images(page)) == 4 and "worse group" in page
+    assert (tmp_path / "report.md").read_text().startswith("# fairrecon audit")
+    assert "worst group" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "fairrecon", "report", str(tmp_path / "nothing")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a fairrecon results folder" in bad.stderr
+
+
+def test_groups_separate_without_colour():
+    styles = group_styles(["a", "b", "c", "d"])
+    for attr in ("color", "marker", "hatch"):
+        assert len({getattr(s, attr) for s in styles.values()}) == 4
+    assert len({str(s.linestyle) for s in styles.values()}) == 4
+    assert {s.hatch for s in styles.values()} <= set(HATCHES)
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_plain_lines_when_not_a_terminal():
+    stream = io.StringIO()
+    with Progress(stream=stream) as p:
+        for chunk in (1, 2, 3):
+            for e in range(1, 41):
+                p.on_epoch(e, 40, chunk, 3)
+    lines = stream.getvalue().splitlines()
+    assert 10 <= len(lines) <= 11 and all("ETA" in line for line in lines) and "\r" not in stream.getvalue()
+    assert lines[-1].startswith("[fairrecon] chunk 3/3, epoch 40/40 (100% of training)")
+
+
+def test_progress_bars_on_a_terminal_and_nothing_when_quiet():
+    tty = _Tty()
+    with Progress(stream=tty) as p:
+        for chunk in (1, 2):
+            for e in range(1, 6):
+                p.on_epoch(e, 5, chunk, 2)
+    text = tty.getvalue()
+    assert "\r" in text and "overall" in text and "10/10" in text and "chunk 2/2" in text
+    quiet = _Tty()
+    with Progress(stream=quiet, quiet=True) as p:
+        p.log("hello")
+        p.on_epoch(1, 1)
+    assert quiet.getvalue() == ""
