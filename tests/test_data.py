@@ -48,5 +48,5 @@ def test_image_folder_reads_pngs_and_rejects_mixed_sizes(tmp_path):
     both = torch.cat([images.train, images.test])[torch.cat([images.train_index, images.test_index]).argsort()]
     torch.testing.assert_close(both.flatten(1).mean(1), torch.arange(5) * 50 / 255.0)
     write_png(torch.zeros((1, 5, 4), dtype=torch.uint8), str(tmp_path / "odd.png"))
-    with pytest.raises(UserError, match="odd.png: shape"):
+    with pytest.raises(UserError, match=r"odd.png: 4x5 grey differs from 0.png 4x4 grey"):
         load_folder(tmp_path)
