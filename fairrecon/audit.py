@@ -21,6 +21,7 @@ import torch
 from . import __version__
 from .data import load_images
 from .errors import UserError
+from .gradshare import GradShareRecorder
 from .groups import make_groups
 from .losses import get_loss
 from .measure import sample_errors, train_mse
@@ -70,7 +71,8 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
     cells = [Cell(loss, seed) for loss in spec.losses for seed in range(spec.seeds)]
     config = train_config(spec)
     log(f"training {len(cells)} cells ({len(spec.losses)} losses x {spec.seeds} seeds) on {device}")
-    trained = train_cells(data.train_x, data.train_g, cells, config, device,
+    recorder = GradShareRecorder(data.names) if spec.grad_points > 0 else None
+    trained = train_cells(data.train_x, data.train_g, cells, config, device, on_snapshot=recorder,
                           on_epoch=lambda e, n: log(f"epoch {e}/{n}"))
     timings["train_s"] = trained.seconds
 
@@ -92,7 +94,8 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
         "threads": torch.get_num_threads(), "contrast_factor": data.contrast_factor,
         "train_config": asdict(config), "timings": timings,
     }
-    result = AuditResult(spec, samples, cell_table, described, trained.history, info)
+    result = AuditResult(spec, samples, cell_table, described, trained.history, info,
+                         grad_shares=recorder.frame() if recorder else None)
     if spec.out:
         result.save(spec.out)
     return result

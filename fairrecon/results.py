@@ -5,6 +5,7 @@ Files in a results folder (all written atomically: a crash never leaves half a f
   cells.csv     one row per (loss, seed): status, learned sigma, training MSE and NLL
   groups.csv    measured brightness and contrast per split and group
   history.csv   training NLL and MSE per cell and epoch
+  grad_shares.csv  (when grad_points > 0) per snapshot, cell and group: who drives the updates (gradshare.py)
   summary.json  spec, versions, per-(loss, group) means over seeds, the above in brief, timings
   report.md     a short table for pull requests
 """
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
+from .gradshare import share_summary
 from .spec import AuditSpec
 
 METRICS = ("mse", "mae", "psnr")
@@ -36,6 +38,7 @@ class AuditResult:
     groups: pd.DataFrame
     history: pd.DataFrame
     info: dict[str, Any] = field(default_factory=dict)  # versions, device, timings
+    grad_shares: pd.DataFrame | None = None  # gradient shares per snapshot, cell and group (optional)
 
     @property
     def ok_samples(self) -> pd.DataFrame:
@@ -59,6 +62,7 @@ class AuditResult:
         return agg.reset_index()
 
     def summary(self) -> dict[str, Any]:
+        extra = {"grad_shares": _records(share_summary(self.grad_shares))} if self.grad_shares is not None else {}
         return {
             "fairrecon_version": self.info.get("fairrecon_version"),
             "spec": self.spec.to_dict(),
@@ -66,6 +70,7 @@ class AuditResult:
             "groups": _records(self.groups),
             "cells": _records(self.cells),
             "by_group": _records(self.by_group()),
+            **extra,
         }
 
     def save(self, out: str | Path) -> Path:
@@ -77,6 +82,8 @@ class AuditResult:
             out.mkdir(parents=True, exist_ok=True)
             for name in TABLES:
                 atomic_write(out / f"{name}.csv", getattr(self, name).to_csv(index=False))
+            if self.grad_shares is not None:
+                atomic_write(out / "grad_shares.csv", self.grad_shares.to_csv(index=False))
             atomic_write(out / "summary.json", json.dumps(self.summary(), indent=2, default=_json_default) + "\n")
             atomic_write(out / "report.md", markdown_report(self))
         except OSError as e:
@@ -98,6 +105,12 @@ class AuditResult:
         tables["samples"]["group"] = pd.Categorical(tables["samples"]["group"].astype(str),
                                                     categories=_group_order(tables["groups"]))
         tables["groups"]["group"] = tables["groups"]["group"].astype(str)
+        shares = folder / "grad_shares.csv"
+        if shares.exists():
+            try:
+                tables["grad_shares"] = pd.read_csv(shares, dtype={"group": str})
+            except (OSError, ValueError) as e:
+                raise UserError(f"{shares}: cannot read gradient shares ({e})") from None
         info = {"fairrecon_version": summary.get("fairrecon_version"), **summary.get("info", {})}
         return cls(spec, info=info, **tables)
 
