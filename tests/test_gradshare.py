@@ -74,10 +74,10 @@ def test_group_gradients_equal_summed_per_sample_gradients(loss):
             member = (group[c] == g).float()
             for name, per_sample in per_sample_p.items():
                 want = torch.einsum("b,b...->...", member, per_sample) / b
-                torch.testing.assert_close(got.params[name][g, c], want, rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(got.params[name][c, g], want, rtol=1e-4, atol=1e-6)
             want_ls = (member * per_sample_ls).sum() / b
-            torch.testing.assert_close(got.log_sigma[g, c], want_ls, rtol=1e-4, atol=1e-6)
-            assert got.count[g, c] == member.sum()
+            torch.testing.assert_close(got.log_sigma[c, g], want_ls, rtol=1e-4, atol=1e-6)
+            assert got.count[c, g] == member.sum()
     if loss == "learned-sigma":
         assert got.log_sigma.abs().min() > 0  # the learned sigma really is part of the measured parameters
     else:
@@ -89,17 +89,17 @@ def test_shares_sum_to_one_and_projection_matches_flat_gradients():
     stacked = stacked_cells(cells)
     x, group = make_batch(len(cells))
     got = group_gradients(stacked, x, group, 3)
-    shares = got.shares()  # (4, G, C)
-    torch.testing.assert_close(shares.sum(1), torch.ones(4, len(cells)))
+    shares = got.shares()  # (4, C, G)
+    torch.testing.assert_close(shares.sum(2), torch.ones(4, len(cells)))
     # projection and norm shares from plainly flattened gradient vectors
-    flat = torch.cat([g.flatten(2) for g in got.params.values()] + [got.log_sigma[..., None]], dim=2)  # (G, C, P)
-    total = flat.sum(0)
+    flat = torch.cat([g.flatten(2) for g in got.params.values()] + [got.log_sigma[..., None]], dim=2)  # (C, G, P)
+    total = flat.sum(1)
     for c in range(len(cells)):
-        proj = flat[:, c] @ total[c] / total[c].dot(total[c])
-        norms = flat[:, c].norm(dim=1)
-        torch.testing.assert_close(shares[SHARES.index("projection_share"), :, c], proj, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(shares[SHARES.index("norm_share"), :, c], norms / norms.sum(), rtol=1e-4, atol=1e-6)
-    counts = torch.stack([(group == g).sum(1) for g in range(3)]).float()
+        proj = flat[c] @ total[c] / total[c].dot(total[c])
+        norms = flat[c].norm(dim=1)
+        torch.testing.assert_close(shares[SHARES.index("projection_share"), c], proj, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(shares[SHARES.index("norm_share"), c], norms / norms.sum(), rtol=1e-4, atol=1e-6)
+    counts = torch.stack([(group == g).sum(1) for g in range(3)], dim=1).float()
     torch.testing.assert_close(shares[SHARES.index("sample_share")], counts / group.shape[1])
 
 
@@ -114,7 +114,7 @@ def test_output_shares_closed_forms():
     with torch.no_grad():
         x_hat = stacked.forward(x)
     assert torch.all(x_hat == 0)
-    output = group_gradients(stacked, x, group, 3).shares()[SHARES.index("output_share")]  # (G, C)
+    output = group_gradients(stacked, x, group, 3).shares()[SHARES.index("output_share")].T  # (G, C)
     residual = (x_hat - x).flatten(2)
     members = torch.stack([group == g for g in range(3)]).float()  # (G, C, B)
     sse = (members * residual.pow(2).sum(-1)).sum(-1)
@@ -131,7 +131,7 @@ def test_output_shares_of_shared_sigma_losses_match_l2_on_a_trained_model():
     cells = [Cell(loss, 0) for loss in ("l2", "log-mse", "learned-sigma")]
     stacked = stacked_cells(cells, log_sigma=-2.0)
     x, group = make_batch(len(cells), seed=3)
-    output = group_gradients(stacked, x, group, 3).shares()[SHARES.index("output_share")]
+    output = group_gradients(stacked, x, group, 3).shares()[SHARES.index("output_share")].T  # (G, C)
     x_hat = stacked.forward(x).detach()
     members = torch.stack([group == g for g in range(3)]).float()
     sse = (members * (x_hat - x).flatten(2).pow(2).sum(-1)).sum(-1)  # (G, C), each cell on its own batch
