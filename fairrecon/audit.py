@@ -22,6 +22,7 @@ import torch
 from . import __version__
 from .data import load_images
 from .errors import UserError
+from .gradshare import GradShareRecorder
 from .groups import GroupedData, make_groups
 from .losses import get_loss
 from .measure import example_reconstructions, sample_errors, train_mse
@@ -117,8 +118,10 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
         "threads": torch.get_num_threads(), "contrast_factor": data.contrast_factor,
         "train_config": asdict(config), "resumed_cells": len(cells) - sum(map(len, todo)), "timings": timings,
     }
+    shares = [tables[c]["grad_shares"] for c in cells if "grad_shares" in tables[c]]
     result = AuditResult(spec, samples, cell_table, described, history, info,
-                         examples=examples or (load_examples(spec.out) if spec.out else None))
+                         examples=examples or (load_examples(spec.out) if spec.out else None),
+                         grad_shares=_concat(shares) if len(shares) == len(cells) else None)
     if spec.out:
         result.save(spec.out)
     return result
@@ -144,8 +147,10 @@ def train_chunk(data: GroupedData, chunk: list[Cell], config: TrainConfig, devic
 
     `on_trained(stacked)` sees the trained chunk before it is dropped (to keep example reconstructions).
     """
-    trained = train_cells(data.train_x, data.train_g, chunk, config, device,
+    recorder = GradShareRecorder(data.names) if config.grad_points > 0 else None
+    trained = train_cells(data.train_x, data.train_g, chunk, config, device, on_snapshot=recorder,
                           on_epoch=on_epoch or (lambda e, n: log(f"epoch {e}/{n}")))
+    shares = _float64(recorder.frame()) if recorder is not None else None
     timings["train_s"] += trained.seconds
     t1 = time.perf_counter()
     samples = _float64(sample_errors(trained.stacked, data, device))
@@ -170,6 +175,8 @@ def train_chunk(data: GroupedData, chunk: list[Cell], config: TrainConfig, devic
             }),
             "history": own_history,
         }
+        if shares is not None:  # checkpointed with the cell like its other tables
+            out[cell]["grad_shares"] = shares[(shares["loss"] == cell.loss) & (shares["seed"] == cell.seed)].reset_index(drop=True)
     timings["measure_s"] += time.perf_counter() - t1
     return out
 

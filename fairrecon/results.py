@@ -5,6 +5,7 @@ Files in a results folder (all written atomically: a crash never leaves half a f
   cells.csv     one row per (loss, seed): status, learned sigma, training MSE and NLL
   groups.csv    measured brightness and contrast per split and group
   history.csv   training NLL and MSE per cell and epoch
+  grad_shares.csv  (when grad_points > 0) per snapshot, cell and group: who drives the updates (gradshare.py)
   summary.json  spec, versions, per-(loss, group) means over seeds, the above in brief, timings
   examples.npz  a few test images per group with each loss's reconstruction (uint8), for the report
   report.md     a short table for pull requests (report.html: written by `fairrecon audit --out` / `report`)
@@ -24,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
+from .gradshare import share_summary
 from .spec import AuditSpec
 
 METRICS = ("mse", "mae", "psnr")
@@ -40,6 +42,7 @@ class AuditResult:
     history: pd.DataFrame
     info: dict[str, Any] = field(default_factory=dict)  # versions, device, timings
     examples: dict[str, np.ndarray] | None = None  # measure.example_reconstructions; None when not kept
+    grad_shares: pd.DataFrame | None = None  # gradient shares per snapshot, cell and group (optional)
 
     @property
     def ok_samples(self) -> pd.DataFrame:
@@ -63,6 +66,7 @@ class AuditResult:
         return agg.reset_index()
 
     def summary(self) -> dict[str, Any]:
+        extra = {"grad_shares": _records(share_summary(self.grad_shares))} if self.grad_shares is not None else {}
         return {
             "fairrecon_version": self.info.get("fairrecon_version"),
             "spec": self.spec.to_dict(),
@@ -71,6 +75,7 @@ class AuditResult:
             "cells": _records(self.cells),
             "by_group": _records(self.by_group()),
             "disparities": self._disparities(),
+            **extra,
         }
 
     def _disparities(self) -> list[dict[str, Any]] | dict[str, str]:
@@ -91,6 +96,8 @@ class AuditResult:
             out.mkdir(parents=True, exist_ok=True)
             for name in TABLES:
                 atomic_write(out / f"{name}.csv", getattr(self, name).to_csv(index=False))
+            if self.grad_shares is not None:
+                atomic_write(out / "grad_shares.csv", self.grad_shares.to_csv(index=False))
             atomic_write(out / "summary.json", json.dumps(self.summary(), indent=2, default=_json_default) + "\n")
             if self.examples is not None:
                 atomic_write_bytes(out / EXAMPLES_FILE, npz_bytes(self.examples))
@@ -114,6 +121,12 @@ class AuditResult:
         tables["samples"]["group"] = pd.Categorical(tables["samples"]["group"].astype(str),
                                                     categories=_group_order(tables["groups"]))
         tables["groups"]["group"] = tables["groups"]["group"].astype(str)
+        shares = folder / "grad_shares.csv"
+        if shares.exists():
+            try:
+                tables["grad_shares"] = pd.read_csv(shares, dtype={"group": str})
+            except (OSError, ValueError) as e:
+                raise UserError(f"{shares}: cannot read gradient shares ({e})") from None
         info = {"fairrecon_version": summary.get("fairrecon_version"), **summary.get("info", {})}
         return cls(spec, info=info, examples=load_examples(folder), **tables)
 

@@ -1,0 +1,140 @@
+"""Gradient shares: which group's samples drive the weight updates, measured during training.
+
+Every loss here is a per-sample NLL and the batch loss of a cell is L = sum_i nll_i / B,
+so L splits exactly into one additive part per group, L = sum_g L_g (for log-mse the batch
+MSE is held fixed inside each sample's term, see losses.py). Three views of who drives
+an update, each a share that sums to 1 over the groups:
+
+  projection  <grad L_g, grad L> / ||grad L||^2   how much of the actual step comes from g
+                                                  (parameter space; can be < 0 or > 1)
+  norm        ||grad L_g|| / sum_h ||grad L_h||   how hard g pulls, whatever the direction
+  output      sum_{i in g} ||dL/dx_hat_i||^2 / sum_i ||dL/dx_hat_i||^2
+                                                  how loud g's residuals are to the loss
+                                                  (L2: SSE_g / SSE; L1: g's count of
+                                                  nonzero residual pixels / the total)
+
+Parameters are all weights plus log sigma (which only learned-sigma uses). Set beside
+`sample_share` (g's share of the batch): share / sample_share > 1 means the updates serve
+g more than its headcount.
+
+Cost: about one training step per snapshot, for all cells and groups at once (see
+group_gradients); at the default 20 snapshots per cell that is a few % of training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from .losses import get_loss
+from .train import Snapshot, StackedCells
+
+SHARES = ("sample_share", "projection_share", "norm_share", "output_share")
+
+
+@dataclass
+class GroupGradients:
+    """Per-group gradients of every cell's batch loss on one batch; C cells, G groups."""
+
+    params: dict[str, torch.Tensor]  # name -> (C, G, ...): grad of cell c's L_g wrt its weights
+    log_sigma: torch.Tensor  # (C, G): grad of cell c's L_g wrt its log sigma (0 unless learned)
+    output: torch.Tensor  # (C, G): sum over g's samples of ||dL/dx_hat_i||^2
+    count: torch.Tensor  # (C, G): g's samples in cell c's batch
+
+    def gram(self) -> torch.Tensor:
+        """(C, G, G): <grad L_g, grad L_h> per cell, over weights and log sigma together."""
+        gram = self.log_sigma[:, :, None] * self.log_sigma[:, None, :]
+        for w in self.params.values():
+            flat = w.flatten(2)  # (C, G, P), contiguous: one batched matmul, no copy
+            gram = gram + torch.bmm(flat, flat.transpose(1, 2))
+        return gram
+
+    def shares(self) -> torch.Tensor:
+        """(4, C, G) in the order of SHARES: sample, projection, norm and output share."""
+        gram = self.gram()
+        projection = gram.sum(2) / gram.sum((1, 2))[:, None]
+        norm = torch.diagonal(gram, dim1=1, dim2=2).clamp_min(0).sqrt()  # (C, G)
+        return torch.stack([self.count / self.count.sum(1, keepdim=True), projection,
+                            norm / norm.sum(1, keepdim=True), self.output / self.output.sum(1, keepdim=True)])
+
+
+def group_gradients(stacked: StackedCells, x: torch.Tensor, group: torch.Tensor, n_groups: int) -> GroupGradients:
+    """Per-group gradients of each cell's batch loss on its batch x (C, B, ...), group codes (C, B).
+
+    One forward and one backward for all groups: each cell's batch is split into G
+    sub-batches (padded to a common size K), sub-batch g runs through its own copy of the
+    cell's weights, and the outputs are put back in batch order before the loss. So the
+    loss is exactly the training loss (log-mse's batch MSE included), and the gradient
+    reaching copy g is grad L_g. Uses torch.autograd.grad only: the parameters, their
+    .grad and the optimizer state are untouched.
+    """
+    n_cells, b = group.shape
+    device = group.device
+    masks = torch.nn.functional.one_hot(group, n_groups).transpose(1, 2)  # (C, G, B)
+    count = masks.sum(-1)  # (C, G)
+    rank = (masks.cumsum(-1) - 1).gather(1, group[:, None]).squeeze(1)  # (C, B): place of each sample in its group
+    k = int(count.max())
+    slots = torch.zeros(n_cells, n_groups, k + 1, dtype=torch.long, device=device)  # slot k collects the rest
+    slots.scatter_(2, torch.where(masks.bool(), rank[:, None], k), torch.arange(b, device=device).expand_as(masks))
+    slots = slots[..., :k]  # (C, G, K) sample index; padding repeats sample 0 and gets no gradient
+    cell = torch.arange(n_cells, device=device)
+    with torch.enable_grad():
+        copies = {n: p.repeat_interleave(n_groups, dim=0) for n, p in stacked.params.items()}  # (C*G, ...)
+        x_sub = x[cell[:, None, None], slots].flatten(0, 1)  # (C*G, K, ...)
+        x_hat_sub = stacked.forward(x_sub, copies).unflatten(0, (n_cells, n_groups))  # (C, G, K, ...)
+        x_hat = x_hat_sub[cell[:, None], group, rank]  # (C, B, ...), back in batch order
+        nll = stacked.per_sample_nll(x, x_hat)  # (C, B)
+        out_grad, *weights = torch.autograd.grad(nll.sum() / b, [x_hat, *copies.values()], retain_graph=True)
+        log_sigma = torch.zeros(n_cells, n_groups, dtype=nll.dtype, device=device)
+        if any(get_loss(c.loss).learns_sigma for c in stacked.cells):
+            for g in range(n_groups):  # through the loss only: cheap
+                (ls,) = torch.autograd.grad(nll, stacked.log_sigma, grad_outputs=masks[:, g].to(nll.dtype) / b,
+                                            retain_graph=g < n_groups - 1, allow_unused=True)
+                if ls is not None:
+                    log_sigma[:, g] = ls
+    output = (masks * out_grad.flatten(2).pow(2).sum(-1)[:, None]).sum(-1)
+    weights = [w.unflatten(0, (n_cells, n_groups)) for w in weights]
+    return GroupGradients(dict(zip(copies, weights)), log_sigma, output, count.to(nll.dtype))
+
+
+class GradShareRecorder:
+    """An `on_snapshot` hook for train_cells that records gradient shares; `.frame()` gives them.
+
+    Shares stay on the training device until `.frame()` (one small host sync per snapshot).
+    """
+
+    def __init__(self, group_names: Sequence[str]):
+        self.group_names = tuple(str(n) for n in group_names)
+        self._records: list[tuple[int, int, list, torch.Tensor]] = []
+
+    def __call__(self, snap: Snapshot) -> None:
+        grads = group_gradients(snap.stacked, snap.x, snap.group, len(self.group_names))
+        self._records.append((snap.step, snap.epoch, list(snap.stacked.cells), grads.shares()))
+
+    def frame(self) -> pd.DataFrame:
+        """One row per (snapshot, cell, group): loss, seed, step, epoch, group and the four shares."""
+        rows = []
+        for step, epoch, cells, shares in self._records:
+            values = shares.cpu().tolist()  # [share][cell][group]
+            for c, cell in enumerate(cells):
+                for g, name in enumerate(self.group_names):
+                    rows.append({"loss": cell.loss, "seed": cell.seed, "step": step, "epoch": epoch + 1,
+                                 "group": name, **{s: values[k][c][g] for k, s in enumerate(SHARES)}})
+        return pd.DataFrame(rows, columns=["loss", "seed", "step", "epoch", "group", *SHARES])
+
+
+def share_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (loss, group): the mean of each share over seeds and snapshots, and of share / sample_share."""
+    df = frame.copy()
+    headcount = df["sample_share"].where(df["sample_share"] > 0)
+    ratios = []
+    for s in SHARES[1:]:
+        name = s.replace("_share", "_ratio")
+        df[name] = df[s] / headcount
+        ratios.append(name)
+    out = df.groupby(["loss", "group"], sort=False)[[*SHARES, *ratios]].mean()
+    out.insert(0, "snapshots", df.groupby(["loss", "group"], sort=False).size())
+    return out.reset_index()

@@ -1,0 +1,176 @@
+"""Gradient shares against independent computations: torch.func per-sample gradients,
+closed forms for the output-space share, and training left untouched by the recorder."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+from fairrecon.audit import run_audit
+from fairrecon.gradshare import SHARES, GradShareRecorder, group_gradients
+from fairrecon.losses import LOSSES
+from fairrecon.results import AuditResult
+from fairrecon.train import Cell, TrainConfig, init_cells, train_cells
+
+from conftest import FAST
+
+CONFIG = TrainConfig(latent=4, hidden=16, sigma_floor=1e-3)
+SHAPE = (1, 6, 6)
+LOSS_NAMES = ("l1", "l2", "log-mse", "learned-sigma")
+
+
+def make_batch(n_cells: int, b: int = 24, n_groups: int = 3, seed: int = 0):
+    """Images in [0, 1] with a third of the pixels exactly 0, and uneven group codes per cell."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand((n_cells, b) + SHAPE, generator=gen)
+    x = torch.where(torch.rand(x.shape, generator=gen) < 0.33, torch.zeros_like(x), x)
+    group = torch.randint(0, n_groups, (n_cells, b), generator=gen)
+    return x, group
+
+
+def stacked_cells(cells, log_sigma: float = -1.3):
+    stacked = init_cells(cells, SHAPE, CONFIG, torch.device("cpu"))
+    with torch.no_grad():
+        stacked.log_sigma.fill_(log_sigma)  # above the floor, so learned-sigma's sigma gets a gradient
+    return stacked
+
+
+def independent_nll(loss: str, r: torch.Tensor, log_sigma: torch.Tensor, batch_mse: torch.Tensor) -> torch.Tensor:
+    """One sample's NLL up to constants, written from the likelihoods, r = x_hat - x (M,)."""
+    if loss == "l1":
+        return r.abs().sum()
+    if loss == "l2":
+        return 0.5 * r.pow(2).sum()
+    if loss == "log-mse":  # the batch MSE is a fixed common weight (losses.py)
+        return 0.5 * r.pow(2).sum() / batch_mse
+    sigma = log_sigma.clamp_min(math.log(CONFIG.sigma_floor)).exp()
+    return (0.5 * r.pow(2) / sigma**2 + torch.log(sigma)).sum()
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_group_gradients_equal_summed_per_sample_gradients(loss):
+    cells = [Cell(loss, 0), Cell(loss, 1)]
+    stacked = stacked_cells(cells)
+    x, group = make_batch(len(cells))
+    n_groups, b = 3, x.shape[1]
+    got = group_gradients(stacked, x, group, n_groups)
+    for c in range(len(cells)):
+        module = stacked.module(c)
+        params = {k: v.detach() for k, v in module.named_parameters()}
+        log_sigma = stacked.log_sigma[c].detach()
+        with torch.no_grad():
+            batch_mse = (module(x[c]) - x[c]).pow(2).mean()
+
+        def one(p, ls, xi):
+            x_hat = functional_call(module, p, (xi[None],))[0]
+            return independent_nll(loss, (x_hat - xi).flatten(), ls, batch_mse)
+
+        per_sample_p, per_sample_ls = vmap(grad(one, argnums=(0, 1)), in_dims=(None, None, 0))(params, log_sigma, x[c])
+        for g in range(n_groups):
+            member = (group[c] == g).float()
+            for name, per_sample in per_sample_p.items():
+                want = torch.einsum("b,b...->...", member, per_sample) / b
+                torch.testing.assert_close(got.params[name][c, g], want, rtol=1e-4, atol=1e-6)
+            want_ls = (member * per_sample_ls).sum() / b
+            torch.testing.assert_close(got.log_sigma[c, g], want_ls, rtol=1e-4, atol=1e-6)
+            assert got.count[c, g] == member.sum()
+    if loss == "learned-sigma":
+        assert got.log_sigma.abs().min() > 0  # the learned sigma really is part of the measured parameters
+    else:
+        assert torch.all(got.log_sigma == 0)
+
+
+def test_shares_sum_to_one_and_projection_matches_flat_gradients():
+    cells = [Cell(loss, s) for loss in LOSS_NAMES for s in range(2)]
+    stacked = stacked_cells(cells)
+    x, group = make_batch(len(cells))
+    got = group_gradients(stacked, x, group, 3)
+    shares = got.shares()  # (4, C, G)
+    torch.testing.assert_close(shares.sum(2), torch.ones(4, len(cells)))
+    # projection and norm shares from plainly flattened gradient vectors
+    flat = torch.cat([g.flatten(2) for g in got.params.values()] + [got.log_sigma[..., None]], dim=2)  # (C, G, P)
+    total = flat.sum(1)
+    for c in range(len(cells)):
+        proj = flat[c] @ total[c] / total[c].dot(total[c])
+        norms = flat[c].norm(dim=1)
+        torch.testing.assert_close(shares[SHARES.index("projection_share"), c], proj, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(shares[SHARES.index("norm_share"), c], norms / norms.sum(), rtol=1e-4, atol=1e-6)
+    counts = torch.stack([(group == g).sum(1) for g in range(3)], dim=1).float()
+    torch.testing.assert_close(shares[SHARES.index("sample_share")], counts / group.shape[1])
+
+
+def test_output_shares_closed_forms():
+    cells = [Cell(loss, 0) for loss in LOSS_NAMES]
+    stacked = stacked_cells(cells, log_sigma=0.7)
+    with torch.no_grad():  # the last layer outputs exactly 0, so residual pixels are exactly 0 where x is
+        for name in ("decoder.2.weight", "decoder.2.bias"):
+            stacked.params[name].zero_()
+    x, group = make_batch(1)
+    x, group = x.expand(len(cells), *x.shape[1:]), group.expand(len(cells), -1)  # one batch for every cell
+    with torch.no_grad():
+        x_hat = stacked.forward(x)
+    assert torch.all(x_hat == 0)
+    output = group_gradients(stacked, x, group, 3).shares()[SHARES.index("output_share")].T  # (G, C)
+    residual = (x_hat - x).flatten(2)
+    members = torch.stack([group == g for g in range(3)]).float()  # (G, C, B)
+    sse = (members * residual.pow(2).sum(-1)).sum(-1)
+    nonzero = (members * (residual != 0).sum(-1)).sum(-1)
+    col = {loss: i for i, loss in enumerate(LOSS_NAMES)}
+    torch.testing.assert_close(output[:, col["l2"]], sse[:, col["l2"]] / sse[:, col["l2"]].sum())
+    torch.testing.assert_close(output[:, col["l1"]], nonzero[:, col["l1"]] / nonzero[:, col["l1"]].sum())
+    assert not torch.allclose(output[:, col["l1"]], output[:, col["l2"]])  # the two closed forms differ here
+    for loss in ("log-mse", "learned-sigma"):  # a sigma shared by the batch rescales every residual alike
+        torch.testing.assert_close(output[:, col[loss]], output[:, col["l2"]])
+
+
+def test_output_shares_of_shared_sigma_losses_match_l2_on_a_trained_model():
+    cells = [Cell(loss, 0) for loss in ("l2", "log-mse", "learned-sigma")]
+    stacked = stacked_cells(cells, log_sigma=-2.0)
+    x, group = make_batch(len(cells), seed=3)
+    output = group_gradients(stacked, x, group, 3).shares()[SHARES.index("output_share")].T  # (G, C)
+    x_hat = stacked.forward(x).detach()
+    members = torch.stack([group == g for g in range(3)]).float()
+    sse = (members * (x_hat - x).flatten(2).pow(2).sum(-1)).sum(-1)  # (G, C), each cell on its own batch
+    for c in range(3):
+        torch.testing.assert_close(output[:, c], sse[:, c] / sse[:, c].sum())
+
+
+def test_recorder_leaves_training_unchanged():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand((90,) + SHAPE, generator=gen)
+    group = torch.randint(0, 2, (90,), generator=gen)
+    cells = [Cell(loss, s) for loss in LOSS_NAMES for s in range(2)]
+    config = TrainConfig(latent=4, hidden=16, epochs=3, batch_size=32, grad_points=5)
+    plain = train_cells(x, group, cells, config)
+    recorder = GradShareRecorder(["a", "b"])
+    recorded = train_cells(x, group, cells, config, on_snapshot=recorder)
+    for name, value in plain.stacked.params.items():
+        assert torch.equal(value, recorded.stacked.params[name]), name
+    assert torch.equal(plain.stacked.log_sigma, recorded.stacked.log_sigma)
+    pd.testing.assert_frame_equal(plain.history, recorded.history)
+    frame = recorder.frame()
+    assert len(frame) == 5 * len(cells) * 2
+    assert frame["step"].nunique() == 5 and set(frame["group"]) == {"a", "b"}
+    sums = frame.groupby(["loss", "seed", "step"])[list(SHARES)].sum()
+    assert (sums - 1).abs().to_numpy().max() < 1e-4
+
+
+def test_audit_records_saves_and_summarises_grad_shares(tmp_path):
+    result = run_audit(dataset="digits", limit=300, test_limit=100, grad_points=4, out=str(tmp_path), **FAST)
+    frame = result.grad_shares
+    assert list(frame.columns) == ["loss", "seed", "step", "epoch", "group", *SHARES]
+    assert len(frame) == 4 * len(result.spec.losses) * FAST["seeds"] * 2
+    loaded = AuditResult.load(tmp_path)
+    pd.testing.assert_frame_equal(loaded.grad_shares, frame, check_dtype=False)
+    summary = pd.DataFrame(result.summary()["grad_shares"])
+    want = frame.groupby(["loss", "group"], sort=False)["projection_share"].mean()
+    got = summary.set_index(["loss", "group"])["projection_share"]
+    pd.testing.assert_series_equal(got, want, check_names=False)
+    ratio = (frame["projection_share"] / frame["sample_share"]).groupby([frame["loss"], frame["group"]], sort=False).mean()
+    pd.testing.assert_series_equal(summary.set_index(["loss", "group"])["projection_ratio"], ratio, check_names=False)
+    off = run_audit(dataset="digits", limit=300, test_limit=100, grad_points=0, **FAST)
+    assert off.grad_shares is None and "grad_shares" not in off.summary()
