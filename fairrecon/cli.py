@@ -142,7 +142,7 @@ def check(result_dir, metric, max_ratio, max_gap, adjusted, alpha, reference, lo
             if data_flags[key] is not None:
                 data_flags[key] = parse_list(data_flags[key], kind)
         device = data_flags.pop("device") or "cpu"
-        spec = load_spec(spec_file, **data_flags) if spec_file else AuditSpec().replace(**data_flags)
+        spec = load_spec(spec_file, **data_flags) if spec_file else AuditSpec().override(**data_flags)
         model = load_model(weights, model_factory)
         result = audit_model(model, spec, name="model", device=device)
     outcome = gate_check(result, metric=metric, max_ratio=max_ratio, max_gap=max_gap, adjusted=adjusted,

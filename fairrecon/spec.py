@@ -62,10 +62,15 @@ class AuditSpec:
         _validate(self)
 
     def replace(self, **changes: Any) -> "AuditSpec":
-        """A copy with some fields changed, like dataclasses.replace but checked and coerced."""
+        """A copy with some fields changed, like dataclasses.replace but checked and coerced.
+
+        None sets an optional field (out, limit, proportions, ...) to None and leaves any other
+        field as it is, since None is not a value it can take.
+        """
         unknown = sorted(set(changes) - set(FIELDS))
         if unknown:
             raise UserError(f"unknown spec field(s) {unknown}; allowed: {', '.join(FIELDS)}")
+        changes = {k: v for k, v in changes.items() if v is not None or "None" in str(_TYPES[k])}
         return dataclasses.replace(self, **{k: _coerce(k, v, "argument") for k, v in changes.items()})
 
     def override(self, **flags: Any) -> "AuditSpec":

@@ -158,7 +158,7 @@ def test_cli_report_rerenders_from_saved_results(saved, tmp_path):
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     page = (tmp_path / "report.html").read_text()
-    assert len(_images(page)) == 4 and "worse group" in page
+    assert len(_images(page)) == 5 and "worse group" in page  # the same five figures, gradient shares included
     assert (tmp_path / "report.md").read_text().startswith("# fairrecon audit")
     assert "worst group" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "fairrecon", "report", str(tmp_path / "nothing")],

@@ -69,6 +69,7 @@ def test_spec_round_trips_through_its_dict():
 def test_replace_is_strict_and_override_skips_flags_not_given():
     spec = AuditSpec(out="r", limit=100)
     assert spec.replace(out=None).out is None
+    assert spec.replace(targets=None, seeds=None) == spec  # None is no value for these: left as they are
     assert spec.override(out=None, limit=50) == AuditSpec(out="r", limit=50)
     with pytest.raises(UserError, match="unknown spec field"):
         spec.replace(epoch=3)
