@@ -10,9 +10,35 @@ import sys
 import click
 
 from .errors import UserError
-from .spec import AuditSpec, parse_list
+from .spec import AuditSpec, load_spec, parse_list
 
 EXIT_USAGE = 2
+
+
+def data_options(command):
+    """The options that say which images and groups: shared by `audit` and `check --weights`."""
+    options = [
+        click.option("--dataset", help="digits (bundled, default), mnist, fashion-mnist, kmnist, cifar10, folder."),
+        click.option("--data-root", help="Folder holding the dataset files (default: ./datasets)."),
+        click.option("--test-limit", type=int, help="Cap on the number of held-out images."),
+        click.option("--split-seed", type=int, help="Seed of the train/test split and the group assignment."),
+        click.option("--targets", help="Target mean pixel value per group, e.g. 0.3,0.9."),
+        click.option("--proportions", help="Share of images per group, e.g. 0.9,0.1 (default: balanced)."),
+        click.option("--group-method", help="transform (default), select, or labels."),
+        click.option("--contrast", help="For transform: matched (default) or squeeze."),
+        click.option("--labels", help="CSV mapping image files (or indices) to groups, for --dataset folder."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def spec_from(spec_file: str | None, flags: dict) -> AuditSpec:
+    """The spec file (or the defaults) with the flags that were given; list flags parsed from 'a,b'."""
+    for key, kind in (("targets", float), ("proportions", float), ("losses", str)):
+        if flags.get(key) is not None:
+            flags[key] = parse_list(flags[key], kind)
+    return load_spec(spec_file, **flags) if spec_file else AuditSpec().override(**flags)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,19 +49,12 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
-@click.option("--dataset", help="digits (bundled, default), mnist, fashion-mnist, kmnist, cifar10, folder.")
-@click.option("--data-root", help="Folder holding the dataset files (default: ./datasets).")
+@data_options
 @click.option("--download/--no-download", default=None, help="Let torchvision download missing files (off by default).")
 @click.option("--limit", type=int, help="Cap on the number of training images.")
-@click.option("--test-limit", type=int, help="Cap on the number of held-out images.")
-@click.option("--targets", help="Target mean pixel value per group, e.g. 0.3,0.9.")
-@click.option("--proportions", help="Share of images per group, e.g. 0.9,0.1 (default: balanced).")
-@click.option("--group-method", help="transform (default), select, or labels.")
-@click.option("--contrast", help="For transform: matched (default) or squeeze.")
-@click.option("--labels", help="CSV mapping image files (or indices) to groups, for --dataset folder.")
 @click.option("--losses", help="Comma-separated: l1, l2, log-mse, learned-sigma.")
 @click.option("--model", help="mlp (default) or conv.")
-@click.option("--latent", type=int, help="Latent size of the autoencoder.")
+@click.option("--latent", type=int, help="Latent size of the autoencoder (the PCA rank for --adjusted gaps).")
 @click.option("--seeds", type=int, help="Number of seeds per loss (default 3).")
 @click.option("--epochs", type=int, help="Training epochs per cell.")
 @click.option("--batch-size", type=int, help="Training batch size.")
@@ -54,12 +73,8 @@ def audit(spec_file, quiet, force, **flags) -> None:
     from .audit import run_audit
     from .progress import Progress
     from .report import terminal_summary, uncertainty, write_reports
-    from .spec import load_spec
 
-    for key, kind in (("targets", float), ("proportions", float), ("losses", str)):
-        if flags[key] is not None:
-            flags[key] = parse_list(flags[key], kind)
-    spec = load_spec(spec_file, **flags) if spec_file else AuditSpec().override(**flags)
+    spec = spec_from(spec_file, flags)
     with Progress(quiet=quiet) as progress:
         result = run_audit(spec, log=progress.log, on_epoch=progress.on_epoch, force=force)
         unc = uncertainty(result, "mse")
@@ -105,16 +120,8 @@ def report(result_dir, out) -> None:
                    "a TorchScript or a torch.export file.")
 @click.option("--model-factory", help="package.module:function returning the nn.Module for --weights.")
 @click.option("--spec", "spec_file", type=click.Path(dir_okay=False), help="Spec TOML for the test images (with --weights).")
-@click.option("--dataset", help="With --weights: dataset of the test images.")
-@click.option("--data-root", help="With --weights: folder holding the dataset files.")
-@click.option("--targets", help="With --weights: target mean pixel value per group, e.g. 0.3,0.9.")
-@click.option("--proportions", help="With --weights: share of images per group.")
-@click.option("--group-method", help="With --weights: transform, select, or labels.")
-@click.option("--contrast", help="With --weights: matched or squeeze.")
-@click.option("--labels", help="With --weights: labels CSV for --dataset folder.")
+@data_options
 @click.option("--limit", type=int, help="With --weights: cap on training images (used by --adjusted).")
-@click.option("--test-limit", type=int, help="With --weights: cap on held-out images.")
-@click.option("--split-seed", type=int, help="With --weights: seed of the split and group assignment.")
 @click.option("--latent", type=int, help="With --weights: the model's latent size, the PCA rank for --adjusted.")
 @click.option("--device", help="With --weights: auto, cpu or cuda.")
 def check(result_dir, metric, max_ratio, max_gap, adjusted, alpha, reference, losses, weights, model_factory,
@@ -126,7 +133,6 @@ def check(result_dir, metric, max_ratio, max_gap, adjusted, alpha, reference, lo
     """
     from .gate import check as gate_check
     from .results import AuditResult
-    from .spec import load_spec
 
     if (result_dir is None) == (weights is None):
         raise UserError("give either RESULT_DIR or --weights FILE (a trained model), not both or neither")
@@ -138,11 +144,8 @@ def check(result_dir, metric, max_ratio, max_gap, adjusted, alpha, reference, lo
     else:
         from .external import audit_model, load_model
 
-        for key, kind in (("targets", float), ("proportions", float)):
-            if data_flags[key] is not None:
-                data_flags[key] = parse_list(data_flags[key], kind)
         device = data_flags.pop("device") or "cpu"
-        spec = load_spec(spec_file, **data_flags) if spec_file else AuditSpec().override(**data_flags)
+        spec = spec_from(spec_file, data_flags)
         model = load_model(weights, model_factory)
         result = audit_model(model, spec, name="model", device=device)
     outcome = gate_check(result, metric=metric, max_ratio=max_ratio, max_gap=max_gap, adjusted=adjusted,
