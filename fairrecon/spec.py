@@ -55,7 +55,7 @@ class AuditSpec:
     sigma_floor: float = 1e-3  # smallest sigma learned-sigma may reach (pixel units)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # measurements
-    grad_points: int = 20  # gradient-share snapshots per cell (0 = off)
+    grad_points: int = 20  # gradient-share snapshots per cell, at most one per 20 steps (0 = off)
     out: str | None = None
 
     def __post_init__(self) -> None:

@@ -138,6 +138,14 @@ class StackedCells:
         return model
 
 
+SNAPSHOT_SPACING = 20  # at most one snapshot per 20 steps: a snapshot costs ~1.3 steps, so <= ~7% of training
+
+
+def snapshot_count(wanted: int, total_steps: int) -> int:
+    """How many snapshots a cell gets: `wanted`, but at most one per SNAPSHOT_SPACING steps (at least 2)."""
+    return min(wanted, max(2, total_steps // SNAPSHOT_SPACING))
+
+
 @dataclass
 class Snapshot:
     """One training batch handed to a measurement hook (e.g. gradient shares) before the update."""
@@ -276,7 +284,7 @@ def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, fused):
     orders = {s: torch.Generator().manual_seed(s) for s in sorted({c.seed for c in cells})}  # on the CPU
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
-    snap_at = set(torch.linspace(0, total - 1, config.grad_points).round().long().tolist()) if config.grad_points else set()
+    snap_at = set(torch.linspace(0, total - 1, snapshot_count(config.grad_points, total)).round().long().tolist())
     alive = torch.ones(len(cells), dtype=torch.bool, device=device)
     failed_at = [None] * len(cells)
     rows, step = [], 0

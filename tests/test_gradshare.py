@@ -14,7 +14,7 @@ from fairrecon.audit import run_audit
 from fairrecon.gradshare import SHARES, GradShareRecorder, group_gradients
 from fairrecon.losses import LOSSES
 from fairrecon.results import AuditResult
-from fairrecon.train import Cell, TrainConfig, init_cells, train_cells
+from fairrecon.train import SNAPSHOT_SPACING, Cell, TrainConfig, init_cells, snapshot_count, train_cells
 
 from conftest import FAST
 
@@ -153,8 +153,9 @@ def test_recorder_leaves_training_unchanged():
     assert torch.equal(plain.stacked.log_sigma, recorded.stacked.log_sigma)
     pd.testing.assert_frame_equal(plain.history, recorded.history)
     frame = recorder.frame()
-    assert len(frame) == 5 * len(cells) * 2
-    assert frame["step"].nunique() == 5 and set(frame["group"]) == {"a", "b"}
+    n = snapshot_count(5, 3 * 3)  # 90 images in batches of 32: 3 steps per epoch
+    assert len(frame) == n * len(cells) * 2
+    assert frame["step"].nunique() == n and set(frame["group"]) == {"a", "b"}
     sums = frame.groupby(["loss", "seed", "step"])[list(SHARES)].sum()
     assert (sums - 1).abs().to_numpy().max() < 1e-4
 
@@ -163,7 +164,8 @@ def test_audit_records_saves_and_summarises_grad_shares(tmp_path):
     result = run_audit(dataset="digits", limit=300, test_limit=100, grad_points=4, out=str(tmp_path), **FAST)
     frame = result.grad_shares
     assert list(frame.columns) == ["loss", "seed", "step", "epoch", "group", *SHARES]
-    assert len(frame) == 4 * len(result.spec.losses) * FAST["seeds"] * 2
+    steps = FAST["epochs"] * -(-300 // FAST["batch_size"])  # 300 training images
+    assert len(frame) == snapshot_count(4, steps) * len(result.spec.losses) * FAST["seeds"] * 2
     loaded = AuditResult.load(tmp_path)
     pd.testing.assert_frame_equal(loaded.grad_shares, frame, check_dtype=False)
     summary = pd.DataFrame(result.summary()["grad_shares"])
@@ -174,3 +176,10 @@ def test_audit_records_saves_and_summarises_grad_shares(tmp_path):
     pd.testing.assert_series_equal(summary.set_index(["loss", "group"])["projection_ratio"], ratio, check_names=False)
     off = run_audit(dataset="digits", limit=300, test_limit=100, grad_points=0, **FAST)
     assert off.grad_shares is None and "grad_shares" not in off.summary()
+
+
+def test_snapshots_are_spaced_so_that_they_cost_little():
+    """At most one snapshot per SNAPSHOT_SPACING steps, at least two, never more than asked."""
+    assert SNAPSHOT_SPACING == 20
+    assert [snapshot_count(20, steps) for steps in (600, 400, 200, 10)] == [20, 20, 10, 2]
+    assert snapshot_count(0, 600) == 0 and snapshot_count(1, 600) == 1
