@@ -240,10 +240,14 @@ def compare(args, device: torch.device) -> None:
     plain = plain_dataset(args.data_root, data)
     plain_x = torch.stack([plain[i] for i in range(min(64, len(plain)))])
     data_diff = (plain_x - data.train_x[:len(plain_x)]).abs().max().item()
-    weight_diff = max((trained.stacked.module(c).state_dict()[k] - v.cpu()).abs().max().item()
-                      for c, m in enumerate(models) for k, v in m.state_dict().items())
+    weight_diff: dict[str, float] = {}  # per loss: L1's sign(r) turns float rounding into different steps
+    for c, m in enumerate(models):
+        fr = trained.stacked.module(c).state_dict()
+        diff = max((fr[k] - v.cpu()).abs().max().item() for k, v in m.state_dict().items())
+        weight_diff[cells[c].loss] = max(weight_diff.get(cells[c].loss, 0.0), diff)
     print(f"same data: max |plain image - fairrecon image| = {data_diff:.1e} (first 64 images)")
-    print(f"same models: max |plain weight - fairrecon weight| = {weight_diff:.1e} over {len(cells)} cells")
+    print("same models: max |plain weight - fairrecon weight| per loss: "
+          + ", ".join(f"{loss} {d:.1e}" for loss, d in weight_diff.items()))
     print(f"cell-steps: plain {steps_plain}, fairrecon {steps_fr}")
     spread = f" (min {min(ratios):.2f}x, max {max(ratios):.2f}x, {len(ratios)} runs)" if len(ratios) > 1 else ""
     print(f"training alone (plain minus its time waiting for data, vs train_cells): {statistics.median(train_ratios):.2f}x median")

@@ -26,8 +26,9 @@ def test_small_preset_compares_equal_work(shared_datasets):
     assert plain == fair == 2 * 1 * 2  # 2 losses x 1 seed, 256 images / batch 128 = 2 steps, 1 epoch
     # both sides made the same images and trained the same models (float32 rounding apart)
     data_diff = float(re.search(r"max \|plain image - fairrecon image\| = (\S+)", out).group(1))
-    weight_diff = float(re.search(r"max \|plain weight - fairrecon weight\| = (\S+)", out).group(1))
-    assert data_diff < 1e-5 and weight_diff < 1e-5
+    per_loss = re.search(r"max \|plain weight - fairrecon weight\| per loss: (.+)$", out, re.M).group(1)
+    weight_diff = max(float(part.split()[1]) for part in per_loss.split(", "))  # "l1 1.2e-08, l2 ..."
+    assert data_diff < 1e-5 and weight_diff < 1e-5  # 2 steps: too few for L1's sign(r) to amplify rounding
 
 
 def test_scaling_point_reports_steps_and_memory(shared_datasets):
