@@ -10,8 +10,9 @@ Three ways to form groups, all giving the same proportions in the train and test
     negative 1 - x (whichever leaves more room), one contrast factor c shared by every
     image of every group, and b set per image so the mean hits the target exactly.
     All groups keep the same contrast distribution; the price is that c is set by the
-    hardest target (c = the 5th percentile of what each image could carry unclipped),
-    so every group loses some contrast, and ~5% of images clip a few pixels.
+    hardest target (c = the smallest, over targets, of the 5th percentile of what that
+    target's images could carry unclipped), so every group loses some contrast, and at
+    most ~5% of any group's images clip a few pixels, whatever the proportions.
 * ``select``: real images picked by their own brightness, pixels untouched.
 * ``labels``: a CSV mapping image-folder files (or their indices) to group names.
 """
@@ -30,7 +31,7 @@ from .data import ImageSet
 from .errors import UserError
 from .spec import AuditSpec
 
-MATCHED_QUANTILE = 0.05  # share of images allowed to clip under contrast="matched"
+MATCHED_QUANTILE = 0.05  # share of each group's images allowed to clip under contrast="matched"
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,9 @@ def match_to(x: torch.Tensor, t: torch.Tensor, quantile: float = MATCHED_QUANTIL
     keep, flip = room(mu, lo, hi), room(1 - mu, 1 - hi, 1 - lo)
     use_flip = flip > keep
     z = torch.where(use_flip[:, None], 1 - flat, flat)
-    c = torch.quantile(torch.minimum(torch.maximum(keep, flip), torch.tensor(1e6, dtype=flat.dtype)), quantile).item()
+    room_best = torch.minimum(torch.maximum(keep, flip), torch.tensor(1e6, dtype=flat.dtype))
+    # per target, so that at most `quantile` of any group's images clip, whatever the group proportions
+    c = min(torch.quantile(room_best[t == target], quantile).item() for target in torch.unique(t))
     centred = c * (z - z.mean(1, keepdim=True))  # (N, M)
     lo_b, hi_b = -centred.max(1).values, 1 - centred.min(1).values  # mean(clip(b + centred)) is 0 at lo_b, 1 at hi_b
     for _ in range(50):  # bisection: mean(clip(b + centred)) is nondecreasing in b

@@ -64,6 +64,18 @@ def test_matched_contrast_hits_targets_and_keeps_contrast_equal_across_groups(di
     assert (ratio <= c + 1e-4).all() and (ratio - c).abs().lt(1e-4).float().mean() > 0.9
 
 
+def test_matched_contrast_does_not_depend_on_group_proportions(digits):
+    """A 10% bright minority gets the same contrast factor and contrast as a balanced split.
+
+    (Regression: a quantile over all images let c rise with a small bright group, so half of it clipped.)
+    """
+    balanced = make_groups(digits, AuditSpec(limit=1000))
+    minority = make_groups(digits, AuditSpec(limit=1000, proportions=(0.9, 0.1)))
+    assert minority.contrast_factor == pytest.approx(balanced.contrast_factor, rel=0.05)
+    described = minority.describe().query("split == 'train'").set_index("group")["contrast"]
+    assert abs(described["0.9"] - described["0.3"]) / described["0.3"] < 0.03
+
+
 @pytest.mark.parametrize("contrast", ["matched", "squeeze"])
 def test_transform_groups_sizes_brightness_and_same_proportions_in_both_splits(digits, contrast):
     spec = AuditSpec(targets=(0.3, 0.9), proportions=(0.9, 0.1), contrast=contrast, limit=1000)

@@ -239,3 +239,32 @@ def test_usage_errors():
         stats.disparities(result, losses=["l9"])
     with pytest.raises(UserError, match="alpha"):
         stats.group_intervals(result, alpha=1.5)
+
+
+def test_statistics_are_computed_once_per_result_and_call():
+    """summary.json, the reports and the CLI share one bootstrap; callers get copies they may change."""
+    import pandas as pd
+    from fairrecon import stats as st
+
+    result = _memo_result()
+    first = st.disparities(result, "mse")
+    first.loc[:, "gap"] = -1.0  # a caller's change must not reach the cache
+    again = st.disparities(result, metric="mse")  # keyword or positional: the same call
+    assert (again["gap"] >= 0).all() and len(result._stats_memo) == 1
+    pd.testing.assert_frame_equal(again, st.disparities(_memo_result(), "mse"))  # a fresh result: same numbers
+    assert not st.disparities(result, "mse", alpha=0.1).equals(again)  # other arguments: computed anew
+
+
+def _memo_result():
+    import numpy as np
+    import pandas as pd
+    from fairrecon.results import AuditResult
+    from fairrecon.spec import AuditSpec
+
+    rng = np.random.default_rng(0)
+    n = 80
+    samples = pd.DataFrame({"loss": "l2", "seed": np.repeat([0, 1], n), "group": pd.Categorical(np.tile(["a", "b"], n)),
+                            "index": np.tile(np.arange(n), 2), "mse": rng.gamma(2.0, 0.01, 2 * n)})
+    samples["mae"], samples["psnr"] = samples["mse"] ** 0.5, -10 * np.log10(samples["mse"])
+    cells = pd.DataFrame({"loss": ["l2", "l2"], "seed": [0, 1], "status": ["ok", "ok"]})
+    return AuditResult(AuditSpec(losses=("l2",), seeds=2), samples, cells, pd.DataFrame(), pd.DataFrame())
