@@ -11,7 +11,6 @@ import datetime as dt
 import html
 import io
 
-import numpy as np
 import pandas as pd
 
 from .figures import METRIC_LABELS, audit_figures
@@ -34,7 +33,6 @@ tr:nth-child(even) td{background:#fafbfc}
 .sure{font-weight:600;white-space:nowrap}
 .sure.clear{color:#0b5394}.sure.unclear{color:#7a4b00}
 .note{color:#57606a;font-size:12.5px;margin:2px 0 8px}
-.fallback{background:#fff4d6;border:1px solid #e0b300;padding:6px 10px;font-size:13px;margin:6px 0}
 .warn{background:#fdeceb;border:1px solid #d1242f;padding:6px 10px;font-size:13px;margin:6px 0}
 figure{margin:8px 0 4px}
 figure img{display:block;max-width:100%;height:auto}
@@ -49,7 +47,7 @@ code{background:#f3f5f7;padding:0 3px;border-radius:3px}
 def html_report(result, unc: Uncertainty | None = None) -> str:
     """The whole page as a string."""
     unc = unc or uncertainty(result, "mse")
-    figs = {name: _png(fig) for name, fig in audit_figures(result, unc.intervals, "fallback" if unc.fallback else "").items()}
+    figs = {name: _png(fig) for name, fig in audit_figures(result, unc.intervals, "").items()}
     verdict = verdict_table(result, "mse", unc)
     spec = result.spec
     when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -63,7 +61,7 @@ def html_report(result, unc: Uncertainty | None = None) -> str:
         '<h2 class="first" id="answer">Answer</h2>',
         f'<p class="headline">{_e(headline(unc))}</p>',
         _verdict_html(verdict),
-        f'<p class="{"fallback" if unc.fallback else "note"}">{_e(unc.method)}</p>',
+        f'<p class="note">{_e(unc.method)}</p>',
         _warnings_html(unc),
         _failed_html(result),
         _figure(figs, "group_error", "Each point is a group's mean error over seeds and test images; bars: 95% interval. "
@@ -115,7 +113,7 @@ def _verdict_html(verdict: pd.DataFrame) -> str:
 
 def _warnings_html(unc: Uncertainty) -> str:
     """The statistics' own warnings (few seeds, tiny groups, low power), folded so the first screen stays short."""
-    if unc.fallback or "warnings" not in unc.disparities:
+    if "warnings" not in unc.disparities:
         return ""
     rows = [(loss, str(w)) for loss, w in zip(unc.disparities["loss"], unc.disparities["warnings"]) if w and str(w) != "nan"]
     if not rows:

@@ -1,7 +1,6 @@
 """Tables from results, for the terminal and for pull requests, and writing both reports to a folder.
 
-Intervals and gaps come from `fairrecon.stats` when it is installed with this package; until then
-`_seed_t_fallback` gives a crude, clearly labelled stand-in (a t interval over seed means).
+Intervals and gaps come from `fairrecon.stats`; this module only arranges them.
 """
 
 from __future__ import annotations
@@ -26,65 +25,15 @@ class Uncertainty:
     intervals: pd.DataFrame  # loss, group, metric, mean, ci_low, ci_high, n, seeds
     disparities: pd.DataFrame  # loss, metric, reference, worst, gap, gap_low, gap_high, ratio, ..., p_holm, warnings
     method: str
-    fallback: bool
 
 
 def uncertainty(result, metric: str = "mse") -> Uncertainty:
-    """Intervals and gaps from fairrecon.stats when available, else the seed-t fallback."""
-    try:
-        from . import stats
-        intervals, gaps = stats.group_intervals(result, metric), stats.disparities(result, metric)
-    except (ImportError, AttributeError):
-        return _seed_t_fallback(result, metric)
+    """Per-group intervals and per-loss gaps from fairrecon.stats (computed once per result)."""
+    from . import stats
+
     method = ("95% intervals from fairrecon.stats (bootstrap over seeds and test images); "
               "p: permutation test over test images (seed-averaged errors), Holm-corrected across losses.")
-    return Uncertainty(intervals, gaps, method, fallback=False)
-
-
-def _seed_t_fallback(result, metric: str) -> Uncertainty:
-    """FALLBACK while fairrecon.stats is absent: mean over seeds, t interval over the per-seed group means.
-
-    The gap's interval and p (one-sample t test) use the per-seed gap worst - best; no Holm correction.
-    """
-    from scipy import stats as sps
-
-    cg = result.by_cell_group()
-    sign = -1.0 if metric == "psnr" else 1.0  # gaps are measured in the bad direction
-
-    def t_interval(v: np.ndarray) -> tuple[float, float]:
-        if len(v) < 2 or np.std(v) == 0:
-            return (float(v.mean()),) * 2 if len(v) >= 2 else (np.nan, np.nan)
-        return tuple(float(b) for b in sps.t.interval(1 - ALPHA, len(v) - 1, loc=v.mean(), scale=sps.sem(v)))
-
-    rows, gaps = [], []
-    for loss, part in cg.groupby("loss", sort=False):
-        wide = part.pivot(index="seed", columns="group", values=metric)
-        for group in wide.columns:
-            v = wide[group].to_numpy(float)
-            low, high = t_interval(v)
-            n = int(part.loc[part["group"] == group, "n"].iloc[0])
-            rows.append({"loss": loss, "group": str(group), "metric": metric, "mean": v.mean(), "ci_low": low,
-                         "ci_high": high, "n": n, "seeds": len(v)})
-        means = sign * wide.mean()
-        ref, worst = means.idxmin(), means.idxmax()
-        per_seed = sign * (wide[worst] - wide[ref]).to_numpy(float)
-        ratio = (wide[worst] / wide[ref]).to_numpy(float)
-        gap_low, gap_high = t_interval(per_seed)
-        ratio_low, ratio_high = t_interval(ratio) if metric != "psnr" else (np.nan, np.nan)
-        p = float(sps.ttest_1samp(per_seed, 0.0).pvalue) if len(per_seed) > 1 and per_seed.std() > 0 else np.nan
-        gaps.append({"loss": loss, "metric": metric, "reference": str(ref), "worst": str(worst),
-                     "reference_mean": wide[ref].mean(), "worst_mean": wide[worst].mean(), "gap": per_seed.mean(),
-                     "gap_low": gap_low, "gap_high": gap_high,
-                     "ratio": wide[worst].mean() / wide[ref].mean() if metric != "psnr" else np.nan,
-                     "ratio_low": ratio_low, "ratio_high": ratio_high, "p_value": p, "p_holm": np.nan,
-                     "warnings": f"fallback: t interval over {len(per_seed)} seed means"})
-    method = (f"FALLBACK (fairrecon.stats not available): mean over seeds with a 95% t interval over the "
-              f"per-seed group means; p: t test of the per-seed gap, not corrected across losses. "
-              f"Test-image sampling error is not included.")
-    interval_cols = ["loss", "group", "metric", "mean", "ci_low", "ci_high", "n", "seeds"]
-    gap_cols = ["loss", "metric", "reference", "worst", "reference_mean", "worst_mean", "gap", "gap_low", "gap_high",
-                "ratio", "ratio_low", "ratio_high", "p_value", "p_holm", "warnings"]
-    return Uncertainty(pd.DataFrame(rows, columns=interval_cols), pd.DataFrame(gaps, columns=gap_cols), method, True)
+    return Uncertainty(stats.group_intervals(result, metric), stats.disparities(result, metric), method)
 
 
 def verdict_table(result, metric: str = "mse", unc: Uncertainty | None = None) -> pd.DataFrame:
@@ -96,7 +45,7 @@ def verdict_table(result, metric: str = "mse", unc: Uncertainty | None = None) -
     rows = []
     for d in unc.disparities.itertuples(index=False):
         rel = [g / abs(d.reference_mean) if d.reference_mean else np.nan for g in (d.gap, d.gap_low, d.gap_high)]
-        p = d.p_value if unc.fallback or not np.isfinite(getattr(d, "p_holm", np.nan)) else d.p_holm
+        p = d.p_holm if np.isfinite(d.p_holm) else d.p_value
         rows.append({
             "loss": d.loss,
             "favours": d.reference,
@@ -104,7 +53,7 @@ def verdict_table(result, metric: str = "mse", unc: Uncertainty | None = None) -
             f"{metric}: favoured → worse": f"{_num(d.reference_mean)} → {_num(d.worst_mean)}",
             "gap": _pct(rel[0]),
             "95% CI of gap": f"{_pct(rel[1])} to {_pct(rel[2])}",
-            "p" if unc.fallback else "p (Holm)": _p(p),
+            "p (Holm)": _p(p),
             "how sure": sureness(d.gap_low, d.gap_high),
         })
     return pd.DataFrame(rows)
@@ -163,8 +112,7 @@ def terminal_summary(result, unc: Uncertainty | None = None) -> str:
     """The compact table `fairrecon audit` prints: per-group MSE with intervals, worst group, how sure."""
     unc = unc or uncertainty(result, "mse")
     table = error_table(result, "mse", unc).to_string(index=False)
-    how = "FALLBACK t interval over seed means" if unc.fallback else "fairrecon.stats bootstrap"
-    return f"Held-out MSE per pixel by group: mean [95% interval; {how}]\n{table}"
+    return f"Held-out MSE per pixel by group: mean [95% interval; fairrecon.stats bootstrap]\n{table}"
 
 
 def markdown_report(result, unc: Uncertainty | None = None) -> str:
@@ -190,7 +138,7 @@ def markdown_report(result, unc: Uncertainty | None = None) -> str:
         "",
     ]
     warnings = [w for w in unc.disparities.get("warnings", pd.Series(dtype=str)).astype(str) if w and w != "nan"]
-    if warnings and not unc.fallback:
+    if warnings:
         lines += ["## Warnings", ""] + [f"- {loss}: {w}" for loss, w in zip(unc.disparities["loss"], warnings)] + [""]
     lines += [
         "## Groups as measured",

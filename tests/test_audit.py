@@ -41,7 +41,7 @@ def test_per_sample_errors_match_the_cell_model_run_by_hand(fashion, shared_data
     rerun = run_audit(result.spec.replace(out=None, losses=("l2",), seeds=1))
     assert np.array_equal(rerun.samples["mse"].to_numpy(),
                           result.samples.query("loss == 'l2' and seed == 0")["mse"].to_numpy())  # bit-identical on CPU
-    from fairrecon.train import Cell, TrainConfig, train_cells
+    from fairrecon.train import Cell, train_cells
     from fairrecon.audit import train_config
     trained = train_cells(data.train_x, data.train_g, [Cell("l2", 0)], train_config(result.spec))
     model = trained.stacked.module(0)

@@ -12,7 +12,6 @@ from torch.func import functional_call, grad, vmap
 
 from fairrecon.audit import run_audit
 from fairrecon.gradshare import SHARES, GradShareRecorder, group_gradients
-from fairrecon.losses import LOSSES
 from fairrecon.results import AuditResult
 from fairrecon.train import SNAPSHOT_SPACING, Cell, TrainConfig, init_cells, snapshot_count, train_cells
 

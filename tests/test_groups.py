@@ -1,6 +1,5 @@
 """Group builders: sizes, brightness and contrast as measured, and the labels CSV."""
 
-import numpy as np
 import pytest
 import torch
 from torchvision.io import write_png

@@ -7,17 +7,14 @@ import io
 import re
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from scipy import stats as sps
 
 from conftest import FAST, REPO
-import fairrecon
 from fairrecon import run_audit
 from fairrecon.audit import train_config
 from fairrecon.data import load_images
@@ -26,7 +23,7 @@ from fairrecon.groups import make_groups
 from fairrecon.html_report import html_report
 from fairrecon.measure import example_reconstructions
 from fairrecon.progress import Progress
-from fairrecon.report import _seed_t_fallback, markdown_report, uncertainty, verdict_table
+from fairrecon.report import markdown_report, verdict_table
 from fairrecon.results import AuditResult
 from fairrecon.spec import AuditSpec
 from fairrecon.train import Cell, train_cells
@@ -84,38 +81,6 @@ def test_example_reconstructions_match_an_ordinary_module():
         row = described[described["group"] == name].iloc[0]
         assert ex["test_brightness"][mine].astype(float).mean() == pytest.approx(row["brightness"], abs=1e-3)
         assert ex["test_contrast"][mine].astype(float).mean() == pytest.approx(row["contrast"], abs=1e-3)
-
-
-def test_fallback_intervals_are_t_intervals_over_seed_means(saved):
-    result, _ = saved
-    unc = _seed_t_fallback(result, "mse")
-    assert unc.fallback and "FALLBACK" in unc.method
-    df = result.samples
-    for row in unc.intervals.itertuples():
-        per_seed = df[(df["loss"] == row.loss) & (df["group"] == row.group)].groupby("seed")["mse"].mean().to_numpy()
-        low, high = sps.t.interval(0.95, len(per_seed) - 1, loc=per_seed.mean(), scale=sps.sem(per_seed))
-        assert (row.mean, row.ci_low, row.ci_high) == pytest.approx((per_seed.mean(), low, high), rel=1e-9)
-        assert row.seeds == 3 and row.n == (df["group"] == row.group).sum() / (3 * df["loss"].nunique())
-    for d in unc.disparities.itertuples():
-        wide = df[df["loss"] == d.loss].groupby(["seed", "group"], observed=True)["mse"].mean().unstack()
-        assert d.reference == str(wide.mean().idxmin()) and d.worst == str(wide.mean().idxmax())
-        gaps = (wide[d.worst] - wide[d.reference]).to_numpy()
-        assert d.gap == pytest.approx(gaps.mean())
-        assert d.p_value == pytest.approx(sps.ttest_1samp(gaps, 0.0).pvalue)
-
-
-def test_uncertainty_prefers_stats_and_falls_back_without_it(saved, monkeypatch):
-    result, _ = saved
-    fake = types.ModuleType("fairrecon.stats")
-    fake.group_intervals = lambda r, m: pd.DataFrame({"loss": ["sentinel"]})
-    fake.disparities = lambda r, m: pd.DataFrame({"loss": ["sentinel"]})
-    monkeypatch.setitem(sys.modules, "fairrecon.stats", fake)
-    monkeypatch.setattr(fairrecon, "stats", fake, raising=False)
-    unc = uncertainty(result, "mse")
-    assert not unc.fallback and unc.intervals["loss"].tolist() == ["sentinel"]
-    monkeypatch.setitem(sys.modules, "fairrecon.stats", None)  # import now raises ImportError
-    monkeypatch.delattr(fairrecon, "stats")
-    assert uncertainty(result, "mse").fallback
 
 
 def test_verdict_names_the_lowest_and_highest_error_group(saved):
