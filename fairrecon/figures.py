@@ -88,15 +88,20 @@ def group_error_figure(intervals: pd.DataFrame, metric: str = "mse", method: str
     return fig
 
 
+def _loss_panels(df: pd.DataFrame, height: float):
+    """A figure with one panel per loss (shared y), and the groups in order with their styles."""
+    losses = list(dict.fromkeys(df["loss"]))
+    groups = list(dict.fromkeys(df["group"]))
+    fig = _figure(height)
+    axes = fig.subplots(1, max(len(losses), 1), squeeze=False, sharey=True)[0]
+    return fig, axes, losses, groups, group_styles(groups)
+
+
 def grad_share_figure(grad_shares: pd.DataFrame, share: str = "projection_share") -> Figure:
     """Each group's share of the gradient over training (mean and range over seeds), against its share of samples."""
     df = grad_shares.copy()
     df["group"] = df["group"].astype(str)
-    losses = list(dict.fromkeys(df["loss"]))
-    groups = list(dict.fromkeys(df["group"]))
-    styles = group_styles(groups)
-    fig = _figure(3.2)
-    axes = fig.subplots(1, max(len(losses), 1), squeeze=False, sharey=True)[0]
+    fig, axes, losses, groups, styles = _loss_panels(df, 3.2)
     for ax, loss in zip(axes, losses):
         part = df[df["loss"] == loss]
         sns.lineplot(data=part, x="step", y=share, hue="group", style="group", hue_order=groups, style_order=groups,
@@ -126,11 +131,7 @@ def error_distribution_figure(samples: pd.DataFrame, metric: str = "mse") -> Fig
     """Per-group distribution of per-image error (averaged over seeds), one panel per loss, log scale."""
     df = samples.groupby(["loss", "group", "index"], observed=True, sort=False)[metric].mean().reset_index()
     df["group"] = df["group"].astype(str)
-    losses = list(dict.fromkeys(df["loss"]))
-    groups = list(dict.fromkeys(df["group"]))
-    styles = group_styles(groups)
-    fig = _figure(3.2)
-    axes = fig.subplots(1, max(len(losses), 1), squeeze=False, sharey=True)[0]
+    fig, axes, losses, groups, styles = _loss_panels(df, 3.2)
     for ax, loss in zip(axes, losses):
         part = df[df["loss"] == loss]
         values = [part.loc[part["group"] == g, metric].to_numpy() for g in groups]
