@@ -15,7 +15,6 @@ from .errors import UserError
 from .losses import get_loss
 
 METRIC_LABELS = {"mse": "MSE per pixel", "mae": "MAE per pixel", "psnr": "PSNR (dB)"}
-ALPHA = 0.05
 
 
 @dataclass(frozen=True)
