@@ -221,7 +221,7 @@ def timed(fn, device):
 
 def compare(args, device: torch.device) -> None:
     spec = spec_for(args, args.limit)
-    config = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, grad_points=0)
+    config = TrainConfig.from_spec(spec)
     cells = [Cell(loss, seed) for loss in args.losses for seed in range(args.seeds)]
     print(f"grid: {len(args.losses)} losses x {args.seeds} seeds = {len(cells)} cells, model {args.model}, "
           f"{args.limit} FashionMNIST images, {args.epochs} epoch(s), batch {args.batch_size}")
@@ -257,7 +257,7 @@ def compare(args, device: torch.device) -> None:
 def scaling_point(args, device: torch.device) -> None:
     """One point of the scaling table, in its own process so peak memory is its own."""
     spec = spec_for(args, args.limit)
-    config = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, grad_points=0)
+    config = TrainConfig.from_spec(spec)
     cells = [Cell(LOSSES[i % len(LOSSES)], i // len(LOSSES)) for i in range(args.point_cells)]
     data = make_groups(load_images(spec.dataset, spec.data_root), spec)
     rss = peak_mb(device, now=True)

@@ -1,10 +1,12 @@
-"""Run an audit: data -> groups -> train every (loss, seed) cell -> per-sample errors.
+"""Run an audit: data -> groups -> train every (loss, seed) cell -> per-sample errors -> (with
+`out`) statistics and the results folder. The orchestrator, at the top of the layers.
 
 `run_audit` is the one call behind `fairrecon audit`; notebooks use it directly:
 
-    >>> from fairrecon import run_audit
+    >>> from fairrecon import run_audit, analyse
     >>> result = run_audit(dataset="digits", seeds=3)
     >>> result.by_group()          # one row per (loss, group)
+    >>> analyse(result).disparities  # one row per loss: gap, ratio, intervals
 """
 
 from __future__ import annotations
@@ -21,42 +23,32 @@ import torch
 
 from . import __version__
 from .data import load_images
-from .errors import UserError
 from .gradshare import GradShareRecorder
 from .groups import GroupedData, make_groups
 from .losses import get_loss
+from .fileio import atomic_write, npz_bytes
 from .measure import example_reconstructions, sample_errors, train_mse
-from .results import EXAMPLES_FILE, METRICS, AuditResult, atomic_write_bytes, load_examples, npz_bytes
+from .outputs import save_results
+from .results import EXAMPLES_FILE, METRICS, AuditResult, load_examples
 from .resume import CellStore, result_fields
 from .spec import AuditSpec, load_spec
-from .train import Cell, TrainConfig, train_cells
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' takes CUDA when present; asking for CUDA without it is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' requested but no CUDA GPU is available (torch.cuda.is_available() is False); "
-                        "use --device cpu or auto")
-    return torch.device(name)
-
-
-def train_config(spec: AuditSpec) -> TrainConfig:
-    fields = TrainConfig.__dataclass_fields__
-    return TrainConfig(**{k: v for k, v in spec.to_dict().items() if k in fields})
+from .train import Cell, TrainConfig, resolve_device, train_cells
 
 
 def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str], None] | None = None,
-              on_epoch: Callable[..., None] | None = None, force: bool = False, **overrides: Any) -> AuditResult:
+              on_epoch: Callable[..., None] | None = None, force: bool = False, save: bool = True,
+              **overrides: Any) -> AuditResult:
     """Run the audit a spec (object or TOML path) describes, with keyword overrides.
 
-    `log` gets one line per stage; `on_epoch(epoch, epochs, chunk, chunks)` is called after each
-    training epoch of a chunk (progress bars: see progress.py); without it, each epoch is a `log` line.
+    `log` gets one line per stage; `on_epoch(epoch, epochs, seed_number, seed_count)` is called after
+    each training epoch of a seed's cells (progress bars: see progress.py); without it, each epoch is
+    a `log` line.
 
     With `spec.out` set, every finished cell is checkpointed in OUT/cells, and a run
     into a folder that holds some of this audit's cells trains only the others.
-    A folder holding a different audit is refused unless `force`.
+    A folder holding a different audit is refused unless `force`. At the end the whole
+    results folder is written (`outputs.save_results`), unless `save` is False: callers that
+    compute the statistics themselves (the CLI) then save with them.
     """
     if spec is None:
         spec = AuditSpec()
@@ -81,33 +73,32 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
     log(f"{spec.dataset}: {len(data.train_x)} train / {len(data.test_x)} test images, groups {', '.join(data.names)}")
 
     cells = [Cell(loss, seed) for loss in spec.losses for seed in range(spec.seeds)]
-    config = train_config(spec)
+    config = TrainConfig.from_spec(spec)
     tables: dict[Cell, dict[str, pd.DataFrame]] = {}
     if store is not None:
         store.open()
         tables = {cell: store.load(cell) for cell in cells if store.done(cell)}
         if tables:
             log(f"resuming: {len(tables)} of {len(cells)} cells already done in {store.folder}")
-    todo = [chunk for chunk in chunks(cells) if any(cell not in tables for cell in chunk)]
-    log(f"training {sum(map(len, todo))} cells ({len(spec.losses)} losses x {spec.seeds} seeds, "
-        f"{len(todo)} chunk(s)) on {device}")
+    todo = [group for group in by_seed(cells) if any(cell not in tables for cell in group)]
+    log(f"training {sum(map(len, todo))} cells ({len(spec.losses)} losses x {spec.seeds} seeds) on {device}")
     timings["train_s"] = timings["measure_s"] = 0.0
     examples: dict[str, Any] = {}
 
-    def keep_examples(stacked) -> None:  # seed 0's chunk: a few test images and each loss's reconstruction
+    def keep_examples(stacked) -> None:  # seed 0: a few test images and each loss's reconstruction
         if min(c.seed for c in stacked.cells) == 0:
             examples.update(example_reconstructions(stacked, data, device=device))
             if store is not None:  # kept beside the checkpoints, so a resumed audit still has them
-                atomic_write_bytes(Path(spec.out) / EXAMPLES_FILE, npz_bytes(examples))
+                atomic_write(Path(spec.out) / EXAMPLES_FILE, npz_bytes(examples))
 
-    for k, chunk in enumerate(todo):
+    for k, seed_cells in enumerate(todo):
         epoch_hook = (lambda e, n, k=k: on_epoch(e, n, k + 1, len(todo))) if on_epoch else None
-        for cell, cell_tables in train_chunk(data, chunk, config, device, log, timings, epoch_hook,
-                                             keep_examples).items():
+        for cell, cell_tables in train_and_measure(data, seed_cells, config, device, log, timings, epoch_hook,
+                                                   keep_examples).items():
             if store is not None:
-                store.save(cell, cell_tables)  # the moment its chunk ends
+                store.save(cell, cell_tables)  # the moment this seed's cells are done
             tables[cell] = cell_tables
-        log(f"done: {', '.join(c.key for c in chunk)}")
+        log(f"done: {', '.join(c.key for c in seed_cells)}")
 
     samples, cell_table, history = (_concat([tables[c][name] for c in cells]) for name in ("samples", "cells", "history"))
     samples["group"] = pd.Categorical(samples["group"].astype(str), categories=list(data.names))
@@ -122,16 +113,16 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
     result = AuditResult(spec, samples, cell_table, described, history, info,
                          examples=examples or (load_examples(spec.out) if spec.out else None),
                          grad_shares=_concat(shares) if len(shares) == len(cells) else None)
-    if spec.out:
-        result.save(spec.out)
+    if spec.out and save:
+        save_results(result, spec.out)
     return result
 
 
-def chunks(cells: list[Cell]) -> list[list[Cell]]:
-    """Cells trained together and checkpointed together: one chunk per seed (all its losses).
+def by_seed(cells: list[Cell]) -> list[list[Cell]]:
+    """The unit of training and checkpointing in an audit: a seed's cells (all its losses).
 
-    Cells of a seed share initial weights and batch order, and chunks are independent,
-    so a resumed audit trains exactly the chunks an uninterrupted one would.
+    Cells of a seed share initial weights and batch order, and seeds are independent, so a
+    resumed audit trains exactly the seeds an uninterrupted one would.
     """
     by_seed: dict[int, list[Cell]] = {}
     for cell in cells:
@@ -139,16 +130,16 @@ def chunks(cells: list[Cell]) -> list[list[Cell]]:
     return list(by_seed.values())
 
 
-def train_chunk(data: GroupedData, chunk: list[Cell], config: TrainConfig, device: torch.device,
-                log: Callable[[str], None], timings: dict[str, float],
-                on_epoch: Callable[[int, int], None] | None = None,
-                on_trained: Callable[[Any], None] | None = None) -> dict[Cell, dict[str, pd.DataFrame]]:
-    """Train one chunk of cells and measure them: per cell, its samples, cells (one row) and history tables.
+def train_and_measure(data: GroupedData, cells: list[Cell], config: TrainConfig, device: torch.device,
+                      log: Callable[[str], None], timings: dict[str, float],
+                      on_epoch: Callable[[int, int], None] | None = None,
+                      on_trained: Callable[[Any], None] | None = None) -> dict[Cell, dict[str, pd.DataFrame]]:
+    """Train cells together and measure them: per cell, its samples, cells (one row) and history tables.
 
-    `on_trained(stacked)` sees the trained chunk before it is dropped (to keep example reconstructions).
+    `on_trained(stacked)` sees the trained cells before they are dropped (to keep example reconstructions).
     """
     recorder = GradShareRecorder(data.names) if config.grad_points > 0 else None
-    trained = train_cells(data.train_x, data.train_g, chunk, config, device, on_snapshot=recorder,
+    trained = train_cells(data.train_x, data.train_g, cells, config, device, on_snapshot=recorder,
                           on_epoch=on_epoch or (lambda e, n: log(f"epoch {e}/{n}")))
     shares = _float64(recorder.frame()) if recorder is not None else None
     timings["train_s"] += trained.seconds
@@ -160,7 +151,7 @@ def train_chunk(data: GroupedData, chunk: list[Cell], config: TrainConfig, devic
     fit_mse = train_mse(trained.stacked, data.train_x, device).double()
     history = _float64(trained.history)
     out = {}
-    for c, cell in enumerate(chunk):
+    for c, cell in enumerate(cells):
         own_history = history[(history["loss"] == cell.loss) & (history["seed"] == cell.seed)].reset_index(drop=True)
         own_samples = samples[(samples["loss"] == cell.loss) & (samples["seed"] == cell.seed)].reset_index(drop=True)
         status = trained.status[c]

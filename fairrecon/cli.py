@@ -5,39 +5,43 @@ User mistakes (UserError, click usage errors) print one line on stderr and exit 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import click
 
 from .errors import UserError
-from .spec import AuditSpec, load_spec, parse_list
+from .spec import AuditSpec, field_type, load_spec, parse_list
 
 EXIT_USAGE = 2
 
 
-def data_options(command):
-    """The options that say which images and groups: shared by `audit` and `check --weights`."""
-    options = [
-        click.option("--dataset", help="digits (bundled, default), mnist, fashion-mnist, kmnist, cifar10, folder."),
-        click.option("--data-root", help="Folder holding the dataset files (default: ./datasets)."),
-        click.option("--test-limit", type=int, help="Cap on the number of held-out images."),
-        click.option("--split-seed", type=int, help="Seed of the train/test split and the group assignment."),
-        click.option("--targets", help="Target mean pixel value per group, e.g. 0.3,0.9."),
-        click.option("--proportions", help="Share of images per group, e.g. 0.9,0.1 (default: balanced)."),
-        click.option("--group-method", help="transform (default), select, or labels."),
-        click.option("--contrast", help="For transform: matched (default) or squeeze."),
-        click.option("--labels", help="CSV mapping image files (or indices) to groups, for --dataset folder."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def spec_options(*scopes: str):
+    """Click options for the AuditSpec fields of the given scopes, built from the spec itself:
+    help text, allowed values (click.Choice) and the default all come from spec.py. Every option
+    defaults to None, meaning "not given": the spec file's value (or the spec default) stands."""
+    def decorate(command):
+        for f in reversed(dataclasses.fields(AuditSpec)):
+            if f.metadata["scope"] not in scopes:
+                continue
+            flag, kind, choices = "--" + f.name.replace("_", "-"), field_type(f.name), f.metadata["choices"]
+            shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            kw = {"default": None, "help": f.metadata["help"] + ("" if f.default is None else f"  [default: {shown}]")}
+            if choices:
+                kw["type"] = click.Choice(choices)
+            elif kind is bool:
+                flag = f"{flag}/--no-{flag[2:]}"
+            elif kind in (int, float):
+                kw["type"] = kind
+            if f.metadata["metavar"] and not choices:
+                kw["metavar"] = f.metadata["metavar"]
+            command = click.option(flag, f.name, **kw)(command)
+        return command
+    return decorate
 
 
 def spec_from(spec_file: str | None, flags: dict) -> AuditSpec:
-    """The spec file (or the defaults) with the flags that were given; list flags parsed from 'a,b'."""
-    for key, kind in (("targets", float), ("proportions", float), ("losses", str)):
-        if flags.get(key) is not None:
-            flags[key] = parse_list(flags[key], kind)
+    """The spec file (or the defaults) with the flags that were given (lists arrive as 'a,b')."""
     return load_spec(spec_file, **flags) if spec_file else AuditSpec().override(**flags)
 
 
@@ -49,18 +53,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
-@data_options
-@click.option("--download/--no-download", default=None, help="Let torchvision download missing files (off by default).")
-@click.option("--limit", type=int, help="Cap on the number of training images.")
-@click.option("--losses", help="Comma-separated: l1, l2, log-mse, learned-sigma.")
-@click.option("--model", help="mlp (default) or conv.")
-@click.option("--latent", type=int, help="Latent size of the autoencoder (the PCA rank for --adjusted gaps).")
-@click.option("--seeds", type=int, help="Number of seeds per loss (default 3).")
-@click.option("--epochs", type=int, help="Training epochs per cell.")
-@click.option("--batch-size", type=int, help="Training batch size.")
-@click.option("--lr", type=float, help="Adam learning rate.")
-@click.option("--device", help="auto (default: CUDA when present), cpu, or cuda.")
-@click.option("--out", help="Folder for the results: tables, summary.json, examples.npz, report.md and report.html.")
+@spec_options("data", "audit")
 @click.option("--force", is_flag=True, help="Write into an --out folder that holds an audit of a different spec.")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines: only the final table.")
 def audit(spec_file, quiet, force, **flags) -> None:
@@ -71,17 +64,19 @@ def audit(spec_file, quiet, force, **flags) -> None:
     kept in OUT/cells: run the same command again after an interruption to resume.
     """
     from .audit import run_audit
+    from .outputs import save_results
     from .progress import Progress
-    from .report import terminal_summary, uncertainty, write_reports
+    from .report import terminal_summary
+    from .stats import analyse
 
     spec = spec_from(spec_file, flags)
     with Progress(quiet=quiet) as progress:
-        result = run_audit(spec, log=progress.log, on_epoch=progress.on_epoch, force=force)
-        unc = uncertainty(result, "mse")
+        result = run_audit(spec, log=progress.log, on_epoch=progress.on_epoch, force=force, save=False)
+        analysis = analyse(result)
         if spec.out:
-            progress.log(f"writing {spec.out}/report.html")
-            write_reports(result, spec.out, unc)
-    click.echo("\n" + terminal_summary(result, unc))
+            progress.log(f"writing {spec.out}/ (tables, summary.json, report.md, report.html)")
+            save_results(result, spec.out, analysis)
+    click.echo("\n" + terminal_summary(analysis))
     failed = result.cells[result.cells["status"] != "ok"]
     for row in failed.itertuples():
         click.echo(f"warning: cell {row.loss}/seed{row.seed} {row.status}", err=True)
@@ -96,13 +91,15 @@ def audit(spec_file, quiet, force, **flags) -> None:
 @click.option("--out", help="Folder for report.md and report.html (default: RESULT_DIR).")
 def report(result_dir, out) -> None:
     """Re-render report.html and report.md from a saved results folder, without retraining."""
-    from .report import terminal_summary, uncertainty, write_reports
+    from .outputs import write_reports
+    from .report import terminal_summary
     from .results import AuditResult
+    from .stats import analyse
 
     result = AuditResult.load(result_dir)
-    unc = uncertainty(result, "mse")
-    paths = write_reports(result, out or result_dir, unc)
-    click.echo(terminal_summary(result, unc))
+    analysis = analyse(result)
+    paths = write_reports(result, analysis, out or result_dir)
+    click.echo(terminal_summary(analysis))
     click.echo(f"\nwrote {paths['html']} and {paths['md']}")
 
 
@@ -120,10 +117,7 @@ def report(result_dir, out) -> None:
                    "a TorchScript or a torch.export file.")
 @click.option("--model-factory", help="package.module:function returning the nn.Module for --weights.")
 @click.option("--spec", "spec_file", type=click.Path(dir_okay=False), help="Spec TOML for the test images (with --weights).")
-@data_options
-@click.option("--limit", type=int, help="With --weights: cap on training images (used by --adjusted).")
-@click.option("--latent", type=int, help="With --weights: the model's latent size, the PCA rank for --adjusted.")
-@click.option("--device", help="With --weights: auto, cpu or cuda.")
+@spec_options("data")
 def check(result_dir, metric, max_ratio, max_gap, adjusted, alpha, reference, losses, weights, model_factory,
           spec_file, **data_flags) -> int:
     """Gate: exit 1 if a group gap exceeds a threshold with confidence, 0 if not, 3 if data are insufficient.

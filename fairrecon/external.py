@@ -28,7 +28,7 @@ from .errors import UserError
 from .measure import sample_errors
 from .results import AuditResult
 from .spec import AuditSpec
-from .train import Cell
+from .train import Cell, resolve_device
 
 
 def load_factory(target: str):
@@ -132,7 +132,6 @@ class _OneModel:
 
 def audit_model(model: nn.Module, spec: AuditSpec, name: str = "model", device: str = "cpu") -> AuditResult:
     """Score a trained autoencoder on the spec's grouped test images: an AuditResult with one cell."""
-    from .audit import resolve_device
     from .data import load_images
     from .groups import make_groups
 

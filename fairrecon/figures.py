@@ -215,17 +215,14 @@ def brightness_contrast_figure(examples: dict[str, np.ndarray]) -> Figure:
     return fig
 
 
-def audit_figures(result, intervals: pd.DataFrame | None = None, method: str = "") -> dict[str, Figure]:
-    """Every figure the saved result supports, by name (those needing absent data are left out)."""
-    from .report import uncertainty
-
-    if intervals is None:
-        intervals = uncertainty(result, "mse").intervals
-    figs = {"group_error": group_error_figure(intervals, "mse", method)}
+def audit_figures(result, analysis) -> dict[str, Figure]:
+    """Every figure the result supports, by name (those needing absent data are left out); the
+    intervals come from `analysis` (a stats.Analysis), computed once by the caller."""
+    figs = {"group_error": group_error_figure(analysis.intervals, analysis.metric)}
     shares = getattr(result, "grad_shares", None)
     if shares is not None and len(shares):
         figs["grad_shares"] = grad_share_figure(shares)
-    figs["error_distribution"] = error_distribution_figure(result.ok_samples, "mse")
+    figs["error_distribution"] = error_distribution_figure(result.ok_samples, analysis.metric)
     examples = getattr(result, "examples", None)
     if examples is not None:
         figs["reconstructions"] = reconstruction_figure(examples)

@@ -19,6 +19,7 @@ import pandas as pd
 
 from . import stats
 from .errors import UserError
+from .results import AuditResult
 
 PASS, FAIL, USAGE, INSUFFICIENT = 0, 1, 2, 3
 
@@ -34,7 +35,7 @@ class Outcome:
         return self.code == PASS
 
 
-def check(result, metric: str = "mse", max_ratio: float | None = None, max_gap: float | None = None,
+def check(result, *, metric: str = "mse", max_ratio: float | None = None, max_gap: float | None = None,
           adjusted: bool = False, alpha: float = 0.05, reference: str = "best",
           losses: list[str] | None = None, pca: pd.DataFrame | None = None,
           n_boot: int = 4000, n_perm: int = stats.N_PERM) -> Outcome:
@@ -53,8 +54,8 @@ def check(result, metric: str = "mse", max_ratio: float | None = None, max_gap: 
         listed = ", ".join(f"{g} (n={n})" for g, n in small.items())
         return Outcome(INSUFFICIENT, f"insufficient data: group(s) {listed} have fewer than "
                                      f"{stats.MIN_GROUP_N} test images; use more test images")
-    table = stats.disparities(result, metric, reference, alpha, adjusted=adjusted, pca=pca, losses=losses,
-                              n_boot=n_boot, n_perm=n_perm)
+    table = stats.disparities(result, metric=metric, reference=reference, alpha=alpha, adjusted=adjusted, pca=pca,
+                              losses=losses, n_boot=n_boot, n_perm=n_perm)
     if table.empty:
         return Outcome(INSUFFICIENT, "insufficient data: no loss has a trained cell")
     confidence = f"{1 - alpha:.0%}"
@@ -93,8 +94,6 @@ def assert_fair(result_or_dir, **kwargs) -> Outcome:
 
 
 def _as_result(result):
-    from .results import AuditResult
-
     if isinstance(result, (str, Path)):
         return AuditResult.load(result)
     if not isinstance(result, AuditResult):

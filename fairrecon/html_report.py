@@ -14,7 +14,8 @@ import io
 import pandas as pd
 
 from .figures import METRIC_LABELS, audit_figures
-from .report import Uncertainty, describe_audit, error_table, headline, uncertainty, verdict_table
+from .report import describe_audit, error_table, headline, loss_warnings, verdict_table
+from .stats import Analysis
 
 CSS = """
 *{box-sizing:border-box}
@@ -44,11 +45,10 @@ code{background:#f3f5f7;padding:0 3px;border-radius:3px}
 """
 
 
-def html_report(result, unc: Uncertainty | None = None) -> str:
+def html_report(result, analysis: Analysis) -> str:
     """The whole page as a string."""
-    unc = unc or uncertainty(result, "mse")
-    figs = {name: _png(fig) for name, fig in audit_figures(result, unc.intervals, "").items()}
-    verdict = verdict_table(result, "mse", unc)
+    figs = {name: _png(fig) for name, fig in audit_figures(result, analysis).items()}
+    verdict = verdict_table(analysis)
     spec = result.spec
     when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts = [
@@ -59,10 +59,10 @@ def html_report(result, unc: Uncertainty | None = None) -> str:
         f'<p class="meta">{_e(describe_audit(result).replace("`", ""))} Numbers are {METRIC_LABELS["mse"]}, lower is better. '
         f'{_e(_run_line(result))} Generated {when}.</p></header>',
         '<h2 class="first" id="answer">Answer</h2>',
-        f'<p class="headline">{_e(headline(unc))}</p>',
+        f'<p class="headline">{_e(headline(analysis))}</p>',
         _verdict_html(verdict),
-        f'<p class="note">{_e(unc.method)}</p>',
-        _warnings_html(unc),
+        f'<p class="note">{_e(analysis.method)}</p>',
+        _warnings_html(analysis),
         _failed_html(result),
         _figure(figs, "group_error", "Each point is a group's mean error over seeds and test images; bars: 95% interval. "
                 "Panels have their own y scale so that the gap between groups is visible; compare losses in the table. "
@@ -91,8 +91,8 @@ def html_report(result, unc: Uncertainty | None = None) -> str:
         parts.append(_figure(figs, "brightness_contrast", "If the groups differ in contrast as well as brightness, "
                              "a gap may be about contrast (easier images), not brightness."))
     parts += [_table(result.groups, digits=4), "<h2 id='tables'>Tables</h2>",
-              "<h3>Per-group MSE per pixel: mean [95% interval]</h3>", _table(error_table(result, "mse", unc)),
-              "<h3>Gap of the worst group, all columns</h3>", _table(unc.disparities, digits=4),
+              "<h3>Per-group MSE per pixel: mean [95% interval]</h3>", _table(error_table(analysis)),
+              "<h3>Gap of the worst group, all columns</h3>", _table(analysis.disparities, digits=4),
               "<h3>All metrics: mean over seeds (± std across seeds)</h3>", _table(result.by_group(), digits=4),
               "<h3>Cells (one model per loss and seed)</h3>", _table(result.cells, digits=5),
               "<details><summary>Audit spec (re-run with these values)</summary>",
@@ -111,11 +111,9 @@ def _verdict_html(verdict: pd.DataFrame) -> str:
     return body
 
 
-def _warnings_html(unc: Uncertainty) -> str:
+def _warnings_html(analysis: Analysis) -> str:
     """The statistics' own warnings (few seeds, tiny groups, low power), folded so the first screen stays short."""
-    if "warnings" not in unc.disparities:
-        return ""
-    rows = [(loss, str(w)) for loss, w in zip(unc.disparities["loss"], unc.disparities["warnings"]) if w and str(w) != "nan"]
+    rows = loss_warnings(analysis)
     if not rows:
         return ""
     items = "".join(f"<li><b>{_e(loss)}</b>: {_e(w)}</li>" for loss, w in rows)

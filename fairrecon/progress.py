@@ -1,9 +1,9 @@
 """Training progress for the command line: tqdm bars on a terminal, plain log lines elsewhere.
 
-An audit trains its cells in chunks (one per seed, all losses batched together), so the units
-are an epoch of a chunk and the chunks: `run_audit(on_epoch=progress.on_epoch)` calls
-`on_epoch(epoch, epochs, chunk, chunks)` after every epoch. On a terminal there is a bar per
-chunk and, with several chunks, an overall bar; both show an ETA.
+An audit trains its cells seed by seed (all losses of a seed batched together), so the units
+are an epoch of a seed and the seeds: `run_audit(on_epoch=progress.on_epoch)` calls
+`on_epoch(epoch, epochs, seed, seeds)` after every epoch (`seed` counts from 1). On a terminal
+there is a bar per seed and, with several seeds, an overall bar; both show an ETA.
 
 Not a terminal (CI logs, pipes): one plain line per ~10% of all training, with elapsed time
 and the ETA, so a log stays short. quiet: nothing at all.
@@ -29,7 +29,7 @@ class Progress:
         self.quiet = quiet
         self.bars = (not quiet) and (bars if bars is not None else _is_terminal(self.stream))
         self.prefix = prefix
-        self.chunk = 0  # the chunk now training (1-based); 0 before training
+        self.seed = 0  # the seed now training (counted from 1); 0 before training
         self._bar: tqdm | None = None
         self._overall: tqdm | None = None
         self._start: float | None = None
@@ -46,17 +46,17 @@ class Progress:
         else:
             print(line, file=self.stream, flush=True)
 
-    def on_epoch(self, epoch: int, epochs: int, chunk: int = 1, chunks: int = 1) -> None:
-        """After each epoch: `epoch` of `epochs` (from 1) in chunk `chunk` of `chunks` (from 1)."""
+    def on_epoch(self, epoch: int, epochs: int, seed: int = 1, seeds: int = 1) -> None:
+        """After each epoch: `epoch` of `epochs` (from 1) of the `seed`-th of `seeds` seeds (from 1)."""
         if self.quiet:
             return
         now = time.perf_counter()
         if self._start is None:
             self._start = self._last_event
-        if chunk != self.chunk:
-            self._new_chunk(epochs, chunk, chunks)
+        if seed != self.seed:
+            self._new_seed(epochs, seed, seeds)
         self._last_event = now
-        done, total = (chunk - 1) * epochs + epoch, epochs * chunks
+        done, total = (seed - 1) * epochs + epoch, epochs * seeds
         if self.bars:
             self._bar.update(epoch - self._bar.n)
             if self._overall is not None:
@@ -68,23 +68,23 @@ class Progress:
         if step != self._last_logged or done == total:
             self._last_logged = step
             elapsed = now - self._start
-            where = f"chunk {chunk}/{chunks}, " if chunks > 1 else ""
+            where = f"seed {seed}/{seeds}, " if seeds > 1 else ""
             self.log(f"{where}epoch {epoch}/{epochs} ({done / total:.0%} of training), "
                      f"{_clock(elapsed)} elapsed, ETA {_clock(elapsed / done * (total - done))}")
 
-    def _new_chunk(self, epochs: int, chunk: int, chunks: int) -> None:
+    def _new_seed(self, epochs: int, seed: int, seeds: int) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        self.chunk = chunk
+        self.seed = seed
         if not self.bars:
             return
-        if chunks > 1 and self._overall is None:
-            self._overall = tqdm(total=epochs * chunks, initial=(chunk - 1) * epochs, desc="overall", unit="epoch",
+        if seeds > 1 and self._overall is None:
+            self._overall = tqdm(total=epochs * seeds, initial=(seed - 1) * epochs, desc="overall", unit="epoch",
                                  file=self.stream, position=0, dynamic_ncols=True)
             self._overall.start_t = self._tqdm_time(self._start)
-        self._bar = tqdm(total=epochs, desc=f"chunk {chunk}/{chunks}" if chunks > 1 else "training", unit="epoch",
-                         file=self.stream, leave=chunks == 1, position=1 if chunks > 1 else 0, dynamic_ncols=True)
+        self._bar = tqdm(total=epochs, desc=f"seed {seed}/{seeds}" if seeds > 1 else "training", unit="epoch",
+                         file=self.stream, leave=seeds == 1, position=1 if seeds > 1 else 0, dynamic_ncols=True)
         self._bar.start_t = self._tqdm_time(self._last_event)  # the first epoch ran before this bar existed
 
     @staticmethod

@@ -1,48 +1,29 @@
-"""Tables from results, for the terminal and for pull requests, and writing both reports to a folder.
+"""Text from results and their statistics: the terminal table, report.md, and the sentences and
+tables that report.html shows too.
 
-Intervals and gaps come from `fairrecon.stats`; this module only arranges them.
+Intervals, gaps and verdicts come from one `stats.Analysis`, computed once and passed in; this
+module only arranges them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-from .errors import UserError
-from .losses import get_loss
+from .losses import LOSSES
+from .stats import Analysis
 
 METRIC_LABELS = {"mse": "MSE per pixel", "mae": "MAE per pixel", "psnr": "PSNR (dB)"}
 
 
-@dataclass(frozen=True)
-class Uncertainty:
-    """Per-group intervals and per-loss gaps for one metric, and a sentence saying how they were made."""
-
-    intervals: pd.DataFrame  # loss, group, metric, mean, ci_low, ci_high, n, seeds
-    disparities: pd.DataFrame  # loss, metric, reference, worst, gap, gap_low, gap_high, ratio, ..., p_holm, warnings
-    method: str
-
-
-def uncertainty(result, metric: str = "mse") -> Uncertainty:
-    """Per-group intervals and per-loss gaps from fairrecon.stats (computed once per result)."""
-    from . import stats
-
-    method = ("95% intervals from fairrecon.stats (bootstrap over seeds and test images); "
-              "p: permutation test over test images (seed-averaged errors), Holm-corrected across losses.")
-    return Uncertainty(stats.group_intervals(result, metric), stats.disparities(result, metric), method)
-
-
-def verdict_table(result, metric: str = "mse", unc: Uncertainty | None = None) -> pd.DataFrame:
+def verdict_table(analysis: Analysis) -> pd.DataFrame:
     """One row per loss: the group it favours, the worse group, the gap (relative, with its interval), how sure.
 
     Columns are display strings: this is what the first screen of report.html and report.md show.
     """
-    unc = unc or uncertainty(result, metric)
+    metric = analysis.metric
     rows = []
-    for d in unc.disparities.itertuples(index=False):
+    for d in analysis.disparities.itertuples(index=False):
         rel = [g / abs(d.reference_mean) if d.reference_mean else np.nan for g in (d.gap, d.gap_low, d.gap_high)]
         p = d.p_holm if np.isfinite(d.p_holm) else d.p_value
         rows.append({
@@ -58,10 +39,10 @@ def verdict_table(result, metric: str = "mse", unc: Uncertainty | None = None) -
     return pd.DataFrame(rows)
 
 
-def headline(unc: Uncertainty) -> str:
+def headline(analysis: Analysis) -> str:
     """One or two sentences: which losses show a clear gap, against which group, and which do not."""
     clear, unclear, unknown = [], [], []
-    for d in unc.disparities.itertuples(index=False):
+    for d in analysis.disparities.itertuples(index=False):
         rel = d.gap / abs(d.reference_mean) if d.reference_mean else np.nan
         if not (np.isfinite(d.gap_low) and np.isfinite(d.gap_high)):
             unknown.append(f"{d.loss} (group {d.worst} worse by {_pct(rel).lstrip('+')})")
@@ -89,12 +70,11 @@ def sureness(gap_low: float, gap_high: float) -> str:
     return "unclear: CI includes 0"
 
 
-def error_table(result, metric: str = "mse", unc: Uncertainty | None = None) -> pd.DataFrame:
+def error_table(analysis: Analysis) -> pd.DataFrame:
     """Rows: losses; columns: each group's 'mean [95% CI]', then the worst group, worst/best and how sure."""
-    unc = unc or uncertainty(result, metric)
     rows = []
-    gaps = unc.disparities.set_index("loss")
-    for loss, part in unc.intervals.groupby("loss", sort=False):
+    gaps = analysis.disparities.set_index("loss")
+    for loss, part in analysis.intervals.groupby("loss", sort=False):
         row = {"loss": loss}
         for r in part.itertuples(index=False):
             row[str(r.group)] = f"{_num(r.mean)} [{_num(r.ci_low)}, {_num(r.ci_high)}]"
@@ -107,17 +87,15 @@ def error_table(result, metric: str = "mse", unc: Uncertainty | None = None) -> 
     return pd.DataFrame(rows)
 
 
-def terminal_summary(result, unc: Uncertainty | None = None) -> str:
+def terminal_summary(analysis: Analysis) -> str:
     """The compact table `fairrecon audit` prints: per-group MSE with intervals, worst group, how sure."""
-    unc = unc or uncertainty(result, "mse")
-    table = error_table(result, "mse", unc).to_string(index=False)
+    table = error_table(analysis).to_string(index=False)
     return f"Held-out MSE per pixel by group: mean [95% interval; fairrecon.stats bootstrap]\n{table}"
 
 
-def markdown_report(result, unc: Uncertainty | None = None) -> str:
+def markdown_report(result, analysis: Analysis) -> str:
     """report.md: which group each loss favours and how sure, per-group error, the groups, cell status."""
     spec = result.spec
-    unc = unc or uncertainty(result, "mse")
     lines = [
         "# fairrecon audit",
         "",
@@ -125,20 +103,20 @@ def markdown_report(result, unc: Uncertainty | None = None) -> str:
         "",
         "## Which group does each loss favour? (held-out MSE per pixel, lower is better)",
         "",
-        headline(unc),
+        headline(analysis),
         "",
-        _markdown(verdict_table(result, "mse", unc)),
+        _markdown(verdict_table(analysis)),
         "",
-        f"_{unc.method}_",
+        f"_{analysis.method}_",
         "",
         "## Per-group MSE per pixel: mean [95% CI]",
         "",
-        _markdown(error_table(result, "mse", unc)),
+        _markdown(error_table(analysis)),
         "",
     ]
-    warnings = [w for w in unc.disparities.get("warnings", pd.Series(dtype=str)).astype(str) if w and w != "nan"]
+    warnings = loss_warnings(analysis)
     if warnings:
-        lines += ["## Warnings", ""] + [f"- {loss}: {w}" for loss, w in zip(unc.disparities["loss"], warnings)] + [""]
+        lines += ["## Warnings", ""] + [f"- {loss}: {w}" for loss, w in warnings] + [""]
     lines += [
         "## Groups as measured",
         "",
@@ -146,7 +124,8 @@ def markdown_report(result, unc: Uncertainty | None = None) -> str:
         "",
         "## Cells",
         "",
-        _markdown(result.cells.assign(likelihood=[get_loss(n).likelihood for n in result.cells["loss"]]).round(6)),
+        _markdown(result.cells.assign(likelihood=[LOSSES[n].likelihood if n in LOSSES else "(external model)"
+                                                  for n in result.cells["loss"]]).round(6)),
         "",
         f"Figures, distributions and reconstructions: `report.html` (re-render with `fairrecon report {spec.out or 'RESULT_DIR'}`).",
         "",
@@ -162,21 +141,12 @@ def describe_audit(result) -> str:
             + f", model `{spec.model}` (latent {spec.latent}), {spec.seeds} seed(s), {spec.epochs} epoch(s).")
 
 
-def write_reports(result, folder: str | Path, unc: Uncertainty | None = None) -> dict[str, Path]:
-    """Write report.md and report.html into `folder`; returns their paths."""
-    from .html_report import html_report
-    from .results import atomic_write
-
-    folder = Path(folder)
-    unc = unc or uncertainty(result, "mse")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = {"md": folder / "report.md", "html": folder / "report.html"}
-        atomic_write(paths["md"], markdown_report(result, unc))
-        atomic_write(paths["html"], html_report(result, unc))
-    except OSError as e:
-        raise UserError(f"cannot write reports to {folder}: {e.strerror or e}") from None
-    return paths
+def loss_warnings(analysis: Analysis) -> list[tuple[str, str]]:
+    """(loss, warning text) for every loss whose statistics carry warnings, in table order."""
+    d = analysis.disparities
+    if "warnings" not in d:
+        return []
+    return [(str(loss), str(w)) for loss, w in zip(d["loss"], d["warnings"]) if isinstance(w, str) and w]
 
 
 def _markdown(df: pd.DataFrame) -> str:

@@ -1,22 +1,20 @@
-"""An audit's results: tidy DataFrames, and how they are saved to and read from a folder.
+"""An audit's results as tidy DataFrames, and how its data files are written and read back.
 
-Files in a results folder (all written atomically: a crash never leaves half a file):
+This module holds data only: statistics (stats.py) and reports (report.py, html_report.py) are
+computed from a result at the top and written beside these files by outputs.py.
+
+Data files in a results folder:
   samples.csv   one row per (loss, seed, test image): loss, seed, group, index, mse, mae, psnr
   cells.csv     one row per (loss, seed): status, learned sigma, training MSE and NLL
   groups.csv    measured brightness and contrast per split and group
   history.csv   training NLL and MSE per cell and epoch
   grad_shares.csv  (when grad_points > 0) per snapshot, cell and group: who drives the updates (gradshare.py)
-  summary.json  spec, versions, per-(loss, group) means over seeds, the above in brief, timings
   examples.npz  a few test images per group with each loss's reconstruction (uint8), for the report
-  report.md     a short table for pull requests (report.html: written by `fairrecon audit --out` / `report`)
 """
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
-from .gradshare import share_summary
+from .fileio import npz_bytes
 from .spec import AuditSpec
 
 METRICS = ("mse", "mae", "psnr")
@@ -65,50 +63,18 @@ class AuditResult:
             **{m: (m, "mean") for m in METRICS}, **{f"{m}_seed_std": (m, "std") for m in METRICS})
         return agg.reset_index()
 
-    def summary(self) -> dict[str, Any]:
-        extra = {"grad_shares": _records(share_summary(self.grad_shares))} if self.grad_shares is not None else {}
-        return {
-            "fairrecon_version": self.info.get("fairrecon_version"),
-            "spec": self.spec.to_dict(),
-            "info": {k: v for k, v in self.info.items() if k != "fairrecon_version"},
-            "groups": _records(self.groups),
-            "cells": _records(self.cells),
-            "by_group": _records(self.by_group()),
-            "disparities": self._disparities(),
-            **extra,
-        }
-
-    def _disparities(self) -> list[dict[str, Any]] | dict[str, str]:
-        """stats.disparities (MSE, raw gaps) as records; imported here, as stats comes after results."""
-        from .stats import disparities
-
-        try:
-            return _records(disparities(self))
-        except UserError as e:
-            return {"error": str(e)}
-
-    def save(self, out: str | Path) -> Path:
-        """Write every table, summary.json and report.md into `out` (created if needed)."""
-        from .report import markdown_report
-
-        out = Path(out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            for name in TABLES:
-                atomic_write(out / f"{name}.csv", getattr(self, name).to_csv(index=False))
-            if self.grad_shares is not None:
-                atomic_write(out / "grad_shares.csv", self.grad_shares.to_csv(index=False))
-            atomic_write(out / "summary.json", json.dumps(self.summary(), indent=2, default=_json_default) + "\n")
-            if self.examples is not None:
-                atomic_write_bytes(out / EXAMPLES_FILE, npz_bytes(self.examples))
-            atomic_write(out / "report.md", markdown_report(self))
-        except OSError as e:
-            raise UserError(f"cannot write results to {out}: {e.strerror or e}") from None
-        return out
+    def data_files(self) -> dict[str, bytes]:
+        """The result's data files by name, rendered in memory (written by outputs.save_results)."""
+        files = {f"{name}.csv": getattr(self, name).to_csv(index=False).encode() for name in TABLES}
+        if self.grad_shares is not None:
+            files["grad_shares.csv"] = self.grad_shares.to_csv(index=False).encode()
+        if self.examples is not None:
+            files[EXAMPLES_FILE] = npz_bytes(self.examples)
+        return files
 
     @classmethod
     def load(cls, folder: str | Path) -> "AuditResult":
-        """Read a results folder written by `save`."""
+        """Read a results folder written by outputs.save_results."""
         folder = Path(folder)
         try:
             summary = json.loads((folder / "summary.json").read_text())
@@ -117,7 +83,7 @@ class AuditResult:
             raise UserError(f"{folder}: not a fairrecon results folder ({Path(e.filename).name} missing)") from None
         except (OSError, ValueError) as e:
             raise UserError(f"{folder}: cannot read results ({e})") from None
-        spec = AuditSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in summary["spec"].items()})
+        spec = AuditSpec.from_dict(summary["spec"], str(folder / "summary.json"))
         tables["samples"]["group"] = pd.Categorical(tables["samples"]["group"].astype(str),
                                                     categories=_group_order(tables["groups"]))
         tables["groups"]["group"] = tables["groups"]["group"].astype(str)
@@ -143,50 +109,10 @@ def load_examples(folder: str | Path) -> dict[str, np.ndarray] | None:
         raise UserError(f"{path}: cannot read saved examples ({e})") from None
 
 
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """A compressed .npz file's bytes (for atomic_write_bytes)."""
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    return buf.getvalue()
-
-
 def _group_order(groups: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(groups["group"].astype(str)))
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read the process umask (umask can only be read by setting it)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename over the target."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """atomic_write for bytes."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are ordinary files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+def records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """A DataFrame as JSON-ready records (NaN -> null)."""
     return json.loads(df.to_json(orient="records"))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,7 +1,7 @@
 """Per-cell checkpoints, so an interrupted audit picks up where it stopped.
 
-Every finished (loss, seed) cell is written to OUT/cells/ the moment its chunk of
-training ends, one CSV per table and then a small JSON marker:
+Every finished (loss, seed) cell is written to OUT/cells/ the moment its seed's training
+ends, one CSV per table and then a small JSON marker:
 
   OUT/cells/audit.json                 the spec fields that change results, and their hash
   OUT/cells/<loss>-seed<k>.<table>.csv  samples, cells (one row), history, ... of that cell
@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 from .errors import UserError
-from .results import atomic_write
+from .fileio import atomic_write
 from .spec import AuditSpec
 from .train import Cell
 
@@ -85,9 +85,9 @@ class CellStore:
             summary = self.out / "summary.json"
             if summary.is_file():
                 data = json.loads(summary.read_text())
-                spec = AuditSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["spec"].items()})
+                spec = AuditSpec.from_dict(data["spec"], str(summary))
                 return result_fields(spec, str(data.get("info", {}).get("device", "cpu")).split(":")[0])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, UserError) as e:
             raise UserError(f"{self.out}: cannot read the audit already there ({e}); "
                             "pass another --out folder, or --force to overwrite it") from None
         return None

@@ -1,7 +1,9 @@
 """The audit specification: one frozen dataclass, the one home of every default.
 
-A spec is what makes an audit re-runnable: it is loaded from `audits/*.toml`,
-overridden by CLI flags, validated once, and saved with every result.
+A spec is what makes an audit re-runnable: it is loaded from `audits/*.toml`, overridden by CLI
+flags, validated once, and saved with every result. Each field also carries its help text and,
+for enumerations, its allowed values: the command line builds its options from them (cli.py),
+so a new setting is added here and nowhere else.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ import dataclasses
 import difflib
 import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from .errors import UserError
 
@@ -23,43 +27,82 @@ CONTRASTS = ("matched", "squeeze")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_LOSSES = ("l1", "l2", "log-mse", "learned-sigma")
 
+# Where a field's flag appears: "data" fields say which images and groups (used by `audit` and by
+# `check --weights`); "audit" fields only by `audit`; "spec" fields are set in a spec file only.
+Scope = Literal["data", "audit", "spec"]
+
+
+def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, scope: Scope = "audit",
+            metavar: str | None = None) -> Any:
+    """A spec field with its default, its help text and (for enumerations) its allowed values."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "scope": scope,
+                                                        "metavar": metavar})
+
 
 @dataclass(frozen=True)
 class AuditSpec:
     """Everything an audit needs; any field can be set in TOML or by a CLI flag."""
 
     # data
-    dataset: Literal["digits", "mnist", "fashion-mnist", "kmnist", "cifar10", "folder"] = "digits"
-    data_root: str = "datasets"
-    download: bool = False
-    limit: int | None = None  # cap on training images (after grouping); None = all
-    test_limit: int | None = None  # cap on held-out images; None = all
-    split_seed: int = 0  # seeds the group assignment and, where a dataset has none, the train/test split
+    dataset: str = setting("digits", "Dataset: digits ships with scikit-learn (no download); folder is your own images.",
+                           choices=DATASETS, scope="data")
+    data_root: str = setting("datasets", "Folder holding the dataset files (for folder: the image folder).",
+                             scope="data", metavar="DIR")
+    download: bool = setting(False, "Let torchvision download missing dataset files.", scope="audit")
+    limit: int | None = setting(None, "Cap on training images (default: all).", scope="data", metavar="N")
+    test_limit: int | None = setting(None, "Cap on held-out images (default: all).", scope="data", metavar="N")
+    split_seed: int = setting(0, "Seed of the group assignment and, where a dataset has none, the train/test split.",
+                              scope="data", metavar="N")
     # groups
-    group_method: Literal["transform", "select", "labels"] = "transform"
-    targets: tuple[float, ...] = (0.3, 0.9)  # target mean pixel value per group
-    proportions: tuple[float, ...] | None = None  # None = balanced
-    contrast: Literal["matched", "squeeze"] = "matched"  # transform only; see groups.py
-    tolerance: float = 0.01  # allowed |group mean brightness - target|
-    labels: str | None = None  # CSV (file or index -> group) for group_method = "labels"
+    group_method: str = setting("transform", "transform: map images to target brightness; select: pick real "
+                                "images by brightness; labels: groups from --labels.", choices=GROUP_METHODS,
+                                scope="data")
+    targets: tuple[float, ...] = setting((0.3, 0.9), "Target mean pixel value per group.", scope="data",
+                                         metavar="T,T,...")
+    proportions: tuple[float, ...] | None = setting(None, "Share of images per group, e.g. 0.9,0.1 (default: balanced).",
+                                                    scope="data", metavar="P,P,...")
+    contrast: str = setting("matched", "For transform: matched keeps every group's contrast the same; squeeze is "
+                            "the plain affine map.", choices=CONTRASTS, scope="data")
+    tolerance: float = setting(0.01, "Allowed |group mean brightness - target| for select.", scope="spec")
+    labels: str | None = setting(None, "CSV mapping image files to groups (with --dataset folder).", scope="data",
+                                 metavar="CSV")
     # models, losses, training
-    losses: tuple[str, ...] = DEFAULT_LOSSES
-    model: Literal["mlp", "conv"] = "mlp"
-    latent: int = 16
-    hidden: int = 256
-    seeds: int = 3  # cells use seeds 0 .. seeds-1
-    epochs: int = 50
-    batch_size: int = 128
-    lr: float = 1e-3
-    sigma_lr: float = 5e-2  # log sigma moves faster than the weights so sigma^2 tracks the MSE within the run
-    sigma_floor: float = 1e-3  # smallest sigma learned-sigma may reach (pixel units)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    losses: tuple[str, ...] = setting(DEFAULT_LOSSES, "Losses to compare (`fairrecon.losses.LOSSES`).",
+                                      metavar="L,L,...")
+    model: str = setting("mlp", "Autoencoder: mlp or conv.", choices=MODELS)
+    latent: int = setting(16, "Latent size of the autoencoder (also the PCA rank for difficulty-adjusted gaps).",
+                          scope="data", metavar="K")
+    hidden: int = setting(256, "Hidden width of the MLP (the conv model uses hidden // 8 channels).", metavar="N")
+    seeds: int = setting(3, "Training runs per loss (seeds 0 .. seeds-1).", metavar="N")
+    epochs: int = setting(50, "Training epochs per cell.", metavar="N")
+    batch_size: int = setting(128, "Training batch size.", metavar="N")
+    lr: float = setting(1e-3, "Adam learning rate of the weights.", metavar="LR")
+    sigma_lr: float = setting(5e-2, "Adam learning rate of a learned log sigma (faster than the weights, so "
+                              "sigma^2 tracks the MSE within the run).", scope="spec")
+    sigma_floor: float = setting(1e-3, "Smallest sigma a learned sigma may reach (pixel units).", scope="spec")
+    device: str = setting("auto", "auto takes CUDA when present.", choices=DEVICES, scope="data")
     # measurements
-    grad_points: int = 20  # gradient-share snapshots per cell, at most one per 20 steps (0 = off)
-    out: str | None = None
+    grad_points: int = setting(20, "Gradient-share snapshots per cell, at most one per 20 steps (0 = off).",
+                               scope="spec")
+    out: str | None = setting(None, "Results folder: tables, summary.json, report.md, report.html, checkpoints.",
+                              metavar="DIR")
 
     def __post_init__(self) -> None:
         _validate(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], where: str = "spec") -> "AuditSpec":
+        """A spec from plain values (TOML, JSON, keyword arguments): unknown keys and bad values are
+        one-line errors that name `where`."""
+        for key in raw:
+            if key not in FIELDS:
+                hint = difflib.get_close_matches(key, FIELDS, n=1)
+                did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+                raise UserError(f"{where}: unknown key '{key}'{did_you_mean}; allowed: {', '.join(FIELDS)}")
+        try:
+            return cls(**{k: _coerce(k, v, where) for k, v in raw.items()})
+        except UserError as e:
+            raise UserError(str(e) if str(e).startswith(f"{where}:") else f"{where}: {e}") from None
 
     def replace(self, **changes: Any) -> "AuditSpec":
         """A copy with some fields changed, like dataclasses.replace but checked and coerced.
@@ -70,7 +113,7 @@ class AuditSpec:
         unknown = sorted(set(changes) - set(FIELDS))
         if unknown:
             raise UserError(f"unknown spec field(s) {unknown}; allowed: {', '.join(FIELDS)}")
-        changes = {k: v for k, v in changes.items() if v is not None or "None" in str(_TYPES[k])}
+        changes = {k: v for k, v in changes.items() if v is not None or optional(k)}
         return dataclasses.replace(self, **{k: _coerce(k, v, "argument") for k, v in changes.items()})
 
     def override(self, **flags: Any) -> "AuditSpec":
@@ -87,7 +130,24 @@ class AuditSpec:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(AuditSpec))
-_TYPES = {f.name: f.type for f in dataclasses.fields(AuditSpec)}
+_HINTS = typing.get_type_hints(AuditSpec)
+
+
+def field_type(name: str) -> type:
+    """The value type of a field, without None: int, float, str, bool or tuple (of float or str)."""
+    hint = _HINTS[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if _is_union(hint) else [hint]
+    return args[0]
+
+
+def optional(name: str) -> bool:
+    """True when a field may be None."""
+    hint = _HINTS[name]
+    return _is_union(hint) and type(None) in typing.get_args(hint)
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
 
 
 def load_spec(path: str | Path, **flags: Any) -> AuditSpec:
@@ -103,17 +163,7 @@ def load_spec(path: str | Path, **flags: Any) -> AuditSpec:
         raise UserError(f"{path}: invalid TOML ({e})") from None
     if set(raw) == {"audit"} and isinstance(raw["audit"], dict):
         raw = raw["audit"]
-    for key in raw:
-        if key not in FIELDS:
-            hint = difflib.get_close_matches(key, FIELDS, n=1)
-            did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise UserError(f"{path}: unknown key '{key}'{did_you_mean}; allowed: {', '.join(FIELDS)}")
-    values = {k: _coerce(k, v, str(path)) for k, v in raw.items()}
-    try:
-        spec = AuditSpec(**values)
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
-    return spec.override(**flags)
+    return AuditSpec.from_dict(raw, str(path)).override(**flags)
 
 
 def parse_list(text: str, kind: type = float) -> tuple:
@@ -126,34 +176,43 @@ def parse_list(text: str, kind: type = float) -> tuple:
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:
-    """Turn TOML/CLI values into the field's type, with a one-line error if impossible."""
-    kind = str(_TYPES[key])
+    """Turn TOML/CLI/JSON values into the field's type, with a one-line error if impossible."""
+    kind = field_type(key)
+    hint = _HINTS[key]
+    described = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
     try:
         if value is None:
+            if not optional(key):
+                raise TypeError
             return None
-        if "tuple[float" in kind:
-            return parse_list(value, float) if isinstance(value, str) else tuple(float(v) for v in value)
-        if "tuple[str" in kind:
-            return parse_list(value, str) if isinstance(value, str) else tuple(str(v) for v in value)
-        if kind == "bool":
+        if kind is tuple or typing.get_origin(kind) is tuple:
+            item = typing.get_args(kind)[0] if typing.get_args(kind) else str
+            if isinstance(value, str):
+                return parse_list(value, item)
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return tuple(item(v) for v in value)
+        if kind is bool:
             if not isinstance(value, bool):
                 raise TypeError
             return value
-        if kind.startswith("int"):
+        if kind is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
             return int(value)
-        if kind == "float":
+        if kind is float:
             if isinstance(value, bool):
                 raise TypeError
             return float(value)
-        if kind.startswith("str"):
-            if isinstance(value, (dict, list)):
+        if kind is str:
+            if isinstance(value, (dict, list, tuple)):
                 raise TypeError
             return str(value)
         return value
+    except UserError:
+        raise
     except (TypeError, ValueError):
-        raise UserError(f"{where}: '{key}' = {value!r} is not a valid {kind}") from None
+        raise UserError(f"{where}: '{key}' = {value!r} is not a valid {described}") from None
 
 
 def _validate(s: AuditSpec) -> None:
@@ -161,11 +220,11 @@ def _validate(s: AuditSpec) -> None:
         if not ok:
             raise UserError(message)
 
-    need(s.dataset in DATASETS, f"unknown dataset '{s.dataset}'; allowed: {', '.join(DATASETS)}")
-    need(s.model in MODELS, f"unknown model '{s.model}'; allowed: {', '.join(MODELS)}")
-    need(s.group_method in GROUP_METHODS, f"unknown group method '{s.group_method}'; allowed: {', '.join(GROUP_METHODS)}")
-    need(s.contrast in CONTRASTS, f"unknown contrast '{s.contrast}'; allowed: {', '.join(CONTRASTS)}")
-    need(s.device in DEVICES, f"unknown device '{s.device}'; allowed: {', '.join(DEVICES)}")
+    for f in dataclasses.fields(s):
+        allowed = f.metadata.get("choices")
+        if allowed:
+            value = getattr(s, f.name)
+            need(value in allowed, f"unknown {f.name.replace('_', ' ')} '{value}'; allowed: {', '.join(allowed)}")
     need(len(s.losses) >= 1, "losses: give at least one loss")
     need(len(set(s.losses)) == len(s.losses), f"losses: {list(s.losses)} has duplicates")
     if s.group_method != "labels":

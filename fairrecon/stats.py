@@ -20,8 +20,6 @@ mean of per-seed means because every seed sees the same images).
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 from itertools import permutations
 
@@ -39,31 +37,6 @@ MIN_GROUP_N = 30  # fewer test images in a group: warning (and the gate says "in
 MIN_SEEDS = 5  # fewer seeds: the seed part of the interval rests on too few runs
 POWER = 0.8  # power at which the minimum detectable gap is stated
 RANDOM_STATE = 0  # resampling is seeded: the same result gives the same table
-
-
-def memo_per_result(fn):
-    """Compute once per result object and arguments: an audit's tables do not change once built and
-    the resampling is seeded, so summary.json, the reports and the CLI can share one bootstrap
-    (on 10,000 test images one `disparities` call takes ~8 s). Calls with a DataFrame argument
-    (e.g. `pca`) are not cached."""
-    signature = inspect.signature(fn)
-
-    @functools.wraps(fn)
-    def cached(result, *args, **kwargs):
-        bound = signature.bind(result, *args, **kwargs)
-        bound.apply_defaults()
-        key = (fn.__name__,) + tuple((k, tuple(v) if isinstance(v, list) else v)
-                                     for k, v in list(bound.arguments.items())[1:])
-        try:
-            hash(key)
-        except TypeError:
-            return fn(result, *args, **kwargs)
-        memo = result.__dict__.setdefault("_stats_memo", {})
-        if key not in memo:
-            memo[key] = fn(result, *args, **kwargs)
-        return memo[key].copy()
-
-    return cached
 
 
 def higher_is_worse(metric: str) -> bool:
@@ -103,7 +76,7 @@ def group_names(result) -> tuple[str, ...]:
     return tuple(str(n) for n in names)
 
 
-def loss_errors(result, metric: str = "mse", losses: list[str] | None = None) -> list[LossErrors]:
+def loss_errors(result, *, metric: str = "mse", losses: list[str] | None = None) -> list[LossErrors]:
     """Per-loss seed x image matrices of the ok cells (losses without any ok cell are left out)."""
     _check_metric(metric)
     names = group_names(result)
@@ -129,9 +102,9 @@ def loss_errors(result, metric: str = "mse", losses: list[str] | None = None) ->
     return out
 
 
-def crossed_bootstrap(values: np.ndarray, codes: np.ndarray, n_groups: int, n_boot: int = N_BOOT,
+def crossed_bootstrap(values: np.ndarray, codes: np.ndarray, n_groups: int, *, n_boot: int = N_BOOT,
                       random_state: int = RANDOM_STATE, baseline: np.ndarray | None = None,
-                      chunk: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
+                      block: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
     """Replicates of each group's mean error, (n_boot, G), resampling seeds and within-group images.
 
     values (S, N): error of image i under seed s. baseline (N,), optional: a per-image quantity
@@ -143,8 +116,8 @@ def crossed_bootstrap(values: np.ndarray, codes: np.ndarray, n_groups: int, n_bo
     members = [np.flatnonzero(codes == g) for g in range(n_groups)]
     out = np.empty((n_boot, n_groups))
     base = np.empty((n_boot, n_groups)) if baseline is not None else None
-    for lo in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - lo)
+    for lo in range(0, n_boot, block):  # replicates in blocks: bounded memory
+        b = min(block, n_boot - lo)
         weights = seed_rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=b) / n_seeds  # (b, S)
         for g, idx in enumerate(members):
             n = len(idx)
@@ -156,7 +129,7 @@ def crossed_bootstrap(values: np.ndarray, codes: np.ndarray, n_groups: int, n_bo
     return out, base
 
 
-def to_metric_frame(result, loss: str, metric: str = "mse", seed: int | None = None):
+def to_metric_frame(result, loss: str, *, metric: str = "mse", seed: int | None = None):
     """fairlearn MetricFrame of the mean per-image `metric` by group, for one loss (all ok seeds, or one)."""
     from fairlearn.metrics import MetricFrame
 
@@ -174,15 +147,14 @@ def _mean_error(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(y_pred))
 
 
-@memo_per_result
-def group_intervals(result, metric: str = "mse", alpha: float = 0.05, n_boot: int = N_BOOT,
+def group_intervals(result, *, metric: str = "mse", alpha: float = 0.05, n_boot: int = N_BOOT,
                     random_state: int = RANDOM_STATE) -> pd.DataFrame:
     """One row per (loss, group): mean error (MetricFrame) and its (1 - alpha) crossed-bootstrap interval."""
     _check_alpha(alpha)
     rows = []
-    for le in loss_errors(result, metric):
-        by_group = to_metric_frame(result, le.loss, metric).by_group[metric]
-        boot, _ = crossed_bootstrap(le.values, le.codes, len(le.names), n_boot, random_state)
+    for le in loss_errors(result, metric=metric):
+        by_group = to_metric_frame(result, le.loss, metric=metric).by_group[metric]
+        boot, _ = crossed_bootstrap(le.values, le.codes, len(le.names), n_boot=n_boot, random_state=random_state)
         low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2], axis=0)
         for g, (name, idx) in enumerate(zip(le.names, le.members)):
             rows.append({"loss": le.loss, "group": name, "metric": metric, "mean": float(by_group[name]),
@@ -206,7 +178,7 @@ def _max_minus_min(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
     return means.max(0) - means.min(0)
 
 
-def permutation_p(per_image: np.ndarray, codes: np.ndarray, n_groups: int, n_perm: int = N_PERM,
+def permutation_p(per_image: np.ndarray, codes: np.ndarray, n_groups: int, *, n_perm: int = N_PERM,
                   random_state: int = RANDOM_STATE) -> float:
     """p-value of "no gap": group labels permuted over per-image errors, statistic max - min of group means."""
     samples = [per_image[codes == g] for g in range(n_groups)]
@@ -232,8 +204,7 @@ def _pick(mu: np.ndarray, ref: int | None) -> tuple[int, int]:
     return others[int(np.argmax(mu[others]))], r
 
 
-@memo_per_result
-def disparities(result, metric: str = "mse", reference: str = "best", alpha: float = 0.05,
+def disparities(result, *, metric: str = "mse", reference: str = "best", alpha: float = 0.05,
                 adjusted: bool = False, pca: pd.DataFrame | None = None, losses: list[str] | None = None,
                 n_boot: int = N_BOOT, n_perm: int = N_PERM, random_state: int = RANDOM_STATE) -> pd.DataFrame:
     """One row per loss: the worst group's gap and ratio against the reference group, with intervals and tests.
@@ -248,7 +219,7 @@ def disparities(result, metric: str = "mse", reference: str = "best", alpha: flo
     filled when adjusted=True or `pca` is given (per image from `pca_errors`, or per group from `pca_reference`).
     """
     _check_alpha(alpha)
-    table = loss_errors(result, metric, losses)
+    table = loss_errors(result, metric=metric, losses=losses)
     names = group_names(result)
     if reference != "best" and reference not in names:
         raise UserError(f"reference group '{reference}' not in this result; groups: {', '.join(names)} (or 'best')")
@@ -265,7 +236,8 @@ def disparities(result, metric: str = "mse", reference: str = "best", alpha: flo
     for le in table:
         bad = sign * le.values
         baseline = sign * baseline_of(le) if (adjusted or pca is not None) else None
-        boot, base = crossed_bootstrap(bad, le.codes, len(names), n_boot, random_state, baseline)
+        boot, base = crossed_bootstrap(bad, le.codes, len(names), n_boot=n_boot, random_state=random_state,
+                                       baseline=baseline)
         mu = np.array([bad[:, idx].mean() for idx in le.members])
         worst, r = _pick(mu, ref)
         diff = boot[:, worst] - boot[:, r]
@@ -278,7 +250,7 @@ def disparities(result, metric: str = "mse", reference: str = "best", alpha: flo
                         "ratio_lcb": _lower_bound(boot, _pairs(len(names), ref), level, ratio=True)})
         else:
             row.update({"ratio": np.nan, "ratio_low": np.nan, "ratio_high": np.nan, "ratio_lcb": np.nan})
-        row["p_value"] = permutation_p(bad.mean(0), le.codes, len(names), n_perm, random_state)
+        row["p_value"] = permutation_p(bad.mean(0), le.codes, len(names), n_perm=n_perm, random_state=random_state)
         row["mde"] = z * float(diff.std(ddof=1)) if n_boot > 1 else np.nan
         if base is not None:
             excess = boot - base
@@ -301,6 +273,27 @@ _COLUMNS = ["loss", "metric", "reference", "worst", "reference_mean", "worst_mea
             "gap", "gap_low", "gap_high", "gap_lcb", "ratio", "ratio_low", "ratio_high", "ratio_lcb",
             "p_value", "mde", "adjusted_reference", "adjusted_worst", "adjusted_gap", "adjusted_gap_low",
             "adjusted_gap_high", "adjusted_gap_lcb", "n_min", "seeds", "warnings"]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """An audit's statistics for one metric, computed once by `analyse` and passed to every surface
+    that shows them (terminal, report.md, report.html, summary.json): per-group intervals, per-loss
+    gaps, and a sentence saying how they were made."""
+
+    metric: str
+    intervals: pd.DataFrame  # loss, group, metric, mean, ci_low, ci_high, n, seeds
+    disparities: pd.DataFrame  # one row per loss, see `disparities`
+    method: str
+
+
+METHOD = ("95% intervals from fairrecon.stats (bootstrap over seeds and test images); "
+          "p: permutation test over test images (seed-averaged errors), Holm-corrected across losses.")
+
+
+def analyse(result, *, metric: str = "mse") -> Analysis:
+    """The statistics of a result, once: group intervals and disparities for `metric`."""
+    return Analysis(metric, group_intervals(result, metric=metric), disparities(result, metric=metric), METHOD)
 
 
 def _interval(name: str, reps: np.ndarray, alpha: float) -> dict[str, float]:

@@ -25,7 +25,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Callable
 
@@ -34,10 +34,22 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from .errors import UserError
 from .losses import effective_log_sigma, get_loss
 from .models import build_model
+from .spec import AuditSpec
 
 SIGMA_COLLAPSE_FACTOR = 1.01  # a learned sigma within 1% of its floor counts as collapsed
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' takes CUDA when present; asking for CUDA without it is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but no CUDA GPU is available (torch.cuda.is_available() is False); "
+                        "use --device cpu or auto")
+    return torch.device(name)
 
 
 @dataclass(frozen=True)
@@ -52,15 +64,23 @@ class Cell:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = "mlp"
-    latent: int = 16
-    hidden: int = 256
-    epochs: int = 50
-    batch_size: int = 128
-    lr: float = 1e-3
-    sigma_lr: float = 5e-2
-    sigma_floor: float = 1e-3
-    grad_points: int = 0  # how many batches per cell to hand to `on_snapshot`
+    """The spec fields training needs; no defaults here: AuditSpec is their one home (`from_spec`)."""
+
+    model: str
+    latent: int
+    hidden: int
+    epochs: int
+    batch_size: int
+    lr: float
+    sigma_lr: float
+    sigma_floor: float
+    grad_points: int  # how many batches per cell to hand to `on_snapshot`
+
+    @classmethod
+    def from_spec(cls, spec: AuditSpec, **changes) -> "TrainConfig":
+        """The training settings of a spec (with `changes` applied to the spec first, checked)."""
+        spec = spec.replace(**changes) if changes else spec
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(cls)})
 
 
 @dataclass
@@ -81,12 +101,12 @@ class StackedCells:
         return vmap(one)(self.params if params is None else params, self.buffers, x)
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-        """The same images x (N, ...) through every cell -> (C, N, ...)."""
+    def reconstruct(self, x: torch.Tensor, batch: int = 2048) -> torch.Tensor:
+        """The same images x (N, ...) through every cell, `batch` images at a time -> (C, N, ...)."""
         def one(p, b, xc):
             return functional_call(self.base, (p, b), (xc,))
         run = vmap(one, in_dims=(0, 0, None))
-        return torch.cat([run(self.params, self.buffers, x[i:i + chunk]) for i in range(0, len(x), chunk)], dim=1)
+        return torch.cat([run(self.params, self.buffers, x[i:i + batch]) for i in range(0, len(x), batch)], dim=1)
 
     def per_sample_nll(self, x: torch.Tensor, x_hat: torch.Tensor, log_sigma: torch.Tensor | None = None) -> torch.Tensor:
         """Each cell's own loss on its own batch: (C, B, ...) -> (C, B)."""

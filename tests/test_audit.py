@@ -42,8 +42,8 @@ def test_per_sample_errors_match_the_cell_model_run_by_hand(fashion, shared_data
     assert np.array_equal(rerun.samples["mse"].to_numpy(),
                           result.samples.query("loss == 'l2' and seed == 0")["mse"].to_numpy())  # bit-identical on CPU
     from fairrecon.train import Cell, train_cells
-    from fairrecon.audit import train_config
-    trained = train_cells(data.train_x, data.train_g, [Cell("l2", 0)], train_config(result.spec))
+    from fairrecon.train import TrainConfig
+    trained = train_cells(data.train_x, data.train_g, [Cell("l2", 0)], TrainConfig.from_spec(result.spec))
     model = trained.stacked.module(0)
     with torch.no_grad():
         residual = (model(data.test_x) - data.test_x).flatten(1)

@@ -161,3 +161,14 @@ def test_factory_through_the_real_cli(factory_module, tmp_path):
                          env=env, timeout=300)
     assert run.returncode == 1, run.stdout + run.stderr
     assert "FAIL model: group 0.9 vs 0.3" in run.stdout
+
+
+def test_an_external_models_result_saves_and_loads(tmp_path):
+    """Saving an external model's result used to fail ("unknown loss 'model'"): it has no likelihood."""
+    from fairrecon import AuditResult, save_results
+
+    result = external.audit_model(Gray(), AuditSpec(dataset="digits"), name="model")
+    save_results(result, tmp_path / "ext")
+    again = AuditResult.load(tmp_path / "ext")
+    assert list(again.cells["loss"]) == ["model"]
+    assert "(external model)" in (tmp_path / "ext" / "report.md").read_text()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import FAST, REPO
-from fairrecon import gate, run_audit
+from fairrecon import gate, run_audit, save_results
 from fairrecon.cli import main
 from fairrecon.errors import UserError
 from test_stats import simulate, synthetic_result
@@ -74,7 +74,7 @@ def test_assert_fair_uses_the_same_policy(tmp_path):
     unfair = _result(means=(0.010, 0.016))
     with pytest.raises(AssertionError, match="FAIL l1"):
         gate.assert_fair(unfair, max_ratio=1.2)
-    unfair.save(tmp_path / "unfair")
+    save_results(unfair, tmp_path / "unfair")
     with pytest.raises(AssertionError, match="FAIL l1"):
         gate.assert_fair(tmp_path / "unfair", max_ratio=1.2)
     assert gate.assert_fair(_result(), max_ratio=1.5).passed

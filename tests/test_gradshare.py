@@ -3,6 +3,7 @@ closed forms for the output-space share, and training left untouched by the reco
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -10,14 +11,16 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
+from fairrecon import analyse, outputs
 from fairrecon.audit import run_audit
 from fairrecon.gradshare import SHARES, GradShareRecorder, group_gradients
 from fairrecon.results import AuditResult
+from fairrecon.spec import AuditSpec
 from fairrecon.train import SNAPSHOT_SPACING, Cell, TrainConfig, init_cells, snapshot_count, train_cells
 
 from conftest import FAST
 
-CONFIG = TrainConfig(latent=4, hidden=16, sigma_floor=1e-3)
+CONFIG = TrainConfig.from_spec(AuditSpec(latent=4, hidden=16, sigma_floor=1e-3))
 SHAPE = (1, 6, 6)
 LOSS_NAMES = ("l1", "l2", "log-mse", "learned-sigma")
 
@@ -143,7 +146,7 @@ def test_recorder_leaves_training_unchanged():
     x = torch.rand((90,) + SHAPE, generator=gen)
     group = torch.randint(0, 2, (90,), generator=gen)
     cells = [Cell(loss, s) for loss in LOSS_NAMES for s in range(2)]
-    config = TrainConfig(latent=4, hidden=16, epochs=3, batch_size=32, grad_points=5)
+    config = TrainConfig.from_spec(AuditSpec(latent=4, hidden=16, epochs=3, batch_size=32, grad_points=5))
     plain = train_cells(x, group, cells, config)
     recorder = GradShareRecorder(["a", "b"])
     recorded = train_cells(x, group, cells, config, on_snapshot=recorder)
@@ -167,14 +170,14 @@ def test_audit_records_saves_and_summarises_grad_shares(tmp_path):
     assert len(frame) == snapshot_count(4, steps) * len(result.spec.losses) * FAST["seeds"] * 2
     loaded = AuditResult.load(tmp_path)
     pd.testing.assert_frame_equal(loaded.grad_shares, frame, check_dtype=False)
-    summary = pd.DataFrame(result.summary()["grad_shares"])
+    summary = pd.DataFrame(json.loads((tmp_path / "summary.json").read_text())["grad_shares"])
     want = frame.groupby(["loss", "group"], sort=False)["projection_share"].mean()
     got = summary.set_index(["loss", "group"])["projection_share"]
     pd.testing.assert_series_equal(got, want, check_names=False)
     ratio = (frame["projection_share"] / frame["sample_share"]).groupby([frame["loss"], frame["group"]], sort=False).mean()
     pd.testing.assert_series_equal(summary.set_index(["loss", "group"])["projection_ratio"], ratio, check_names=False)
     off = run_audit(dataset="digits", limit=300, test_limit=100, grad_points=0, **FAST)
-    assert off.grad_shares is None and "grad_shares" not in off.summary()
+    assert off.grad_shares is None and "grad_shares" not in outputs.summary(off, analyse(off))
 
 
 def test_snapshots_are_spaced_so_that_they_cost_little():

@@ -16,7 +16,6 @@ from PIL import Image
 
 from conftest import FAST, REPO
 from fairrecon import run_audit
-from fairrecon.audit import train_config
 from fairrecon.data import load_images
 from fairrecon.figures import HATCHES, group_styles
 from fairrecon.groups import make_groups
@@ -24,9 +23,10 @@ from fairrecon.html_report import html_report
 from fairrecon.measure import example_reconstructions
 from fairrecon.progress import Progress
 from fairrecon.report import markdown_report, verdict_table
+from fairrecon.stats import analyse
 from fairrecon.results import AuditResult
 from fairrecon.spec import AuditSpec
-from fairrecon.train import Cell, train_cells
+from fairrecon.train import Cell, TrainConfig, train_cells
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_example_reconstructions_match_an_ordinary_module():
     spec = AuditSpec(dataset="digits", **FAST)
     data = make_groups(load_images("digits"), spec)
     cells = [Cell(loss, seed) for loss in ("l1", "l2") for seed in (0, 1)]
-    trained = train_cells(data.train_x, data.train_g, cells, train_config(spec))
+    trained = train_cells(data.train_x, data.train_g, cells, TrainConfig.from_spec(spec))
     ex = example_reconstructions(trained.stacked, data, per_group=3)
     assert list(ex["losses"]) == ["l1", "l2"] and int(ex["seed"]) == 0
     pos = {int(i): k for k, i in enumerate(data.test_index)}
@@ -86,11 +86,11 @@ def test_example_reconstructions_match_an_ordinary_module():
 def test_verdict_names_the_lowest_and_highest_error_group(saved):
     result, _ = saved
     bg = result.by_group()
-    table = verdict_table(result, "mse").set_index("loss")
+    table = verdict_table(analyse(result)).set_index("loss")
     for loss, part in bg.groupby("loss"):
         assert table.loc[loss, "favours"] == str(part.loc[part["mse"].idxmin(), "group"])
         assert table.loc[loss, "worse group"] == str(part.loc[part["mse"].idxmax(), "group"])
-    md = markdown_report(result)
+    md = markdown_report(result, analyse(result))
     assert all(f"| {loss} |" in md for loss in result.spec.losses)
 
 
@@ -105,7 +105,7 @@ def test_html_is_self_contained_with_every_figure(saved):
                            for loss in result.spec.losses for s in range(2) for step in (0, 5, 10) for g in ("0.3", "0.9")])
     result.grad_shares = shares  # as the gradient-share measurement will attach them
     try:
-        page = html_report(result)
+        page = html_report(result, analyse(result))
     finally:
         del result.grad_shares
     assert not re.search(r"<script|<link|@import|url\(|https?:", page, re.I)
@@ -147,22 +147,22 @@ class _Tty(io.StringIO):
 def test_progress_plain_lines_when_not_a_terminal():
     stream = io.StringIO()
     with Progress(stream=stream) as p:
-        for chunk in (1, 2, 3):
+        for seed in (1, 2, 3):
             for e in range(1, 41):
-                p.on_epoch(e, 40, chunk, 3)
+                p.on_epoch(e, 40, seed, 3)
     lines = stream.getvalue().splitlines()
     assert 10 <= len(lines) <= 11 and all("ETA" in line for line in lines) and "\r" not in stream.getvalue()
-    assert lines[-1].startswith("[fairrecon] chunk 3/3, epoch 40/40 (100% of training)")
+    assert lines[-1].startswith("[fairrecon] seed 3/3, epoch 40/40 (100% of training)")
 
 
 def test_progress_bars_on_a_terminal_and_nothing_when_quiet():
     tty = _Tty()
     with Progress(stream=tty) as p:
-        for chunk in (1, 2):
+        for seed in (1, 2):
             for e in range(1, 6):
-                p.on_epoch(e, 5, chunk, 2)
+                p.on_epoch(e, 5, seed, 2)
     text = tty.getvalue()
-    assert "\r" in text and "overall" in text and "10/10" in text and "chunk 2/2" in text
+    assert "\r" in text and "overall" in text and "10/10" in text and "seed 2/2" in text
     quiet = _Tty()
     with Progress(stream=quiet, quiet=True) as p:
         p.log("hello")

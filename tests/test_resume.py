@@ -1,6 +1,6 @@
 """Resume and failed cells: an interrupted audit, run again, ends exactly as an uninterrupted one.
 
-Cells are checkpointed per chunk (one chunk per seed) in OUT/cells; these tests interrupt
+Cells are checkpointed per seed (all its losses) in OUT/cells; these tests interrupt
 audits for real (kill -9 on a subprocess, an exception inside the run), resume them, and
 compare every table with an uninterrupted run of the same spec, bit for bit.
 """
@@ -21,12 +21,12 @@ import pytest
 
 from fairrecon import AuditSpec, UserError, run_audit
 from fairrecon.cli import main
-from fairrecon.results import atomic_write
+from fairrecon.fileio import atomic_write
 from fairrecon.resume import CellStore, result_fields
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Three chunks (seeds) of two cells; big enough that a chunk takes a moment, small enough for CI.
+# Three seeds of two cells; big enough that a seed takes a moment, small enough for CI.
 SPEC = dict(dataset="digits", limit=320, test_limit=120, losses=("l2", "learned-sigma"), seeds=3, epochs=2,
             batch_size=64, latent=8, hidden=32, device="cpu")
 FLAGS = ["--dataset", "digits", "--limit", "320", "--test-limit", "120", "--losses", "l2,learned-sigma", "--seeds", "3",
@@ -63,11 +63,11 @@ def test_kill_9_mid_run_then_resume_gives_identical_results(reference, tmp_path)
     spec_file.write_text("hidden = 32\n")
     proc = subprocess.Popen([sys.executable, "-m", "fairrecon", "audit", str(spec_file), *FLAGS, "--out", str(out),
                              "--quiet"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first_chunk = ["l2-seed0.json", "learned-sigma-seed0.json"]
+    first_seed = ["l2-seed0.json", "learned-sigma-seed0.json"]
     deadline = time.monotonic() + 120
-    while not set(first_chunk) <= set(markers(out)):
+    while not set(first_seed) <= set(markers(out)):
         assert proc.poll() is None, f"audit ended before it could be killed: {proc.stderr.read().decode()}"
-        assert time.monotonic() < deadline, "first chunk never finished"
+        assert time.monotonic() < deadline, "first seed never finished"
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -90,12 +90,12 @@ def test_exception_mid_run_then_resume_trains_only_the_rest(reference, tmp_path)
     _, ref_out = reference
     out = tmp_path / "interrupted"
 
-    def ctrl_c_after_first_chunk(message: str) -> None:
+    def ctrl_c_after_first_seed(message: str) -> None:
         if message.startswith("done:"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_audit(**SPEC, out=str(out), log=ctrl_c_after_first_chunk)
+        run_audit(**SPEC, out=str(out), log=ctrl_c_after_first_seed)
     assert markers(out) == ["l2-seed0.json", "learned-sigma-seed0.json"]
 
     trained: list[str] = []
@@ -125,7 +125,7 @@ def test_half_written_cell_is_trained_again(reference, tmp_path):
     (out / "cells" / ".l2-seed2.samples.csv.abc123.tmp").write_text("half a fi")  # a write cut short
     messages: list[str] = []
     run_audit(**SPEC, out=str(out), log=messages.append)
-    assert "done: l2/seed2, learned-sigma/seed2" in messages  # the whole chunk trained again
+    assert "done: l2/seed2, learned-sigma/seed2" in messages  # the whole seed trained again
     assert not list((out / "cells").glob(".*.tmp"))
     assert_same_results(out, ref_out)
 

@@ -58,13 +58,13 @@ def test_metric_frame_and_group_means_match_pandas():
     values, codes = simulate(rng, seeds=3)
     result = synthetic_result({"l1": values, "l2": values * 2}, codes)
     for metric in stats.METRICS:
-        mf = stats.to_metric_frame(result, "l2", metric)
+        mf = stats.to_metric_frame(result, "l2", metric=metric)
         by_pandas = result.samples.query("loss == 'l2'").groupby("group", observed=True)[metric].mean()
         np.testing.assert_allclose(mf.by_group[metric].reindex(by_pandas.index.astype(str)), by_pandas)
-        one_seed = stats.to_metric_frame(result, "l1", metric, seed=2).by_group[metric]
+        one_seed = stats.to_metric_frame(result, "l1", metric=metric, seed=2).by_group[metric]
         by_seed = result.samples.query("loss == 'l1' and seed == 2").groupby("group", observed=True)[metric].mean()
         np.testing.assert_allclose(one_seed.reindex(by_seed.index.astype(str)), by_seed)
-    table = stats.group_intervals(result, "mse", n_boot=200)
+    table = stats.group_intervals(result, metric="mse", n_boot=200)
     expected = result.by_group()  # mean over seeds of per-seed group means
     merged = table.merge(expected, on=["loss", "group"], suffixes=("", "_expected"))
     np.testing.assert_allclose(merged["mean"], merged["mse"])
@@ -163,7 +163,7 @@ def test_disparities_on_a_planted_gap():
     assert d.loc["l1", "gap_lcb"] < 0
     np.testing.assert_allclose(d["p_holm"], stats.holm(d["p_value"]))
     # psnr: worse means fewer dB; the gap is reference dB minus worst dB
-    p = stats.disparities(result, "psnr", n_boot=300).set_index("loss").loc["l2"]
+    p = stats.disparities(result, metric="psnr", n_boot=300).set_index("loss").loc["l2"]
     db = result.samples.groupby(["loss", "group"], observed=True)["psnr"].mean()
     assert p.worst == "b" and p.gap == pytest.approx(db["l2", "a"] - db["l2", "b"]) and np.isnan(p.ratio)
     # a named reference: the other group is the worst even when it is the better one
@@ -232,39 +232,10 @@ def test_usage_errors():
     values, codes = simulate(rng, seeds=2)
     result = synthetic_result({"l1": values}, codes)
     with pytest.raises(UserError, match="unknown metric"):
-        stats.disparities(result, "rmse")
+        stats.disparities(result, metric="rmse")
     with pytest.raises(UserError, match="reference group 'c'"):
         stats.disparities(result, reference="c")
     with pytest.raises(UserError, match="unknown loss"):
         stats.disparities(result, losses=["l9"])
     with pytest.raises(UserError, match="alpha"):
         stats.group_intervals(result, alpha=1.5)
-
-
-def test_statistics_are_computed_once_per_result_and_call():
-    """summary.json, the reports and the CLI share one bootstrap; callers get copies they may change."""
-    import pandas as pd
-    from fairrecon import stats as st
-
-    result = _memo_result()
-    first = st.disparities(result, "mse")
-    first.loc[:, "gap"] = -1.0  # a caller's change must not reach the cache
-    again = st.disparities(result, metric="mse")  # keyword or positional: the same call
-    assert (again["gap"] >= 0).all() and len(result._stats_memo) == 1
-    pd.testing.assert_frame_equal(again, st.disparities(_memo_result(), "mse"))  # a fresh result: same numbers
-    assert not st.disparities(result, "mse", alpha=0.1).equals(again)  # other arguments: computed anew
-
-
-def _memo_result():
-    import numpy as np
-    import pandas as pd
-    from fairrecon.results import AuditResult
-    from fairrecon.spec import AuditSpec
-
-    rng = np.random.default_rng(0)
-    n = 80
-    samples = pd.DataFrame({"loss": "l2", "seed": np.repeat([0, 1], n), "group": pd.Categorical(np.tile(["a", "b"], n)),
-                            "index": np.tile(np.arange(n), 2), "mse": rng.gamma(2.0, 0.01, 2 * n)})
-    samples["mae"], samples["psnr"] = samples["mse"] ** 0.5, -10 * np.log10(samples["mse"])
-    cells = pd.DataFrame({"loss": ["l2", "l2"], "seed": [0, 1], "status": ["ok", "ok"]})
-    return AuditResult(AuditSpec(losses=("l2",), seeds=2), samples, cells, pd.DataFrame(), pd.DataFrame())

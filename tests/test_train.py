@@ -21,10 +21,11 @@ from fairrecon.data import load_images
 from fairrecon.losses import effective_log_sigma, get_loss
 from fairrecon.models import build_model
 from fairrecon import train as train_mod
+from fairrecon.spec import AuditSpec
 from fairrecon.train import Cell, TrainConfig, cell_bytes, cells_per_chunk, train_cells
 
 ATOL = 1e-5
-CONFIG = TrainConfig(latent=8, hidden=32, epochs=2, batch_size=64, grad_points=0)
+CONFIG = TrainConfig.from_spec(AuditSpec(latent=8, hidden=32, epochs=2, batch_size=64, grad_points=0))
 # l2 appears twice, apart, so the per-loss index path (not only slices) is exercised.
 CELLS = [Cell("l2", 0), Cell("learned-sigma", 1), Cell("log-mse", 0), Cell("l1", 2), Cell("l2", 1)]
 
@@ -131,7 +132,7 @@ def test_chunks_give_the_same_result(digits, monkeypatch):
 
 def test_cell_bytes_counts_weights_and_grows_with_batch():
     shape = (1, 28, 28)
-    small, big = (TrainConfig(hidden=64, latent=8, batch_size=b) for b in (32, 64))
+    small, big = (TrainConfig.from_spec(AuditSpec(hidden=64, latent=8, batch_size=b)) for b in (32, 64))
     n_params = sum(p.numel() for p in build_model("mlp", shape, 8, 64).parameters())
     # at batch size b: 16 bytes per parameter + a part linear in b
     per_batch = cell_bytes(big, shape) - cell_bytes(small, shape)

@@ -1,0 +1,85 @@
+"""A results folder, written in one pass from a result and its statistics.
+
+  data files    results.AuditResult.data_files(): samples.csv, cells.csv, groups.csv, history.csv, ...
+  report.md     for pull requests (report.py)
+  report.html   the same with figures, one self-contained file (html_report.py)
+  summary.json  spec, versions, per-group means, the statistics, gradient shares; written last
+
+Every file is rendered in memory before the first one is written, so an error while computing
+(a bad group, a failing figure) leaves the folder as it was; each file is then written
+atomically (fileio.py). The statistics come in as one `stats.Analysis`, so summary.json and
+both reports say the same thing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+from .fileio import write_files
+from .gradshare import share_summary
+from .html_report import html_report
+from .report import markdown_report
+from .results import AuditResult, records
+from .stats import Analysis, analyse
+
+
+def summary(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
+    """summary.json's content (schema in the README)."""
+    extra = {"grad_shares": records(share_summary(result.grad_shares))} if result.grad_shares is not None else {}
+    return {
+        "fairrecon_version": result.info.get("fairrecon_version"),
+        "spec": result.spec.to_dict(),
+        "info": {k: v for k, v in result.info.items() if k != "fairrecon_version"},
+        "groups": records(result.groups),
+        "cells": records(result.cells),
+        "by_group": records(result.by_group()),
+        "disparities": records(analysis.disparities),
+        **extra,
+    }
+
+
+def result_files(result: AuditResult, analysis: Analysis) -> dict[str, bytes]:
+    """Every file of a results folder, rendered in memory, summary.json last."""
+    files = dict(result.data_files())
+    files["report.md"] = markdown_report(result, analysis).encode()
+    files["report.html"] = html_report(result, analysis).encode()
+    files["summary.json"] = (json.dumps(summary(result, analysis), indent=2, default=_json_default) + "\n").encode()
+    return files
+
+
+def save_results(result: AuditResult, out: str | Path, analysis: Analysis | None = None) -> Path:
+    """Write the whole results folder `out` (created if needed); the statistics are computed here
+    unless the caller already has them."""
+    out = Path(out)
+    files = result_files(result, analysis if analysis is not None else analyse(result))
+    try:
+        write_files(out, files)
+    except OSError as e:
+        raise UserError(f"cannot write results to {out}: {e.strerror or e}") from None
+    return out
+
+
+def write_reports(result: AuditResult, analysis: Analysis, folder: str | Path) -> dict[str, Path]:
+    """Only report.md and report.html (re-rendered from a saved result by `fairrecon report`)."""
+    folder = Path(folder)
+    files = {"report.md": markdown_report(result, analysis), "report.html": html_report(result, analysis)}
+    try:
+        write_files(folder, files)
+    except OSError as e:
+        raise UserError(f"cannot write reports to {folder}: {e.strerror or e}") from None
+    return {"md": folder / "report.md", "html": folder / "report.html"}
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
