@@ -125,12 +125,14 @@ def mix_loss(name: str, a: float) -> Loss:
 
     def nll(x, x_hat, p, floor):
         r = x_hat - x
-        return (a * r.abs() + (1.0 - a) * (0.5 * r.pow(2)) + log_z).sum(-1)  # normaliser per pixel: mix:1 == l1 exactly
-    return Loss(name, nll, f"p(r) = exp(-({canonical_number(a)} |r| + {canonical_number(1 - a)} r^2 / 2)) / Z")
+        # log Z added per pixel, as torch's Laplace and Normal do: mix:1 and mix:0 are l1 and l2 bit for bit
+        return (a * r.abs() + (1.0 - a) * (0.5 * r.pow(2)) + log_z).sum(-1)
+    return Loss(name, nll, f"p(r) = exp(-({canonical_number(a)} abs(r) + {canonical_number(1 - a)} r^2 / 2)) / Z")
 
 
 def huber_log_normaliser(delta: float) -> float:
-    """log of Z(delta) = integral of exp(-huber_delta(r)) dr = 2 (sqrt(pi/2) erf(delta / sqrt 2) + exp(-delta^2/2) / delta)."""
+    """log of Z(delta) = integral of exp(-huber_delta(r)) dr, in closed form:
+    2 (sqrt(pi / 2) erf(delta / sqrt 2) + exp(-delta^2 / 2) / delta)."""
     return math.log(2.0 * (math.sqrt(math.pi / 2) * math.erf(delta / math.sqrt(2)) + math.exp(-delta**2 / 2) / delta))
 
 
@@ -139,7 +141,8 @@ def huber_loss(name: str, delta: float) -> Loss:
 
     def nll(x, x_hat, p, floor):
         return (F.huber_loss(x_hat, x, reduction="none", delta=delta) + log_z).sum(-1)
-    return Loss(name, nll, f"p(r) = exp(-huber(r)) / Z: Gaussian for |r| <= {canonical_number(delta)}, Laplace tails beyond")
+    return Loss(name, nll, f"p(r) = exp(-huber(r)) / Z: Gaussian for abs(r) <= {canonical_number(delta)}, "
+                           "Laplace tails beyond")
 
 
 def barron_rho(z2, alpha: float):
@@ -182,13 +185,16 @@ def barron_loss(name: str, alpha: float) -> Loss:
 
 @dataclass(frozen=True)
 class Interval:
+    """The values a family allows: from low to high, each end closed unless marked open."""
+
     low: float
     high: float
     low_open: bool = False
     high_open: bool = False
 
     def __contains__(self, v: float) -> bool:
-        return (self.low < v if self.low_open else self.low <= v) and (v < self.high if self.high_open else v <= self.high)
+        above = self.low < v if self.low_open else self.low <= v
+        return above and (v < self.high if self.high_open else v <= self.high)
 
     def __str__(self) -> str:
         return (f"{'(' if self.low_open else '['}{canonical_number(self.low)}, "
@@ -292,9 +298,10 @@ for _loss in (
     register(_loss)
 
 for _family in (
-    Family("mix", "a", Interval(0.0, 1.0), mix_loss, "p(r) = exp(-(a |r| + (1 - a) r^2 / 2)) / Z(a): l1 at a = 1, l2 at a = 0"),
+    Family("mix", "a", Interval(0.0, 1.0), mix_loss,
+           "p(r) = exp(-(a abs(r) + (1 - a) r^2 / 2)) / Z(a): l1 at a = 1, l2 at a = 0"),
     Family("huber", "delta", Interval(0.0, math.inf, low_open=True, high_open=True), huber_loss,
-           "p(r) = exp(-huber_delta(r)) / Z(delta): Gaussian core, Laplace tails beyond |r| = delta"),
+           "p(r) = exp(-huber_delta(r)) / Z(delta): Gaussian core, Laplace tails beyond abs(r) = delta"),
     Family("barron", "alpha", Interval(0.0, 2.0), barron_loss,
            "Barron's general robust density with a learned scale c: Cauchy at alpha = 0, "
            "pseudo-Huber at 1, Gaussian at 2"),

@@ -398,6 +398,9 @@ def test_registry_resolves_family_members_and_accepts_new_losses():
     assert LOSSES["mix:.5"].name == "mix:0.5"  # any spelling finds the canonical member
     assert "mix:2" not in LOSSES and LOSSES.get("mix:2") is None and "huber" not in LOSSES
     assert set(FAMILIES) == {"mix", "huber", "barron"} and "mix:0.5" not in list(LOSSES)  # listing: plain losses
+    descriptions = [LOSSES[n].likelihood for n in ("mix:0.5", "huber:0.1", "barron:1", *LOSSES)]
+    descriptions += [f.likelihood for f in FAMILIES.values()]
+    assert not any("|" in d or "\n" in d for d in descriptions)  # one line each, safe in a markdown table cell
     with pytest.raises(UserError, match="unknown loss 'l3'.*l1, l2"):
         get_loss("l3")
     custom = register(Loss("l1-copy", l1_nll, "Laplace NLL, b = 1"))
@@ -444,25 +447,30 @@ def test_checkpoint_names_of_loss_families():
 
 
 def test_family_audit_end_to_end(tmp_path):
-    """`--losses l1,l2,mix:0,1` through the CLI: the family expands, mix:1 and mix:0 train exactly as l1 and l2
+    """`--losses l1,l2,mix:0,1,student-t` through the CLI: the family expands, mix:1 and mix:0 train exactly as l1 and l2
     (same seed, identical losses and gradients: bit-identical errors), checkpoints are written under
     the canonical names, and a second run resumes every cell from them."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)  # an audit in its own precision
     try:
-        args = ["audit", "--dataset", "digits", "--limit", "256", "--test-limit", "64", "--losses", "l1,l2,mix:0,1",
+        args = ["audit", "--dataset", "digits", "--limit", "256", "--test-limit", "64", "--losses", "l1,l2,mix:0,1,student-t",
                 "--seeds", "1", "--epochs", "2", "--latent", "4", "--hidden", "32", "--device", "cpu",
                 "--out", str(tmp_path), "--quiet"]
         with pytest.raises(SystemExit) as exit_:
             main(args)
         assert exit_.value.code == 0
         summary = json.loads((tmp_path / "summary.json").read_text())
-        assert summary["spec"]["losses"] == ["l1", "l2", "mix:0", "mix:1"]
+        assert summary["spec"]["losses"] == ["l1", "l2", "mix:0", "mix:1", "student-t"]
+        cells = {c["loss"]: c for c in summary["cells"]}  # learned values in the cells table; NaN (null) where none
+        assert list(summary["cells"][0]) == ["loss", "seed", "status", "sigma", "sigma_squared", "scale", "dof",
+                                             "train_mse", "train_nll"]
+        assert cells["student-t"]["scale"] > 0 and cells["student-t"]["dof"] > 0 and cells["student-t"]["sigma"] is None
+        assert all(cells[n]["scale"] is None and cells[n]["dof"] is None for n in ("l1", "l2", "mix:0", "mix:1"))
         assert sorted(p.name for p in (tmp_path / "cells").glob("mix*.json")) == ["mix_0-seed0.json", "mix_1-seed0.json"]
         result = run_audit(AuditSpec.from_dict(summary["spec"]), save=False)  # the same spec, into the same folder
         errors = {loss: part["mse"].to_numpy() for loss, part in result.samples.groupby("loss", observed=True)}
         assert np.array_equal(errors["mix:1"], errors["l1"]) and np.array_equal(errors["mix:0"], errors["l2"])
         assert not np.array_equal(errors["l1"], errors["l2"])
-        assert result.info["resumed_cells"] == 4  # every cell read back from the canonical checkpoint names
+        assert result.info["resumed_cells"] == 5  # every cell read back from the canonical checkpoint names
     finally:
         torch.set_default_dtype(old)

@@ -162,3 +162,19 @@ def test_fused_and_plain_adam_agree(digits):
     b = train_cells(x, group, CELLS[:3], CONFIG, fused=False)
     for name, p in a.stacked.params.items():
         torch.testing.assert_close(p, b.stacked.params[name], rtol=0, atol=ATOL)
+
+
+def test_any_learned_scale_at_its_floor_fails_its_cell_only(digits):
+    """A floor above every optimum (0.5, while residuals are ~0.1) and a fast sigma_lr drive each learned scale to
+    the floor: those cells are marked failed, naming the parameter; l1 and student-t's dof (not a scale) are not."""
+    x, _ = digits
+    cells = [Cell("l1", 0), Cell("learned-sigma", 0), Cell("laplace-learned", 0), Cell("student-t", 0), Cell("barron:1", 0)]
+    config = TrainConfig.from_spec(AuditSpec(latent=8, hidden=32, epochs=2, batch_size=64, grad_points=0,
+                                             sigma_floor=0.5, sigma_lr=1.0))
+    trained = train_cells(x, torch.zeros(len(x), dtype=torch.long), cells, config)
+    assert trained.status == ["ok", "failed: learned sigma collapsed to its floor 0.5"] + \
+        ["failed: learned scale collapsed to its floor 0.5"] * 3
+    learned = trained.stacked.learned()
+    torch.testing.assert_close(learned["scale"][2:], torch.full((3,), 0.5))  # reported as the likelihood used it
+    assert torch.isnan(learned["dof"][[0, 1, 2, 4]]).all() and 0 < learned["dof"][3] < math.inf
+
