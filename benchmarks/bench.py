@@ -51,8 +51,8 @@ CELL_STEPS = {"n": 0}
 
 
 def _count_cell_steps(opt, args, kwargs) -> None:
-    """Global optimizer hook: an Adam step updates as many cells as its log-sigma group holds."""
-    CELL_STEPS["n"] += opt.param_groups[1]["params"][0].numel()
+    """Global optimizer hook: an Adam step updates as many cells as its learned-loss-parameter group has rows."""
+    CELL_STEPS["n"] += opt.param_groups[1]["params"][0].shape[0]
 
 
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
@@ -168,12 +168,12 @@ def plain_recipe(root: str, data, cells: list[Cell], config: TrainConfig, device
     for cell in cells:
         torch.manual_seed(cell.seed)
         model = build_model(config.model, tuple(data.train_x.shape[1:]), config.latent, config.hidden).to(device)
-        log_sigma = torch.zeros((), device=device, requires_grad=True)
+        loss = get_loss(cell.loss)
+        learned = torch.zeros(1, len(loss.params), device=device, requires_grad=True)  # one cell's row, as in train.py
         opt = torch.optim.Adam([{"params": model.parameters(), "lr": config.lr},
-                                {"params": [log_sigma], "lr": config.sigma_lr}])
+                                {"params": [learned], "lr": config.sigma_lr}])
         loader = DataLoader(dataset, batch_size=config.batch_size, sampler=EpochPermutation(len(dataset), cell.seed),
                             num_workers=workers)
-        loss = get_loss(cell.loss)
         for _ in range(config.epochs):
             batches = iter(loader)
             while True:
@@ -183,7 +183,8 @@ def plain_recipe(root: str, data, cells: list[Cell], config: TrainConfig, device
                 if xb is None:
                     break
                 xb = xb.to(device)
-                nll = loss.nll(xb.flatten(1), model(xb).flatten(1), log_sigma, config.sigma_floor)
+                raw = {p.name: learned[0, k] for k, p in enumerate(loss.params)}
+                nll = loss.per_sample(xb.flatten(1), model(xb).flatten(1), raw, config.sigma_floor)
                 opt.zero_grad()
                 nll.mean().backward()
                 opt.step()

@@ -147,7 +147,10 @@ def train_and_measure(data: GroupedData, cells: list[Cell], config: TrainConfig,
     samples = _float64(sample_errors(trained.stacked, data, device))
     if on_trained is not None:
         on_trained(trained.stacked)
-    sigma = trained.stacked.sigma().cpu().double()
+    learned = {name: v.double() for name, v in trained.stacked.learned().items()}
+    nan = torch.full((len(cells),), torch.nan, dtype=torch.float64)
+    sigma = learned.pop("sigma", nan)
+    learned = {"scale": nan, "dof": nan, **learned}  # these two always, so cells.csv keeps one schema
     fit_mse = train_mse(trained.stacked, data.train_x, device).double()
     history = _float64(trained.history)
     out = {}
@@ -161,8 +164,9 @@ def train_and_measure(data: GroupedData, cells: list[Cell], config: TrainConfig,
             "samples": own_samples,
             "cells": pd.DataFrame({
                 "loss": [cell.loss], "seed": [cell.seed], "status": [status],
-                "sigma": [sigma[c].item()], "sigma_squared": [sigma[c].item() ** 2], "train_mse": [fit_mse[c].item()],
-                "train_nll": [own_history["train_nll"].iloc[-1]],
+                "sigma": [sigma[c].item()], "sigma_squared": [sigma[c].item() ** 2],
+                **{name: [value[c].item()] for name, value in learned.items()},
+                "train_mse": [fit_mse[c].item()], "train_nll": [own_history["train_nll"].iloc[-1]],
             }),
             "history": own_history,
         }

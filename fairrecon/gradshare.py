@@ -13,7 +13,8 @@ an update, each a share that sums to 1 over the groups:
                                                   (L2: SSE_g / SSE; L1: g's count of
                                                   nonzero residual pixels / the total)
 
-Parameters are all weights plus log sigma (which only learned-sigma uses). Set beside
+Parameters are all weights plus the loss's learned parameters (their logs: learned-sigma's
+sigma, student-t's scale and dof, ...; see losses.Param). Set beside
 `sample_share` (g's share of the batch): share / sample_share > 1 means the updates serve
 g more than its headcount.
 
@@ -29,7 +30,6 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from .losses import get_loss
 from .train import Snapshot, StackedCells
 
 SHARES = ("sample_share", "projection_share", "norm_share", "output_share")
@@ -40,13 +40,13 @@ class GroupGradients:
     """Per-group gradients of every cell's batch loss on one batch; C cells, G groups."""
 
     params: dict[str, torch.Tensor]  # name -> (C, G, ...): grad of cell c's L_g wrt its weights
-    log_sigma: torch.Tensor  # (C, G): grad of cell c's L_g wrt its log sigma (0 unless learned)
+    loss_params: torch.Tensor  # (C, G, K): grad of cell c's L_g wrt its learned loss parameters (0 where unused)
     output: torch.Tensor  # (C, G): sum over g's samples of ||dL/dx_hat_i||^2
     count: torch.Tensor  # (C, G): g's samples in cell c's batch
 
     def gram(self) -> torch.Tensor:
-        """(C, G, G): <grad L_g, grad L_h> per cell, over weights and log sigma together."""
-        gram = self.log_sigma[:, :, None] * self.log_sigma[:, None, :]
+        """(C, G, G): <grad L_g, grad L_h> per cell, over weights and learned loss parameters together."""
+        gram = torch.bmm(self.loss_params, self.loss_params.transpose(1, 2))
         for w in self.params.values():
             flat = w.flatten(2)  # (C, G, P), contiguous: one batched matmul, no copy
             gram = gram + torch.bmm(flat, flat.transpose(1, 2))
@@ -88,16 +88,16 @@ def group_gradients(stacked: StackedCells, x: torch.Tensor, group: torch.Tensor,
         x_hat = x_hat_sub[cell[:, None], group, rank]  # (C, B, ...), back in batch order
         nll = stacked.per_sample_nll(x, x_hat)  # (C, B)
         out_grad, *weights = torch.autograd.grad(nll.sum() / b, [x_hat, *copies.values()], retain_graph=True)
-        log_sigma = torch.zeros(n_cells, n_groups, dtype=nll.dtype, device=device)
-        if any(get_loss(c.loss).learns_sigma for c in stacked.cells):
+        loss_params = torch.zeros(n_cells, n_groups, stacked.loss_params.shape[1], dtype=nll.dtype, device=device)
+        if loss_params.numel():
             for g in range(n_groups):  # through the loss only: cheap
-                (ls,) = torch.autograd.grad(nll, stacked.log_sigma, grad_outputs=masks[:, g].to(nll.dtype) / b,
+                (lp,) = torch.autograd.grad(nll, stacked.loss_params, grad_outputs=masks[:, g].to(nll.dtype) / b,
                                             retain_graph=g < n_groups - 1, allow_unused=True)
-                if ls is not None:
-                    log_sigma[:, g] = ls
+                if lp is not None:
+                    loss_params[:, g] = lp
     output = (masks * out_grad.flatten(2).pow(2).sum(-1)[:, None]).sum(-1)
     weights = [w.unflatten(0, (n_cells, n_groups)) for w in weights]
-    return GroupGradients(dict(zip(copies, weights)), log_sigma, output, count.to(nll.dtype))
+    return GroupGradients(dict(zip(copies, weights)), loss_params, output, count.to(nll.dtype))
 
 
 class GradShareRecorder:

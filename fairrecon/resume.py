@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +46,19 @@ def spec_hash(fields: dict[str, Any]) -> str:
 
 
 def cell_name(cell: Cell) -> str:
-    """'learned-sigma-seed2': safe as a file name whatever the loss is called."""
-    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', cell.loss)}-seed{cell.seed}"
+    """'learned-sigma-seed2', 'mix_0.5-seed0': a file name, one per cell, whatever the loss is called.
+
+    Lowercase letters, digits, '.' and '-' are kept, the family colon becomes '_', and any other
+    character becomes '+' and its UTF-8 bytes in hex ('A' -> '+41', '_' -> '+5f'). Each code starts
+    with a different character, so two loss names never share a file name, not even on a
+    case-insensitive file system (the result has no capitals); the seed is the digits after the
+    last '-seed'.
+    """
+    def code(ch: str) -> str:
+        if ch.isascii() and (ch.islower() or ch.isdigit() or ch in ".-"):
+            return ch
+        return "_" if ch == ":" else "".join(f"+{byte:02x}" for byte in ch.encode())
+    return f"{''.join(map(code, cell.loss))}-seed{cell.seed}"
 
 
 class CellStore:

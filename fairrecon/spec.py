@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 from .errors import UserError
 
@@ -67,8 +67,9 @@ class AuditSpec:
     labels: str | None = setting(None, "CSV mapping image files to groups (with --dataset folder).", scope="data",
                                  metavar="CSV")
     # models, losses, training
-    losses: tuple[str, ...] = setting(DEFAULT_LOSSES, "Losses to compare (`fairrecon.losses.LOSSES`).",
-                                      metavar="L,L,...")
+    losses: tuple[str, ...] = setting(DEFAULT_LOSSES, "Losses to compare (`fairrecon losses` lists them). A family "
+                                      "member is NAME:VALUE, and bare numbers after it add members: mix:0,0.5,1 is "
+                                      "mix:0, mix:0.5, mix:1.", metavar="L,L,...")
     model: str = setting("mlp", "Autoencoder: mlp or conv.", choices=MODELS)
     latent: int = setting(16, "Latent size of the autoencoder (also the PCA rank for difficulty-adjusted gaps).",
                           scope="data", metavar="K")
@@ -77,9 +78,11 @@ class AuditSpec:
     epochs: int = setting(50, "Training epochs per cell.", metavar="N")
     batch_size: int = setting(128, "Training batch size.", metavar="N")
     lr: float = setting(1e-3, "Adam learning rate of the weights.", metavar="LR")
-    sigma_lr: float = setting(5e-2, "Adam learning rate of a learned log sigma (faster than the weights, so "
-                              "sigma^2 tracks the MSE within the run).", scope="spec")
-    sigma_floor: float = setting(1e-3, "Smallest sigma a learned sigma may reach (pixel units).", scope="spec")
+    sigma_lr: float = setting(5e-2, "Adam learning rate of the losses' learned parameters, as logs (learned sigma, "
+                              "scale, dof; faster than the weights, so sigma^2 tracks the MSE within the run).",
+                              scope="spec")
+    sigma_floor: float = setting(1e-3, "Smallest value a learned scale (sigma, scale) may reach (pixel units).",
+                                 scope="spec")
     device: str = setting("auto", "auto takes CUDA when present.", choices=DEVICES, scope="data")
     # measurements
     grad_points: int = setting(20, "Gradient-share snapshots per cell, at most one per 20 steps (0 = off).",
@@ -88,6 +91,7 @@ class AuditSpec:
                               metavar="DIR")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "losses", parse_losses(self.losses))  # one spelling, however it was given
         _validate(self)
 
     @classmethod
@@ -173,6 +177,51 @@ def parse_list(text: str, kind: type = float) -> tuple:
         return tuple(kind(s) for s in items)
     except ValueError:
         raise UserError(f"cannot read '{text}' as a comma-separated list of {kind.__name__}") from None
+
+
+def parse_losses(items: str | Sequence[Any]) -> tuple[str, ...]:
+    """Loss names as given (a comma-separated string or a list) -> their canonical, expanded form.
+
+    'l1, mix:0,.25,1' -> ('l1', 'mix:0', 'mix:0.25', 'mix:1'): a bare number adds a member to the
+    NAME:VALUE family before it, and numeric values are spelled one way (`canonical_number`), so
+    duplicates are caught and checkpoint names are stable. Pure syntax: which families exist and
+    their ranges are checked by `fairrecon.losses.get_loss` (spec.py sits below losses.py).
+    """
+    if isinstance(items, str):
+        items = items.split(",")
+    out: list[str] = []
+    family = None  # the NAME of the last NAME:VALUE token
+    for item in items:
+        token = str(item).strip()
+        name, colon, value = (part.strip() for part in token.partition(":"))
+        if colon:
+            family = name
+            number = _number(value)
+            out.append(f"{name}:{canonical_number(number) if number is not None else value}")
+        elif _number(token) is not None:
+            if family is None:
+                raise UserError(f"losses: '{token}' has no family to extend; write NAME:VALUE first, e.g. mix:0,0.5,1")
+            out.append(f"{family}:{canonical_number(_number(token))}")
+        elif token:
+            family = None
+            out.append(token)
+    return tuple(out)
+
+
+def canonical_number(value: float) -> str:
+    """The one spelling of a family's value: the shortest repr that reads back to the same float,
+    without a trailing '.0' or an exponent's '+' ('.50' and '0.5' -> '0.5', '1.0' -> '1', 1e16 -> '1e16')."""
+    text = repr(float(value) + 0.0)  # + 0.0 turns -0.0 into 0.0
+    return text.removesuffix(".0").replace("e+", "e")
+
+
+def _number(text: str) -> float | None:
+    """A finite float, or None when `text` is not one ('nan' and 'inf' are not)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:

@@ -35,11 +35,11 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from .errors import UserError
-from .losses import effective_log_sigma, get_loss
+from .losses import get_loss
 from .models import build_model
 from .spec import AuditSpec
 
-SIGMA_COLLAPSE_FACTOR = 1.01  # a learned sigma within 1% of its floor counts as collapsed
+SIGMA_COLLAPSE_FACTOR = 1.01  # a learned scale within 1% of its floor counts as collapsed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,7 +91,8 @@ class StackedCells:
     base: nn.Module  # an uninitialised template (meta device) for functional_call
     params: dict[str, torch.Tensor]  # each (C, ...)
     buffers: dict[str, torch.Tensor]
-    log_sigma: torch.Tensor  # (C,)
+    loss_params: torch.Tensor  # (C, K): the losses' learned parameters as logs, 0 at the start (losses.Param)
+    loss_param_names: tuple[str, ...]  # the K columns; each cell uses those its loss declares, the rest stay 0
     config: TrainConfig
 
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -108,12 +109,15 @@ class StackedCells:
         run = vmap(one, in_dims=(0, 0, None))
         return torch.cat([run(self.params, self.buffers, x[i:i + batch]) for i in range(0, len(x), batch)], dim=1)
 
-    def per_sample_nll(self, x: torch.Tensor, x_hat: torch.Tensor, log_sigma: torch.Tensor | None = None) -> torch.Tensor:
-        """Each cell's own loss on its own batch: (C, B, ...) -> (C, B)."""
-        log_sigma = self.log_sigma if log_sigma is None else log_sigma
+    def per_sample_nll(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """Each cell's own loss, with its own learned parameters, on its own batch: (C, B, ...) -> (C, B)."""
         x, x_hat = x.flatten(2), x_hat.flatten(2)  # (C, B, M)
         floor = self.config.sigma_floor
-        parts = [get_loss(name).nll(x[i], x_hat[i], log_sigma[i], floor) for name, i in self._loss_index]
+        parts = []
+        for name, i in self._loss_index:
+            loss = get_loss(name)
+            raw = {p.name: self.loss_params[i, self.loss_param_names.index(p.name), None, None] for p in loss.params}
+            parts.append(loss.per_sample(x[i], x_hat[i], raw, floor))  # raw: (C_loss, 1, 1) each
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out if self._loss_restore is None else out[self._loss_restore]  # back to cell order
 
@@ -130,7 +134,7 @@ class StackedCells:
         Built once, not every step: rebuilding index tensors per step costs host work and,
         on a GPU, a host-to-device copy per step.
         """
-        device = self.log_sigma.device
+        device = self.loss_params.device
         out = []
         for name, idx in self.cells_by_loss().items():
             contiguous = idx == list(range(idx[0], idx[-1] + 1))
@@ -143,13 +147,26 @@ class StackedCells:
         order = [i for idx in self.cells_by_loss().values() for i in idx]
         if order == list(range(len(order))):
             return None
-        return torch.tensor(order).argsort().to(self.log_sigma.device)
+        return torch.tensor(order).argsort().to(self.loss_params.device)
 
-    def sigma(self) -> torch.Tensor:
-        """Learned sigma per cell (NaN for losses that learn none)."""
-        s = effective_log_sigma(self.log_sigma.detach(), self.config.sigma_floor).exp()
-        learns = torch.tensor([get_loss(c.loss).learns_sigma for c in self.cells], device=s.device)
-        return torch.where(learns, s, torch.nan)
+    def learned(self) -> dict[str, torch.Tensor]:
+        """Each learned loss parameter in its natural units as the loss uses it (scales floored):
+        name -> (C,), NaN for cells whose loss does not learn it."""
+        out = {name: torch.full((len(self.cells),), torch.nan) for name in self.loss_param_names}
+        raw = self.loss_params.detach().cpu()
+        for c, cell in enumerate(self.cells):
+            loss = get_loss(cell.loss)
+            own = {p.name: raw[c, self.loss_param_names.index(p.name)] for p in loss.params}
+            for name, value in loss.log_params(own, self.config.sigma_floor).items():
+                out[name][c] = value.exp()
+        return out
+
+    def collapsed(self) -> list[str | None]:
+        """Per cell: the name of a learned scale that ended within 1% of its floor, else None."""
+        values, floor = self.learned(), self.config.sigma_floor
+        return [next((p.name for p in get_loss(cell.loss).params
+                      if p.scale and values[p.name][c] <= floor * SIGMA_COLLAPSE_FACTOR), None)
+                for c, cell in enumerate(self.cells)]
 
     def module(self, c: int) -> nn.Module:
         """Cell c as an ordinary nn.Module (to save, share or inspect)."""
@@ -193,8 +210,9 @@ def init_cells(cells: list[Cell], shape: tuple[int, int, int], config: TrainConf
         models.append(build_model(config.model, shape, config.latent, config.hidden).to(device))
     params, buffers = stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
-    log_sigma = torch.zeros(len(cells), device=device, requires_grad=True)
-    return StackedCells(cells, base, params, buffers, log_sigma, config)
+    names = tuple(dict.fromkeys(p.name for cell in cells for p in get_loss(cell.loss).params))
+    loss_params = torch.zeros(len(cells), len(names), device=device, requires_grad=True)
+    return StackedCells(cells, base, params, buffers, loss_params, names, config)
 
 
 def concat_stacked(parts: list[StackedCells]) -> StackedCells:
@@ -202,9 +220,16 @@ def concat_stacked(parts: list[StackedCells]) -> StackedCells:
     if len(parts) == 1:
         return parts[0]
     cat = lambda name: {k: torch.cat([getattr(p, name)[k] for p in parts]) for k in getattr(parts[0], name)}
-    log_sigma = torch.cat([p.log_sigma.detach() for p in parts]).requires_grad_()
+    names = tuple(dict.fromkeys(n for p in parts for n in p.loss_param_names))  # chunks may learn different ones
+    loss_params = parts[0].loss_params.new_zeros(sum(len(p.cells) for p in parts), len(names))
+    row = 0
+    for p in parts:
+        for k, name in enumerate(p.loss_param_names):
+            loss_params[row:row + len(p.cells), names.index(name)] = p.loss_params.detach()[:, k]
+        row += len(p.cells)
+    loss_params.requires_grad_()
     return StackedCells([c for p in parts for c in p.cells], parts[0].base, cat("params"), cat("buffers"),
-                        log_sigma, parts[0].config)
+                        loss_params, names, parts[0].config)
 
 
 def cell_bytes(config: TrainConfig, shape: tuple[int, int, int]) -> int:
@@ -300,7 +325,7 @@ def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, fused):
     n = len(x)
     stacked = init_cells(cells, tuple(x.shape[1:]), config, device)
     opt = torch.optim.Adam([{"params": list(stacked.params.values()), "lr": config.lr},
-                            {"params": [stacked.log_sigma], "lr": config.sigma_lr}], fused=fused)
+                            {"params": [stacked.loss_params], "lr": config.sigma_lr}], fused=fused)
     orders = {s: torch.Generator().manual_seed(s) for s in sorted({c.seed for c in cells})}  # on the CPU
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -342,12 +367,11 @@ def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, fused):
         if on_epoch is not None:
             on_epoch(epoch + 1, config.epochs)
     status = []
-    sigma = stacked.sigma().cpu()
-    for c, cell in enumerate(cells):
+    for c, scale in enumerate(stacked.collapsed()):
         if failed_at[c]:
             status.append(failed_at[c])
-        elif get_loss(cell.loss).learns_sigma and sigma[c] <= config.sigma_floor * SIGMA_COLLAPSE_FACTOR:
-            status.append(f"failed: learned sigma collapsed to its floor {config.sigma_floor:g}")
+        elif scale is not None:
+            status.append(f"failed: learned {scale} collapsed to its floor {config.sigma_floor:g}")
         else:
             status.append("ok")
     return stacked, pd.DataFrame(rows), status

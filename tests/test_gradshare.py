@@ -14,6 +14,7 @@ from torch.func import functional_call, grad, vmap
 from fairrecon import analyse, outputs
 from fairrecon.audit import run_audit
 from fairrecon.gradshare import SHARES, GradShareRecorder, group_gradients
+from fairrecon.losses import get_loss
 from fairrecon.results import AuditResult
 from fairrecon.spec import AuditSpec
 from fairrecon.train import SNAPSHOT_SPACING, Cell, TrainConfig, init_cells, snapshot_count, train_cells
@@ -23,6 +24,9 @@ from conftest import FAST
 CONFIG = TrainConfig.from_spec(AuditSpec(latent=4, hidden=16, sigma_floor=1e-3))
 SHAPE = (1, 6, 6)
 LOSS_NAMES = ("l1", "l2", "log-mse", "learned-sigma")
+LEARNING = ("learned-sigma", "laplace-learned", "student-t", "barron:0.5")  # losses with learned parameters
+FAMILY = ("mix:0.3", "huber:0.1")
+START = {"sigma": -1.3, "scale": -1.3, "dof": math.log(3.0)}  # above the floor, so scales get a gradient
 
 
 def make_batch(n_cells: int, b: int = 24, n_groups: int = 3, seed: int = 0):
@@ -34,67 +38,89 @@ def make_batch(n_cells: int, b: int = 24, n_groups: int = 3, seed: int = 0):
     return x, group
 
 
-def stacked_cells(cells, log_sigma: float = -1.3):
+def stacked_cells(cells, log_scale: float | None = None):
+    """Cells with their learned parameters set to START (every scale to `log_scale` when given)."""
     stacked = init_cells(cells, SHAPE, CONFIG, torch.device("cpu"))
     with torch.no_grad():
-        stacked.log_sigma.fill_(log_sigma)  # above the floor, so learned-sigma's sigma gets a gradient
+        for k, name in enumerate(stacked.loss_param_names):
+            stacked.loss_params[:, k] = START[name] if log_scale is None or name == "dof" else log_scale
     return stacked
 
 
-def independent_nll(loss: str, r: torch.Tensor, log_sigma: torch.Tensor, batch_mse: torch.Tensor) -> torch.Tensor:
-    """One sample's NLL up to constants, written from the likelihoods, r = x_hat - x (M,)."""
+def independent_nll(loss: str, r: torch.Tensor, logs: dict[str, torch.Tensor], batch_mse: torch.Tensor) -> torch.Tensor:
+    """One sample's NLL up to constants, written from the likelihoods, r = x_hat - x (M,); logs: the
+    stored log parameters (name -> scalar). Terms that depend on a learned parameter are all kept."""
+    floored = {k: v.clamp_min(math.log(CONFIG.sigma_floor)) if k != "dof" else v for k, v in logs.items()}
     if loss == "l1":
         return r.abs().sum()
     if loss == "l2":
         return 0.5 * r.pow(2).sum()
     if loss == "log-mse":  # the batch MSE is a fixed common weight (losses.py)
         return 0.5 * r.pow(2).sum() / batch_mse
-    sigma = log_sigma.clamp_min(math.log(CONFIG.sigma_floor)).exp()
-    return (0.5 * r.pow(2) / sigma**2 + torch.log(sigma)).sum()
+    if loss == "mix:0.3":
+        return (0.3 * r.abs() + 0.7 * r.pow(2) / 2).sum()
+    if loss == "huber:0.1":
+        return torch.where(r.abs() <= 0.1, r.pow(2) / 2, 0.1 * (r.abs() - 0.05)).sum()
+    if loss == "learned-sigma":
+        sigma = floored["sigma"].exp()
+        return (0.5 * r.pow(2) / sigma**2 + torch.log(sigma)).sum()
+    b = floored["scale"].exp()
+    if loss == "laplace-learned":
+        return (r.abs() / b + torch.log(b)).sum()
+    if loss == "student-t":  # with its normaliser, which depends on the dof
+        nu = floored["dof"].exp()
+        return (torch.lgamma(nu / 2) - torch.lgamma((nu + 1) / 2) + 0.5 * torch.log(nu) + torch.log(b)
+                + (nu + 1) / 2 * torch.log(1 + (r / b).pow(2) / nu)).sum()
+    if loss == "barron:0.5":  # rho(x, 1/2, c) = 3 ((x^2 / (1.5 c^2) + 1)^(1/4) - 1), plus log c
+        return (3 * (((r / b).pow(2) / 1.5 + 1) ** 0.25 - 1) + torch.log(b)).sum()
+    raise KeyError(loss)
 
 
-@pytest.mark.parametrize("loss", LOSS_NAMES)
-def test_group_gradients_equal_summed_per_sample_gradients(loss):
-    cells = [Cell(loss, 0), Cell(loss, 1)]
+@pytest.mark.parametrize("losses", [*[(name,) for name in LOSS_NAMES + LEARNING[1:] + FAMILY], LEARNING + FAMILY],
+                         ids=[*LOSS_NAMES, *LEARNING[1:], *FAMILY, "mixed"])
+def test_group_gradients_equal_summed_per_sample_gradients(losses):
+    """Against torch.func per-sample gradients of independently written NLLs, for the weights and
+    every learned loss parameter; 'mixed' puts losses with different learned parameters in one batch."""
+    cells = [Cell(loss, s) for loss in losses for s in (0, 1)]
     stacked = stacked_cells(cells)
     x, group = make_batch(len(cells))
     n_groups, b = 3, x.shape[1]
     got = group_gradients(stacked, x, group, n_groups)
-    for c in range(len(cells)):
+    for c, cell in enumerate(cells):
         module = stacked.module(c)
         params = {k: v.detach() for k, v in module.named_parameters()}
-        log_sigma = stacked.log_sigma[c].detach()
+        logs = {n: stacked.loss_params[c, k].detach() for k, n in enumerate(stacked.loss_param_names)}
         with torch.no_grad():
             batch_mse = (module(x[c]) - x[c]).pow(2).mean()
 
-        def one(p, ls, xi):
+        def one(p, lp, xi):
             x_hat = functional_call(module, p, (xi[None],))[0]
-            return independent_nll(loss, (x_hat - xi).flatten(), ls, batch_mse)
+            return independent_nll(cell.loss, (x_hat - xi).flatten(), lp, batch_mse)
 
-        per_sample_p, per_sample_ls = vmap(grad(one, argnums=(0, 1)), in_dims=(None, None, 0))(params, log_sigma, x[c])
+        per_sample_p, per_sample_lp = vmap(grad(one, argnums=(0, 1)), in_dims=(None, None, 0))(params, logs, x[c])
         for g in range(n_groups):
             member = (group[c] == g).float()
             for name, per_sample in per_sample_p.items():
                 want = torch.einsum("b,b...->...", member, per_sample) / b
                 torch.testing.assert_close(got.params[name][c, g], want, rtol=1e-4, atol=1e-6)
-            want_ls = (member * per_sample_ls).sum() / b
-            torch.testing.assert_close(got.log_sigma[c, g], want_ls, rtol=1e-4, atol=1e-6)
+            for k, name in enumerate(stacked.loss_param_names):
+                want_lp = (member * per_sample_lp[name]).sum() / b  # 0 for a parameter the cell's loss does not use
+                torch.testing.assert_close(got.loss_params[c, g, k], want_lp, rtol=1e-4, atol=1e-6)
             assert got.count[c, g] == member.sum()
-    if loss == "learned-sigma":
-        assert got.log_sigma.abs().min() > 0  # the learned sigma really is part of the measured parameters
-    else:
-        assert torch.all(got.log_sigma == 0)
+        used = [stacked.loss_param_names.index(p.name) for p in get_loss(cell.loss).params]
+        assert torch.all(got.loss_params[c][:, used] != 0)  # learned parameters really are measured
+        assert torch.all(got.loss_params[c][:, [k for k in range(len(stacked.loss_param_names)) if k not in used]] == 0)
 
 
 def test_shares_sum_to_one_and_projection_matches_flat_gradients():
-    cells = [Cell(loss, s) for loss in LOSS_NAMES for s in range(2)]
+    cells = [Cell(loss, s) for loss in LOSS_NAMES + LEARNING[1:] for s in range(2)]
     stacked = stacked_cells(cells)
     x, group = make_batch(len(cells))
     got = group_gradients(stacked, x, group, 3)
     shares = got.shares()  # (4, C, G)
     torch.testing.assert_close(shares.sum(2), torch.ones(4, len(cells)))
     # projection and norm shares from plainly flattened gradient vectors
-    flat = torch.cat([g.flatten(2) for g in got.params.values()] + [got.log_sigma[..., None]], dim=2)  # (C, G, P)
+    flat = torch.cat([g.flatten(2) for g in got.params.values()] + [got.loss_params], dim=2)  # (C, G, P)
     total = flat.sum(1)
     for c in range(len(cells)):
         proj = flat[c] @ total[c] / total[c].dot(total[c])
@@ -107,7 +133,7 @@ def test_shares_sum_to_one_and_projection_matches_flat_gradients():
 
 def test_output_shares_closed_forms():
     cells = [Cell(loss, 0) for loss in LOSS_NAMES]
-    stacked = stacked_cells(cells, log_sigma=0.7)
+    stacked = stacked_cells(cells, log_scale=0.7)
     with torch.no_grad():  # the last layer outputs exactly 0, so residual pixels are exactly 0 where x is
         for name in ("decoder.2.weight", "decoder.2.bias"):
             stacked.params[name].zero_()
@@ -131,7 +157,7 @@ def test_output_shares_closed_forms():
 
 def test_output_shares_of_shared_sigma_losses_match_l2_on_a_trained_model():
     cells = [Cell(loss, 0) for loss in ("l2", "log-mse", "learned-sigma")]
-    stacked = stacked_cells(cells, log_sigma=-2.0)
+    stacked = stacked_cells(cells, log_scale=-2.0)
     x, group = make_batch(len(cells), seed=3)
     output = group_gradients(stacked, x, group, 3).shares()[SHARES.index("output_share")].T  # (G, C)
     x_hat = stacked.forward(x).detach()
@@ -145,14 +171,14 @@ def test_recorder_leaves_training_unchanged():
     gen = torch.Generator().manual_seed(1)
     x = torch.rand((90,) + SHAPE, generator=gen)
     group = torch.randint(0, 2, (90,), generator=gen)
-    cells = [Cell(loss, s) for loss in LOSS_NAMES for s in range(2)]
+    cells = [Cell(loss, s) for loss in LOSS_NAMES + ("student-t",) for s in range(2)]
     config = TrainConfig.from_spec(AuditSpec(latent=4, hidden=16, epochs=3, batch_size=32, grad_points=5))
     plain = train_cells(x, group, cells, config)
     recorder = GradShareRecorder(["a", "b"])
     recorded = train_cells(x, group, cells, config, on_snapshot=recorder)
     for name, value in plain.stacked.params.items():
         assert torch.equal(value, recorded.stacked.params[name]), name
-    assert torch.equal(plain.stacked.log_sigma, recorded.stacked.log_sigma)
+    assert torch.equal(plain.stacked.loss_params, recorded.stacked.loss_params)
     pd.testing.assert_frame_equal(plain.history, recorded.history)
     frame = recorder.frame()
     n = snapshot_count(5, 3 * 3)  # 90 images in batches of 32: 3 steps per epoch

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fairrecon.data import load_images
-from fairrecon.losses import effective_log_sigma, get_loss
+from fairrecon.losses import get_loss
 from fairrecon.models import build_model
 from fairrecon import train as train_mod
 from fairrecon.spec import AuditSpec
@@ -26,8 +26,11 @@ from fairrecon.train import Cell, TrainConfig, cell_bytes, cells_per_chunk, trai
 
 ATOL = 1e-5
 CONFIG = TrainConfig.from_spec(AuditSpec(latent=8, hidden=32, epochs=2, batch_size=64, grad_points=0))
-# l2 appears twice, apart, so the per-loss index path (not only slices) is exercised.
-CELLS = [Cell("l2", 0), Cell("learned-sigma", 1), Cell("log-mse", 0), Cell("l1", 2), Cell("l2", 1)]
+# l2 appears twice, apart, so the per-loss index path (not only slices) is exercised; learned-sigma,
+# student-t (two learned parameters) and barron:1 (a family member with a learned scale) share the
+# learned-parameter matrix, each using its own columns.
+CELLS = [Cell("l2", 0), Cell("learned-sigma", 1), Cell("log-mse", 0), Cell("student-t", 2), Cell("l1", 2),
+         Cell("barron:1", 1), Cell("l2", 1)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,32 +52,36 @@ def plain_train(x: torch.Tensor, cell: Cell, config: TrainConfig):
     """One cell, the textbook way."""
     torch.manual_seed(cell.seed)
     model = build_model(config.model, tuple(x.shape[1:]), config.latent, config.hidden)
-    log_sigma = torch.zeros((), requires_grad=True)
+    loss = get_loss(cell.loss)
+    raw = {p.name: torch.zeros((), requires_grad=True) for p in loss.params}  # logs, 0 at the start
     opt = torch.optim.Adam([{"params": model.parameters(), "lr": config.lr},
-                            {"params": [log_sigma], "lr": config.sigma_lr}], foreach=False)
+                            {"params": list(raw.values()), "lr": config.sigma_lr}], foreach=False)
     order = torch.Generator().manual_seed(cell.seed)
     steps = 0
     for _ in range(config.epochs):
         perm = torch.randperm(len(x), generator=order)
         for lo in range(0, len(x), config.batch_size):
             xb = x[perm[lo:lo + config.batch_size]]
-            nll = get_loss(cell.loss).nll(xb.flatten(1), model(xb).flatten(1), log_sigma, config.sigma_floor)
+            nll = loss.per_sample(xb.flatten(1), model(xb).flatten(1), raw, config.sigma_floor)
             opt.zero_grad()
             nll.mean().backward()
             opt.step()
             steps += 1
-    return model, log_sigma, steps
+    return model, raw, steps
 
 
-def assert_same_cell(stacked, c: int, model, log_sigma, test_x):
+def assert_same_cell(stacked, c: int, model, raw, test_x):
     ref = model.state_dict()
     got = stacked.module(c).state_dict()
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=0, atol=ATOL, msg=f"{stacked.cells[c].key} {name}")
     with torch.no_grad():
         torch.testing.assert_close(stacked.reconstruct(test_x)[c], model(test_x), rtol=0, atol=ATOL)
-    torch.testing.assert_close(effective_log_sigma(stacked.log_sigma[c].detach(), CONFIG.sigma_floor),
-                               effective_log_sigma(log_sigma.detach(), CONFIG.sigma_floor), rtol=0, atol=ATOL)
+    learned = stacked.learned()
+    want = get_loss(stacked.cells[c].loss).log_params({k: v.detach() for k, v in raw.items()}, CONFIG.sigma_floor)
+    for name, log_value in want.items():  # learned parameters (natural units) agree to rounding, like the weights
+        torch.testing.assert_close(learned[name][c], log_value.exp(), rtol=0, atol=ATOL, msg=f"{stacked.cells[c].key} {name}")
+    assert all(torch.isnan(v[c]) for name, v in learned.items() if name not in want)  # other losses' columns: NaN
 
 
 def test_batched_cells_match_plain_loop_and_alone(digits):
@@ -82,10 +89,13 @@ def test_batched_cells_match_plain_loop_and_alone(digits):
     group = torch.zeros(len(x), dtype=torch.long)
     together = train_cells(x, group, CELLS, CONFIG)
     assert together.status == ["ok"] * len(CELLS)
+    learned = together.stacked.learned()
+    moved = [abs(learned[p.name][c].item() - 1.0) for c, cell in enumerate(CELLS) for p in get_loss(cell.loss).params]
+    assert len(moved) == 4 and min(moved) > 100 * ATOL  # learned parameters left their start (1), so agreeing means something
     for c, cell in enumerate(CELLS):
-        model, log_sigma, steps = plain_train(x, cell, CONFIG)
+        model, raw, steps = plain_train(x, cell, CONFIG)
         assert steps == CONFIG.epochs * math.ceil(len(x) / CONFIG.batch_size)
-        assert_same_cell(together.stacked, c, model, log_sigma, test_x)
+        assert_same_cell(together.stacked, c, model, raw, test_x)
         alone = train_cells(x, group, [cell], CONFIG)
         for name, p in alone.stacked.params.items():
             torch.testing.assert_close(together.stacked.params[name][c], p[0], rtol=0, atol=ATOL)
@@ -94,8 +104,8 @@ def test_batched_cells_match_plain_loop_and_alone(digits):
         with torch.no_grad():
             mine = together.stacked.per_sample_nll(xb.expand(len(CELLS), *xb.shape[1:]),
                                                    together.stacked.reconstruct(test_x[:32]))[c]
-            ref = get_loss(cell.loss).nll(test_x[:32].flatten(1), model(test_x[:32]).flatten(1),
-                                          log_sigma, CONFIG.sigma_floor)
+            ref = get_loss(cell.loss).per_sample(test_x[:32].flatten(1), model(test_x[:32]).flatten(1),
+                                                 raw, CONFIG.sigma_floor)
         torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-2)  # sums over 64 pixels of NLL terms
 
 
@@ -124,6 +134,10 @@ def test_chunks_give_the_same_result(digits, monkeypatch):
     for name, p in whole.stacked.params.items():
         torch.testing.assert_close(chunked.stacked.params[name], p, rtol=0, atol=ATOL)
     torch.testing.assert_close(chunked.stacked.reconstruct(test_x), whole.stacked.reconstruct(test_x), rtol=0, atol=ATOL)
+    # chunks learn different parameter columns (student-t: scale, dof; l1: none); put together, they line up by name
+    assert set(chunked.stacked.loss_param_names) == set(whole.stacked.loss_param_names) == {"sigma", "scale", "dof"}
+    for name, value in whole.stacked.learned().items():
+        torch.testing.assert_close(chunked.stacked.learned()[name], value, rtol=0, atol=ATOL, equal_nan=True)
     cols = ["loss", "seed", "epoch"]
     assert chunked.history[cols].equals(whole.history[cols])
     torch.testing.assert_close(torch.tensor(chunked.history["train_nll"].to_numpy()),
@@ -148,3 +162,19 @@ def test_fused_and_plain_adam_agree(digits):
     b = train_cells(x, group, CELLS[:3], CONFIG, fused=False)
     for name, p in a.stacked.params.items():
         torch.testing.assert_close(p, b.stacked.params[name], rtol=0, atol=ATOL)
+
+
+def test_any_learned_scale_at_its_floor_fails_its_cell_only(digits):
+    """A floor above every optimum (0.5, while residuals are ~0.1) and a fast sigma_lr drive each learned scale to
+    the floor: those cells are marked failed, naming the parameter; l1 and student-t's dof (not a scale) are not."""
+    x, _ = digits
+    cells = [Cell("l1", 0), Cell("learned-sigma", 0), Cell("laplace-learned", 0), Cell("student-t", 0), Cell("barron:1", 0)]
+    config = TrainConfig.from_spec(AuditSpec(latent=8, hidden=32, epochs=2, batch_size=64, grad_points=0,
+                                             sigma_floor=0.5, sigma_lr=1.0))
+    trained = train_cells(x, torch.zeros(len(x), dtype=torch.long), cells, config)
+    assert trained.status == ["ok", "failed: learned sigma collapsed to its floor 0.5"] + \
+        ["failed: learned scale collapsed to its floor 0.5"] * 3
+    learned = trained.stacked.learned()
+    torch.testing.assert_close(learned["scale"][2:], torch.full((3,), 0.5))  # reported as the likelihood used it
+    assert torch.isnan(learned["dof"][[0, 1, 2, 4]]).all() and 0 < learned["dof"][3] < math.inf
+
