@@ -137,7 +137,8 @@ def audit_model(model: nn.Module, spec: AuditSpec, name: str = "model", device: 
 
     dev = resolve_device(device)
     spec = spec.replace(losses=(name,), seeds=1)
-    data = make_groups(load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed), spec)
+    images = load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
+    data = make_groups(images, spec)
     samples = sample_errors(_OneModel(model.to(dev), name), data, dev)
     cells = pd.DataFrame({"loss": [name], "seed": [0], "status": ["ok"]})
     history = pd.DataFrame(columns=["loss", "seed", "epoch", "train_nll", "train_mse"])
