@@ -55,6 +55,16 @@ def load_images(name: str, root: str | Path = "datasets", download: bool = False
     return _torchvision(name, Path(root), download)
 
 
+def where_files_are(name: str, root: str | Path = "datasets") -> str:
+    """Where a dataset's files are looked for (for `fairrecon datasets` and messages)."""
+    root = Path(root)
+    if name == "digits":
+        return "bundled with scikit-learn: no files, nothing to download"
+    if name == "folder":
+        return f"{root}/ and its subfolders: every {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} image (--data-root DIR)"
+    return f"{(root / _TORCHVISION[name][1]).parent}/ (torchvision's layout; --download fetches it)"
+
+
 def dataset_files(name: str, root: str | Path = "datasets") -> list[Path]:
     """The files a dataset is read from (none for digits, which ships inside scikit-learn)."""
     root = Path(root)

@@ -202,34 +202,14 @@ def read_labels(path: str | Path) -> list[Label]:
     Columns: 'file' (or 'index') and 'group', optionally 'split' (train/test); others are ignored.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: labels CSV not found") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read labels CSV ({e.strerror or e})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save it as 'CSV UTF-8' "
-                        "(e.g. in a spreadsheet: Save As, CSV UTF-8)") from None
-    header_line = text.splitlines()[0] if text.strip() else ""
-    delimiter = max(LABEL_DELIMITERS, key=header_line.count)
-    try:
-        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
-    except csv.Error as e:
-        raise UserError(f"{path}: cannot read labels CSV ({e})") from None
-    header = [h.strip().lower() for h in rows[0]] if rows else []
+    header, rows = read_csv(path, "labels CSV")
     key = "file" if "file" in header else "index" if "index" in header else None
     if key is None or "group" not in header:
         raise UserError(f"{path}: labels CSV needs a header with 'file' (or 'index') and 'group' columns "
-                        f"(any case; ',' ';' or tab between them), got {rows[0] if rows else 'an empty file'}")
+                        f"(any case; ',' ';' or tab between them), got {header or 'an empty file'}")
     col = {name: header.index(name) for name in (key, "group", "split") if name in header}
     labels: list[Label] = []
-    for line, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue  # blank lines, as spreadsheets leave at the end
+    for line, row in rows:
         cells = {name: (row[i].strip() if i < len(row) else "") for name, i in col.items()}
         if not cells[key] or not cells["group"]:
             raise UserError(f"{path}:{line}: empty {key} or group")
@@ -242,6 +222,47 @@ def read_labels(path: str | Path) -> list[Label]:
     if not labels:
         raise UserError(f"{path}: labels CSV has a header but no rows")
     return labels
+
+
+def read_csv(path: Path, what: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """A CSV as spreadsheets write it: (lower-case header, [(line number, cells)]), blank lines skipped.
+
+    UTF-8 with or without a byte-order mark (anything else is refused with the line it fails on),
+    CRLF or LF, and ',' ';' or tab between fields, whichever the header line uses most.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save it as 'CSV UTF-8' "
+                        "(e.g. in a spreadsheet: Save As, CSV UTF-8)") from None
+    header_line = text.splitlines()[0] if text.strip() else ""
+    delimiter = max(LABEL_DELIMITERS, key=header_line.count)
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+    except csv.Error as e:
+        raise UserError(f"{path}: cannot read {what} ({e})") from None
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    return header, [(line, row) for line, row in enumerate(rows[1:], start=2) if any(c.strip() for c in row)]
+
+
+def read_file_list(path: str | Path) -> list[str]:
+    """The images a model was trained on: a CSV with a 'file' (or 'index') column, e.g. fairrecon's
+    split.csv or a labels CSV; with a 'split' column only its 'train' rows count."""
+    path = Path(path)
+    header, rows = read_csv(path, "file list")
+    key = "file" if "file" in header else "index" if "index" in header else None
+    if key is None:
+        raise UserError(f"{path}: needs a header with a 'file' (or 'index') column, got {header or 'an empty file'}")
+    k, split = header.index(key), header.index("split") if "split" in header else None
+    return [row[k].strip().replace("\\", "/") for _, row in rows
+            if k < len(row) and (split is None or (split < len(row) and row[split].strip().lower() == "train"))]
 
 
 def resolve_labels(labels: list[Label], images: ImageSet, labels_csv: str | Path,
