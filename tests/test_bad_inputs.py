@@ -334,3 +334,20 @@ def test_gallery_as_subprocesses(finished, tmp_path):
         assert stdout == "" and stderr.count("\n") == 1 and stderr.startswith("fairrecon: error: "), (name, stderr)
         assert GALLERY[name][1] in stderr and "Traceback" not in stderr
         assert snapshot(out) == before
+
+
+def test_skip_bad_images_goes_on_with_a_warning_and_a_count(tmp_path, capsys):
+    args = _folder(tmp_path, lambda f: (image_folder(f, 40, (64, 64)), _truncated_png(f)), [(f"img{i:02d}.png", "ab"[i % 2])
+                                                                                 for i in range(40)])
+    code, err = run_in_process(["audit", *TINY, *args], capsys)
+    assert code == 2 and "img01.png: not a readable image" in err
+    out = tmp_path / "results"
+    code, err = run_in_process(["audit", *TINY, *args, "--skip-bad-images", "--out", str(out)], capsys)
+    assert code == 0, err
+    warning = "skipped 1 unreadable image(s) (--skip-bad-images): img01.png"
+    assert f"warning: {warning}" in err
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["info"]["warnings"] == [warning] and summary["spec"]["skip_bad_images"] is True
+    assert sum(r["n"] for r in summary["groups"]) == 39  # its label went with it
