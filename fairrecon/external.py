@@ -108,14 +108,14 @@ def _from_factory(weights: Path, factory: str) -> nn.Module:
 def _from_archive(weights: Path) -> nn.Module:
     """TorchScript, then torch.export; a state_dict (also a zip) is recognised and sent to --model-factory."""
     if not zipfile.is_zipfile(weights):
-        raise UserError(f"{weights}: not a model archive (tried TorchScript and torch.export: both are zip files, "
-                        "this is not); for a state_dict also pass --model-factory package.module:function")
+        raise UserError(f"{weights}: not a TorchScript or torch.export file (both are zip archives, this is not); "
+                        "for a state_dict also pass --model-factory package.module:function")
     with zipfile.ZipFile(weights) as z:
         names = z.namelist()
     if any(n.endswith("/data.pkl") for n in names) and not any(n.endswith("constants.pkl") or "/code/" in n
                                                                for n in names):
-        raise UserError(f"{weights}: a torch.save file (a state_dict?), not TorchScript or torch.export; "
-                        "pass --model-factory package.module:function to build the model it belongs to")
+        raise UserError(f"{weights}: a torch.save file (a state_dict?), not TorchScript or torch.export; for a "
+                        "state_dict also pass --model-factory package.module:function that builds its model")
     tried = []
     try:
         return torch.jit.load(str(weights), map_location="cpu").eval()

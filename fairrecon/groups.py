@@ -209,6 +209,7 @@ def read_labels(path: str | Path) -> list[Label]:
                         f"(any case; ',' ';' or tab between them), got {header or 'an empty file'}")
     col = {name: header.index(name) for name in (key, "group", "split") if name in header}
     labels: list[Label] = []
+    seen: dict[str, Label] = {}
     for line, row in rows:
         cells = {name: (row[i].strip() if i < len(row) else "") for name, i in col.items()}
         if not cells[key] or not cells["group"]:
@@ -218,7 +219,12 @@ def read_labels(path: str | Path) -> list[Label]:
             split = split.lower()
             if split not in SPLITS:
                 raise UserError(f"{path}:{line}: split '{cells['split']}' is not train or test")
-        labels.append(Label(cells[key], cells["group"], split, line))
+        label = Label(cells[key], cells["group"], split, line)
+        first = seen.setdefault(label.key, label)
+        if (first.group, first.split) != (label.group, label.split):
+            raise UserError(f"{path}:{line}: {key} '{label.key}' is labelled twice (line {first.line}: group "
+                            f"'{first.group}', split {first.split}; here: '{label.group}', split {label.split})")
+        labels.append(label)
     if not labels:
         raise UserError(f"{path}: labels CSV has a header but no rows")
     return labels

@@ -230,9 +230,10 @@ def _labels_imply_grouping(given: dict[str, Any]) -> dict[str, Any]:
     return given
 
 
-# Settings of brightness groups, with the methods they apply to: with any other method they would be ignored.
+# Flags of brightness groups, with the methods they apply to: with any other method they would be
+# silently ignored, so they are refused. (`tolerance`, set in spec files only, is a bound for select.)
 _BRIGHTNESS_ONLY = {"targets": ("transform", "select"), "proportions": ("transform", "select"),
-                    "contrast": ("transform",), "tolerance": ("select",)}
+                    "contrast": ("transform",)}
 
 
 def _validate(s: AuditSpec) -> None:
