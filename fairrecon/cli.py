@@ -342,6 +342,8 @@ def _json_default(o):
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: the exit status of the module docstring."""
+    global _results_folder
+    _results_folder = None  # set by the command once it knows its results folder
     try:
         code = cli.main(args=argv, prog_name="fairrecon", standalone_mode=False)
     except (UserError, click.ClickException) as e:  # a usage error, a bad option value, a missing file

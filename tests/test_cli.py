@@ -126,7 +126,10 @@ def test_an_internal_error_is_exit_4_with_one_line_and_the_traceback_in_a_log(co
         log.unlink()
     elif command == "audit":
         assert log == tmp_path / "a" / ERROR_LOG
-    else:
+    else:  # no results folder: a temporary file (never the folder of an earlier command in this process)
+        import tempfile
+
+        assert log.parent == Path(tempfile.gettempdir()) and log.name.startswith("fairrecon-error-")
         log.unlink()
 
 
