@@ -15,29 +15,30 @@ import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 import torch
 
 from . import __version__
-from .data import load_images
+from .data import ImageSet, load_images
 from .gradshare import GradShareRecorder
-from .groups import GroupedData, make_groups
+from .groups import GroupedData, make_groups, split_table
 from .losses import get_loss
 from .fileio import atomic_write, npz_bytes
 from .measure import example_reconstructions, sample_errors, train_mse
 from .outputs import save_results
 from .results import EXAMPLES_FILE, METRICS, AuditResult, load_examples
-from .resume import CellStore, result_fields
+from .resultsdir import Identity, check_out, input_paths
+from .resume import CellStore
 from .spec import AuditSpec, load_spec
 from .train import Cell, TrainConfig, resolve_device, train_cells
 
 
 def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str], None] | None = None,
               on_epoch: Callable[..., None] | None = None, force: bool = False, save: bool = True,
-              **overrides: Any) -> AuditResult:
+              inputs: Iterable[str | Path] = (), **overrides: Any) -> AuditResult:
     """Run the audit a spec (object or TOML path) describes, with keyword overrides.
 
     `log` gets one line per stage; `on_epoch(epoch, epochs, seed_number, seed_count)` is called after
@@ -46,31 +47,40 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
 
     With `spec.out` set, every finished cell is checkpointed in OUT/cells, and a run
     into a folder that holds some of this audit's cells trains only the others.
-    A folder holding a different audit is refused unless `force`. At the end the whole
-    results folder is written (`outputs.save_results`), unless `save` is False: callers that
-    compute the statistics themselves (the CLI) then save with them.
+    A folder holding an audit of a different spec or different inputs (its identity: see
+    resultsdir.py) is refused unless `force`; a folder that is not fairrecon's, or that holds the
+    inputs (the labels CSV, the images, the spec file and any other path in `inputs`), always is.
+    Nothing is written before the data and groups are built. At the end the whole results folder
+    is written (`outputs.save_results`), unless `save` is False: callers that compute the
+    statistics themselves (the CLI) then save with them.
     """
     if spec is None:
         spec = AuditSpec()
     elif isinstance(spec, (str, Path)):
+        inputs = [*inputs, spec]
         spec = load_spec(spec)
     spec = spec.replace(**overrides)
     for name in spec.losses:
         get_loss(name)  # unknown names fail here, before any work
     device = resolve_device(spec.device)
     log = log or (lambda message: None)
-    store = CellStore(spec.out, result_fields(spec, device.type)) if spec.out else None
-    if store is not None:
-        store.check(force)  # reads only; nothing is written before the data and groups are good
+    identity = Identity.of(spec, device.type)
+    store = CellStore(spec.out, identity) if spec.out else None
+    if store is not None:  # reads only; nothing is written before the data and groups are good
+        files, folders = input_paths(spec)
+        check_out(spec.out, identity, files=[*files, *map(Path, inputs)], folders=folders, force=force)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    images = load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed)
+    images = load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
     timings["load_s"] = time.perf_counter() - t0
     data = make_groups(images, spec)
     timings["groups_s"] = time.perf_counter() - t0 - timings["load_s"]
     described = data.describe()
     log(f"{spec.dataset}: {len(data.train_x)} train / {len(data.test_x)} test images, groups {', '.join(data.names)}")
+    warnings = data_warnings(images)
+    for warning in warnings:
+        log(f"warning: {warning}")
 
     cells = [Cell(loss, seed) for loss in spec.losses for seed in range(spec.seeds)]
     config = TrainConfig.from_spec(spec)
@@ -88,8 +98,8 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
     def keep_examples(stacked) -> None:  # seed 0: a few test images and each loss's reconstruction
         if min(c.seed for c in stacked.cells) == 0:
             examples.update(example_reconstructions(stacked, data, device=device))
-            if store is not None:  # kept beside the checkpoints, so a resumed audit still has them
-                atomic_write(Path(spec.out) / EXAMPLES_FILE, npz_bytes(examples))
+            if store is not None:  # kept with the checkpoints, so a resumed audit still has them
+                atomic_write(store.folder / EXAMPLES_FILE, npz_bytes(examples))
 
     for k, seed_cells in enumerate(todo):
         epoch_hook = (lambda e, n, k=k: on_epoch(e, n, k + 1, len(todo))) if on_epoch else None
@@ -108,14 +118,24 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "contrast_factor": data.contrast_factor,
         "train_config": asdict(config), "resumed_cells": len(cells) - sum(map(len, todo)), "timings": timings,
+        "inputs": identity.inputs, "warnings": warnings,
     }
     shares = [tables[c]["grad_shares"] for c in cells if "grad_shares" in tables[c]]
     result = AuditResult(spec, samples, cell_table, described, history, info,
-                         examples=examples or (load_examples(spec.out) if spec.out else None),
-                         grad_shares=_concat(shares) if len(shares) == len(cells) else None)
+                         examples=examples or (load_examples(store.folder) if store is not None else None),
+                         grad_shares=_concat(shares) if len(shares) == len(cells) else None,
+                         split=split_table(images, data))
     if spec.out and save:
         save_results(result, spec.out)
     return result
+
+
+def data_warnings(images: ImageSet) -> list[str]:
+    """Warnings about the data an audit ran on (kept in result.info["warnings"] and summary.json)."""
+    if not images.skipped:
+        return []
+    shown = ", ".join(images.skipped[:3]) + (f" and {len(images.skipped) - 3} more" if len(images.skipped) > 3 else "")
+    return [f"skipped {len(images.skipped)} unreadable image(s) (--skip-bad-images): {shown}"]
 
 
 def by_seed(cells: list[Cell]) -> list[list[Cell]]:

@@ -1,19 +1,35 @@
 """`fairrecon` command line: a thin layer over the Python API.
 
-User mistakes (UserError, click usage errors) print one line on stderr and exit 2.
+Exit status, the same for every command:
+  0  pass (or done)
+  1  the gate failed: a group gap exceeds the threshold (`check` only)
+  2  usage or input error: one line on stderr (UserError, click usage errors)
+  3  insufficient data to judge (`check`: a failed cell, a group under 30 test images)
+  4  internal error, a bug in fairrecon: the traceback goes to a log file (in the results folder
+     when there is one), and one line on stderr says where
+
+With --json, `audit`, `check` and `report` print only JSON on stdout (the verdict per loss);
+progress, notes and warnings go to stderr.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 import click
 
 from .errors import UserError
-from .spec import AuditSpec, field_type, load_spec, parse_list
+from .spec import DATASETS, AuditSpec, field_type, load_spec, parse_list
 
-EXIT_USAGE = 2
+EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INSUFFICIENT, EXIT_INTERNAL = 0, 1, 2, 3, 4
+METRICS = ("mse", "mae", "psnr")  # = stats.METRICS (tests/test_cli.py checks); here so --help needs no torch
+ERROR_LOG = "fairrecon-error.log"
+_results_folder: Path | None = None  # where a command writes or reads results: its internal-error log goes there
 
 
 def spec_options(*scopes: str):
@@ -40,28 +56,63 @@ def spec_options(*scopes: str):
     return decorate
 
 
+def json_option(command):
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print only JSON on stdout (the verdict per loss); progress and notes go to stderr.")(command)
+
+
 def spec_from(spec_file: str | None, flags: dict) -> AuditSpec:
     """The spec file (or the defaults) with the flags that were given (lists arrive as 'a,b')."""
     return load_spec(spec_file, **flags) if spec_file else AuditSpec().override(**flags)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def note(message: str) -> None:
+    """A note or warning for the person at the terminal: always on stderr."""
+    click.echo(message, err=True)
+
+
+def print_json(payload: dict) -> None:
+    click.echo(json.dumps(payload, indent=2, default=_json_default))
+
+
+def verdict_records(disparities) -> list[dict]:
+    """The statistics' verdict per loss as JSON records, whatever columns `stats.disparities` has."""
+    from .results import records
+
+    return [] if disparities is None else records(disparities)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="fairrecon")
 def cli() -> None:
-    """Audit reconstruction losses for per-group fairness."""
+    """Audit reconstruction losses for per-group fairness.
+
+    \b
+    Exit status: 0 pass, 1 the gate failed (check), 2 usage or input error,
+    3 insufficient data, 4 internal error (traceback saved to a log file).
+    """
 
 
 @cli.command()
 @click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
 @spec_options("data", "audit")
-@click.option("--force", is_flag=True, help="Write into an --out folder that holds an audit of a different spec.")
+@click.option("--force", is_flag=True, help="Replace an --out folder that holds an audit of a different spec or "
+              "different inputs (never a folder that is not fairrecon's).")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines: only the final table.")
-def audit(spec_file, quiet, force, **flags) -> None:
+@json_option
+def audit(spec_file, quiet, force, as_json, **flags) -> int:
     """Train autoencoders under each loss and measure per-group error on held-out images.
 
     With no arguments: the bundled digits, groups at mean brightness 0.3 and 0.9,
     four losses, three seeds. Flags override SPEC_FILE. With --out, finished cells are
     kept in OUT/cells: run the same command again after an interruption to resume.
+
+    \b
+    Examples:
+      fairrecon audit
+      fairrecon audit audits/fashion-mnist-minority.toml --data-root ../shared/datasets --out results/fm
+      fairrecon audit --dataset folder --data-root faces/images --labels faces/groups.csv --out results/faces
+      fairrecon audit --epochs 5 --seeds 2 --json > verdict.json
     """
     from .audit import run_audit
     from .outputs import save_results
@@ -69,97 +120,260 @@ def audit(spec_file, quiet, force, **flags) -> None:
     from .report import terminal_summary
     from .stats import analyse
 
+    global _results_folder
     spec = spec_from(spec_file, flags)
-    with Progress(quiet=quiet) as progress:
-        result = run_audit(spec, log=progress.log, on_epoch=progress.on_epoch, force=force, save=False)
+    _results_folder = Path(spec.out) if spec.out else None
+    with Progress(quiet=quiet or as_json) as progress:
+        result = run_audit(spec, log=progress.log, on_epoch=progress.on_epoch, force=force, save=False,
+                           inputs=[spec_file] if spec_file else [])
         analysis = analyse(result)
         if spec.out:
             progress.log(f"writing {spec.out}/ (tables, summary.json, report.md, report.html)")
             save_results(result, spec.out, analysis)
-    click.echo("\n" + terminal_summary(analysis))
     failed = result.cells[result.cells["status"] != "ok"]
+    if as_json:
+        print_json({"command": "audit", "out": spec.out, "disparities": verdict_records(analysis.disparities),
+                    "warnings": _warnings(result)})
+    else:
+        click.echo("\n" + terminal_summary(analysis))
     for row in failed.itertuples():
-        click.echo(f"warning: cell {row.loss}/seed{row.seed} {row.status}", err=True)
+        note(f"warning: cell {row.loss}/seed{row.seed} {row.status}")
     if len(failed) == len(result.cells):
-        click.echo("warning: every cell failed; the table above is empty (see the cells' status in summary.json)", err=True)
-    click.echo(f"\ntotal {result.info['timings']['total_s']:.1f} s on {result.info['device']}"
-               + (f"; results in {spec.out}/ (open {spec.out}/report.html)" if spec.out else ""))
+        note("warning: every cell failed; the table above is empty (see the cells' status in summary.json)")
+    for warning in result.info.get("warnings", []):
+        note(f"warning: {warning}")
+    note(f"total {result.info['timings']['total_s']:.1f} s on {result.info['device']}"
+         + (f"; results in {spec.out}/ (open {spec.out}/report.html)" if spec.out else ""))
+    return EXIT_PASS
 
 
 @cli.command()
 @click.argument("result_dir", type=click.Path(file_okay=False))
 @click.option("--out", help="Folder for report.md and report.html (default: RESULT_DIR).")
-def report(result_dir, out) -> None:
-    """Re-render report.html and report.md from a saved results folder, without retraining."""
+@json_option
+def report(result_dir, out, as_json) -> int:
+    """Re-render report.html and report.md from a saved results folder, without retraining.
+
+    \b
+    Examples:
+      fairrecon report results/fm
+      fairrecon report results/fm --out reports/fm
+      fairrecon report results/fm --json
+    """
     from .outputs import write_reports
     from .report import terminal_summary
     from .results import AuditResult
     from .stats import analyse
 
+    global _results_folder
+    _results_folder = Path(result_dir)
     result = AuditResult.load(result_dir)
     analysis = analyse(result)
     paths = write_reports(result, analysis, out or result_dir)
-    click.echo(terminal_summary(analysis))
-    click.echo(f"\nwrote {paths['html']} and {paths['md']}")
+    if as_json:
+        print_json({"command": "report", "results": result_dir, "disparities": verdict_records(analysis.disparities),
+                    "warnings": _warnings(result)})
+    else:
+        click.echo(terminal_summary(analysis))
+    note(f"wrote {paths['html']} and {paths['md']}")
+    return EXIT_PASS
 
 
 @cli.command()
 @click.argument("result_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--metric", default="mse", show_default=True, help="mse, mae or psnr.")
+@click.option("--metric", type=click.Choice(METRICS), default="mse", show_default=True, help="Error to compare.")
 @click.option("--max-ratio", type=float, help="Fail if worst/reference error exceeds this (with confidence 1 - alpha).")
 @click.option("--max-gap", type=float, help="Fail if worst - reference error exceeds this (metric units; dB for psnr).")
 @click.option("--adjusted", is_flag=True, help="Gate the gap in excess of each group's own rank-k PCA error.")
-@click.option("--alpha", type=float, default=0.05, show_default=True, help="1 - confidence of the lower bound.")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
+              show_default=True, help="1 - confidence of the lower bound.")
 @click.option("--reference", default="best", show_default=True, help="Reference group name, or 'best'.")
-@click.option("--losses", help="Only these losses (comma-separated).")
+@click.option("--losses", metavar="L,L,...", help="Only these losses (comma-separated).  [default: all]")
 @click.option("--weights", type=click.Path(dir_okay=False),
               help="Audit a trained model instead of RESULT_DIR: a state_dict (with --model-factory), "
                    "a TorchScript or a torch.export file.")
-@click.option("--model-factory", help="package.module:function returning the nn.Module for --weights.")
+@click.option("--model-factory", metavar="MODULE:FUNCTION",
+              help="package.module:function returning the nn.Module for --weights.")
+@click.option("--trained-on", metavar="all|CSV",
+              help="With --weights: what the model was trained on, 'all' images or a CSV with a file column "
+                   "(e.g. split.csv: only its train rows count); warns when test images are among them.")
 @click.option("--spec", "spec_file", type=click.Path(dir_okay=False), help="Spec TOML for the test images (with --weights).")
 @spec_options("data")
+@json_option
 def check(result_dir, metric, max_ratio, max_gap, adjusted, alpha, reference, losses, weights, model_factory,
-          spec_file, **data_flags) -> int:
+          trained_on, spec_file, as_json, **data_flags) -> int:
     """Gate: exit 1 if a group gap exceeds a threshold with confidence, 0 if not, 3 if data are insufficient.
 
     Checks a results folder (from `fairrecon audit --out`), or with --weights a trained
     autoencoder on the spec's grouped test images, without training.
+
+    \b
+    Examples:
+      fairrecon check results/default --max-ratio 1.2
+      fairrecon check results/default --max-gap 0.002 --adjusted --json
+      fairrecon check --weights ae.pt --model-factory mymodels:build --dataset folder \\
+          --data-root faces/images --labels faces/groups.csv --trained-on split.csv --max-ratio 1.2
     """
     from .gate import check as gate_check
     from .results import AuditResult
 
+    global _results_folder
     if (result_dir is None) == (weights is None):
         raise UserError("give either RESULT_DIR or --weights FILE (a trained model), not both or neither")
     given = sorted(k.replace("_", "-") for k, v in data_flags.items() if v is not None)
     if result_dir is not None:
-        if model_factory or spec_file or given:
-            raise UserError(f"--{(given or ['model-factory' if model_factory else 'spec'])[0]} applies only with --weights")
+        extra = given + ["model-factory"] * bool(model_factory) + ["spec"] * bool(spec_file) + ["trained-on"] * bool(trained_on)
+        if extra:
+            raise UserError(f"--{extra[0]} applies only with --weights")
+        _results_folder = Path(result_dir)
         result = AuditResult.load(result_dir)
     else:
         from .external import audit_model, load_model
+        from .groups import read_file_list
 
         device = data_flags.pop("device") or "cpu"
         spec = spec_from(spec_file, data_flags)
+        seen = None if trained_on is None else "all" if trained_on == "all" else read_file_list(trained_on)
         model = load_model(weights, model_factory)
-        result = audit_model(model, spec, name="model", device=device)
+        result = audit_model(model, spec, name="model", device=device, trained_on=seen)
+        if spec.dataset == "folder" and trained_on is None:
+            note(f"note: the model is scored on {result.samples['index'].nunique()} held-out images (`fairrecon split` "
+                 "with the same data options lists them); if it was trained on any, say so with --trained-on")
     outcome = gate_check(result, metric=metric, max_ratio=max_ratio, max_gap=max_gap, adjusted=adjusted,
                          alpha=alpha, reference=reference, losses=parse_list(losses, str) if losses else None)
-    click.echo(outcome.message)
+    if as_json:
+        print_json({"command": "check", "exit_code": outcome.code, "passed": outcome.passed,
+                    "message": outcome.message, "disparities": verdict_records(outcome.table),
+                    "warnings": _warnings(result)})
+    else:
+        click.echo(outcome.message)
+    for warning in result.info.get("warnings", []):
+        note(f"warning: {warning}")
     return outcome.code
 
 
+@cli.command()
+@click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
+@spec_options("data")
+def split(spec_file, **flags) -> int:
+    """Print the train/test split as CSV (file, group, split), without training.
+
+    For an image folder: every file with its group and whether it is trained on, held out
+    (test) or left out by a limit (unused). Train your own model on the train files only,
+    then score it with `fairrecon check --weights ... --trained-on split.csv`.
+
+    \b
+    Examples:
+      fairrecon split --dataset folder --data-root faces/images --labels faces/groups.csv > split.csv
+    """
+    from .data import load_images
+    from .groups import make_groups, split_table
+
+    spec = spec_from(spec_file, flags)
+    images = load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
+    table = split_table(images, make_groups(images, spec))
+    if table is None:
+        raise UserError(f"split: dataset '{spec.dataset}' has no files to list; its test split is "
+                        + ("its own test set" if spec.dataset != "digits" else f"20% of the images (split_seed {spec.split_seed})"))
+    click.echo(table.to_csv(index=False), nl=False)
+    counts = table["split"].value_counts()
+    note(f"{counts.get('train', 0)} train, {counts.get('test', 0)} test, {counts.get('unused', 0)} unused images")
+    return EXIT_PASS
+
+
+@cli.command()
+@json_option
+def losses(as_json) -> int:
+    """List the registered losses and the likelihood each one is.
+
+    \b
+    Examples:
+      fairrecon losses
+      fairrecon losses --json
+    """
+    from .losses import LOSSES
+
+    rows = [{"name": loss.name, "likelihood": loss.likelihood} for loss in LOSSES.values()]
+    if as_json:
+        print_json({"command": "losses", "losses": rows})
+    else:
+        width = max(len(r["name"]) for r in rows)
+        for r in rows:
+            click.echo(f"{r['name']:<{width}}  {r['likelihood']}")
+    return EXIT_PASS
+
+
+@cli.command()
+@click.option("--data-root", default="datasets", show_default=True, metavar="DIR", help="Where to look for the files.")
+@json_option
+def datasets(data_root, as_json) -> int:
+    """List the datasets, where their files are looked for, and whether they are there.
+
+    \b
+    Examples:
+      fairrecon datasets
+      fairrecon datasets --data-root ../shared/datasets
+    """
+    from .data import dataset_files, where_files_are
+
+    rows = [{"name": name, "files": where_files_are(name, data_root),
+             "found": name == "digits" or bool(dataset_files(name, data_root))} for name in DATASETS]
+    if as_json:
+        print_json({"command": "datasets", "data_root": data_root, "datasets": rows})
+    else:
+        width = max(len(r["name"]) for r in rows)
+        for r in rows:
+            click.echo(f"{r['name']:<{width}}  {'found  ' if r['found'] else 'missing'}  {r['files']}")
+    return EXIT_PASS
+
+
+def _warnings(result) -> list[str]:
+    """The data warnings of a result (skipped images, a model scored on its own training images)."""
+    return list(result.info.get("warnings", []))
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    return str(o)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: map user mistakes to one line and exit status 2."""
+    """Entry point: the exit status of the module docstring."""
+    global _results_folder
+    _results_folder = None  # set by the command once it knows its results folder
     try:
         code = cli.main(args=argv, prog_name="fairrecon", standalone_mode=False)
-    except (UserError, click.UsageError) as e:
-        message = e.format_message() if isinstance(e, click.UsageError) else str(e)
+    except (UserError, click.ClickException) as e:  # a usage error, a bad option value, a missing file
+        message = e.format_message() if isinstance(e, click.ClickException) else str(e)
         click.echo(f"fairrecon: error: {message}", err=True)
         sys.exit(EXIT_USAGE)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
     except (click.Abort, KeyboardInterrupt):
         click.echo("fairrecon: interrupted; with --out, run the same command again to resume", err=True)
         sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+    except Exception as e:  # a bug in fairrecon: keep the traceback, say one line
+        log = _save_traceback()
+        click.echo(f"fairrecon: internal error ({type(e).__name__}), a bug in fairrecon, not in your input; "
+                   f"traceback saved to {log}; please report it with that file", err=True)
+        sys.exit(EXIT_INTERNAL)
+    sys.exit(code if isinstance(code, int) else EXIT_PASS)
+
+
+def _save_traceback() -> Path:
+    """Write the current exception's traceback to ERROR_LOG in the results folder when it is fairrecon's,
+    else to a temporary file; return its path."""
+    text = traceback.format_exc()
+    folder = _results_folder
+    if folder is not None and ((folder / "fairrecon.json").is_file() or (folder / "summary.json").is_file()):
+        try:
+            path = folder / ERROR_LOG
+            path.write_text(text)
+            return path
+        except OSError:
+            pass
+    fd, name = tempfile.mkstemp(prefix="fairrecon-error-", suffix=".log")
+    with open(fd, "w") as f:
+        f.write(text)
+    return Path(name)

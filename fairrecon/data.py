@@ -7,8 +7,11 @@ over, and training later indexes it on the device.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +19,7 @@ import torch
 from .errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+TEST_FRACTION = 0.2  # held out where a dataset ships no split (digits, folder)
 
 # name -> (torchvision class name, files torchvision needs, how to get them)
 _TORCHVISION = {
@@ -35,18 +39,66 @@ class ImageSet:
     test: torch.Tensor
     train_index: torch.Tensor  # (N,) int64
     test_index: torch.Tensor
-    files: tuple[str, ...] | None = None  # image-folder only: file name of each original index
+    files: tuple[str, ...] | None = None  # image-folder only: relative path of each original index
+    skipped: tuple[str, ...] = ()  # image-folder only: unreadable files left out (--skip-bad-images)
 
 
-def load_images(name: str, root: str | Path = "datasets", download: bool = False, split_seed: int = 0) -> ImageSet:
+def load_images(name: str, root: str | Path = "datasets", download: bool = False, split_seed: int = 0, *,
+                skip_bad: bool = False) -> ImageSet:
     """Load a dataset by name. Missing files give a one-line UserError saying where and how."""
     if name == "digits":
         return _digits(split_seed)
     if name == "folder":
-        return load_folder(root, split_seed)
+        return load_folder(root, split_seed, skip_bad=skip_bad)
     if name not in _TORCHVISION:
         raise UserError(f"unknown dataset '{name}'")
     return _torchvision(name, Path(root), download)
+
+
+def where_files_are(name: str, root: str | Path = "datasets") -> str:
+    """Where a dataset's files are looked for (for `fairrecon datasets` and messages)."""
+    root = Path(root)
+    if name == "digits":
+        return "bundled with scikit-learn: no files, nothing to download"
+    if name == "folder":
+        return f"{root}/ and its subfolders: every {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} image (--data-root DIR)"
+    return f"{(root / _TORCHVISION[name][1]).parent}/ (torchvision's layout; --download fetches it)"
+
+
+def dataset_files(name: str, root: str | Path = "datasets") -> list[Path]:
+    """The files a dataset is read from (none for digits, which ships inside scikit-learn)."""
+    root = Path(root)
+    if name == "folder":
+        return image_files(root) if root.is_dir() else []
+    if name in _TORCHVISION:
+        folder = (root / _TORCHVISION[name][1]).parent
+        return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    return []
+
+
+def fingerprint(name: str, root: str | Path = "datasets") -> dict[str, Any]:
+    """What identifies a dataset's content without reading it: the listing (relative path, size,
+    modification time) of the files it is read from, or scikit-learn's version for digits.
+
+    Two audits with the same spec but a different fingerprint ran on different data.
+    """
+    if name == "digits":
+        import sklearn
+
+        return {"dataset": name, "scikit-learn": sklearn.__version__}
+    root = Path(root)
+    files = dataset_files(name, root)
+    listing = [(p.relative_to(root).as_posix(), (st := p.stat()).st_size, st.st_mtime_ns) for p in files]
+    digest = hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
+    return {"dataset": name, "files": len(listing), "bytes": sum(size for _, size, _ in listing), "listing_sha256": digest}
+
+
+def file_sha256(path: str | Path) -> str | None:
+    """The first 16 hex digits of a file's SHA-256 (None when it cannot be read: the reader says why later)."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
 
 
 def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,34 +184,61 @@ def _to_float(data) -> torch.Tensor:
     return t.contiguous().float().div_(255.0)
 
 
-def load_folder(root: str | Path, split_seed: int = 0, test_fraction: float = 0.2) -> ImageSet:
-    """A flat folder of the user's own images (all the same size and mode), split 80/20 with a seed.
+def image_files(root: Path) -> list[Path]:
+    """Every image under `root`, in subfolders too (hidden files and folders skipped), sorted by relative path."""
+    found = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
-    Indices refer to the sorted file names (`ImageSet.files`), which a labels CSV may use instead.
+
+def load_folder(root: str | Path, split_seed: int = 0, test_fraction: float = TEST_FRACTION, *,
+                skip_bad: bool = False) -> ImageSet:
+    """A folder of the user's own images (subfolders included; all the same size and mode), split
+    80/20 with a seed (`split_indices`: a seeded permutation of the sorted files, the first 20% held out).
+
+    Images are keyed by their path relative to `root` ('a.png', 'men/b.png'): `ImageSet.files[i]` is
+    image i, which a labels CSV names by path or by index. An unreadable image is a one-line
+    UserError naming it; with `skip_bad` it is left out and listed in `ImageSet.skipped`.
     """
     from torchvision.io import decode_image
 
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist; pass --data-root DIR with your images")
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if len(files) < 2:
-        raise UserError(f"image folder {root} has {len(files)} image(s); need at least 2 ({', '.join(IMAGE_SUFFIXES)})")
+    files = image_files(root)
     images: list[torch.Tensor] = []
+    kept: list[str] = []
+    skipped: list[str] = []
     for path in files:
+        name = path.relative_to(root).as_posix()
         try:
             img = decode_image(str(path))  # (C, H, W) uint8, or uint16 for 16-bit PNGs
         except (RuntimeError, OSError, ValueError) as e:
-            reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-            raise UserError(f"{path}: not a readable image ({reason})") from None
+            if skip_bad:
+                skipped.append(name)
+                continue
+            raise UserError(f"{path}: not a readable image ({_first_line(e)}); fix or remove it, or pass "
+                            "--skip-bad-images to go on without it") from None
         if img.ndim != 3 or img.dtype not in (torch.uint8, torch.uint16):
             raise UserError(f"{path}: unsupported image ({img.dtype}, shape {tuple(img.shape)}); "
                             "use 8- or 16-bit grey, RGB or RGBA images")
         if images and img.shape != images[0].shape:
-            raise UserError(f"{path}: {_describe(img)} differs from {files[0].name} {_describe(images[0])}; "
+            raise UserError(f"{path}: {_describe(img)} differs from {kept[0]} {_describe(images[0])}; "
                             "all images must have the same size and mode (grey, RGB or RGBA)")
         images.append(img.float().div_(255.0 if img.dtype == torch.uint8 else 65535.0))  # [0, 1] at any bit depth
+        kept.append(name)
+    if len(images) < 2:
+        bad = f", {len(skipped)} unreadable" if skipped else ""
+        raise UserError(f"image folder {root} has {len(images)} readable image(s){bad}; need at least 2 "
+                        f"({', '.join(IMAGE_SUFFIXES)}, subfolders included)")
     data = torch.stack(images)  # (N, C, H, W)
     train, test = split_indices(len(data), test_fraction, split_seed)
     return ImageSet("folder", data[train], data[test], torch.from_numpy(train), torch.from_numpy(test),
-                    files=tuple(p.name for p in files))
+                    files=tuple(kept), skipped=tuple(skipped))
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's first non-empty line, whole (never cut mid-word), or its type's name."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    # torchvision prefixes its C++ errors with "function, path/to/file.cpp:79, ": not for users
+    return re.sub(r"^[\w():~]+, \S+\.(?:cpp|h):\d+, ", "", lines[0]) if lines else type(e).__name__

@@ -6,7 +6,13 @@ Three ways in, none of which unpickles arbitrary objects:
     called with no arguments, returning the nn.Module): read with torch.load(weights_only=True),
     which refuses any pickle that would build objects other than tensors and containers;
   * a TorchScript file (torch.jit.save) or a torch.export file (torch.export.save): a graph
-    and its weights, no Python pickles of user classes.
+    and its weights, no Python pickles of user classes. An export traced with a fixed batch size
+    is fed batches of exactly that size.
+
+Which images are held out: the spec's test split (for an image folder, 20% of the files chosen
+with `split_seed`, stratified by group with --labels, or the labels CSV's split column);
+`fairrecon split` lists them. A model trained on some of them is scored partly on its own
+training images: `audit_model(trained_on=...)` warns.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import pickle
 import sys
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +33,7 @@ from torch import nn
 from .errors import UserError
 from .measure import sample_errors
 from .results import AuditResult
+from .resultsdir import input_fingerprint
 from .spec import AuditSpec
 from .train import Cell, resolve_device
 
@@ -66,48 +73,101 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(weights: str | Path, factory: str | None = None) -> nn.Module:
-    """The user's model: factory + state_dict, or a TorchScript / torch.export file (factory None)."""
+    """The user's model: factory + state_dict, or a TorchScript / torch.export file (factory None).
+
+    Loading is quiet: torch's warnings are captured. A file that loads as neither format is one
+    line saying what was tried and why each failed. A torch.export program traced with a fixed
+    batch size is run at that batch size (see `FixedBatch`).
+    """
     weights = Path(weights)
     if not weights.is_file():
         raise UserError(f"{weights}: model file not found")
-    if factory is not None:
-        state = load_state_dict(weights)
-        build = load_factory(factory)
-        try:
-            model = build()
-        except Exception as e:  # the user's own code: report it in one line
-            raise UserError(f"--model-factory {factory}: calling it failed ({type(e).__name__}: {e})") from None
-        if not isinstance(model, nn.Module):
-            raise UserError(f"--model-factory {factory} returned {type(model).__name__}, not a torch.nn.Module")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise UserError(f"{weights}: does not fit the factory's model ({_brief(e)})") from None
-        return model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation and serialization notes are not the user's concern
+        if factory is not None:
+            return _from_factory(weights, factory)
+        return _from_archive(weights)
+
+
+def _from_factory(weights: Path, factory: str) -> nn.Module:
+    state = load_state_dict(weights)
+    build = load_factory(factory)
+    try:
+        model = build()
+    except Exception as e:  # the user's own code: report it in one line
+        raise UserError(f"--model-factory {factory}: calling it failed ({type(e).__name__}: {_brief(e)})") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"--model-factory {factory} returned {type(model).__name__}, not a torch.nn.Module")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{weights}: does not fit the factory's model ({_brief(e)})") from None
+    return model.eval()
+
+
+def _from_archive(weights: Path) -> nn.Module:
+    """TorchScript, then torch.export; a state_dict (also a zip) is recognised and sent to --model-factory."""
     if not zipfile.is_zipfile(weights):
-        raise UserError(f"{weights}: not a TorchScript or torch.export archive; for a state_dict "
-                        "also pass --model-factory package.module:function")
+        raise UserError(f"{weights}: not a TorchScript or torch.export file (both are zip archives, this is not); "
+                        "for a state_dict also pass --model-factory package.module:function")
     with zipfile.ZipFile(weights) as z:
         names = z.namelist()
-    if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
-        try:
-            with warnings.catch_warnings():  # TorchScript is deprecated upstream, but users still hold such files
-                warnings.filterwarnings("ignore", message=".*torch.jit.load.* deprecated", category=FutureWarning)
-                return torch.jit.load(str(weights), map_location="cpu").eval()
-        except RuntimeError as e:
-            raise UserError(f"{weights}: not a loadable TorchScript file ({_brief(e)})") from None
+    if any(n.endswith("/data.pkl") for n in names) and not any(n.endswith("constants.pkl") or "/code/" in n
+                                                               for n in names):
+        raise UserError(f"{weights}: a torch.save file (a state_dict?), not TorchScript or torch.export; for a "
+                        "state_dict also pass --model-factory package.module:function that builds its model")
+    tried = []
     try:
-        return torch.export.load(str(weights)).module()
-    except Exception as e:  # torch.export raises assorted types for a foreign archive
-        raise UserError(f"{weights}: neither TorchScript nor torch.export ({_brief(e)}); for a "
-                        "state_dict also pass --model-factory package.module:function") from None
+        return torch.jit.load(str(weights), map_location="cpu").eval()
+    except Exception as e:  # torch.jit raises assorted types for a foreign archive
+        tried.append(f"TorchScript: {_brief(e, 100)}")
+    try:
+        program = torch.export.load(str(weights))
+    except Exception as e:
+        tried.append(f"torch.export: {_brief(e, 100)}")
+        raise UserError(f"{weights}: cannot load the model ({'; '.join(tried)}); for a state_dict also pass "
+                        "--model-factory package.module:function") from None
+    batch = fixed_batch(program)
+    return FixedBatch(program.module(), batch) if batch is not None else program.module()
+
+
+def fixed_batch(program) -> int | None:
+    """The batch size a torch.export program was traced with, when it is fixed (an int, not a symbol)."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            value = node.meta.get("val")
+            if isinstance(value, torch.Tensor) and value.ndim >= 1 and isinstance(value.shape[0], int):
+                return int(value.shape[0])
+    return None
+
+
+class FixedBatch(nn.Module):
+    """Runs a model traced for batches of exactly `batch` images: the last batch is padded (by
+    repeating its last image) and the padding's outputs dropped, so every image is reconstructed once."""
+
+    def __init__(self, model: nn.Module, batch: int):
+        super().__init__()
+        self.model, self.batch = model, batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for i in range(0, len(x), self.batch):
+            xb = x[i:i + self.batch]
+            n = len(xb)
+            if n < self.batch:
+                xb = torch.cat([xb, xb[-1:].expand(self.batch - n, *xb.shape[1:])])
+            outputs.append(self.model(xb)[:n])
+        return torch.cat(outputs)
 
 
 def _brief(e: BaseException, width: int = 160) -> str:
-    """An exception as one short line: its first non-empty line that says something."""
+    """An exception as one short line: its first non-empty line that says something, shortened at a
+    word boundary (never mid-word)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     informative = [line for line in lines if not line.lower().startswith(("weights only load failed", "error(s) in"))]
-    return ((informative or lines or [type(e).__name__])[0])[:width]
+    line = (informative or lines or [type(e).__name__])[0]
+    return line if len(line) <= width else line[:width].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
 
 
 class _OneModel:
@@ -121,7 +181,11 @@ class _OneModel:
         parts = []
         for i in range(0, len(x), chunk):
             xb = x[i:i + chunk]
-            out = self.model(xb)
+            try:
+                out = self.model(xb)
+            except Exception as e:  # the user's model: a shape it was not built for, its own bug
+                raise UserError(f"the model failed on images of shape {tuple(xb.shape)} ({type(e).__name__}: "
+                                f"{_brief(e)})") from None
             if not isinstance(out, torch.Tensor) or out.numel() != xb.numel():
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise UserError(f"the model maps images {tuple(xb.shape)} to {got}; an autoencoder must "
@@ -130,16 +194,38 @@ class _OneModel:
         return torch.cat(parts)[None]  # (1, N, ...)
 
 
-def audit_model(model: nn.Module, spec: AuditSpec, name: str = "model", device: str = "cpu") -> AuditResult:
-    """Score a trained autoencoder on the spec's grouped test images: an AuditResult with one cell."""
+def audit_model(model: nn.Module, spec: AuditSpec, name: str = "model", device: str = "cpu", *,
+                trained_on: str | Iterable[str] | None = None) -> AuditResult:
+    """Score a trained autoencoder on the spec's grouped test images: an AuditResult with one cell.
+
+    `trained_on` is what the model was trained on, if the user says: "all" (every image of the
+    dataset) or the files (image folders) or indices it saw. Test images among them are scored on
+    their own training images, and `result.info["warnings"]` says so.
+    """
     from .data import load_images
-    from .groups import make_groups
+    from .groups import make_groups, split_table
 
     dev = resolve_device(device)
     spec = spec.replace(losses=(name,), seeds=1)
-    data = make_groups(load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed), spec)
+    images = load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
+    data = make_groups(images, spec)
     samples = sample_errors(_OneModel(model.to(dev), name), data, dev)
     cells = pd.DataFrame({"loss": [name], "seed": [0], "status": ["ok"]})
     history = pd.DataFrame(columns=["loss", "seed", "epoch", "train_nll", "train_mse"])
-    info = {"external_model": name, "device": str(dev)}
-    return AuditResult(spec, samples, cells, data.describe(), history, info)
+    test_keys = [images.files[i] if images.files else str(i) for i in data.test_index.tolist()]
+    info = {"external_model": name, "device": str(dev), "inputs": input_fingerprint(spec),
+            "warnings": _seen_warnings(test_keys, trained_on)}
+    return AuditResult(spec, samples, cells, data.describe(), history, info, split=split_table(images, data))
+
+
+def _seen_warnings(test_keys: list[str], trained_on: str | Iterable[str] | None) -> list[str]:
+    """A warning when the model saw some of the test images it is scored on."""
+    if trained_on is None:
+        return []
+    seen = set(test_keys) if trained_on == "all" else set(test_keys) & {str(k) for k in trained_on}
+    if not seen:
+        return []
+    example = sorted(seen)[0]
+    return [f"the model was trained on {len(seen)} of the {len(test_keys)} test images it is scored on "
+            f"(e.g. {example}): their errors are training errors, not held-out errors, so the gap may be "
+            "understated; train on the split's train files only (split.csv)"]

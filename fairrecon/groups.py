@@ -20,6 +20,7 @@ Three ways to form groups, all giving the same proportions in the train and test
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import ImageSet
+from .data import TEST_FRACTION, ImageSet
 from .errors import UserError
 from .spec import AuditSpec
 
@@ -86,7 +87,7 @@ def group_sizes(n: int, proportions: tuple[float, ...]) -> list[int]:
 def make_groups(images: ImageSet, spec: AuditSpec) -> GroupedData:
     """Form the groups the spec asks for."""
     if spec.group_method == "labels":
-        return labelled_groups(images, spec.labels)
+        return labelled_groups(images, spec)
     if spec.group_method == "select":
         return selected_groups(images, spec)
     return transformed_groups(images, spec)
@@ -180,55 +181,203 @@ def selected_groups(images: ImageSet, spec: AuditSpec) -> GroupedData:
     return GroupedData(group_names(spec.targets), *parts["train"], *parts["test"], targets=tuple(spec.targets))
 
 
-def read_labels(path: str | Path) -> dict[str, str]:
-    """CSV with a header: a key column ('file' or 'index') and a 'group' column."""
+LABEL_DELIMITERS = (",", ";", "\t")
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Label:
+    """One row of a labels CSV: the image it names (a path or an index, as written), its group and split."""
+
+    key: str
+    group: str
+    split: str | None  # 'train' / 'test' from a split column, else None
+    line: int
+
+
+def read_labels(path: str | Path) -> list[Label]:
+    """A labels CSV as spreadsheets write them: UTF-8 with or without a byte-order mark, CRLF or LF,
+    ',' ';' or tab between fields (read from the header line), headers in any case.
+
+    Columns: 'file' (or 'index') and 'group', optionally 'split' (train/test); others are ignored.
+    """
     path = Path(path)
-    try:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    except FileNotFoundError:
-        raise UserError(f"{path}: labels CSV not found") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{path}: cannot read labels CSV ({e})") from None
-    header = set(rows[0]) if rows else set()
+    header, rows = read_csv(path, "labels CSV")
     key = "file" if "file" in header else "index" if "index" in header else None
     if key is None or "group" not in header:
-        raise UserError(f"{path}: labels CSV needs a header with 'file' (or 'index') and 'group' columns, "
-                        f"got {sorted(header) or 'no rows'}")
-    labels: dict[str, str] = {}
-    for line, row in enumerate(rows, start=2):
-        k, g = (row.get(key) or "").strip(), (row.get("group") or "").strip()
-        if not k or not g:
+        raise UserError(f"{path}: labels CSV needs a header with 'file' (or 'index') and 'group' columns "
+                        f"(any case; ',' ';' or tab between them), got {header or 'an empty file'}")
+    col = {name: header.index(name) for name in (key, "group", "split") if name in header}
+    labels: list[Label] = []
+    seen: dict[str, Label] = {}
+    for line, row in rows:
+        cells = {name: (row[i].strip() if i < len(row) else "") for name, i in col.items()}
+        if not cells[key] or not cells["group"]:
             raise UserError(f"{path}:{line}: empty {key} or group")
-        if k in labels and labels[k] != g:
-            raise UserError(f"{path}:{line}: {key} '{k}' is labelled twice ('{labels[k]}' and '{g}')")
-        labels[k] = g
+        split = cells.get("split")
+        if split is not None:
+            split = split.lower()
+            if split not in SPLITS:
+                raise UserError(f"{path}:{line}: split '{cells['split']}' is not train or test")
+        label = Label(cells[key], cells["group"], split, line)
+        first = seen.setdefault(label.key, label)
+        if (first.group, first.split) != (label.group, label.split):
+            raise UserError(f"{path}:{line}: {key} '{label.key}' is labelled twice (line {first.line}: group "
+                            f"'{first.group}', split {first.split}; here: '{label.group}', split {label.split})")
+        labels.append(label)
+    if not labels:
+        raise UserError(f"{path}: labels CSV has a header but no rows")
     return labels
 
 
-def labelled_groups(images: ImageSet, labels_csv: str | Path | None) -> GroupedData:
-    """Groups from a user's CSV, for the image-folder dataset."""
+def read_csv(path: Path, what: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """A CSV as spreadsheets write it: (lower-case header, [(line number, cells)]), blank lines skipped.
+
+    UTF-8 with or without a byte-order mark (anything else is refused with the line it fails on),
+    CRLF or LF, and ',' ';' or tab between fields, whichever the header line uses most.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save it as 'CSV UTF-8' "
+                        "(e.g. in a spreadsheet: Save As, CSV UTF-8)") from None
+    header_line = text.splitlines()[0] if text.strip() else ""
+    delimiter = max(LABEL_DELIMITERS, key=header_line.count)
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+    except csv.Error as e:
+        raise UserError(f"{path}: cannot read {what} ({e})") from None
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    return header, [(line, row) for line, row in enumerate(rows[1:], start=2) if any(c.strip() for c in row)]
+
+
+def read_file_list(path: str | Path) -> list[str]:
+    """The images a model was trained on: a CSV with a 'file' (or 'index') column, e.g. fairrecon's
+    split.csv or a labels CSV; with a 'split' column only its 'train' rows count."""
+    path = Path(path)
+    header, rows = read_csv(path, "file list")
+    key = "file" if "file" in header else "index" if "index" in header else None
+    if key is None:
+        raise UserError(f"{path}: needs a header with a 'file' (or 'index') column, got {header or 'an empty file'}")
+    k, split = header.index(key), header.index("split") if "split" in header else None
+    return [row[k].strip().replace("\\", "/") for _, row in rows
+            if k < len(row) and (split is None or (split < len(row) and row[split].strip().lower() == "train"))]
+
+
+def resolve_labels(labels: list[Label], images: ImageSet, labels_csv: str | Path,
+                   data_root: str | Path) -> dict[str, Label]:
+    """Each image file (relative to the data root) -> its label. A file may be written relative to
+    the data root ('face_000.png') or to the CSV's folder ('images/face_000.png'), or by index."""
+    files, csv_path = images.files, Path(labels_csv)
+    known, skipped = set(files), set(images.skipped)
+    named = known | skipped
+    root = Path(data_root).resolve()
+    by_file: dict[str, Label] = {}
+    unknown = []
+    for label in labels:
+        key = label.key.replace("\\", "/")
+        name = files[int(key)] if key.isdigit() and int(key) < len(files) else key
+        if name not in named:
+            beside_csv = (csv_path.parent / key).resolve()
+            if beside_csv.is_relative_to(root):
+                name = beside_csv.relative_to(root).as_posix()
+        if name in skipped:
+            continue  # an unreadable image left out with --skip-bad-images: its label goes with it
+        if name not in known:
+            unknown.append(label)
+            continue
+        if name in by_file and (by_file[name].group, by_file[name].split) != (label.group, label.split):
+            raise UserError(f"{csv_path}:{label.line}: '{label.key}' is labelled twice (line {by_file[name].line} "
+                            f"says group '{by_file[name].group}', split {by_file[name].split}; this line "
+                            f"'{label.group}', split {label.split})")
+        by_file[name] = label
+    if unknown:
+        raise UserError(f"{csv_path}:{unknown[0].line}: {len(unknown)} label(s) name no image in the folder "
+                        f"{data_root}, e.g. '{unknown[0].key}' (paths may be relative to the folder or to the CSV)")
+    missing = [f for f in files if f not in by_file]
+    if missing:
+        raise UserError(f"{csv_path}: {len(missing)} image(s) have no label, e.g. '{missing[0]}'")
+    return by_file
+
+
+def labelled_groups(images: ImageSet, spec: AuditSpec) -> GroupedData:
+    """Groups from a user's CSV, for the image-folder dataset.
+
+    The held-out split is the CSV's `split` column when it has one (the user decides); otherwise
+    `TEST_FRACTION` of each group, drawn with `split_seed` (stratified, so every group is held out in
+    the same proportion). `limit` and `test_limit` then keep a stratified subset of each split.
+    """
     if images.files is None:
         raise UserError(f"labels: group labels from a CSV need --dataset folder, not '{images.name}'")
-    labels = read_labels(labels_csv)
+    by_file = resolve_labels(read_labels(spec.labels), images, spec.labels, spec.data_root)
     files = images.files
-    by_index = {str(i): f for i, f in enumerate(files)}
-    keyed = {by_index.get(k, k): g for k, g in labels.items()}
-    unknown = sorted(set(keyed) - set(files))
-    if unknown:
-        raise UserError(f"{labels_csv}: {len(unknown)} label(s) name no image in the folder, e.g. '{unknown[0]}'")
-    missing = [f for f in files if f not in keyed]
-    if missing:
-        raise UserError(f"{labels_csv}: {len(missing)} image(s) have no label, e.g. '{missing[0]}'")
-    names = tuple(sorted(set(keyed.values())))
+    x = torch.cat([images.train, images.test])[torch.cat([images.train_index, images.test_index]).argsort()]
+    names = tuple(sorted({label.group for label in by_file.values()}))
     if len(names) < 2:
-        raise UserError(f"{labels_csv}: all images are in one group '{names[0]}'; need two or more groups")
+        raise UserError(f"{spec.labels}: all images are in one group '{names[0]}'; need two or more groups")
     code = {n: i for i, n in enumerate(names)}
-    g_train = torch.tensor([code[keyed[files[i]]] for i in images.train_index.tolist()])
-    g_test = torch.tensor([code[keyed[files[i]]] for i in images.test_index.tolist()])
-    for i, name in enumerate(names):
-        if not (g_test == i).any() or not (g_train == i).any():
-            split = "test" if not (g_test == i).any() else "train"
-            raise UserError(f"{labels_csv}: group '{name}' has no {split} images after the 80/20 split; "
-                            "label more images in that group")
-    return GroupedData(names, images.train, g_train, images.train_index, images.test, g_test, images.test_index)
+    g = torch.tensor([code[by_file[f].group] for f in files])
+    given = [by_file[f].split for f in files]
+    if any(s is not None for s in given):
+        is_test = torch.tensor([s == "test" for s in given])
+    else:
+        is_test = _stratified_test(g, len(names), spec.split_seed, spec.labels, names)
+    rng = np.random.default_rng(spec.split_seed)
+    parts = []
+    for split, members, cap in (("train", ~is_test, spec.limit), ("test", is_test, spec.test_limit)):
+        index = torch.nonzero(members).flatten()
+        if cap is not None and cap < len(index):
+            index = _stratified_subset(index, g[index], cap, rng, split, names)
+        for i, name in enumerate(names):
+            if not (g[index] == i).any():
+                raise UserError(f"{spec.labels}: group '{name}' has no {split} images"
+                                + (" (see its split column)" if given[0] is not None else
+                                   f" after holding out {TEST_FRACTION:.0%} of each group") + "; label more images in it")
+        parts.append((x[index], g[index], index))
+    return GroupedData(names, *parts[0], *parts[1])
+
+
+def _stratified_test(g: torch.Tensor, n_groups: int, seed: int, labels_csv, names) -> torch.Tensor:
+    """TEST_FRACTION of each group (rounded, at least one) held out, chosen by a seeded permutation."""
+    rng = np.random.default_rng(seed)
+    is_test = torch.zeros(len(g), dtype=torch.bool)
+    for i in range(n_groups):
+        members = torch.nonzero(g == i).flatten().numpy()
+        if len(members) < 2:
+            raise UserError(f"{labels_csv}: group '{names[i]}' has {len(members)} image(s); a group needs at "
+                            "least 2, one to train on and one to hold out")
+        n_test = max(1, int(round(len(members) * TEST_FRACTION)))
+        is_test[rng.permutation(members)[:n_test]] = True
+    return is_test
+
+
+def _stratified_subset(index: torch.Tensor, g: torch.Tensor, cap: int, rng: np.random.Generator,
+                       split: str, names) -> torch.Tensor:
+    """`cap` of `index`, each group keeping its share (largest remainder), drawn by a seeded permutation."""
+    counts = torch.bincount(g, minlength=len(names)).numpy()
+    try:
+        sizes = group_sizes(cap, tuple(counts / counts.sum()))
+    except UserError:
+        raise UserError(f"--{'limit' if split == 'train' else 'test-limit'} {cap} is too small to keep every "
+                        f"group in the {split} split ({dict(zip(names, counts.tolist()))} images)") from None
+    keep = [rng.permutation(index[g == i].numpy())[:size] for i, size in enumerate(sizes)]
+    return torch.from_numpy(np.sort(np.concatenate(keep)))
+
+
+def split_table(images: ImageSet, data: GroupedData) -> pd.DataFrame | None:
+    """For an image folder: every file with its group and split ('train', 'test', or 'unused' when a
+    limit left it out), so users can train their own model on the train files only (split.csv)."""
+    if images.files is None:
+        return None
+    rows = {f: ("", "unused") for f in images.files}
+    for split, index, g in (("train", data.train_index, data.train_g), ("test", data.test_index, data.test_g)):
+        for i, code in zip(index.tolist(), g.tolist()):
+            rows[images.files[i]] = (data.names[code], split)
+    return pd.DataFrame([(f, group, split) for f, (group, split) in rows.items()], columns=["file", "group", "split"])

@@ -3,12 +3,14 @@
   data files    results.AuditResult.data_files(): samples.csv, cells.csv, groups.csv, history.csv, ...
   report.md     for pull requests (report.py)
   report.html   the same with figures, one self-contained file (html_report.py)
-  summary.json  spec, versions, per-group means, the statistics, gradient shares; written last
+  summary.json  spec, versions, inputs, per-group means, the statistics, gradient shares; written last
+  split.csv     (image folders) every file with its group and split: train, test or unused
 
 Every file is rendered in memory before the first one is written, so an error while computing
 (a bad group, a failing figure) leaves the folder as it was; each file is then written
-atomically (fileio.py). The statistics come in as one `stats.Analysis`, so summary.json and
-both reports say the same thing.
+atomically (fileio.py). The folder must be new, empty or fairrecon's, and hold none of the run's
+inputs; its marker (resultsdir.py) is written first and says "complete" after summary.json.
+The statistics come in as one `stats.Analysis`, so summary.json and both reports say the same thing.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .gradshare import share_summary
 from .html_report import html_report
 from .report import markdown_report
 from .results import AuditResult, records
+from .resultsdir import Identity, check_out, claim, input_paths, input_fingerprint, mark_complete, result_fields
 from .stats import Analysis, analyse
 
 
@@ -34,7 +37,8 @@ def summary(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
     return {
         "fairrecon_version": result.info.get("fairrecon_version"),
         "spec": result.spec.to_dict(),
-        "info": {k: v for k, v in result.info.items() if k != "fairrecon_version"},
+        "inputs": result.info.get("inputs"),
+        "info": {k: v for k, v in result.info.items() if k not in ("fairrecon_version", "inputs")},
         "groups": records(result.groups),
         "cells": records(result.cells),
         "by_group": records(result.by_group()),
@@ -46,6 +50,8 @@ def summary(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
 def result_files(result: AuditResult, analysis: Analysis) -> dict[str, bytes]:
     """Every file of a results folder, rendered in memory, summary.json last."""
     files = dict(result.data_files())
+    if result.split is not None:
+        files["split.csv"] = result.split.to_csv(index=False).encode()
     files["report.md"] = markdown_report(result, analysis).encode()
     files["report.html"] = html_report(result, analysis).encode()
     files["summary.json"] = (json.dumps(summary(result, analysis), indent=2, default=_json_default) + "\n").encode()
@@ -56,22 +62,41 @@ def save_results(result: AuditResult, out: str | Path, analysis: Analysis | None
     """Write the whole results folder `out` (created if needed); the statistics are computed here
     unless the caller already has them."""
     out = Path(out)
+    identity = identity_of(result)
+    files_in, folders_in = input_paths(result.spec)
+    check_out(out, identity, files=files_in, folders=folders_in, force=True)  # only fairrecon's, never over inputs
     files = result_files(result, analysis if analysis is not None else analyse(result))
+    claim(out, identity)
     try:
         write_files(out, files)
     except OSError as e:
         raise UserError(f"cannot write results to {out}: {e.strerror or e}") from None
+    mark_complete(out, identity)
     return out
+
+
+def identity_of(result: AuditResult) -> Identity:
+    """The identity (spec fields, device type, inputs) a result was computed under."""
+    inputs = result.info["inputs"] if "inputs" in result.info else input_fingerprint(result.spec)
+    return Identity(result_fields(result.spec, str(result.info.get("device", "cpu")).split(":")[0]), inputs)
 
 
 def write_reports(result: AuditResult, analysis: Analysis, folder: str | Path) -> dict[str, Path]:
     """Only report.md and report.html (re-rendered from a saved result by `fairrecon report`)."""
     folder = Path(folder)
+    files_in, folders_in = input_paths(result.spec)
+    identity = identity_of(result)
+    check_out(folder, identity, files=files_in, folders=folders_in, force=True)
     files = {"report.md": markdown_report(result, analysis), "report.html": html_report(result, analysis)}
+    new = not folder.is_dir() or not any(folder.iterdir())
+    if new:
+        claim(folder, identity)  # a folder of reports only is fairrecon's too
     try:
         write_files(folder, files)
     except OSError as e:
         raise UserError(f"cannot write reports to {folder}: {e.strerror or e}") from None
+    if new:
+        mark_complete(folder, identity)
     return {"md": folder / "report.md", "html": folder / "report.html"}
 
 

@@ -10,6 +10,7 @@ Data files in a results folder:
   history.csv   training NLL and MSE per cell and epoch
   grad_shares.csv  (when grad_points > 0) per snapshot, cell and group: who drives the updates (gradshare.py)
   examples.npz  a few test images per group with each loss's reconstruction (uint8), for the report
+  split.csv     (written by outputs.py for image folders) every file's group and split
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pandas as pd
 
 from .errors import UserError
 from .fileio import npz_bytes
+from .resultsdir import require_complete
 from .spec import AuditSpec
 
 METRICS = ("mse", "mae", "psnr")
@@ -41,6 +43,7 @@ class AuditResult:
     info: dict[str, Any] = field(default_factory=dict)  # versions, device, timings
     examples: dict[str, np.ndarray] | None = None  # measure.example_reconstructions; None when not kept
     grad_shares: pd.DataFrame | None = None  # gradient shares per snapshot, cell and group (optional)
+    split: pd.DataFrame | None = None  # image folders: file, group, split (train / test / unused)
 
     @property
     def ok_samples(self) -> pd.DataFrame:
@@ -76,6 +79,7 @@ class AuditResult:
     def load(cls, folder: str | Path) -> "AuditResult":
         """Read a results folder written by outputs.save_results."""
         folder = Path(folder)
+        require_complete(folder)
         try:
             summary = json.loads((folder / "summary.json").read_text())
             tables = {name: pd.read_csv(folder / f"{name}.csv") for name in TABLES}
@@ -93,7 +97,15 @@ class AuditResult:
                 tables["grad_shares"] = pd.read_csv(shares, dtype={"group": str})
             except (OSError, ValueError) as e:
                 raise UserError(f"{shares}: cannot read gradient shares ({e})") from None
+        split = folder / "split.csv"
+        if split.exists():
+            try:
+                tables["split"] = pd.read_csv(split, dtype=str, keep_default_na=False)
+            except (OSError, ValueError) as e:
+                raise UserError(f"{split}: cannot read the split ({e})") from None
         info = {"fairrecon_version": summary.get("fairrecon_version"), **summary.get("info", {})}
+        if summary.get("inputs") is not None:
+            info["inputs"] = summary["inputs"]
         return cls(spec, info=info, examples=load_examples(folder), **tables)
 
 

@@ -1,11 +1,12 @@
 """Per-cell checkpoints, so an interrupted audit picks up where it stopped.
 
 Every finished (loss, seed) cell is written to OUT/cells/ the moment its seed's training
-ends, one CSV per table and then a small JSON marker:
+ends, one CSV per table and then a small JSON marker (the audit's identity, spec and inputs, is
+in OUT/fairrecon.json: see resultsdir.py):
 
-  OUT/cells/audit.json                 the spec fields that change results, and their hash
   OUT/cells/<loss>-seed<k>.<table>.csv  samples, cells (one row), history, ... of that cell
-  OUT/cells/<loss>-seed<k>.json         written last: the cell is complete (spec hash, tables)
+  OUT/cells/<loss>-seed<k>.json         written last: the cell is complete (identity hash, tables)
+  OUT/cells/examples.npz                seed 0's example reconstructions, for the report
 
 Every file is written atomically (temp file + os.replace), and the marker goes last, so a
 crash at any point leaves either a complete cell or one that is trained again. Floats are
@@ -15,7 +16,6 @@ bit-identical to the ones it had in memory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -24,25 +24,10 @@ import pandas as pd
 
 from .errors import UserError
 from .fileio import atomic_write
-from .spec import AuditSpec
+from .resultsdir import Identity, claim, result_fields, spec_hash  # noqa: F401  (result_fields: re-exported)
 from .train import Cell
 
-# Spec fields that do not change the numbers: where results go, whether to download,
-# and the device *name* ("auto" and "cpu" on a CPU-only machine are the same run;
-# the resolved device type is hashed instead).
-NOT_HASHED = ("out", "download", "device")
-SPEC_FILE = "audit.json"
-
-
-def result_fields(spec: AuditSpec, device_type: str) -> dict[str, Any]:
-    """The spec fields that decide an audit's numbers, plus the device type they ran on."""
-    fields = {k: v for k, v in spec.to_dict().items() if k not in NOT_HASHED}
-    fields["device_type"] = device_type
-    return fields
-
-
-def spec_hash(fields: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+LEGACY_SPEC_FILE = "audit.json"  # an older fairrecon's record of the spec; the marker OUT/fairrecon.json replaced it
 
 
 def cell_name(cell: Cell) -> str:
@@ -62,57 +47,29 @@ def cell_name(cell: Cell) -> str:
 
 
 class CellStore:
-    """The checkpoint folder OUT/cells of one audit: which cells are done, and their tables."""
+    """The checkpoint folder OUT/cells of one audit: which cells are done, and their tables.
 
-    def __init__(self, out: str | Path, fields: dict[str, Any]):
+    A cell counts as done only when its marker carries this audit's identity hash (spec and inputs),
+    so a cell of a changed spec or changed inputs is never reused.
+    """
+
+    def __init__(self, out: str | Path, identity: Identity):
         self.out = Path(out)
         self.folder = self.out / "cells"
-        self.fields = fields
-        self.hash = spec_hash(fields)
-
-    def check(self, force: bool = False) -> None:
-        """Refuse (one line) an output folder that holds an audit of a different spec, unless forced.
-
-        Reads only: nothing is written until `open`, so a bad input later on damages nothing.
-        """
-        if self.out.exists() and not self.out.is_dir():
-            raise UserError(f"output folder {self.out} is an existing file, not a folder; pass another --out")
-        old = self._previous_fields()
-        if old is None or force or spec_hash(old) == self.hash:
-            return
-        changed = [f"{k} {old.get(k, '(unset)')!r} -> {self.fields.get(k, '(unset)')!r}"
-                   for k in sorted(set(old) | set(self.fields)) if old.get(k) != self.fields.get(k)]
-        shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
-        raise UserError(f"{self.out} holds an audit with a different spec ({shown}); "
-                        "pass another --out folder, or --force to overwrite it")
-
-    def _previous_fields(self) -> dict[str, Any] | None:
-        """The result fields of the audit already in `out` (checkpoints, else a finished summary.json)."""
-        try:
-            meta = self.folder / SPEC_FILE
-            if meta.is_file():
-                return json.loads(meta.read_text())["fields"]
-            summary = self.out / "summary.json"
-            if summary.is_file():
-                data = json.loads(summary.read_text())
-                spec = AuditSpec.from_dict(data["spec"], str(summary))
-                return result_fields(spec, str(data.get("info", {}).get("device", "cpu")).split(":")[0])
-        except (OSError, ValueError, KeyError, TypeError, UserError) as e:
-            raise UserError(f"{self.out}: cannot read the audit already there ({e}); "
-                            "pass another --out folder, or --force to overwrite it") from None
-        return None
+        self.identity = identity
+        self.hash = identity.hash
 
     def open(self) -> None:
-        """Create the folder, drop leftovers of a crash or of a different spec, record this spec."""
+        """Mark OUT as this audit's (the marker first), drop leftovers of a crash or of another identity."""
+        claim(self.out, self.identity)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             for tmp in self.folder.glob(".*.tmp"):  # a write that a kill -9 cut short
                 tmp.unlink()
+            (self.folder / LEGACY_SPEC_FILE).unlink(missing_ok=True)
             for marker in self.folder.glob("*.json"):
-                if marker.name != SPEC_FILE and self._marker(marker).get("spec_hash") != self.hash:
+                if self._marker(marker).get("spec_hash") != self.hash:
                     self._remove(marker.stem)
-            atomic_write(self.folder / SPEC_FILE,
-                         json.dumps({"spec_hash": self.hash, "fields": self.fields}, indent=2) + "\n")
         except OSError as e:
             raise UserError(f"cannot write to output folder {self.out}: {e.strerror or e}") from None
 

@@ -51,8 +51,11 @@ class AuditSpec:
     download: bool = setting(False, "Let torchvision download missing dataset files.", scope="audit")
     limit: int | None = setting(None, "Cap on training images (default: all).", scope="data", metavar="N")
     test_limit: int | None = setting(None, "Cap on held-out images (default: all).", scope="data", metavar="N")
-    split_seed: int = setting(0, "Seed of the group assignment and, where a dataset has none, the train/test split.",
+    split_seed: int = setting(0, "Seed of the group assignment and, where a dataset has none (digits, folder), the "
+                              "train/test split (20% held out; with --labels stratified by group).",
                               scope="data", metavar="N")
+    skip_bad_images: bool = setting(False, "folder: skip images that cannot be read (with a warning and a count) "
+                                    "instead of stopping.", scope="data")
     # groups
     group_method: str = setting("transform", "transform: map images to target brightness; select: pick real "
                                 "images by brightness; labels: groups from --labels.", choices=GROUP_METHODS,
@@ -64,8 +67,9 @@ class AuditSpec:
     contrast: str = setting("matched", "For transform: matched keeps every group's contrast the same; squeeze is "
                             "the plain affine map.", choices=CONTRASTS, scope="data")
     tolerance: float = setting(0.01, "Allowed |group mean brightness - target| for select.", scope="spec")
-    labels: str | None = setting(None, "CSV mapping image files to groups (with --dataset folder).", scope="data",
-                                 metavar="CSV")
+    labels: str | None = setting(None, "CSV mapping image files to groups (columns file,group and optionally "
+                                 "split = train/test); implies --group-method labels (needs --dataset folder).",
+                                 scope="data", metavar="CSV")
     # models, losses, training
     losses: tuple[str, ...] = setting(DEFAULT_LOSSES, "Losses to compare (`fairrecon losses` lists them). A family "
                                       "member is NAME:VALUE, and bare numbers after it add members: mix:0,0.5,1 is "
@@ -104,7 +108,7 @@ class AuditSpec:
                 did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
                 raise UserError(f"{where}: unknown key '{key}'{did_you_mean}; allowed: {', '.join(FIELDS)}")
         try:
-            return cls(**{k: _coerce(k, v, where) for k, v in raw.items()})
+            return cls(**_labels_imply_grouping({k: _coerce(k, v, where) for k, v in raw.items()}))
         except UserError as e:
             raise UserError(str(e) if str(e).startswith(f"{where}:") else f"{where}: {e}") from None
 
@@ -118,7 +122,10 @@ class AuditSpec:
         if unknown:
             raise UserError(f"unknown spec field(s) {unknown}; allowed: {', '.join(FIELDS)}")
         changes = {k: v for k, v in changes.items() if v is not None or optional(k)}
-        return dataclasses.replace(self, **{k: _coerce(k, v, "argument") for k, v in changes.items()})
+        changes = {k: _coerce(k, v, "argument") for k, v in changes.items()}
+        if self.group_method == "select":  # an explicit choice: --labels alone does not silently replace it
+            changes.setdefault("group_method", self.group_method)
+        return dataclasses.replace(self, **_labels_imply_grouping(changes))
 
     def override(self, **flags: Any) -> "AuditSpec":
         """Apply CLI flags: a flag left at None was not given and changes nothing."""
@@ -134,6 +141,7 @@ class AuditSpec:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(AuditSpec))
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AuditSpec)}
 _HINTS = typing.get_type_hints(AuditSpec)
 
 
@@ -264,6 +272,19 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         raise UserError(f"{where}: '{key}' = {value!r} is not a valid {described}") from None
 
 
+def _labels_imply_grouping(given: dict[str, Any]) -> dict[str, Any]:
+    """A labels CSV given without a group method means label grouping: `--labels` alone is enough. Given together with another method, it is a contradiction that `_validate` refuses."""
+    if given.get("labels") is not None and "group_method" not in given:
+        given = {**given, "group_method": "labels"}
+    return given
+
+
+# Flags of brightness groups, with the methods they apply to: with any other method they would be
+# silently ignored, so they are refused. (`tolerance`, set in spec files only, is a bound for select.)
+_BRIGHTNESS_ONLY = {"targets": ("transform", "select"), "proportions": ("transform", "select"),
+                    "contrast": ("transform",)}
+
+
 def _validate(s: AuditSpec) -> None:
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -286,6 +307,17 @@ def _validate(s: AuditSpec) -> None:
         need(abs(sum(props) - 1.0) < 1e-6, f"proportions {list(props)} sum to {sum(props):g}, not 1")
     else:
         need(s.labels is not None, "group_method 'labels' needs a labels CSV (--labels FILE)")
+        need(s.dataset == "folder", f"--labels gives groups to the images of a folder: use --dataset folder "
+                                    f"--data-root DIR, not dataset '{s.dataset}'")
+    need(s.labels is None or s.group_method == "labels",
+         f"--labels {s.labels} gives the groups from a CSV, which contradicts group method '{s.group_method}'; "
+         "drop one of the two")
+    for name, methods in _BRIGHTNESS_ONLY.items():
+        value, default = getattr(s, name), _DEFAULTS[name]
+        shown = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
+        need(s.group_method in methods or value == default,
+             f"{name} {shown} applies only to group method {' or '.join(methods)}, not '{s.group_method}'; "
+             f"drop it" + (" (with --labels the CSV gives the groups)" if s.group_method == "labels" else ""))
     for name in ("latent", "hidden", "seeds", "epochs", "batch_size"):
         need(getattr(s, name) >= 1, f"{name} must be >= 1, got {getattr(s, name)}")
     for name in ("limit", "test_limit"):

@@ -55,9 +55,30 @@ def image_folder(root: Path, n: int = 10, size: tuple[int, int] = (8, 8), mode: 
     return root
 
 
-def labels_csv(path: Path, rows: list[tuple[str, str]], header: str = "file,group") -> Path:
-    path.write_text(header + "\n" + "".join(f"{f},{g}\n" for f, g in rows))
+def labels_csv(path: Path, rows: list[tuple[str, ...]], header: str = "file,group") -> Path:
+    path.write_text(header + "\n" + "".join(",".join(row) + "\n" for row in rows))
     return path
+
+
+def _latin1_labels(tmp: Path) -> list[str]:
+    """A spreadsheet's 'CSV' in Latin-1: an accented file name is one byte (0xe9), not UTF-8's two."""
+    args = _folder(tmp, image_folder, half_and_half())
+    (tmp / "images" / "img01.png").rename(tmp / "images" / "caf\u00e9.png")
+    rows = [("caf\u00e9.png" if f == "img01.png" else f, g) for f, g in half_and_half()]
+    (tmp / "labels.csv").write_bytes(("file,group\n" + "".join(f"{f},{g}\n" for f, g in rows)).encode("latin-1"))
+    return args
+
+
+def _skewed(n: int) -> list[tuple[str, str]]:
+    """Nine in ten images in group 'a': a tiny --limit cannot keep group 'b' in the train split."""
+    return [(f"img{i:02d}.png", "b" if i % 10 == 0 else "a") for i in range(n)]
+
+
+def _truncated_png(folder: Path) -> None:
+    """A PNG cut in half, as an interrupted copy leaves it."""
+    image_folder(folder, 3, (64, 64))
+    path = folder / "img01.png"
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
 
 
 def half_and_half(n: int = 10) -> list[tuple[str, str]]:
@@ -127,20 +148,39 @@ GALLERY: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         lambda t: _mnist(t, lambda r: write_idx(r / "train-labels-idx1-ubyte", np.zeros(39, np.uint8))),
         "has 40 train images but 39 labels"),
     "image folder missing": (lambda t: ["--dataset", "folder", "--data-root", str(t / "nowhere")], "does not exist"),
-    "image folder empty": (lambda t: _folder(t, lambda f: (f / "notes.txt").write_text("no images")), "has 0 image(s)"),
+    "image folder empty": (lambda t: _folder(t, lambda f: (f / "notes.txt").write_text("no images")), "has 0 readable image(s)"),
     "non-image file": (lambda t: _folder(t, lambda f: (image_folder(f, 3), (f / "img01.png").write_text("not a png"))),
                        "img01.png: not a readable image"),
     "images of mixed sizes": (lambda t: _folder(t, _mixed_sizes), "img99.png: 9x8 grey differs from img00.png 8x8 grey"),
     "images of mixed modes": (lambda t: _folder(t, _mixed_modes), "img99.png: 8x8 RGB differs from img00.png 8x8 grey"),
     "labels name unknown files": (
-        lambda t: _folder(t, image_folder, half_and_half() + [("ghost.png", "a")]), "label(s) name no image in the folder, e.g. 'ghost.png'"),
+        lambda t: _folder(t, image_folder, half_and_half() + [("ghost.png", "a")]), "1 label(s) name no image in the folder"),
     "labels missing rows": (lambda t: _folder(t, image_folder, half_and_half()[:-1]), "1 image(s) have no label, e.g. 'img09.png'"),
     "labels one group": (lambda t: _folder(t, image_folder, [(f, "a") for f, _ in half_and_half()]), "all images are in one group 'a'"),
     "labels without header": (lambda t: _folder(t, image_folder, half_and_half(), header="name,kind"), "needs a header with 'file'"),
     "labels CSV missing": (lambda t: ["--dataset", "folder", "--data-root", str(image_folder(t / "i")), "--group-method",
                                       "labels", "--labels", str(t / "none.csv")], "none.csv: labels CSV not found"),
-    "group with no test images": (lambda t: _folder(t, _no_test_images, _train_only_labels()),
-                                  "group 'rare' has no test images"),
+    "group too small to hold out": (lambda t: _folder(t, _no_test_images, _train_only_labels()),
+                                    "group 'rare' has 1 image(s); a group needs at least 2"),
+    "group with no train images in its split column": (
+        lambda t: _folder(t, image_folder, [(f, g, "test" if g == "a" else "train") for f, g in half_and_half()],
+                          header="file,group,split"), "group 'a' has no train images (see its split column)"),
+    "labels contradict the group method": (
+        lambda t: _folder(t, image_folder, half_and_half()) + ["--group-method", "select"],
+        "gives the groups from a CSV, which contradicts group method 'select'"),
+    "labels with brightness targets": (lambda t: _folder(t, image_folder, half_and_half()) + ["--targets", "0.2,0.8"],
+                                       "targets 0.2,0.8 applies only to group method transform or select"),
+    "labels for another dataset": (lambda t: ["--labels", str(labels_csv(t / "l.csv", half_and_half()))],
+                                   "use --dataset folder --data-root DIR, not dataset 'digits'"),
+    "labels not UTF-8": (lambda t: _latin1_labels(t), "labels.csv:3: not UTF-8 (byte 0xe9); save it as 'CSV UTF-8'"),
+    "labels split not train or test": (
+        lambda t: _folder(t, image_folder, [(f, g, "validation") for f, g in half_and_half()], header="file,group,split"),
+        "labels.csv:2: split 'validation' is not train or test"),
+    "labels limit too small": (lambda t: _folder(t, lambda f: image_folder(f, 40), _skewed(40)) + ["--limit", "4"],
+                               "--limit 4 is too small to keep every group in the train split"),
+    "corrupt image": (lambda t: _folder(t, _truncated_png),
+                      "img01.png: not a readable image (Out of bound read in decode_png. Probably, the input image is "
+                      "corrupted); fix or remove it, or pass --skip-bad-images"),
     "target out of range": (lambda t: ["--targets", "0.3,1.2"], "target 1.2 is outside (0, 1)"),
     "target unreachable by select": (lambda t: ["--group-method", "select", "--targets", "0.05,0.95"],
                                      "select: target 0.05 cannot be reached"),
@@ -294,3 +334,20 @@ def test_gallery_as_subprocesses(finished, tmp_path):
         assert stdout == "" and stderr.count("\n") == 1 and stderr.startswith("fairrecon: error: "), (name, stderr)
         assert GALLERY[name][1] in stderr and "Traceback" not in stderr
         assert snapshot(out) == before
+
+
+def test_skip_bad_images_goes_on_with_a_warning_and_a_count(tmp_path, capsys):
+    args = _folder(tmp_path, lambda f: (image_folder(f, 40, (64, 64)), _truncated_png(f)), [(f"img{i:02d}.png", "ab"[i % 2])
+                                                                                 for i in range(40)])
+    code, err = run_in_process(["audit", *TINY, *args], capsys)
+    assert code == 2 and "img01.png: not a readable image" in err
+    out = tmp_path / "results"
+    code, err = run_in_process(["audit", *TINY, *args, "--skip-bad-images", "--out", str(out)], capsys)
+    assert code == 0, err
+    warning = "skipped 1 unreadable image(s) (--skip-bad-images): img01.png"
+    assert f"warning: {warning}" in err
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["info"]["warnings"] == [warning] and summary["spec"]["skip_bad_images"] is True
+    assert sum(r["n"] for r in summary["groups"]) == 39  # its label went with it

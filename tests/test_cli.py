@@ -59,3 +59,126 @@ def test_every_command_has_help_and_is_in_the_readme():
         first_line = command.help.split("\n")[0].strip()
         assert run.returncode == 0 and first_line in " ".join(run.stdout.split())  # click wraps lines
         assert f"fairrecon {name}" in readme
+
+
+# --- issue 10: exit codes, --json, listing commands, help conventions ---------------------------
+
+from click.testing import CliRunner  # noqa: E402
+
+from fairrecon.cli import ERROR_LOG, METRICS, main  # noqa: E402
+
+TINY = ["--seeds", "1", "--epochs", "1", "--latent", "4", "--hidden", "16", "--losses", "l2,l1", "--device", "cpu",
+        "--limit", "64", "--test-limit", "64"]
+
+
+def run_main(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "results"
+    with pytest.raises(SystemExit) as exit_:
+        main(["audit", *TINY, "--quiet", "--out", str(out)])
+    assert exit_.value.code == 0
+    return out
+
+
+def _boom(*args, **kwargs):
+    raise RuntimeError("a bug planted by the test")
+
+
+class _BrokenRegistry(dict):
+    def values(self):
+        raise RuntimeError("a bug planted by the test")
+
+
+INTERNAL = {  # command -> (where the bug is planted, the arguments)
+    "audit": ("fairrecon.stats.analyse", lambda r, t: ["audit", *TINY, "--quiet", "--out", t / "a"]),
+    "report": ("fairrecon.stats.analyse", lambda r, t: ["report", r]),
+    "check": ("fairrecon.gate.check", lambda r, t: ["check", r, "--max-ratio", "2"]),
+    "split": ("fairrecon.groups.split_table", lambda r, t: ["split", "--dataset", "digits"]),
+    "losses": ("fairrecon.losses.LOSSES", lambda r, t: ["losses"]),
+    "datasets": ("fairrecon.data.where_files_are", lambda r, t: ["datasets"]),
+}
+
+
+def test_every_command_is_covered_by_the_internal_error_test():
+    assert set(INTERNAL) == set(cli.commands)
+
+
+@pytest.mark.parametrize("command", list(INTERNAL))
+def test_an_internal_error_is_exit_4_with_one_line_and_the_traceback_in_a_log(command, results, tmp_path,
+                                                                               monkeypatch, capsys):
+    where, args = INTERNAL[command]
+    monkeypatch.setattr(where, _BrokenRegistry() if where.endswith("LOSSES") else _boom)
+    code, out, err = run_main(capsys, *args(results, tmp_path))
+    assert code == 4, err
+    assert err.count("\n") == 1 and err.startswith("fairrecon: internal error (RuntimeError)"), err
+    log = Path(err.split("traceback saved to ")[1].split(";")[0])
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "a bug planted by the test" in text
+    if command in ("report", "check"):
+        assert log == results / ERROR_LOG  # in the results folder when there is one
+        log.unlink()
+    elif command == "audit":
+        assert log == tmp_path / "a" / ERROR_LOG
+    else:  # no results folder: a temporary file (never the folder of an earlier command in this process)
+        import tempfile
+
+        assert log.parent == Path(tempfile.gettempdir()) and log.name.startswith("fairrecon-error-")
+        log.unlink()
+
+
+def test_json_output_is_the_verdict_on_stdout_and_notes_on_stderr(results, capsys):
+    from fairrecon import AuditResult, analyse
+
+    expected = analyse(AuditResult.load(results)).disparities
+    code, out, err = run_main(capsys, "report", results, "--json")
+    payload = json.loads(out)  # stdout is only JSON
+    assert code == 0 and "wrote" in err
+    assert [r["loss"] for r in payload["disparities"]] == list(expected["loss"])
+    assert [r["worst"] for r in payload["disparities"]] == list(expected["worst"])
+    code, out, err = run_main(capsys, "check", results, "--max-ratio", "1.0", "--json")
+    payload = json.loads(out)
+    assert payload["exit_code"] == code and code in (0, 1) and payload["passed"] == (code == 0)
+    assert {r["loss"] for r in payload["disparities"]} == {"l1", "l2"}
+    code, out, err = run_main(capsys, "audit", *TINY, "--json")
+    payload = json.loads(out)
+    assert code == 0 and {r["loss"] for r in payload["disparities"]} == {"l1", "l2"} and "total" in err
+
+
+def test_losses_and_datasets_list_what_is_registered(shared_datasets):
+    from fairrecon.losses import LOSSES
+    from fairrecon.spec import DATASETS
+
+    runner = CliRunner()
+    listed = json.loads(runner.invoke(cli, ["losses", "--json"]).output)["losses"]
+    assert [(r["name"], r["likelihood"]) for r in listed] == [(l.name, l.likelihood) for l in LOSSES.values()]
+    text = runner.invoke(cli, ["losses"]).output
+    assert all(name in text for name in LOSSES)
+    found = json.loads(runner.invoke(cli, ["datasets", "--data-root", str(shared_datasets), "--json"]).output)
+    status = {r["name"]: r["found"] for r in found["datasets"]}
+    assert list(status) == list(DATASETS)
+    assert status["digits"] and status["mnist"] and status["fashion-mnist"] and not status["kmnist"]
+
+
+def test_every_command_has_examples_and_shows_its_defaults():
+    from fairrecon import stats
+
+    assert METRICS == stats.METRICS
+    runner = CliRunner()
+    for name in cli.commands:
+        text = runner.invoke(cli, [name, "--help"], terminal_width=200).output
+        assert "Examples:" in text and f"fairrecon {name}" in text.split("Examples:")[1], name
+    check_help = " ".join(runner.invoke(cli, ["check", "--help"], terminal_width=200).output.split())
+    assert "--metric [mse|mae|psnr]" in check_help and "[default: mse]" in check_help and "[default: 0.05" in check_help
+
+
+def test_contradictory_group_flags_are_one_line_and_exit_2(tmp_path, capsys):
+    code, _, err = run_main(capsys, "audit", "--dataset", "folder", "--data-root", tmp_path, "--group-method",
+                            "transform", "--labels", tmp_path / "groups.csv")
+    assert code == 2 and err.count("\n") == 1 and "contradicts group method 'transform'" in err

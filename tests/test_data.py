@@ -1,5 +1,7 @@
 """Datasets as tensors, checked against the raw files read independently."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -50,3 +52,43 @@ def test_image_folder_reads_pngs_and_rejects_mixed_sizes(tmp_path):
     write_png(torch.zeros((1, 5, 4), dtype=torch.uint8), str(tmp_path / "odd.png"))
     with pytest.raises(UserError, match=r"odd.png: 4x5 grey differs from 0.png 4x4 grey"):
         load_folder(tmp_path)
+
+
+def test_a_corrupt_image_is_one_whole_line_or_skipped_and_counted(tmp_path):
+    """An interrupted copy leaves half a PNG: named in one line with torchvision's whole reason, or skipped."""
+    g = torch.Generator().manual_seed(0)
+    for i in range(5):
+        write_png(torch.randint(0, 256, (1, 32, 32), dtype=torch.uint8, generator=g), str(tmp_path / f"img{i}.png"))
+    bad = tmp_path / "img2.png"
+    bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])
+    with pytest.raises(UserError) as e:
+        load_folder(tmp_path)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{bad}: not a readable image (")
+    assert "Probably, the input image is corrupted)" in message and ".cpp" not in message  # whole, no C++ location
+    assert message.endswith("pass --skip-bad-images to go on without it")
+    images = load_folder(tmp_path, skip_bad=True)
+    assert images.skipped == ("img2.png",) and images.files == ("img0.png", "img1.png", "img3.png", "img4.png")
+    assert len(images.train) + len(images.test) == 4
+
+
+def test_nested_folders_are_keyed_by_relative_path_and_hidden_ones_skipped(tmp_path):
+    for sub in ("b", "a/deeper", ".thumbnails"):
+        (tmp_path / sub).mkdir(parents=True)
+        write_png(torch.zeros((1, 4, 4), dtype=torch.uint8), str(tmp_path / sub / "x.png"))
+    write_png(torch.zeros((1, 4, 4), dtype=torch.uint8), str(tmp_path / "top.png"))
+    assert load_folder(tmp_path).files == ("a/deeper/x.png", "b/x.png", "top.png")
+
+
+def test_fingerprint_changes_with_any_file_and_names_the_files_read(tmp_path, shared_datasets):
+    from fairrecon.data import fingerprint
+
+    for i in range(3):
+        write_png(torch.zeros((1, 4, 4), dtype=torch.uint8), str(tmp_path / f"{i}.png"))
+    before = fingerprint("folder", tmp_path)
+    assert before["files"] == 3 and before == fingerprint("folder", tmp_path)
+    stat = (tmp_path / "1.png").stat()
+    os.utime(tmp_path / "1.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # edited a second later, same size
+    assert fingerprint("folder", tmp_path)["listing_sha256"] != before["listing_sha256"]
+    mnist = fingerprint("mnist", shared_datasets)
+    assert mnist["files"] == 4 and mnist["bytes"] == 54_950_048  # the four raw files of the shared README

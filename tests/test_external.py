@@ -172,3 +172,102 @@ def test_an_external_models_result_saves_and_loads(tmp_path):
     again = AuditResult.load(tmp_path / "ext")
     assert list(again.cells["loss"]) == ["model"]
     assert "(external model)" in (tmp_path / "ext" / "report.md").read_text()
+
+
+# --- issue 10, item 8: exports with a fixed batch, quiet loading, one line on failure, seen test images ---
+
+class Shrink(nn.Module):
+    """A linear autoencoder on 8x8 images whose output depends on each image alone."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc, self.dec = nn.Linear(64, 6), nn.Linear(6, 64)
+
+    def forward(self, x):
+        return self.dec(self.enc(x.reshape(x.shape[0], 64))).reshape(x.shape)
+
+
+def test_an_export_with_a_fixed_batch_of_2_is_run_at_that_batch(tmp_path, capsys):
+    """The issue's failure: a torch.export file saved with a fixed batch of 2 gave a traceback and exit 1."""
+    eager = Shrink().eval()
+    path = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(eager, (torch.rand(2, 1, 8, 8),)), str(path))
+    model = external.load_model(path)
+    assert isinstance(model, external.FixedBatch) and model.batch == 2
+    spec = AuditSpec(dataset="digits")
+    result = external.audit_model(model, spec)
+    data = make_groups(load_images("digits"), spec)
+    assert len(data.test_x) % 2 == 1  # the last batch is padded
+    with torch.no_grad():
+        expected = ((eager(data.test_x) - data.test_x) ** 2).flatten(1).mean(1)  # independent: the eager model
+    torch.testing.assert_close(torch.tensor(result.samples["mse"].to_numpy()), expected,
+                               rtol=1e-5, atol=1e-9)  # float32 kernels may differ between export and eager
+    code, out, err = _main(capsys, "check", "--weights", path, "--max-ratio", "100")
+    assert code == 0 and out.startswith("pass:") and err == "", err
+
+
+def test_loading_is_quiet_and_a_failure_names_each_format_tried(tmp_path):
+    path = tmp_path / "gray.ts"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(Gray()), str(path))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        external.load_model(path)
+    assert seen == []
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
+        z.writestr("archive/notes.txt", "not a model")
+    with pytest.raises(UserError) as info:
+        external.load_model(tmp_path / "other.zip")
+    message = str(info.value)
+    assert "\n" not in message and "TorchScript: " in message and "; torch.export: " in message
+
+
+def test_a_model_that_does_not_fit_the_images_is_one_line(tmp_path, capsys):
+    path = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(Shrink(), (torch.rand(2, 1, 8, 8),)), str(path))
+    code, out, err = _main(capsys, "check", "--weights", path, "--dataset", "mnist", "--data-root", str(tmp_path),
+                           "--max-ratio", "2")
+    assert code == 2 and err.count("\n") == 1  # no MNIST here: the data error comes first, as one line
+
+
+def faces(root, n=300):
+    """n small grey images, half dark and half bright, and a labels CSV of the two groups."""
+    import numpy as np
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = ["file,group"]
+    for i in range(n):
+        base = 60 if i < n // 2 else 190
+        Image.fromarray(np.clip(base + rng.normal(0, 20, (8, 8)), 0, 255).astype(np.uint8)).save(
+            root / "images" / f"face_{i:03d}.png")
+        rows.append(f"face_{i:03d}.png,{'darker' if i < n // 2 else 'brighter'}")
+    (root / "groups.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_check_with_labels_uses_them_and_warns_about_seen_test_images(tmp_path, capsys):
+    """The issue's failure: `check --weights ... --labels` ignored the labels and built brightness groups."""
+    path = tmp_path / "gray.pt2"
+    torch.export.save(torch.export.export(Gray(), (torch.rand(2, 1, 8, 8),)), str(path))
+    data = ["--dataset", "folder", "--data-root", tmp_path / "images", "--labels", tmp_path / "groups.csv"]
+    faces(tmp_path)  # 300 images: 20% held out is 30 per group, the gate's minimum
+    code, out, err = _main(capsys, "check", "--weights", path, *data, "--max-gap", "1")
+    assert "group darker vs brighter" in out or "group brighter vs darker" in out, out + err
+    assert "0.9" not in out and "note: the model is scored on 60 held-out images" in err
+    code, out, err = _main(capsys, "split", *data)
+    (tmp_path / "split.csv").write_text(out)
+    test_files = [line.split(",")[0] for line in out.splitlines() if line.endswith(",test")]
+    assert len(test_files) == 60 and "240 train, 60 test, 0 unused" in err
+    code, out, err = _main(capsys, "check", "--weights", path, *data, "--max-gap", "1", "--trained-on",
+                           tmp_path / "split.csv")
+    assert "warning" not in err  # trained on the train rows only: nothing seen
+    (tmp_path / "mine.csv").write_text("file\n" + "\n".join(test_files[:3]) + "\n")
+    for trained_on, seen in ((tmp_path / "mine.csv", 3), ("all", 60)):
+        code, out, err = _main(capsys, "check", "--weights", path, *data, "--max-gap", "1", "--trained-on", trained_on)
+        assert f"warning: the model was trained on {seen} of the 60 test images it is scored on" in err

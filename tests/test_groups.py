@@ -140,3 +140,80 @@ def test_labels_csv_may_use_indices_and_must_cover_every_image(tmp_path):
     (tmp_path / "short.csv").write_text("file,group\n" + "".join(f"img{i:02d}.png,x{i % 2}\n" for i in range(19)))
     with pytest.raises(UserError, match="1 image.*no label.*img19.png"):
         make_groups(images, AuditSpec(dataset="folder", group_method="labels", labels=str(tmp_path / "short.csv")))
+
+
+# --- labels CSVs as people produce them (issue 10, item 5) ---------------------------------------
+
+def _labels_spec(folder, csv_path, **kw):
+    return AuditSpec(dataset="folder", data_root=str(folder), group_method="labels", labels=str(csv_path), **kw)
+
+
+@pytest.mark.parametrize("encoding, newline, sep, header", [
+    ("utf-8-sig", "\r\n", ";", "File;Group"),   # a spreadsheet's "CSV UTF-8" in a ';' locale
+    ("utf-8", "\n", "\t", "FILE\tGROUP"),        # tab-separated, shouted header
+    ("utf-8", "\r\n", ",", " file , group "),     # spaces around names
+])
+def test_spreadsheet_csvs_read_the_same_as_a_plain_one(tmp_path, encoding, newline, sep, header):
+    folder = write_folder(tmp_path / "imgs")
+    rows = [f"img{i:02d}.png{sep}{'dark' if i < 10 else 'bright'}" for i in range(20)]
+    (tmp_path / "plain.csv").write_text("file,group\n" + "".join(r.replace(sep, ",") + "\n" for r in rows))
+    (tmp_path / "sheet.csv").write_bytes((header + newline + newline.join(rows) + newline + newline).encode(encoding))
+    images = load_folder(folder)
+    plain = make_groups(images, _labels_spec(folder, tmp_path / "plain.csv"))
+    sheet = make_groups(images, _labels_spec(folder, tmp_path / "sheet.csv"))
+    assert sheet.names == plain.names == ("bright", "dark")
+    assert torch.equal(sheet.train_index, plain.train_index) and torch.equal(sheet.test_g, plain.test_g)
+
+
+def test_latin1_names_are_refused_with_the_line_and_what_to_do(tmp_path):
+    folder = write_folder(tmp_path / "imgs", n=4)
+    (folder / "img01.png").rename(folder / "caf\u00e9.png")
+    (tmp_path / "l.csv").write_bytes("file,group\nimg00.png,a\ncaf\u00e9.png,b\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"l.csv:3: not UTF-8 \(byte 0xe9\); save it as 'CSV UTF-8'"):
+        make_groups(load_folder(folder), _labels_spec(folder, tmp_path / "l.csv"))
+    (tmp_path / "l.csv").write_bytes("file,group\nimg00.png,a\ncaf\u00e9.png,b\nimg02.png,a\nimg03.png,b\n".encode())
+    data = make_groups(load_folder(folder), _labels_spec(folder, tmp_path / "l.csv"))  # the same names in UTF-8 work
+    assert data.names == ("a", "b")
+
+
+def test_paths_relative_to_the_csv_and_nested_folders(tmp_path):
+    """faces/groups.csv names 'images/men/a.png'; the data root is faces/images: the same file."""
+    root = tmp_path / "faces" / "images"
+    for sub in ("men", "women"):
+        write_folder(root / sub, n=10)
+    lines = ["file,group"] + [f"images/{sub}/img{i:02d}.png,{sub}" for sub in ("men", "women") for i in range(10)]
+    (tmp_path / "faces" / "groups.csv").write_text("\n".join(lines) + "\n")
+    images = load_folder(root)
+    assert images.files[:2] == ("men/img00.png", "men/img01.png") and len(images.files) == 20
+    data = make_groups(images, _labels_spec(root, tmp_path / "faces" / "groups.csv"))
+    for index, code in zip(data.test_index.tolist(), data.test_g.tolist()):
+        assert images.files[index].split("/")[0] == data.names[code]  # the group is the subfolder, as labelled
+
+
+def test_without_a_split_column_the_split_is_stratified_and_seeded(tmp_path):
+    """30 'a' and 10 'b': 20% of each group is held out (6 and 2), whatever the seed; seeds differ in which."""
+    folder = write_folder(tmp_path / "imgs", n=40)
+    (tmp_path / "l.csv").write_text("file,group\n" + "".join(f"img{i:02d}.png,{'b' if i % 4 == 0 else 'a'}\n"
+                                                              for i in range(40)))
+    images = load_folder(folder)
+    tests = []
+    for seed in (0, 1):
+        data = make_groups(images, _labels_spec(folder, tmp_path / "l.csv", split_seed=seed))
+        assert torch.bincount(data.test_g).tolist() == [6, 2] and torch.bincount(data.train_g).tolist() == [24, 8]
+        assert set(data.train_index.tolist()).isdisjoint(data.test_index.tolist())
+        tests.append(set(data.test_index.tolist()))
+    assert tests[0] != tests[1]
+
+
+def test_a_split_column_decides_and_limits_keep_group_shares(tmp_path):
+    folder = write_folder(tmp_path / "imgs", n=40)
+    rows = [f"img{i:02d}.png,{'b' if i % 4 == 0 else 'a'},{'Test' if i >= 30 else 'train'}" for i in range(40)]
+    (tmp_path / "l.csv").write_text("file,group,split\n" + "\n".join(rows) + "\n")
+    images = load_folder(folder)
+    data = make_groups(images, _labels_spec(folder, tmp_path / "l.csv"))
+    assert sorted(data.test_index.tolist()) == list(range(30, 40))  # exactly the user's test rows
+    limited = make_groups(images, _labels_spec(folder, tmp_path / "l.csv", limit=12, test_limit=4))
+    # train: 30 images, 22 'a' and 8 'b'; 12 of them by largest remainder: 8.8 -> 9 'a', 3.2 -> 3 'b'
+    assert torch.bincount(limited.train_g).tolist() == [9, 3]
+    assert torch.bincount(limited.test_g).tolist() == [3, 1]  # test: 8 'a', 2 'b'; 4 of them: 3.2 -> 3, 0.8 -> 1
+    assert set(limited.test_index.tolist()) <= set(range(30, 40))  # a limit never moves an image across splits

@@ -22,6 +22,7 @@ import pytest
 from fairrecon import AuditSpec, UserError, run_audit
 from fairrecon.cli import main
 from fairrecon.fileio import atomic_write
+from fairrecon.resultsdir import Identity, check_out
 from fairrecon.resume import CellStore, result_fields
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,10 +157,10 @@ def test_spec_hash_ignores_where_results_go_but_not_what_changes_them(tmp_path):
     fields = result_fields(spec, "cpu")
     assert fields == result_fields(spec.replace(device="auto", out="elsewhere", download=True), "cpu")
     assert fields != result_fields(spec, "cuda")
-    CellStore(tmp_path, fields).open()
-    CellStore(tmp_path, result_fields(spec.replace(device="auto"), "cpu")).check()  # same audit: accepted
+    CellStore(tmp_path, Identity.of(spec, "cpu")).open()
+    check_out(tmp_path, Identity.of(spec.replace(device="auto"), "cpu"))  # same audit: accepted
     with pytest.raises(UserError, match=r"different spec \(lr 0.001 -> 0.002\)"):
-        CellStore(tmp_path, result_fields(spec.replace(lr=2e-3), "cpu")).check()
+        check_out(tmp_path, Identity.of(spec.replace(lr=2e-3), "cpu"))
 
 
 def test_atomic_write_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):

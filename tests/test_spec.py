@@ -73,3 +73,24 @@ def test_replace_is_strict_and_override_skips_flags_not_given():
     assert spec.override(out=None, limit=50) == AuditSpec(out="r", limit=50)
     with pytest.raises(UserError, match="unknown spec field"):
         spec.replace(epoch=3)
+
+
+def test_labels_alone_mean_label_grouping_and_contradictions_are_refused(tmp_path):
+    """The issue's failure: `--labels` without `--group-method labels` was ignored (brightness groups were built)."""
+    for spec in (AuditSpec().replace(dataset="folder", labels="g.csv"),
+                 AuditSpec.from_dict({"dataset": "folder", "labels": "g.csv"}),
+                 AuditSpec().override(dataset="folder", labels="g.csv", group_method=None)):
+        assert spec.group_method == "labels"
+    f = tmp_path / "faces.toml"
+    f.write_text('dataset = "folder"\nlabels = "g.csv"\n')
+    assert load_spec(f).group_method == "labels"
+    again = AuditSpec.from_dict(AuditSpec(dataset="folder", group_method="labels", labels="g.csv").to_dict())
+    assert again.group_method == "labels"  # a saved spec (every field written out) reads back
+    with pytest.raises(UserError, match="contradicts group method 'transform'"):
+        AuditSpec().replace(dataset="folder", labels="g.csv", group_method="transform")
+    with pytest.raises(UserError, match="contradicts group method 'select'"):
+        AuditSpec(group_method="select").replace(dataset="folder", labels="g.csv")  # not silently switched
+    with pytest.raises(UserError, match="proportions 0.9,0.1 applies only to group method transform or select"):
+        AuditSpec().replace(dataset="folder", labels="g.csv", proportions="0.9,0.1")
+    with pytest.raises(UserError, match="contrast squeeze applies only to group method transform, not 'select'"):
+        AuditSpec(group_method="select", contrast="squeeze")
