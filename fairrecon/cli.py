@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 
 from .errors import UserError
-from .spec import DATASETS, AuditSpec, field_type, load_spec, parse_list
+from .spec import DATASETS, AuditSpec, field_type, load_spec, parse_losses
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INSUFFICIENT, EXIT_INTERNAL = 0, 1, 2, 3, 4
 METRICS = ("mse", "mae", "psnr")  # = stats.METRICS (tests/test_cli.py checks); here so --help needs no torch
@@ -240,7 +240,7 @@ def check(result_dir, metric, max_ratio, max_gap, adjusted, alpha, reference, lo
             note(f"note: the model is scored on {result.samples['index'].nunique()} held-out images (`fairrecon split` "
                  "with the same data options lists them); if it was trained on any, say so with --trained-on")
     outcome = gate_check(result, metric=metric, max_ratio=max_ratio, max_gap=max_gap, adjusted=adjusted,
-                         alpha=alpha, reference=reference, losses=parse_list(losses, str) if losses else None)
+                         alpha=alpha, reference=reference, losses=list(parse_losses(losses)) if losses else None)
     if as_json:
         print_json({"command": "check", "exit_code": outcome.code, "passed": outcome.passed,
                     "message": outcome.message, "disparities": verdict_records(outcome.table),
@@ -284,16 +284,18 @@ def split(spec_file, **flags) -> int:
 @cli.command()
 @json_option
 def losses(as_json) -> int:
-    """List the registered losses and the likelihood each one is.
+    """List the registered losses and loss families, and the likelihood each one is.
 
     \b
     Examples:
       fairrecon losses
       fairrecon losses --json
     """
-    from .losses import LOSSES
+    from .losses import FAMILIES, LOSSES
 
     rows = [{"name": loss.name, "likelihood": loss.likelihood} for loss in LOSSES.values()]
+    rows += [{"name": family.pattern, "likelihood": f"{family.likelihood}; {family.symbol} in {family.allowed}"}
+             for family in FAMILIES.values()]
     if as_json:
         print_json({"command": "losses", "losses": rows})
     else:

@@ -152,14 +152,19 @@ def test_json_output_is_the_verdict_on_stdout_and_notes_on_stderr(results, capsy
 
 
 def test_losses_and_datasets_list_what_is_registered(shared_datasets):
-    from fairrecon.losses import LOSSES
+    from fairrecon.losses import FAMILIES, LOSSES, get_loss
     from fairrecon.spec import DATASETS
 
     runner = CliRunner()
     listed = json.loads(runner.invoke(cli, ["losses", "--json"]).output)["losses"]
-    assert [(r["name"], r["likelihood"]) for r in listed] == [(l.name, l.likelihood) for l in LOSSES.values()]
+    plain = [(l.name, l.likelihood) for l in LOSSES.values()]
+    assert [(r["name"], r["likelihood"]) for r in listed[:len(plain)]] == plain
+    families = [r["name"] for r in listed[len(plain):]]
+    assert families == [f.pattern for f in FAMILIES.values()] == ["mix:A", "huber:DELTA", "barron:ALPHA"]
+    for family in FAMILIES.values():  # each listed pattern names a family that get_loss builds members of
+        assert get_loss(f"{family.name}:1").name == f"{family.name}:1"
     text = runner.invoke(cli, ["losses"]).output
-    assert all(name in text for name in LOSSES)
+    assert all(name in text for name in LOSSES) and "mix:A" in text
     found = json.loads(runner.invoke(cli, ["datasets", "--data-root", str(shared_datasets), "--json"]).output)
     status = {r["name"]: r["found"] for r in found["datasets"]}
     assert list(status) == list(DATASETS)
@@ -182,3 +187,15 @@ def test_contradictory_group_flags_are_one_line_and_exit_2(tmp_path, capsys):
     code, _, err = run_main(capsys, "audit", "--dataset", "folder", "--data-root", tmp_path, "--group-method",
                             "transform", "--labels", tmp_path / "groups.csv")
     assert code == 2 and err.count("\n") == 1 and "contradicts group method 'transform'" in err
+
+
+def test_check_losses_takes_family_shorthand(tmp_path):
+    """`check --losses mix:0,1` means mix:0 and mix:1, as `audit --losses` does (it used to read '1' as a loss)."""
+    from fairrecon import run_audit
+
+    run_audit(dataset="digits", limit=200, test_limit=80, losses="mix:0,1,l2", seeds=2, epochs=1, latent=4,
+              hidden=16, device="cpu", out=str(tmp_path / "r"))
+    runner = CliRunner()
+    both = runner.invoke(cli, ["check", str(tmp_path / "r"), "--max-ratio", "100", "--losses", "mix:0,1", "--json"])
+    assert both.exit_code == 0, both.output
+    assert {r["loss"] for r in json.loads(both.output)["disparities"]} == {"mix:0", "mix:1"}
