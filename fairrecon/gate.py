@@ -83,7 +83,8 @@ def check(source, *, metric: str = "mse", max_ratio: float | None = None, max_ga
         head = f"fail: {len(failures)} loss(es) exceed the threshold with {confidence}: {', '.join(failures)}"
         code = FAIL
     elif short:
-        head = f"insufficient data for {', '.join(short)}: no verdict (the others pass)"
+        others = " (the others pass)" if len(short) < len(table) else ""
+        head = f"insufficient data for {', '.join(short)}: no verdict{others}"
         code = INSUFFICIENT
     else:
         head, code = f"pass: no loss exceeds the threshold with {confidence}", PASS
