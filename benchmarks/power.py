@@ -14,8 +14,9 @@ image noise and makes the gap exact: the second group's expected error is (1 + f
     python benchmarks/power.py analyse --dir /tmp/power
 
 It prints the detection rate (any loss "clear", i.e. `check --max-ratio 1` exits 1) with its binomial
-standard error, per planted gap and number of seeds, the per-loss rates, and the seed-to-image noise
-ratio of the real audits. Rates, not speed: a busy machine is fine (one torch thread).
+standard error and one clustered by split (replicates of a split share its test images), per planted
+gap and number of seeds, the per-loss rates, the median seed share of the variance (stats'
+`seed_share`) and the median minimum detectable gap (`mde_relative`). Rates, not speed: a busy machine is fine (one torch thread).
 """
 
 from __future__ import annotations
@@ -81,12 +82,17 @@ def analyse(folder: Path, seed_counts: list[int], gaps: list[float]) -> pd.DataF
 
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """Detection rate with its binomial standard error, per planted gap and seed count."""
+    """Detection rate per planted gap and seed count, with two standard errors: binomial (replicate
+    audits as independent), and by split (the replicates of one split share its test images, which
+    dominate the noise on digits: the sd of the per-split rates / sqrt(splits), the honest one)."""
     per_loss = [c for c in df.columns if c.startswith("clear ")]
-    out = df.groupby(["gap", "seeds"]).agg(audits=("detected", "size"), detected=("detected", "mean"),
+    out = df.groupby(["gap", "seeds"]).agg(audits=("detected", "size"), splits=("split", "nunique"),
+                                           detected=("detected", "mean"),
                                            **{c[6:]: (c, "mean") for c in per_loss},
                                            seed_share=("seed_share", "median"), mde=("mde", "median"))
-    out.insert(2, "se", np.sqrt(out["detected"] * (1 - out["detected"]) / out["audits"]))
+    by_split = df.groupby(["gap", "seeds", "split"])["detected"].mean().groupby(["gap", "seeds"])
+    out.insert(3, "se_binomial", np.sqrt(out["detected"] * (1 - out["detected"]) / out["audits"]))
+    out.insert(4, "se_by_split", by_split.std(ddof=1) / np.sqrt(by_split.size()))
     return out.reset_index()
 
 
@@ -106,6 +112,7 @@ def main() -> None:
     a.add_argument("--seeds", default="3,5,10", help="seeds per replicate audit")
     a.add_argument("--gaps", default="0,0.05,0.1,0.2", help="planted relative gaps (0: the null)")
     a.add_argument("--csv", help="write one row per replicate audit here")
+    a.add_argument("--from-csv", help="summarise the rows a previous run wrote, without re-analysing")
     args = parser.parse_args()
     torch.set_num_threads(1)  # small models on a shared 2-core machine: extra threads only contend
     if args.step == "train":
@@ -113,7 +120,8 @@ def main() -> None:
         train(args.dir, args.splits, args.seeds, {k: v for k, v in given.items() if v is not None})
         return
     start = time.perf_counter()
-    df = analyse(args.dir, [int(s) for s in args.seeds.split(",")], [float(g) for g in args.gaps.split(",")])
+    df = (pd.read_csv(args.from_csv) if args.from_csv else
+          analyse(args.dir, [int(s) for s in args.seeds.split(",")], [float(g) for g in args.gaps.split(",")]))
     if args.csv:
         df.to_csv(args.csv, index=False)
     print(f"{df['split'].nunique()} null audits ({args.dir}), disjoint seed sets, gate at its default policy "
