@@ -282,7 +282,7 @@ class Moments:
         When the estimate exceeds 1, R = 1 is made an end of the bracket, so "low > 1" is decided by the
         very comparison that decides "the gap's low > 0": the ratio and the gap never disagree.
         """
-        point = self._ratio_point(g, h)
+        point = self.ratio_point(g, h)
         if not np.isfinite(point):
             return np.nan
         above = lambda r: self.pair(g, h, r).low(tail) > 0  # noqa: E731
@@ -294,7 +294,7 @@ class Moments:
     def ratio_high(self, g: int, h: int, tail: float) -> float:
         """Upper end of the Fieller interval (inf when the reference mean is not clearly above 0);
         "high < 1" is decided by the comparison that decides "the gap's high < 0"."""
-        point = self._ratio_point(g, h)
+        point = self.ratio_point(g, h)
         if not np.isfinite(point):
             return np.nan
         below = lambda r: self.pair(g, h, r).high(tail) < 0  # noqa: E731
@@ -309,7 +309,7 @@ class Moments:
                     return np.inf
         return _bisect(below, lo, hi)[0]
 
-    def _ratio_point(self, g: int, h: int) -> float:
+    def ratio_point(self, g: int, h: int) -> float:
         """mu_g / mu_h, or NaN unless mu_h > 0 and mu_g >= 0 (a ratio of errors)."""
         return self.mean[g] / self.mean[h] if self.mean[h] > 0 and self.mean[g] >= 0 else np.nan
 
@@ -391,12 +391,14 @@ class Analysis:
     def method(self) -> str:
         """One sentence: how the intervals are made and how the verdicts are decided."""
         p, family = self.policy, f"{len(self.losses)} loss(es) x {self.pairs} group pair(s)"
-        each = (f"Bonferroni over {family}, so each interval is at {100 * self.confidence:.4g}%"
-                if p.correction == "bonferroni" else f"no correction over {family}")
+        each = (f"Bonferroni over {family}, so each {'interval' if p.two_sided else 'lower bound'} is at "
+                f"{100 * self.confidence:.4g}%" if p.correction == "bonferroni" else f"no correction over {family}")
+        check = "fairrecon check" + ("" if self.metric == "mse" else f" --metric {self.metric}")
+        check += " --max-gap 0" if self.metric == "psnr" else " --max-ratio 1"
         return (f"Intervals over training seeds and test images (t quantiles, Cochran-Cox; ratios: Fieller); "
                 f"{1 - p.alpha:.0%} confidence for all verdicts together "
                 f"({'two-sided' if p.two_sided else 'one-sided'}, {each}). "
-                f"'clear gap' means `fairrecon check --max-ratio 1` fails.")
+                f"'clear gap' means `{check}` fails.")
 
     def policy_record(self) -> dict:
         """The policy and its family, enough to re-derive every decision (summary.json)."""
@@ -503,7 +505,7 @@ def _decide(row: dict, mom: Moments, *, names: tuple[str, ...], ref: int | None,
     row["mde"] = (c.quantile(tail) + c.quantile(1 - POWER)) * c.se
     row["mde_relative"] = row["mde"] / abs(mom.mean[r]) if ratio and mom.mean[r] != 0 else np.nan
     if ratio:
-        row.update(ratio=mom._ratio_point(worst, r), ratio_low=mom.ratio_low(worst, r, tail),
+        row.update(ratio=mom.ratio_point(worst, r), ratio_low=mom.ratio_low(worst, r, tail),
                    ratio_high=mom.ratio_high(worst, r, tail),
                    ratio_lcb=float(np.max([mom.ratio_low(g, h, tail) for g, h in pairs])))
     if np.isnan(lows).all():
