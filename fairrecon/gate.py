@@ -1,13 +1,15 @@
 """The CI gate: does any loss's group gap exceed a threshold, with stated confidence?
 
-One policy, two doors: `fairrecon check` (exit status) and `assert_fair` (pytest), so the
-command line and the code never disagree.
+One policy, three doors: `fairrecon check` (exit status), `assert_fair` (pytest) and the reports,
+which all read one `stats.Analysis` decided by one `stats.Policy`. The gate compares the lower end
+of each covered group pair's interval (the same intervals the reports show) with its threshold.
 
-  0  pass         no loss's lower confidence bound exceeds the threshold
-  1  fail         some loss's one-sided lower (1 - alpha) bound on its largest gap (or ratio)
-                  exceeds the threshold; simultaneous over group pairs and losses (Bonferroni)
+  0  pass         no loss's lower end exceeds the threshold
+  1  fail         some loss with sufficient data has a lower end above the threshold
+                  (`--max-ratio 1` fails exactly for the losses the reports call "clear gap")
   2  usage error  UserError (bad option or file), raised, mapped to 2 by the CLI
-  3  insufficient a cell failed, or a group has fewer than stats.MIN_GROUP_N test images
+  3  insufficient no loss fails, and some loss's verdict is "insufficient data" (a failed or
+                  non-converged cell, fewer than 2 seeds, a group under stats.MIN_GROUP_N images)
 """
 
 from __future__ import annotations
@@ -28,47 +30,43 @@ PASS, FAIL, USAGE, INSUFFICIENT = 0, 1, 2, 3
 class Outcome:
     code: int
     message: str
-    table: pd.DataFrame | None = None  # stats.disparities, when it was computed
+    table: pd.DataFrame | None = None  # the analysis' disparities, one row per loss
 
     @property
     def passed(self) -> bool:
         return self.code == PASS
 
 
-def check(result, *, metric: str = "mse", max_ratio: float | None = None, max_gap: float | None = None,
-          adjusted: bool = False, alpha: float = 0.05, reference: str = "best",
+def check(source, *, metric: str = "mse", max_ratio: float | None = None, max_gap: float | None = None,
+          adjusted: bool = False, alpha: float | None = None, reference: str = "best",
           losses: list[str] | None = None, pca: pd.DataFrame | None = None,
-          n_boot: int = 4000, n_perm: int = stats.N_PERM) -> Outcome:
-    """Apply the gate to an AuditResult (or a results folder). Raises UserError on a usage mistake."""
-    result = _as_result(result)
-    _validate(metric, max_ratio, max_gap, adjusted, alpha)
-    cells = result.cells if losses is None else result.cells[result.cells["loss"].isin(losses)]
-    failed = cells[cells["status"] != "ok"]
-    if len(failed):
-        listed = ", ".join(f"{r.loss}/seed{r.seed} ({r.status})" for r in failed.itertuples())
-        return Outcome(INSUFFICIENT, f"insufficient data: {len(failed)} cell(s) did not train: {listed}")
-    sizes = result.samples.drop_duplicates("index")["group"].astype(str).value_counts()
-    sizes = sizes.reindex(stats.group_names(result), fill_value=0)
-    small = sizes[sizes < stats.MIN_GROUP_N]
-    if len(small):
-        listed = ", ".join(f"{g} (n={n})" for g, n in small.items())
-        return Outcome(INSUFFICIENT, f"insufficient data: group(s) {listed} have fewer than "
-                                     f"{stats.MIN_GROUP_N} test images; use more test images")
-    table = stats.disparities(result, metric=metric, reference=reference, alpha=alpha, adjusted=adjusted, pca=pca,
-                              losses=losses, n_boot=n_boot, n_perm=n_perm)
+          policy: stats.Policy | None = None) -> Outcome:
+    """Apply the gate to an Analysis (decided already), an AuditResult or a results folder (analysed
+    here with `policy`, or the default policy at `alpha`). Raises UserError on a usage mistake."""
+    _validate(metric, max_ratio, max_gap, adjusted)
+    policy = _policy(policy, alpha)
+    if isinstance(source, stats.Analysis):
+        analysis = _matching(source, metric=metric, policy=policy, reference=reference, losses=losses,
+                             adjusted=adjusted or pca is not None)
+    else:
+        analysis = stats.analyse(_as_result(source), metric=metric, policy=policy, reference=reference,
+                                 losses=losses, adjusted=adjusted, pca=pca)
+    table = analysis.disparities
     if table.empty:
-        return Outcome(INSUFFICIENT, "insufficient data: no loss has a trained cell")
-    confidence = f"{1 - alpha:.0%}"
+        return Outcome(INSUFFICIENT, "insufficient data: no loss to check")
     prefix = "adjusted_" if adjusted else ""
     what = f"{metric}{' in excess of per-group PCA' if adjusted else ''}"
-    failures, lines = [], []
+    failures, short, lines = [], [], []
     for row in table.itertuples():
-        worst, ref, gap, lcb = (getattr(row, prefix + "worst"), getattr(row, prefix + "reference"),
-                                getattr(row, prefix + "gap"), getattr(row, prefix + "gap_lcb"))
-        said = (f"{row.loss}: group {worst} vs {ref} ({what}): gap {gap:.4g} "
-                f"(lower {confidence} bound {lcb:.4g})")
+        if row.verdict == stats.INSUFFICIENT:
+            short.append(row.loss)
+            lines.append(f"INSUFFICIENT {row.loss}: {row.warnings}")
+            continue
+        worst, ref, gap, low, high, lcb = (getattr(row, prefix + k) for k in
+                                           ("worst", "reference", "gap", "gap_low", "gap_high", "gap_lcb"))
+        said = f"{row.loss}: group {worst} vs {ref} ({what}): gap {gap:.4g} [{low:.4g}, {high:.4g}], lower end {lcb:.4g}"
         if max_ratio is not None:
-            said += f", ratio {row.ratio:.4g} (lower {confidence} bound {row.ratio_lcb:.4g})"
+            said += f"; ratio {row.ratio:.4g} [{row.ratio_low:.4g}, {row.ratio_high:.4g}], lower end {row.ratio_lcb:.4g}"
         over = []
         if max_gap is not None and lcb > max_gap:
             over.append(f"gap bound {lcb:.4g} > max-gap {max_gap:g}")
@@ -79,29 +77,60 @@ def check(result, *, metric: str = "mse", max_ratio: float | None = None, max_ga
             failures.append(row.loss)
         if row.warnings:
             lines.append(f"     warning: {row.warnings}")
+    confidence = f"{1 - analysis.policy.alpha:.0%} confidence"
+    lines.append(analysis.method)
     if failures:
-        head = f"fail: {len(failures)} loss(es) exceed the threshold with {confidence} confidence: {', '.join(failures)}"
-        return Outcome(FAIL, "\n".join([head, *lines]), table)
-    return Outcome(PASS, "\n".join([f"pass: no loss exceeds the threshold with {confidence} confidence", *lines]), table)
+        head = f"fail: {len(failures)} loss(es) exceed the threshold with {confidence}: {', '.join(failures)}"
+        code = FAIL
+    elif short:
+        others = " (the others pass)" if len(short) < len(table) else ""
+        head = f"insufficient data for {', '.join(short)}: no verdict{others}"
+        code = INSUFFICIENT
+    else:
+        head, code = f"pass: no loss exceeds the threshold with {confidence}", PASS
+    return Outcome(code, "\n".join([head, *lines]), table)
 
 
-def assert_fair(result_or_dir, **kwargs) -> Outcome:
+def assert_fair(source, **kwargs) -> Outcome:
     """pytest helper: the gate's policy as an assertion. Raises AssertionError unless it passes."""
-    outcome = check(result_or_dir, **kwargs)
+    outcome = check(source, **kwargs)
     if not outcome.passed:
         raise AssertionError(outcome.message)
     return outcome
+
+
+def _policy(policy: stats.Policy | None, alpha: float | None) -> stats.Policy:
+    """The policy to decide with: the one given, or the default one at `alpha`; both given must agree."""
+    if policy is None:
+        return stats.Policy(alpha=alpha) if alpha is not None else stats.POLICY
+    if alpha is not None and alpha != policy.alpha:
+        raise UserError(f"alpha {alpha} disagrees with the policy's alpha {policy.alpha}; give one of them")
+    return policy
+
+
+def _matching(analysis: stats.Analysis, *, metric: str, policy: stats.Policy, reference: str,
+              losses: list[str] | None, adjusted: bool) -> stats.Analysis:
+    """An Analysis passed in is used as it is, so it must answer the question asked: refuse otherwise."""
+    asked = {"metric": metric, "policy": policy, "reference": reference}
+    differs = [f"{k} {getattr(analysis, k)!r} (asked: {v!r})" for k, v in asked.items() if getattr(analysis, k) != v]
+    if losses is not None and tuple(losses) != analysis.losses:
+        differs.append(f"losses {list(analysis.losses)} (asked: {list(losses)})")
+    if adjusted and not analysis.adjusted:
+        differs.append("no PCA-adjusted columns (asked: adjusted)")
+    if differs:
+        raise UserError("the analysis passed to the gate was made differently: " + "; ".join(differs))
+    return analysis
 
 
 def _as_result(result):
     if isinstance(result, (str, Path)):
         return AuditResult.load(result)
     if not isinstance(result, AuditResult):
-        raise UserError(f"expected an AuditResult or a results folder, got {type(result).__name__}")
+        raise UserError(f"expected an Analysis, an AuditResult or a results folder, got {type(result).__name__}")
     return result
 
 
-def _validate(metric: str, max_ratio, max_gap, adjusted: bool, alpha: float) -> None:
+def _validate(metric: str, max_ratio, max_gap, adjusted: bool) -> None:
     if metric not in stats.METRICS:
         raise UserError(f"unknown metric '{metric}'; allowed: {', '.join(stats.METRICS)}")
     if max_ratio is None and max_gap is None:
@@ -115,5 +144,3 @@ def _validate(metric: str, max_ratio, max_gap, adjusted: bool, alpha: float) -> 
             raise UserError(f"--max-ratio must be >= 1 (worst over reference), got {max_ratio}")
     if max_gap is not None and not max_gap >= 0.0:
         raise UserError(f"--max-gap must be >= 0, got {max_gap}")
-    if not 0.0 < alpha < 1.0:
-        raise UserError(f"--alpha must be between 0 and 1, got {alpha}")

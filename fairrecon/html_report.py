@@ -15,7 +15,7 @@ import pandas as pd
 
 from .figures import METRIC_LABELS, audit_figures
 from .report import describe_audit, error_table, headline, loss_warnings, verdict_table
-from .stats import Analysis
+from .stats import CLEAR, INSUFFICIENT, NO_CLEAR, Analysis
 
 CSS = """
 *{box-sizing:border-box}
@@ -32,7 +32,7 @@ th,td{padding:4px 10px;white-space:nowrap;border-bottom:1px solid #d8dee4;text-a
 th{background:#f3f5f7;font-weight:600}
 tr:nth-child(even) td{background:#fafbfc}
 .sure{font-weight:600;white-space:nowrap}
-.sure.clear{color:#0b5394}.sure.unclear{color:#7a4b00}
+.sure.clear{color:#0b5394}.sure.unclear{color:#7a4b00}.sure.insufficient{color:#9a3412}
 .note{color:#57606a;font-size:12.5px;margin:2px 0 8px}
 .warn{background:#fdeceb;border:1px solid #d1242f;padding:6px 10px;font-size:13px;margin:6px 0}
 figure{margin:8px 0 4px}
@@ -64,7 +64,8 @@ def html_report(result, analysis: Analysis) -> str:
         f'<p class="note">{_e(analysis.method)}</p>',
         _warnings_html(analysis),
         _failed_html(result),
-        _figure(figs, "group_error", "Each point is a group's mean error over seeds and test images; bars: 95% interval. "
+        _figure(figs, "group_error", "Each point is a group's mean error over seeds and test images; bars: the interval of each group's mean "
+                f"({1 - analysis.policy.alpha:.0%}, one group at a time). "
                 "Panels have their own y scale so that the gap between groups is visible; compare losses in the table. "
                 "Overlapping bars do not rule out a gap: both groups share each seed's model, so read the gap's "
                 "own interval in the table."),
@@ -91,7 +92,7 @@ def html_report(result, analysis: Analysis) -> str:
         parts.append(_figure(figs, "brightness_contrast", "If the groups differ in contrast as well as brightness, "
                              "a gap may be about contrast (easier images), not brightness."))
     parts += [_table(result.groups, digits=4), "<h2 id='tables'>Tables</h2>",
-              "<h3>Per-group MSE per pixel: mean [95% interval]</h3>", _table(error_table(analysis)),
+              f"<h3>Per-group MSE per pixel: mean [{1 - analysis.policy.alpha:.0%} interval]</h3>", _table(error_table(analysis)),
               "<h3>Gap of the worst group, all columns</h3>", _table(analysis.disparities, digits=4),
               "<h3>All metrics: mean over seeds (± std across seeds)</h3>", _table(result.by_group(), digits=4),
               "<h3>Cells (one model per loss and seed)</h3>", _table(result.cells, digits=5),
@@ -105,19 +106,21 @@ def html_report(result, analysis: Analysis) -> str:
 def _verdict_html(verdict: pd.DataFrame) -> str:
     df = verdict.copy()
     body = _table(df)
+    classes = {CLEAR: "clear", NO_CLEAR: "unclear", INSUFFICIENT: "insufficient"}
     for text in df.get("how sure", pd.Series(dtype=str)).unique():  # colour + words, never colour alone
-        cls = "clear" if text.startswith("clear") else "unclear"
-        body = body.replace(f"<td>{_e(text)}</td>", f'<td class="sure {cls}">{_e(text)}</td>')
+        body = body.replace(f"<td>{_e(text)}</td>", f'<td class="sure {classes.get(text, "unclear")}">{_e(text)}</td>')
     return body
 
 
 def _warnings_html(analysis: Analysis) -> str:
-    """The statistics' own warnings (few seeds, tiny groups, low power), folded so the first screen stays short."""
+    """The statistics' warnings (insufficient data, low power, ...), folded unless a verdict is
+    "insufficient data": then they are the reason and stay open."""
     rows = loss_warnings(analysis)
     if not rows:
         return ""
     items = "".join(f"<li><b>{_e(loss)}</b>: {_e(w)}</li>" for loss, w in rows)
-    return (f'<details class="warnings"><summary>Warnings from the statistics for {len(rows)} loss(es): '
+    is_open = " open" if (analysis.disparities["verdict"] == INSUFFICIENT).any() else ""
+    return (f'<details class="warnings"{is_open}><summary>Warnings from the statistics for {len(rows)} loss(es): '
             f"read before trusting a verdict</summary><ul>{items}</ul></details>")
 
 

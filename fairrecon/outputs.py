@@ -25,14 +25,15 @@ from .errors import UserError
 from .fileio import write_files
 from .gradshare import share_summary
 from .html_report import html_report
-from .report import markdown_report
+from .report import headline, markdown_report
 from .results import AuditResult, records
 from .resultsdir import Identity, check_out, claim, input_paths, input_fingerprint, mark_complete, result_fields
 from .stats import Analysis, analyse
 
 
 def summary(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
-    """summary.json's content (schema in the README)."""
+    """summary.json's content (schema in the README): the verdicts come from `analysis`, with the
+    policy that decided them, so a reader can re-derive each one."""
     extra = {"grad_shares": records(share_summary(result.grad_shares))} if result.grad_shares is not None else {}
     return {
         "fairrecon_version": result.info.get("fairrecon_version"),
@@ -42,6 +43,8 @@ def summary(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
         "groups": records(result.groups),
         "cells": records(result.cells),
         "by_group": records(result.by_group()),
+        "verdict": headline(analysis),
+        "policy": analysis.policy_record(),
         "disparities": records(analysis.disparities),
         **extra,
     }

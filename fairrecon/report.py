@@ -11,67 +11,64 @@ import numpy as np
 import pandas as pd
 
 from .losses import LOSSES
-from .stats import Analysis
+from .stats import CLEAR, NO_CLEAR, Analysis
 
 METRIC_LABELS = {"mse": "MSE per pixel", "mae": "MAE per pixel", "psnr": "PSNR (dB)"}
 
 
 def verdict_table(analysis: Analysis) -> pd.DataFrame:
-    """One row per loss: the group it favours, the worse group, the gap (relative, with its interval), how sure.
+    """One row per loss: the group it favours, the worse group, the gap (relative, with the interval
+    the verdict is decided on), the corrected p-value and the verdict.
 
     Columns are display strings: this is what the first screen of report.html and report.md show.
     """
     metric = analysis.metric
     rows = []
     for d in analysis.disparities.itertuples(index=False):
-        rel = [g / abs(d.reference_mean) if d.reference_mean else np.nan for g in (d.gap, d.gap_low, d.gap_high)]
-        p = d.p_holm if np.isfinite(d.p_holm) else d.p_value
         rows.append({
             "loss": d.loss,
-            "favours": d.reference,
-            "worse group": d.worst,
+            "favours": _text(d.reference),
+            "worse group": _text(d.worst),
             f"{metric}: favoured → worse": f"{_num(d.reference_mean)} → {_num(d.worst_mean)}",
-            "gap": _pct(rel[0]),
-            "95% CI of gap": f"{_pct(rel[1])} to {_pct(rel[2])}",
-            "p (Holm)": _p(p),
-            "how sure": sureness(d.gap_low, d.gap_high),
+            "gap": _gap(d, d.gap),
+            f"{_level(analysis)} interval of gap": f"{_gap(d, d.gap_low)} to {_gap(d, d.gap_high)}",
+            "p (corrected)": _p(d.p_corrected),
+            "how sure": d.verdict,
         })
     return pd.DataFrame(rows)
 
 
 def headline(analysis: Analysis) -> str:
-    """One or two sentences: which losses show a clear gap, against which group, and which do not."""
-    clear, unclear, unknown = [], [], []
+    """The verdict in words: which losses show a clear gap (against which group, by how much), which do
+    not, which have insufficient data, and at what confidence. Every surface prints this sentence."""
+    clear, unclear, short = [], [], []
     for d in analysis.disparities.itertuples(index=False):
-        rel = d.gap / abs(d.reference_mean) if d.reference_mean else np.nan
-        if not (np.isfinite(d.gap_low) and np.isfinite(d.gap_high)):
-            unknown.append(f"{d.loss} (group {d.worst} worse by {_pct(rel).lstrip('+')})")
-        elif d.gap_low > 0:
-            clear.append(f"{d.loss} (group {d.worst} worse by {_pct(rel).lstrip('+')})")
-        else:
+        if d.verdict == CLEAR:
+            clear.append(f"{d.loss} (group {d.worst} worse than {d.reference} by {_gap(d, d.gap).lstrip('+')}, "
+                         f"interval {_gap(d, d.gap_low)} to {_gap(d, d.gap_high)})")
+        elif d.verdict == NO_CLEAR:
             unclear.append(str(d.loss))
+        else:
+            short.append(str(d.loss))
+    if not len(analysis.disparities):
+        return "No loss to compare (see Cells)."
     parts = []
     if clear:
-        parts.append("Clear gaps: " + "; ".join(clear) + ".")
+        parts.append("Clear gap: " + "; ".join(clear) + ".")
     if unclear:
         parts.append(("No clear gap" if clear else "No loss shows a clear gap") + ": " + ", ".join(unclear)
-                     + " (the 95% interval of the gap includes 0).")
-    if unknown:
-        parts.append("No interval (too few seeds), so no verdict: " + "; ".join(unknown) + ".")
-    return " ".join(parts) or "No loss has a cell that trained without failing: nothing to compare (see Cells)."
-
-
-def sureness(gap_low: float, gap_high: float) -> str:
-    """Plain words for a gap interval (gap >= 0 means the worse group really is worse)."""
-    if not (np.isfinite(gap_low) and np.isfinite(gap_high)):
-        return "unknown: too few seeds"
-    if gap_low > 0:
-        return "clear: CI excludes 0"
-    return "unclear: CI includes 0"
+                     + " (the gap's interval includes 0).")
+    if short:
+        parts.append("Insufficient data, no verdict: " + ", ".join(short) + " (see the warnings).")
+    pairs = " and every pair of groups" if analysis.pairs > 1 and analysis.reference == "best" else ""
+    n = len(analysis.losses)
+    losses = "the one loss" if n == 1 else f"all {n} losses"
+    parts.append(f"Decided at {1 - analysis.policy.alpha:.0%} confidence for {losses}{pairs} together.")
+    return " ".join(parts)
 
 
 def error_table(analysis: Analysis) -> pd.DataFrame:
-    """Rows: losses; columns: each group's 'mean [95% CI]', then the worst group, worst/best and how sure."""
+    """Rows: losses; columns: each group's 'mean [interval]', then the worst group, worst/best and the verdict."""
     rows = []
     gaps = analysis.disparities.set_index("loss")
     for loss, part in analysis.intervals.groupby("loss", sort=False):
@@ -80,17 +77,23 @@ def error_table(analysis: Analysis) -> pd.DataFrame:
             row[str(r.group)] = f"{_num(r.mean)} [{_num(r.ci_low)}, {_num(r.ci_high)}]"
         if loss in gaps.index:
             d = gaps.loc[loss]
-            row["worst group"] = str(d["worst"])
+            row["worst group"] = _text(d["worst"])
             row["worst/best"] = _num(d["ratio"]) if np.isfinite(d["ratio"]) else f"-{_num(d['gap'])} dB"
-            row["sure?"] = "yes" if d["gap_low"] > 0 else "no" if np.isfinite(d["gap_low"]) else "?"
+            row["verdict"] = d["verdict"]
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def terminal_summary(analysis: Analysis) -> str:
-    """The compact table `fairrecon audit` prints: per-group MSE with intervals, worst group, how sure."""
-    table = error_table(analysis).to_string(index=False)
-    return f"Held-out MSE per pixel by group: mean [95% interval; fairrecon.stats bootstrap]\n{table}"
+    """What `fairrecon audit` and `fairrecon report` print: the headline, per-group error with
+    intervals and each loss's verdict, the warnings, and how it was decided."""
+    label = METRIC_LABELS.get(analysis.metric, analysis.metric)
+    lines = [headline(analysis), "",
+             f"Held-out {label} by group: mean [{1 - analysis.policy.alpha:.0%} interval of each group's mean]",
+             error_table(analysis).to_string(index=False)]
+    lines += [f"warning: {loss}: {w}" for loss, w in loss_warnings(analysis)]
+    lines.append(analysis.method)
+    return "\n".join(lines)
 
 
 def markdown_report(result, analysis: Analysis) -> str:
@@ -109,7 +112,7 @@ def markdown_report(result, analysis: Analysis) -> str:
         "",
         f"_{analysis.method}_",
         "",
-        "## Per-group MSE per pixel: mean [95% CI]",
+        f"## Per-group MSE per pixel: mean [{1 - analysis.policy.alpha:.0%} interval]",
         "",
         _markdown(error_table(analysis)),
         "",
@@ -147,6 +150,22 @@ def loss_warnings(analysis: Analysis) -> list[tuple[str, str]]:
     if "warnings" not in d:
         return []
     return [(str(loss), str(w)) for loss, w in zip(d["loss"], d["warnings"]) if isinstance(w, str) and w]
+
+
+def _gap(d, value: float) -> str:
+    """A gap (or one end of its interval) relative to the favoured group's mean; in dB for psnr."""
+    if d.metric == "psnr":
+        return "n/a" if not np.isfinite(value) else f"{value:+.3g} dB"
+    ok = np.isfinite(d.reference_mean) and d.reference_mean
+    return _pct(value / abs(d.reference_mean) if ok else np.nan)
+
+
+def _level(analysis: Analysis) -> str:
+    return f"{100 * analysis.confidence:.4g}%"
+
+
+def _text(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else str(v)
 
 
 def _markdown(df: pd.DataFrame) -> str:

@@ -78,7 +78,7 @@ class AuditSpec:
     latent: int = setting(16, "Latent size of the autoencoder (also the PCA rank for difficulty-adjusted gaps).",
                           scope="data", metavar="K")
     hidden: int = setting(256, "Hidden width of the MLP (the conv model uses hidden // 8 channels).", metavar="N")
-    seeds: int = setting(3, "Training runs per loss (seeds 0 .. seeds-1).", metavar="N")
+    seeds: int = setting(5, "Training runs per loss (seeds 0 .. seeds-1).", metavar="N")
     epochs: int = setting(50, "Training epochs per cell.", metavar="N")
     batch_size: int = setting(128, "Training batch size.", metavar="N")
     lr: float = setting(1e-3, "Adam learning rate of the weights.", metavar="LR")

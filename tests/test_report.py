@@ -168,3 +168,17 @@ def test_progress_bars_on_a_terminal_and_nothing_when_quiet():
         p.log("hello")
         p.on_epoch(1, 1)
     assert quiet.getvalue() == ""
+
+
+def test_terminal_prints_the_headline_the_table_and_the_warnings():
+    """Small data never looks sure: the terminal says "insufficient data" and why, not just a table."""
+    from test_stats import simulate, synthetic_result
+    from fairrecon.report import headline, terminal_summary
+
+    values, codes = simulate(np.random.default_rng(0), seeds=3, n=(50, 12), means=(0.010, 0.030))
+    analysis = analyse(synthetic_result({"l1": values, "l2": values * 1.01}, codes))
+    text = terminal_summary(analysis)
+    assert text.startswith(headline(analysis)) and "Insufficient data, no verdict: l1, l2" in text
+    assert "Clear gap" not in text and "  clear gap" not in text  # a 3x gap, but 12 test images: not "clear"
+    assert text.count("warning: l") == 2 and "b (n=12): fewer than 30 test images" in text
+    assert analysis.method in text

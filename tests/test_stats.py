@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 
 import numpy as np
@@ -10,11 +11,23 @@ import pytest
 import torch
 from scipy import stats as sps
 
+from conftest import REPO
 from fairrecon import stats
 from fairrecon.errors import UserError
 from fairrecon.groups import GroupedData
 from fairrecon.results import AuditResult
 from fairrecon.spec import AuditSpec
+
+
+def _benchmark(name: str):
+    """A script in benchmarks/ as a module (its name would clash with installed packages)."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+coverage = _benchmark("coverage")  # the simulation of benchmarks/coverage.py, shared with the quick coverage test
 
 
 def synthetic_result(values: dict[str, np.ndarray], codes: np.ndarray, names=("a", "b"),
@@ -45,14 +58,6 @@ def simulate(rng, seeds=4, n=(80, 60), means=(0.01, 0.01), seed_sd=0.001, image_
     return np.abs(values), codes
 
 
-def test_holm_matches_hand_worked_example():
-    # sorted p: 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
-    got = stats.holm([0.01, 0.04, 0.03, 0.005, np.nan])
-    np.testing.assert_allclose(got[:4], [0.03, 0.06, 0.06, 0.02])
-    assert np.isnan(got[4])
-    np.testing.assert_allclose(stats.holm([0.6, 0.5]), [1.0, 1.0])  # capped at 1
-
-
 def test_metric_frame_and_group_means_match_pandas():
     rng = np.random.default_rng(1)
     values, codes = simulate(rng, seeds=3)
@@ -64,7 +69,7 @@ def test_metric_frame_and_group_means_match_pandas():
         one_seed = stats.to_metric_frame(result, "l1", metric=metric, seed=2).by_group[metric]
         by_seed = result.samples.query("loss == 'l1' and seed == 2").groupby("group", observed=True)[metric].mean()
         np.testing.assert_allclose(one_seed.reindex(by_seed.index.astype(str)), by_seed)
-    table = stats.group_intervals(result, metric="mse", n_boot=200)
+    table = stats.group_intervals(result, metric="mse")
     expected = result.by_group()  # mean over seeds of per-seed group means
     merged = table.merge(expected, on=["loss", "group"], suffixes=("", "_expected"))
     np.testing.assert_allclose(merged["mean"], merged["mse"])
@@ -72,78 +77,134 @@ def test_metric_frame_and_group_means_match_pandas():
     assert list(table.columns) == ["loss", "group", "metric", "mean", "ci_low", "ci_high", "n", "seeds"]
 
 
-def test_image_bootstrap_matches_scipy_bootstrap():
-    """One seed: the within-group bootstrap is the ordinary bootstrap of a mean; compare with scipy's."""
+def test_one_model_with_equal_groups_is_a_t_interval_with_n_minus_1_df():
+    """No seed part (an external model), equal group sizes: both parts have n - 1 df, so the Cochran-Cox
+    critical value is t(n - 1) itself (closed form); its p-value is that t test's."""
     rng = np.random.default_rng(2)
-    x = rng.gamma(2.0, 0.01, 150)
-    boot, _ = stats.crossed_bootstrap(x[None, :], np.zeros(150, dtype=int), 1, n_boot=8000, random_state=3)
-    ours = np.quantile(boot[:, 0], [0.025, 0.975])
-    ref = sps.bootstrap((x,), np.mean, method="percentile", n_resamples=8000, rng=4).confidence_interval
-    width = ref.high - ref.low
-    assert abs(ours[0] - ref.low) < 0.05 * width and abs(ours[1] - ref.high) < 0.05 * width
-    # and the bootstrap standard error agrees with the closed form s / sqrt(n)
-    np.testing.assert_allclose(boot[:, 0].std(), x.std(ddof=1) / np.sqrt(len(x)), rtol=0.05)
+    x = np.concatenate([rng.gamma(2.0, 0.005, 60), rng.gamma(2.0, 0.006, 60)])
+    codes = np.repeat([0, 1], 60)
+    c = stats.Moments.of(x[None, :], codes, 2, seed_part=False).pair(1, 0)
+    se = np.sqrt(x[codes == 1].var(ddof=1) / 60 + x[codes == 0].var(ddof=1) / 60)
+    gap = x[codes == 1].mean() - x[codes == 0].mean()
+    q = sps.t.isf(0.025, 59)
+    np.testing.assert_allclose([c.low(0.025), c.high(0.025)], [gap - q * se, gap + q * se], rtol=1e-12)
+    assert c.p_two_sided() == pytest.approx(2 * sps.t.sf(abs(gap) / se, 59), rel=1e-9)
+    # many images: the interval is Welch's (scipy), both critical values being ~ the normal one
+    y = np.concatenate([rng.gamma(2.0, 0.005, 4000), rng.gamma(2.0, 0.006, 3000)])
+    big = np.repeat([0, 1], [4000, 3000])
+    welch = sps.ttest_ind(y[big == 1], y[big == 0], equal_var=False).confidence_interval(0.95)
+    c = stats.Moments.of(y[None, :], big, 2, seed_part=False).pair(1, 0)
+    # the two critical values differ in the 4th digit at ~3,000 df (1.96071 vs 1.96075)
+    np.testing.assert_allclose([c.low(0.025), c.high(0.025)], [welch.low, welch.high], rtol=1e-4)
 
 
-def test_crossed_bootstrap_keeps_group_sizes_and_resamples_seeds():
-    codes = np.array([0] * 5 + [1] * 2)
-    values = np.vstack([np.arange(7.0), np.arange(7.0) + 100])  # seed 1 is 100 worse everywhere
-    boot, base = stats.crossed_bootstrap(values, codes, 2, n_boot=500, baseline=np.arange(7.0))
-    # group 1 holds images 5 and 6: any replicate mean is (one of 5, 5.5, 6) + (0, 50 or 100)
-    assert set(np.round(boot[:, 1], 6)) <= {a + b for a in (5.0, 5.5, 6.0) for b in (0.0, 50.0, 100.0)}
-    assert {0.0, 50.0, 100.0} <= set(np.round(boot[:, 1] - base[:, 1], 6))  # seeds are resampled
-    assert set(np.round(base[:, 1], 6)) <= {5.0, 5.5, 6.0}  # the baseline shares the image draw
+def test_seed_part_alone_is_the_one_sample_t_test_on_per_seed_gaps():
+    """Images alike within a group (no image part): the interval is the t interval of the per-seed gaps, S - 1 df."""
+    rng = np.random.default_rng(3)
+    per_seed = rng.normal([0.010, 0.012], 0.001, size=(4, 2))  # (S, G) per-seed group means
+    codes = np.repeat([0, 1], [50, 40])
+    values = per_seed[:, codes]  # every image of a group has its seed's group mean
+    c = stats.Moments.of(values, codes, 2).pair(1, 0)
+    ref = sps.ttest_1samp(per_seed[:, 1] - per_seed[:, 0], 0.0)
+    ci = ref.confidence_interval(0.95)
+    np.testing.assert_allclose([c.low(0.025), c.high(0.025), c.p_two_sided()], [ci.low, ci.high, ref.pvalue],
+                               rtol=1e-9)
 
 
-def test_crossed_bootstrap_covers_the_truth():
-    """Simulated crossed data with known group means: the 95% intervals cover at least ~nominal."""
+def test_p_value_is_the_tail_where_the_interval_touches_zero():
+    """The test the interval inverts: at the p-value's own tail the lower end is exactly 0."""
+    rng = np.random.default_rng(13)
+    ps = []
+    for seeds in (2, 3, 5, 10):
+        values, codes = simulate(rng, seeds=seeds, n=(60, 90), means=(0.01, 0.0106))
+        c = stats.Moments.of(values, codes, 2).pair(1, 0)
+        ps.append(c.p_greater())
+        assert c.low(ps[-1]) == pytest.approx(0.0, abs=1e-9 * c.se)  # root finding to 1e-14 in log(tail)
+    assert min(ps) < 0.5 < max(ps)  # both sides of the estimate were tried
+
+
+def test_variance_is_seed_part_plus_image_part():
+    """The standard error, recomputed with pandas from its two stated parts (crossed seeds x images)."""
+    rng = np.random.default_rng(4)
+    values, codes = simulate(rng, seeds=5, n=(60, 90), means=(0.01, 0.013))
+    c = stats.Moments.of(values, codes, 2).pair(1, 0)
+    df = pd.DataFrame(values.T).assign(group=codes)
+    per_seed = df.groupby("group").mean().T  # (S, G)
+    seed_part = (per_seed[1] - per_seed[0]).var(ddof=1) / 5
+    averaged = df.drop(columns="group").mean(axis=1).groupby(df["group"])
+    image_parts = averaged.var(ddof=1) / averaged.size()
+    assert c.se ** 2 == pytest.approx(seed_part + image_parts.sum(), rel=1e-12)
+    # Cochran-Cox: the critical value is the variance-weighted mean of t(S - 1) and each group's t(n_g - 1)
+    weights = np.array([seed_part, *image_parts])
+    quantiles = sps.t.isf(0.025, [4, *(averaged.size() - 1)])
+    assert c.quantile(0.025) == pytest.approx((weights * quantiles).sum() / weights.sum(), rel=1e-12)
+    assert c.estimate == pytest.approx(values[:, codes == 1].mean() - values[:, codes == 0].mean(), rel=1e-12)
+
+
+def test_fieller_ratio_interval_matches_the_closed_form():
+    """With a constant df (seed part only), Fieller's interval solves a quadratic: compare with its roots."""
     rng = np.random.default_rng(5)
-    truth = np.array([0.010, 0.012])
-    reps, hit_mean, hit_gap = 150, 0, 0
-    for r in range(reps):
-        values, codes = simulate(rng, seeds=8, means=truth, seed_sd=0.001, image_sd=0.003)
-        boot, _ = stats.crossed_bootstrap(values, codes, 2, n_boot=600, random_state=r)
-        lo, hi = np.quantile(boot[:, 0], [0.025, 0.975])
-        hit_mean += lo <= truth[0] <= hi
-        lo, hi = np.quantile(boot[:, 1] - boot[:, 0], [0.025, 0.975])
-        hit_gap += lo <= truth[1] - truth[0] <= hi
-    assert hit_mean / reps >= 0.88 and hit_gap / reps >= 0.88
+    per_seed = rng.normal([0.010, 0.013], [0.0006, 0.0008], size=(6, 2))
+    codes = np.repeat([0, 1], [30, 30])
+    mom = stats.Moments.of(per_seed[:, codes], codes, 2)
+    q = sps.t.isf(0.025, 5)
+    a, b = per_seed[:, 1].mean(), per_seed[:, 0].mean()
+    v = np.cov(per_seed[:, [1, 0]], rowvar=False) / 6  # covariance of the two means
+    # (a - r b)^2 = q^2 (v_aa - 2 r v_ab + r^2 v_bb)  ->  A r^2 + B r + C = 0
+    A, B, C = b * b - q * q * v[1, 1], -2 * (a * b - q * q * v[0, 1]), a * a - q * q * v[0, 0]
+    roots = np.sort(np.roots([A, B, C]).real)
+    np.testing.assert_allclose(mom.ratio_interval(1, 0, 0.025), roots, rtol=1e-9)
 
 
-def test_image_only_resampling_would_undercover_with_seed_effects():
-    """The seed part matters: with seed effects, resampling images alone covers far too rarely."""
+def test_ratio_gap_test_and_verdict_decide_alike():
+    """Duality, on many random audits and policies: ratio interval excludes 1 <=> gap interval excludes 0
+    <=> p_corrected < alpha <=> the verdict is "clear gap"."""
     rng = np.random.default_rng(6)
-    reps, hit = 100, 0
-    for r in range(reps):
-        values, codes = simulate(rng, seeds=8, means=(0.01, 0.01), seed_sd=0.003, image_sd=0.001)
-        boot, _ = stats.crossed_bootstrap(values.mean(0, keepdims=True), codes, 2, n_boot=400, random_state=r)
-        lo, hi = np.quantile(boot[:, 0], [0.025, 0.975])
-        hit += lo <= 0.01 <= hi
-    assert hit / reps < 0.7
+    seen = set()
+    for r in range(40):
+        groups = 2 + r % 2
+        n = (40, 50, 45)[:groups]
+        means = 0.010 * (1 + rng.uniform(0, 0.25, groups))  # from no gap to clear ones
+        values, codes = simulate(rng, seeds=2 + r % 4, n=n, means=means)
+        result = synthetic_result({"l1": values, "l2": values * rng.uniform(0.9, 1.1, len(codes))}, codes,
+                                  names=("a", "b", "c")[:groups])
+        policy = stats.Policy(alpha=[0.05, 0.1, 0.01][r % 3], correction=["bonferroni", "none"][r % 2],
+                              two_sided=r % 5 != 0)
+        for reference in ("best", "a"):
+            d = stats.disparities(result, policy=policy, reference=reference)
+            for row in d.itertuples():
+                clear = row.verdict == stats.CLEAR
+                assert clear == (row.gap_lcb > 0) == (row.ratio_lcb > 1) == (row.p_corrected < policy.alpha)
+                assert (row.gap_low > 0) == (row.ratio_low > 1) and (row.gap_high < 0) == (row.ratio_high < 1)
+                assert row.ratio_low <= row.ratio <= row.ratio_high and row.gap_low <= row.gap <= row.gap_high
+                seen.add(clear)
+    assert seen == {True, False}  # both verdicts occurred
 
 
-def test_permutation_p_matches_exact_enumeration():
+def test_intervals_cover_with_three_seeds_when_seeds_dominate():
+    """The quick version of benchmarks/coverage.py: the regime where the old bootstrap covered 77%."""
     rng = np.random.default_rng(7)
-    x = rng.normal(size=8)
-    codes = np.array([0, 0, 0, 1, 1, 1, 2, 2])
-
-    def stat(c):
-        means = [x[c == g].mean() for g in range(3)]
-        return max(means) - min(means)
-
-    observed = stat(codes)
-    splits = {tuple(p) for p in itertools.permutations(codes)}  # 8! / (3! 3! 2!) = 560 labellings
-    exact = np.mean([stat(np.array(p)) >= observed - 1e-12 for p in splits])
-    assert len(splits) == 560
-    assert stats.permutation_p(x, codes, 3, n_perm=9999) == pytest.approx(exact)
+    reps = 500
+    rows = pd.DataFrame([coverage.replicate(rng, seeds=3, groups=2, regime=coverage.REGIMES["seed-dominated"])
+                         for _ in range(reps)])
+    truth = coverage.MEANS[2][1] - coverage.MEANS[2][0], coverage.MEANS[2][1] / coverage.MEANS[2][0]
+    gap = ((rows.gap_low <= truth[0]) & (truth[0] <= rows.gap_high)).mean()
+    ratio = ((rows.ratio_low <= truth[1]) & (truth[1] <= rows.ratio_high)).mean()
+    assert rows.seed_over_image.median() > 3  # the regime is what it says
+    # nominal 0.95; 0.92 is 3 binomial standard errors (0.0097 at 500 replicates) below it
+    assert gap >= 0.92 and ratio >= 0.92
 
 
-def test_permutation_p_is_uniform_under_the_null():
+def test_image_part_alone_would_undercover_when_seeds_dominate():
+    """The seed part matters: an interval over test images alone (one-model Welch) covers far too rarely."""
     rng = np.random.default_rng(8)
-    p = [stats.permutation_p(rng.normal(size=60), np.repeat([0, 1], 30), 2, n_perm=199, random_state=i)
-         for i in range(150)]
-    assert sps.kstest(p, "uniform").pvalue > 0.001
-    assert np.mean(np.array(p) <= 0.05) < 0.12
+    hits = 0
+    for _ in range(150):
+        values, codes = coverage.simulate(rng, seeds=5, means=coverage.MEANS[2], n=180,
+                                          **coverage.REGIMES["seed-dominated"])
+        c = stats.Moments.of(values, codes, 2, seed_part=False).pair(1, 0)
+        hits += c.low(0.025) <= coverage.MEANS[2][1] - coverage.MEANS[2][0] <= c.high(0.025)
+    assert hits / 150 < 0.75
 
 
 def test_disparities_on_a_planted_gap():
@@ -151,24 +212,42 @@ def test_disparities_on_a_planted_gap():
     fair, codes = simulate(rng, seeds=5, means=(0.01, 0.01))
     unfair, _ = simulate(rng, seeds=5, means=(0.010, 0.016))
     result = synthetic_result({"l1": fair, "l2": unfair}, codes)
-    d = stats.disparities(result, n_boot=1000).set_index("loss")
+    d = stats.disparities(result).set_index("loss")
     means = result.samples.groupby(["loss", "group"], observed=True)["mse"].mean()
     row = d.loc["l2"]
     assert (row.worst, row.reference) == ("b", "a")
     assert row.gap == pytest.approx(means["l2", "b"] - means["l2", "a"])
     assert row.ratio == pytest.approx(means["l2", "b"] / means["l2", "a"])
     assert row.gap_low < row.gap < row.gap_high and row.gap_lcb > 0 and row.ratio_lcb > 1
-    assert row.gap_lcb <= row.gap_low + 1e-12  # the simultaneous one-sided bound is the more cautious
-    assert row.p_value < 0.01 and d.loc["l1", "p_value"] > 0.01
-    assert d.loc["l1", "gap_lcb"] < 0
-    np.testing.assert_allclose(d["p_holm"], stats.holm(d["p_value"]))
+    assert row.verdict == stats.CLEAR and d.loc["l1", "verdict"] == stats.NO_CLEAR
+    # two losses, one pair: Bonferroni m = 2, each interval at 97.5%
+    c = stats.Moments.of(unfair, codes, 2).pair(1, 0)
+    assert row.gap_low == pytest.approx(c.low(0.05 / 2 / 2)) and row.p_corrected == pytest.approx(2 * row.p_value)
+    assert d.loc["l1", "gap_lcb"] < 0 and d.loc["l1", "p_corrected"] > 0.05
     # psnr: worse means fewer dB; the gap is reference dB minus worst dB
-    p = stats.disparities(result, metric="psnr", n_boot=300).set_index("loss").loc["l2"]
+    p = stats.disparities(result, metric="psnr").set_index("loss").loc["l2"]
     db = result.samples.groupby(["loss", "group"], observed=True)["psnr"].mean()
     assert p.worst == "b" and p.gap == pytest.approx(db["l2", "a"] - db["l2", "b"]) and np.isnan(p.ratio)
     # a named reference: the other group is the worst even when it is the better one
-    named = stats.disparities(result, reference="b", n_boot=300).set_index("loss").loc["l2"]
-    assert (named.reference, named.worst) == ("b", "a") and named.gap < 0
+    named = stats.disparities(result, reference="b").set_index("loss").loc["l2"]
+    assert (named.reference, named.worst) == ("b", "a") and named.gap < 0 and named.verdict == stats.NO_CLEAR
+
+
+def test_three_groups_cover_every_pair():
+    rng = np.random.default_rng(10)
+    values, codes = simulate(rng, seeds=4, n=(60, 60, 60), means=(0.010, 0.0101, 0.014))
+    result = synthetic_result({"l2": values}, codes, names=("a", "b", "c"))
+    analysis = stats.analyse(result)
+    row = analysis.disparities.iloc[0]
+    assert analysis.pairs == 3 and analysis.m == 3 and (row.worst, row.reference) in {("c", "a"), ("c", "b")}
+    mom = stats.Moments.of(values, codes, 3)
+    tail = 0.05 / 3 / 2
+    lows = [mom.pair(g, h).low(tail) for g, h in itertools.permutations(range(3), 2)]
+    assert row.gap_lcb == pytest.approx(max(lows))
+    ps = [min(1.0, 2 * mom.pair(g, h).p_greater()) for g, h in itertools.permutations(range(3), 2)]
+    assert row.p_corrected == pytest.approx(min(1.0, 3 * min(ps)))
+    named = stats.analyse(result, reference="b")
+    assert named.pairs == 2 and named.m == 2  # each group against b
 
 
 def test_disparities_difficulty_adjusted_by_hand():
@@ -176,27 +255,65 @@ def test_disparities_difficulty_adjusted_by_hand():
     values, codes = simulate(rng, seeds=3, means=(0.010, 0.016))
     result = synthetic_result({"l2": values}, codes)
     per_group = pd.DataFrame({"group": ["a", "b"], "mse": [0.002, 0.009], "mae": [0.0, 0.0], "psnr": [0.0, 0.0]})
-    row = stats.disparities(result, pca=per_group, n_boot=300).iloc[0]
+    row = stats.disparities(result, pca=per_group).iloc[0]
     # raw: b worse by ~0.006; in excess of PCA: a is 0.008 over, b 0.007 over -> a is (slightly) worse
     raw_gap = values[:, codes == 1].mean() - values[:, codes == 0].mean()
     excess = [values[:, codes == 0].mean() - 0.002, values[:, codes == 1].mean() - 0.009]
     assert row.worst == "b" and row.gap == pytest.approx(raw_gap)
     assert row.adjusted_worst == ("a" if excess[0] > excess[1] else "b")
     assert row.adjusted_gap == pytest.approx(abs(excess[0] - excess[1]))
+    # a constant per group shifts the means, not the spread: the same interval width
+    assert row.adjusted_gap_high - row.adjusted_gap_low == pytest.approx(row.gap_high - row.gap_low, rel=1e-9)
     per_image = pd.DataFrame({"index": result.samples["index"].unique(), "mse": np.where(codes == 0, 0.002, 0.009)})
-    again = stats.disparities(result, pca=per_image, n_boot=300).iloc[0]
+    again = stats.disparities(result, pca=per_image).iloc[0]
     assert again.adjusted_gap == pytest.approx(row.adjusted_gap)
     with pytest.raises(UserError, match="does not cover"):
-        stats.disparities(result, pca=per_image.iloc[:-1], n_boot=10)
+        stats.disparities(result, pca=per_image.iloc[:-1])
 
 
-def test_warnings_for_tiny_groups_few_seeds_and_failed_cells():
+def test_small_or_broken_data_is_insufficient_never_clear():
+    """A huge gap, but data that cannot support a verdict: "insufficient data", with the reason."""
     rng = np.random.default_rng(11)
-    values, codes = simulate(rng, seeds=3, n=(50, 12))
-    result = synthetic_result({"l1": values}, codes, status={("l1", 2): "failed: non-finite loss in epoch 1"})
-    row = stats.disparities(result, n_boot=200).iloc[0]
-    assert "tiny group(s) b (n=12)" in row.warnings and "only 2 seed(s)" in row.warnings
-    assert "1 failed cell(s)" in row.warnings and row.seeds == 2
+    values, codes = simulate(rng, seeds=3, n=(50, 40), means=(0.010, 0.030))
+    assert stats.analyse(synthetic_result({"l1": values}, codes)).disparities.verdict[0] == stats.CLEAR
+
+    def verdict(result) -> tuple[str, str]:
+        row = stats.analyse(result).disparities.iloc[0]
+        return row.verdict, row.warnings
+
+    failed = synthetic_result({"l1": values}, codes, status={("l1", 2): "failed: non-finite loss in epoch 1"})
+    assert verdict(failed) == (stats.INSUFFICIENT, "1 failed cell(s) left out: l1/seed2 (failed: non-finite loss in epoch 1)")
+    tiny_test, tiny_codes = simulate(rng, seeds=3, n=(50, 12), means=(0.010, 0.030))
+    v, w = verdict(synthetic_result({"l1": tiny_test}, tiny_codes))
+    assert v == stats.INSUFFICIENT and "test group(s) b (n=12): fewer than 30 test images" in w
+    one_seed = synthetic_result({"l1": values[:1]}, codes)
+    v, w = verdict(one_seed)
+    assert v == stats.INSUFFICIENT and "only 1 trained seed" in w
+    assert stats.analyse(one_seed).intervals["ci_low"].isna().all()  # no interval without a seed spread
+    stuck = synthetic_result({"l1": values}, codes)
+    stuck.cells["converged"] = [True, False, True]
+    v, w = verdict(stuck)
+    assert v == stats.INSUFFICIENT and "1 cell(s) had not converged: l1/seed1" in w
+    small_train = synthetic_result({"l1": values}, codes)
+    small_train.groups = pd.concat([small_train.groups, pd.DataFrame({"split": "train", "group": ["a", "b"], "n": [3, 2]})])
+    v, w = verdict(small_train)
+    assert v == stats.INSUFFICIENT and "training group(s) a (n=3), b (n=2)" in w
+    every_cell_failed = synthetic_result({"l1": values, "l2": values}, codes,
+                                         status={("l2", s): "failed: nan" for s in range(3)})
+    d = stats.analyse(every_cell_failed).disparities.set_index("loss")
+    assert d.loc["l2", "verdict"] == stats.INSUFFICIENT and d.loc["l1", "verdict"] == stats.CLEAR
+
+
+def test_an_external_model_has_image_intervals_and_says_so():
+    rng = np.random.default_rng(12)
+    values, codes = simulate(rng, seeds=1, n=(60, 50), means=(0.010, 0.014))
+    result = synthetic_result({"model": values}, codes)
+    result.info["external_model"] = "model"
+    row = stats.analyse(result).disparities.iloc[0]
+    welch = sps.ttest_ind(values[0, codes == 1], values[0, codes == 0], equal_var=False)
+    assert row.se == pytest.approx(row.gap / welch.statistic, rel=1e-10)  # Welch's standard error: images only
+    assert row.seed_share == 0 and row.verdict == stats.CLEAR
+    assert "one already-trained model" in row.warnings and "seed" not in row.warnings
 
 
 def test_pca_error_is_the_sum_of_discarded_eigenvalues():
@@ -238,4 +355,6 @@ def test_usage_errors():
     with pytest.raises(UserError, match="unknown loss"):
         stats.disparities(result, losses=["l9"])
     with pytest.raises(UserError, match="alpha"):
-        stats.group_intervals(result, alpha=1.5)
+        stats.Policy(alpha=1.5)
+    with pytest.raises(UserError, match="unknown correction 'holm'"):
+        stats.Policy(correction="holm")
