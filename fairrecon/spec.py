@@ -269,8 +269,10 @@ def _validate(s: AuditSpec) -> None:
         need(s.labels is not None, "group_method 'labels' needs a labels CSV (--labels FILE)")
     for name in ("latent", "hidden", "seeds", "max_epochs", "batch_size"):
         need(getattr(s, name) >= 1, f"{name} must be >= 1, got {getattr(s, name)}")
-    need(s.epochs == "auto" or (isinstance(s.epochs, int) and s.epochs >= 1),
-         f"epochs must be a whole number >= 1 or 'auto', got {s.epochs!r}")
+    if s.epochs != "auto":
+        need(isinstance(s.epochs, int) and not isinstance(s.epochs, bool),
+             f"epochs must be a whole number or 'auto', got {s.epochs!r}")
+        need(s.epochs >= 1, f"epochs must be >= 1, got {s.epochs} (or 'auto')")
     need(s.eval_points >= 2, f"eval_points must be >= 2 (the last is the trained model), got {s.eval_points}")
     need(s.polarity == "auto" or s.group_method == "transform",
          f"polarity '{s.polarity}' applies to --group-method transform only (select and labels keep the images' "

@@ -48,7 +48,10 @@ def digits():
 def plain_train(x: torch.Tensor, cell: Cell, config: TrainConfig):
     """One cell, the textbook way."""
     torch.manual_seed(cell.seed)
-    model = build_model(config.model, tuple(x.shape[1:]), config.latent, config.hidden)
+    model = build_model(config.model, tuple(x.shape[1:]), config.latent, config.hidden, output=config.output,
+                        input_norm=config.input_norm)
+    if config.input_norm == "standardize":  # the whole training set's per-pixel statistics, computed here
+        model.set_input_stats(x.mean(0), x.std(0, correction=0))
     log_sigma = torch.zeros((), requires_grad=True)
     opt = torch.optim.Adam([{"params": model.parameters(), "lr": config.lr},
                             {"params": [log_sigma], "lr": config.sigma_lr}], foreach=False)
@@ -66,15 +69,15 @@ def plain_train(x: torch.Tensor, cell: Cell, config: TrainConfig):
     return model, log_sigma, steps
 
 
-def assert_same_cell(stacked, c: int, model, log_sigma, test_x):
+def assert_same_cell(stacked, c: int, model, log_sigma, test_x, config=CONFIG):
     ref = model.state_dict()
     got = stacked.module(c).state_dict()
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=0, atol=ATOL, msg=f"{stacked.cells[c].key} {name}")
     with torch.no_grad():
         torch.testing.assert_close(stacked.reconstruct(test_x)[c], model(test_x), rtol=0, atol=ATOL)
-    torch.testing.assert_close(effective_log_sigma(stacked.log_sigma[c].detach(), CONFIG.sigma_floor),
-                               effective_log_sigma(log_sigma.detach(), CONFIG.sigma_floor), rtol=0, atol=ATOL)
+    torch.testing.assert_close(effective_log_sigma(stacked.log_sigma[c].detach(), config.sigma_floor),
+                               effective_log_sigma(log_sigma.detach(), config.sigma_floor), rtol=0, atol=ATOL)
 
 
 def test_batched_cells_match_plain_loop_and_alone(digits):
@@ -97,6 +100,21 @@ def test_batched_cells_match_plain_loop_and_alone(digits):
             ref = get_loss(cell.loss).nll(test_x[:32].flatten(1), model(test_x[:32]).flatten(1),
                                           log_sigma, CONFIG.sigma_floor)
         torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-2)  # sums over 64 pixels of NLL terms
+
+
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+def test_sigmoid_output_and_standardized_input_match_the_plain_loop(digits, model):
+    """The ablations change the architecture, not the batching: batched cells still equal the textbook loop."""
+    x, test_x = digits
+    config = TrainConfig.from_spec(AuditSpec(model=model, latent=8, hidden=32, epochs=1, batch_size=64, grad_points=0,
+                                             output="sigmoid", input_norm="standardize"))
+    cells = [Cell("l2", 0), Cell("l1", 1)]
+    together = train_cells(x, torch.zeros(len(x), dtype=torch.long), cells, config)
+    for c, cell in enumerate(cells):
+        model_, log_sigma, _ = plain_train(x, cell, config)
+        assert_same_cell(together.stacked, c, model_, log_sigma, test_x, config)
+    # the statistics stay the training images' (buffers are not trained)
+    torch.testing.assert_close(together.stacked.buffers["input_mean"][0], x.mean(0), rtol=0, atol=0)
 
 
 def test_training_moves_the_weights(digits):
