@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from . import dynamics
 from .errors import UserError
 from .fileio import write_files
 from .gradshare import share_summary
@@ -40,6 +41,7 @@ def summary(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
         "by_group": records(result.by_group()),
         "disparities": records(analysis.disparities),
         **extra,
+        "over_training": dynamics.summary(result),
     }
 
 
