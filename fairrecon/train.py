@@ -128,10 +128,17 @@ class StackedCells:
     config: TrainConfig
 
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """x (C, B, ...) -> reconstructions (C, B, ...), each cell on its own batch."""
+        """x (C, B, ...) -> reconstructions (C, B, ...), each cell on its own batch.
+
+        `params` may hold k copies of each cell's weights, cell-major (C*k, ...), as gradshare.py makes
+        them; x is then (C*k, B, ...) and each cell's buffers (input statistics) go with its copies.
+        """
         def one(p, b, xc):
             return functional_call(self.base, (p, b), (xc,))
-        return vmap(one)(self.params if params is None else params, self.buffers, x)
+        params = self.params if params is None else params
+        copies = len(next(iter(params.values()))) // len(self.cells)
+        buffers = {k: v.repeat_interleave(copies, dim=0) for k, v in self.buffers.items()} if copies > 1 else self.buffers
+        return vmap(one)(params, buffers, x)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, batch: int = 2048) -> torch.Tensor:

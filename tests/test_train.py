@@ -115,6 +115,15 @@ def test_sigmoid_output_and_standardized_input_match_the_plain_loop(digits, mode
         assert_same_cell(together.stacked, c, model_, log_sigma, test_x, config)
     # the statistics stay the training images' (buffers are not trained)
     torch.testing.assert_close(together.stacked.buffers["input_mean"][0], x.mean(0), rtol=0, atol=0)
+    # copies of each cell's weights (as gradient shares make them, cell-major) take the cell's statistics along
+    stacked = together.stacked
+    copies = {k: v.repeat_interleave(3, dim=0) for k, v in stacked.params.items()}
+    xb = test_x[:5].expand(len(cells) * 3, *test_x[:5].shape)
+    with torch.no_grad():
+        out = stacked.forward(xb, copies).unflatten(0, (len(cells), 3))
+        for c in range(len(cells)):
+            for k in range(3):
+                torch.testing.assert_close(out[c, k], stacked.module(c)(test_x[:5]), rtol=0, atol=ATOL)
 
 
 def test_training_moves_the_weights(digits):
