@@ -24,7 +24,8 @@ LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)),
 HATCHES = ("", "///", "...", "xx", "\\\\", "++", "oo", "--")
 WIDTH = 11.0  # inches; at DPI 110 about 1200 px, the report's content width
 DPI = 110
-METRIC_LABELS = {"mse": "held-out MSE per pixel", "mae": "held-out MAE per pixel", "psnr": "held-out PSNR (dB)"}
+METRIC_LABELS = {"mse": "held-out MSE per pixel", "mae": "held-out MAE per pixel", "psnr": "held-out PSNR (dB)",
+                 "nmse": "held-out nMSE (MSE / the image's pixel variance)"}
 
 
 @dataclass(frozen=True)
