@@ -114,8 +114,9 @@ def _over_training_html(result, figs: dict[str, str]) -> list[str]:
     out = ["<h2 id='training'>The answer over training</h2>"]
     if warnings:
         items = "".join(f"<li>{_e(w)}</li>" for w in warnings)
-        out.append(f'<div class="warn"><b>Not converged: the verdict may move with more training '
-                   f"(try --epochs auto).</b><ul>{items}</ul></div>")
+        out.append(f'<div class="warn"><b>{len(warnings)} of {len(result.cells)} cells not converged: the verdict may '
+                   f"move with more training (try --epochs auto).</b><details><summary>Which, and how far their "
+                   f"error still moved</summary><ul>{items}</ul></details></div>")
     if "over_training" in figs:
         out.append("<ul>" + "".join(f"<li>{_e(c)}.</li>" for c in changes) + "</ul>" if changes else
                    '<p class="note">The worse group did not change during training under any loss.</p>')
