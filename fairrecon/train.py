@@ -238,7 +238,10 @@ class EvalPoint:
 # can spike the error by 20-100% for an epoch or two) is no settled answer either.
 CONVERGED_DROP = 0.05
 CONVERGED_WINDOW = 0.25
-AUTO_MIN_EPOCHS = 5  # epochs="auto" never stops before this many epochs
+# epochs="auto" never stops before this many epochs: its last-quarter window then holds at least 5 epoch-end
+# points, so the trend is not fitted to 2 or 3 (with 5, a learned-sigma cell on Fashion-MNIST stopped at epoch
+# 11 on a short plateau, while the other cells of its seed ran 38-69 epochs).
+AUTO_MIN_EPOCHS = 16
 
 
 def settled(drop) -> np.ndarray:
