@@ -97,8 +97,8 @@ class AuditSpec:
     sigma_floor: float = setting(1e-3, "Smallest sigma a learned sigma may reach (pixel units).", scope="spec")
     device: str = setting("auto", "auto takes CUDA when present.", choices=DEVICES, scope="data")
     # measurements
-    grad_points: int = setting(20, "Gradient-share snapshots per cell, at most one per 20 steps (0 = off).",
-                               scope="spec")
+    grad_points: int = setting(20, "Gradient-share snapshots per cell, at most one per 20 steps (0 = off; with "
+                               "--epochs auto, at every epoch start instead).", scope="spec")
     eval_points: int = setting(20, "Points per cell at which each group's held-out error is measured during "
                                "training (curves.csv); with --epochs auto, one per epoch instead.", scope="spec")
     out: str | None = setting(None, "Results folder: tables, summary.json, report.md, report.html, checkpoints.",
