@@ -23,17 +23,18 @@ import torch
 
 from . import __version__
 from .data import ImageSet, load_images
+from .dynamics import convergence_warnings
 from .gradshare import GradShareRecorder
 from .groups import GroupedData, make_groups, split_table
 from .losses import get_loss
 from .fileio import atomic_write, npz_bytes
-from .measure import example_reconstructions, sample_errors, train_mse
+from .measure import CurveRecorder, convergence, curve_table, example_reconstructions, sample_errors, train_mse
 from .outputs import save_results
 from .results import EXAMPLES_FILE, METRICS, AuditResult, load_examples
 from .resultsdir import Identity, check_out, input_paths
 from .resume import CellStore
 from .spec import AuditSpec, load_spec
-from .train import Cell, TrainConfig, resolve_device, train_cells
+from .train import CONVERGED_DROP, CONVERGED_WINDOW, Cell, TrainConfig, resolve_device, train_cells
 
 
 def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str], None] | None = None,
@@ -92,7 +93,7 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
             log(f"resuming: {len(tables)} of {len(cells)} cells already done in {store.folder}")
     todo = [group for group in by_seed(cells) if any(cell not in tables for cell in group)]
     log(f"training {sum(map(len, todo))} cells ({len(spec.losses)} losses x {spec.seeds} seeds) on {device}")
-    timings["train_s"] = timings["measure_s"] = 0.0
+    timings["train_s"] = timings["measure_s"] = timings["curves_s"] = 0.0
     examples: dict[str, Any] = {}
 
     def keep_examples(stacked) -> None:  # seed 0: a few test images and each loss's reconstruction
@@ -119,12 +120,17 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
         "threads": torch.get_num_threads(), "contrast_factor": data.contrast_factor,
         "train_config": asdict(config), "resumed_cells": len(cells) - sum(map(len, todo)), "timings": timings,
         "inputs": identity.inputs, "warnings": warnings,
+        "convergence": {"drop": CONVERGED_DROP, "window": CONVERGED_WINDOW},
     }
     shares = [tables[c]["grad_shares"] for c in cells if "grad_shares" in tables[c]]
+    curves = [tables[c]["curves"] for c in cells if "curves" in tables[c]]
     result = AuditResult(spec, samples, cell_table, described, history, info,
                          examples=examples or (load_examples(store.folder) if store is not None else None),
                          grad_shares=_concat(shares) if len(shares) == len(cells) else None,
-                         split=split_table(images, data))
+                         split=split_table(images, data),
+                         curves=_concat(curves) if len(curves) == len(cells) else None)
+    for line in convergence_warnings(result):
+        log(f"warning: {line}")
     if spec.out and save:
         save_results(result, spec.out)
     return result
@@ -154,15 +160,20 @@ def train_and_measure(data: GroupedData, cells: list[Cell], config: TrainConfig,
                       log: Callable[[str], None], timings: dict[str, float],
                       on_epoch: Callable[[int, int], None] | None = None,
                       on_trained: Callable[[Any], None] | None = None) -> dict[Cell, dict[str, pd.DataFrame]]:
-    """Train cells together and measure them: per cell, its samples, cells (one row) and history tables.
+    """Train cells together and measure them: per cell, its samples, cells (one row), history and curves tables.
 
     `on_trained(stacked)` sees the trained cells before they are dropped (to keep example reconstructions).
     """
     recorder = GradShareRecorder(data.names) if config.grad_points > 0 else None
+    epochs_per_point = 1.0 if config.auto else config.epoch_cap / config.eval_points
+    curves = CurveRecorder(data, epochs_per_point=epochs_per_point, device=device)
+    validation = (data.val_x, data.val_g) if config.auto else None
     trained = train_cells(data.train_x, data.train_g, cells, config, device, on_snapshot=recorder,
-                          on_epoch=on_epoch or (lambda e, n: log(f"epoch {e}/{n}")))
+                          on_epoch=on_epoch or (lambda e, n: log(f"epoch {e}/{n}")), on_eval=curves,
+                          validation=validation, n_groups=len(data.names))
     shares = _float64(recorder.frame()) if recorder is not None else None
     timings["train_s"] += trained.seconds
+    timings["curves_s"] += curves.seconds
     t1 = time.perf_counter()
     samples = _float64(sample_errors(trained.stacked, data, device))
     if on_trained is not None:
@@ -173,13 +184,17 @@ def train_and_measure(data: GroupedData, cells: list[Cell], config: TrainConfig,
     learned = {"scale": nan, "dof": nan, **learned}  # these two always, so cells.csv keeps one schema
     fit_mse = train_mse(trained.stacked, data.train_x, device).double()
     history = _float64(trained.history)
+    points = curves.frame()
+    converged = convergence(points).set_index(["loss", "seed"])
+    curve = curve_table(points, samples, dict(zip(cells, trained.steps)))
     out = {}
     for c, cell in enumerate(cells):
-        own_history = history[(history["loss"] == cell.loss) & (history["seed"] == cell.seed)].reset_index(drop=True)
-        own_samples = samples[(samples["loss"] == cell.loss) & (samples["seed"] == cell.seed)].reset_index(drop=True)
+        own = lambda df: df[(df["loss"] == cell.loss) & (df["seed"] == cell.seed)].reset_index(drop=True)
+        own_history, own_samples = own(history), own(samples)
         status = trained.status[c]
         if status == "ok" and not np.isfinite(own_samples[list(METRICS)].to_numpy()).all():
             status = "failed: non-finite reconstruction error on held-out images"  # trained, but blew up
+        conv = converged.loc[(cell.loss, cell.seed)]
         out[cell] = {
             "samples": own_samples,
             "cells": pd.DataFrame({
@@ -187,11 +202,15 @@ def train_and_measure(data: GroupedData, cells: list[Cell], config: TrainConfig,
                 "sigma": [sigma[c].item()], "sigma_squared": [sigma[c].item() ** 2],
                 **{name: [value[c].item()] for name, value in learned.items()},
                 "train_mse": [fit_mse[c].item()], "train_nll": [own_history["train_nll"].iloc[-1]],
+                "epochs": [trained.epochs[c]],
+                "converged": [bool(conv["converged"])], "last_drop": [float(conv["last_drop"])],
+                "last_drop_of": [conv["last_drop_of"]],
             }),
             "history": own_history,
+            "curves": own(curve),
         }
-        if shares is not None:  # checkpointed with the cell like its other tables
-            out[cell]["grad_shares"] = shares[(shares["loss"] == cell.loss) & (shares["seed"] == cell.seed)].reset_index(drop=True)
+        if shares is not None:  # checkpointed with the cell like its other tables; only steps of its own result
+            out[cell]["grad_shares"] = own(shares[shares["step"] < trained.steps[c]])
     timings["measure_s"] += time.perf_counter() - t1
     return out
 

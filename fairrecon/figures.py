@@ -14,14 +14,18 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
+
+from .dynamics import gap_over_training, group_curves
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 1, 1, 1, 1)))
 HATCHES = ("", "///", "...", "xx", "\\\\", "++", "oo", "--")
 WIDTH = 11.0  # inches; at DPI 110 about 1200 px, the report's content width
 DPI = 110
-METRIC_LABELS = {"mse": "held-out MSE per pixel", "mae": "held-out MAE per pixel", "psnr": "held-out PSNR (dB)"}
+METRIC_LABELS = {"mse": "held-out MSE per pixel", "mae": "held-out MAE per pixel", "psnr": "held-out PSNR (dB)",
+                 "nmse": "held-out nMSE (MSE / the image's pixel variance)"}
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,46 @@ def brightness_contrast_figure(examples: dict[str, np.ndarray]) -> Figure:
     return fig
 
 
+def over_training_figure(curves: pd.DataFrame, gaps: pd.DataFrame, metric: str = "mse") -> Figure:
+    """Per loss: each group's held-out error over training (top, mean over seeds, log scale) and the relative
+    gap of the final worst group over the final best (bottom, mean over seeds with its seed-level 95% t interval)."""
+    losses = list(dict.fromkeys(curves["loss"]))
+    groups = list(dict.fromkeys(curves["group"].astype(str)))
+    styles = group_styles(groups)
+    fig = _figure(5.8)
+    axes = fig.subplots(2, max(len(losses), 1), squeeze=False, sharex="col")
+    for j, loss in enumerate(losses):
+        top, bottom = axes[0, j], axes[1, j]
+        part = curves[curves["loss"] == loss]
+        for g in groups:
+            p, st = part[part["group"].astype(str) == g].sort_values("step"), styles[g]
+            top.plot(p["epoch"], p[metric], color=st.color, linestyle=st.linestyle, marker=st.marker, markersize=3.5,
+                     linewidth=1.8)
+        top.set_yscale("log")
+        top.set_title(loss, fontweight="bold")
+        _style(top)
+        gp = gaps[gaps["loss"] == loss].sort_values("step")
+        if len(gp):
+            bottom.fill_between(gp["epoch"], 100 * gp["gap_low"], 100 * gp["gap_high"], color="0.7", alpha=0.55,
+                                linewidth=0)
+            bottom.plot(gp["epoch"], 100 * gp["gap"], color="0.1", linewidth=2, marker="o", markersize=3)
+            bottom.set_title(f"gap of {gp['worst'].iloc[0]} over {gp['best'].iloc[0]}", fontsize=9.5)
+        bottom.axhline(0, color="0.35", linestyle=":", linewidth=1.3)
+        bottom.set_xlabel("epoch")
+        if j:
+            bottom.sharey(axes[1, 0])
+        _style(bottom)
+    axes[0, 0].set_ylabel(f"held-out {metric}\n(mean over seeds)")
+    axes[1, 0].set_ylabel("relative gap (%)\n(> 0: worse group at the end is worse)")
+    handles = [Line2D([], [], color=styles[g].color, linestyle=styles[g].linestyle, marker=styles[g].marker,
+                      linewidth=1.8, label=f"group {g}") for g in groups]
+    handles += [Line2D([], [], color="0.1", linewidth=2, marker="o", markersize=3, label="gap, mean over seeds"),
+                Patch(color="0.7", alpha=0.55, label="95% t interval over seeds")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+    fig.suptitle("The answer over training: each group's held-out error, and the gap between the groups", fontsize=11)
+    return fig
+
+
 def audit_figures(result, analysis) -> dict[str, Figure]:
     """Every figure the result supports, by name (those needing absent data are left out); the
     intervals come from `analysis` (a stats.Analysis), computed once by the caller."""
@@ -222,6 +266,9 @@ def audit_figures(result, analysis) -> dict[str, Figure]:
     shares = getattr(result, "grad_shares", None)
     if shares is not None and len(shares):
         figs["grad_shares"] = grad_share_figure(shares)
+    curves = group_curves(result)
+    if curves is not None and len(curves):
+        figs["over_training"] = over_training_figure(curves, gap_over_training(result))
     figs["error_distribution"] = error_distribution_figure(result.ok_samples, analysis.metric)
     examples = getattr(result, "examples", None)
     if examples is not None:

@@ -6,20 +6,30 @@ Three ways to form groups, all giving the same proportions in the train and test
   - ``contrast="squeeze"``: the plain affine squeeze towards 0 or 1. Exact mean, no
     clipping, but contrast shrinks by t/mu or (1-t)/(1-mu): a group squeezed towards 1
     becomes low-contrast and easy to reconstruct, which masquerades as a loss effect.
-  - ``contrast="matched"`` (default): y = b + c*(z - mean z), with z the image or its
-    negative 1 - x (whichever leaves more room), one contrast factor c shared by every
-    image of every group, and b set per image so the mean hits the target exactly.
-    All groups keep the same contrast distribution; the price is that c is set by the
-    hardest target (c = the smallest, over targets, of the 5th percentile of what that
-    target's images could carry unclipped), so every group loses some contrast, and at
-    most ~5% of any group's images clip a few pixels, whatever the proportions.
+  - ``contrast="matched"`` (default): y = clip(b + c*(z - mean z)), with z the image or its
+    negative 1 - x, one contrast factor c shared by every image of every group, and b set
+    per image so the mean hits the target exactly. All groups keep the same contrast
+    distribution; the price is that c is set by the hardest target (c = the smallest, over
+    targets, of the 5th percentile of what that target's images could carry unclipped), so
+    every group loses some contrast, and at most ~5% of any group's images clip a few pixels.
+  - ``polarity``: which z. ``auto`` (default) takes, per image, whichever of x and 1 - x leaves
+    more room at its target, so bright-group images are often negatives; ``keep`` never flips
+    (both groups positive: lower contrast), ``invert`` always flips (both groups negative).
+  What the transform did is recorded per image (`negative`, `clipped` pixels) and reported per
+  split and group by `GroupedData.describe` (`negative_share`, `clipped_share`), beside the
+  brightness and contrast it produced.
 * ``select``: real images picked by their own brightness, pixels untouched.
 * ``labels``: a CSV mapping image-folder files (or their indices) to group names.
+
+With ``epochs = "auto"`` a validation split is carved from the training images
+(`with_validation`): stratified by group, VALIDATION_FRACTION of each group, seeded by split_seed.
+Training never sees it; the stopping rule reads it (train.py). The test split is never used for that.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +43,18 @@ from .errors import UserError
 from .spec import AuditSpec
 
 MATCHED_QUANTILE = 0.05  # share of each group's images allowed to clip under contrast="matched"
+VALIDATION_FRACTION = 0.1  # of each group's training images, held out for epochs="auto"
+SPLITS = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
 class GroupedData:
-    """Train and test images with an integer group code per image; `names[code]` is the group."""
+    """Train and test images with an integer group code per image; `names[code]` is the group.
+
+    `*_negative` (bool) and `*_clipped` (pixel counts) say, per image, what the brightness transform
+    did: None when pixels are untouched (select, labels), i.e. no image flipped and no pixel clipped.
+    `val_*` is the validation split carved from the training images (None unless epochs="auto").
+    """
 
     names: tuple[str, ...]
     train_x: torch.Tensor  # (N, C, H, W) in [0, 1]
@@ -48,18 +65,44 @@ class GroupedData:
     test_index: torch.Tensor
     targets: tuple[float, ...] | None = None
     contrast_factor: float | None = None  # c, for contrast="matched"
+    train_negative: torch.Tensor | None = None  # (N,) bool: the image was replaced by its negative 1 - x
+    train_clipped: torch.Tensor | None = None  # (N,) int64: pixels the transform clipped to 0 or 1
+    test_negative: torch.Tensor | None = None
+    test_clipped: torch.Tensor | None = None
+    val_x: torch.Tensor | None = None
+    val_g: torch.Tensor | None = None
+    val_index: torch.Tensor | None = None
+    val_negative: torch.Tensor | None = None
+    val_clipped: torch.Tensor | None = None
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+        """(x, g, negative, clipped) of split 'train', 'validation' or 'test'; None for an absent validation split."""
+        prefix = {"train": "train", "validation": "val", "test": "test"}[name]
+        x = getattr(self, f"{prefix}_x")
+        if x is None:
+            return None
+        return x, getattr(self, f"{prefix}_g"), getattr(self, f"{prefix}_negative"), getattr(self, f"{prefix}_clipped")
 
     def describe(self) -> pd.DataFrame:
-        """Measured brightness (mean pixel) and contrast (mean per-image pixel std) per split and group."""
+        """Per split and group, as measured: brightness (mean pixel), contrast (mean per-image pixel std),
+        negative_share (images flipped to their negative) and clipped_share (pixels clipped by the transform)."""
         rows = []
-        for split, x, g in (("train", self.train_x, self.train_g), ("test", self.test_x, self.test_g)):
+        for split in SPLITS:
+            parts = self.split(split)
+            if parts is None:
+                continue
+            x, g, negative, clipped = parts
             flat = x.flatten(1)
             for code, name in enumerate(self.names):
-                members = flat[g == code]
+                member = g == code
+                members = flat[member]
+                n = len(members)
                 rows.append({
-                    "split": split, "group": name, "n": len(members), "share": len(members) / len(flat),
+                    "split": split, "group": name, "n": n, "share": n / len(flat),
                     "target": self.targets[code] if self.targets else float("nan"),
                     "brightness": members.mean().item(), "contrast": members.std(dim=1).mean().item(),
+                    "negative_share": negative[member].double().mean().item() if negative is not None else 0.0,
+                    "clipped_share": (clipped[member].sum().item() / max(members.numel(), 1)) if clipped is not None else 0.0,
                 })
         return pd.DataFrame(rows)
 
@@ -85,12 +128,44 @@ def group_sizes(n: int, proportions: tuple[float, ...]) -> list[int]:
 
 
 def make_groups(images: ImageSet, spec: AuditSpec) -> GroupedData:
-    """Form the groups the spec asks for."""
+    """Form the groups the spec asks for (and, for epochs="auto", carve the validation split)."""
     if spec.group_method == "labels":
-        return labelled_groups(images, spec)
-    if spec.group_method == "select":
-        return selected_groups(images, spec)
-    return transformed_groups(images, spec)
+        data = labelled_groups(images, spec)
+    elif spec.group_method == "select":
+        data = selected_groups(images, spec)
+    else:
+        data = transformed_groups(images, spec)
+    return with_validation(data, seed=spec.split_seed) if spec.epochs == "auto" else data
+
+
+def with_validation(data: GroupedData, *, fraction: float = VALIDATION_FRACTION, seed: int = 0) -> GroupedData:
+    """Move `fraction` of each group's training images (at least one, at most all but one) to a validation split.
+
+    Stratified by group, so the validation split has the training proportions; seeded, so it is the same
+    split every time the spec is run (its own stream, apart from the group assignment's).
+    """
+    rng = np.random.default_rng([seed, 1])
+    g = data.train_g.numpy()
+    val = []
+    for code, name in enumerate(data.names):
+        members = np.flatnonzero(g == code)
+        if len(members) < 2:
+            raise UserError(f"epochs auto: group '{name}' has {len(members)} training image(s); a validation split "
+                            "needs at least 2 per group (raise --limit or give a number of epochs)")
+        k = min(max(1, round(fraction * len(members))), len(members) - 1)
+        val.append(np.sort(rng.choice(members, size=k, replace=False)))
+    is_val = np.zeros(len(g), dtype=bool)
+    is_val[np.concatenate(val)] = True
+    keep, held = torch.from_numpy(np.flatnonzero(~is_val)), torch.from_numpy(np.flatnonzero(is_val))
+
+    def pick(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+        return None if t is None else t[idx]
+
+    return dataclasses.replace(
+        data, train_x=data.train_x[keep], train_g=data.train_g[keep], train_index=data.train_index[keep],
+        train_negative=pick(data.train_negative, keep), train_clipped=pick(data.train_clipped, keep),
+        val_x=data.train_x[held], val_g=data.train_g[held], val_index=data.train_index[held],
+        val_negative=pick(data.train_negative, held), val_clipped=pick(data.train_clipped, held))
 
 
 def transformed_groups(images: ImageSet, spec: AuditSpec) -> GroupedData:
@@ -106,12 +181,17 @@ def transformed_groups(images: ImageSet, spec: AuditSpec) -> GroupedData:
     all_x = torch.cat([split["train"][0], split["test"][0]])
     all_t = targets[torch.cat([split["train"][1], split["test"][1]])]
     if spec.contrast == "squeeze":
-        out, c = squeeze_to(all_x, all_t), None
+        flip = spec.polarity == "invert"
+        out = squeeze_to(1 - all_x if flip else all_x, all_t)
+        c, negative, clipped = None, torch.full((len(all_x),), flip), torch.zeros(len(all_x), dtype=torch.long)
     else:
-        out, c = match_to(all_x, all_t)
-    n_train = len(split["train"][0])
-    return GroupedData(group_names(spec.targets), out[:n_train], split["train"][1], split["train"][2],
-                       out[n_train:], split["test"][1], split["test"][2], tuple(spec.targets), c)
+        matched = match_to(all_x, all_t, polarity=spec.polarity)
+        out, c, negative, clipped = matched.y, matched.c, matched.negative, matched.clipped
+    n = len(split["train"][0])
+    return GroupedData(group_names(spec.targets), out[:n], split["train"][1], split["train"][2],
+                       out[n:], split["test"][1], split["test"][2], tuple(spec.targets), c,
+                       train_negative=negative[:n], train_clipped=clipped[:n],
+                       test_negative=negative[n:], test_clipped=clipped[n:])
 
 
 def squeeze_to(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -123,15 +203,40 @@ def squeeze_to(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.where(t <= mu, down, up).clamp_(0, 1)
 
 
-def match_to(x: torch.Tensor, t: torch.Tensor, quantile: float = MATCHED_QUANTILE) -> tuple[torch.Tensor, float]:
+POLARITIES = ("auto", "keep", "invert")
+
+
+@dataclass(frozen=True)
+class Matched:
+    """The result of `match_to`: the images, the shared contrast factor, and per image what was done."""
+
+    y: torch.Tensor  # like x: clip(b + c (z - mean z)), in x's dtype
+    c: float  # the one contrast factor
+    offset: torch.Tensor  # (N,) float64: b, solved so that mean(y) = t
+    negative: torch.Tensor  # (N,) bool: z = 1 - x (the image's negative)
+    clipped: torch.Tensor  # (N,) int64: pixels of b + c (z - mean z) outside [0, 1]
+
+
+def match_to(x: torch.Tensor, t: torch.Tensor, quantile: float = MATCHED_QUANTILE, *, polarity: str = "auto",
+             block: int = 1024) -> Matched:
     """Contrast-matched brightness map y = clip(b + c (z - mean z)), one c for all images.
 
-    z is x or its negative 1 - x, whichever can carry more contrast at the target;
-    b is found per image by bisection so that mean(y) == t despite clipping.
+    z is x or its negative 1 - x (`polarity`: per image whichever can carry more contrast at its
+    target, never the negative, or always). c is the largest factor that at most `quantile` of each
+    target's images cannot carry unclipped. b solves mean(clip(b + centred)) = t exactly: an image
+    that does not clip at b = t has b = t (centred has mean 0; whether it clips follows from the
+    image's min and max); the few others are solved on the exact linear piece of that monotone
+    piecewise-linear function (`_solve_offsets`). Float64 inside, `block` images at a time (a few MB
+    that stay in cache); y is rounded once to x's dtype.
     """
-    flat = x.flatten(1).double()
+    if polarity not in POLARITIES:
+        raise UserError(f"unknown polarity '{polarity}'; allowed: {', '.join(POLARITIES)}")
+    flat = x.flatten(1)
+    n = len(flat)
     t = t.double()
-    mu, lo, hi = flat.mean(1), flat.min(1).values, flat.max(1).values
+    # in blocks: float64 copies of a few MB stay in cache, where one of all images (70,000 x 784) does not
+    mu = torch.cat([flat[i:i + block].double().mean(1) for i in range(0, n, block)])
+    lo, hi = flat.amin(1).double(), flat.amax(1).double()  # (8x faster than torch.aminmax here, measured)
 
     def room(mu, lo, hi):  # the largest c that keeps y in [0, 1] without clipping
         below = torch.where(mu - lo > 1e-12, t / (mu - lo).clamp_min(1e-12), torch.full_like(mu, torch.inf))
@@ -139,19 +244,63 @@ def match_to(x: torch.Tensor, t: torch.Tensor, quantile: float = MATCHED_QUANTIL
         return torch.minimum(below, above)
 
     keep, flip = room(mu, lo, hi), room(1 - mu, 1 - hi, 1 - lo)
-    use_flip = flip > keep
-    z = torch.where(use_flip[:, None], 1 - flat, flat)
-    room_best = torch.minimum(torch.maximum(keep, flip), torch.tensor(1e6, dtype=flat.dtype))
+    negative = {"auto": flip > keep, "keep": torch.zeros(n, dtype=torch.bool),
+                "invert": torch.ones(n, dtype=torch.bool)}[polarity]
+    room_used = torch.minimum(torch.where(negative, flip, keep), torch.tensor(1e6, dtype=torch.float64))
     # per target, so that at most `quantile` of any group's images clip, whatever the group proportions
-    c = min(torch.quantile(room_best[t == target], quantile).item() for target in torch.unique(t))
-    centred = c * (z - z.mean(1, keepdim=True))  # (N, M)
-    lo_b, hi_b = -centred.max(1).values, 1 - centred.min(1).values  # mean(clip(b + centred)) is 0 at lo_b, 1 at hi_b
-    for _ in range(50):  # bisection: mean(clip(b + centred)) is nondecreasing in b
-        mid = (lo_b + hi_b) / 2
-        too_dark = (mid[:, None] + centred).clamp(0, 1).mean(1) < t
-        lo_b, hi_b = torch.where(too_dark, mid, lo_b), torch.where(too_dark, hi_b, mid)
-    y = ((lo_b + hi_b)[:, None] / 2 + centred).clamp(0, 1)
-    return y.to(x.dtype).view_as(x), c
+    c = min(torch.quantile(room_used[t == target], quantile).item() for target in torch.unique(t))
+    # centred = c (z - mean z) = slope (x - mu), slope = -c for a negative: its range follows from lo and hi
+    slope = torch.full((n,), c, dtype=torch.float64).masked_fill_(negative, -c)  # float64: c must not round
+    ends = torch.stack([slope * (lo - mu), slope * (hi - mu)])
+    clips = torch.nonzero((t + ends.min(0).values < 0) | (t + ends.max(0).values > 1)).flatten()  # b = t would clip
+    offset = t.clone()
+    clipped = torch.zeros(n, dtype=torch.long)
+    if len(clips):  # solved exactly (few: at most `quantile` of each group)
+        centred = slope[clips, None] * (flat[clips].double() - mu[clips, None])
+        offset[clips] = _solve_offsets(centred, t[clips])
+        v = offset[clips, None] + centred
+        clipped[clips] = ((v < 0) | (v > 1)).sum(1)
+    y = torch.empty_like(flat)
+    shift = offset - slope * mu  # y = clip(shift + slope x), in float64, then rounded once to x's dtype
+    for start in range(0, n, block):
+        part = slice(start, start + block)
+        y[part] = torch.addcmul(shift[part, None], flat[part].double(), slope[part, None]).clamp_(0, 1)
+    return Matched(y.view_as(x), c, offset, negative, clipped)
+
+
+def _solve_offsets(centred: torch.Tensor, t: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """b with mean(clip(b + v)) = t per row of v = `centred` (n, M), exactly (float64 rounding).
+
+    f(b) = mean(clip(b + v)) is continuous, nondecreasing and linear between its knots {-v_j} and
+    {1 - v_j}: f is evaluated at every knot from the sorted pixels and their prefix sums, the piece
+    where f crosses t is found by a binary search, and on that piece (fixed sets of pixels at 0,
+    at 1 and in between) f(b) = t is solved in closed form. f = 0 at the lowest knot and 1 at the
+    highest, so every t in (0, 1) has a piece.
+    """
+    out = torch.empty(len(centred), dtype=torch.float64)
+    m = centred.shape[1]
+    for start in range(0, len(centred), block):
+        v = centred[start:start + block].sort(1).values  # (n, M) ascending
+        prefix = torch.nn.functional.pad(v.cumsum(1), (1, 0))  # prefix[:, k] = sum of the k smallest
+        tb = t[start:start + block, None]
+
+        def pieces(b):  # per candidate b (n, K): pixels at 0, the index past the in-between ones, f(b)
+            n0 = torch.searchsorted(v, -b, right=True)  # v_j <= -b: clipped to 0
+            n_below_1 = torch.searchsorted(v, 1 - b)  # v_j < 1 - b: below 1; the rest sit at 1
+            inside = prefix.gather(1, n_below_1) - prefix.gather(1, n0)
+            return n0, n_below_1, (m - n_below_1 + (n_below_1 - n0) * b + inside) / m
+
+        knots = torch.cat([-v, 1 - v], 1).sort(1).values  # (n, 2M)
+        f = pieces(knots)[2]
+        k = torch.searchsorted(f, tb).clamp_(1, 2 * m - 1)  # first knot with f >= t; the piece is [k-1, k]
+        mid = (knots.gather(1, k - 1) + knots.gather(1, k)) / 2
+        n0, n_below_1, _ = pieces(mid)
+        inside = prefix.gather(1, n_below_1) - prefix.gather(1, n0)
+        count = (n_below_1 - n0).double()
+        # on the piece: (M - n_below_1) + count * b + inside = t M
+        exact = (tb * m - (m - n_below_1) - inside) / count.clamp_min(1)
+        out[start:start + block] = torch.where(count > 0, exact, knots.gather(1, k)).squeeze(1)
+    return out
 
 
 def selected_groups(images: ImageSet, spec: AuditSpec) -> GroupedData:
@@ -182,7 +331,7 @@ def selected_groups(images: ImageSet, spec: AuditSpec) -> GroupedData:
 
 
 LABEL_DELIMITERS = (",", ";", "\t")
-SPLITS = ("train", "test")
+LABEL_SPLITS = ("train", "test")  # what a labels CSV split column may say
 
 
 @dataclass(frozen=True)
@@ -217,7 +366,7 @@ def read_labels(path: str | Path) -> list[Label]:
         split = cells.get("split")
         if split is not None:
             split = split.lower()
-            if split not in SPLITS:
+            if split not in LABEL_SPLITS:
                 raise UserError(f"{path}:{line}: split '{cells['split']}' is not train or test")
         label = Label(cells[key], cells["group"], split, line)
         first = seen.setdefault(label.key, label)
@@ -372,12 +521,16 @@ def _stratified_subset(index: torch.Tensor, g: torch.Tensor, cap: int, rng: np.r
 
 
 def split_table(images: ImageSet, data: GroupedData) -> pd.DataFrame | None:
-    """For an image folder: every file with its group and split ('train', 'test', or 'unused' when a
-    limit left it out), so users can train their own model on the train files only (split.csv)."""
+    """For an image folder: every file with its group and split ('train', 'validation' for epochs=auto's
+    stopping rule, 'test', or 'unused' when a limit left it out), so users can train their own model on the
+    files the audit's models saw (train and validation) and never on the test files (split.csv)."""
     if images.files is None:
         return None
     rows = {f: ("", "unused") for f in images.files}
-    for split, index, g in (("train", data.train_index, data.train_g), ("test", data.test_index, data.test_g)):
+    splits = [("train", data.train_index, data.train_g), ("test", data.test_index, data.test_g)]
+    if data.val_index is not None:
+        splits.append(("validation", data.val_index, data.val_g))
+    for split, index, g in splits:
         for i, code in zip(index.tolist(), g.tolist()):
             rows[images.files[i]] = (data.names[code], split)
     return pd.DataFrame([(f, group, split) for f, (group, split) in rows.items()], columns=["file", "group", "split"])

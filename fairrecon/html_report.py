@@ -13,6 +13,7 @@ import io
 
 import pandas as pd
 
+from .dynamics import convergence_warnings, gap_over_training, worse_group_changes
 from .figures import METRIC_LABELS, audit_figures
 from .report import describe_audit, error_table, headline, loss_warnings, verdict_table
 from .stats import CLEAR, INSUFFICIENT, NO_CLEAR, Analysis
@@ -70,6 +71,7 @@ def html_report(result, analysis: Analysis) -> str:
                 "Overlapping bars do not rule out a gap: both groups share each seed's model, so read the gap's "
                 "own interval in the table."),
     ]
+    parts += _over_training_html(result, figs)
     if "grad_shares" in figs:
         parts += ["<h2 id='gradients'>Gradient shares during training</h2>",
                   _figure(figs, "grad_shares", "A group whose gradient share (solid) stays above its share of samples "
@@ -101,6 +103,34 @@ def html_report(result, analysis: Analysis) -> str:
               "</details>",
               "</main></body></html>"]
     return "\n".join(p for p in parts if p)
+
+
+def _over_training_html(result, figs: dict[str, str]) -> list[str]:
+    """The answer over training: when the worse group changes, cells not converged, the curves figure."""
+    warnings = convergence_warnings(result)
+    if "over_training" not in figs and not warnings:
+        return []
+    gaps = gap_over_training(result)
+    changes = list(worse_group_changes(gaps).values())
+    out = ["<h2 id='training'>The answer over training</h2>"]
+    if warnings:
+        items = "".join(f"<li>{_e(w)}</li>" for w in warnings)
+        out.append(f'<div class="warn"><b>{len(warnings)} of {len(result.cells)} cells not converged: the verdict may '
+                   f"move with more training (try --epochs auto).</b><details><summary>Which, and how far their "
+                   f"error still moved</summary><ul>{items}</ul></details></div>")
+    if "over_training" in figs:
+        out.append("<ul>" + "".join(f"<li>{_e(c)}.</li>" for c in changes) + "</ul>" if changes else
+                   '<p class="note">The worse group did not change during training under any loss.</p>')
+        curves = result.curves
+        first = curves[curves["step"] == curves["step"].min()]
+        subset = int(first.drop_duplicates(["loss", "seed", "group"]).groupby(["loss", "seed"])["n"].sum().max())
+        out.append(_figure(figs, "over_training", "Top: each group's held-out MSE at the curve points, mean over "
+                           f"seeds; points before a cell's last use a fixed stratified subset of {subset} test images, "
+                           "the last point all of them (it equals the table above). Bottom: the relative gap of the "
+                           "group that is worse at the end over the best one; band: 95% t interval over seeds "
+                           "(training randomness only, test images fixed; the verdict's interval also counts the "
+                           "test sample)."))
+    return out
 
 
 def _verdict_html(verdict: pd.DataFrame) -> str:

@@ -1,35 +1,142 @@
-"""Per-sample reconstruction errors on held-out images, as a long DataFrame.
+"""Held-out reconstruction errors: per sample at the end of training, and per group during it.
 
-One row per (loss, seed, test image): the unit every later statistic resamples.
+`sample_errors`: one row per (loss, seed, test image), the unit every later statistic resamples.
+`CurveRecorder`: each group's held-out MSE and MAE at the training loop's curve points
+(train.EvalPoint), on a fixed stratified subset of the test images sized so that the points cost
+at most CURVE_BUDGET of training (`curve_subset_size`); `curve_table` puts the full test set at
+each cell's last point, so that point equals the final per-group numbers.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .groups import GroupedData
-from .train import StackedCells
+from .train import Cell, EvalPoint, StackedCells, group_errors, last_drop, settled
 
 PSNR_FLOOR_MSE = 1e-10  # a perfect reconstruction reads as 100 dB rather than infinity
+# nmse divides by the image's own pixel variance; a flat image counts as having the variance of 8-bit
+# quantisation noise, (1/255)^2 / 12, the least spread a stored image can be said to have.
+NMSE_FLOOR_VAR = (1 / 255) ** 2 / 12
 
 
 @torch.no_grad()
 def sample_errors(stacked: StackedCells, data: GroupedData, device: torch.device | str = "cpu") -> pd.DataFrame:
-    """MSE, MAE (per pixel) and PSNR (data range 1) of every test image under every cell."""
+    """MSE, MAE (per pixel), PSNR (data range 1) and nmse of every test image under every cell.
+
+    nmse = the image's MSE / its own pixel variance (population): 1 means no better than the image's
+    mean brightness everywhere; comparable between groups that differ in contrast.
+    """
     x = data.test_x.to(device)
     residual = (stacked.reconstruct(x) - x).flatten(2)  # (C, N, M)
     mse = residual.pow(2).mean(2).cpu()
     mae = residual.abs().mean(2).cpu()
     psnr = -10.0 * torch.log10(mse.clamp_min(PSNR_FLOOR_MSE))
+    variance = x.flatten(1).var(1, correction=0).clamp_min(NMSE_FLOOR_VAR).cpu()
+    nmse = mse / variance
     names = pd.Categorical.from_codes(data.test_g.cpu().numpy(), categories=list(data.names))
     frames = [
         pd.DataFrame({"loss": cell.loss, "seed": cell.seed, "group": names, "index": data.test_index.numpy(),
-                      "mse": mse[c].numpy(), "mae": mae[c].numpy(), "psnr": psnr[c].numpy()})
+                      "mse": mse[c].numpy(), "mae": mae[c].numpy(), "psnr": psnr[c].numpy(), "nmse": nmse[c].numpy()})
         for c, cell in enumerate(stacked.cells)
     ]
     return pd.concat(frames, ignore_index=True)
+
+
+CURVE_BUDGET = 0.05  # curve points may cost at most 5% of training's forward passes (a step is ~3: forward + backward)
+MIN_CURVE_IMAGES = 256  # ... but never fewer test images than this (or the whole test set, if smaller)
+CURVE_COLUMNS = ["loss", "seed", "step", "epoch", "group", "n", "mse", "mae", "train_mse", "val_mse"]
+
+
+def curve_subset_size(n_test: int, n_train: int, epochs_per_point: float) -> int:
+    """Test images per curve point: CURVE_BUDGET of the ~3 forward passes per training image and epoch
+    between two points, at least MIN_CURVE_IMAGES, at most the whole test set."""
+    return min(n_test, max(MIN_CURVE_IMAGES, int(CURVE_BUDGET * 3 * n_train * epochs_per_point)))
+
+
+def stratified_subset(groups: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """Sorted positions of `size` items, each group in its share of `groups` (at least one per group)."""
+    codes = groups.numpy()
+    if size >= len(codes):
+        return torch.arange(len(codes))
+    rng = np.random.default_rng(seed)
+    picks = []
+    for g in np.unique(codes):
+        members = np.flatnonzero(codes == g)
+        k = min(len(members), max(1, round(size * len(members) / len(codes))))
+        picks.append(rng.choice(members, size=k, replace=False))
+    return torch.from_numpy(np.sort(np.concatenate(picks)))
+
+
+class CurveRecorder:
+    """An `on_eval` hook for train.train_cells: each active cell's per-group held-out MSE and MAE at every curve
+    point, on a fixed stratified subset of the test images; `seconds` is the time spent inside the hook."""
+
+    def __init__(self, data: GroupedData, *, epochs_per_point: float, device: torch.device | str = "cpu"):
+        size = curve_subset_size(len(data.test_x), len(data.train_x), epochs_per_point)
+        self.positions = stratified_subset(data.test_g, size)
+        self.names = data.names
+        self.x = data.test_x[self.positions].to(device)
+        self.g = data.test_g[self.positions].to(device)
+        self.counts = torch.bincount(data.test_g[self.positions], minlength=len(data.names)).tolist()
+        self.rows: list[dict] = []
+        self.seconds = 0.0
+
+    def __call__(self, point: EvalPoint) -> None:
+        start = time.perf_counter()
+        mse, mae = (v.cpu().numpy() for v in group_errors(point.stacked, self.x, self.g, len(self.names)))
+        train = point.train_mse.double().cpu().numpy()
+        val = point.val_mse.double().cpu().numpy() if point.val_mse is not None else None
+        for c, cell in enumerate(point.stacked.cells):
+            if not point.active[c]:
+                continue
+            for g, name in enumerate(self.names):
+                self.rows.append({"loss": cell.loss, "seed": cell.seed, "step": point.step, "epoch": point.epoch,
+                                  "group": name, "n": self.counts[g], "mse": mse[c, g], "mae": mae[c, g],
+                                  "train_mse": train[c, g], "val_mse": val[c, g] if val is not None else np.nan})
+        self.seconds += time.perf_counter() - start
+
+    def frame(self) -> pd.DataFrame:
+        """Every recorded point, on the subset (the last point of a cell included)."""
+        return pd.DataFrame(self.rows, columns=CURVE_COLUMNS)
+
+
+def curve_table(points: pd.DataFrame, samples: pd.DataFrame, final_steps: dict[Cell, int]) -> pd.DataFrame:
+    """curves.csv: the recorded points, with each cell's last point measured on the full test set instead
+    (the group means of `samples`, so it equals the final per-group numbers) and n the group's test images."""
+    parts = []
+    for (loss, seed), part in points.groupby(["loss", "seed"], sort=False):
+        final = final_steps[Cell(loss, seed)]
+        last = part[part["step"] == final].set_index("group")
+        own = samples[(samples["loss"] == loss) & (samples["seed"] == seed)]
+        full = own.groupby(own["group"].astype(str), sort=False)[["mse", "mae"]].agg(["mean", "size"])
+        last = last.assign(n=full[("mse", "size")].reindex(last.index).to_numpy(),
+                           mse=full[("mse", "mean")].reindex(last.index).to_numpy(),
+                           mae=full[("mae", "mean")].reindex(last.index).to_numpy())
+        parts += [part[part["step"] < final], last.reset_index()[CURVE_COLUMNS]]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=CURVE_COLUMNS)
+
+
+def convergence(points: pd.DataFrame) -> pd.DataFrame:
+    """Per cell: `last_drop`, the relative change over the last quarter of training (a fitted trend, > 0 falling)
+    with the largest size among each group's held-out MSE (on the fixed subset: the same images at both ends)
+    and training MSE; `last_drop_of`, which one; `converged`: every one `settled` (|change| <= CONVERGED_DROP;
+    False when training was too short to judge)."""
+    rows = []
+    for (loss, seed), part in points.groupby(["loss", "seed"], sort=False):
+        wide = part.pivot(index="step", columns="group")
+        drops = {f"{kind} MSE of group {group}": d
+                 for kind, column in (("held-out", "mse"), ("training", "train_mse"))
+                 for group, d in zip(wide[column].columns, last_drop(wide.index, wide[column].to_numpy()))}
+        worst = max(drops, key=lambda k: np.inf if np.isnan(drops[k]) else abs(drops[k]))
+        drop = drops[worst]
+        rows.append({"loss": loss, "seed": seed, "converged": bool(settled(list(drops.values())).all()),
+                     "last_drop": drop, "last_drop_of": worst if np.isfinite(drop) else "too few points to judge"})
+    return pd.DataFrame(rows, columns=["loss", "seed", "converged", "last_drop", "last_drop_of"])
 
 
 @torch.no_grad()

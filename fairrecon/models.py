@@ -1,6 +1,17 @@
 """Small autoencoders. No BatchNorm (it couples the samples of a batch and would spoil
-per-sample and per-group gradient accounting), and a linear output (no sigmoid), so
-that neither end of the [0, 1] pixel range is easier to reach than the other.
+per-sample and per-group gradient accounting).
+
+Two switches, both ablations of mechanisms the audit measures (README "Models and training"):
+
+* ``output``: ``linear`` (default) predicts unbounded values, so neither end of the [0, 1]
+  pixel range is easier to reach than the other; ``sigmoid`` bounds predictions to (0, 1),
+  as arguments about losses on pixels usually assume (there, reaching 0 or 1 needs an
+  infinite pre-activation).
+* ``input_norm``: ``none`` (default) feeds the encoder raw pixels, so bright images are large
+  inputs (and large first-layer gradients); ``standardize`` subtracts each pixel's training
+  mean and divides by its training std (buffers, not trained; as sklearn's StandardScaler, a
+  pixel with no spread keeps scale 1). Only the encoder's input changes: the reconstruction
+  target is still the raw image.
 """
 
 from __future__ import annotations
@@ -12,25 +23,58 @@ from torch import nn
 
 from .errors import UserError
 
+MODELS = ("mlp", "conv")
+OUTPUTS = ("linear", "sigmoid")
+INPUT_NORMS = ("none", "standardize")
+STD_EPS = 1e-8  # a pixel whose training std is below this is "constant": scale 1 (as sklearn's StandardScaler)
 
-class MLPAutoencoder(nn.Module):
-    def __init__(self, shape: tuple[int, int, int], latent: int = 16, hidden: int = 256):
+
+class Autoencoder(nn.Module):
+    """What both architectures share: the optional input standardisation and the output map."""
+
+    def __init__(self, shape: tuple[int, int, int], output: str, input_norm: str):
         super().__init__()
         self.shape = tuple(shape)
+        self.output = output
+        self.input_norm = input_norm
+        if input_norm == "standardize":  # filled by set_input_stats; part of the state_dict, never trained
+            self.register_buffer("input_mean", torch.zeros(self.shape))
+            self.register_buffer("input_std", torch.ones(self.shape))
+
+    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-pixel training mean and std (each of the image shape) for input_norm='standardize'."""
+        if self.input_norm != "standardize":
+            raise ValueError("set_input_stats needs input_norm='standardize'")
+        with torch.no_grad():
+            self.input_mean.copy_(mean)
+            self.input_std.copy_(torch.where(std < STD_EPS, torch.ones_like(std), std))
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.input_mean) / self.input_std if self.input_norm == "standardize" else x
+
+    def output_map(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(y) if self.output == "sigmoid" else y
+
+
+class MLPAutoencoder(Autoencoder):
+    def __init__(self, shape: tuple[int, int, int], latent: int = 16, hidden: int = 256, *,
+                 output: str = "linear", input_norm: str = "none"):
+        super().__init__(shape, output, input_norm)
         d = math.prod(shape)
         self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, latent))
         self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
-        return self.decoder(self.encoder(x)).view(x.shape)
+        return self.output_map(self.decoder(self.encoder(self.encoder_input(x)))).view(x.shape)
 
 
-class ConvAutoencoder(nn.Module):
+class ConvAutoencoder(Autoencoder):
     """Two stride-2 convolutions down, a linear bottleneck, two transposed convolutions up."""
 
-    def __init__(self, shape: tuple[int, int, int], latent: int = 16, hidden: int = 32):
-        super().__init__()
-        c, h, w = self.shape = tuple(shape)
+    def __init__(self, shape: tuple[int, int, int], latent: int = 16, hidden: int = 32, *,
+                 output: str = "linear", input_norm: str = "none"):
+        super().__init__(shape, output, input_norm)
+        c, h, w = self.shape
         self.h4, self.w4 = -(-h // 4), -(-w // 4)  # spatial size after two stride-2 convs (ceil)
         width = 2 * hidden * self.h4 * self.w4
         self.encoder = nn.Sequential(
@@ -45,14 +89,23 @@ class ConvAutoencoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.decoder_in(self.encoder(x)).view(x.shape[0], -1, self.h4, self.w4)
-        return self.decoder(z)[..., : self.shape[1], : self.shape[2]]
+        z = self.decoder_in(self.encoder(self.encoder_input(x))).view(x.shape[0], -1, self.h4, self.w4)
+        return self.output_map(self.decoder(z)[..., : self.shape[1], : self.shape[2]])
 
 
-def build_model(name: str, shape: tuple[int, int, int], latent: int, hidden: int = 256) -> nn.Module:
-    """An autoencoder by name; `hidden` is the MLP width (the conv model uses hidden // 8 channels)."""
+def build_model(name: str, shape: tuple[int, int, int], latent: int, hidden: int = 256, *,
+                output: str = "linear", input_norm: str = "none") -> Autoencoder:
+    """An autoencoder by name; `hidden` is the MLP width (the conv model uses hidden // 8 channels).
+
+    With input_norm='standardize' the input statistics start as mean 0, std 1: set them with
+    `set_input_stats` (train.init_cells does, from the training images).
+    """
+    if output not in OUTPUTS:
+        raise UserError(f"unknown output '{output}'; allowed: {', '.join(OUTPUTS)}")
+    if input_norm not in INPUT_NORMS:
+        raise UserError(f"unknown input_norm '{input_norm}'; allowed: {', '.join(INPUT_NORMS)}")
     if name == "mlp":
-        return MLPAutoencoder(shape, latent, hidden)
+        return MLPAutoencoder(shape, latent, hidden, output=output, input_norm=input_norm)
     if name == "conv":
-        return ConvAutoencoder(shape, latent, max(8, hidden // 8))
-    raise UserError(f"unknown model '{name}'; allowed: mlp, conv")
+        return ConvAutoencoder(shape, latent, max(8, hidden // 8), output=output, input_norm=input_norm)
+    raise UserError(f"unknown model '{name}'; allowed: {', '.join(MODELS)}")

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from . import dynamics
 from .errors import UserError
 from .fileio import write_files
 from .gradshare import share_summary
@@ -47,6 +48,7 @@ def summary(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
         "policy": analysis.policy_record(),
         "disparities": records(analysis.disparities),
         **extra,
+        "over_training": dynamics.summary(result),
     }
 
 

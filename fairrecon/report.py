@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .dynamics import markdown_section
 from .losses import LOSSES
 from .stats import CLEAR, NO_CLEAR, Analysis
 
@@ -120,6 +121,7 @@ def markdown_report(result, analysis: Analysis) -> str:
     warnings = loss_warnings(analysis)
     if warnings:
         lines += ["## Warnings", ""] + [f"- {loss}: {w}" for loss, w in warnings] + [""]
+    lines += markdown_section(result)  # the answer over training, convergence warnings (dynamics.py)
     lines += [
         "## Groups as measured",
         "",
@@ -139,9 +141,12 @@ def markdown_report(result, analysis: Analysis) -> str:
 def describe_audit(result) -> str:
     """One sentence: dataset, groups, model, seeds, epochs."""
     spec = result.spec
+    ablations = [f"`{v}` {name}" for name, v, default in (("output", spec.output, "linear"),
+                                                           ("input", spec.input_norm, "none")) if v != default]
     return (f"Dataset `{spec.dataset}`, groups by `{spec.group_method}`"
-            + (f" (contrast `{spec.contrast}`)" if spec.group_method == "transform" else "")
-            + f", model `{spec.model}` (latent {spec.latent}), {spec.seeds} seed(s), {spec.epochs} epoch(s).")
+            + (f" (contrast `{spec.contrast}`, polarity `{spec.polarity}`)" if spec.group_method == "transform" else "")
+            + f", model `{spec.model}` (latent {spec.latent}{''.join(', ' + a for a in ablations)}), {spec.seeds} seed(s), "
+            + (f"epochs `auto` (at most {spec.max_epochs})." if spec.epochs == "auto" else f"{spec.epochs} epoch(s)."))
 
 
 def loss_warnings(analysis: Analysis) -> list[tuple[str, str]]:

@@ -4,10 +4,11 @@ This module holds data only: statistics (stats.py) and reports (report.py, html_
 computed from a result at the top and written beside these files by outputs.py.
 
 Data files in a results folder:
-  samples.csv   one row per (loss, seed, test image): loss, seed, group, index, mse, mae, psnr
-  cells.csv     one row per (loss, seed): status, learned sigma, training MSE and NLL
-  groups.csv    measured brightness and contrast per split and group
+  samples.csv   one row per (loss, seed, test image): loss, seed, group, index, mse, mae, psnr, nmse
+  cells.csv     one row per (loss, seed): status, learned sigma, training MSE and NLL, epochs, convergence
+  groups.csv    measured brightness, contrast, negative and clipped shares per split and group
   history.csv   training NLL and MSE per cell and epoch
+  curves.csv    (audits of this version on) per curve point, cell and group: held-out MSE and MAE over training
   grad_shares.csv  (when grad_points > 0) per snapshot, cell and group: who drives the updates (gradshare.py)
   examples.npz  a few test images per group with each loss's reconstruction (uint8), for the report
   split.csv     (written by outputs.py for image folders) every file's group and split
@@ -28,7 +29,7 @@ from .fileio import npz_bytes
 from .resultsdir import require_complete
 from .spec import AuditSpec
 
-METRICS = ("mse", "mae", "psnr")
+METRICS = ("mse", "mae", "psnr", "nmse")
 TABLES = ("samples", "cells", "groups", "history")
 EXAMPLES_FILE = "examples.npz"
 
@@ -44,6 +45,7 @@ class AuditResult:
     examples: dict[str, np.ndarray] | None = None  # measure.example_reconstructions; None when not kept
     grad_shares: pd.DataFrame | None = None  # gradient shares per snapshot, cell and group (optional)
     split: pd.DataFrame | None = None  # image folders: file, group, split (train / test / unused)
+    curves: pd.DataFrame | None = None  # per-group held-out error over training (measure.curve_table; optional)
 
     @property
     def ok_samples(self) -> pd.DataFrame:
@@ -51,10 +53,15 @@ class AuditResult:
         ok = self.cells.loc[self.cells["status"] == "ok", ["loss", "seed"]]
         return self.samples.merge(ok, on=["loss", "seed"])
 
+    @property
+    def metrics(self) -> list[str]:
+        """The METRICS this result has (results saved before nmse existed lack it)."""
+        return [m for m in METRICS if m in self.samples.columns]
+
     def by_cell_group(self) -> pd.DataFrame:
         """One row per (loss, seed, group): n and mean of each metric over the group's test images."""
         df = self.ok_samples
-        out = df.groupby(["loss", "seed", "group"], observed=True, sort=False)[list(METRICS)].mean()
+        out = df.groupby(["loss", "seed", "group"], observed=True, sort=False)[self.metrics].mean()
         out.insert(0, "n", df.groupby(["loss", "seed", "group"], observed=True, sort=False).size())
         return out.reset_index()
 
@@ -63,7 +70,7 @@ class AuditResult:
         cg = self.by_cell_group()
         agg = cg.groupby(["loss", "group"], observed=True, sort=False).agg(
             n=("n", "first"), seeds=("seed", "nunique"),
-            **{m: (m, "mean") for m in METRICS}, **{f"{m}_seed_std": (m, "std") for m in METRICS})
+            **{m: (m, "mean") for m in self.metrics}, **{f"{m}_seed_std": (m, "std") for m in self.metrics})
         return agg.reset_index()
 
     def data_files(self) -> dict[str, bytes]:
@@ -71,6 +78,8 @@ class AuditResult:
         files = {f"{name}.csv": getattr(self, name).to_csv(index=False).encode() for name in TABLES}
         if self.grad_shares is not None:
             files["grad_shares.csv"] = self.grad_shares.to_csv(index=False).encode()
+        if self.curves is not None:
+            files["curves.csv"] = self.curves.to_csv(index=False).encode()
         if self.examples is not None:
             files[EXAMPLES_FILE] = npz_bytes(self.examples)
         return files
@@ -91,12 +100,13 @@ class AuditResult:
         tables["samples"]["group"] = pd.Categorical(tables["samples"]["group"].astype(str),
                                                     categories=_group_order(tables["groups"]))
         tables["groups"]["group"] = tables["groups"]["group"].astype(str)
-        shares = folder / "grad_shares.csv"
-        if shares.exists():
-            try:
-                tables["grad_shares"] = pd.read_csv(shares, dtype={"group": str})
-            except (OSError, ValueError) as e:
-                raise UserError(f"{shares}: cannot read gradient shares ({e})") from None
+        for name, what in (("grad_shares", "gradient shares"), ("curves", "curves")):  # optional tables
+            path = folder / f"{name}.csv"
+            if path.exists():
+                try:
+                    tables[name] = pd.read_csv(path, dtype={"group": str})
+                except (OSError, ValueError) as e:
+                    raise UserError(f"{path}: cannot read {what} ({e})") from None
         split = folder / "split.csv"
         if split.exists():
             try:

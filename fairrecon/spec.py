@@ -24,6 +24,9 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "kmnist", "cifar10", "folder")
 MODELS = ("mlp", "conv")
 GROUP_METHODS = ("transform", "select", "labels")
 CONTRASTS = ("matched", "squeeze")
+POLARITIES = ("auto", "keep", "invert")
+OUTPUTS = ("linear", "sigmoid")
+INPUT_NORMS = ("none", "standardize")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_LOSSES = ("l1", "l2", "log-mse", "learned-sigma")
 
@@ -33,10 +36,13 @@ Scope = Literal["data", "audit", "spec"]
 
 
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, scope: Scope = "audit",
-            metavar: str | None = None) -> Any:
-    """A spec field with its default, its help text and (for enumerations) its allowed values."""
+            metavar: str | None = None, words: tuple[str, ...] = ()) -> Any:
+    """A spec field with its default, its help text and (for enumerations) its allowed values.
+
+    `words`: for a field typed `int | str`, the words it takes besides a number (e.g. epochs "auto").
+    """
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "scope": scope,
-                                                        "metavar": metavar})
+                                                        "metavar": metavar, "words": words})
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,9 @@ class AuditSpec:
                                                     scope="data", metavar="P,P,...")
     contrast: str = setting("matched", "For transform: matched keeps every group's contrast the same; squeeze is "
                             "the plain affine map.", choices=CONTRASTS, scope="data")
+    polarity: str = setting("auto", "For transform: auto maps each image or its negative (whichever keeps more "
+                            "contrast at its target); keep never flips (both groups positive); invert always "
+                            "flips (both groups negative).", choices=POLARITIES, scope="data")
     tolerance: float = setting(0.01, "Allowed |group mean brightness - target| for select.", scope="spec")
     labels: str | None = setting(None, "CSV mapping image files to groups (columns file,group and optionally "
                                  "split = train/test); implies --group-method labels (needs --dataset folder).",
@@ -75,11 +84,17 @@ class AuditSpec:
                                       "member is NAME:VALUE, and bare numbers after it add members: mix:0,0.5,1 is "
                                       "mix:0, mix:0.5, mix:1.", metavar="L,L,...")
     model: str = setting("mlp", "Autoencoder: mlp or conv.", choices=MODELS)
+    output: str = setting("linear", "Decoder output: linear (unbounded) or sigmoid (predictions in (0, 1)).",
+                          choices=OUTPUTS)
+    input_norm: str = setting("none", "Encoder input: none, or standardize each pixel with the training images' mean "
+                              "and std (the reconstruction target is unchanged).", choices=INPUT_NORMS)
     latent: int = setting(16, "Latent size of the autoencoder (also the PCA rank for difficulty-adjusted gaps).",
                           scope="data", metavar="K")
     hidden: int = setting(256, "Hidden width of the MLP (the conv model uses hidden // 8 channels).", metavar="N")
     seeds: int = setting(5, "Training runs per loss (seeds 0 .. seeds-1).", metavar="N")
-    epochs: int = setting(50, "Training epochs per cell.", metavar="N")
+    epochs: int | str = setting(50, "Training epochs per cell, or auto: until every group's validation and "
+                                "training error flatten (at most max_epochs).", metavar="N|auto", words=("auto",))
+    max_epochs: int = setting(200, "Cap on the epochs of --epochs auto.", metavar="N")
     batch_size: int = setting(128, "Training batch size.", metavar="N")
     lr: float = setting(1e-3, "Adam learning rate of the weights.", metavar="LR")
     sigma_lr: float = setting(5e-2, "Adam learning rate of the losses' learned parameters, as logs (learned sigma, "
@@ -89,8 +104,10 @@ class AuditSpec:
                                  scope="spec")
     device: str = setting("auto", "auto takes CUDA when present.", choices=DEVICES, scope="data")
     # measurements
-    grad_points: int = setting(20, "Gradient-share snapshots per cell, at most one per 20 steps (0 = off).",
-                               scope="spec")
+    grad_points: int = setting(20, "Gradient-share snapshots per cell, at most one per 20 steps (0 = off; with "
+                               "--epochs auto, at every epoch start instead).", scope="spec")
+    eval_points: int = setting(20, "Points per cell at which each group's held-out error is measured during "
+                               "training (curves.csv); with --epochs auto, one per epoch instead.", scope="spec")
     out: str | None = setting(None, "Results folder: tables, summary.json, report.md, report.html, checkpoints.",
                               metavar="DIR")
 
@@ -142,14 +159,18 @@ class AuditSpec:
 
 FIELDS = tuple(f.name for f in dataclasses.fields(AuditSpec))
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(AuditSpec)}
+FIELD_WORDS = {f.name: f.metadata["words"] for f in dataclasses.fields(AuditSpec) if f.metadata["words"]}
 _HINTS = typing.get_type_hints(AuditSpec)
 
 
 def field_type(name: str) -> type:
-    """The value type of a field, without None: int, float, str, bool or tuple (of float or str)."""
+    """The value type of a field, without None: int, float, str, bool or tuple (of float or str).
+
+    A field that takes a number or a word (`int | str`, e.g. epochs) is str: its text is parsed by `_coerce`.
+    """
     hint = _HINTS[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)] if _is_union(hint) else [hint]
-    return args[0]
+    return str if set(args) == {int, str} else args[0]
 
 
 def optional(name: str) -> bool:
@@ -242,6 +263,15 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             if not optional(key):
                 raise TypeError
             return None
+        words = FIELD_WORDS.get(key, ())
+        if words:  # a number or one of the field's words
+            if isinstance(value, str) and value.strip() in words:
+                return value.strip()
+            if (isinstance(value, bool) or not isinstance(value, (int, float, str))
+                    or isinstance(value, float) and not value.is_integer()
+                    or isinstance(value, str) and not value.strip().lstrip("+-").isdigit()):
+                raise UserError(f"{where}: '{key}' = {value!r} is not a whole number or one of: {', '.join(words)}")
+            return int(value)
         if kind is tuple or typing.get_origin(kind) is tuple:
             item = typing.get_args(kind)[0] if typing.get_args(kind) else str
             if isinstance(value, str):
@@ -282,7 +312,7 @@ def _labels_imply_grouping(given: dict[str, Any]) -> dict[str, Any]:
 # Flags of brightness groups, with the methods they apply to: with any other method they would be
 # silently ignored, so they are refused. (`tolerance`, set in spec files only, is a bound for select.)
 _BRIGHTNESS_ONLY = {"targets": ("transform", "select"), "proportions": ("transform", "select"),
-                    "contrast": ("transform",)}
+                    "contrast": ("transform",), "polarity": ("transform",)}
 
 
 def _validate(s: AuditSpec) -> None:
@@ -318,8 +348,13 @@ def _validate(s: AuditSpec) -> None:
         need(s.group_method in methods or value == default,
              f"{name} {shown} applies only to group method {' or '.join(methods)}, not '{s.group_method}'; "
              f"drop it" + (" (with --labels the CSV gives the groups)" if s.group_method == "labels" else ""))
-    for name in ("latent", "hidden", "seeds", "epochs", "batch_size"):
+    for name in ("latent", "hidden", "seeds", "max_epochs", "batch_size"):
         need(getattr(s, name) >= 1, f"{name} must be >= 1, got {getattr(s, name)}")
+    if s.epochs != "auto":
+        need(isinstance(s.epochs, int) and not isinstance(s.epochs, bool),
+             f"epochs must be a whole number or 'auto', got {s.epochs!r}")
+        need(s.epochs >= 1, f"epochs must be >= 1, got {s.epochs} (or 'auto')")
+    need(s.eval_points >= 2, f"eval_points must be >= 2 (the last is the trained model), got {s.eval_points}")
     for name in ("limit", "test_limit"):
         v = getattr(s, name)
         need(v is None or v >= 2, f"{name} must be >= 2, got {v}")

@@ -10,6 +10,21 @@ and the result equals training the cells one by one (see tests/test_train.py).
 Randomness: a cell's seed fixes its initial weights and its batch order; cells that
 share a seed differ only in their loss. Every cell trains on the same split.
 
+Curves and convergence: at `eval_points` evenly spaced steps (with epochs="auto": at every
+epoch end) `on_eval` gets an EvalPoint: the cells, and each group's mean training MSE over the
+batches since the previous point (free: the step computes it anyway). measure.CurveRecorder
+adds each group's held-out error there. A cell whose per-group error still falls by more than
+CONVERGED_DROP over the last CONVERGED_WINDOW of training (or rises by as much) has not
+converged (`last_drop`, `settled`).
+
+epochs="auto": after every epoch each cell's per-group error on a validation split (carved from
+the training images, groups.with_validation) and its per-group training error are checked with
+that same rule; a cell whose curves have flattened (after at least AUTO_MIN_EPOCHS) stops there:
+its weights at that epoch are kept and put back at the end, so its result is exactly what it
+would be trained alone (cells are independent). The stack trains on until every cell has
+stopped or failed, or `max_epochs` is reached; cells still not flat then keep the cap's weights
+and are reported as not converged.
+
 Speed: the data stays on the device as one tensor and each step gathers the C batches
 with one index; the per-loss slices of the cell dimension are worked out once; Adam is
 the fused kernel where torch has one; nothing in the step loop waits for the device
@@ -29,6 +44,7 @@ from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -69,12 +85,29 @@ class TrainConfig:
     model: str
     latent: int
     hidden: int
-    epochs: int
+    output: str  # linear | sigmoid (models.py)
+    input_norm: str  # none | standardize
+    epochs: int | str  # a number, or "auto": until the validation and training curves flatten
+    max_epochs: int  # the cap of epochs="auto"
     batch_size: int
     lr: float
     sigma_lr: float
     sigma_floor: float
     grad_points: int  # how many batches per cell to hand to `on_snapshot`
+    eval_points: int  # how many curve points per cell to hand to `on_eval` (fixed epochs)
+
+    @property
+    def auto(self) -> bool:
+        return self.epochs == "auto"
+
+    @property
+    def epoch_cap(self) -> int:
+        """The most epochs a cell can train: `epochs`, or `max_epochs` for epochs="auto"."""
+        return self.max_epochs if self.auto else int(self.epochs)
+
+    def build(self, shape: tuple[int, int, int]) -> nn.Module:
+        """One untrained autoencoder of this configuration."""
+        return build_model(self.model, shape, self.latent, self.hidden, output=self.output, input_norm=self.input_norm)
 
     @classmethod
     def from_spec(cls, spec: AuditSpec, **changes) -> "TrainConfig":
@@ -96,10 +129,17 @@ class StackedCells:
     config: TrainConfig
 
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """x (C, B, ...) -> reconstructions (C, B, ...), each cell on its own batch."""
+        """x (C, B, ...) -> reconstructions (C, B, ...), each cell on its own batch.
+
+        `params` may hold k copies of each cell's weights, cell-major (C*k, ...), as gradshare.py makes
+        them; x is then (C*k, B, ...) and each cell's buffers (input statistics) go with its copies.
+        """
         def one(p, b, xc):
             return functional_call(self.base, (p, b), (xc,))
-        return vmap(one)(self.params if params is None else params, self.buffers, x)
+        params = self.params if params is None else params
+        copies = len(next(iter(params.values()))) // len(self.cells)
+        buffers = {k: v.repeat_interleave(copies, dim=0) for k, v in self.buffers.items()} if copies > 1 else self.buffers
+        return vmap(one)(params, buffers, x)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, batch: int = 2048) -> torch.Tensor:
@@ -170,7 +210,7 @@ class StackedCells:
 
     def module(self, c: int) -> nn.Module:
         """Cell c as an ordinary nn.Module (to save, share or inspect)."""
-        model = build_model(self.config.model, self.base.shape, self.config.latent, self.config.hidden)
+        model = self.config.build(self.base.shape)
         model.load_state_dict({k: v[c].detach().cpu() for k, v in {**self.params, **self.buffers}.items()})
         return model
 
@@ -195,19 +235,104 @@ class Snapshot:
 
 
 @dataclass
+class EvalPoint:
+    """The cells at a curve point, handed to `on_eval` right after the update that ends `step`."""
+
+    step: int  # updates done so far
+    epoch: float  # step / steps per epoch
+    stacked: StackedCells
+    active: torch.Tensor  # (C,) bool: cells this point belongs to (with epochs="auto", stopped cells do not)
+    train_mse: torch.Tensor  # (C, G): each group's mean per-sample training MSE over the batches since the last point
+    val_mse: torch.Tensor | None = None  # (C, G): each group's validation MSE (epochs="auto"), else None
+
+
+# Convergence: one rule for the warning (audit) and for the stopping of epochs="auto". A group's error whose
+# fitted trend still changes by more than CONVERGED_DROP (5%) over the last CONVERGED_WINDOW (quarter) of
+# training, falling or rising, has not converged. Why 5%: with Adam at a constant learning rate these models
+# keep improving slowly for hundreds of epochs (digits: -10% per last quarter at 600 epochs; Fashion-MNIST 10k:
+# -5 to -10% at 100), so a tighter bound flags every practical run forever; runs still in their fast phase fall
+# 10-30% (digits at 50 epochs, Fashion-MNIST at 20). Rising counts too: an error that jumped at the end (Adam
+# can spike the error by 20-100% for an epoch or two) is no settled answer either.
+CONVERGED_DROP = 0.05
+CONVERGED_WINDOW = 0.25
+# epochs="auto" never stops before this many epochs: its last-quarter window then holds at least 5 epoch-end
+# points, so the trend is not fitted to 2 or 3 (with 5, a learned-sigma cell on Fashion-MNIST stopped at epoch
+# 11 on a short plateau, while the other cells of its seed ran 38-69 epochs).
+AUTO_MIN_EPOCHS = 16
+
+
+def settled(drop) -> np.ndarray:
+    """The convergence rule on `last_drop` values: |change| <= CONVERGED_DROP (NaN: not settled)."""
+    return np.abs(np.asarray(drop, dtype=float)) <= CONVERGED_DROP
+
+
+def last_drop(steps, values, *, window: float = CONVERGED_WINDOW) -> np.ndarray:
+    """Relative fall over the last `window` of training, per column of values (T,) or (T, K).
+
+    A straight line is fitted to log(value) against step over the points in the window (step >=
+    (1 - window) * last step; at least 3, else the 3 latest), and its fall over the window is
+    returned: 1 - exp(slope * window * last step). A fit, not two end points, so that one spiky
+    point (learned sigma can jump) does not decide. A rise gives a negative drop; NaN where there
+    are fewer than 3 points or a value is not positive and finite.
+    """
+    steps, values = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+    shape = values.shape[1:]
+    if len(steps) < 3:
+        return np.full(shape, np.nan)
+    first = min(int(np.searchsorted(steps, (1 - window) * steps[-1])), len(steps) - 3)
+    s, v = steps[first:], values[first:].reshape(len(steps) - first, -1)
+    ok = np.isfinite(v).all(0) & (v > 0).all(0)
+    logv = np.log(np.where(ok, v, 1.0))
+    centred = s - s.mean()
+    slope = centred @ (logv - logv.mean(0)) / (centred @ centred)
+    return np.where(ok, 1 - np.exp(slope * window * steps[-1]), np.nan).reshape(shape)
+
+
+@torch.no_grad()
+def group_errors(stacked: StackedCells, x: torch.Tensor, g: torch.Tensor, n_groups: int,
+                 batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each cell's per-group mean MSE and MAE per pixel on images x (N, ...) with group codes g: two (C, G)."""
+    sums = torch.zeros(2, len(stacked.cells), n_groups, dtype=torch.float64, device=x.device)
+    for lo in range(0, len(x), batch):
+        xb = x[lo:lo + batch]
+        r = (stacked.reconstruct(xb, batch=batch) - xb).flatten(2)  # (C, b, M)
+        gb = g[lo:lo + batch].expand(len(stacked.cells), -1)
+        sums[0].scatter_add_(1, gb, r.pow(2).mean(2).double())
+        sums[1].scatter_add_(1, gb, r.abs().mean(2).double())
+    count = torch.bincount(g, minlength=n_groups).to(sums)
+    return sums[0] / count, sums[1] / count
+
+
+@dataclass
 class TrainResult:
     stacked: StackedCells
-    history: pd.DataFrame  # one row per cell and epoch
+    history: pd.DataFrame  # one row per cell and epoch it trained
     status: list[str] = field(default_factory=list)  # "ok" or "failed: <reason>" per cell
     seconds: float = 0.0
+    epochs: list[int] = field(default_factory=list)  # epochs each cell trained (its own stop with epochs="auto")
+    steps: list[int] = field(default_factory=list)  # updates each cell's result had
 
 
-def init_cells(cells: list[Cell], shape: tuple[int, int, int], config: TrainConfig, device: torch.device) -> StackedCells:
-    """Seeded initial weights, the same for a seed whatever the loss or the batch of cells."""
+def input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel mean and (population) std of the training images, for input_norm='standardize'."""
+    return x.mean(0), x.std(0, correction=0)
+
+
+def init_cells(cells: list[Cell], shape: tuple[int, int, int], config: TrainConfig, device: torch.device,
+               stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> StackedCells:
+    """Seeded initial weights, the same for a seed whatever the loss or the batch of cells.
+
+    `stats`: the training images' per-pixel (mean, std), required for input_norm='standardize'.
+    """
+    if config.input_norm == "standardize" and stats is None:
+        raise ValueError("input_norm='standardize' needs the training images' (mean, std)")
     models = []
     for cell in cells:
         torch.manual_seed(cell.seed)
-        models.append(build_model(config.model, shape, config.latent, config.hidden).to(device))
+        model = config.build(shape)
+        if config.input_norm == "standardize":
+            model.set_input_stats(*stats)
+        models.append(model.to(device))
     params, buffers = stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
     names = tuple(dict.fromkeys(p.name for cell in cells for p in get_loss(cell.loss).params))
@@ -242,7 +367,7 @@ def cell_bytes(config: TrainConfig, shape: tuple[int, int, int]) -> int:
     of a batch of images. An estimate on the safe side, not a measurement.
     """
     with torch.device("meta"):
-        model = build_model(config.model, shape, config.latent, config.hidden)
+        model = config.build(shape)
         n_params = sum(p.numel() for p in model.parameters())
         sizes: list[int] = []
         hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel()))
@@ -287,6 +412,9 @@ def train_cells(
     on_snapshot: Callable[[Snapshot], None] | None = None,
     on_epoch: Callable[[int, int], None] | None = None,
     *,
+    on_eval: Callable[[EvalPoint], None] | None = None,
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    n_groups: int | None = None,
     max_cells: int | None = None,
     fused: bool | None = None,
 ) -> TrainResult:
@@ -294,54 +422,88 @@ def train_cells(
 
     Cells are trained together in chunks of at most `max_cells` (default: as many as fit
     in memory, `cells_per_chunk`); the results are concatenated in cell order, and
-    `on_snapshot` / `on_epoch` are called per chunk (a snapshot's `stacked.cells` says
-    which). `fused` picks torch's fused Adam kernel (default: on CPU and CUDA).
+    `on_snapshot` / `on_epoch` / `on_eval` are called per chunk (their `stacked.cells` says
+    which). `validation` (x, group) is required for epochs="auto" and used for nothing else.
+    `n_groups` defaults to max(group) + 1. `fused` picks torch's fused Adam kernel (default:
+    on CPU and CUDA).
     """
     start = time.perf_counter()
     device = torch.device(device)
     x, group = x.to(device), group.to(device)
+    if config.auto and validation is None:
+        raise ValueError("epochs='auto' needs a validation split (groups.with_validation)")
+    if validation is not None:
+        validation = (validation[0].to(device), validation[1].to(device))
+    n_groups = int(group.max()) + 1 if n_groups is None else n_groups
+    stats = input_stats(x) if config.input_norm == "standardize" else None
     if max_cells is None:
         max_cells = cells_per_chunk(config, tuple(x.shape[1:]), len(x), device)
     if max_cells < 1:
         raise ValueError(f"max_cells must be >= 1, got {max_cells}")
     if fused is None:
         fused = device.type in ("cpu", "cuda")
-    parts = [_train_chunk(x, group, cells[i:i + max_cells], config, device, on_snapshot, on_epoch, fused)
+    parts = [_train_chunk(x, group, cells[i:i + max_cells], config, device, on_snapshot, on_epoch, on_eval,
+                          validation, n_groups, stats, fused)
              for i in range(0, len(cells), max_cells)]
-    stacked = concat_stacked([p[0] for p in parts])
-    history = pd.concat([p[1] for p in parts], ignore_index=True)
+    stacked = concat_stacked([p["stacked"] for p in parts])
+    history = pd.concat([p["history"] for p in parts], ignore_index=True)
     if len(parts) > 1:  # one row per cell and epoch, epoch-major as for a single chunk
         order = {cell: i for i, cell in enumerate(cells)}
         history = (history.assign(_c=[order[Cell(l, s)] for l, s in zip(history["loss"], history["seed"])])
                    .sort_values(["epoch", "_c"], kind="stable").drop(columns="_c").reset_index(drop=True))
-    status = [s for p in parts for s in p[2]]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return TrainResult(stacked, history, status, time.perf_counter() - start)
+    return TrainResult(stacked, history, [s for p in parts for s in p["status"]], time.perf_counter() - start,
+                       [e for p in parts for e in p["epochs"]], [s for p in parts for s in p["steps"]])
 
 
-def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, fused):
-    """Train one chunk of cells together; x and group are already on the device."""
-    n = len(x)
-    stacked = init_cells(cells, tuple(x.shape[1:]), config, device)
+def eval_steps(points: int, total_steps: int) -> set[int]:
+    """The steps (updates done) of `points` evenly spaced curve points, the last one at the end of training."""
+    return set(np.unique(np.round(np.linspace(total_steps / points, total_steps, points)).astype(int)).tolist())
+
+
+def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, on_eval, validation, n_groups, stats, fused):
+    """Train one chunk of cells together; x, group and validation are already on the device."""
+    n, n_cells = len(x), len(cells)
+    stacked = init_cells(cells, tuple(x.shape[1:]), config, device, stats)
     opt = torch.optim.Adam([{"params": list(stacked.params.values()), "lr": config.lr},
                             {"params": [stacked.loss_params], "lr": config.sigma_lr}], fused=fused)
     orders = {s: torch.Generator().manual_seed(s) for s in sorted({c.seed for c in cells})}  # on the CPU
     steps_per_epoch = math.ceil(n / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    snap_at = set(torch.linspace(0, total - 1, snapshot_count(config.grad_points, total)).round().long().tolist())
-    alive = torch.ones(len(cells), dtype=torch.bool, device=device)
-    failed_at = [None] * len(cells)
+    cap = config.epoch_cap
+    if config.auto:  # the length is not known in advance: snapshots at epoch starts, >= SNAPSHOT_SPACING apart
+        snap_every = max(1, math.ceil(SNAPSHOT_SPACING / steps_per_epoch))
+        snap_at = set(range(0, steps_per_epoch * cap, snap_every * steps_per_epoch)) if config.grad_points else set()
+        eval_at: set[int] = set()  # curve points at every epoch end instead, where the stopping rule looks
+    else:
+        total = steps_per_epoch * cap
+        snap_at = set(torch.linspace(0, total - 1, snapshot_count(config.grad_points, total)).round().long().tolist())
+        eval_at = eval_steps(config.eval_points, total) if on_eval is not None else set()
+    alive = torch.ones(n_cells, dtype=torch.bool, device=device)
+    active = torch.ones(n_cells, dtype=torch.bool)  # not yet stopped (epochs="auto"); on the CPU
+    stopped_at: list[int | None] = [None] * n_cells
+    kept: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}  # weights of cells stopped early
+    failed_at = [None] * n_cells
+    group_sums = torch.zeros(2, n_cells, n_groups, device=device)  # per-group training MSE since the last point
+    checks: list[tuple[int, np.ndarray, np.ndarray]] = []  # epochs="auto": (step, val (C, G), train (C, G))
     rows, step = [], 0
-    for epoch in range(config.epochs):
+
+    def point(val_mse=None):
+        train_mse = group_sums[0] / group_sums[1]  # NaN for a group with no sample since the last point
+        group_sums.zero_()
+        if on_eval is not None:
+            on_eval(EvalPoint(step, step / steps_per_epoch, stacked, active.clone(), train_mse, val_mse))
+        return train_mse
+
+    for epoch in range(cap):
         perms = {s: torch.randperm(n, generator=g) for s, g in orders.items()}
         perm = torch.stack([perms[c.seed] for c in cells]).to(device, non_blocking=True)  # (C, N)
-        sums = torch.zeros(3, len(cells), device=device)  # nll, mse, count
+        sums = torch.zeros(3, n_cells, device=device)  # nll, mse, count
         for lo in range(0, n, config.batch_size):
             idx = perm[:, lo:lo + config.batch_size]  # (C, B)
-            xb = x[idx]  # (C, B, C_img, H, W)
+            xb, gb = x[idx], group[idx]  # (C, B, C_img, H, W), (C, B)
             if step in snap_at and on_snapshot is not None:
-                on_snapshot(Snapshot(step, epoch, stacked, xb, group[idx]))
+                on_snapshot(Snapshot(step, epoch, stacked, xb, gb))
             x_hat = stacked.forward(xb)
             nll = stacked.per_sample_nll(xb, x_hat)  # (C, B)
             per_cell = nll.mean(1)
@@ -352,20 +514,44 @@ def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, fused):
             opt.step()
             with torch.no_grad():
                 alive &= finite
+                sample_mse = (x_hat.detach() - xb).pow(2).flatten(2).mean(2)  # (C, B)
                 sums[0] += torch.nan_to_num(nll.detach(), nan=0.0, posinf=0.0).sum(1)
-                sums[1] += (x_hat.detach() - xb).pow(2).flatten(2).mean(2).sum(1)
+                sums[1] += sample_mse.sum(1)
                 sums[2] += idx.shape[1]
+                group_sums[0].scatter_add_(1, gb, sample_mse)
+                group_sums[1].scatter_add_(1, gb, torch.ones_like(sample_mse))
             step += 1
+            if step in eval_at:
+                point()
         alive_now = alive.tolist()  # one host sync per epoch
         for c, ok in enumerate(alive_now):
             if not ok and failed_at[c] is None:
                 failed_at[c] = f"failed: non-finite loss in epoch {epoch + 1}"
         means = (sums[:2] / sums[2]).cpu()
         for c, cell in enumerate(cells):
-            rows.append({"loss": cell.loss, "seed": cell.seed, "epoch": epoch + 1,
-                         "train_nll": means[0, c].item(), "train_mse": means[1, c].item()})
+            if active[c]:
+                rows.append({"loss": cell.loss, "seed": cell.seed, "epoch": epoch + 1,
+                             "train_nll": means[0, c].item(), "train_mse": means[1, c].item()})
+        if config.auto:
+            val_mse = group_errors(stacked, *validation, n_groups)[0]
+            train_mse = point(val_mse)
+            checks.append((step, val_mse.cpu().numpy(), train_mse.double().cpu().numpy()))
+            for c in _newly_flat(checks, active, alive_now, epoch + 1):
+                stopped_at[c] = epoch + 1
+                active[c] = False
+                if alive_now[c]:  # keep the weights it has now; failed cells need none
+                    kept[c] = ({k: v[c].detach().clone() for k, v in stacked.params.items()},
+                               stacked.loss_params[c].detach().clone())
         if on_epoch is not None:
-            on_epoch(epoch + 1, config.epochs)
+            on_epoch(epoch + 1, cap)
+        if config.auto and not active.any():
+            break
+    with torch.no_grad():  # cells that stopped early get their weights of that epoch back
+        for c, (params, loss_params) in kept.items():
+            for k, v in params.items():
+                stacked.params[k][c] = v
+            stacked.loss_params[c] = loss_params
+    epochs = [e if e is not None else epoch + 1 for e in stopped_at]
     status = []
     for c, scale in enumerate(stacked.collapsed()):
         if failed_at[c]:
@@ -374,4 +560,16 @@ def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, fused):
             status.append(f"failed: learned {scale} collapsed to its floor {config.sigma_floor:g}")
         else:
             status.append("ok")
-    return stacked, pd.DataFrame(rows), status
+    return {"stacked": stacked, "history": pd.DataFrame(rows), "status": status, "epochs": epochs,
+            "steps": [e * steps_per_epoch for e in epochs]}
+
+
+def _newly_flat(checks: list[tuple[int, np.ndarray, np.ndarray]], active: torch.Tensor, alive: list[bool],
+                epoch: int) -> list[int]:
+    """epochs="auto": the active cells that stop now: failed ones, and those whose every group's validation
+    and training error has `settled` (changed by at most CONVERGED_DROP over the last CONVERGED_WINDOW)."""
+    steps = [c[0] for c in checks]
+    val = last_drop(steps, np.stack([c[1] for c in checks]))  # (C, G)
+    train = last_drop(steps, np.stack([c[2] for c in checks]))
+    flat = (epoch >= AUTO_MIN_EPOCHS) & settled(val).all(1) & settled(train).all(1)
+    return [c for c in range(len(alive)) if active[c] and (not alive[c] or flat[c])]

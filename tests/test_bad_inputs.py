@@ -194,7 +194,7 @@ GALLERY: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "cuda without a GPU": (lambda t: ["--device", "cuda"], "device 'cuda' requested but no CUDA GPU is available"),
     "invalid TOML": (lambda t: _spec_file(t, "epochs = = 3\n"), "audit.toml: invalid TOML"),
     "spec key typo": (lambda t: _spec_file(t, "epocs = 3\n"), "unknown key 'epocs' (did you mean 'epochs'?)"),
-    "spec wrong type": (lambda t: _spec_file(t, 'epochs = "three"\n'), "'epochs' = 'three' is not a valid int"),
+    "spec wrong type": (lambda t: _spec_file(t, 'batch_size = "three"\n'), "'batch_size' = 'three' is not a valid int"),
     "spec file missing": (lambda t: [str(t / "nope.toml")], "nope.toml: spec file not found"),
     "spec negative epochs": (lambda t: _spec_file(t, "[audit]\nepochs = 0\n"), "epochs must be >= 1, got 0"),
 }

@@ -1,12 +1,14 @@
 """Group builders: sizes, brightness and contrast as measured, and the labels CSV."""
 
+import numpy as np
 import pytest
 import torch
+from scipy.optimize import brentq
 from torchvision.io import write_png
 
 from fairrecon.data import load_folder, load_images
 from fairrecon.errors import UserError
-from fairrecon.groups import group_names, group_sizes, make_groups, match_to, squeeze_to
+from fairrecon.groups import group_names, group_sizes, make_groups, match_to, squeeze_to, with_validation
 from fairrecon.spec import AuditSpec
 
 
@@ -48,10 +50,11 @@ def test_squeeze_hits_the_target_and_scales_contrast_by_the_closed_form(digits):
 def test_matched_contrast_hits_targets_and_keeps_contrast_equal_across_groups(digits):
     x = digits.train
     t = torch.where(torch.arange(len(x)) % 2 == 0, 0.3, 0.9)
-    y, c = match_to(x, t)
+    matched = match_to(x, t)
+    y, c = matched.y, matched.c
     y_mu, y_sd = image_stats(y)
     assert y.min() >= 0 and y.max() <= 1
-    torch.testing.assert_close(y_mu, t.float(), atol=1e-4, rtol=0)  # bisection to ~1e-15, stored in float32
+    torch.testing.assert_close(y_mu, t.float(), atol=1e-4, rtol=0)  # exact in float64, stored in float32
     dark, bright = y_sd[t == 0.3].mean().item(), y_sd[t == 0.9].mean().item()
     assert abs(dark - bright) / dark < 0.03
     # the plain squeeze, by contrast, leaves the bright group with a fraction of the dark group's contrast
@@ -217,3 +220,133 @@ def test_a_split_column_decides_and_limits_keep_group_shares(tmp_path):
     assert torch.bincount(limited.train_g).tolist() == [9, 3]
     assert torch.bincount(limited.test_g).tolist() == [3, 1]  # test: 8 'a', 2 'b'; 4 of them: 3.2 -> 3, 0.8 -> 1
     assert set(limited.test_index.tolist()) <= set(range(30, 40))  # a limit never moves an image across splits
+
+
+def bisection_match_to(x, t, quantile=0.05):
+    """The previous implementation of match_to (per-image polarity, 50 bisection steps on every image):
+    the reference the exact solver must reproduce."""
+    flat, t = x.flatten(1).double(), t.double()
+    mu, lo, hi = flat.mean(1), flat.min(1).values, flat.max(1).values
+
+    def room(mu, lo, hi):
+        below = torch.where(mu - lo > 1e-12, t / (mu - lo).clamp_min(1e-12), torch.full_like(mu, torch.inf))
+        above = torch.where(hi - mu > 1e-12, (1 - t) / (hi - mu).clamp_min(1e-12), torch.full_like(mu, torch.inf))
+        return torch.minimum(below, above)
+
+    keep, flip = room(mu, lo, hi), room(1 - mu, 1 - hi, 1 - lo)
+    z = torch.where((flip > keep)[:, None], 1 - flat, flat)
+    room_best = torch.minimum(torch.maximum(keep, flip), torch.tensor(1e6, dtype=flat.dtype))
+    c = min(torch.quantile(room_best[t == target], quantile).item() for target in torch.unique(t))
+    centred = c * (z - z.mean(1, keepdim=True))
+    lo_b, hi_b = -centred.max(1).values, 1 - centred.min(1).values
+    for _ in range(50):
+        mid = (lo_b + hi_b) / 2
+        too_dark = (mid[:, None] + centred).clamp(0, 1).mean(1) < t
+        lo_b, hi_b = torch.where(too_dark, mid, lo_b), torch.where(too_dark, hi_b, mid)
+    return ((lo_b + hi_b)[:, None] / 2 + centred).clamp(0, 1).to(x.dtype).view_as(x), c
+
+
+@pytest.fixture(scope="module")
+def digits_all(digits):
+    x = torch.cat([digits.train, digits.test])
+    return x, torch.where(torch.arange(len(x)) % 2 == 0, 0.3, 0.9)
+
+
+def test_exact_offsets_equal_the_old_bisection_and_a_per_image_root_finder(digits_all):
+    x, t = digits_all
+    matched = match_to(x, t)
+    old_y, old_c = bisection_match_to(x, t)
+    assert matched.c == old_c
+    # float32 output: both are within float64 rounding of the same b, so y agrees to one float32 ulp (6e-8 at 1)
+    torch.testing.assert_close(matched.y, old_y, rtol=0, atol=1.2e-7)
+    # images that clip at b = t are solved on their linear piece; scipy's brentq solves them independently
+    clipping = torch.nonzero(matched.clipped > 0).flatten()
+    assert 0 < len(clipping) < 0.05 * len(x)  # at most the matched quantile of each group clips
+    flat = x.flatten(1).double().numpy()
+    for i in clipping.tolist():
+        z = 1 - flat[i] if matched.negative[i] else flat[i]
+        v = matched.c * (z - z.mean())
+        ref = brentq(lambda b: np.clip(b + v, 0, 1).mean() - float(t[i]), -v.max(), 1 - v.min(), xtol=1e-15)
+        assert matched.offset[i].item() == pytest.approx(ref, abs=1e-12)  # brentq's xtol plus float64 rounding
+    # an image that does not clip keeps b = t exactly, since its centred pixels have mean 0
+    unclipped = matched.clipped == 0
+    assert torch.equal(matched.offset[unclipped], t.double()[unclipped])
+
+
+def recount(original, y, c):
+    """Independent recount from the images alone: flipped when y falls as x rises; clipped pixels where the
+    image's own affine map y = a + s c x (fitted on its unclipped pixels, 0 < y < 1) leaves [0, 1].
+    Returns (negative, clipped at a 1e-6 margin outside, clipped at a 1e-6 margin inside)."""
+    x, y = original.flatten(1).double().numpy(), y.flatten(1).double().numpy()
+    negative, strict, loose = [], [], []
+    for xi, yi in zip(x, y):
+        s = -1.0 if np.corrcoef(xi, yi)[0, 1] < 0 else 1.0
+        interior = (yi > 0) & (yi < 1)
+        a = np.median(yi[interior] - s * c * xi[interior])
+        pred = a + s * c * xi
+        negative.append(s < 0)
+        strict.append(((pred < -1e-6) | (pred > 1 + 1e-6)).sum())  # 1e-6 >> float32 rounding of y (6e-8)
+        loose.append(((pred < 1e-6) | (pred > 1 - 1e-6)).sum())
+    return np.array(negative), np.array(strict), np.array(loose)
+
+
+@pytest.mark.parametrize("polarity", ["auto", "keep", "invert"])
+def test_negative_and_clipped_shares_match_a_recount_from_the_images(digits, polarity):
+    data = make_groups(digits, AuditSpec(polarity=polarity))
+    position = {int(i): k for k, i in enumerate(digits.train_index)}
+    original = digits.train[[position[int(i)] for i in data.train_index]]
+    negative, strict, loose = recount(original, data.train_x, data.contrast_factor)
+    assert np.array_equal(negative, data.train_negative.numpy())
+    got = data.train_clipped.numpy()
+    assert (strict <= got).all() and (got <= loose).all()
+    described = data.describe().query("split == 'train'").set_index("group")
+    pixels = original[0].numel()
+    for code, name in enumerate(data.names):
+        member = (data.train_g == code).numpy()
+        assert described.loc[name, "negative_share"] == pytest.approx(negative[member].mean(), abs=1e-12)
+        assert strict[member].sum() / (member.sum() * pixels) <= described.loc[name, "clipped_share"] + 1e-12
+        assert described.loc[name, "clipped_share"] <= loose[member].sum() / (member.sum() * pixels) + 1e-12
+    share = described["negative_share"]
+    if polarity == "auto":  # measured: every bright digit is a negative, no dark one
+        assert share["0.9"] > 0.9 and share["0.3"] < 0.1
+    else:
+        assert (share == (1.0 if polarity == "invert" else 0.0)).all()
+
+
+def test_keeping_polarity_costs_contrast_but_still_hits_the_targets(digits):
+    auto = make_groups(digits, AuditSpec())
+    keep = make_groups(digits, AuditSpec(polarity="keep"))
+    assert keep.contrast_factor < auto.contrast_factor  # auto picks, per image, the polarity with more room
+    described = keep.describe()
+    assert (described["brightness"] - described["target"]).abs().max() <= 1e-4
+    contrast = described.query("split == 'train'").set_index("group")["contrast"]
+    assert abs(contrast["0.9"] - contrast["0.3"]) / contrast["0.3"] < 0.03  # still matched between groups
+
+
+def test_polarity_is_refused_where_pixels_are_not_transformed():
+    with pytest.raises(UserError, match="polarity keep applies only to group method transform, not 'select'"):
+        AuditSpec(group_method="select", polarity="keep")
+
+
+def test_squeeze_of_the_negative_for_polarity_invert(digits):
+    data = make_groups(digits, AuditSpec(contrast="squeeze", polarity="invert", limit=200))
+    assert data.train_negative.all() and (data.train_clipped == 0).all()
+    position = {int(i): k for k, i in enumerate(digits.train_index)}
+    original = digits.train[[position[int(i)] for i in data.train_index]]
+    t = torch.tensor([0.3, 0.9])[data.train_g]
+    torch.testing.assert_close(data.train_x, squeeze_to(1 - original, t), rtol=0, atol=0)
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded(digits):
+    data = make_groups(digits, AuditSpec(limit=1000, proportions=(0.9, 0.1)))
+    carved = with_validation(data, fraction=0.1, seed=3)
+    assert torch.bincount(carved.val_g).tolist() == [90, 10]
+    assert torch.bincount(carved.train_g).tolist() == [810, 90]
+    together = torch.cat([carved.train_index, carved.val_index])
+    assert sorted(together.tolist()) == sorted(data.train_index.tolist())  # a partition of the training images
+    assert torch.equal(carved.test_index, data.test_index)  # the test split is never touched
+    again = with_validation(data, fraction=0.1, seed=3)
+    assert torch.equal(again.val_index, carved.val_index)
+    assert not torch.equal(with_validation(data, fraction=0.1, seed=4).val_index, carved.val_index)
+    auto = make_groups(digits, AuditSpec(limit=1000, proportions=(0.9, 0.1), epochs="auto"))
+    assert set(auto.describe()["split"]) == {"train", "validation", "test"}

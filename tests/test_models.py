@@ -39,3 +39,42 @@ def test_latent_size_is_the_bottleneck():
 def test_unknown_model_is_a_user_error():
     with pytest.raises(UserError, match="unknown model 'resnet'"):
         build_model("resnet", (1, 8, 8), 4)
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv"])
+def test_sigmoid_output_is_the_linear_models_output_through_a_sigmoid(name):
+    torch.manual_seed(0)
+    linear = build_model(name, (1, 28, 28), latent=5, hidden=64)
+    torch.manual_seed(0)
+    bounded = build_model(name, (1, 28, 28), latent=5, hidden=64, output="sigmoid")
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(bounded(x), torch.sigmoid(linear(x)), rtol=0, atol=0)  # same weights, same ops
+        assert ((bounded(10 * x) > 0) & (bounded(10 * x) < 1)).all()
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv"])
+def test_standardized_input_is_the_plain_model_on_standardized_pixels(name):
+    torch.manual_seed(0)
+    plain = build_model(name, (1, 8, 8), latent=3, hidden=64)
+    torch.manual_seed(0)
+    model = build_model(name, (1, 8, 8), latent=3, hidden=64, input_norm="standardize")
+    train = torch.rand(50, 1, 8, 8)
+    train[:, :, 0, 0] = 0.25  # a constant pixel: scale 1, as sklearn's StandardScaler does
+    mean, std = train.mean(0), train.std(0, correction=0)
+    model.set_input_stats(mean, std)
+    scale = torch.where(std < 1e-8, torch.ones_like(std), std)
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():  # same weights: the standardized model is the plain one applied to standardized pixels
+        torch.testing.assert_close(model(x), plain((x - mean) / scale), rtol=0, atol=0)
+    # the statistics are buffers: saved with the model, never handed to an optimizer
+    assert {"input_mean", "input_std"} <= set(model.state_dict())
+    assert all(p is not model.input_mean and p is not model.input_std for p in model.parameters())
+    assert model.input_std[0, 0, 0].item() == 1.0
+
+
+def test_unknown_output_or_input_norm_is_a_user_error():
+    with pytest.raises(UserError, match="unknown output 'tanh'"):
+        build_model("mlp", (1, 8, 8), 4, output="tanh")
+    with pytest.raises(UserError, match="unknown input_norm 'whiten'"):
+        build_model("mlp", (1, 8, 8), 4, input_norm="whiten")

@@ -112,7 +112,7 @@ def test_html_is_self_contained_with_every_figure(saved):
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
     images = _images(page)
-    assert len(images) == 5  # group error, gradient shares, distributions, reconstructions, brightness/contrast
+    assert len(images) == 6  # group error, over training, gradient shares, distributions, reconstructions, brightness/contrast
     assert all(im.format == "PNG" and 1000 <= im.width <= 1400 for im in images)
     assert page.index('id="answer"') < page.index("<table") < page.index('id="fig-group_error"')
 
@@ -123,7 +123,7 @@ def test_cli_report_rerenders_from_saved_results(saved, tmp_path):
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     page = (tmp_path / "report.html").read_text()
-    assert len(_images(page)) == 5 and "worse group" in page  # the same five figures, gradient shares included
+    assert len(_images(page)) == 6 and "worse group" in page  # the same six figures, gradient shares included
     assert (tmp_path / "report.md").read_text().startswith("# fairrecon audit")
     assert "worst group" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "fairrecon", "report", str(tmp_path / "nothing")],

@@ -32,7 +32,7 @@ SPEC = dict(dataset="digits", limit=320, test_limit=120, losses=("l2", "learned-
             batch_size=64, latent=8, hidden=32, device="cpu")
 FLAGS = ["--dataset", "digits", "--limit", "320", "--test-limit", "120", "--losses", "l2,learned-sigma", "--seeds", "3",
          "--epochs", "2", "--batch-size", "64", "--latent", "8", "--device", "cpu"]  # hidden: set in a spec file
-TABLES = ("samples", "cells", "history", "groups")
+TABLES = ("samples", "cells", "history", "groups", "curves")
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,10 @@ def digits():
 def plain_train(x: torch.Tensor, cell: Cell, config: TrainConfig):
     """One cell, the textbook way."""
     torch.manual_seed(cell.seed)
-    model = build_model(config.model, tuple(x.shape[1:]), config.latent, config.hidden)
+    model = build_model(config.model, tuple(x.shape[1:]), config.latent, config.hidden, output=config.output,
+                        input_norm=config.input_norm)
+    if config.input_norm == "standardize":  # the whole training set's per-pixel statistics, computed here
+        model.set_input_stats(x.mean(0), x.std(0, correction=0))
     loss = get_loss(cell.loss)
     raw = {p.name: torch.zeros((), requires_grad=True) for p in loss.params}  # logs, 0 at the start
     opt = torch.optim.Adam([{"params": model.parameters(), "lr": config.lr},
@@ -70,7 +73,7 @@ def plain_train(x: torch.Tensor, cell: Cell, config: TrainConfig):
     return model, raw, steps
 
 
-def assert_same_cell(stacked, c: int, model, raw, test_x):
+def assert_same_cell(stacked, c: int, model, raw, test_x, config=CONFIG):
     ref = model.state_dict()
     got = stacked.module(c).state_dict()
     for name in ref:
@@ -78,7 +81,7 @@ def assert_same_cell(stacked, c: int, model, raw, test_x):
     with torch.no_grad():
         torch.testing.assert_close(stacked.reconstruct(test_x)[c], model(test_x), rtol=0, atol=ATOL)
     learned = stacked.learned()
-    want = get_loss(stacked.cells[c].loss).log_params({k: v.detach() for k, v in raw.items()}, CONFIG.sigma_floor)
+    want = get_loss(stacked.cells[c].loss).log_params({k: v.detach() for k, v in raw.items()}, config.sigma_floor)
     for name, log_value in want.items():  # learned parameters (natural units) agree to rounding, like the weights
         torch.testing.assert_close(learned[name][c], log_value.exp(), rtol=0, atol=ATOL, msg=f"{stacked.cells[c].key} {name}")
     assert all(torch.isnan(v[c]) for name, v in learned.items() if name not in want)  # other losses' columns: NaN
@@ -107,6 +110,30 @@ def test_batched_cells_match_plain_loop_and_alone(digits):
             ref = get_loss(cell.loss).per_sample(test_x[:32].flatten(1), model(test_x[:32]).flatten(1),
                                                  raw, CONFIG.sigma_floor)
         torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-2)  # sums over 64 pixels of NLL terms
+
+
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+def test_sigmoid_output_and_standardized_input_match_the_plain_loop(digits, model):
+    """The ablations change the architecture, not the batching: batched cells still equal the textbook loop."""
+    x, test_x = digits
+    config = TrainConfig.from_spec(AuditSpec(model=model, latent=8, hidden=32, epochs=1, batch_size=64, grad_points=0,
+                                             output="sigmoid", input_norm="standardize"))
+    cells = [Cell("l2", 0), Cell("l1", 1)]
+    together = train_cells(x, torch.zeros(len(x), dtype=torch.long), cells, config)
+    for c, cell in enumerate(cells):
+        model_, log_sigma, _ = plain_train(x, cell, config)
+        assert_same_cell(together.stacked, c, model_, log_sigma, test_x, config)
+    # the statistics stay the training images' (buffers are not trained)
+    torch.testing.assert_close(together.stacked.buffers["input_mean"][0], x.mean(0), rtol=0, atol=0)
+    # copies of each cell's weights (as gradient shares make them, cell-major) take the cell's statistics along
+    stacked = together.stacked
+    copies = {k: v.repeat_interleave(3, dim=0) for k, v in stacked.params.items()}
+    xb = test_x[:5].expand(len(cells) * 3, *test_x[:5].shape)
+    with torch.no_grad():
+        out = stacked.forward(xb, copies).unflatten(0, (len(cells), 3))
+        for c in range(len(cells)):
+            for k in range(3):
+                torch.testing.assert_close(out[c, k], stacked.module(c)(test_x[:5]), rtol=0, atol=ATOL)
 
 
 def test_training_moves_the_weights(digits):

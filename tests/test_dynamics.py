@@ -1,0 +1,264 @@
+"""The answer over training: curves, convergence, epochs=auto, and how they reach every surface.
+
+Independent checks: a curve point against a separate, shorter training run of the same cell
+(the batch order and Adam state up to that step are the same, so the model is the same); the
+final point against a plain nn.Module run on the test images; last_drop against closed forms;
+the gap's interval against scipy's t interval; epochs=auto against the same cell trained alone
+for the epochs it was given.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats as sps
+
+from conftest import FAST
+from fairrecon import AuditResult, run_audit
+from fairrecon.data import load_images
+from fairrecon.dynamics import convergence_warnings, gap_over_training, worse_group_changes
+from fairrecon.groups import make_groups
+from fairrecon.measure import CURVE_BUDGET, CurveRecorder, convergence, curve_subset_size
+from fairrecon.spec import AuditSpec
+from fairrecon.train import AUTO_MIN_EPOCHS, CONVERGED_DROP, Cell, TrainConfig, last_drop, train_cells
+
+ATOL = 1e-5  # batched vs alone: float32 rounding only (<= 3e-8 measured, see tests/test_train.py)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_images("digits")
+
+
+@pytest.fixture(scope="module")
+def short(tmp_path_factory):
+    """A short digits audit (3 epochs: still learning fast) written to a folder, with its log lines."""
+    out = tmp_path_factory.mktemp("short")
+    lines: list[str] = []
+    result = run_audit(out=str(out), log=lines.append, **FAST)
+    return result, out, lines
+
+
+def test_last_drop_is_the_closed_form_on_exponential_curves():
+    steps = np.arange(1, 41) * 25.0
+    for rate in (0.0, 1e-4, 1e-3):
+        v = 3.0 * np.exp(-rate * steps)
+        # a log-linear curve falls by 1 - exp(-rate * window * last step) over the window, whatever its level
+        assert last_drop(steps, v) == pytest.approx(1 - np.exp(-rate * 0.25 * steps[-1]), abs=1e-12)
+    rising = last_drop(steps, np.exp(1e-3 * steps))
+    assert rising < 0
+    spike = 3.0 * np.exp(-1e-4 * steps)
+    spike[35] *= 3  # one spiky point inside the window moves a fit, but far less than an end-point difference would
+    assert abs(last_drop(steps, spike) - last_drop(steps, 3.0 * np.exp(-1e-4 * steps))) < 0.25
+    assert np.isnan(last_drop(steps[:2], steps[:2]))  # too short to judge
+
+
+def test_a_curve_point_is_the_model_at_that_step_and_the_last_is_the_final_model(digits):
+    spec = AuditSpec(limit=400, test_limit=300, latent=4, hidden=32, batch_size=64, epochs=3, eval_points=3,
+                     grad_points=0)
+    data = make_groups(digits, spec)
+    cells = [Cell("l2", 0), Cell("learned-sigma", 1)]
+    recorder = CurveRecorder(data, epochs_per_point=1.0)
+    trained = train_cells(data.train_x, data.train_g, cells, TrainConfig.from_spec(spec), on_eval=recorder)
+    points = recorder.frame()
+    steps_per_epoch = -(-400 // 64)
+    assert sorted(points["step"].unique()) == [steps_per_epoch, 2 * steps_per_epoch, 3 * steps_per_epoch]
+    # the point after epoch 1 is what a separate 1-epoch run of the same cells gives on the same images
+    one = train_cells(data.train_x, data.train_g, cells, TrainConfig.from_spec(spec.replace(epochs=1)))
+    x, g = recorder.x, recorder.g
+    for c, cell in enumerate(cells):
+        with torch.no_grad():
+            mse = (one.stacked.module(c)(x) - x).pow(2).flatten(1).mean(1)
+        got = points[(points["step"] == steps_per_epoch) & (points["loss"] == cell.loss)].set_index("group")["mse"]
+        for code, name in enumerate(data.names):
+            assert got[name] == pytest.approx(mse[g == code].mean().item(), rel=1e-5)  # float32 sums, two orders
+    # the last point, on the full test set, equals the final per-group error of a plain nn.Module run
+    from fairrecon.measure import curve_table, sample_errors
+    samples = sample_errors(trained.stacked, data)
+    table = curve_table(points, samples, dict(zip(cells, trained.steps)))
+    for c, cell in enumerate(cells):
+        last = table[(table["loss"] == cell.loss) & (table["step"] == trained.steps[c])].set_index("group")
+        with torch.no_grad():
+            residual = (trained.stacked.module(c)(data.test_x) - data.test_x).flatten(1)
+        for code, name in enumerate(data.names):
+            member = data.test_g == code
+            assert last.loc[name, "n"] == member.sum().item()
+            assert last.loc[name, "mse"] == pytest.approx(residual[member].pow(2).mean().item(), rel=1e-5)
+            assert last.loc[name, "mae"] == pytest.approx(residual[member].abs().mean().item(), rel=1e-5)
+
+
+def test_curves_file_ends_at_the_final_numbers_and_round_trips(short):
+    result, out, _ = short
+    curves = pd.read_csv(out / "curves.csv", dtype={"group": str})
+    assert list(curves.columns) == ["loss", "seed", "step", "epoch", "group", "n", "mse", "mae", "train_mse", "val_mse"]
+    final = curves[curves["step"] == curves.groupby(["loss", "seed"])["step"].transform("max")]
+    by_cell = result.by_cell_group().assign(group=lambda d: d["group"].astype(str))
+    merged = final.merge(by_cell, on=["loss", "seed", "group"], suffixes=("", "_final"))
+    assert len(merged) == len(by_cell) == 4 * FAST["seeds"] * 2
+    np.testing.assert_allclose(merged["mse"], merged["mse_final"], rtol=1e-12)  # the same numbers, via CSV
+    np.testing.assert_allclose(merged["mae"], merged["mae_final"], rtol=1e-12)
+    assert (merged["epoch"] == FAST["epochs"]).all()
+    assert curves.groupby(["loss", "seed"])["step"].nunique().eq(20).all()  # eval_points = 20 by default
+    again = AuditResult.load(out)
+    pd.testing.assert_frame_equal(again.curves, result.curves, check_dtype=False)
+
+
+def test_curve_points_cost_at_most_the_budget():
+    # analytic count: forward passes of the points vs ~3 per training image and epoch
+    n_train, epochs, points = 10_000, 20, 20
+    size = curve_subset_size(10_000, n_train, epochs / points)
+    assert size * points <= CURVE_BUDGET * 3 * n_train * epochs
+    assert curve_subset_size(300, 1438, 2.5) == 300  # small test sets are measured whole
+    assert curve_subset_size(10_000, 100, 0.1) == 256  # but never fewer than MIN_CURVE_IMAGES
+
+
+def test_convergence_flags_a_falling_curve_and_passes_a_flat_one():
+    steps = np.arange(1, 21) * 10
+    rows = []
+    for seed, rate in ((0, 0.0), (1, 2e-3)):  # seed 1: held-out MSE of group b still falls 1 - e^-0.1 = 9.5%
+        for step in steps:
+            for group in ("a", "b"):
+                mse = 0.01 * (np.exp(-rate * step) if group == "b" else 1.0)
+                rows.append({"loss": "l2", "seed": seed, "step": step, "group": group, "mse": mse,
+                             "train_mse": 0.01})
+    for step in steps:  # seed 2: training MSE of group a rises 1 - e^0.1 = -10.5%: not settled either
+        for group in ("a", "b"):
+            rows.append({"loss": "l2", "seed": 2, "step": step, "group": group, "mse": 0.01,
+                         "train_mse": 0.01 * (np.exp(2e-3 * step) if group == "a" else 1.0)})
+    conv = convergence(pd.DataFrame(rows)).set_index("seed")
+    assert conv.loc[0, "converged"] and conv.loc[0, "last_drop"] == pytest.approx(0.0, abs=1e-12)
+    assert not conv.loc[1, "converged"]
+    assert conv.loc[1, "last_drop"] == pytest.approx(1 - np.exp(-2e-3 * 0.25 * 200), abs=1e-12)
+    assert conv.loc[1, "last_drop_of"] == "held-out MSE of group b"
+    assert not conv.loc[2, "converged"] and conv.loc[2, "last_drop_of"] == "training MSE of group a"
+    assert conv.loc[2, "last_drop"] == pytest.approx(1 - np.exp(2e-3 * 0.25 * 200), abs=1e-12)
+
+
+def test_a_planted_non_converged_cell_is_flagged_everywhere(short):
+    """3 epochs of digits: every cell still learns fast. The warning reaches cells.csv, summary.json,
+    report.md, report.html and the terminal (the audit's log)."""
+    result, out, lines = short
+    cells = pd.read_csv(out / "cells.csv")
+    assert not cells["converged"].any() and (cells["last_drop"].abs() > CONVERGED_DROP).all()
+    warnings = convergence_warnings(result)
+    assert len(warnings) == len(cells)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["over_training"]["convergence"]["warnings"] == warnings
+    assert [c["converged"] for c in summary["cells"]] == [False] * len(cells)
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for w in warnings:
+        assert w in md and w.replace("'", "&#x27;") in html
+        assert any(w.split(" not converged")[0] in line and "not converged" in line for line in lines)
+
+
+def test_a_flat_cell_is_converged():
+    """A learning rate too small to move anything leaves flat curves: converged, and no warning."""
+    result = run_audit(**{**FAST, "lr": 1e-9, "losses": ("l2",)})
+    assert result.cells["converged"].all() and (result.cells["last_drop"].abs() < 1e-3).all()
+    assert convergence_warnings(result) == []
+
+
+def test_gap_interval_is_the_seed_level_t_interval_and_names_the_final_pair(short):
+    result, _, _ = short
+    gaps = gap_over_training(result)
+    curves = result.curves.assign(group=result.curves["group"].astype(str))
+    row = gaps[gaps["loss"] == "l2"].iloc[5]
+    at = curves[(curves["loss"] == "l2") & (curves["step"] == row["step"])].pivot(index="seed", columns="group",
+                                                                                    values="mse")
+    per_seed = ((at[row["worst"]] - at[row["best"]]) / at[row["best"]]).to_numpy()
+    low, high = sps.t.interval(0.95, len(per_seed) - 1, loc=per_seed.mean(), scale=sps.sem(per_seed))
+    assert (row["gap"], row["gap_low"], row["gap_high"]) == pytest.approx((per_seed.mean(), low, high), rel=1e-9)
+    final = result.by_group().query("loss == 'l2'").set_index("group")["mse"]
+    assert row["worst"] == str(final.idxmax()) and row["best"] == str(final.idxmin())
+
+
+def test_the_switch_sentence_says_when_the_worse_group_changes():
+    def table(worse):
+        return pd.DataFrame({"loss": "l2", "step": np.arange(len(worse)) * 10 + 10, "epoch": np.arange(len(worse)) + 1.0,
+                             "worse_now": worse})
+    assert worse_group_changes(table(["0.9"] * 5)) == {}
+    assert worse_group_changes(table(["0.3"] * 6 + ["0.9"] * 4)) == {
+        "l2": "l2: the 0.3 group was worse until epoch 6, the 0.9 group from epoch 7 on"}
+    assert worse_group_changes(table(["0.9", "0.3", "0.3", "0.9"])) == {
+        "l2": "l2: the 0.9 group was worse until epoch 1, the 0.3 group from epoch 2 to 3, the 0.9 group from epoch 4 on"}
+    many = worse_group_changes(table(["a", "b"] * 4))["l2"]
+    assert many == "l2: the worse group changed 7 times during training; the b group from epoch 8 on (the a group before)"
+
+
+def test_epochs_auto_stops_each_cell_where_its_curves_flatten_as_if_trained_alone(digits):
+    spec = AuditSpec(epochs="auto", max_epochs=60, limit=600, latent=4, hidden=32, batch_size=64, grad_points=0)
+    data = make_groups(digits, spec)
+    assert data.val_x is not None and len(data.train_x) + len(data.val_x) == 600
+    cells = [Cell("l1", 0), Cell("l2", 0), Cell("l2", 1)]
+    config = TrainConfig.from_spec(spec)
+    recorder = CurveRecorder(data, epochs_per_point=1.0)
+    trained = train_cells(data.train_x, data.train_g, cells, config, validation=(data.val_x, data.val_g),
+                          on_eval=recorder)
+    points = recorder.frame()
+    early = [c for c, e in enumerate(trained.epochs) if e < spec.max_epochs]
+    assert len(set(trained.epochs)) > 1 and early  # the cells stop at different epochs
+    for c, cell in enumerate(cells):
+        own = points[(points["loss"] == cell.loss) & (points["seed"] == cell.seed)]
+        assert own["epoch"].max() == trained.epochs[c]  # its curve ends where it stopped
+        val = own.pivot(index="step", columns="group", values="val_mse")
+        train = own.pivot(index="step", columns="group", values="train_mse")
+
+        def flat(k):  # the stopping rule on the first k epochs
+            return k >= AUTO_MIN_EPOCHS and all((abs(last_drop(d.index[:k], d.to_numpy()[:k])) <= CONVERGED_DROP).all()
+                                                for d in (val, train))
+        if c in early:
+            assert flat(trained.epochs[c]) and not flat(trained.epochs[c] - 1)  # the first epoch the rule held
+    # a cell that stopped at epoch e has the very weights (bit for bit) of the same stack trained for e epochs
+    for e in sorted(set(trained.epochs)):
+        fixed = train_cells(data.train_x, data.train_g, cells, TrainConfig.from_spec(spec.replace(epochs=e)))
+        for c in [c for c, ec in enumerate(trained.epochs) if ec == e]:
+            for name, p in fixed.stacked.params.items():
+                assert torch.equal(trained.stacked.params[name][c], p[c]), (cells[c], name)
+    # ... and, for an L2 cell, the weights it gets trained alone (float32 rounding only; L1's sign(r) would
+    # amplify that rounding over hundreds of steps: 4.5e-4 measured here, see README "Speed")
+    c = cells.index(Cell("l2", 0))
+    alone = train_cells(data.train_x, data.train_g, [cells[c]], TrainConfig.from_spec(spec.replace(epochs=trained.epochs[c])))
+    for name, p in alone.stacked.params.items():
+        torch.testing.assert_close(trained.stacked.params[name][c], p[0], rtol=0, atol=ATOL)
+
+
+def test_epochs_auto_needs_a_validation_split_and_records_the_epochs_used(digits):
+    config = TrainConfig.from_spec(AuditSpec(epochs="auto"))
+    with pytest.raises(ValueError, match="validation"):
+        train_cells(digits.train[:100], torch.zeros(100, dtype=torch.long), [Cell("l2", 0)], config)
+    result = run_audit(**{**FAST, "epochs": "auto", "max_epochs": 6, "losses": ("l2",), "seeds": 1, "limit": 400})
+    assert result.cells["epochs"].tolist() == [result.history["epoch"].max()]
+    assert set(result.groups["split"]) == {"train", "validation", "test"}
+    assert result.curves["val_mse"].notna().all()
+
+
+@pytest.mark.parametrize("value, message", [("abc", "'epochs' = 'abc' is not a whole number or one of: auto"),
+                                            ("0", "epochs must be >= 1, got 0 (or 'auto')")])
+def test_bad_epochs_are_one_line_errors(value, message, capsys):
+    from fairrecon.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["audit", "--epochs", value, "--quiet"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_nmse_is_mse_over_the_images_own_variance(short, digits):
+    result, _, _ = short
+    data = make_groups(digits, result.spec)
+    variance = data.test_x.flatten(1).double().numpy().var(axis=1)  # numpy, population variance
+    one = result.samples.query("loss == 'l2' and seed == 0")
+    np.testing.assert_array_equal(one["index"].to_numpy(), data.test_index.numpy())
+    np.testing.assert_allclose(one["nmse"], one["mse"] / variance, rtol=1e-5)  # float32 variance vs float64
+    assert "nmse" in result.by_group().columns
