@@ -8,8 +8,9 @@ of each covered group pair's interval (the same intervals the reports show) with
   1  fail         some loss with sufficient data has a lower end above the threshold
                   (`--max-ratio 1` fails exactly for the losses the reports call "clear gap")
   2  usage error  UserError (bad option or file), raised, mapped to 2 by the CLI
-  3  insufficient no loss fails, and some loss's verdict is "insufficient data" (a failed or
-                  non-converged cell, fewer than 2 seeds, a group under stats.MIN_GROUP_N images)
+  3  insufficient no loss fails, and some loss's verdict is "insufficient data" (a failed cell, an
+                  answer still moving at the end of training (stats.gap_drift), fewer than 2 seeds, a
+                  group under stats.MIN_GROUP_N images)
 """
 
 from __future__ import annotations

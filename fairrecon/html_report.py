@@ -115,8 +115,8 @@ def _over_training_html(result, figs: dict[str, str]) -> list[str]:
     out = ["<h2 id='training'>The answer over training</h2>"]
     if warnings:
         items = "".join(f"<li>{_e(w)}</li>" for w in warnings)
-        out.append(f'<div class="warn"><b>{len(warnings)} of {len(result.cells)} cells not converged: the verdict may '
-                   f"move with more training (try --epochs auto).</b><details><summary>Which, and how far their "
+        out.append(f'<div class="warn"><b>{len(warnings)} of {len(result.cells)} cells not converged: their errors were '
+                   f"still changing (the verdict reads whether the gap itself had settled).</b><details><summary>Which, and how far their "
                    f"error still moved</summary><ul>{items}</ul></details></div>")
     if "over_training" in figs:
         out.append("<ul>" + "".join(f"<li>{_e(c)}.</li>" for c in changes) + "</ul>" if changes else

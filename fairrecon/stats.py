@@ -37,6 +37,7 @@ from scipy import optimize, special
 
 from .errors import UserError
 from .measure import PSNR_FLOOR_MSE
+from .train import CONVERGED_DROP, CONVERGED_WINDOW, last_drop
 
 METRICS = ("mse", "mae", "psnr")
 CORRECTIONS = ("bonferroni", "none")
@@ -473,11 +474,12 @@ def disparities(result, *, metric: str = "mse", policy: Policy = POLICY, referen
                     _decide(adj, excess, ratio=False, **decide)
                     row.update({"adjusted_" + k: adj[k] for k in ("reference", "worst", "gap", "gap_low",
                                                                   "gap_high", "gap_lcb")})
-        reasons = insufficient(result, loss, le, external=external)
+        pair = (row["worst"], row["reference"]) if "worst" in row else None
+        reasons = insufficient(result, loss, le, pair=pair, external=external)
         if metric != "psnr" and np.isfinite(row.get("gap_lcb", np.nan)) and not np.isfinite(row["ratio_lcb"]):
             reasons.append("a group's mean error is not above 0: no ratio")
         row["verdict"] = verdict(gap_lcb=row.get("gap_lcb", np.nan), reasons=reasons)
-        row["warnings"] = "; ".join(reasons + _notes(row, decisive, external))
+        row["warnings"] = "; ".join(reasons + unconverged(result, loss) + _notes(row, decisive, external))
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -525,9 +527,31 @@ def _external(result) -> bool:
     return bool((result.info or {}).get("external_model"))
 
 
-def insufficient(result, loss: str, le: LossErrors | None, *, external: bool = False) -> list[str]:
-    """Why a loss's data cannot support a verdict (empty when they can): failed or non-converged cells,
-    fewer than 2 trained seeds, a test or training group under MIN_GROUP_N images."""
+def gap_drift(result, loss: str, worst: str, best: str) -> float:
+    """How far the answer still moved at the end of training: per ok cell of `loss`, the change of its
+    worst/best held-out MSE ratio over the last CONVERGED_WINDOW of training, as a fitted log-linear trend
+    (train.last_drop, negated: > 0 the ratio was rising) on the curve points before the cell's final one
+    (the fixed test subset, so every point sees the same images), then the mean over seeds.
+    NaN without curves (a model of yours) or with too few points to fit."""
+    curves = getattr(result, "curves", None)
+    if curves is None or curves.empty:
+        return float("nan")
+    cells = result.cells
+    ok = cells.loc[(cells["loss"] == loss) & (cells["status"] == "ok"), "seed"]
+    part = curves[(curves["loss"] == loss) & curves["seed"].isin(ok)].assign(group=lambda d: d["group"].astype(str))
+    drifts = []
+    for _, cell in part.groupby("seed"):
+        wide = cell[cell["step"] < cell["step"].max()].pivot(index="step", columns="group", values="mse")
+        if worst in wide and best in wide:
+            drifts.append(-float(last_drop(wide.index, (wide[worst] / wide[best]).to_numpy())))
+    return float(np.mean(drifts)) if drifts else float("nan")
+
+
+def insufficient(result, loss: str, le: LossErrors | None, *, pair: tuple[str, str] | None = None,
+                 external: bool = False) -> list[str]:
+    """Why a loss's data cannot support a verdict (empty when they can): failed cells, an answer still
+    moving at the end of training (`gap_drift` of the shown pair beyond CONVERGED_DROP), fewer than 2
+    trained seeds, a test or training group under MIN_GROUP_N images."""
     reasons = []
     cells = result.cells[result.cells["loss"] == loss]
     failed = cells[cells["status"] != "ok"]
@@ -536,11 +560,12 @@ def insufficient(result, loss: str, le: LossErrors | None, *, external: bool = F
     elif len(failed):
         reasons.append(f"{len(failed)} failed cell(s) left out: "
                        + ", ".join(f"{loss}/seed{r.seed} ({r.status})" for r in failed.itertuples()))
-    if "converged" in cells:
-        stuck = cells[(cells["status"] == "ok") & cells["converged"].astype("boolean").eq(False).fillna(False)]
-        if len(stuck):
-            reasons.append(f"{len(stuck)} cell(s) had not converged: "
-                           + ", ".join(f"{loss}/seed{s}" for s in stuck["seed"]))
+    if pair is not None and pair[0] != pair[1]:
+        drift = gap_drift(result, loss, *pair)
+        if abs(drift) > CONVERGED_DROP:
+            reasons.append(f"the answer had not settled: {pair[0]}/{pair[1]} still moved {drift:+.1%} over the "
+                           f"last {CONVERGED_WINDOW:.0%} of training (settled: within {CONVERGED_DROP:.0%}); "
+                           "train longer (--epochs N or --epochs auto)")
     if le is None:
         return reasons
     if not external and len(le.seeds) < 2:
@@ -554,6 +579,20 @@ def insufficient(result, loss: str, le: LossErrors | None, *, external: bool = F
         if tiny:
             reasons.append(f"training group(s) {', '.join(tiny)}: fewer than {MIN_GROUP_N} training images")
     return reasons
+
+
+def unconverged(result, loss: str) -> list[str]:
+    """A note (not a reason) when some cells' errors were still changing: the verdict is about this
+    training length; whether the answer itself still moved is `gap_drift`'s question."""
+    cells = result.cells[(result.cells["loss"] == loss) & (result.cells["status"] == "ok")]
+    if "converged" not in cells:
+        return []
+    stuck = cells[cells["converged"].astype("boolean").eq(False).fillna(False)]
+    if not len(stuck):
+        return []
+    return [f"{len(stuck)} of {len(cells)} cell(s) not converged (an error still changed by more than "
+            f"{CONVERGED_DROP:.0%} over the last {CONVERGED_WINDOW:.0%} of training: "
+            + ", ".join(f"{loss}/seed{s}" for s in stuck["seed"]) + "): the verdict holds for this training length"]
 
 
 def _notes(row: dict, decisive: tuple[str, str] | None, external: bool) -> list[str]:

@@ -49,6 +49,23 @@ def synthetic_result(values: dict[str, np.ndarray], codes: np.ndarray, names=("a
     return AuditResult(spec, samples, cells, groups, history, {})
 
 
+def _curves(result, drift: float, points: int = 20) -> pd.DataFrame:
+    """Curves whose worst/best ratio changes by exactly `drift` (relative) over the last quarter of training,
+    log-linearly, and jumps at the final (full test set) point, which the drift must ignore. Which group is
+    worst is read from the final numbers, as the verdict does."""
+    final = result.by_group().set_index("group")["mse"]
+    worst, best = final.idxmax(), final.idxmin()
+    steps = np.arange(1, points + 1) * 10
+    rows = []
+    for seed in result.cells["seed"]:
+        ratio = np.exp(np.log1p(drift) * steps / (0.25 * steps[-2]))  # fitted on the points before the last
+        ratio[-1] = 50.0
+        for step, r in zip(steps, ratio):
+            rows += [{"loss": "l1", "seed": seed, "step": step, "epoch": step / 10, "group": best, "mse": 0.01},
+                     {"loss": "l1", "seed": seed, "step": step, "epoch": step / 10, "group": worst, "mse": 0.01 * r}]
+    return pd.DataFrame(rows)
+
+
 def simulate(rng, seeds=4, n=(80, 60), means=(0.01, 0.01), seed_sd=0.001, image_sd=0.003, noise_sd=0.001):
     """Crossed design: mse[s, i] = mean_g + seed effect (per group) + image effect + noise, all positive."""
     codes = np.repeat(np.arange(len(n)), n)
@@ -291,9 +308,18 @@ def test_small_or_broken_data_is_insufficient_never_clear():
     assert v == stats.INSUFFICIENT and "only 1 trained seed" in w
     assert stats.analyse(one_seed).intervals["ci_low"].isna().all()  # no interval without a seed spread
     stuck = synthetic_result({"l1": values}, codes)
-    stuck.cells["converged"] = [True, False, True]
+    stuck.cells["converged"] = [True, False, True]  # an error still falling: a note, the verdict stands
     v, w = verdict(stuck)
-    assert v == stats.INSUFFICIENT and "1 cell(s) had not converged: l1/seed1" in w
+    assert v == verdict(synthetic_result({"l1": values}, codes))[0] != stats.INSUFFICIENT
+    assert "1 of 3 cell(s) not converged" in w and "l1/seed1" in w
+    for drift, settled in ((0.0, True), (0.04, True), (0.08, False), (-0.08, False)):
+        moving = synthetic_result({"l1": values}, codes)
+        moving.curves = _curves(moving, drift)
+        v, w = verdict(moving)
+        assert (v != stats.INSUFFICIENT) == settled, (drift, w)
+        row = stats.analyse(moving).disparities.iloc[0]
+        assert stats.gap_drift(moving, "l1", row.worst, row.reference) == pytest.approx(drift, abs=1e-9)
+        assert settled or f"still moved {drift:+.1%}" in w
     small_train = synthetic_result({"l1": values}, codes)
     small_train.groups = pd.concat([small_train.groups, pd.DataFrame({"split": "train", "group": ["a", "b"], "n": [3, 2]})])
     v, w = verdict(small_train)
