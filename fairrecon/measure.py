@@ -32,9 +32,14 @@ def sample_errors(stacked: StackedCells, data: GroupedData, device: torch.device
     mean brightness everywhere; comparable between groups that differ in contrast.
     """
     x = data.test_x.to(device)
-    residual = (stacked.reconstruct(x) - x).flatten(2)  # (C, N, M)
-    mse = residual.pow(2).mean(2).cpu()
-    mae = residual.abs().mean(2).cpu()
+    mse, mae = [], []
+    lo = 0
+    for recon in stacked.reconstruct_batches(x):  # a batch at a time: each image's row is reduced alone
+        residual = recon.sub_(x[lo:lo + recon.shape[1]]).flatten(2)  # (C, b, M)
+        lo += recon.shape[1]
+        mse.append(residual.pow(2).mean(2))
+        mae.append(residual.abs_().mean(2))
+    mse, mae = torch.cat(mse, dim=1).cpu(), torch.cat(mae, dim=1).cpu()
     psnr = -10.0 * torch.log10(mse.clamp_min(PSNR_FLOOR_MSE))
     variance = x.flatten(1).var(1, correction=0).clamp_min(NMSE_FLOOR_VAR).cpu()
     nmse = mse / variance
@@ -143,7 +148,7 @@ def convergence(points: pd.DataFrame) -> pd.DataFrame:
 def train_mse(stacked: StackedCells, x: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """Each cell's MSE per pixel over the whole training set (C,), to set beside its learned sigma^2."""
     x = x.to(device)
-    return (stacked.reconstruct(x) - x).pow(2).flatten(2).mean(dim=(1, 2)).cpu()
+    return stacked.reconstruct(x).sub_(x).pow_(2).flatten(2).mean(dim=(1, 2)).cpu()  # in place: one (C, N, ...) copy
 
 
 EXAMPLES_PER_GROUP = 8  # test images per group kept, with their reconstructions, for the report's grids
