@@ -24,6 +24,9 @@ PSNR_FLOOR_MSE = 1e-10  # a perfect reconstruction reads as 100 dB rather than i
 NMSE_FLOOR_VAR = (1 / 255) ** 2 / 12
 
 
+SAMPLE_CHUNK = 2048  # test images whose residuals sample_errors holds at once (reconstruct batches within it)
+
+
 @torch.no_grad()
 def sample_errors(stacked: StackedCells, data: GroupedData, device: torch.device | str = "cpu") -> pd.DataFrame:
     """MSE, MAE (per pixel), PSNR (data range 1) and nmse of every test image under every cell.
@@ -33,10 +36,9 @@ def sample_errors(stacked: StackedCells, data: GroupedData, device: torch.device
     """
     x = data.test_x.to(device)
     mse, mae = [], []
-    lo = 0
-    for recon in stacked.reconstruct_batches(x):  # a batch at a time: each image's row is reduced alone
-        residual = recon.sub_(x[lo:lo + recon.shape[1]]).flatten(2)  # (C, b, M)
-        lo += recon.shape[1]
+    for lo in range(0, len(x), SAMPLE_CHUNK):  # a chunk at a time: each image's row is reduced alone
+        xb = x[lo:lo + SAMPLE_CHUNK]
+        residual = (stacked.reconstruct(xb) - xb).flatten(2)  # (C, b, M)
         mse.append(residual.pow(2).mean(2))
         mae.append(residual.abs_().mean(2))
     mse, mae = torch.cat(mse, dim=1).cpu(), torch.cat(mae, dim=1).cpu()

@@ -145,17 +145,11 @@ class StackedCells:
     def reconstruct(self, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
         """The same images x (N, ...) through every cell, `batch` images at a time (default
         `inference_batch`) -> (C, N, ...). Each image's output does not depend on `batch`."""
-        return torch.cat(list(self.reconstruct_batches(x, batch)), dim=1)
-
-    @torch.no_grad()
-    def reconstruct_batches(self, x: torch.Tensor, batch: int | None = None):
-        """`reconstruct` one batch of images at a time: yields (C, b, ...) for x[lo:lo + b] in order."""
         def one(p, b, xc):
             return functional_call(self.base, (p, b), (xc,))
         run = vmap(one, in_dims=(0, 0, None))
         batch = batch or self.inference_batch
-        for lo in range(0, len(x), batch):
-            yield run(self.params, self.buffers, x[lo:lo + batch])
+        return torch.cat([run(self.params, self.buffers, x[i:i + batch]) for i in range(0, len(x), batch)], dim=1)
 
     @cached_property
     def inference_batch(self) -> int:
