@@ -80,9 +80,9 @@ def default_threads() -> tuple[int, str]:
     """Intra-op threads for an audit, and why: the CPUs this process may use, less the ones other
     processes keep busy (1-minute load average), at least 1, at most torch's default.
 
-    Why not torch's default (one per core): the models are small, and threads that wait for cores
-    busy with other work stall every operation; on 2 shared cores a 30 s audit took over 3 minutes
-    (issue 13; README "Speed" has the measurement).
+    Why not torch's default (one per core): threads that wait for cores busy with other work can
+    stall every operation (issue 13: a 30 s audit took over 3 minutes on 2 shared cores). One run
+    each on this project's busy machine did not confirm the rule (README "Speed"): re-measure.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
