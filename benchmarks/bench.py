@@ -1,18 +1,24 @@
-"""Benchmark: the plain recipe against fairrecon, on the same grid and the same data, in one run.
+"""Benchmark: the whole `fairrecon audit` process against the plain PyTorch recipe, same grid, data and epochs.
 
-    python benchmarks/bench.py                      # FashionMNIST, MLP, 4 losses x 3 seeds
-    python benchmarks/bench.py --repeats 3 --scaling
-    python benchmarks/bench.py --small              # seconds; what CI runs
+    python benchmarks/bench.py --limit 5000 --model conv --repeats 3   # 4 losses x 3 seeds, 1 epoch
+    python benchmarks/bench.py --limit 60000 --model mlp               # full Fashion-MNIST
+    python benchmarks/bench.py --scaling-only                          # time, memory vs cells, images, image size
+    python benchmarks/bench.py --small                                 # seconds; what CI runs
 
-The plain recipe is what one would write by hand: torchvision's FashionMNIST behind a
-DataLoader, ToTensor and the per-image brightness map as transforms, one model at a time
-with its own Adam. fairrecon: the same images as one tensor, brightness mapped in batch
-(groups.py), every (loss, seed) cell trained at once (train.py). Both use the same seeded
-initial weights, the same batch order and fairrecon.losses, so both train the same models:
-the script prints how far apart the weights end up, and how many cell-steps each side took.
+Each side is a fresh process, timed from the outside, interleaved (plain, fairrecon, plain, ...):
 
-It reports; it never asserts timings. On a shared machine use the ratio of one run, and
---repeats for its spread.
+* fairrecon: `python -m fairrecon audit ... --out TMP`: load, groups, training (with its gradient
+  shares and curves), measurement, statistics, report.md/report.html/summary.json. Its breakdown
+  comes from summary.json's info.timings; "other" is the rest of the process (start-up, imports,
+  writing files).
+* plain: what one would write by hand: torchvision's FashionMNIST behind a DataLoader, ToTensor and
+  the per-image brightness map as transforms, one model at a time with its own Adam, then each model
+  over the held-out images (the same transform) for every image's error. It trains the same models:
+  the same seeded initial weights, batch order and fairrecon.losses. Which images go to which group
+  (fairrecon's assignment) is worked out first and left out of its time ("setup").
+
+It reports; it never asserts timings. On a shared machine use the median ratio of interleaved
+--repeats and say so.
 """
 
 from __future__ import annotations
@@ -25,17 +31,19 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torchvision  # imported up front so neither timed side pays for the import
+import torchvision
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fairrecon.audit import default_threads  # noqa: E402
 from fairrecon.data import load_images  # noqa: E402
 from fairrecon.groups import make_groups  # noqa: E402
 from fairrecon.losses import get_loss  # noqa: E402
@@ -60,20 +68,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E40
 register_optimizer_step_post_hook(_count_cell_steps)
 
 
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak RSS (VmHWM)
-        except OSError:
-            pass
-
-
-def peak_mb(device: torch.device, now: bool = False) -> float:
-    """Peak memory since reset_peak (or, with now, current): CUDA allocated, or the process's RSS (Linux)."""
-    if device.type == "cuda":
-        return (torch.cuda.memory_allocated(device) if now else torch.cuda.max_memory_allocated(device)) / 2**20
+def peak_mb(now: bool = False) -> float:
+    """This process's peak (or, with now, current) resident memory, Linux's VmHWM / VmRSS."""
     key = "VmRSS:" if now else "VmHWM:"
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -84,9 +80,18 @@ def peak_mb(device: torch.device, now: bool = False) -> float:
     return float("nan")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def run_process(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """Run cmd to its end -> (wall seconds, its own peak RSS in MB (wait4), its stdout); stderr on failure."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}: {err.read().strip()[-2000:]}")
+        return wall, usage.ru_maxrss / 1024, out.read()
 
 
 # ---------------------------------------------------------------- the plain recipe
@@ -125,8 +130,8 @@ class MatchBrightness:
 class PlainGrouped(Dataset):
     """torchvision FashionMNIST -> ToTensor -> brightness map to the image's group target."""
 
-    def __init__(self, root: str, index: list[int], targets: list[float], c: float):
-        self.base = torchvision.datasets.FashionMNIST(root, train=True, transform=transforms.ToTensor())
+    def __init__(self, root: str, index: list[int], targets: list[float], c: float, *, train: bool = True):
+        self.base = torchvision.datasets.FashionMNIST(root, train=train, transform=transforms.ToTensor())
         self.index, self.targets, self.brightness = index, targets, MatchBrightness(c)
 
     def __len__(self) -> int:
@@ -154,32 +159,39 @@ class EpochPermutation(Sampler):
         return iter(torch.randperm(self.n, generator=self.generator).tolist())
 
 
-def plain_dataset(root: str, data) -> PlainGrouped:
+def spec_for(args) -> AuditSpec:
+    """The audit both sides run (bench flags -> spec fields)."""
+    return AuditSpec(dataset="fashion-mnist", data_root=args.data_root, limit=args.limit, test_limit=args.test_limit,
+                     model=args.model, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size,
+                     losses=tuple(args.losses), device=args.device)
+
+
+def plain_datasets(root: str, data) -> tuple[PlainGrouped, PlainGrouped]:
     """The images fairrecon grouped (same indices, targets and contrast factor), the plain way."""
-    targets = [data.targets[g] for g in data.train_g.tolist()]
-    return PlainGrouped(root, data.train_index.tolist(), targets, data.contrast_factor)
+    def one(index, g, train):
+        return PlainGrouped(root, index.tolist(), [data.targets[k] for k in g.tolist()], data.contrast_factor, train=train)
+    return one(data.train_index, data.train_g, True), one(data.test_index, data.test_g, False)
 
 
-def plain_recipe(root: str, data, cells: list[Cell], config: TrainConfig, device: torch.device,
-                 workers: int = 0) -> tuple[list[torch.nn.Module], float]:
-    """One model at a time, each with its own DataLoader pass and Adam -> models, seconds spent waiting for data."""
-    dataset = plain_dataset(root, data)
-    models, waited = [], 0.0
+def plain_recipe(train_set: PlainGrouped, test_set: PlainGrouped, shape, cells: list[Cell], config: TrainConfig,
+                 device: torch.device) -> dict[str, float]:
+    """One model at a time: its own DataLoader pass and Adam, then every held-out image's MSE -> seconds per part."""
+    seconds = {"train_s": 0.0, "eval_s": 0.0, "waited_s": 0.0}
     for cell in cells:
+        start = time.perf_counter()
         torch.manual_seed(cell.seed)
-        model = build_model(config.model, tuple(data.train_x.shape[1:]), config.latent, config.hidden).to(device)
+        model = build_model(config.model, shape, config.latent, config.hidden).to(device)
         loss = get_loss(cell.loss)
         learned = torch.zeros(1, len(loss.params), device=device, requires_grad=True)  # one cell's row, as in train.py
         opt = torch.optim.Adam([{"params": model.parameters(), "lr": config.lr},
                                 {"params": [learned], "lr": config.sigma_lr}])
-        loader = DataLoader(dataset, batch_size=config.batch_size, sampler=EpochPermutation(len(dataset), cell.seed),
-                            num_workers=workers)
-        for _ in range(config.epochs):
+        loader = DataLoader(train_set, batch_size=config.batch_size, sampler=EpochPermutation(len(train_set), cell.seed))
+        for _ in range(int(config.epochs)):
             batches = iter(loader)
             while True:
                 t = time.perf_counter()
                 xb = next(batches, None)
-                waited += time.perf_counter() - t
+                seconds["waited_s"] += time.perf_counter() - t
                 if xb is None:
                     break
                 xb = xb.to(device)
@@ -188,108 +200,153 @@ def plain_recipe(root: str, data, cells: list[Cell], config: TrainConfig, device
                 opt.zero_grad()
                 nll.mean().backward()
                 opt.step()
-        models.append(model)
-    sync(device)
-    return models, waited
+        middle = time.perf_counter()
+        with torch.no_grad():  # the audit's product: every held-out image's error under this model
+            errors = [(model(xb.to(device)) - xb.to(device)).pow(2).flatten(1).mean(1).cpu()
+                      for xb in DataLoader(test_set, batch_size=config.batch_size)]
+        assert len(torch.cat(errors)) == len(test_set)
+        seconds["train_s"] += middle - start
+        seconds["eval_s"] += time.perf_counter() - middle
+    return seconds
 
 
-# ---------------------------------------------------------------- fairrecon
-
-def spec_for(args, limit: int) -> AuditSpec:
-    # Neither side measures held-out images here, so fairrecon's grouping maps only 2 test images.
-    return AuditSpec(dataset="fashion-mnist", data_root=args.data_root, limit=limit, test_limit=2,
-                     model=args.model, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size,
-                     losses=tuple(args.losses), device=args.device, grad_points=0)
-
-
-def fairrecon_run(spec: AuditSpec, cells: list[Cell], config: TrainConfig, device: torch.device):
-    """Load the files, map brightness in batch, train the grid: everything the plain side does."""
-    images = load_images(spec.dataset, spec.data_root)
-    data = make_groups(images, spec)
-    return data, train_cells(data.train_x, data.train_g, cells, config, device)
-
-
-def timed(fn, device):
-    reset_peak(device)
-    before = CELL_STEPS["n"]
-    t = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t, CELL_STEPS["n"] - before, peak_mb(device)
-
-
-# ---------------------------------------------------------------- main
-
-def compare(args, device: torch.device) -> None:
-    spec = spec_for(args, args.limit)
+def plain_main(args) -> None:
+    """--_plain: one plain-recipe process; prints its timings as one JSON line."""
+    start = time.perf_counter()
+    spec = spec_for(args)
+    data = make_groups(load_images(spec.dataset, spec.data_root), spec)  # the assignment only: "setup", not timed
     config = TrainConfig.from_spec(spec)
-    cells = [Cell(loss, seed) for loss in args.losses for seed in range(args.seeds)]
-    print(f"grid: {len(args.losses)} losses x {args.seeds} seeds = {len(cells)} cells, model {args.model}, "
-          f"{args.limit} FashionMNIST images, {args.epochs} epoch(s), batch {args.batch_size}")
-    ratios, train_ratios = [], []
-    for r in range(args.repeats):
-        (data, trained), t_fr, steps_fr, mem_fr = timed(lambda: fairrecon_run(spec, cells, config, device), device)
-        models, t_plain, steps_plain, mem_plain = timed(
-            lambda: plain_recipe(args.data_root, data, cells, config, device, args.workers), device)
-        ratios.append(t_plain / t_fr)
-        models, t_data = models
-        train_ratios.append((t_plain - t_data) / trained.seconds)
-        print(f"run {r + 1}: plain {t_plain:.2f} s ({steps_plain} cell-steps, peak {mem_plain:.0f} MB; "
-              f"waiting for data {t_data:.2f} s) | fairrecon {t_fr:.2f} s ({steps_fr} cell-steps, peak {mem_fr:.0f} MB; "
-              f"train {trained.seconds:.2f} s) | ratio {t_plain / t_fr:.2f}x, training alone {train_ratios[-1]:.2f}x")
-    # the same maths: both sides' data and trained weights
-    plain = plain_dataset(args.data_root, data)
-    plain_x = torch.stack([plain[i] for i in range(min(64, len(plain)))])
-    data_diff = (plain_x - data.train_x[:len(plain_x)]).abs().max().item()
-    weight_diff: dict[str, float] = {}  # per loss: L1's sign(r) turns float rounding into different steps
-    for c, m in enumerate(models):
-        fr = trained.stacked.module(c).state_dict()
-        diff = max((fr[k] - v.cpu()).abs().max().item() for k, v in m.state_dict().items())
-        weight_diff[cells[c].loss] = max(weight_diff.get(cells[c].loss, 0.0), diff)
-    print(f"same data: max |plain image - fairrecon image| = {data_diff:.1e} (first 64 images)")
-    print("same models: max |plain weight - fairrecon weight| per loss: "
-          + ", ".join(f"{loss} {d:.1e}" for loss, d in weight_diff.items()))
-    print(f"cell-steps: plain {steps_plain}, fairrecon {steps_fr}")
+    cells = [Cell(loss, seed) for loss in spec.losses for seed in range(spec.seeds)]
+    setup = time.perf_counter() - start
+    t = time.perf_counter()
+    train_set, test_set = plain_datasets(args.data_root, data)
+    seconds = {"load_s": time.perf_counter() - t}
+    before = CELL_STEPS["n"]
+    seconds.update(plain_recipe(train_set, test_set, tuple(data.train_x.shape[1:]), cells, config, torch.device(args.device)))
+    n = min(64, len(train_set))  # both sides made the same images
+    data_diff = (torch.stack([train_set[i] for i in range(n)]) - data.train_x[:n]).abs().max().item()
+    steps_per_epoch = math.ceil(len(data.train_x) / config.batch_size)
+    print(json.dumps({"setup_s": setup, **seconds, "cell_steps": CELL_STEPS["n"] - before, "data_diff": data_diff,
+                      "fairrecon_cell_steps": len(cells) * int(config.epochs) * steps_per_epoch,
+                      "train_images": len(data.train_x), "test_images": len(data.test_x)}))
+
+
+# ---------------------------------------------------------------- fairrecon, as a user runs it
+
+def fairrecon_cmd(args, out: str) -> list[str]:
+    cmd = [sys.executable, "-m", "fairrecon", "audit", "--dataset", "fashion-mnist", "--data-root", args.data_root,
+           "--limit", str(args.limit), "--model", args.model, "--seeds", str(args.seeds), "--epochs", str(args.epochs),
+           "--losses", ",".join(args.losses), "--batch-size", str(args.batch_size), "--device", args.device,
+           "--out", out, "--force", "--quiet", "--threads", str(args.threads)]
+    return cmd + (["--test-limit", str(args.test_limit)] if args.test_limit else [])
+
+
+PARTS = ("load_s", "groups_s", "train_s", "curves_s", "measure_s", "stats_s", "report_s", "other_s")
+
+
+def breakdown(summary: dict, wall: float) -> dict[str, float]:
+    """Where the fairrecon process's time went: info.timings, training without its curve points, the rest as other_s."""
+    t = dict(summary["info"]["timings"])
+    t["train_s"] -= t["curves_s"]  # curve points run inside the training loop (train_cells' on_eval)
+    t["other_s"] = wall - t["total_s"] - t.get("stats_s", 0.0) - t.get("report_s", 0.0)
+    return {k: t.get(k, float("nan")) for k in PARTS}
+
+
+def compare(args) -> None:
+    cells = len(args.losses) * args.seeds
+    print(f"grid: {len(args.losses)} losses x {args.seeds} seeds = {cells} cells, model {args.model}, "
+          f"FashionMNIST limit {args.limit} (test limit {args.test_limit or 'none'}), {args.epochs} epoch(s), "
+          f"batch {args.batch_size}, {args.threads} thread(s) on each side")
+    plain_cmd = [sys.executable, __file__, "--_plain", "--limit", str(args.limit), "--model", args.model,
+                 "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--losses", ",".join(args.losses),
+                 "--batch-size", str(args.batch_size), "--device", args.device, "--data-root", args.data_root,
+                 "--threads", str(args.threads)] + (["--test-limit", str(args.test_limit)] if args.test_limit else [])
+    ratios, parts = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            wall_p, mem_p, out = run_process(plain_cmd)
+            plain = json.loads(out.strip().splitlines()[-1])
+            t_plain = wall_p - plain["setup_s"]
+            wall_f, mem_f, _ = run_process(fairrecon_cmd(args, str(Path(tmp) / "out")))
+            summary = json.loads((Path(tmp) / "out" / "summary.json").read_text())
+            part = breakdown(summary, wall_f)
+            parts.append(part)
+            ratios.append(t_plain / wall_f)
+            print(f"run {r + 1}: plain {t_plain:.2f} s (train {plain['train_s']:.2f} s of which waiting for data "
+                  f"{plain['waited_s']:.2f} s, held-out errors {plain['eval_s']:.2f} s; peak {mem_p:.0f} MB) | "
+                  f"fairrecon {wall_f:.2f} s (peak {mem_f:.0f} MB; {summary['info']['threads']} thread(s)) | "
+                  f"ratio {ratios[-1]:.2f}x")
+            print("  fairrecon breakdown: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in part.items()))
+    median = {k: statistics.median(p[k] for p in parts) for k in PARTS}
+    print(f"same data: max |plain image - fairrecon image| = {plain['data_diff']:.1e} (first 64 images)")
+    print(f"cell-steps: plain {plain['cell_steps']}, fairrecon {plain['fairrecon_cell_steps']}")
+    print(f"images: {plain['train_images']} train, {plain['test_images']} held out")
+    print("fairrecon median breakdown: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in median.items()))
+    trained = median["train_s"]
+    print(f"measurement (measure + curves) / training: {(median['measure_s'] + median['curves_s']) / trained:.2f}; "
+          f"statistics + reports: {median['stats_s'] + median['report_s']:.2f} s")
     spread = f" (min {min(ratios):.2f}x, max {max(ratios):.2f}x, {len(ratios)} runs)" if len(ratios) > 1 else ""
-    print(f"training alone (plain minus its time waiting for data, vs train_cells): {statistics.median(train_ratios):.2f}x median")
     print(f"ratio plain/fairrecon: {statistics.median(ratios):.2f}x median{spread}")
 
 
-def scaling_point(args, device: torch.device) -> None:
-    """One point of the scaling table, in its own process so peak memory is its own."""
-    spec = spec_for(args, args.limit)
+# ---------------------------------------------------------------- scaling
+
+SIZES = {"28": (1, 28), "32x3": (3, 32), "64": (1, 64)}  # image size: channels, side
+
+
+def scaling_point(args) -> None:
+    """One point of the scaling table (train_cells alone), in its own process so peak memory is its own.
+
+    Sizes other than 28x28: Fashion-MNIST images resized (bilinear) and, for 3 channels, repeated:
+    real images at the size whose cost is measured.
+    """
+    spec = spec_for(args)
     config = TrainConfig.from_spec(spec)
     cells = [Cell(LOSSES[i % len(LOSSES)], i // len(LOSSES)) for i in range(args.point_cells)]
     data = make_groups(load_images(spec.dataset, spec.data_root), spec)
-    rss = peak_mb(device, now=True)
-    (_, t, steps, peak) = timed(lambda: train_cells(data.train_x, data.train_g, cells, config, device, max_cells=len(cells)), device)
-    est = len(cells) * cell_bytes(config, tuple(data.train_x.shape[1:])) / 2**20
-    print(json.dumps({"cells": len(cells), "images": len(data.train_x), "seconds": t, "cell_steps": steps,
-                      "peak_mb": peak, "before_mb": rss, "estimate_mb": est}))
+    x = data.train_x
+    channels, side = SIZES[args.size]
+    if side != 28:
+        x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False).clamp(0, 1)
+    x = x.repeat(1, channels, 1, 1).contiguous()
+    rss = peak_mb(now=True)
+    before = CELL_STEPS["n"]
+    t = time.perf_counter()
+    train_cells(x, data.train_g, cells, config, torch.device(args.device), max_cells=len(cells))
+    seconds = time.perf_counter() - t
+    est = len(cells) * cell_bytes(config, tuple(x.shape[1:])) / 2**20
+    print(json.dumps({"cells": len(cells), "images": len(x), "size": args.size, "seconds": seconds,
+                      "cell_steps": CELL_STEPS["n"] - before, "peak_mb": peak_mb(), "before_mb": rss, "estimate_mb": est}))
 
 
 def scaling(args) -> None:
-    cells = [1, 2, 4, 12, 24] if not args.small else [1, 4]
-    sizes = [args.limit // 4, args.limit // 2, args.limit] if not args.small else [args.limit // 2, args.limit]
-    points = [(c, args.limit) for c in cells] + [(len(args.losses) * args.seeds, n) for n in sizes[:-1]]
-    print("\nscaling (fairrecon, train_cells only, each point in a fresh process):")
-    print(f"{'cells':>5} {'images':>7} {'seconds':>8} {'s/cell-step':>11} {'peak MB':>8} {'+train MB':>9} {'estimate MB':>11}")
-    for c, n in points:
-        cmd = [sys.executable, __file__, "--_point", str(c), "--limit", str(n), "--epochs", str(args.epochs),
+    if args.small:
+        points = [(1, args.limit, "28"), (4, args.limit, "28")]
+    else:
+        points = ([(c, 5000, "28") for c in (1, 2, 4, 12, 24, 48)]
+                  + [(12, n, "28") for n in (1000, 20000, 60000)]
+                  + [(12, 5000, size) for size in ("32x3", "64")])
+    print(f"\nscaling (fairrecon's train_cells alone, model {args.model}, {args.epochs} epoch(s), batch {args.batch_size}, "
+          f"{args.threads} thread(s), each point in a fresh process):")
+    print(f"{'cells':>5} {'images':>7} {'size':>5} {'seconds':>8} {'per cell-step':>13} {'peak MB':>8} {'+train MB':>9} {'estimate MB':>11}")
+    for c, n, size in points:
+        cmd = [sys.executable, __file__, "--_point", str(c), "--limit", str(n), "--size", size, "--epochs", str(args.epochs),
                "--model", args.model, "--device", args.device, "--data-root", args.data_root,
-               "--batch-size", str(args.batch_size), "--threads", str(torch.get_num_threads())]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        if out.returncode != 0:
-            print(f"{c:>5} {n:>7} failed: {out.stderr.strip().splitlines()[-1:]}")
+               "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--test-limit", "2"]
+        try:
+            _, _, out = run_process(cmd)
+        except RuntimeError as e:
+            print(f"{c:>5} {n:>7} {size:>5} failed: {str(e).splitlines()[-1:]}")
             continue
-        p = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{p['cells']:>5} {p['images']:>7} {p['seconds']:>8.2f} {p['seconds'] / p['cell_steps'] * 1e3:>9.2f}ms "
+        p = json.loads(out.strip().splitlines()[-1])
+        print(f"{p['cells']:>5} {p['images']:>7} {size:>5} {p['seconds']:>8.2f} {p['seconds'] / p['cell_steps'] * 1e3:>11.2f}ms "
               f"{p['peak_mb']:>8.0f} {p['peak_mb'] - p['before_mb']:>9.0f} {p['estimate_mb']:>11.0f}")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--limit", type=int, default=10000, help="training images (default 10000)")
+    ap.add_argument("--limit", type=int, default=5000, help="training images (default 5000; 60000 = all)")
+    ap.add_argument("--test-limit", type=int, default=None, help="held-out images (default: all 10000)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--losses", type=lambda s: s.split(","), default=list(LOSSES))
@@ -297,28 +354,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets"))
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for the plain recipe")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads on both sides (default: what `fairrecon audit` would choose now)")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--scaling", action="store_true", help="also time fairrecon across grid and dataset sizes")
+    ap.add_argument("--scaling", action="store_true", help="also the scaling table")
     ap.add_argument("--scaling-only", action="store_true", help="only the scaling table")
-    ap.add_argument("--small", action="store_true", help="CI preset: 256 images, 1 epoch, 2 losses x 1 seed")
+    ap.add_argument("--small", action="store_true", help="CI preset: 256 images, 64 held out, 1 epoch, 2 losses x 1 seed")
+    ap.add_argument("--_plain", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_point", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--size", choices=tuple(SIZES), default="28", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.small:
-        args.limit, args.epochs, args.seeds, args.losses = 256, 1, 1, ["l2", "learned-sigma"]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+        args.limit, args.test_limit, args.epochs, args.seeds, args.losses = 256, 64, 1, 1, ["l2", "learned-sigma"]
+    args.threads = args.threads or default_threads()[0]
+    torch.set_num_threads(args.threads)
+    if args._plain:
+        return plain_main(args)
     if args._point is not None:
         args.point_cells = args._point
-        return scaling_point(args, device)
+        return scaling_point(args)
+    device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    print(f"torch {torch.__version__}, device {device} ({name}), {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} threads, load average {load}")
+    print(f"torch {torch.__version__}, device {device} ({name}), {os.cpu_count()} CPUs, load average {load}")
     if not args.scaling_only:
-        compare(args, device)
+        compare(args)
     if args.scaling or args.scaling_only:
         scaling(args)
 

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import platform
 import time
 from dataclasses import asdict
@@ -23,6 +25,7 @@ import torch
 
 from . import __version__
 from .data import ImageSet, load_images
+from .errors import UserError
 from .dynamics import convergence_warnings
 from .gradshare import GradShareRecorder
 from .groups import GroupedData, make_groups, split_table
@@ -39,7 +42,7 @@ from .train import CONVERGED_DROP, CONVERGED_WINDOW, Cell, TrainConfig, resolve_
 
 def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str], None] | None = None,
               on_epoch: Callable[..., None] | None = None, force: bool = False, save: bool = True,
-              inputs: Iterable[str | Path] = (), **overrides: Any) -> AuditResult:
+              inputs: Iterable[str | Path] = (), threads: int | None = None, **overrides: Any) -> AuditResult:
     """Run the audit a spec (object or TOML path) describes, with keyword overrides.
 
     `log` gets one line per stage; `on_epoch(epoch, epochs, seed_number, seed_count)` is called after
@@ -54,7 +57,42 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
     Nothing is written before the data and groups are built. At the end the whole results folder
     is written (`outputs.save_results`), unless `save` is False: callers that compute the
     statistics themselves (the CLI) then save with them.
+
+    `threads`: torch's intra-op threads for this audit (default `default_threads()`), put back
+    afterwards; recorded in info["threads"]. Not part of the audit's identity: it changes speed only.
     """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UserError(f"threads must be a whole number >= 1, got {threads!r}")
+    chosen, why = (threads, "given") if threads is not None else default_threads()
+    before = torch.get_num_threads()
+    torch.set_num_threads(chosen)
+    try:
+        result = _run_audit(spec, log=log, on_epoch=on_epoch, force=force, inputs=inputs, **overrides)
+        result.info["threads"], result.info["threads_chosen"] = chosen, why
+        if result.spec.out and save:
+            save_results(result, result.spec.out)
+    finally:
+        torch.set_num_threads(before)
+    return result
+
+
+def default_threads() -> tuple[int, str]:
+    """Intra-op threads for an audit, and why: the CPUs this process may use, less the ones other
+    processes keep busy (1-minute load average), at least 1, at most torch's default.
+
+    Why not torch's default (one per core): threads that wait for cores busy with other work can
+    stall every operation (issue 13: a 30 s audit took over 3 minutes on 2 shared cores). One run
+    each on this project's busy machine did not confirm the rule (README "Speed"): re-measure.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    idle = cores - math.floor(load + 0.5)
+    n = max(1, min(torch.get_num_threads(), cores, idle))
+    return n, f"auto: {cores} CPUs, load average {load:.1f}, torch default {torch.get_num_threads()}"
+
+
+def _run_audit(spec: AuditSpec | str | Path | None, *, log, on_epoch, force: bool, inputs: Iterable[str | Path], **overrides: Any) -> AuditResult:
+    """run_audit at the threads it chose; saves nothing (run_audit saves once info is complete)."""
     if spec is None:
         spec = AuditSpec()
     elif isinstance(spec, (str, Path)):
@@ -131,8 +169,6 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
                          curves=_concat(curves) if len(curves) == len(cells) else None)
     for line in convergence_warnings(result):
         log(f"warning: {line}")
-    if spec.out and save:
-        save_results(result, spec.out)
     return result
 
 

@@ -24,6 +24,9 @@ PSNR_FLOOR_MSE = 1e-10  # a perfect reconstruction reads as 100 dB rather than i
 NMSE_FLOOR_VAR = (1 / 255) ** 2 / 12
 
 
+SAMPLE_CHUNK = 2048  # test images whose residuals sample_errors holds at once (reconstruct batches within it)
+
+
 @torch.no_grad()
 def sample_errors(stacked: StackedCells, data: GroupedData, device: torch.device | str = "cpu") -> pd.DataFrame:
     """MSE, MAE (per pixel), PSNR (data range 1) and nmse of every test image under every cell.
@@ -32,9 +35,13 @@ def sample_errors(stacked: StackedCells, data: GroupedData, device: torch.device
     mean brightness everywhere; comparable between groups that differ in contrast.
     """
     x = data.test_x.to(device)
-    residual = (stacked.reconstruct(x) - x).flatten(2)  # (C, N, M)
-    mse = residual.pow(2).mean(2).cpu()
-    mae = residual.abs().mean(2).cpu()
+    mse, mae = [], []
+    for lo in range(0, len(x), SAMPLE_CHUNK):  # a chunk at a time: each image's row is reduced alone
+        xb = x[lo:lo + SAMPLE_CHUNK]
+        residual = (stacked.reconstruct(xb) - xb).flatten(2)  # (C, b, M)
+        mse.append(residual.pow(2).mean(2))
+        mae.append(residual.abs_().mean(2))
+    mse, mae = torch.cat(mse, dim=1).cpu(), torch.cat(mae, dim=1).cpu()
     psnr = -10.0 * torch.log10(mse.clamp_min(PSNR_FLOOR_MSE))
     variance = x.flatten(1).var(1, correction=0).clamp_min(NMSE_FLOOR_VAR).cpu()
     nmse = mse / variance
@@ -143,7 +150,7 @@ def convergence(points: pd.DataFrame) -> pd.DataFrame:
 def train_mse(stacked: StackedCells, x: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """Each cell's MSE per pixel over the whole training set (C,), to set beside its learned sigma^2."""
     x = x.to(device)
-    return (stacked.reconstruct(x) - x).pow(2).flatten(2).mean(dim=(1, 2)).cpu()
+    return stacked.reconstruct(x).sub_(x).pow_(2).flatten(2).mean(dim=(1, 2)).cpu()  # in place: one (C, N, ...) copy
 
 
 EXAMPLES_PER_GROUP = 8  # test images per group kept, with their reconstructions, for the report's grids

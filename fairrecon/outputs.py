@@ -16,6 +16,7 @@ The statistics come in as one `stats.Analysis`, so summary.json and both reports
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +55,13 @@ def summary(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
 
 def result_files(result: AuditResult, analysis: Analysis) -> dict[str, bytes]:
     """Every file of a results folder, rendered in memory, summary.json last."""
+    start = time.perf_counter()
     files = dict(result.data_files())
     if result.split is not None:
         files["split.csv"] = result.split.to_csv(index=False).encode()
     files["report.md"] = markdown_report(result, analysis).encode()
     files["report.html"] = html_report(result, analysis).encode()
+    result.info.setdefault("timings", {})["report_s"] = time.perf_counter() - start  # tables and reports, rendered
     files["summary.json"] = (json.dumps(summary(result, analysis), indent=2, default=_json_default) + "\n").encode()
     return files
 
@@ -70,7 +73,11 @@ def save_results(result: AuditResult, out: str | Path, analysis: Analysis | None
     identity = identity_of(result)
     files_in, folders_in = input_paths(result.spec)
     check_out(out, identity, files=files_in, folders=folders_in, force=True)  # only fairrecon's, never over inputs
-    files = result_files(result, analysis if analysis is not None else analyse(result))
+    if analysis is None:
+        start = time.perf_counter()
+        analysis = analyse(result)
+        result.info.setdefault("timings", {})["stats_s"] = time.perf_counter() - start
+    files = result_files(result, analysis)
     claim(out, identity)
     try:
         write_files(out, files)

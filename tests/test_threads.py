@@ -1,0 +1,57 @@
+"""--threads: the audit runs at the thread count asked for (or one chosen from the load), records it, puts
+torch's setting back, and gets the same bits at any count (CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO
+from fairrecon import audit as audit_module
+from fairrecon import run_audit
+from fairrecon.errors import UserError
+
+# Fashion-MNIST at the default width: matrices large enough that torch splits them across threads
+# (digits at 8x8 would pass this test without ever running a second thread).
+SMALL = dict(dataset="fashion-mnist", limit=256, test_limit=128, epochs=1, seeds=1, losses=("l1", "learned-sigma"),
+             device="cpu", grad_points=0)
+
+
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+def test_thread_count_changes_no_bit(shared_datasets, model):
+    before = torch.get_num_threads()
+    runs = []
+    for threads in (1, 2):
+        seen: list[int] = []
+        result = run_audit(**SMALL, model=model, data_root=str(shared_datasets), threads=threads,
+                           on_epoch=lambda *a: seen.append(torch.get_num_threads()))
+        assert seen == [threads] and result.info["threads"] == threads and result.info["threads_chosen"] == "given"
+        assert torch.get_num_threads() == before  # put back
+        runs.append(result)
+    for name in ("samples", "cells", "history", "curves"):
+        pd.testing.assert_frame_equal(getattr(runs[0], name), getattr(runs[1], name), check_exact=True)
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    cores = len(audit_module.os.sched_getaffinity(0))
+    monkeypatch.setattr(audit_module.os, "getloadavg", lambda: (float(cores) + 0.7, 0.0, 0.0))
+    assert audit_module.default_threads()[0] == 1  # every core busy: one thread, never zero
+    monkeypatch.setattr(audit_module.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    n, why = audit_module.default_threads()
+    assert n == min(torch.get_num_threads(), cores) and "load average 0.0" in why  # idle: torch's own default
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_bad_thread_count_is_refused(bad):
+    with pytest.raises(UserError, match="threads must be a whole number >= 1"):
+        run_audit(dataset="digits", threads=bad)
+
+
+def test_cli_threads_flag_is_checked():
+    out = subprocess.run([sys.executable, "-m", "fairrecon", "audit", "--threads", "0"], capture_output=True,
+                         text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2 and "--threads" in out.stderr and "Traceback" not in out.stderr
