@@ -40,7 +40,8 @@ def sample_errors(stacked: StackedCells, data: GroupedData, device: torch.device
     psnr = -10.0 * torch.log10(mse.clamp_min(PSNR_FLOOR_MSE))
     variance = x.flatten(1).var(1, correction=0).clamp_min(NMSE_FLOOR_VAR).cpu()
     nmse = mse / variance
-    pred_scale = stacked.pixel_scales(x).cpu()  # NaN for losses without a per-pixel scale
+    pixel_scales = getattr(stacked, "pixel_scales", None)  # a user's model (external.py) predicts no scale
+    pred_scale = pixel_scales(x).cpu() if pixel_scales is not None else torch.full(mse.shape, torch.nan)
     names = pd.Categorical.from_codes(data.test_g.cpu().numpy(), categories=list(data.names))
     frames = [
         pd.DataFrame({"loss": cell.loss, "seed": cell.seed, "group": names, "index": data.test_index.numpy(),
