@@ -259,10 +259,45 @@ def over_training_figure(curves: pd.DataFrame, gaps: pd.DataFrame, metric: str =
     return fig
 
 
+def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> Figure:
+    """The fairness-accuracy frontier: each loss at (overall held-out error, worst/best ratio), with both
+    intervals as bars; Pareto-optimal losses filled and joined by a line, the others hollow; labelled by loss."""
+    df = frontier[np.isfinite(frontier["overall"].astype(float)) & np.isfinite(frontier["ratio"].astype(float))]
+    metric = str(frontier["metric"].iloc[0]) if len(frontier) else "mse"
+    fig = _figure(4.6)
+    ax = fig.subplots()
+    dark = sns.color_palette("colorblind")[0]
+    for row in df.itertuples(index=False):
+        xerr = [[row.overall - row.overall_low], [row.overall_high - row.overall]]
+        yerr = [[row.ratio - row.ratio_low], [min(row.ratio_high, 1e6) - row.ratio]]
+        ax.errorbar([row.overall], [row.ratio], xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr), color="0.45",
+                    linewidth=1.2, capsize=3, linestyle="none", zorder=1)
+        ax.annotate(row.loss, (row.overall, row.ratio), xytext=(6, 5), textcoords="offset points", fontsize=9)
+    pareto = df[df["pareto"].astype(bool)].sort_values("overall")
+    others = df[~df["pareto"].astype(bool)]
+    sns.scatterplot(data=pareto, x="overall", y="ratio", ax=ax, s=70, color=dark, marker="o", edgecolor="0.1",
+                    label="Pareto-optimal", zorder=3)
+    sns.scatterplot(data=others, x="overall", y="ratio", ax=ax, s=70, facecolor="white", edgecolor="0.2",
+                    marker="s", linewidth=1.4, label="dominated", zorder=3)
+    if len(pareto) > 1:
+        ax.plot(pareto["overall"], pareto["ratio"], color=dark, linewidth=1.2, linestyle="--", zorder=2)
+    ax.axhline(1.0, color="0.35", linestyle=":", linewidth=1.2)
+    level = f"{100 * confidence:.4g}% " if confidence is not None else ""
+    ax.set_xlabel(f"overall {METRIC_LABELS.get(metric, metric)} (lower is more accurate)")
+    ax.set_ylabel("worst / best group (lower is fairer; 1: equal)")
+    ax.legend(frameon=False, loc="best")
+    _style(ax)
+    fig.suptitle(f"Fairness-accuracy frontier: each loss's overall error and worst/best ratio ({level}intervals)",
+                 fontsize=11)
+    return fig
+
+
 def audit_figures(result, analysis) -> dict[str, Figure]:
     """Every figure the result supports, by name (those needing absent data are left out); the
     intervals come from `analysis` (a stats.Analysis), computed once by the caller."""
     figs = {"group_error": group_error_figure(analysis.intervals, analysis.metric)}
+    if analysis.frontier["pareto"].astype(bool).any():  # at least one loss has a place on it
+        figs["frontier"] = frontier_figure(analysis.frontier, analysis.confidence)
     shares = getattr(result, "grad_shares", None)
     if shares is not None and len(shares):
         figs["grad_shares"] = grad_share_figure(shares)

@@ -15,7 +15,8 @@ import pandas as pd
 
 from .dynamics import convergence_warnings, gap_over_training, worse_group_changes
 from .figures import METRIC_LABELS, audit_figures
-from .report import describe_audit, error_table, headline, loss_warnings, verdict_table
+from .report import (FRONTIER_TITLE, describe_audit, error_table, frontier_sentence, frontier_table, headline,
+                     loss_warnings, verdict_table)
 from .stats import CLEAR, INSUFFICIENT, NO_CLEAR, Analysis
 
 CSS = """
@@ -71,6 +72,12 @@ def html_report(result, analysis: Analysis) -> str:
                 "Overlapping bars do not rule out a gap: both groups share each seed's model, so read the gap's "
                 "own interval in the table."),
     ]
+    if len(analysis.frontier) > 1:
+        parts += [f"<h2 id='frontier'>{FRONTIER_TITLE}</h2>", f'<p class="note">{_e(frontier_sentence(analysis))}</p>',
+                  _figure(figs, "frontier", "Each loss at its overall held-out error (x) and the ratio of its worst "
+                          "group's error to its best group's (y), both with intervals at the verdicts' level; filled "
+                          "and joined: Pareto-optimal. Down and left is better on both."),
+                  _verdict_html(frontier_table(analysis))]
     parts += _over_training_html(result, figs)
     if "grad_shares" in figs:
         parts += ["<h2 id='gradients'>Gradient shares during training</h2>",

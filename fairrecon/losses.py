@@ -16,6 +16,9 @@ Gradients with respect to x_hat, with r = x_hat - x and M pixels per sample:
   mix:a            exp(-(a|r| + (1 - a) r^2 / 2)) / Z(a)  a sign(r) + (1 - a) r
   huber:delta      exp(-huber_delta(r)) / Z(delta)        clip(r, -delta, delta)
   barron:alpha     Barron (2019), scale c learned         (r / c^2) (r^2 / (c^2 |alpha - 2|) + 1)^(alpha/2 - 1)
+  gaussian-pixel   Normal(sigma_ij from the decoder)      r / sigma^2
+  gaussian-pixel:beta  beta-NLL (Seitzer et al. 2022)     sg(sigma^(2 beta)) r / sigma^2
+  laplace-pixel    Laplace(b_ij from the decoder)         sign(r) / b
 For log-mse the batch MSE is a shared weight held fixed (detached) inside each sample's
 term: by the envelope theorem this gives exactly the gradient of (B*M/2) log MSE, and it
 makes the batch loss an exact sum of per-sample (hence per-group) parts.
@@ -25,7 +28,16 @@ one per cell, each stored as its log (positive by construction) and starting at 
 A scale is floored at `sigma_floor` (hard: no gradient below), so the NLL cannot run to minus
 infinity; a cell whose scale ends at its floor has collapsed (train.py reports it as failed).
 `Loss.per_sample` applies the floors and hands `Loss.nll` the log values, broadcastable against
-x: (..., 1, 1) for a learned scalar; a decoder that predicts a per-pixel scale would hand (..., B, M).
+x: (..., 1, 1) for a learned scalar.
+
+Per-pixel scales (`Loss.pixel_scale`): the decoder has a second output head (models.py, `scale_head`)
+that predicts a raw log-scale per pixel; `per_sample` floors it softly, as sigma-VAE does (Rybkin et
+al. 2021, `softclip`): log s = log(floor) + softplus(raw - log(floor)), smooth, never below log(floor),
+and the identity (to within floor) well above it. The NLL gets it as p["scale"], shape (..., B, M).
+beta-NLL (`gaussian-pixel:beta`, beta in [0, 1]) weights each pixel's Gaussian NLL by the
+stop-gradient factor sigma^(2 beta) (Seitzer et al., ICLR 2022, as their reference code does,
+normaliser inside the weighted term): beta = 0 is gaussian-pixel exactly; beta = 1 gives the mean
+the gradient r, as L2 has. For beta > 0 the value is the weighted objective, not a density's NLL.
 
 Families: `mix:a`, `huber:delta`, `barron:alpha` name one loss per value of a shape parameter
 (`FAMILIES`); members are built on lookup, so LOSSES["mix:0.5"] works like LOSSES["l1"].
@@ -64,15 +76,29 @@ class Loss:
     nll: LossFn  # (x, x_hat, log_params, sigma_floor) -> per-sample NLL (..., B)
     likelihood: str  # one line: the density, for tables and `fairrecon losses`
     params: tuple[Param, ...] = ()  # what it learns (log values, keyed by Param.name)
+    pixel_scale: bool = False  # the decoder predicts a per-pixel log-scale, handed to nll as p["scale"]
 
     def per_sample(self, x: torch.Tensor, x_hat: torch.Tensor, raw: Mapping[str, torch.Tensor],
-                   floor: float) -> torch.Tensor:
-        """The NLL (..., B), from the stored (unfloored) log parameters `raw`, each broadcastable to x."""
-        return self.nll(x, x_hat, self.log_params(raw, floor), floor)
+                   floor: float, *, raw_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The NLL (..., B), from the stored (unfloored) log parameters `raw`, each broadcastable to x,
+        and, for a per-pixel loss, the decoder's raw log-scale `raw_scale` (the shape of x)."""
+        p = self.log_params(raw, floor)
+        if self.pixel_scale:
+            if raw_scale is None:
+                raise ValueError(f"loss '{self.name}' needs the decoder's per-pixel log-scale (a model with scale_head)")
+            p["scale"] = pixel_log_scale(raw_scale, floor)
+        return self.nll(x, x_hat, p, floor)
 
     def log_params(self, raw: Mapping[str, torch.Tensor], floor: float) -> dict[str, torch.Tensor]:
         """The log parameters the likelihood uses: scales floored at log(floor), the rest as stored."""
         return {p.name: raw[p.name].clamp_min(math.log(floor)) if p.scale else raw[p.name] for p in self.params}
+
+
+def pixel_log_scale(raw: torch.Tensor, floor: float) -> torch.Tensor:
+    """The decoder's raw per-pixel log-scale, softly floored (sigma-VAE's softclip):
+    log(floor) + softplus(raw - log(floor)) > log(floor), with a gradient everywhere."""
+    log_floor = math.log(floor)
+    return log_floor + F.softplus(raw - log_floor)
 
 
 # ---- fixed-scale and learned-scale likelihoods ----
@@ -107,6 +133,14 @@ def student_t_nll(x, x_hat, p, floor):
     nu = log_nu.exp()
     z2 = ((x - x_hat) / log_s.exp()).pow(2)
     return (0.5 * (nu + 1) * torch.log1p(z2 / nu) + log_s - log_norm).sum(-1)
+
+
+def gaussian_pixel_nll(x, x_hat, p, floor):
+    return -Normal(x_hat, p["scale"].exp(), validate_args=False).log_prob(x).sum(-1)
+
+
+def laplace_pixel_nll(x, x_hat, p, floor):
+    return -Laplace(x_hat, p["scale"].exp(), validate_args=False).log_prob(x).sum(-1)
 
 
 # ---- families: one loss per value of a shape parameter ----
@@ -181,6 +215,14 @@ def barron_loss(name: str, alpha: float) -> Loss:
     kind = {0.0: "Cauchy", 1.0: "Charbonnier/pseudo-Huber", 2.0: "Gaussian"}.get(alpha, "general")
     return Loss(name, nll, f"Barron's general robust density, alpha = {canonical_number(alpha)} ({kind}), "
                            "learned scale c", (Param("scale"),))
+
+
+def beta_nll_loss(name: str, beta: float) -> Loss:
+    def nll(x, x_hat, p, floor):
+        weight = (2 * beta * p["scale"]).detach().exp()  # sigma^(2 beta), held fixed: only the gradient changes
+        return (weight * -Normal(x_hat, p["scale"].exp(), validate_args=False).log_prob(x)).sum(-1)
+    return Loss(name, nll, f"beta-NLL, beta = {canonical_number(beta)}: per-pixel Gaussian NLL (sigma from the "
+                           "decoder) weighted by stop-gradient sigma^(2 beta)", pixel_scale=True)
 
 
 @dataclass(frozen=True)
@@ -294,6 +336,10 @@ for _loss in (
     Loss("laplace-learned", laplace_learned_nll, "Laplace, learned scalar b (floored)", (Param("scale"),)),
     Loss("student-t", student_t_nll, "Student-t, learned degrees of freedom and scale (floored)",
          (Param("scale"), Param("dof", scale=False))),
+    Loss("gaussian-pixel", gaussian_pixel_nll, "Gaussian, per-pixel sigma predicted by the decoder (soft floor)",
+         pixel_scale=True),
+    Loss("laplace-pixel", laplace_pixel_nll, "Laplace, per-pixel b predicted by the decoder (soft floor)",
+         pixel_scale=True),
 ):
     register(_loss)
 
@@ -305,5 +351,8 @@ for _family in (
     Family("barron", "alpha", Interval(0.0, 2.0), barron_loss,
            "Barron's general robust density with a learned scale c: Cauchy at alpha = 0, "
            "pseudo-Huber at 1, Gaussian at 2"),
+    Family("gaussian-pixel", "beta", Interval(0.0, 1.0), beta_nll_loss,
+           "beta-NLL (Seitzer et al. 2022): per-pixel Gaussian NLL weighted by stop-gradient sigma^(2 beta); "
+           "beta = 0 is gaussian-pixel"),
 ):
     register_family(_family)

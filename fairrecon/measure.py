@@ -33,6 +33,8 @@ def sample_errors(stacked: StackedCells, data: GroupedData, device: torch.device
 
     nmse = the image's MSE / its own pixel variance (population): 1 means no better than the image's
     mean brightness everywhere; comparable between groups that differ in contrast.
+    pred_scale = the image's mean predicted per-pixel scale (sigma for gaussian-pixel, b for laplace-pixel,
+    floored as the loss floors it), NaN for losses without one: how much uncertainty the model claims.
     """
     x = data.test_x.to(device)
     mse, mae = [], []
@@ -45,10 +47,13 @@ def sample_errors(stacked: StackedCells, data: GroupedData, device: torch.device
     psnr = -10.0 * torch.log10(mse.clamp_min(PSNR_FLOOR_MSE))
     variance = x.flatten(1).var(1, correction=0).clamp_min(NMSE_FLOOR_VAR).cpu()
     nmse = mse / variance
+    pixel_scales = getattr(stacked, "pixel_scales", None)  # a user's model (external.py) predicts no scale
+    pred_scale = pixel_scales(x).cpu() if pixel_scales is not None else torch.full(mse.shape, torch.nan)
     names = pd.Categorical.from_codes(data.test_g.cpu().numpy(), categories=list(data.names))
     frames = [
         pd.DataFrame({"loss": cell.loss, "seed": cell.seed, "group": names, "index": data.test_index.numpy(),
-                      "mse": mse[c].numpy(), "mae": mae[c].numpy(), "psnr": psnr[c].numpy(), "nmse": nmse[c].numpy()})
+                      "mse": mse[c].numpy(), "mae": mae[c].numpy(), "psnr": psnr[c].numpy(), "nmse": nmse[c].numpy(),
+                      "pred_scale": pred_scale[c].numpy()})
         for c, cell in enumerate(stacked.cells)
     ]
     return pd.concat(frames, ignore_index=True)

@@ -12,10 +12,19 @@ Two switches, both ablations of mechanisms the audit measures (README "Models an
   mean and divides by its training std (buffers, not trained; as sklearn's StandardScaler, a
   pixel with no spread keeps scale 1). Only the encoder's input changes: the reconstruction
   target is still the raw image.
+
+And one head: ``scale_head=True`` gives the decoder a second output head beside its last layer
+(same input, same shape) that predicts a raw per-pixel log-scale for the per-pixel likelihoods
+(losses.py: gaussian-pixel, laplace-pixel). The output is then (B, 2C, H, W): the mean's C
+channels (through the output map), then the C raw log-scale channels (`split_output`). The
+head is made last and zero-initialised, so the rest of a seed's initial weights are the same
+with or without it, and every pixel starts at log-scale 0 (scale 1, l2's sigma). Any decoder
+can carry it: build its last layer as `self.decoder[-1]` and call `self.heads(h, fit)`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -37,6 +46,7 @@ class Autoencoder(nn.Module):
         self.shape = tuple(shape)
         self.output = output
         self.input_norm = input_norm
+        self.scale_head: nn.Module | None = None
         if input_norm == "standardize":  # filled by set_input_stats; part of the state_dict, never trained
             self.register_buffer("input_mean", torch.zeros(self.shape))
             self.register_buffer("input_std", torch.ones(self.shape))
@@ -55,24 +65,47 @@ class Autoencoder(nn.Module):
     def output_map(self, y: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(y) if self.output == "sigmoid" else y
 
+    def add_scale_head(self, head: nn.Module) -> None:
+        """A per-pixel log-scale head, a copy of the decoder's last layer in shape; call it last in __init__."""
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        self.scale_head = head
+
+    def decoder_body(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder up to (not including) its last layer: the input both heads share."""
+        for layer in itertools.islice(self.decoder, len(self.decoder) - 1):
+            z = layer(z)
+        return z
+
+    def heads(self, h: torch.Tensor, fit) -> torch.Tensor:
+        """The decoder's last hidden activation h -> the mean (through the output map), with the raw
+        log-scale channels after it when there is a scale head. `fit` shapes a head's output to (B, C, H, W)."""
+        mean = self.output_map(fit(self.decoder[-1](h)))
+        if self.scale_head is None:
+            return mean
+        return torch.cat([mean, fit(self.scale_head(h))], dim=1)
+
 
 class MLPAutoencoder(Autoencoder):
     def __init__(self, shape: tuple[int, int, int], latent: int = 16, hidden: int = 256, *,
-                 output: str = "linear", input_norm: str = "none"):
+                 output: str = "linear", input_norm: str = "none", scale_head: bool = False):
         super().__init__(shape, output, input_norm)
         d = math.prod(shape)
         self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, latent))
         self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, d))
+        if scale_head:
+            self.add_scale_head(nn.Linear(hidden, d))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
-        return self.output_map(self.decoder(self.encoder(self.encoder_input(x)))).view(x.shape)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W), or (B, 2C, H, W) with a scale head
+        h = self.decoder_body(self.encoder(self.encoder_input(x)))
+        return self.heads(h, lambda y: y.view(x.shape))
 
 
 class ConvAutoencoder(Autoencoder):
     """Two stride-2 convolutions down, a linear bottleneck, two transposed convolutions up."""
 
     def __init__(self, shape: tuple[int, int, int], latent: int = 16, hidden: int = 32, *,
-                 output: str = "linear", input_norm: str = "none"):
+                 output: str = "linear", input_norm: str = "none", scale_head: bool = False):
         super().__init__(shape, output, input_norm)
         c, h, w = self.shape
         self.h4, self.w4 = -(-h // 4), -(-w // 4)  # spatial size after two stride-2 convs (ceil)
@@ -87,15 +120,18 @@ class ConvAutoencoder(Autoencoder):
             nn.ConvTranspose2d(2 * hidden, hidden, 4, stride=2, padding=1), nn.ReLU(),  # (B, hidden, H/2, W/2)
             nn.ConvTranspose2d(hidden, c, 4, stride=2, padding=1),  # (B, C, 4*h4, 4*w4) >= (H, W)
         )
+        if scale_head:
+            self.add_scale_head(nn.ConvTranspose2d(hidden, c, 4, stride=2, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.decoder_in(self.encoder(self.encoder_input(x))).view(x.shape[0], -1, self.h4, self.w4)
-        return self.output_map(self.decoder(z)[..., : self.shape[1], : self.shape[2]])
+        return self.heads(self.decoder_body(z), lambda y: y[..., : self.shape[1], : self.shape[2]])
 
 
 def build_model(name: str, shape: tuple[int, int, int], latent: int, hidden: int = 256, *,
-                output: str = "linear", input_norm: str = "none") -> Autoencoder:
+                output: str = "linear", input_norm: str = "none", scale_head: bool = False) -> Autoencoder:
     """An autoencoder by name; `hidden` is the MLP width (the conv model uses hidden // 8 channels).
+    `scale_head`: a second decoder head predicting a per-pixel log-scale (output (B, 2C, H, W)).
 
     With input_norm='standardize' the input statistics start as mean 0, std 1: set them with
     `set_input_stats` (train.init_cells does, from the training images).
@@ -105,7 +141,15 @@ def build_model(name: str, shape: tuple[int, int, int], latent: int, hidden: int
     if input_norm not in INPUT_NORMS:
         raise UserError(f"unknown input_norm '{input_norm}'; allowed: {', '.join(INPUT_NORMS)}")
     if name == "mlp":
-        return MLPAutoencoder(shape, latent, hidden, output=output, input_norm=input_norm)
+        return MLPAutoencoder(shape, latent, hidden, output=output, input_norm=input_norm, scale_head=scale_head)
     if name == "conv":
-        return ConvAutoencoder(shape, latent, max(8, hidden // 8), output=output, input_norm=input_norm)
+        return ConvAutoencoder(shape, latent, max(8, hidden // 8), output=output, input_norm=input_norm,
+                               scale_head=scale_head)
     raise UserError(f"unknown model '{name}'; allowed: {', '.join(MODELS)}")
+
+
+def split_output(y: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A model's output (..., k*C, H, W) -> (mean, raw log-scale or None), C = `channels` image channels."""
+    if y.shape[-3] == channels:
+        return y, None
+    return y[..., :channels, :, :], y[..., channels:, :, :]

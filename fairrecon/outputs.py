@@ -48,6 +48,7 @@ def summary(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
         "verdict": headline(analysis),
         "policy": analysis.policy_record(),
         "disparities": records(analysis.disparities),
+        "frontier": records(analysis.frontier),
         **extra,
         "over_training": dynamics.summary(result),
     }

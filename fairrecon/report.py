@@ -85,6 +85,40 @@ def error_table(analysis: Analysis) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+FRONTIER_TITLE = "Fairness-accuracy frontier"
+
+
+def frontier_table(analysis: Analysis) -> pd.DataFrame:
+    """One row per loss: overall error [interval], worst/best [interval] (the verdict table's), the verdict and
+    whether it is Pareto-optimal. Display strings, for report.md and report.html."""
+    level = _level(analysis)
+    rows = []
+    for f in analysis.frontier.itertuples(index=False):
+        rows.append({
+            "loss": f.loss,
+            f"overall {analysis.metric}": _num(f.overall),
+            f"{level} interval": f"{_num(f.overall_low)} to {_num(f.overall_high)}",
+            "worst/best": _num(f.ratio),
+            f"{level} interval of worst/best": f"{_num(f.ratio_low)} to {_num(f.ratio_high)}",
+            "how sure": f.verdict,
+            "Pareto-optimal": "yes" if f.pareto else "no",
+        })
+    return pd.DataFrame(rows)
+
+
+def frontier_sentence(analysis: Analysis) -> str:
+    """Which losses are on the frontier, and what the flag means (point estimates, not a test)."""
+    f = analysis.frontier
+    if not f["pareto"].astype(bool).any():
+        return ("No loss has both an overall error and a worst/best ratio"
+                + (" (psnr has no ratio)" if analysis.metric == "psnr" else "") + ", so there is no frontier.")
+    on = ", ".join(str(n) for n in f.loc[f["pareto"].astype(bool), "loss"])
+    return (f"Pareto-optimal: {on}. A loss is Pareto-optimal when no other loss has both a lower overall held-out "
+            f"{analysis.metric} and a lower worst/best ratio, by point estimates (not a test: read the intervals, at "
+            f"{_level(analysis)}, the verdicts' level, before calling one loss better on either axis). The ratio "
+            "and its interval are the verdict table's.")
+
+
 def terminal_summary(analysis: Analysis) -> str:
     """What `fairrecon audit` and `fairrecon report` print: the headline, per-group error with
     intervals and each loss's verdict, the warnings, and how it was decided."""
@@ -118,6 +152,8 @@ def markdown_report(result, analysis: Analysis) -> str:
         _markdown(error_table(analysis)),
         "",
     ]
+    if len(analysis.frontier) > 1:
+        lines += [f"## {FRONTIER_TITLE}", "", frontier_sentence(analysis), "", _markdown(frontier_table(analysis)), ""]
     warnings = loss_warnings(analysis)
     if warnings:
         lines += ["## Warnings", ""] + [f"- {loss}: {w}" for loss, w in warnings] + [""]

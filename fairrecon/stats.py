@@ -27,7 +27,7 @@ corrected p-value min(1, m p) < alpha exactly when that interval excludes "no ga
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from itertools import permutations
 from typing import Callable
 
@@ -377,11 +377,17 @@ class Analysis:
     losses: tuple[str, ...]  # the family's losses
     pairs: int  # hypotheses per loss (group pairs, or groups against the named reference)
     adjusted: bool  # whether the adjusted_* columns are filled
+    frontier: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=FRONTIER_COLUMNS))  # see `frontier`
 
     @property
     def m(self) -> int:
         """The Bonferroni divisor: hypotheses in the family (1 without correction)."""
         return self.policy.divisor(len(self.losses) * self.pairs)
+
+    @property
+    def tail(self) -> float:
+        """Probability in each tail of one interval of the family (the verdicts' intervals)."""
+        return self.policy.tail(len(self.losses) * self.pairs)
 
     @property
     def confidence(self) -> float:
@@ -416,9 +422,52 @@ def analyse(result, *, metric: str = "mse", policy: Policy = POLICY, reference: 
                         adjusted=adjusted, pca=pca)
     names = group_names(result)
     ref = None if reference == "best" else names.index(reference)
-    return Analysis(metric, group_intervals(result, metric=metric, policy=policy), table, policy, reference,
-                    tuple(family_losses(result, losses)), hypotheses_per_loss(len(names), ref, policy.two_sided),
-                    adjusted or pca is not None)
+    analysis = Analysis(metric, group_intervals(result, metric=metric, policy=policy), table, policy, reference,
+                        tuple(family_losses(result, losses)), hypotheses_per_loss(len(names), ref, policy.two_sided),
+                        adjusted or pca is not None)
+    return replace(analysis, frontier=frontier(result, analysis))
+
+
+# ---------------------------------------------------------------- the fairness-accuracy frontier
+
+FRONTIER_COLUMNS = ["loss", "metric", "overall", "overall_low", "overall_high", "ratio", "ratio_low", "ratio_high",
+                    "worst", "reference", "verdict", "pareto"]
+
+
+def frontier(result, analysis: Analysis) -> pd.DataFrame:
+    """The fairness-accuracy frontier: one row per loss of the analysis, its overall held-out error (the mean
+    over seeds and every test image) against its worst/best ratio.
+
+    overall_low/high: the overall mean's interval, made as every interval here is (seed part plus each group's
+    image part, Cochran-Cox t; the overall mean is the contrast with weights n_g / N) at the same level as the
+    verdicts' intervals (1 - alpha/m). ratio, ratio_low, ratio_high, worst, reference and verdict are the
+    verdict table's own values (`analysis.disparities`), not recomputed. pareto: no other loss has both a
+    lower overall error and a lower ratio, by point estimates (False where either is missing). Ratios of
+    psnr are not defined, so for psnr every pareto is False.
+    """
+    d = analysis.disparities.set_index("loss")
+    errors = {le.loss: le for le in loss_errors(result, metric=analysis.metric, losses=list(analysis.losses))}
+    external = _external(result)
+    rows = []
+    for loss in analysis.losses:
+        row = {"loss": loss, "metric": analysis.metric, "overall": np.nan, "overall_low": np.nan, "overall_high": np.nan}
+        le = errors.get(loss)
+        if le is not None:
+            mom = Moments.of(le.values, le.codes, len(le.names), seed_part=not external)
+            c = mom.contrast(mom.n / mom.n.sum())
+            row.update(overall=c.estimate, overall_low=c.low(analysis.tail), overall_high=c.high(analysis.tail))
+        row.update({k: d.loc[loss, k] for k in ("ratio", "ratio_low", "ratio_high", "worst", "reference", "verdict")})
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=FRONTIER_COLUMNS[:-1])
+    out["pareto"] = pareto_flags(out["overall"].to_numpy(dtype=float), out["ratio"].to_numpy(dtype=float))
+    return out
+
+
+def pareto_flags(error: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+    """True where no other point has both a lower error and a lower ratio (strictly); False where either is NaN."""
+    ok = np.isfinite(error) & np.isfinite(ratio)
+    dominated = ((error[None, :] < error[:, None]) & (ratio[None, :] < ratio[:, None]) & ok[None, :]).any(1)
+    return ok & ~dominated
 
 
 def disparities(result, *, metric: str = "mse", policy: Policy = POLICY, reference: str = "best",

@@ -32,6 +32,12 @@ the fused kernel where torch has one; nothing in the step loop waits for the dev
 `train_cells` trains it in chunks of cells (see `cells_per_chunk`); since cells are
 independent and each seed's batch order comes from its own generator, chunking does not
 change the result.
+
+Per-pixel likelihoods (losses.Loss.pixel_scale): their cells' models have the decoder's scale head
+(models.py), so their stacked weights differ in shape from the others'; `train_cells` trains them
+in chunks of their own and `concat_stacked` gives the other cells a zero head (which they never
+use) so that one StackedCells holds the whole grid. A StackedCells with a head outputs
+(C, B, 2 C_img, H, W); `mean` and `split` take it apart, `reconstruct` returns the mean only.
 """
 
 from __future__ import annotations
@@ -51,8 +57,8 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from .errors import UserError
-from .losses import get_loss
-from .models import build_model
+from .losses import get_loss, pixel_log_scale
+from .models import build_model, split_output
 from .spec import AuditSpec
 
 SIGMA_COLLAPSE_FACTOR = 1.01  # a learned scale within 1% of its floor counts as collapsed
@@ -105,9 +111,10 @@ class TrainConfig:
         """The most epochs a cell can train: `epochs`, or `max_epochs` for epochs="auto"."""
         return self.max_epochs if self.auto else int(self.epochs)
 
-    def build(self, shape: tuple[int, int, int]) -> nn.Module:
-        """One untrained autoencoder of this configuration."""
-        return build_model(self.model, shape, self.latent, self.hidden, output=self.output, input_norm=self.input_norm)
+    def build(self, shape: tuple[int, int, int], *, scale_head: bool = False) -> nn.Module:
+        """One untrained autoencoder of this configuration (with the per-pixel log-scale head if asked)."""
+        return build_model(self.model, shape, self.latent, self.hidden, output=self.output, input_norm=self.input_norm,
+                           scale_head=scale_head)
 
     @classmethod
     def from_spec(cls, spec: AuditSpec, **changes) -> "TrainConfig":
@@ -128,8 +135,22 @@ class StackedCells:
     loss_param_names: tuple[str, ...]  # the K columns; each cell uses those its loss declares, the rest stay 0
     config: TrainConfig
 
+    @property
+    def scale_head(self) -> bool:
+        """Whether the models have the per-pixel log-scale head (their output has twice the image channels)."""
+        return getattr(self.base, "scale_head", None) is not None
+
+    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A forward output (..., k C_img, H, W) -> (mean, raw per-pixel log-scale or None)."""
+        return split_output(out, self.base.shape[0])
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        """The reconstruction (the predicted mean) in a forward output."""
+        return self.split(out)[0]
+
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """x (C, B, ...) -> reconstructions (C, B, ...), each cell on its own batch.
+        """x (C, B, ...) -> outputs (C, B, ...), each cell on its own batch: the reconstructions, with the
+        raw log-scale channels after them when the models have a scale head (`split`).
 
         `params` may hold k copies of each cell's weights, cell-major (C*k, ...), as gradshare.py makes
         them; x is then (C*k, B, ...) and each cell's buffers (input statistics) go with its copies.
@@ -144,12 +165,9 @@ class StackedCells:
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
         """The same images x (N, ...) through every cell, `batch` images at a time (default
-        `inference_batch`) -> (C, N, ...). Each image's output does not depend on `batch`."""
-        def one(p, b, xc):
-            return functional_call(self.base, (p, b), (xc,))
-        run = vmap(one, in_dims=(0, 0, None))
+        `inference_batch`) -> the means (C, N, ...). Each image's output does not depend on `batch`."""
         batch = batch or self.inference_batch
-        return torch.cat([run(self.params, self.buffers, x[i:i + batch]) for i in range(0, len(x), batch)], dim=1)
+        return torch.cat([self.mean(self._run_all(x[i:i + batch])) for i in range(0, len(x), batch)], dim=1)
 
     @cached_property
     def inference_batch(self) -> int:
@@ -159,15 +177,39 @@ class StackedCells:
         widest = max(activation_sizes(self.config, self.base.shape))
         return max(16, min(2048, INFERENCE_BYTES // (4 * widest * len(self.cells))))
 
-    def per_sample_nll(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-        """Each cell's own loss, with its own learned parameters, on its own batch: (C, B, ...) -> (C, B)."""
+    @torch.no_grad()
+    def pixel_scales(self, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+        """Each image's mean predicted per-pixel scale (sigma or b, floored as the loss floors it) under
+        every cell: (C, N); NaN for cells whose loss predicts none."""
+        pixel = torch.tensor([get_loss(c.loss).pixel_scale for c in self.cells], device=x.device)
+        if not self.scale_head or not pixel.any():
+            return torch.full((len(self.cells), len(x)), torch.nan, device=x.device)
+        batch = batch or self.inference_batch
+        parts = []
+        for i in range(0, len(x), batch):
+            raw = self.split(self._run_all(x[i:i + batch]))[1]
+            parts.append(pixel_log_scale(raw, self.config.sigma_floor).exp().flatten(2).mean(2))
+        return torch.where(pixel[:, None], torch.cat(parts, dim=1), torch.nan)
+
+    def _run_all(self, x: torch.Tensor) -> torch.Tensor:
+        """The same images x (n, ...) through every cell's model -> (C, n, ...) raw outputs."""
+        def one(p, b, xc):
+            return functional_call(self.base, (p, b), (xc,))
+        return vmap(one, in_dims=(0, 0, None))(self.params, self.buffers, x)
+
+    def per_sample_nll(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Each cell's own loss, with its own learned parameters, on its own batch: x (C, B, ...) and the
+        forward output (with the log-scale channels, for a per-pixel loss) -> (C, B)."""
+        x_hat, raw_scale = self.split(out)
         x, x_hat = x.flatten(2), x_hat.flatten(2)  # (C, B, M)
+        raw_scale = raw_scale.flatten(2) if raw_scale is not None else None
         floor = self.config.sigma_floor
         parts = []
         for name, i in self._loss_index:
             loss = get_loss(name)
             raw = {p.name: self.loss_params[i, self.loss_param_names.index(p.name), None, None] for p in loss.params}
-            parts.append(loss.per_sample(x[i], x_hat[i], raw, floor))  # raw: (C_loss, 1, 1) each
+            scale = raw_scale[i] if loss.pixel_scale and raw_scale is not None else None
+            parts.append(loss.per_sample(x[i], x_hat[i], raw, floor, raw_scale=scale))  # raw: (C_loss, 1, 1) each
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out if self._loss_restore is None else out[self._loss_restore]  # back to cell order
 
@@ -220,7 +262,7 @@ class StackedCells:
 
     def module(self, c: int) -> nn.Module:
         """Cell c as an ordinary nn.Module (to save, share or inspect)."""
-        model = self.config.build(self.base.shape)
+        model = self.config.build(self.base.shape, scale_head=self.scale_head)
         model.load_state_dict({k: v[c].detach().cpu() for k, v in {**self.params, **self.buffers}.items()})
         return model
 
@@ -352,10 +394,11 @@ def init_cells(cells: list[Cell], shape: tuple[int, int, int], config: TrainConf
     """
     if config.input_norm == "standardize" and stats is None:
         raise ValueError("input_norm='standardize' needs the training images' (mean, std)")
+    scale_head = needs_scale_head(cells)
     models = []
     for cell in cells:
         torch.manual_seed(cell.seed)
-        model = config.build(shape)
+        model = config.build(shape, scale_head=scale_head)
         if config.input_norm == "standardize":
             model.set_input_stats(*stats)
         models.append(model.to(device))
@@ -366,10 +409,18 @@ def init_cells(cells: list[Cell], shape: tuple[int, int, int], config: TrainConf
     return StackedCells(cells, base, params, buffers, loss_params, names, config)
 
 
+def needs_scale_head(cells: list[Cell]) -> bool:
+    """Whether any of the cells' losses reads a per-pixel log-scale from the decoder."""
+    return any(get_loss(cell.loss).pixel_scale for cell in cells)
+
+
 def concat_stacked(parts: list[StackedCells]) -> StackedCells:
-    """Chunks of cells trained apart -> one StackedCells in the chunks' order."""
+    """Chunks of cells trained apart -> one StackedCells in the chunks' order. When some chunks have the
+    scale head and others not, the others get a zero head (their losses never read it): one shape for all."""
     if len(parts) == 1:
         return parts[0]
+    if len({p.scale_head for p in parts}) > 1:
+        parts = [_with_zero_head(p) if not p.scale_head else p for p in parts]
     cat = lambda name: {k: torch.cat([getattr(p, name)[k] for p in parts]) for k in getattr(parts[0], name)}
     names = tuple(dict.fromkeys(n for p in parts for n in p.loss_param_names))  # chunks may learn different ones
     loss_params = parts[0].loss_params.new_zeros(sum(len(p.cells) for p in parts), len(names))
@@ -383,7 +434,28 @@ def concat_stacked(parts: list[StackedCells]) -> StackedCells:
                         loss_params, names, parts[0].config)
 
 
-def cell_bytes(config: TrainConfig, shape: tuple[int, int, int]) -> int:
+def _with_zero_head(part: StackedCells) -> StackedCells:
+    """A chunk without the scale head as one with a zero head: the same means, weights laid out as a head chunk's."""
+    with torch.device("meta"):
+        base = part.config.build(part.base.shape, scale_head=True)
+    params = {k: part.params[k].detach() if k in part.params else
+              torch.zeros(len(part.cells), *v.shape, device=part.loss_params.device)
+              for k, v in base.named_parameters()}
+    return StackedCells(part.cells, base, params, part.buffers, part.loss_params, part.loss_param_names, part.config)
+
+
+def reorder_stacked(stacked: StackedCells, cells: list[Cell]) -> StackedCells:
+    """The same trained cells in the order `cells` (a permutation of stacked.cells)."""
+    if list(stacked.cells) == list(cells):
+        return stacked
+    where = {cell: i for i, cell in enumerate(stacked.cells)}
+    order = torch.tensor([where[c] for c in cells], device=stacked.loss_params.device)
+    take = lambda d: {k: v.detach()[order] for k, v in d.items()}
+    return StackedCells(list(cells), stacked.base, take(stacked.params), take(stacked.buffers),
+                        stacked.loss_params.detach()[order].requires_grad_(), stacked.loss_param_names, stacked.config)
+
+
+def cell_bytes(config: TrainConfig, shape: tuple[int, int, int], *, scale_head: bool = False) -> int:
     """Estimated training memory of one cell, in bytes (float32).
 
     Weights: parameter, gradient and Adam's two moments (4 copies). Activations: every
@@ -393,7 +465,7 @@ def cell_bytes(config: TrainConfig, shape: tuple[int, int, int]) -> int:
     of a batch of images. An estimate on the safe side, not a measurement.
     """
     with torch.device("meta"):
-        model = config.build(shape)
+        model = config.build(shape, scale_head=scale_head)
         n_params = sum(p.numel() for p in model.parameters())
         sizes: list[int] = []
         hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel()))
@@ -421,12 +493,13 @@ def available_bytes(device: torch.device | str) -> int:
 
 
 def cells_per_chunk(config: TrainConfig, shape: tuple[int, int, int], n_images: int,
-                    device: torch.device | str = "cpu", budget: float = 0.5, free: int | None = None) -> int:
+                    device: torch.device | str = "cpu", budget: float = 0.5, free: int | None = None, *,
+                    scale_head: bool = False) -> int:
     """How many cells to train together: as many as fit in `budget` of the free memory
     after the resident dataset (at least 1)."""
     free = available_bytes(device) if free is None else free
     room = budget * free - 4 * n_images * math.prod(shape)
-    return max(1, int(room // cell_bytes(config, shape)))
+    return max(1, int(room // cell_bytes(config, shape, scale_head=scale_head)))
 
 
 def train_cells(
@@ -447,7 +520,8 @@ def train_cells(
     """Train every cell on images x (N, C, H, W) in [0, 1] with group codes `group` (N,).
 
     Cells are trained together in chunks of at most `max_cells` (default: as many as fit
-    in memory, `cells_per_chunk`); the results are concatenated in cell order, and
+    in memory, `cells_per_chunk`), cells of per-pixel losses (a scale head) in chunks of their
+    own; the results are concatenated in cell order, and
     `on_snapshot` / `on_epoch` / `on_eval` are called per chunk (their `stacked.cells` says
     which). `validation` (x, group) is required for epochs="auto" and used for nothing else.
     `n_groups` defaults to max(group) + 1. `fused` picks torch's fused Adam kernel (default:
@@ -462,16 +536,20 @@ def train_cells(
         validation = (validation[0].to(device), validation[1].to(device))
     n_groups = int(group.max()) + 1 if n_groups is None else n_groups
     stats = input_stats(x) if config.input_norm == "standardize" else None
-    if max_cells is None:
-        max_cells = cells_per_chunk(config, tuple(x.shape[1:]), len(x), device)
-    if max_cells < 1:
+    if max_cells is not None and max_cells < 1:
         raise ValueError(f"max_cells must be >= 1, got {max_cells}")
     if fused is None:
         fused = device.type in ("cpu", "cuda")
-    parts = [_train_chunk(x, group, cells[i:i + max_cells], config, device, on_snapshot, on_epoch, on_eval,
-                          validation, n_groups, stats, fused)
-             for i in range(0, len(cells), max_cells)]
-    stacked = concat_stacked([p["stacked"] for p in parts])
+    parts = []
+    for head in (False, True):  # the two weight shapes train apart (the scale head's cells second)
+        kind = [c for c in cells if needs_scale_head([c]) == head]
+        size = max_cells or cells_per_chunk(config, tuple(x.shape[1:]), len(x), device, scale_head=head)
+        parts += [_train_chunk(x, group, kind[i:i + size], config, device, on_snapshot, on_epoch, on_eval,
+                               validation, n_groups, stats, fused)
+                  for i in range(0, len(kind), size)]
+    done = [c for p in parts for c in p["stacked"].cells]
+    stacked = reorder_stacked(concat_stacked([p["stacked"] for p in parts]), cells)
+    back = [done.index(c) for c in cells]
     history = pd.concat([p["history"] for p in parts], ignore_index=True)
     if len(parts) > 1:  # one row per cell and epoch, epoch-major as for a single chunk
         order = {cell: i for i, cell in enumerate(cells)}
@@ -479,8 +557,9 @@ def train_cells(
                    .sort_values(["epoch", "_c"], kind="stable").drop(columns="_c").reset_index(drop=True))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return TrainResult(stacked, history, [s for p in parts for s in p["status"]], time.perf_counter() - start,
-                       [e for p in parts for e in p["epochs"]], [s for p in parts for s in p["steps"]])
+    flat = lambda key: [v for p in parts for v in p[key]]
+    return TrainResult(stacked, history, [flat("status")[i] for i in back], time.perf_counter() - start,
+                       [flat("epochs")[i] for i in back], [flat("steps")[i] for i in back])
 
 
 def eval_steps(points: int, total_steps: int) -> set[int]:
@@ -540,7 +619,7 @@ def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, on_eval
             opt.step()
             with torch.no_grad():
                 alive &= finite
-                sample_mse = (x_hat.detach() - xb).pow(2).flatten(2).mean(2)  # (C, B)
+                sample_mse = (stacked.mean(x_hat.detach()) - xb).pow(2).flatten(2).mean(2)  # (C, B)
                 sums[0] += torch.nan_to_num(nll.detach(), nan=0.0, posinf=0.0).sum(1)
                 sums[1] += sample_mse.sum(1)
                 sums[2] += idx.shape[1]

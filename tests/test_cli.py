@@ -160,7 +160,7 @@ def test_losses_and_datasets_list_what_is_registered(shared_datasets):
     plain = [(l.name, l.likelihood) for l in LOSSES.values()]
     assert [(r["name"], r["likelihood"]) for r in listed[:len(plain)]] == plain
     families = [r["name"] for r in listed[len(plain):]]
-    assert families == [f.pattern for f in FAMILIES.values()] == ["mix:A", "huber:DELTA", "barron:ALPHA"]
+    assert families == [f.pattern for f in FAMILIES.values()] == ["mix:A", "huber:DELTA", "barron:ALPHA", "gaussian-pixel:BETA"]
     for family in FAMILIES.values():  # each listed pattern names a family that get_loss builds members of
         assert get_loss(f"{family.name}:1").name == f"{family.name}:1"
     text = runner.invoke(cli, ["losses"]).output

@@ -211,3 +211,38 @@ def test_snapshots_are_spaced_so_that_they_cost_little():
     assert SNAPSHOT_SPACING == 20
     assert [snapshot_count(20, steps) for steps in (600, 400, 200, 10)] == [20, 20, 10, 2]
     assert snapshot_count(0, 600) == 0 and snapshot_count(1, 600) == 1
+
+
+@pytest.mark.parametrize("loss", ["gaussian-pixel", "laplace-pixel", "gaussian-pixel:0.5"])
+def test_group_gradients_of_per_pixel_losses_equal_summed_per_sample_gradients(loss):
+    """A decoder with a per-pixel log-scale head: group gradients still sum per-sample torch.func gradients
+    of an independently written NLL (soft floor log f + softplus(raw - log f); beta-NLL's weight detached).
+    The head starts at zero; it is set to random values so its gradient and the scale's path are exercised."""
+    cells = [Cell(loss, s) for s in (0, 1)]
+    stacked = stacked_cells(cells)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(4)
+        for name in ("scale_head.weight", "scale_head.bias"):
+            stacked.params[name].copy_(0.3 * torch.randn(stacked.params[name].shape, generator=gen) - 1.0)
+    x, group = make_batch(len(cells))
+    n_groups, b = 3, x.shape[1]
+    got = group_gradients(stacked, x, group, n_groups)
+    log_floor, beta = math.log(CONFIG.sigma_floor), float(loss.partition(":")[2] or 0.0)
+    for c in range(len(cells)):
+        module = stacked.module(c)
+        params = {k: v.detach() for k, v in module.named_parameters()}
+
+        def one(p, xi):
+            out = functional_call(module, p, (xi[None],))[0]
+            r, log_s = (out[:1] - xi).flatten(), log_floor + torch.nn.functional.softplus(out[1:].flatten() - log_floor)
+            if loss == "laplace-pixel":
+                return (r.abs() / log_s.exp() + log_s).sum()
+            return ((2 * beta * log_s).detach().exp() * (0.5 * r.pow(2) / (2 * log_s).exp() + log_s)).sum()
+
+        per_sample = vmap(grad(one), in_dims=(None, 0))(params, x[c])
+        for g in range(n_groups):
+            member = (group[c] == g).float()
+            for name, ps in per_sample.items():
+                want = torch.einsum("b,b...->...", member, ps) / b
+                torch.testing.assert_close(got.params[name][c, g], want, rtol=1e-4, atol=1e-6)
+        assert got.params["scale_head.weight"][c].abs().max() > 1e-3  # the head's gradient is really measured

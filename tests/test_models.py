@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from fairrecon.errors import UserError
-from fairrecon.models import build_model
+from fairrecon.models import split_output, build_model
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (1, 7, 9)]
 
@@ -78,3 +78,25 @@ def test_unknown_output_or_input_norm_is_a_user_error():
         build_model("mlp", (1, 8, 8), 4, output="tanh")
     with pytest.raises(UserError, match="unknown input_norm 'whiten'"):
         build_model("mlp", (1, 8, 8), 4, input_norm="whiten")
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv"])
+def test_scale_head_adds_log_scale_channels_and_leaves_the_rest_as_it_was(name):
+    """With scale_head the output has twice the channels: the mean is the plain model's (same seed: the head
+    is made last and starts at zero, so every other initial weight is the same), the log-scale starts at 0."""
+    shape = (1, 28, 28)
+    torch.manual_seed(3)
+    plain = build_model(name, shape, latent=8)
+    torch.manual_seed(3)
+    headed = build_model(name, shape, latent=8, scale_head=True)
+    state = headed.state_dict()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(state[key], value)
+    assert {k for k in state if k not in plain.state_dict()} == {"scale_head.weight", "scale_head.bias"}
+    x = torch.rand(5, *shape)
+    with torch.no_grad():
+        out = headed(x)
+        assert out.shape == (5, 2, 28, 28)
+        mean, log_scale = split_output(out, 1)
+        assert torch.equal(mean, plain(x)) and torch.equal(log_scale, torch.zeros_like(log_scale))
+        assert split_output(plain(x), 1)[1] is None

@@ -22,7 +22,7 @@ from fairrecon.groups import make_groups
 from fairrecon.html_report import html_report
 from fairrecon.measure import example_reconstructions
 from fairrecon.progress import Progress
-from fairrecon.report import markdown_report, verdict_table
+from fairrecon.report import error_table, frontier_sentence, frontier_table, markdown_report, verdict_table
 from fairrecon.stats import analyse
 from fairrecon.results import AuditResult
 from fairrecon.spec import AuditSpec
@@ -112,9 +112,39 @@ def test_html_is_self_contained_with_every_figure(saved):
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
     images = _images(page)
-    assert len(images) == 6  # group error, over training, gradient shares, distributions, reconstructions, brightness/contrast
+    assert len(images) == 7  # group error, frontier, over training, gradient shares, distributions, reconstructions, brightness/contrast
     assert all(im.format == "PNG" and 1000 <= im.width <= 1400 for im in images)
     assert page.index('id="answer"') < page.index("<table") < page.index('id="fig-group_error"')
+
+
+def test_frontier_is_one_answer_in_every_surface(saved):
+    """The frontier's ratio and its interval are the verdict table's numbers, in report.md, report.html and
+    summary.json alike; its overall error is the mean of samples.csv over seeds and images."""
+    import json
+    result, out = saved
+    analysis = analyse(result)
+    f, d = analysis.frontier.set_index("loss"), analysis.disparities.set_index("loss")
+    assert list(f.index) == list(result.spec.losses) and f["pareto"].any()
+    for col in ("ratio", "ratio_low", "ratio_high", "verdict"):
+        assert list(f[col]) == list(d[col])
+    means = result.ok_samples.groupby("loss", observed=True)["mse"].mean()
+    np.testing.assert_allclose(f["overall"], means[f.index], rtol=1e-12)  # one mean of the same numbers
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["loss"] for r in summary["frontier"]] == list(f.index)
+    listed = {r["loss"]: r for r in summary["disparities"]}
+    for r in summary["frontier"]:  # the same numbers as summary.json's own verdict rows, and as the Analysis
+        assert all(r[k] == listed[r["loss"]][k] for k in ("ratio", "ratio_low", "ratio_high", "verdict"))
+        assert r["ratio"] == pytest.approx(d.loc[r["loss"], "ratio"], rel=1e-9)  # JSON keeps 10 significant digits
+        assert r["pareto"] == bool(f.loc[r["loss"], "pareto"])
+    md, page = markdown_report(result, analysis), html_report(result, analysis)
+    section = md.split("## Fairness-accuracy frontier")[1].split("\n## ")[0]
+    errors = error_table(analysis).set_index("loss")
+    for row in frontier_table(analysis).itertuples(index=False):
+        line = next(l for l in section.splitlines() if l.startswith(f"| {row.loss} |"))
+        assert f"| {errors.loc[row.loss, 'worst/best']} |" in line  # the error table's worst/best, the same string
+        assert f"| {row[4]} |" in line and line.endswith(f"| {row[6]} |")
+    assert "<h2 id='frontier'>Fairness-accuracy frontier</h2>" in page and 'id="fig-frontier"' in page
+    assert frontier_sentence(analysis) in md
 
 
 def test_cli_report_rerenders_from_saved_results(saved, tmp_path):
@@ -123,7 +153,7 @@ def test_cli_report_rerenders_from_saved_results(saved, tmp_path):
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     page = (tmp_path / "report.html").read_text()
-    assert len(_images(page)) == 6 and "worse group" in page  # the same six figures, gradient shares included
+    assert len(_images(page)) == 7 and "worse group" in page  # the same seven figures, gradient shares included
     assert (tmp_path / "report.md").read_text().startswith("# fairrecon audit")
     assert "worst group" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "fairrecon", "report", str(tmp_path / "nothing")],

@@ -384,3 +384,81 @@ def test_usage_errors():
         stats.Policy(alpha=1.5)
     with pytest.raises(UserError, match="unknown correction 'holm'"):
         stats.Policy(correction="holm")
+
+
+# ---------------------------------------------------------------- the fairness-accuracy frontier
+
+def brute_force_pareto(points: list[tuple[float, float]]) -> list[bool]:
+    """Pareto by a sweep: sort by error; a point is kept when its ratio is at most the least ratio of the
+    strictly lower-error points (written independently of stats.pareto_flags' pairwise comparison)."""
+    order = sorted(range(len(points)), key=lambda i: points[i][0])
+    keep, best, i = [False] * len(points), np.inf, 0
+    while i < len(order):  # points with equal error do not dominate each other: take them as one block
+        block = [j for j in order if points[j][0] == points[order[i]][0]]
+        for j in block:
+            keep[j] = bool(points[j][1] <= best)
+        best = min(best, *(points[j][1] for j in block))
+        i += len(block)
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pareto_flags_match_a_brute_force_sweep(seed):
+    """Random clouds, with ties on a coarse grid so that equal errors and equal ratios occur."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 12))
+    error, ratio = rng.integers(0, 6, n) / 5.0, 1 + rng.integers(0, 6, n) / 5.0
+    got = stats.pareto_flags(error, ratio)
+    for i in range(n):  # the definition itself, point by point
+        assert got[i] == (not any(error[j] < error[i] and ratio[j] < ratio[i] for j in range(n)))
+    assert list(got) == brute_force_pareto(list(zip(error, ratio)))
+    assert got.any()  # the point of least error with the least ratio among them is never dominated
+    with_nan = stats.pareto_flags(np.append(error, np.nan), np.append(ratio, 0.0))
+    assert not with_nan[-1] and list(with_nan[:-1]) == list(got)  # a missing point neither is nor dominates
+
+
+def test_frontier_is_the_verdict_tables_numbers_and_the_overall_mean_interval():
+    """Three losses with planted overall errors and gaps: the frontier's ratio columns are the verdict table's
+    (one answer everywhere), the overall error is the plain mean over seeds and images, its standard error the
+    stated two parts (recomputed with pandas), and the Pareto flags are the planted ones: a (accurate, unfair)
+    and b (less accurate, fair) are Pareto-optimal, c (worse than b on both axes) is not."""
+    rng = np.random.default_rng(11)
+    planted = {"a": (0.010, 0.016), "b": (0.014, 0.0145), "c": (0.016, 0.022)}  # group means (a, b) per loss
+    values = {}
+    for loss, means in planted.items():
+        v, codes = simulate(rng, seeds=5, n=(80, 60), means=means, seed_sd=0.0003, image_sd=0.001, noise_sd=0.0003)
+        values[loss] = v
+    result = synthetic_result(values, codes)
+    analysis = stats.analyse(result)
+    f = analysis.frontier
+    assert list(f.columns) == stats.FRONTIER_COLUMNS and list(f["loss"]) == ["a", "b", "c"]
+    d = analysis.disparities.set_index("loss")
+    for col in ("ratio", "ratio_low", "ratio_high", "worst", "reference", "verdict"):
+        assert list(f[col]) == list(d.loc[f["loss"], col])
+    for row in f.itertuples(index=False):
+        v = values[row.loss]
+        assert row.overall == pytest.approx(v.mean(), rel=1e-12)
+        df = pd.DataFrame(v.T).assign(group=codes)
+        w = df["group"].value_counts(normalize=True).sort_index().to_numpy()  # n_g / N
+        seed_part = (df.groupby("group").mean().T.to_numpy() @ w).var(ddof=1) / v.shape[0]
+        averaged = df.drop(columns="group").mean(axis=1).groupby(df["group"])
+        image_part = (w**2 * averaged.var(ddof=1).to_numpy() / averaged.size().to_numpy()).sum()
+        se = np.sqrt(seed_part + image_part)
+        # Cochran-Cox's critical value lies between the t quantiles of the fewest and the most df
+        tail = analysis.tail
+        half = (row.overall_high - row.overall_low) / 2
+        assert sps.t.isf(tail, 79) * se * (1 - 1e-12) <= half <= sps.t.isf(tail, 4) * se * (1 + 1e-12)
+        assert row.overall_low < row.overall < row.overall_high
+    # a: lowest error; b: lowest ratio; c: worse than both on both axes
+    assert list(f["pareto"]) == [True, True, False]
+    assert f.set_index("loss").loc["a", "ratio"] > f.set_index("loss").loc["b", "ratio"]
+
+
+def test_frontier_leaves_out_what_it_cannot_place():
+    """A loss without any ok cell has no point: NaN numbers, not Pareto, and does not dominate anyone."""
+    rng = np.random.default_rng(5)
+    v, codes = simulate(rng, seeds=3, means=(0.01, 0.02))
+    w, _ = simulate(rng, seeds=3, means=(0.001, 0.001))
+    status = {("w", s): "failed: planted" for s in range(3)}
+    f = stats.analyse(synthetic_result({"v": v, "w": w}, codes, status=status)).frontier
+    assert f["pareto"].tolist() == [True, False] and np.isnan(f["overall"].iloc[1])

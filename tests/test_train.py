@@ -51,11 +51,12 @@ def digits():
 def plain_train(x: torch.Tensor, cell: Cell, config: TrainConfig):
     """One cell, the textbook way."""
     torch.manual_seed(cell.seed)
+    loss = get_loss(cell.loss)
     model = build_model(config.model, tuple(x.shape[1:]), config.latent, config.hidden, output=config.output,
-                        input_norm=config.input_norm)
+                        input_norm=config.input_norm, scale_head=loss.pixel_scale)
+    channels = x.shape[1]
     if config.input_norm == "standardize":  # the whole training set's per-pixel statistics, computed here
         model.set_input_stats(x.mean(0), x.std(0, correction=0))
-    loss = get_loss(cell.loss)
     raw = {p.name: torch.zeros((), requires_grad=True) for p in loss.params}  # logs, 0 at the start
     opt = torch.optim.Adam([{"params": model.parameters(), "lr": config.lr},
                             {"params": list(raw.values()), "lr": config.sigma_lr}], foreach=False)
@@ -65,7 +66,9 @@ def plain_train(x: torch.Tensor, cell: Cell, config: TrainConfig):
         perm = torch.randperm(len(x), generator=order)
         for lo in range(0, len(x), config.batch_size):
             xb = x[perm[lo:lo + config.batch_size]]
-            nll = loss.per_sample(xb.flatten(1), model(xb).flatten(1), raw, config.sigma_floor)
+            out = model(xb)  # a per-pixel loss's model: the mean's channels, then the raw log-scale's
+            nll = loss.per_sample(xb.flatten(1), out[:, :channels].flatten(1), raw, config.sigma_floor,
+                                  raw_scale=out[:, channels:].flatten(1) if loss.pixel_scale else None)
             opt.zero_grad()
             nll.mean().backward()
             opt.step()
@@ -78,8 +81,10 @@ def assert_same_cell(stacked, c: int, model, raw, test_x, config=CONFIG):
     got = stacked.module(c).state_dict()
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=0, atol=ATOL, msg=f"{stacked.cells[c].key} {name}")
+    for name in set(got) - set(ref):  # a cell without a per-pixel loss, in a grid with one: its head stays zero
+        assert name.startswith("scale_head.") and not got[name].any()
     with torch.no_grad():
-        torch.testing.assert_close(stacked.reconstruct(test_x)[c], model(test_x), rtol=0, atol=ATOL)
+        torch.testing.assert_close(stacked.reconstruct(test_x)[c], model(test_x)[:, :test_x.shape[1]], rtol=0, atol=ATOL)
     learned = stacked.learned()
     want = get_loss(stacked.cells[c].loss).log_params({k: v.detach() for k, v in raw.items()}, config.sigma_floor)
     for name, log_value in want.items():  # learned parameters (natural units) agree to rounding, like the weights
@@ -134,6 +139,35 @@ def test_sigmoid_output_and_standardized_input_match_the_plain_loop(digits, mode
         for c in range(len(cells)):
             for k in range(3):
                 torch.testing.assert_close(out[c, k], stacked.module(c)(test_x[:5]), rtol=0, atol=ATOL)
+
+
+PIXEL_CELLS = [Cell("gaussian-pixel", 0), Cell("l2", 0), Cell("laplace-pixel", 1), Cell("gaussian-pixel:0.5", 1),
+               Cell("learned-sigma", 1)]
+
+
+def test_pixel_losses_train_apart_and_match_the_plain_loop(digits):
+    """Cells whose decoder predicts a per-pixel log-scale train in their own chunk (their weights have a second
+    head), yet the grid comes back in cell order, each cell equal to the textbook loop and to training it alone;
+    the other cells' results are unchanged by the head (a zero head, never read)."""
+    x, test_x = digits
+    group = torch.zeros(len(x), dtype=torch.long)
+    together = train_cells(x, group, PIXEL_CELLS, CONFIG)
+    stacked = together.stacked
+    assert stacked.cells == PIXEL_CELLS and stacked.scale_head and together.status == ["ok"] * len(PIXEL_CELLS)
+    assert list(together.history["loss"][:len(PIXEL_CELLS)]) == [c.loss for c in PIXEL_CELLS]  # epoch-major, cell order
+    for c, cell in enumerate(PIXEL_CELLS):
+        model, raw, _ = plain_train(x, cell, CONFIG)
+        assert_same_cell(stacked, c, model, raw, test_x)
+        if get_loss(cell.loss).pixel_scale:  # the head moved (it starts at zero), so agreeing means something
+            assert stacked.params["scale_head.weight"][c].abs().max() > 100 * ATOL
+            with torch.no_grad():
+                scales = train_mod.pixel_log_scale(model(test_x)[:, 1:].flatten(1), CONFIG.sigma_floor).exp().mean(1)  # the floored scale
+            torch.testing.assert_close(stacked.pixel_scales(test_x)[c], scales, rtol=1e-4, atol=0)  # float32 rounding
+        else:
+            assert stacked.pixel_scales(test_x)[c].isnan().all()
+    alone = train_cells(x, group, PIXEL_CELLS[:1], CONFIG)
+    for name, p in alone.stacked.params.items():
+        torch.testing.assert_close(stacked.params[name][0], p[0], rtol=0, atol=ATOL)
 
 
 def test_training_moves_the_weights(digits):
