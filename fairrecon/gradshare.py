@@ -8,7 +8,7 @@ an update, each a share that sums to 1 over the groups:
   projection  <grad L_g, grad L> / ||grad L||^2   how much of the actual step comes from g
                                                   (parameter space; can be < 0 or > 1)
   norm        ||grad L_g|| / sum_h ||grad L_h||   how hard g pulls, whatever the direction
-  output      sum_{i in g} ||dL/dx_hat_i||^2 / sum_i ||dL/dx_hat_i||^2
+  output      sum_{i in g} ||dL/dx_hat_i||^2 / sum_i ||dL/dx_hat_i||^2 (the mean channels only: a per-pixel scale head is not the reconstruction)
                                                   how loud g's residuals are to the loss
                                                   (L2: SSE_g / SSE; L1: g's count of
                                                   nonzero residual pixels / the total)
@@ -95,7 +95,7 @@ def group_gradients(stacked: StackedCells, x: torch.Tensor, group: torch.Tensor,
                                             retain_graph=g < n_groups - 1, allow_unused=True)
                 if lp is not None:
                     loss_params[:, g] = lp
-    output = (masks * out_grad.flatten(2).pow(2).sum(-1)[:, None]).sum(-1)
+    output = (masks * stacked.mean(out_grad).flatten(2).pow(2).sum(-1)[:, None]).sum(-1)
     weights = [w.unflatten(0, (n_cells, n_groups)) for w in weights]
     return GroupGradients(dict(zip(copies, weights)), loss_params, output, count.to(nll.dtype))
 
