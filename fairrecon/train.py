@@ -155,6 +155,16 @@ class StackedCells:
         buffers = {k: v.repeat_interleave(copies, dim=0) for k, v in self.buffers.items()} if copies > 1 else self.buffers
         return vmap(one)(params, buffers, x, *([] if eps is None else [eps]))
 
+    @torch.no_grad()
+    def sample_posterior(self, x: torch.Tensor, eps: torch.Tensor, batch: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAEs: the same images x (N, ...) through every cell at z = mu + sigma * eps (C, N, latent),
+        `batch` images at a time -> (decoded (C, N, ...), KL per sample (C, N))."""
+        def one(p, b, xc, ec):
+            return functional_call(self.base, (p, b), (xc, ec))
+        run = vmap(one, in_dims=(0, 0, None, 0))
+        parts = [run(self.params, self.buffers, x[i:i + batch], eps[:, i:i + batch]) for i in range(0, len(x), batch)]
+        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
     def objective(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The training objective per sample (C, B) on batches x (C, B, ...), with its likelihood part
         (C, B) and the reconstruction it scored: NLL for an autoencoder; NLL + beta * KL for a VAE."""
@@ -483,9 +493,10 @@ def train_cells(
                        [e for p in parts for e in p["epochs"]], [s for p in parts for s in p["steps"]])
 
 
-def eps_generators(cells: list[Cell]) -> dict[int, torch.Generator]:
-    """Each seed's own VAE noise generator (CPU), apart from its batch-order generator."""
-    return {s: torch.Generator().manual_seed(s * 2**16 + EPS_STREAM) for s in sorted({c.seed for c in cells})}
+def eps_generators(cells: list[Cell], stream: int = EPS_STREAM) -> dict[int, torch.Generator]:
+    """Each seed's own VAE noise generator (CPU), apart from its batch-order generator; measurements
+    use other streams (measure.py), so they never replay training's noise."""
+    return {s: torch.Generator().manual_seed(s * 2**16 + stream) for s in sorted({c.seed for c in cells})}
 
 
 def draw_eps(generators: dict[int, torch.Generator], cells: list[Cell], batch: int, latent: int,
