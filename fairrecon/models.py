@@ -116,9 +116,12 @@ class VAEMixin:
         h = self.encoder(self.encoder_input(x))
         return h[:, : self.latent], h[:, self.latent:]
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None, *, decode: bool = False):
         """Without eps: decode(mu), the posterior mean's reconstruction. With eps (B, latent):
-        (decode(mu + sigma * eps), KL per sample (B,))."""
+        (decode(mu + sigma * eps), KL per sample (B,)). With decode=True, x is a batch of codes z
+        (B, latent) and the result their decoded images (for generation under functional_call)."""
+        if decode:
+            return self.decode(x, (len(x), *self.shape))
         mu, logvar = self.posterior(x)
         if eps is None:
             return self.decode(mu, x.shape)

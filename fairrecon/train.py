@@ -165,6 +165,14 @@ class StackedCells:
         parts = [run(self.params, self.buffers, x[i:i + batch], eps[:, i:i + batch]) for i in range(0, len(x), batch)]
         return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
 
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, batch: int = 2048) -> torch.Tensor:
+        """VAEs: each cell's codes z (C, N, latent) through its decoder, `batch` at a time -> (C, N, ...)."""
+        def one(p, b, zc):
+            return functional_call(self.base, (p, b), (zc,), {"decode": True})
+        return torch.cat([vmap(one)(self.params, self.buffers, z[:, i:i + batch]) for i in range(0, z.shape[1], batch)],
+                         dim=1)
+
     def objective(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The training objective per sample (C, B) on batches x (C, B, ...), with its likelihood part
         (C, B) and the reconstruction it scored: NLL for an autoencoder; NLL + beta * KL for a VAE."""
