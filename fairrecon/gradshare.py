@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -169,3 +170,21 @@ def share_summary(frame: pd.DataFrame) -> pd.DataFrame:
     out = df.groupby(["loss", "group"], sort=False)[[*SHARES, *ratios, *extra]].mean()
     out.insert(0, "snapshots", df.groupby(["loss", "group"], sort=False).size())
     return out.reset_index()
+
+
+def kl_weight_over_training(frame: pd.DataFrame) -> pd.DataFrame | None:
+    """VAEs: per (loss, group), the effective KL weight at the first, middle and last snapshot of each cell
+    (means over seeds) and its drift, last / first: < 1 means the KL's pull fell relative to the likelihood's
+    over training. None when the table has no kl_weight (autoencoders, older results)."""
+    if "kl_weight" not in frame.columns or not frame["kl_weight"].notna().any():
+        return None
+    df = frame[frame["kl_weight"].notna()].sort_values("step", kind="stable")
+    rows = []
+    for (loss, group), part in df.groupby(["loss", "group"], sort=False):
+        per_seed = [s["kl_weight"].to_numpy() for _, s in part.groupby("seed", sort=True)]
+        first, mid, last = (float(np.mean([w[i(len(w))] for w in per_seed]))
+                            for i in (lambda n: 0, lambda n: n // 2, lambda n: n - 1))
+        drift = float(np.mean([w[-1] / w[0] for w in per_seed])) if all(w[0] > 0 for w in per_seed) else np.nan
+        rows.append({"loss": loss, "group": group, "snapshots": int(np.mean([len(w) for w in per_seed])),
+                     "kl_weight_first": first, "kl_weight_mid": mid, "kl_weight_last": last, "drift": drift})
+    return pd.DataFrame(rows)
