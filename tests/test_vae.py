@@ -1,6 +1,7 @@
 """VAEs against independent computations: the objective's per-group gradients against torch.func
 per-sample gradients of independently written NLLs plus torch.distributions' KL, the effective KL
-weight from those gradients, and beta = 0 leaving the likelihood term alone."""
+weight from those gradients, beta = 0 leaving the likelihood term alone, and the held-out nll, kl
+and errors against the cell's own module."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import torch
 from torch.distributions import Normal, kl_divergence
 from torch.func import functional_call, grad, vmap
 
+from fairrecon.data import load_images
 from fairrecon.gradshare import GradShareRecorder, group_gradients
+from fairrecon.groups import make_groups
+from fairrecon.losses import get_loss
+from fairrecon.measure import HELDOUT_EPS_STREAM, sample_errors
 from fairrecon.spec import AuditSpec
 from fairrecon.train import Cell, Snapshot, TrainConfig, init_cells
 
@@ -102,3 +107,28 @@ def test_kl_weight_is_nan_for_autoencoders_and_recorded_for_vaes():
         recorder(Snapshot(0, 0, stacked, x, group, eps))
         frame = recorder.frame()
         assert frame["kl_weight"].notna().all() if finite else frame["kl_weight"].isna().all()
+
+
+def test_heldout_nll_kl_and_errors_of_a_vae_match_its_module():
+    """samples.csv's kl is torch.distributions' KL of each test image's q(z|x); its nll the loss at one draw
+    z = mu + sigma * eps (eps from the documented held-out stream of the cell's seed); mse scores decode(mu).
+    Tolerance: float32, batched (vmap) vs one module; sums over 64 pixels (rtol 1e-4, atol 1e-4 nats)."""
+    data = make_groups(load_images("digits"), AuditSpec())
+    config = TrainConfig.from_spec(AuditSpec(model="vae", latent=LATENT, hidden=16))
+    cells = [Cell("l1", 0), Cell("log-mse", 1)]
+    stacked = init_cells(cells, tuple(data.train_x.shape[1:]), config, torch.device("cpu"))
+    samples = sample_errors(stacked, data)
+    x = data.test_x
+    for c, cell in enumerate(cells):
+        own = samples[samples["loss"] == cell.loss]
+        module = stacked.module(c)
+        with torch.no_grad():
+            mu, logvar = module.posterior(x)
+            eps = torch.randn(len(x), LATENT, generator=torch.Generator().manual_seed(cell.seed * 2**16 + HELDOUT_EPS_STREAM))
+            x_hat = module.decode(mu + torch.exp(0.5 * logvar) * eps, x.shape)
+            nll = get_loss(cell.loss).per_sample(x.flatten(1), x_hat.flatten(1), {}, config.sigma_floor)
+            kl = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(1)
+            mse = (module.decode(mu, x.shape) - x).pow(2).flatten(1).mean(1)
+        torch.testing.assert_close(torch.tensor(own["nll"].to_numpy()).double(), nll.double(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(own["kl"].to_numpy()).double(), kl.double(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(own["mse"].to_numpy()).double(), mse.double(), rtol=1e-4, atol=1e-7)
