@@ -117,7 +117,7 @@ def audit(spec_file, quiet, force, as_json, **flags) -> int:
     from .audit import run_audit
     from .outputs import save_results
     from .progress import Progress
-    from .report import terminal_summary
+    from .report import terminal_summary, vae_terminal
     from .stats import analyse
 
     global _results_folder
@@ -136,6 +136,8 @@ def audit(spec_file, quiet, force, as_json, **flags) -> int:
                     "warnings": _warnings(result)})
     else:
         click.echo("\n" + terminal_summary(analysis))
+        if result.vae:
+            click.echo("\n" + vae_terminal(result))
     for row in failed.itertuples():
         note(f"warning: cell {row.loss}/seed{row.seed} {row.status}")
     if len(failed) == len(result.cells):
@@ -161,7 +163,7 @@ def report(result_dir, out, as_json) -> int:
       fairrecon report results/fm --json
     """
     from .outputs import write_reports
-    from .report import terminal_summary
+    from .report import terminal_summary, vae_terminal
     from .results import AuditResult
     from .stats import analyse
 
@@ -175,6 +177,8 @@ def report(result_dir, out, as_json) -> int:
                     "warnings": _warnings(result)})
     else:
         click.echo(terminal_summary(analysis))
+        if result.vae:
+            click.echo("\n" + vae_terminal(result))
     note(f"wrote {paths['html']} and {paths['md']}")
     return EXIT_PASS
 

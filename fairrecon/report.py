@@ -149,6 +149,20 @@ def vae_tables(result) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     return result.vae_by_group(), kl_weight
 
 
+def vae_terminal(result) -> str:
+    """What `fairrecon audit` and `fairrecon report` print for VAEs (empty for autoencoders): per group, the mean
+    KL and generated_share beside the training share (the numbers of report.md and summary.json)."""
+    by_group, kl_weight = vae_tables(result)
+    if by_group is None:
+        return ""
+    lines = [f"VAE (beta {result.spec.beta:g}): mean held-out KL per group (nats), and whom the generator produces",
+             by_group.drop(columns=["nll", "generated_share_seed_std"], errors="ignore").round(4).to_string(index=False)]
+    if kl_weight is not None:
+        lines += ["Effective KL weight ||grad beta KL_g|| / ||grad NLL_g|| at the first and last gradient snapshot",
+                  kl_weight[["loss", "group", "kl_weight_first", "kl_weight_last", "drift"]].round(4).to_string(index=False)]
+    return "\n".join(lines)
+
+
 def vae_markdown(result) -> list[str]:
     """report.md's VAE section (empty for autoencoders)."""
     by_group, kl_weight = vae_tables(result)

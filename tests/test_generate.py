@@ -15,6 +15,7 @@ from fairrecon.audit import run_audit
 from fairrecon.data import load_images
 from fairrecon.generate import Assigner, GroupClassifier, generated_shares, nearest_target
 from fairrecon.groups import make_groups
+from fairrecon.report import vae_terminal
 from fairrecon.spec import AuditSpec
 from fairrecon.train import Cell, TrainConfig, train_cells
 
@@ -98,5 +99,11 @@ def test_audit_reports_generated_share_and_kl_everywhere(tmp_path):
         assert re.search(rf"\| l1 \| {re.escape(row['group'])} \|.*\| {re.escape(shown)} \|", md)
         assert f"<td>{shown}</td>" in html or f">{shown}<" in html
     assert summary["kl_weight"] and all(r["kl_weight_first"] > 0 for r in summary["kl_weight"])
+    text = vae_terminal(result).splitlines()  # the terminal prints the same table, parsed back here
+    rows = [line.split() for line in text[2:2 + len(by_group)]]
+    for row, printed in zip(by_group.to_dict("records"), rows):
+        assert printed[:2] == ["l1", row["group"]]
+        assert float(printed[-1]) == pytest.approx(row["generated_share"], abs=5e-5)  # printed to 4 decimals
+        assert float(printed[2]) == pytest.approx(row["kl"], abs=5e-5)
     ae = run_audit(dataset="digits", limit=300, test_limit=100, seeds=1, epochs=1, losses=("l1",), grad_points=0)
     assert ae.samples[["nll", "kl"]].isna().all().all() and ae.vae_by_group() is None and ae.generated is None
