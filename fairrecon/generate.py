@@ -35,7 +35,7 @@ from .train import StackedCells, draw_eps, eps_generators
 PRIOR_STREAM = HELDOUT_EPS_STREAM + 1  # the prior codes: a noise stream of their own per seed
 CLASSIFIER_COMPONENTS = 32  # PCA components the labelled-group classifier sees (fewer when the data has fewer)
 NEAR_CHANCE = 0.1  # held-out accuracy less than this above chance: the classifier cannot tell the groups apart
-COLUMNS = ["loss", "seed", "group", "n", "generated_share"]
+COLUMNS = ["loss", "seed", "group", "n", "generated_share", "brightness"]
 
 
 def nearest_target(brightness: torch.Tensor, targets: tuple[float, ...]) -> torch.Tensor:
@@ -115,12 +115,16 @@ class Assigner:
 def generated_shares(stacked: StackedCells, assign: Assigner, n: int,
                      device: torch.device | str = "cpu") -> pd.DataFrame:
     """One row per (cell, group): how many of the cell's `n` images decoded from the prior fall in the group,
-    and their share."""
+    their share, and their mean brightness (mean pixel; NaN when none): a group's generated images far from its
+    target say the assignment was close (e.g. a collapsed VAE decoding the average image)."""
     z = draw_eps(eps_generators(stacked.cells, PRIOR_STREAM), stacked.cells, n, stacked.config.latent,
                  torch.device(device))
-    codes = assign(stacked.decode(z).cpu())  # (C, n)
+    images = stacked.decode(z).cpu()  # (C, n, ...)
+    codes = assign(images)  # (C, n)
     counts = torch.stack([torch.bincount(c, minlength=len(assign.names)) for c in codes]).numpy()
+    brightness = images.flatten(2).mean(2).double()
+    sums = torch.zeros(len(codes), len(assign.names), dtype=torch.float64).scatter_add_(1, codes, brightness).numpy()
     rows = [{"loss": cell.loss, "seed": cell.seed, "group": name, "n": int(counts[c, g]),
-             "generated_share": counts[c, g] / n}
+             "generated_share": counts[c, g] / n, "brightness": sums[c, g] / counts[c, g] if counts[c, g] else np.nan}
             for c, cell in enumerate(stacked.cells) for g, name in enumerate(assign.names)]
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -11,7 +11,8 @@ Data files in a results folder:
   history.csv   training NLL and MSE per cell and epoch
   curves.csv    (audits of this version on) per curve point, cell and group: held-out MSE and MAE over training
   grad_shares.csv  (when grad_points > 0) per snapshot, cell and group: who drives the updates (gradshare.py)
-  generated.csv (VAEs, generate > 0) per cell and group: images decoded from the prior assigned to it, share
+  generated.csv (VAEs, generate > 0) per cell and group: images decoded from the prior assigned to it, share,
+                their mean brightness
   examples.npz  a few test images per group with each loss's reconstruction (uint8), for the report
   split.csv     (written by outputs.py for image folders) every file's group and split
 """
@@ -83,7 +84,8 @@ class AuditResult:
 
     def vae_by_group(self) -> pd.DataFrame | None:
         """VAEs: one row per (loss, group): mean held-out KL and NLL (means over seeds of per-seed group means),
-        the group's share of the training images, and (with generated.csv) its mean generated_share over seeds."""
+        the group's share of the training images, and (with generated.csv) its mean generated_share over seeds
+        and the mean brightness of the images generated in it."""
         if not self.vae:
             return None
         df = self.ok_samples
@@ -96,8 +98,10 @@ class AuditResult:
             ok = self.cells.loc[self.cells["status"] == "ok", ["loss", "seed"]]
             gen = self.generated.assign(group=self.generated["group"].astype(str)).merge(ok, on=["loss", "seed"])
             shares = gen.groupby(["loss", "group"], sort=False)["generated_share"].agg(["mean", "std"])
-            out = out.merge(shares.rename(columns={"mean": "generated_share", "std": "generated_share_seed_std"})
-                            .reset_index(), on=["loss", "group"], how="left")
+            shares = shares.rename(columns={"mean": "generated_share", "std": "generated_share_seed_std"})
+            if "brightness" in gen:  # mean over seeds of the group's generated images' mean pixel
+                shares["generated_brightness"] = gen.groupby(["loss", "group"], sort=False)["brightness"].mean()
+            out = out.merge(shares.reset_index(), on=["loss", "group"], how="left")
         return out
 
     def data_files(self) -> dict[str, bytes]:
