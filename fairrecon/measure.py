@@ -42,7 +42,7 @@ def sample_errors(stacked: StackedCells, data: GroupedData, device: torch.device
     x = data.test_x.to(device)
     n_cells = len(stacked.cells)
     nll = kl = torch.full((n_cells, len(x)), torch.nan)
-    if stacked.config.vae:
+    if isinstance(stacked, StackedCells) and stacked.config.vae:  # external.py's one user model is never a VAE
         eps = draw_eps(eps_generators(stacked.cells, HELDOUT_EPS_STREAM), stacked.cells, len(x),
                        stacked.config.latent, x.device)
         x_hat, kl = stacked.sample_posterior(x, eps)
