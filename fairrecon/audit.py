@@ -31,6 +31,7 @@ from .gradshare import GradShareRecorder
 from .groups import GroupedData, make_groups, split_table
 from .losses import get_loss
 from .fileio import atomic_write, npz_bytes
+from .generate import Assigner, generated_shares
 from .measure import CurveRecorder, convergence, curve_table, example_reconstructions, sample_errors, train_mse
 from .outputs import save_results
 from .results import EXAMPLES_FILE, METRICS, AuditResult, load_examples
@@ -123,6 +124,13 @@ def _run_audit(spec: AuditSpec | str | Path | None, *, log, on_epoch, force: boo
 
     cells = [Cell(loss, seed) for loss in spec.losses for seed in range(spec.seeds)]
     config = TrainConfig.from_spec(spec)
+    generation = None
+    if config.vae and spec.generate > 0:  # how generated images get a group (a classifier for labelled groups)
+        assign = Assigner.for_data(data)
+        generation = (assign, spec.generate)
+        if assign.warning():
+            warnings.append(assign.warning())
+            log(f"warning: {assign.warning()}")
     tables: dict[Cell, dict[str, pd.DataFrame]] = {}
     if store is not None:
         store.open()
@@ -143,7 +151,7 @@ def _run_audit(spec: AuditSpec | str | Path | None, *, log, on_epoch, force: boo
     for k, seed_cells in enumerate(todo):
         epoch_hook = (lambda e, n, k=k: on_epoch(e, n, k + 1, len(todo))) if on_epoch else None
         for cell, cell_tables in train_and_measure(data, seed_cells, config, device, log, timings, epoch_hook,
-                                                   keep_examples).items():
+                                                   keep_examples, generation=generation).items():
             if store is not None:
                 store.save(cell, cell_tables)  # the moment this seed's cells are done
             tables[cell] = cell_tables
@@ -159,14 +167,17 @@ def _run_audit(spec: AuditSpec | str | Path | None, *, log, on_epoch, force: boo
         "train_config": asdict(config), "resumed_cells": len(cells) - sum(map(len, todo)), "timings": timings,
         "inputs": identity.inputs, "warnings": warnings,
         "convergence": {"drop": CONVERGED_DROP, "window": CONVERGED_WINDOW},
+        **({"generation": {**generation[0].record(), "n": spec.generate}} if generation else {}),
     }
     shares = [tables[c]["grad_shares"] for c in cells if "grad_shares" in tables[c]]
     curves = [tables[c]["curves"] for c in cells if "curves" in tables[c]]
+    generated = [tables[c]["generated"] for c in cells if "generated" in tables[c]]
     result = AuditResult(spec, samples, cell_table, described, history, info,
                          examples=examples or (load_examples(store.folder) if store is not None else None),
                          grad_shares=_concat(shares) if len(shares) == len(cells) else None,
                          split=split_table(images, data),
-                         curves=_concat(curves) if len(curves) == len(cells) else None)
+                         curves=_concat(curves) if len(curves) == len(cells) else None,
+                         generated=_concat(generated) if generation and len(generated) == len(cells) else None)
     for line in convergence_warnings(result):
         log(f"warning: {line}")
     return result
@@ -195,8 +206,10 @@ def by_seed(cells: list[Cell]) -> list[list[Cell]]:
 def train_and_measure(data: GroupedData, cells: list[Cell], config: TrainConfig, device: torch.device,
                       log: Callable[[str], None], timings: dict[str, float],
                       on_epoch: Callable[[int, int], None] | None = None,
-                      on_trained: Callable[[Any], None] | None = None) -> dict[Cell, dict[str, pd.DataFrame]]:
-    """Train cells together and measure them: per cell, its samples, cells (one row), history and curves tables.
+                      on_trained: Callable[[Any], None] | None = None, *,
+                      generation: tuple[Assigner, int] | None = None) -> dict[Cell, dict[str, pd.DataFrame]]:
+    """Train cells together and measure them: per cell, its samples, cells (one row), history and curves tables
+    (and, with `generation` = (assigner, n) for a VAE, its generated table: generate.generated_shares).
 
     `on_trained(stacked)` sees the trained cells before they are dropped (to keep example reconstructions).
     """
@@ -212,6 +225,7 @@ def train_and_measure(data: GroupedData, cells: list[Cell], config: TrainConfig,
     timings["curves_s"] += curves.seconds
     t1 = time.perf_counter()
     samples = _float64(sample_errors(trained.stacked, data, device))
+    generated = generated_shares(trained.stacked, *generation, device) if generation else None
     if on_trained is not None:
         on_trained(trained.stacked)
     learned = {name: v.double() for name, v in trained.stacked.learned().items()}
@@ -245,6 +259,8 @@ def train_and_measure(data: GroupedData, cells: list[Cell], config: TrainConfig,
             "history": own_history,
             "curves": own(curve),
         }
+        if generated is not None:
+            out[cell]["generated"] = own(generated)
         if shares is not None:  # checkpointed with the cell like its other tables; only steps of its own result
             out[cell]["grad_shares"] = own(shares[shares["step"] < trained.steps[c]])
     timings["measure_s"] += time.perf_counter() - t1

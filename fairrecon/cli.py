@@ -121,7 +121,7 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
     from .audit import run_audit
     from .outputs import save_results
     from .progress import Progress
-    from .report import terminal_summary
+    from .report import terminal_summary, vae_terminal
     from .stats import analyse
 
     global _results_folder
@@ -142,6 +142,8 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
                     "warnings": _warnings(result)})
     else:
         click.echo("\n" + terminal_summary(analysis))
+        if result.vae:
+            click.echo("\n" + vae_terminal(result))
     for row in failed.itertuples():
         note(f"warning: cell {row.loss}/seed{row.seed} {row.status}")
     if len(failed) == len(result.cells):
@@ -167,7 +169,7 @@ def report(result_dir, out, as_json) -> int:
       fairrecon report results/fm --json
     """
     from .outputs import write_reports
-    from .report import terminal_summary
+    from .report import terminal_summary, vae_terminal
     from .results import AuditResult
     from .stats import analyse
 
@@ -181,6 +183,8 @@ def report(result_dir, out, as_json) -> int:
                     "warnings": _warnings(result)})
     else:
         click.echo(terminal_summary(analysis))
+        if result.vae:
+            click.echo("\n" + vae_terminal(result))
     note(f"wrote {paths['html']} and {paths['md']}")
     return EXIT_PASS
 

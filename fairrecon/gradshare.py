@@ -13,6 +13,15 @@ an update, each a share that sums to 1 over the groups:
                                                   (L2: SSE_g / SSE; L1: g's count of
                                                   nonzero residual pixels / the total)
 
+VAEs: the batch loss is the training objective, sum_i (nll_i + beta kl_i) / B at the step's own noise
+eps, and each snapshot also records the effective KL weight per group,
+
+  kl_weight   ||grad_w beta KL_g|| / ||grad_w NLL_g||  (w: the weights; NaN for autoencoders)
+
+how strongly the prior pulls on g's updates relative to g's reconstruction term. Its drift over
+training is the measurement behind "with log-MSE the reconstruction gradient grows as the error
+falls, so the KL is effectively down-weighted; with L1 it stays constant".
+
 Parameters are all weights plus the loss's learned parameters (their logs: learned-sigma's
 sigma, student-t's scale and dof, ...; see losses.Param). Set beside
 `sample_share` (g's share of the batch): share / sample_share > 1 means the updates serve
@@ -27,12 +36,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
 from .train import Snapshot, StackedCells
 
 SHARES = ("sample_share", "projection_share", "norm_share", "output_share")
+COLUMNS = ["loss", "seed", "step", "epoch", "group", *SHARES, "kl_weight"]
 
 
 @dataclass
@@ -43,6 +54,7 @@ class GroupGradients:
     loss_params: torch.Tensor  # (C, G, K): grad of cell c's L_g wrt its learned loss parameters (0 where unused)
     output: torch.Tensor  # (C, G): sum over g's samples of ||dL/dx_hat_i||^2
     count: torch.Tensor  # (C, G): g's samples in cell c's batch
+    kl_weight: torch.Tensor | None = None  # VAEs (C, G): ||grad beta KL_g|| / ||grad NLL_g|| over the weights
 
     def gram(self) -> torch.Tensor:
         """(C, G, G): <grad L_g, grad L_h> per cell, over weights and learned loss parameters together."""
@@ -61,8 +73,10 @@ class GroupGradients:
                             norm / norm.sum(1, keepdim=True), self.output / self.output.sum(1, keepdim=True)])
 
 
-def group_gradients(stacked: StackedCells, x: torch.Tensor, group: torch.Tensor, n_groups: int) -> GroupGradients:
-    """Per-group gradients of each cell's batch loss on its batch x (C, B, ...), group codes (C, B).
+def group_gradients(stacked: StackedCells, x: torch.Tensor, group: torch.Tensor, n_groups: int,
+                    eps: torch.Tensor | None = None) -> GroupGradients:
+    """Per-group gradients of each cell's batch loss on its batch x (C, B, ...), group codes (C, B)
+    (VAEs: with the step's noise eps (C, B, latent), the objective NLL + beta KL, and the KL weight).
 
     One forward and one backward for all groups: each cell's batch is split into G
     sub-batches (padded to a common size K), sub-batch g runs through its own copy of the
@@ -84,10 +98,20 @@ def group_gradients(stacked: StackedCells, x: torch.Tensor, group: torch.Tensor,
     with torch.enable_grad():
         copies = {n: p.repeat_interleave(n_groups, dim=0) for n, p in stacked.params.items()}  # (C*G, ...)
         x_sub = x[cell[:, None, None], slots].flatten(0, 1)  # (C*G, K, ...)
-        x_hat_sub = stacked.forward(x_sub, copies).unflatten(0, (n_cells, n_groups))  # (C, G, K, ...)
-        x_hat = x_hat_sub[cell[:, None], group, rank]  # (C, B, ...), back in batch order
+        if eps is None:
+            x_hat_sub = stacked.forward(x_sub, copies)
+        else:
+            x_hat_sub, kl_sub = stacked.forward(x_sub, copies, eps=eps[cell[:, None, None], slots].flatten(0, 1))
+            kl = kl_sub.unflatten(0, (n_cells, n_groups))[cell[:, None], group, rank]  # (C, B), in batch order
+        x_hat = x_hat_sub.unflatten(0, (n_cells, n_groups))[cell[:, None], group, rank]  # (C, B, ...), batch order
         nll = stacked.per_sample_nll(x, x_hat)  # (C, B)
         out_grad, *weights = torch.autograd.grad(nll.sum() / b, [x_hat, *copies.values()], retain_graph=True)
+        kl_weight = None
+        if eps is not None:  # the KL term's own gradient (zero for the decoder), then the objective's
+            kl_grads = torch.autograd.grad(stacked.config.beta * kl.sum() / b, list(copies.values()),
+                                           retain_graph=True, allow_unused=True, materialize_grads=True)
+            kl_weight = (_group_norms(kl_grads, n_cells, n_groups) / _group_norms(weights, n_cells, n_groups))
+            weights = [w + k for w, k in zip(weights, kl_grads)]
         loss_params = torch.zeros(n_cells, n_groups, stacked.loss_params.shape[1], dtype=nll.dtype, device=device)
         if loss_params.numel():
             for g in range(n_groups):  # through the loss only: cheap
@@ -97,7 +121,12 @@ def group_gradients(stacked: StackedCells, x: torch.Tensor, group: torch.Tensor,
                     loss_params[:, g] = lp
     output = (masks * stacked.mean(out_grad).flatten(2).pow(2).sum(-1)[:, None]).sum(-1)
     weights = [w.unflatten(0, (n_cells, n_groups)) for w in weights]
-    return GroupGradients(dict(zip(copies, weights)), loss_params, output, count.to(nll.dtype))
+    return GroupGradients(dict(zip(copies, weights)), loss_params, output, count.to(nll.dtype), kl_weight)
+
+
+def _group_norms(grads: Sequence[torch.Tensor], n_cells: int, n_groups: int) -> torch.Tensor:
+    """(C, G): the norm over all weights of each copy's gradient (copies cell-major, (C*G, ...) each)."""
+    return sum(g.flatten(1).pow(2).sum(1) for g in grads).sqrt().view(n_cells, n_groups)
 
 
 class GradShareRecorder:
@@ -111,23 +140,25 @@ class GradShareRecorder:
         self._records: list[tuple[int, int, list, torch.Tensor]] = []
 
     def __call__(self, snap: Snapshot) -> None:
-        grads = group_gradients(snap.stacked, snap.x, snap.group, len(self.group_names))
-        self._records.append((snap.step, snap.epoch, list(snap.stacked.cells), grads.shares()))
+        grads = group_gradients(snap.stacked, snap.x, snap.group, len(self.group_names), snap.eps)
+        kl_weight = grads.kl_weight if grads.kl_weight is not None else torch.full_like(grads.count, torch.nan)
+        self._records.append((snap.step, snap.epoch, list(snap.stacked.cells), torch.cat([grads.shares(), kl_weight[None]])))
 
     def frame(self) -> pd.DataFrame:
-        """One row per (snapshot, cell, group): loss, seed, step, epoch, group and the four shares."""
+        """One row per (snapshot, cell, group): loss, seed, step, epoch, group, the four shares and kl_weight."""
         rows = []
         for step, epoch, cells, shares in self._records:
-            values = shares.cpu().tolist()  # [share][cell][group]
+            values = shares.cpu().tolist()  # [share or kl_weight][cell][group]
             for c, cell in enumerate(cells):
                 for g, name in enumerate(self.group_names):
                     rows.append({"loss": cell.loss, "seed": cell.seed, "step": step, "epoch": epoch + 1,
-                                 "group": name, **{s: values[k][c][g] for k, s in enumerate(SHARES)}})
-        return pd.DataFrame(rows, columns=["loss", "seed", "step", "epoch", "group", *SHARES])
+                                 "group": name, **{s: values[k][c][g] for k, s in enumerate([*SHARES, "kl_weight"])}})
+        return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def share_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per (loss, group): the mean of each share over seeds and snapshots, and of share / sample_share."""
+    """Per (loss, group): the mean of each share over seeds and snapshots, and of share / sample_share
+    (and of kl_weight, where the table has it)."""
     df = frame.copy()
     headcount = df["sample_share"].where(df["sample_share"] > 0)
     ratios = []
@@ -135,6 +166,25 @@ def share_summary(frame: pd.DataFrame) -> pd.DataFrame:
         name = s.replace("_share", "_ratio")
         df[name] = df[s] / headcount
         ratios.append(name)
-    out = df.groupby(["loss", "group"], sort=False)[[*SHARES, *ratios]].mean()
+    extra = ["kl_weight"] if "kl_weight" in df.columns else []
+    out = df.groupby(["loss", "group"], sort=False)[[*SHARES, *ratios, *extra]].mean()
     out.insert(0, "snapshots", df.groupby(["loss", "group"], sort=False).size())
     return out.reset_index()
+
+
+def kl_weight_over_training(frame: pd.DataFrame) -> pd.DataFrame | None:
+    """VAEs: per (loss, group), the effective KL weight at the first, middle and last snapshot of each cell
+    (means over seeds) and its drift, last / first: < 1 means the KL's pull fell relative to the likelihood's
+    over training. None when the table has no kl_weight (autoencoders, older results)."""
+    if "kl_weight" not in frame.columns or not frame["kl_weight"].notna().any():
+        return None
+    df = frame[frame["kl_weight"].notna()].sort_values("step", kind="stable")
+    rows = []
+    for (loss, group), part in df.groupby(["loss", "group"], sort=False):
+        per_seed = [s["kl_weight"].to_numpy() for _, s in part.groupby("seed", sort=True)]
+        first, mid, last = (float(np.mean([w[i(len(w))] for w in per_seed]))
+                            for i in (lambda n: 0, lambda n: n // 2, lambda n: n - 1))
+        drift = float(np.mean([w[-1] / w[0] for w in per_seed])) if all(w[0] > 0 for w in per_seed) else np.nan
+        rows.append({"loss": loss, "group": group, "snapshots": int(np.mean([len(w) for w in per_seed])),
+                     "kl_weight_first": first, "kl_weight_mid": mid, "kl_weight_last": last, "drift": drift})
+    return pd.DataFrame(rows)

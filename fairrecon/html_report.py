@@ -16,7 +16,7 @@ import pandas as pd
 from .dynamics import convergence_warnings, gap_over_training, worse_group_changes
 from .figures import METRIC_LABELS, audit_figures
 from .report import (FRONTIER_TITLE, describe_audit, error_table, frontier_sentence, frontier_table, headline,
-                     loss_warnings, verdict_table)
+                     loss_warnings, vae_tables, verdict_table)
 from .stats import CLEAR, INSUFFICIENT, NO_CLEAR, Analysis
 
 CSS = """
@@ -83,6 +83,7 @@ def html_report(result, analysis: Analysis) -> str:
         parts += ["<h2 id='gradients'>Gradient shares during training</h2>",
                   _figure(figs, "grad_shares", "A group whose gradient share (solid) stays above its share of samples "
                           "(dotted) pulls the updates towards itself: the loss spends its effort there.")]
+    parts += _vae_html(result)
     parts += [
         "<h2 id='distributions'>Error distributions</h2>",
         _figure(figs, "error_distribution", "Per-image error averaged over seeds. A gap in the means can come from a "
@@ -110,6 +111,28 @@ def html_report(result, analysis: Analysis) -> str:
               "</details>",
               "</main></body></html>"]
     return "\n".join(p for p in parts if p)
+
+
+def _vae_html(result) -> list[str]:
+    """The VAE section: per-group KL and generated_share, the effective KL weight over training (report.vae_tables)."""
+    by_group, kl_weight = vae_tables(result)
+    if by_group is None:
+        return []
+    gen = result.info.get("generation")
+    parts = ["<h2 id='vae'>VAEs: KL per group and whom the generator produces</h2>",
+             f'<p class="note">beta = {result.spec.beta:g}. kl: mean KL(q(z|x) || N(0, I)) of the group\'s held-out '
+             "images (nats: which group gets latent capacity); nll: the loss's NLL at one draw z ~ q(z|x); "
+             "means over seeds."
+             + (f" generated_share: share of {gen['n']} images decoded from the prior per cell that fall in the group "
+                f"(assigned by {_e(gen['method'])}), beside its share of the training images." if gen else "") + "</p>"]
+    if gen and gen.get("near_chance"):
+        parts.append('<p class="warn">The group classifier is near chance, so generated_share is not reliable.</p>')
+    parts.append(_table(by_group, digits=4))
+    if kl_weight is not None:
+        parts += ['<p class="note">Effective KL weight over training, ||grad beta KL_g|| / ||grad NLL_g|| over the '
+                  "weights at the gradient snapshots (means over seeds); drift = last / first (&lt; 1: the KL's pull "
+                  "fell relative to the likelihood's).</p>", _table(kl_weight, digits=4)]
+    return parts
 
 
 def _over_training_html(result, figs: dict[str, str]) -> list[str]:

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from .groups import GroupedData
-from .train import Cell, EvalPoint, StackedCells, group_errors, last_drop, settled
+from .train import EPS_STREAM, Cell, EvalPoint, StackedCells, draw_eps, eps_generators, group_errors, last_drop, settled
 
 PSNR_FLOOR_MSE = 1e-10  # a perfect reconstruction reads as 100 dB rather than infinity
 # nmse divides by the image's own pixel variance; a flat image counts as having the variance of 8-bit
@@ -25,18 +25,31 @@ NMSE_FLOOR_VAR = (1 / 255) ** 2 / 12
 
 
 SAMPLE_CHUNK = 2048  # test images whose residuals sample_errors holds at once (reconstruct batches within it)
+HELDOUT_EPS_STREAM = EPS_STREAM + 1  # the VAE noise of held-out nll: a stream of its own per seed, fixed
 
 
 @torch.no_grad()
 def sample_errors(stacked: StackedCells, data: GroupedData, device: torch.device | str = "cpu") -> pd.DataFrame:
-    """MSE, MAE (per pixel), PSNR (data range 1) and nmse of every test image under every cell.
+    """MSE, MAE (per pixel), PSNR (data range 1) and nmse of every test image under every cell, and for VAEs
+    its nll and kl (NaN for autoencoders, so samples.csv has one schema).
 
     nmse = the image's MSE / its own pixel variance (population): 1 means no better than the image's
-    mean brightness everywhere; comparable between groups that differ in contrast.
-    pred_scale = the image's mean predicted per-pixel scale (sigma for gaussian-pixel, b for laplace-pixel,
-    floored as the loss floors it), NaN for losses without one: how much uncertainty the model claims.
+    mean brightness everywhere; comparable between groups that differ in contrast. For a VAE the four
+    metrics score the posterior mean's reconstruction decode(mu), as for an autoencoder; `kl` is
+    KL(q(z|x) || N(0, I)) in nats and `nll` the cell's loss NLL of x given decode(z) at one draw
+    z ~ q(z|x) (a fixed generator per seed), so nll + kl is a one-sample estimate of the negative ELBO
+    (for log-mse the "batch" MSE is the cell's over the whole test set).
     """
     x = data.test_x.to(device)
+    n_cells = len(stacked.cells)
+    nll = kl = torch.full((n_cells, len(x)), torch.nan)
+    if isinstance(stacked, StackedCells) and stacked.config.vae:  # external.py's one user model is never a VAE
+        eps = draw_eps(eps_generators(stacked.cells, HELDOUT_EPS_STREAM), stacked.cells, len(x),
+                       stacked.config.latent, x.device)
+        x_hat, kl = stacked.sample_posterior(x, eps)
+        nll = stacked.per_sample_nll(x.expand(n_cells, *x.shape), x_hat).cpu()
+        kl = kl.cpu()
+        del x_hat
     mse, mae = [], []
     for lo in range(0, len(x), SAMPLE_CHUNK):  # a chunk at a time: each image's row is reduced alone
         xb = x[lo:lo + SAMPLE_CHUNK]
@@ -53,7 +66,7 @@ def sample_errors(stacked: StackedCells, data: GroupedData, device: torch.device
     frames = [
         pd.DataFrame({"loss": cell.loss, "seed": cell.seed, "group": names, "index": data.test_index.numpy(),
                       "mse": mse[c].numpy(), "mae": mae[c].numpy(), "psnr": psnr[c].numpy(), "nmse": nmse[c].numpy(),
-                      "pred_scale": pred_scale[c].numpy()})
+                      "pred_scale": pred_scale[c].numpy(), "nll": nll[c].numpy(), "kl": kl[c].numpy()})
         for c, cell in enumerate(stacked.cells)
     ]
     return pd.concat(frames, ignore_index=True)

@@ -20,6 +20,13 @@ channels (through the output map), then the C raw log-scale channels (`split_out
 head is made last and zero-initialised, so the rest of a seed's initial weights are the same
 with or without it, and every pixel starts at log-scale 0 (scale 1, l2's sigma). Any decoder
 can carry it: build its last layer as `self.decoder[-1]` and call `self.heads(h, fit)`.
+
+VAEs (`vae`, `conv-vae`): the same encoders with twice the latent outputs, read as the mean and
+log-variance of a Gaussian q(z|x), and the same decoders. `forward(x)` decodes the posterior mean
+(so reconstructions, held-out errors and curves treat a VAE like an autoencoder);
+`forward(x, eps)` decodes z = mu + sigma * eps and also returns each sample's
+KL(q(z|x) || N(0, I)). eps comes from outside (train.py draws it per seed), so the model holds
+no randomness of its own and a cell trained in a batch equals the cell trained alone.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from torch import nn
 
 from .errors import UserError
 
-MODELS = ("mlp", "conv")
+MODELS = ("mlp", "conv", "vae", "conv-vae")
+VAE_MODELS = ("vae", "conv-vae")
 OUTPUTS = ("linear", "sigmoid")
 INPUT_NORMS = ("none", "standardize")
 STD_EPS = 1e-8  # a pixel whose training std is below this is "constant": scale 1 (as sklearn's StandardScaler)
@@ -128,9 +136,65 @@ class ConvAutoencoder(Autoencoder):
         return self.heads(self.decoder_body(z), lambda y: y[..., : self.shape[1], : self.shape[2]])
 
 
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) summed over the last dim, in closed form: (..., K) -> (...)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+
+
+class VAEMixin:
+    """A VAE on top of an autoencoder whose encoder outputs 2 * latent values: [mu, logvar]."""
+
+    latent: int
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z|x): its mean and log-variance, each (B, latent)."""
+        h = self.encoder(self.encoder_input(x))
+        return h[:, : self.latent], h[:, self.latent:]
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None, *, decode: bool = False):
+        """Without eps: decode(mu), the posterior mean's reconstruction. With eps (B, latent):
+        (decode(mu + sigma * eps), KL per sample (B,)). With decode=True, x is a batch of codes z
+        (B, latent) and the result their decoded images (for generation under functional_call)."""
+        if decode:
+            return self.decode(x, (len(x), *self.shape))
+        mu, logvar = self.posterior(x)
+        if eps is None:
+            return self.decode(mu, x.shape)
+        return self.decode(mu + (0.5 * logvar).exp() * eps, x.shape), gaussian_kl(mu, logvar)
+
+
+class VAE(VAEMixin, MLPAutoencoder):
+    """The MLP autoencoder, its encoder's last layer widened to 2 * latent outputs; the same decoder."""
+
+    def __init__(self, shape: tuple[int, int, int], latent: int = 16, hidden: int = 256, *,
+                 output: str = "linear", input_norm: str = "none", scale_head: bool = False):
+        super().__init__(shape, latent, hidden, output=output, input_norm=input_norm, scale_head=scale_head)
+        self.latent = latent
+        self.encoder[-1] = nn.Linear(hidden, 2 * latent)
+
+    def decode(self, z: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Codes z (B, latent) -> images (B, C, H, W), with the log-scale channels after them under a scale head."""
+        return self.heads(self.decoder_body(z), lambda y: y.view(len(z), *self.shape))
+
+
+class ConvVAE(VAEMixin, ConvAutoencoder):
+    """The conv autoencoder, its encoder's last layer widened to 2 * latent outputs; the same decoder."""
+
+    def __init__(self, shape: tuple[int, int, int], latent: int = 16, hidden: int = 32, *,
+                 output: str = "linear", input_norm: str = "none", scale_head: bool = False):
+        super().__init__(shape, latent, hidden, output=output, input_norm=input_norm, scale_head=scale_head)
+        self.latent = latent
+        self.encoder[-1] = nn.Linear(self.encoder[-1].in_features, 2 * latent)
+
+    def decode(self, z: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Codes z (B, latent) -> images (B, C, H, W), with the log-scale channels after them under a scale head."""
+        h = self.decoder_in(z).view(z.shape[0], -1, self.h4, self.w4)
+        return self.heads(self.decoder_body(h), lambda y: y[..., : self.shape[1], : self.shape[2]])
+
+
 def build_model(name: str, shape: tuple[int, int, int], latent: int, hidden: int = 256, *,
                 output: str = "linear", input_norm: str = "none", scale_head: bool = False) -> Autoencoder:
-    """An autoencoder by name; `hidden` is the MLP width (the conv model uses hidden // 8 channels).
+    """An autoencoder (or VAE) by name; `hidden` is the MLP width (the conv model uses hidden // 8 channels).
     `scale_head`: a second decoder head predicting a per-pixel log-scale (output (B, 2C, H, W)).
 
     With input_norm='standardize' the input statistics start as mean 0, std 1: set them with
@@ -145,6 +209,10 @@ def build_model(name: str, shape: tuple[int, int, int], latent: int, hidden: int
     if name == "conv":
         return ConvAutoencoder(shape, latent, max(8, hidden // 8), output=output, input_norm=input_norm,
                                scale_head=scale_head)
+    if name == "vae":
+        return VAE(shape, latent, hidden, output=output, input_norm=input_norm, scale_head=scale_head)
+    if name == "conv-vae":
+        return ConvVAE(shape, latent, max(8, hidden // 8), output=output, input_norm=input_norm, scale_head=scale_head)
     raise UserError(f"unknown model '{name}'; allowed: {', '.join(MODELS)}")
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .dynamics import markdown_section
+from .gradshare import kl_weight_over_training
 from .losses import LOSSES
 from .stats import CLEAR, NO_CLEAR, Analysis
 
@@ -158,6 +159,7 @@ def markdown_report(result, analysis: Analysis) -> str:
     if warnings:
         lines += ["## Warnings", ""] + [f"- {loss}: {w}" for loss, w in warnings] + [""]
     lines += markdown_section(result)  # the answer over training, convergence warnings (dynamics.py)
+    lines += vae_markdown(result)
     lines += [
         "## Groups as measured",
         "",
@@ -172,6 +174,52 @@ def markdown_report(result, analysis: Analysis) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def vae_tables(result) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """VAEs: (per loss and group: mean KL, NLL, training share, generated_share; per loss and group: the effective
+    KL weight over training), each None when absent. The one source of the VAE numbers in every report."""
+    if not result.vae:
+        return None, None
+    kl_weight = kl_weight_over_training(result.grad_shares) if result.grad_shares is not None else None
+    return result.vae_by_group(), kl_weight
+
+
+def vae_terminal(result) -> str:
+    """What `fairrecon audit` and `fairrecon report` print for VAEs (empty for autoencoders): per group, the mean
+    KL and generated_share beside the training share (the numbers of report.md and summary.json)."""
+    by_group, kl_weight = vae_tables(result)
+    if by_group is None:
+        return ""
+    lines = [f"VAE (beta {result.spec.beta:g}): mean held-out KL per group (nats), and whom the generator produces",
+             by_group.drop(columns=["nll", "generated_share_seed_std"], errors="ignore").round(4).to_string(index=False)]
+    if kl_weight is not None:
+        lines += ["Effective KL weight ||grad beta KL_g|| / ||grad NLL_g|| at the first and last gradient snapshot",
+                  kl_weight[["loss", "group", "kl_weight_first", "kl_weight_last", "drift"]].round(4).to_string(index=False)]
+    return "\n".join(lines)
+
+
+def vae_markdown(result) -> list[str]:
+    """report.md's VAE section (empty for autoencoders)."""
+    by_group, kl_weight = vae_tables(result)
+    if by_group is None:
+        return []
+    lines = ["## VAEs: KL per group and whom the generator produces", "",
+             f"beta = {result.spec.beta:g}. `kl`: mean KL(q(z|x) || N(0, I)) of the group's held-out images (nats; "
+             "which group gets latent capacity); `nll`: the loss's NLL at one draw z ~ q(z|x); means over seeds.", ""]
+    gen = result.info.get("generation")
+    if "generated_share" in by_group:
+        lines += [f"`generated_share`: share of {gen['n'] if gen else 'the'} images decoded from the prior per cell "
+                  f"that fall in the group (assigned by {gen['method'] if gen else 'the audit'}), beside its share of "
+                  "the training images.", ""]
+        if gen and gen.get("near_chance"):
+            lines += ["**warning:** the group classifier is near chance, so generated_share is not reliable.", ""]
+    lines += [_markdown(by_group.round(4)), ""]
+    if kl_weight is not None:
+        lines += ["Effective KL weight over training, ||grad beta KL_g|| / ||grad NLL_g|| over the weights at the "
+                  "gradient snapshots (means over seeds); drift = last / first (< 1: the KL's pull fell relative "
+                  "to the likelihood's).", "", _markdown(kl_weight.round(4)), ""]
+    return lines
 
 
 def describe_audit(result) -> str:

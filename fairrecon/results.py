@@ -4,12 +4,15 @@ This module holds data only: statistics (stats.py) and reports (report.py, html_
 computed from a result at the top and written beside these files by outputs.py.
 
 Data files in a results folder:
-  samples.csv   one row per (loss, seed, test image): loss, seed, group, index, mse, mae, psnr, nmse
+  samples.csv   one row per (loss, seed, test image): loss, seed, group, index, mse, mae, psnr, nmse, nll, kl
+                (nll, kl: VAEs only, empty for autoencoders)
   cells.csv     one row per (loss, seed): status, learned sigma, training MSE and NLL, epochs, convergence
   groups.csv    measured brightness, contrast, negative and clipped shares per split and group
   history.csv   training NLL and MSE per cell and epoch
   curves.csv    (audits of this version on) per curve point, cell and group: held-out MSE and MAE over training
   grad_shares.csv  (when grad_points > 0) per snapshot, cell and group: who drives the updates (gradshare.py)
+  generated.csv (VAEs, generate > 0) per cell and group: images decoded from the prior assigned to it, share,
+                their mean brightness
   examples.npz  a few test images per group with each loss's reconstruction (uint8), for the report
   split.csv     (written by outputs.py for image folders) every file's group and split
 """
@@ -46,6 +49,7 @@ class AuditResult:
     grad_shares: pd.DataFrame | None = None  # gradient shares per snapshot, cell and group (optional)
     split: pd.DataFrame | None = None  # image folders: file, group, split (train / test / unused)
     curves: pd.DataFrame | None = None  # per-group held-out error over training (measure.curve_table; optional)
+    generated: pd.DataFrame | None = None  # VAEs: per cell and group, its share of prior samples (generate.py)
 
     @property
     def ok_samples(self) -> pd.DataFrame:
@@ -73,6 +77,33 @@ class AuditResult:
             **{m: (m, "mean") for m in self.metrics}, **{f"{m}_seed_std": (m, "std") for m in self.metrics})
         return agg.reset_index()
 
+    @property
+    def vae(self) -> bool:
+        """True when the cells are VAEs (samples carry a KL)."""
+        return "kl" in self.samples.columns and bool(self.samples["kl"].notna().any())
+
+    def vae_by_group(self) -> pd.DataFrame | None:
+        """VAEs: one row per (loss, group): mean held-out KL and NLL (means over seeds of per-seed group means),
+        the group's share of the training images, and (with generated.csv) its mean generated_share over seeds
+        and the mean brightness of the images generated in it."""
+        if not self.vae:
+            return None
+        df = self.ok_samples
+        per_seed = df.groupby(["loss", "seed", "group"], observed=True, sort=False)[["kl", "nll"]].mean()
+        out = per_seed.groupby(["loss", "group"], observed=True, sort=False).mean().reset_index()
+        out["group"] = out["group"].astype(str)
+        train = self.groups[self.groups["split"] == "train"].set_index("group")["share"]
+        out["train_share"] = out["group"].map(train)
+        if self.generated is not None:
+            ok = self.cells.loc[self.cells["status"] == "ok", ["loss", "seed"]]
+            gen = self.generated.assign(group=self.generated["group"].astype(str)).merge(ok, on=["loss", "seed"])
+            shares = gen.groupby(["loss", "group"], sort=False)["generated_share"].agg(["mean", "std"])
+            shares = shares.rename(columns={"mean": "generated_share", "std": "generated_share_seed_std"})
+            if "brightness" in gen:  # mean over seeds of the group's generated images' mean pixel
+                shares["generated_brightness"] = gen.groupby(["loss", "group"], sort=False)["brightness"].mean()
+            out = out.merge(shares.reset_index(), on=["loss", "group"], how="left")
+        return out
+
     def data_files(self) -> dict[str, bytes]:
         """The result's data files by name, rendered in memory (written by outputs.save_results)."""
         files = {f"{name}.csv": getattr(self, name).to_csv(index=False).encode() for name in TABLES}
@@ -80,6 +111,8 @@ class AuditResult:
             files["grad_shares.csv"] = self.grad_shares.to_csv(index=False).encode()
         if self.curves is not None:
             files["curves.csv"] = self.curves.to_csv(index=False).encode()
+        if self.generated is not None:
+            files["generated.csv"] = self.generated.to_csv(index=False).encode()
         if self.examples is not None:
             files[EXAMPLES_FILE] = npz_bytes(self.examples)
         return files
@@ -100,7 +133,8 @@ class AuditResult:
         tables["samples"]["group"] = pd.Categorical(tables["samples"]["group"].astype(str),
                                                     categories=_group_order(tables["groups"]))
         tables["groups"]["group"] = tables["groups"]["group"].astype(str)
-        for name, what in (("grad_shares", "gradient shares"), ("curves", "curves")):  # optional tables
+        for name, what in (("grad_shares", "gradient shares"), ("curves", "curves"),
+                           ("generated", "generated shares")):  # optional tables
             path = folder / f"{name}.csv"
             if path.exists():
                 try:

@@ -21,7 +21,8 @@ from typing import Any, Literal, Mapping, Sequence
 from .errors import UserError
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "kmnist", "cifar10", "folder")
-MODELS = ("mlp", "conv")
+MODELS = ("mlp", "conv", "vae", "conv-vae")
+VAE_MODELS = ("vae", "conv-vae")
 GROUP_METHODS = ("transform", "select", "labels")
 CONTRASTS = ("matched", "squeeze")
 POLARITIES = ("auto", "keep", "invert")
@@ -83,7 +84,13 @@ class AuditSpec:
     losses: tuple[str, ...] = setting(DEFAULT_LOSSES, "Losses to compare (`fairrecon losses` lists them). A family "
                                       "member is NAME:VALUE, and bare numbers after it add members: mix:0,0.5,1 is "
                                       "mix:0, mix:0.5, mix:1.", metavar="L,L,...")
-    model: str = setting("mlp", "Autoencoder: mlp or conv.", choices=MODELS)
+    model: str = setting("mlp", "Autoencoder: mlp or conv; vae and conv-vae are the same networks as variational "
+                         "autoencoders (Gaussian encoder, standard normal prior, the loss as the decoder's likelihood).",
+                         choices=MODELS)
+    beta: float = setting(1.0, "VAEs only: weight of the KL term, objective per sample = NLL + beta * KL.",
+                          metavar="B")
+    generate: int = setting(1000, "VAEs only: images decoded from the prior per cell, each assigned to a group "
+                            "(generated_share: whom the generator produces); 0 = off.", metavar="N")
     output: str = setting("linear", "Decoder output: linear (unbounded) or sigmoid (predictions in (0, 1)).",
                           choices=OUTPUTS)
     input_norm: str = setting("none", "Encoder input: none, or standardize each pixel with the training images' mean "
@@ -354,6 +361,12 @@ def _validate(s: AuditSpec) -> None:
         need(isinstance(s.epochs, int) and not isinstance(s.epochs, bool),
              f"epochs must be a whole number or 'auto', got {s.epochs!r}")
         need(s.epochs >= 1, f"epochs must be >= 1, got {s.epochs} (or 'auto')")
+    if s.model not in VAE_MODELS:  # VAE settings would be silently ignored by an autoencoder
+        for name in ("beta", "generate"):
+            need(getattr(s, name) == _DEFAULTS[name], f"{name} {getattr(s, name):g} applies only to a VAE "
+                 f"(--model {' or '.join(VAE_MODELS)}), not model '{s.model}'; drop it")
+    need(math.isfinite(s.beta) and s.beta >= 0, f"beta must be a number >= 0, got {s.beta}")
+    need(s.generate >= 0, f"generate must be >= 0, got {s.generate}")
     need(s.eval_points >= 2, f"eval_points must be >= 2 (the last is the trained model), got {s.eval_points}")
     for name in ("limit", "test_limit"):
         v = getattr(s, name)

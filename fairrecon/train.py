@@ -7,8 +7,14 @@ loss, so the gradient of the summed loss with respect to cell c's weights is exa
 cell c's own gradient. Adam is elementwise, so every cell keeps its own optimizer state
 and the result equals training the cells one by one (see tests/test_train.py).
 
-Randomness: a cell's seed fixes its initial weights and its batch order; cells that
-share a seed differ only in their loss. Every cell trains on the same split.
+Randomness: a cell's seed fixes its initial weights and its batch order (and, for a VAE,
+its noise eps); cells that share a seed differ only in their loss. Every cell trains on the
+same split.
+
+VAEs (models.VAE_MODELS): each step draws eps (B, latent) per seed from that seed's own
+generator on the CPU, outside vmap, and the objective per sample is the loss's NLL of x given
+decode(mu + sigma * eps) plus beta * KL(q(z|x) || N(0, I)), so the batch loss stays an exact
+sum of per-sample parts and a cell trained in a batch equals the cell trained alone.
 
 Curves and convergence: at `eval_points` evenly spaced steps (with epochs="auto": at every
 epoch end) `on_eval` gets an EvalPoint: the cells, and each group's mean training MSE over the
@@ -58,10 +64,11 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from .errors import UserError
 from .losses import get_loss, pixel_log_scale
-from .models import build_model, split_output
+from .models import VAE_MODELS, build_model, split_output
 from .spec import AuditSpec
 
 SIGMA_COLLAPSE_FACTOR = 1.01  # a learned scale within 1% of its floor counts as collapsed
+EPS_STREAM = 0x5EED  # a VAE seed's noise generator is seeded with seed * 2**16 + EPS_STREAM: apart from its batch order
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,6 +108,11 @@ class TrainConfig:
     sigma_floor: float
     grad_points: int  # how many batches per cell to hand to `on_snapshot`
     eval_points: int  # how many curve points per cell to hand to `on_eval` (fixed epochs)
+    beta: float  # VAEs: the KL term's weight
+
+    @property
+    def vae(self) -> bool:
+        return self.model in VAE_MODELS
 
     @property
     def auto(self) -> bool:
@@ -148,19 +160,50 @@ class StackedCells:
         """The reconstruction (the predicted mean) in a forward output."""
         return self.split(out)[0]
 
-    def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None,
+                eps: torch.Tensor | None = None):
         """x (C, B, ...) -> outputs (C, B, ...), each cell on its own batch: the reconstructions, with the
         raw log-scale channels after them when the models have a scale head (`split`).
 
         `params` may hold k copies of each cell's weights, cell-major (C*k, ...), as gradshare.py makes
         them; x is then (C*k, B, ...) and each cell's buffers (input statistics) go with its copies.
+        VAEs with `eps` (C, B, latent): (reconstructions from z = mu + sigma * eps, KL per sample (C, B)).
         """
-        def one(p, b, xc):
-            return functional_call(self.base, (p, b), (xc,))
+        def one(p, b, xc, *ec):
+            return functional_call(self.base, (p, b), (xc, *ec))
         params = self.params if params is None else params
         copies = len(next(iter(params.values()))) // len(self.cells)
         buffers = {k: v.repeat_interleave(copies, dim=0) for k, v in self.buffers.items()} if copies > 1 else self.buffers
-        return vmap(one)(params, buffers, x)
+        return vmap(one)(params, buffers, x, *([] if eps is None else [eps]))
+
+    @torch.no_grad()
+    def sample_posterior(self, x: torch.Tensor, eps: torch.Tensor, batch: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAEs: the same images x (N, ...) through every cell at z = mu + sigma * eps (C, N, latent),
+        `batch` images at a time -> (decoded (C, N, ...), KL per sample (C, N))."""
+        def one(p, b, xc, ec):
+            return functional_call(self.base, (p, b), (xc, ec))
+        run = vmap(one, in_dims=(0, 0, None, 0))
+        parts = [run(self.params, self.buffers, x[i:i + batch], eps[:, i:i + batch]) for i in range(0, len(x), batch)]
+        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, batch: int = 2048) -> torch.Tensor:
+        """VAEs: each cell's codes z (C, N, latent) through its decoder, `batch` at a time -> (C, N, ...)."""
+        def one(p, b, zc):
+            return functional_call(self.base, (p, b), (zc,), {"decode": True})
+        return torch.cat([vmap(one)(self.params, self.buffers, z[:, i:i + batch]) for i in range(0, z.shape[1], batch)],
+                         dim=1)
+
+    def objective(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training objective per sample (C, B) on batches x (C, B, ...), with its likelihood part
+        (C, B) and the reconstruction it scored: NLL for an autoencoder; NLL + beta * KL for a VAE."""
+        if eps is None:
+            x_hat = self.forward(x)
+            nll = self.per_sample_nll(x, x_hat)
+            return nll, nll, x_hat
+        x_hat, kl = self.forward(x, eps=eps)
+        nll = self.per_sample_nll(x, x_hat)
+        return nll + self.config.beta * kl, nll, x_hat
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
@@ -300,6 +343,7 @@ class Snapshot:
     stacked: StackedCells
     x: torch.Tensor  # (C, B, ...)
     group: torch.Tensor  # (C, B) group code of each sample
+    eps: torch.Tensor | None = None  # VAEs: (C, B, latent), the noise this step's update uses
 
 
 @dataclass
@@ -562,6 +606,19 @@ def train_cells(
                        [flat("epochs")[i] for i in back], [flat("steps")[i] for i in back])
 
 
+def eps_generators(cells: list[Cell], stream: int = EPS_STREAM) -> dict[int, torch.Generator]:
+    """Each seed's own VAE noise generator (CPU), apart from its batch-order generator; measurements
+    use other streams (measure.py), so they never replay training's noise."""
+    return {s: torch.Generator().manual_seed(s * 2**16 + stream) for s in sorted({c.seed for c in cells})}
+
+
+def draw_eps(generators: dict[int, torch.Generator], cells: list[Cell], batch: int, latent: int,
+             device: torch.device) -> torch.Tensor:
+    """One step's VAE noise (C, batch, latent): one draw per seed, shared by that seed's cells."""
+    eps = {s: torch.randn(batch, latent, generator=g) for s, g in generators.items()}
+    return torch.stack([eps[c.seed] for c in cells]).to(device, non_blocking=True)
+
+
 def eval_steps(points: int, total_steps: int) -> set[int]:
     """The steps (updates done) of `points` evenly spaced curve points, the last one at the end of training."""
     return set(np.unique(np.round(np.linspace(total_steps / points, total_steps, points)).astype(int)).tolist())
@@ -574,6 +631,7 @@ def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, on_eval
     opt = torch.optim.Adam([{"params": list(stacked.params.values()), "lr": config.lr},
                             {"params": [stacked.loss_params], "lr": config.sigma_lr}], fused=fused)
     orders = {s: torch.Generator().manual_seed(s) for s in sorted({c.seed for c in cells})}  # on the CPU
+    noise = eps_generators(cells) if config.vae else None
     steps_per_epoch = math.ceil(n / config.batch_size)
     cap = config.epoch_cap
     if config.auto:  # the length is not known in advance: snapshots at epoch starts, >= SNAPSHOT_SPACING apart
@@ -607,11 +665,11 @@ def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, on_eval
         for lo in range(0, n, config.batch_size):
             idx = perm[:, lo:lo + config.batch_size]  # (C, B)
             xb, gb = x[idx], group[idx]  # (C, B, C_img, H, W), (C, B)
+            eps = draw_eps(noise, cells, idx.shape[1], config.latent, device) if noise is not None else None
             if step in snap_at and on_snapshot is not None:
-                on_snapshot(Snapshot(step, epoch, stacked, xb, gb))
-            x_hat = stacked.forward(xb)
-            nll = stacked.per_sample_nll(xb, x_hat)  # (C, B)
-            per_cell = nll.mean(1)
+                on_snapshot(Snapshot(step, epoch, stacked, xb, gb, eps))
+            objective, nll, x_hat = stacked.objective(xb, eps)  # (C, B) each
+            per_cell = objective.mean(1)
             finite = torch.isfinite(per_cell) & alive
             loss = torch.where(finite, per_cell, torch.zeros_like(per_cell)).sum()  # cells are independent
             opt.zero_grad(set_to_none=True)

@@ -80,8 +80,9 @@ def test_state_dict_with_factory_gives_the_same_per_sample_errors(factory_module
     expected = ((0.8 * data.test_x - data.test_x) ** 2).flatten(1).mean(1)  # independent: 0.04 x^2
     torch.testing.assert_close(torch.tensor(result.samples["mse"].to_numpy()), expected, rtol=1e-5, atol=0)
     assert list(result.samples.columns) == ["loss", "seed", "group", "index", "mse", "mae", "psnr", "nmse",
-                                              "pred_scale"]
+                                              "pred_scale", "nll", "kl"]
     assert result.samples["pred_scale"].isna().all()  # a user's model predicts no per-pixel scale
+    assert result.samples[["nll", "kl"]].isna().all().all()  # a VAE's columns, empty here: samples.csv has one schema
     assert (result.samples["index"].to_numpy() == data.test_index.numpy()).all()
 
 

@@ -191,7 +191,8 @@ def test_recorder_leaves_training_unchanged():
 def test_audit_records_saves_and_summarises_grad_shares(tmp_path):
     result = run_audit(dataset="digits", limit=300, test_limit=100, grad_points=4, out=str(tmp_path), **FAST)
     frame = result.grad_shares
-    assert list(frame.columns) == ["loss", "seed", "step", "epoch", "group", *SHARES]
+    assert list(frame.columns) == ["loss", "seed", "step", "epoch", "group", *SHARES, "kl_weight"]
+    assert frame["kl_weight"].isna().all()  # autoencoders have no KL term
     steps = FAST["epochs"] * -(-300 // FAST["batch_size"])  # 300 training images
     assert len(frame) == snapshot_count(4, steps) * len(result.spec.losses) * FAST["seeds"] * 2
     loaded = AuditResult.load(tmp_path)

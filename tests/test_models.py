@@ -5,12 +5,14 @@ import torch
 from torch import nn
 
 from fairrecon.errors import UserError
-from fairrecon.models import split_output, build_model
+from torch.distributions import Normal, kl_divergence
+
+from fairrecon.models import build_model, gaussian_kl, split_output
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (1, 7, 9)]
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv"])
+@pytest.mark.parametrize("name", ["mlp", "conv", "vae", "conv-vae"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_output_has_the_input_shape(name, shape):
     model = build_model(name, shape, latent=5, hidden=64)
@@ -18,7 +20,7 @@ def test_output_has_the_input_shape(name, shape):
     assert model(x).shape == x.shape
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv"])
+@pytest.mark.parametrize("name", ["mlp", "conv", "vae", "conv-vae"])
 def test_samples_do_not_interact(name):
     """No BatchNorm: a sample's reconstruction is the same alone or in a batch (needed for per-group gradients)."""
     model = build_model(name, (1, 28, 28), latent=5, hidden=64)
@@ -100,3 +102,34 @@ def test_scale_head_adds_log_scale_channels_and_leaves_the_rest_as_it_was(name):
         mean, log_scale = split_output(out, 1)
         assert torch.equal(mean, plain(x)) and torch.equal(log_scale, torch.zeros_like(log_scale))
         assert split_output(plain(x), 1)[1] is None
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    """The closed-form KL(N(mu, sigma^2) || N(0, 1)), summed over latent dims, against torch.distributions'
+    own kl_divergence. Tolerance: float32 rounding of two formulas of the same quantity (rtol 1e-5)."""
+    gen = torch.Generator().manual_seed(0)
+    mu = 3 * torch.randn(50, 6, generator=gen)
+    logvar = 4 * torch.randn(50, 6, generator=gen)
+    want = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(-1)
+    torch.testing.assert_close(gaussian_kl(mu, logvar), want, rtol=1e-5, atol=1e-5)
+    assert torch.all(gaussian_kl(torch.zeros(2, 6), torch.zeros(2, 6)) == 0)  # q = prior: KL 0
+
+
+@pytest.mark.parametrize("name, plain", [("vae", "mlp"), ("conv-vae", "conv")])
+def test_vae_is_its_autoencoder_with_a_gaussian_encoder(name, plain):
+    """Same decoder layers as the autoencoder; the encoder gives 2 * latent values (mu, logvar); forward(x) is
+    decode(mu), forward(x, eps) decodes mu + sigma * eps and returns the KL of q(z|x), per sample."""
+    torch.manual_seed(0)
+    vae = build_model(name, (1, 28, 28), latent=5, hidden=64)
+    ae = build_model(plain, (1, 28, 28), latent=5, hidden=64)
+    assert [p.shape for p in vae.decoder.parameters()] == [p.shape for p in ae.decoder.parameters()]
+    x = torch.rand(4, 1, 28, 28)
+    mu, logvar = vae.posterior(x)
+    assert mu.shape == logvar.shape == (4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(vae(x), vae.decode(mu, x.shape))
+        eps = torch.randn(4, 5)
+        x_hat, kl = vae(x, eps)
+        torch.testing.assert_close(x_hat, vae.decode(mu + torch.exp(0.5 * logvar) * eps, x.shape))
+        torch.testing.assert_close(kl, gaussian_kl(mu, logvar))
+        assert not torch.allclose(x_hat, vae(x))  # the noise reaches the reconstruction

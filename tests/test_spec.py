@@ -1,5 +1,6 @@
 """The spec: defaults, TOML loading, overrides and validation."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,11 @@ def test_unknown_keys_are_caught_with_a_suggestion(tmp_path):
     (dict(seeds=0), "seeds must be >= 1"),
     (dict(model="resnet"), "unknown model 'resnet'"),
     (dict(group_method="labels"), "needs a labels CSV"),
+    (dict(beta=2.0), r"beta 2 applies only to a VAE \(--model vae or conv-vae\), not model 'mlp'"),
+    (dict(model="conv", generate=10), "generate 10 applies only to a VAE"),
+    (dict(model="vae", beta=-1.0), "beta must be a number >= 0"),
+    (dict(model="vae", beta=math.nan), "beta must be a number >= 0"),
+    (dict(model="conv-vae", generate=-1), "generate must be >= 0"),
 ])
 def test_invalid_values_give_one_line_errors(kwargs, message):
     with pytest.raises(UserError, match=message):

@@ -239,3 +239,48 @@ def test_any_learned_scale_at_its_floor_fails_its_cell_only(digits):
     torch.testing.assert_close(learned["scale"][2:], torch.full((3,), 0.5))  # reported as the likelihood used it
     assert torch.isnan(learned["dof"][[0, 1, 2, 4]]).all() and 0 < learned["dof"][3] < math.inf
 
+
+
+def plain_vae_train(x: torch.Tensor, cell: Cell, config: TrainConfig):
+    """One VAE cell, the textbook way: its own noise generator (seeded as train.py documents),
+    one draw of eps per step, objective NLL(x | decode(mu + sigma eps)) + beta * KL, written out here."""
+    torch.manual_seed(cell.seed)
+    model = build_model(config.model, tuple(x.shape[1:]), config.latent, config.hidden)
+    loss = get_loss(cell.loss)
+    raw = {p.name: torch.zeros((), requires_grad=True) for p in loss.params}
+    opt = torch.optim.Adam([{"params": model.parameters(), "lr": config.lr},
+                            {"params": list(raw.values()), "lr": config.sigma_lr}], foreach=False)
+    order = torch.Generator().manual_seed(cell.seed)
+    noise = torch.Generator().manual_seed(cell.seed * 2**16 + train_mod.EPS_STREAM)
+    for _ in range(config.epochs):
+        perm = torch.randperm(len(x), generator=order)
+        for lo in range(0, len(x), config.batch_size):
+            xb = x[perm[lo:lo + config.batch_size]]
+            eps = torch.randn(len(xb), config.latent, generator=noise)
+            mu, logvar = model.posterior(xb)
+            x_hat = model.decode(mu + torch.exp(0.5 * logvar) * eps, xb.shape)
+            kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
+            nll = loss.per_sample(xb.flatten(1), x_hat.flatten(1), raw, config.sigma_floor)
+            opt.zero_grad()
+            (nll + config.beta * kl).mean().backward()
+            opt.step()
+    return model, raw
+
+
+@pytest.mark.parametrize("model", ["vae", "conv-vae"])
+def test_vae_cells_batched_match_plain_loop_and_alone(digits, model):
+    """VAE cells (noise drawn per seed outside vmap) trained together equal the textbook loop and each cell
+    trained alone; cells sharing a seed share their noise, so a cell's result does not depend on its batch."""
+    x, test_x = digits
+    config = TrainConfig.from_spec(AuditSpec(model=model, beta=0.5, latent=4, hidden=64, epochs=2, batch_size=64,
+                                             grad_points=0))
+    cells = [Cell("l1", 0), Cell("log-mse", 1), Cell("learned-sigma", 0), Cell("l2", 1)]
+    group = torch.zeros(len(x), dtype=torch.long)
+    together = train_cells(x, group, cells, config)
+    assert together.status == ["ok"] * len(cells)
+    for c, cell in enumerate(cells):
+        model_, raw = plain_vae_train(x, cell, config)
+        assert_same_cell(together.stacked, c, model_, raw, test_x, config)  # reconstruct() = decode(mu)
+        alone = train_cells(x, group, [cell], config)
+        for name, p in alone.stacked.params.items():
+            torch.testing.assert_close(together.stacked.params[name][c], p[0], rtol=0, atol=ATOL)
