@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
@@ -23,3 +24,23 @@ def shared_datasets() -> Path:
 
 # Settings for audits that must finish in a few seconds on two CPU cores.
 FAST = dict(seeds=2, epochs=3, batch_size=64, latent=8, hidden=64, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, and far faster on a shared, loaded machine.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """The CLI entry point in-process (no interpreter start-up): exit status, stdout, stderr."""
+    from fairrecon.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err

@@ -66,16 +66,12 @@ def test_every_command_has_help_and_is_in_the_readme():
 from click.testing import CliRunner  # noqa: E402
 
 from fairrecon.cli import ERROR_LOG, METRICS, main  # noqa: E402
+from conftest import run_cli as run_main  # noqa: E402
 
 TINY = ["--seeds", "1", "--epochs", "1", "--latent", "4", "--hidden", "16", "--losses", "l2,l1", "--device", "cpu",
         "--limit", "64", "--test-limit", "64"]
 
 
-def run_main(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,7 @@ from fairrecon.train import AUTO_MIN_EPOCHS, CONVERGED_DROP, Cell, TrainConfig, 
 ATOL = 1e-5  # batched vs alone: float32 rounding only (<= 3e-8 measured, see tests/test_train.py)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one intra-op thread
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO
+from conftest import REPO, run_cli as _main
 from fairrecon import external
-from fairrecon.cli import main
 from fairrecon.data import load_images
 from fairrecon.errors import UserError
 from fairrecon.groups import make_groups
@@ -63,11 +62,6 @@ def factory_module(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _main(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def test_state_dict_with_factory_gives_the_same_per_sample_errors(factory_module, tmp_path):

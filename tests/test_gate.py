@@ -14,9 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import FAST, REPO
+from conftest import FAST, REPO, run_cli as _main
 from fairrecon import gate, run_audit, save_results, stats
-from fairrecon.cli import main
 from fairrecon.errors import UserError
 from fairrecon.results import AuditResult
 from test_stats import simulate, synthetic_result
@@ -135,12 +134,6 @@ def _fairrecon(*args) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def _main(capsys, *args) -> tuple[int, str, str]:
-    """The CLI entry point in-process (no interpreter start-up): exit status, stdout, stderr."""
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ from fairrecon.spec import AuditSpec
 from fairrecon.train import Cell, TrainConfig, train_cells
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one intra-op thread
 
 
 def test_nearest_target_matches_brute_force():

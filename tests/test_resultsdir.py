@@ -14,6 +14,7 @@ from PIL import Image
 
 from fairrecon.cli import ERROR_LOG, main
 from fairrecon.resultsdir import MARKER, read_marker
+from conftest import run_cli as run
 
 TINY = ["--seeds", "1", "--epochs", "1", "--latent", "4", "--hidden", "16", "--losses", "l2", "--device", "cpu",
         "--quiet"]
@@ -43,11 +44,6 @@ def folder_args(root: Path) -> list[str]:
     return ["--dataset", "folder", "--data-root", str(root / "images"), "--labels", str(root / "groups.csv")]
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
 
 
 def snapshot(folder: Path, leave_out: tuple[str, ...] = ()) -> dict[str, bytes]:

@@ -33,13 +33,7 @@ CELLS = [Cell("l2", 0), Cell("learned-sigma", 1), Cell("log-mse", 0), Cell("stud
          Cell("barron:1", 1), Cell("l2", 1)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one intra-op thread
 
 
 @pytest.fixture(scope="module")

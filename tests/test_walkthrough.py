@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from PIL import Image
 
-from conftest import SHARED_DATASETS
-from fairrecon.cli import main
+from conftest import SHARED_DATASETS, run_cli as fairrecon
 
 YALE = SHARED_DATASETS / "yalefaces"
 FAST = ["--batch-size", "16", "--epochs", "2", "--seeds", "2", "--losses", "l2", "--hidden", "32", "--device", "cpu",
@@ -40,11 +39,6 @@ def faces(tmp_path, monkeypatch):
     return tmp_path / "faces"
 
 
-def fairrecon(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
 
 
 DATA = ["--dataset", "folder", "--data-root", "faces/images", "--labels", "faces/groups.csv"]
