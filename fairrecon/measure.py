@@ -166,9 +166,13 @@ def convergence(points: pd.DataFrame) -> pd.DataFrame:
 
 @torch.no_grad()
 def train_mse(stacked: StackedCells, x: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Each cell's MSE per pixel over the whole training set (C,), to set beside its learned sigma^2."""
-    x = x.to(device)
-    return stacked.reconstruct(x).sub_(x).pow_(2).flatten(2).mean(dim=(1, 2)).cpu()  # in place: one (C, N, ...) copy
+    """Each cell's MSE per pixel over the whole training set (C,), to set beside its learned sigma^2: the mean
+    (float64) of every image's MSE, SAMPLE_CHUNK images at a time, so memory stays one chunk's residuals."""
+    total = torch.zeros(len(stacked.cells), dtype=torch.float64)
+    for lo in range(0, len(x), SAMPLE_CHUNK):
+        xb = x[lo:lo + SAMPLE_CHUNK].to(device)
+        total += stacked.reconstruct(xb).sub_(xb).pow_(2).flatten(2).mean(2).double().sum(1).cpu()
+    return total / len(x)
 
 
 EXAMPLES_PER_GROUP = 8  # test images per group kept, with their reconstructions, for the report's grids
