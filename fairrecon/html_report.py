@@ -216,7 +216,12 @@ def _table(df: pd.DataFrame, digits: int | None = None) -> str:
 
 
 def _png(fig) -> str:
-    """A Figure as base64 PNG text."""
+    """A Figure as base64 PNG text. Its constrained layout is solved once and then fixed: savefig would
+    solve it twice (a layout pass, then again while rendering) for the same pixels (tests/test_report.py)."""
+    engine = fig.get_layout_engine()
+    if engine is not None:
+        engine.execute(fig)
+        fig.set_layout_engine(None)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=fig.dpi, metadata={"Software": None})
     return base64.b64encode(buf.getvalue()).decode("ascii")

@@ -17,9 +17,9 @@ from PIL import Image
 from conftest import FAST, REPO
 from fairrecon import run_audit
 from fairrecon.data import load_images
-from fairrecon.figures import HATCHES, group_styles
+from fairrecon.figures import HATCHES, audit_figures, group_styles
 from fairrecon.groups import make_groups
-from fairrecon.html_report import html_report
+from fairrecon.html_report import _png, html_report
 from fairrecon.measure import example_reconstructions
 from fairrecon.progress import Progress
 from fairrecon.report import error_table, frontier_sentence, frontier_table, markdown_report, verdict_table
@@ -115,6 +115,19 @@ def test_html_is_self_contained_with_every_figure(saved):
     assert len(images) == 7  # group error, frontier, over training, gradient shares, distributions, reconstructions, brightness/contrast
     assert all(im.format == "PNG" and 1000 <= im.width <= 1400 for im in images)
     assert page.index('id="answer"') < page.index("<table") < page.index('id="fig-group_error"')
+
+
+def test_figures_render_the_same_pixels_with_their_layout_solved_once(saved):
+    """html_report's _png solves each figure's constrained layout once and fixes it (speed): the same PNG
+    bytes as matplotlib's own savefig, which solves it twice."""
+    result, _ = saved
+    analysis = analyse(result)
+    fast = {name: _png(fig) for name, fig in audit_figures(result, analysis).items()}
+    for name, fig in audit_figures(result, analysis).items():
+        assert fig.get_layout_engine() is not None
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=fig.dpi, metadata={"Software": None})
+        assert base64.b64decode(fast[name]) == buf.getvalue(), name
 
 
 def test_frontier_is_one_answer_in_every_surface(saved):
