@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .train import Snapshot, StackedCells
+from .train import Snapshot, StackedCells, one_thread
 
 SHARES = ("sample_share", "projection_share", "norm_share", "output_share")
 COLUMNS = ["loss", "seed", "step", "epoch", "group", *SHARES, "kl_weight"]
@@ -140,9 +140,11 @@ class GradShareRecorder:
         self._records: list[tuple[int, int, list, torch.Tensor]] = []
 
     def __call__(self, snap: Snapshot) -> None:
-        grads = group_gradients(snap.stacked, snap.x, snap.group, len(self.group_names), snap.eps)
-        kl_weight = grads.kl_weight if grads.kl_weight is not None else torch.full_like(grads.count, torch.nan)
-        self._records.append((snap.step, snap.epoch, list(snap.stacked.cells), torch.cat([grads.shares(), kl_weight[None]])))
+        with one_thread():  # the gradients' and Gram matrices' sums then round the same at any --threads
+            grads = group_gradients(snap.stacked, snap.x, snap.group, len(self.group_names), snap.eps)
+            kl_weight = grads.kl_weight if grads.kl_weight is not None else torch.full_like(grads.count, torch.nan)
+            shares = torch.cat([grads.shares(), kl_weight[None]])
+        self._records.append((snap.step, snap.epoch, list(snap.stacked.cells), shares))
 
     def frame(self) -> pd.DataFrame:
         """One row per (snapshot, cell, group): loss, seed, step, epoch, group, the four shares and kl_weight."""

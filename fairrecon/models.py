@@ -41,6 +41,7 @@ from .errors import UserError
 
 MODELS = ("mlp", "conv", "vae", "conv-vae")
 VAE_MODELS = ("vae", "conv-vae")
+CONV_MODELS = ("conv", "conv-vae")
 OUTPUTS = ("linear", "sigmoid")
 INPUT_NORMS = ("none", "standardize")
 STD_EPS = 1e-8  # a pixel whose training std is below this is "constant": scale 1 (as sklearn's StandardScaler)

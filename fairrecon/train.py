@@ -2,10 +2,11 @@
 
 Why batched: the models are small, so one model at a time leaves most of the machine
 idle. The cells' weights are stacked along a leading cell dimension
-(`torch.func.stack_module_state`) and run with `vmap`; each cell sees only its own
-loss, so the gradient of the summed loss with respect to cell c's weights is exactly
-cell c's own gradient. Adam is elementwise, so every cell keeps its own optimizer state
-and the result equals training the cells one by one (see tests/test_train.py).
+(`torch.func.stack_module_state`) and run with `vmap` (conv models on the CPU: one cell after
+another, `StackedCells.looped`); each cell sees only its own loss, so the gradient of the summed
+loss with respect to cell c's weights is exactly cell c's own gradient. Adam is elementwise, so
+every cell keeps its own optimizer state and the result equals training the cells one by one
+(see tests/test_train.py).
 
 Randomness: a cell's seed fixes its initial weights and its batch order (and, for a VAE,
 its noise eps); cells that share a seed differ only in their loss. Every cell trains on the
@@ -52,6 +53,7 @@ import copy
 import math
 import os
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Callable
@@ -64,7 +66,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from .errors import UserError
 from .losses import get_loss, pixel_log_scale
-from .models import VAE_MODELS, build_model, split_output
+from .models import CONV_MODELS, VAE_MODELS, build_model, split_output
 from .spec import AuditSpec
 
 SIGMA_COLLAPSE_FACTOR = 1.01  # a learned scale within 1% of its floor counts as collapsed
@@ -169,30 +171,24 @@ class StackedCells:
         them; x is then (C*k, B, ...) and each cell's buffers (input statistics) go with its copies.
         VAEs with `eps` (C, B, latent): (reconstructions from z = mu + sigma * eps, KL per sample (C, B)).
         """
-        def one(p, b, xc, *ec):
-            return functional_call(self.base, (p, b), (xc, *ec))
         params = self.params if params is None else params
         copies = len(next(iter(params.values()))) // len(self.cells)
         buffers = {k: v.repeat_interleave(copies, dim=0) for k, v in self.buffers.items()} if copies > 1 else self.buffers
-        return vmap(one)(params, buffers, x, *([] if eps is None else [eps]))
+        return self._each(params, buffers, [x] if eps is None else [x, eps])
 
     @torch.no_grad()
     def sample_posterior(self, x: torch.Tensor, eps: torch.Tensor, batch: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
         """VAEs: the same images x (N, ...) through every cell at z = mu + sigma * eps (C, N, latent),
         `batch` images at a time -> (decoded (C, N, ...), KL per sample (C, N))."""
-        def one(p, b, xc, ec):
-            return functional_call(self.base, (p, b), (xc, ec))
-        run = vmap(one, in_dims=(0, 0, None, 0))
-        parts = [run(self.params, self.buffers, x[i:i + batch], eps[:, i:i + batch]) for i in range(0, len(x), batch)]
+        parts = [self._each(self.params, self.buffers, [x[i:i + batch], eps[:, i:i + batch]], shared=(True, False))
+                 for i in range(0, len(x), batch)]
         return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, batch: int = 2048) -> torch.Tensor:
         """VAEs: each cell's codes z (C, N, latent) through its decoder, `batch` at a time -> (C, N, ...)."""
-        def one(p, b, zc):
-            return functional_call(self.base, (p, b), (zc,), {"decode": True})
-        return torch.cat([vmap(one)(self.params, self.buffers, z[:, i:i + batch]) for i in range(0, z.shape[1], batch)],
-                         dim=1)
+        return torch.cat([self._each(self.params, self.buffers, [z[:, i:i + batch]], decode=True)
+                          for i in range(0, z.shape[1], batch)], dim=1)
 
     def objective(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The training objective per sample (C, B) on batches x (C, B, ...), with its likelihood part
@@ -214,11 +210,14 @@ class StackedCells:
 
     @cached_property
     def inference_batch(self) -> int:
-        """Images per forward pass when measuring: as many as keep the widest layer's output for all
-        cells within INFERENCE_BYTES, so it stays in cache (measured: conv, 4 cells, 2048 images at once
-        ran 4x slower than 128 at a time, with bit-identical outputs)."""
+        """Images per forward pass when measuring: as many as keep the widest layer's output for the cells
+        that run at once (all under vmap, one when `looped`) within INFERENCE_BYTES, so it stays in cache
+        (measured: conv under vmap, 4 cells, 2048 images at once ran 4x slower than 128 at a time; looped
+        conv, 128 to 668 images per pass ran within run-to-run noise of each other and ~1.6x faster than
+        2048; the outputs are bit-identical at any batch)."""
         widest = max(activation_sizes(self.config, self.base.shape))
-        return max(16, min(2048, INFERENCE_BYTES // (4 * widest * len(self.cells))))
+        at_once = 1 if self.looped else len(self.cells)
+        return max(16, min(2048, INFERENCE_BYTES // (4 * widest * at_once)))
 
     @torch.no_grad()
     def pixel_scales(self, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
@@ -236,9 +235,37 @@ class StackedCells:
 
     def _run_all(self, x: torch.Tensor) -> torch.Tensor:
         """The same images x (n, ...) through every cell's model -> (C, n, ...) raw outputs."""
-        def one(p, b, xc):
-            return functional_call(self.base, (p, b), (xc,))
-        return vmap(one, in_dims=(0, 0, None))(self.params, self.buffers, x)
+        return self._each(self.params, self.buffers, [x], shared=(True,))
+
+    @cached_property
+    def looped(self) -> bool:
+        """Whether the cells run one after another rather than under vmap: conv models on the CPU. vmap turns
+        each convolution of stacked weights into a grouped convolution, which torch's CPU backend runs on a
+        slow path (transposed ones above all); a loop calls the ordinary kernels (benchmarks/stacking.py)."""
+        return self.config.model in CONV_MODELS and self.loss_params.device.type == "cpu"
+
+    def gradient_threads(self):
+        """Around a training step's backward pass: one intra-op thread when `looped`. oneDNN's ordinary
+        convolutions split the weight gradient's sum over the batch between threads, so its rounding would
+        depend on the thread count; forward passes and input gradients do not (tests/test_threads.py)."""
+        return one_thread() if self.looped else nullcontext()
+
+    def _each(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], args: list[torch.Tensor],
+              shared: tuple[bool, ...] = (), **kwargs) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The base model with each stacked row of params and buffers (k, ...) on args -> outputs stacked (k, ...):
+        an arg marked True in `shared` goes to every row as it is, the others are split along dim 0. Under vmap,
+        or as a loop over rows (`looped`); either way each row computes only with its own weights."""
+        shared = tuple(shared) + (False,) * (len(args) - len(shared))
+        def one(p, b, *a):
+            return functional_call(self.base, (p, b), a, kwargs)
+        if not self.looped:
+            return vmap(one, in_dims=(0, 0, *(None if s else 0 for s in shared)))(params, buffers, *args)
+        rows = lambda d: [dict(zip(d, vs)) for vs in zip(*(v.unbind(0) for v in d.values()))] if d else None
+        p_rows = rows(params)
+        b_rows = rows(buffers) or [{}] * len(p_rows)
+        split = [[a] * len(p_rows) if s else a.unbind(0) for a, s in zip(args, shared)]
+        outs = [one(p, b, *a) for p, b, *a in zip(p_rows, b_rows, *split)]
+        return tuple(map(torch.stack, zip(*outs))) if isinstance(outs[0], tuple) else torch.stack(outs)
 
     def per_sample_nll(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Each cell's own loss, with its own learned parameters, on its own batch: x (C, B, ...) and the
@@ -308,6 +335,18 @@ class StackedCells:
         model = self.config.build(self.base.shape, scale_head=self.scale_head)
         model.load_state_dict({k: v[c].detach().cpu() for k, v in {**self.params, **self.buffers}.items()})
         return model
+
+
+@contextmanager
+def one_thread():
+    """torch's intra-op threads set to 1 inside, put back after: for sums whose rounding would otherwise
+    depend on how many threads share them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 INFERENCE_BYTES = 16 * 2**20  # see StackedCells.inference_batch
@@ -673,7 +712,8 @@ def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, on_eval
             finite = torch.isfinite(per_cell) & alive
             loss = torch.where(finite, per_cell, torch.zeros_like(per_cell)).sum()  # cells are independent
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with stacked.gradient_threads():
+                loss.backward()
             opt.step()
             with torch.no_grad():
                 alive &= finite

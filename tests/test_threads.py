@@ -16,12 +16,13 @@ from fairrecon import run_audit
 from fairrecon.errors import UserError
 
 # Fashion-MNIST at the default width: matrices large enough that torch splits them across threads
-# (digits at 8x8 would pass this test without ever running a second thread).
+# (digits at 8x8 would pass this test without ever running a second thread). Conv models run their cells
+# one by one on oneDNN's ordinary kernels (train.StackedCells.looped): the test covers their gradients too.
 SMALL = dict(dataset="fashion-mnist", limit=256, test_limit=128, epochs=1, seeds=1, losses=("l1", "learned-sigma"),
-             device="cpu", grad_points=0)
+             device="cpu", grad_points=2)
 
 
-@pytest.mark.parametrize("model", ["mlp", "conv"])
+@pytest.mark.parametrize("model", ["mlp", "conv", "conv-vae"])
 def test_thread_count_changes_no_bit(shared_datasets, model):
     before = torch.get_num_threads()
     runs = []
@@ -32,7 +33,7 @@ def test_thread_count_changes_no_bit(shared_datasets, model):
         assert seen == [threads] and result.info["threads"] == threads and result.info["threads_chosen"] == "given"
         assert torch.get_num_threads() == before  # put back
         runs.append(result)
-    for name in ("samples", "cells", "history", "curves"):
+    for name in ("samples", "cells", "history", "curves", "grad_shares"):
         pd.testing.assert_frame_equal(getattr(runs[0], name), getattr(runs[1], name), check_exact=True)
 
 
