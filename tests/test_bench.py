@@ -48,3 +48,15 @@ def test_scaling_point_resizes_images(shared_datasets):
               data_root=shared_datasets)
     point = json.loads(out.strip().splitlines()[-1])
     assert point["size"] == "32x3" and point["cell_steps"] == 1
+
+
+def test_stacking_benchmark_runs_both_ways_to_the_same_outputs():
+    """benchmarks/stacking.py times vmap against the loop over cells (train.StackedCells.looped); the two ways
+    must compute the same reconstructions (float32 rounding apart), or its timings compare different work."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "stacking.py"), "--models", "conv", "mlp", "--cells", "2",
+           "--repeats", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["conv"], ["mlp"])]
+    assert [r[:2] for r in rows] == [["conv", "2"], ["mlp", "2"]]
+    assert all(float(r[-1]) < 1e-5 for r in rows), out.stdout  # max |vmap output - loop output|
