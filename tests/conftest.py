@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+from fairrecon import train
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
@@ -30,10 +31,8 @@ FAST = dict(seeds=2, epochs=3, batch_size=64, latent=8, hidden=64, device="cpu")
 def one_thread():
     """Tiny models: one intra-op thread is as fast, and far faster on a shared, loaded machine.
     A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with train.one_thread():
+        yield
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
