@@ -3,8 +3,10 @@
 `sample_errors`: one row per (loss, seed, test image), the unit every later statistic resamples.
 `CurveRecorder`: each group's held-out MSE and MAE at the training loop's curve points
 (train.EvalPoint), on a fixed stratified subset of the test images sized so that the points cost
-at most CURVE_BUDGET of training (`curve_subset_size`); `curve_table` puts the full test set at
-each cell's last point, so that point equals the final per-group numbers.
+at most CURVE_BUDGET of training, but never fewer than MIN_CURVE_IMAGES (`curve_subset_size`), so
+short runs pay more (1 epoch on 5,000 images: 20 x 256 forwards per cell, a third of training's);
+`curve_table` puts the full test set at each cell's last point, so that point equals the final
+per-group numbers.
 """
 
 from __future__ import annotations
