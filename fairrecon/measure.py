@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 
 from .groups import GroupedData
-from .train import EPS_STREAM, Cell, EvalPoint, StackedCells, draw_eps, eps_generators, group_errors, last_drop, settled
+from .train import (EPS_STREAM, Cell, EvalPoint, StackedCells, draw_eps, eps_generators, group_errors, last_drop,
+                    residual_chunks, settled)
 
 PSNR_FLOOR_MSE = 1e-10  # a perfect reconstruction reads as 100 dB rather than infinity
 # nmse divides by the image's own pixel variance; a flat image counts as having the variance of 8-bit
@@ -53,9 +54,7 @@ def sample_errors(stacked: StackedCells, data: GroupedData, device: torch.device
         kl = kl.cpu()
         del x_hat
     mse, mae = [], []
-    for lo in range(0, len(x), SAMPLE_CHUNK):  # a chunk at a time: each image's row is reduced alone
-        xb = x[lo:lo + SAMPLE_CHUNK]
-        residual = (stacked.reconstruct(xb) - xb).flatten(2)  # (C, b, M)
+    for _, residual in residual_chunks(stacked, x, SAMPLE_CHUNK):  # each image's row is reduced alone
         mse.append(residual.pow(2).mean(2))
         mae.append(residual.abs_().mean(2))
     mse, mae = torch.cat(mse, dim=1).cpu(), torch.cat(mae, dim=1).cpu()
@@ -171,9 +170,8 @@ def train_mse(stacked: StackedCells, x: torch.Tensor, device: torch.device | str
     """Each cell's MSE per pixel over the whole training set (C,), to set beside its learned sigma^2: the mean
     (float64) of every image's MSE, SAMPLE_CHUNK images at a time, so memory stays one chunk's residuals."""
     total = torch.zeros(len(stacked.cells), dtype=torch.float64)
-    for lo in range(0, len(x), SAMPLE_CHUNK):
-        xb = x[lo:lo + SAMPLE_CHUNK].to(device)
-        total += stacked.reconstruct(xb).sub_(xb).pow_(2).flatten(2).mean(2).double().sum(1).cpu()
+    for _, residual in residual_chunks(stacked, x, SAMPLE_CHUNK, device):
+        total += residual.pow_(2).mean(2).double().sum(1).cpu()
     return total / len(x)
 
 

@@ -440,13 +440,20 @@ def last_drop(steps, values, *, window: float = CONVERGED_WINDOW) -> np.ndarray:
 
 
 @torch.no_grad()
+def residual_chunks(stacked: StackedCells, x: torch.Tensor, chunk: int, device: torch.device | str | None = None):
+    """Every per-image error's source: for each `chunk` images of x (N, ...), moved to `device` a chunk at a
+    time (default: where x is), yield (its first index, the residuals reconstruction - image (C, b, M))."""
+    for lo in range(0, len(x), chunk):
+        xb = x[lo:lo + chunk].to(device if device is not None else x.device)
+        yield lo, (stacked.reconstruct(xb) - xb).flatten(2)
+
+
+@torch.no_grad()
 def group_errors(stacked: StackedCells, x: torch.Tensor, g: torch.Tensor, n_groups: int,
                  batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Each cell's per-group mean MSE and MAE per pixel on images x (N, ...) with group codes g: two (C, G)."""
     sums = torch.zeros(2, len(stacked.cells), n_groups, dtype=torch.float64, device=x.device)
-    for lo in range(0, len(x), batch):
-        xb = x[lo:lo + batch]
-        r = (stacked.reconstruct(xb) - xb).flatten(2)  # (C, b, M)
+    for lo, r in residual_chunks(stacked, x, batch):
         gb = g[lo:lo + batch].expand(len(stacked.cells), -1)
         sums[0].scatter_add_(1, gb, r.pow(2).mean(2).double())
         sums[1].scatter_add_(1, gb, r.abs().mean(2).double())
