@@ -267,8 +267,11 @@ def compare(args) -> None:
             wall_p, mem_p, out = run_process(plain_cmd)
             plain = json.loads(out.strip().splitlines()[-1])
             t_plain = wall_p - plain["setup_s"]
-            wall_f, mem_f, _ = run_process(fairrecon_cmd(args, str(Path(tmp) / "out")))
-            summary = json.loads((Path(tmp) / "out" / "summary.json").read_text())
+            out_dir = Path(tmp) / f"out{r}"  # a fresh folder each run: the same spec in one folder would resume
+            wall_f, mem_f, _ = run_process(fairrecon_cmd(args, str(out_dir)))
+            summary = json.loads((out_dir / "summary.json").read_text())
+            if summary["info"]["resumed_cells"]:
+                raise RuntimeError(f"run {r + 1} resumed {summary['info']['resumed_cells']} cell(s): not a timing")
             part = breakdown(summary, wall_f)
             parts.append(part)
             ratios.append(t_plain / wall_f)

@@ -20,8 +20,11 @@ def run(*args: str, data_root) -> str:
 
 
 def test_small_preset_compares_equal_work_and_breaks_down_the_audit(shared_datasets):
-    out = run("--small", data_root=shared_datasets)
+    out = run("--small", "--repeats", "2", data_root=shared_datasets)
     assert re.search(r"^ratio plain/fairrecon: \d+\.\d+x median", out, re.M), out
+    # every repeat trains its own audit (the same spec in one results folder would resume its cells)
+    trained = [float(t) for t in re.findall(r"^  fairrecon breakdown: .*\btrain (\d+\.\d+) s", out, re.M)]
+    assert len(trained) == 2 and all(t > 0 for t in trained), out
     plain, fair = map(int, re.search(r"^cell-steps: plain (\d+), fairrecon (\d+)$", out, re.M).groups())
     assert plain == fair == 2 * 1 * 2  # 2 losses x 1 seed, 256 images / batch 128 = 2 steps, 1 epoch
     # both sides made the same images: the plain per-image transform and fairrecon's batched one
