@@ -1,12 +1,13 @@
-"""How to run stacked cells on the CPU: under vmap, or one cell after another (train.StackedCells.looped).
+"""How to run stacked cells on the CPU: under vmap, or each cell on its own (train.StackedCells.looped).
 
     python benchmarks/stacking.py                       # conv and mlp, 1, 4 and 12 cells, 1 thread
     python benchmarks/stacking.py --models conv --cells 12 48 --threads 2
 
 For each model and cell count, on the same stacked weights: milliseconds per training step (forward,
-backward of every cell's loss on its own batch of 128 Fashion-MNIST-sized images; the loop does its
-backward at one thread, as training does) and per 1,024 held-out images through every cell, for both
-ways, and the largest difference between their outputs. It reports; it never asserts timings.
+backward of every cell's loss on its own batch of 128 Fashion-MNIST-sized images; the loop shares the
+cells out between --threads worker threads, each at one intra-op thread, as training does) and per
+1,024 held-out images through every cell, for both ways, and the largest difference between their
+outputs. It reports; it never asserts timings.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ def measure(model: str, n_cells: int, looped: bool, repeats: int) -> tuple[float
         stacked = init_cells(cells, (1, 28, 28), config, torch.device("cpu"))
 
         def step():
-            objective = stacked.objective(x)[0]
-            with stacked.gradient_threads():
-                objective.mean(1).sum().backward()
+            graph: list = []
+            objective = stacked.objective(x, keep=graph)[0]
+            stacked.backward(objective.mean(1).sum(), graph)
 
         step_ms, _ = timed(step, repeats)
         infer_ms, out = timed(lambda: stacked.reconstruct(held_out), repeats)

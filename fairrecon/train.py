@@ -2,8 +2,8 @@
 
 Why batched: the models are small, so one model at a time leaves most of the machine
 idle. The cells' weights are stacked along a leading cell dimension
-(`torch.func.stack_module_state`) and run with `vmap` (conv models on the CPU: one cell after
-another, `StackedCells.looped`); each cell sees only its own loss, so the gradient of the summed
+(`torch.func.stack_module_state`) and run with `vmap` (conv models on the CPU: each cell on its
+own, the cells shared out between worker threads, `StackedCells.looped`); each cell sees only its own loss, so the gradient of the summed
 loss with respect to cell c's weights is exactly cell c's own gradient. Adam is elementwise, so
 every cell keeps its own optimizer state and the result equals training the cells one by one
 (see tests/test_train.py).
@@ -52,8 +52,10 @@ from __future__ import annotations
 import copy
 import math
 import os
+import threading
 import time
-from contextlib import contextmanager, nullcontext
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Callable
@@ -163,7 +165,7 @@ class StackedCells:
         return self.split(out)[0]
 
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None,
-                eps: torch.Tensor | None = None):
+                eps: torch.Tensor | None = None, keep: list | None = None):
         """x (C, B, ...) -> outputs (C, B, ...), each cell on its own batch: the reconstructions, with the
         raw log-scale channels after them when the models have a scale head (`split`).
 
@@ -174,7 +176,7 @@ class StackedCells:
         params = self.params if params is None else params
         copies = len(next(iter(params.values()))) // len(self.cells)
         buffers = {k: v.repeat_interleave(copies, dim=0) for k, v in self.buffers.items()} if copies > 1 else self.buffers
-        return self._each(params, buffers, [x] if eps is None else [x, eps])
+        return self._each(params, buffers, [x] if eps is None else [x, eps], keep=keep)
 
     @torch.no_grad()
     def sample_posterior(self, x: torch.Tensor, eps: torch.Tensor, batch: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,14 +192,16 @@ class StackedCells:
         return torch.cat([self._each(self.params, self.buffers, [z[:, i:i + batch]], decode=True)
                           for i in range(0, z.shape[1], batch)], dim=1)
 
-    def objective(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def objective(self, x: torch.Tensor, eps: torch.Tensor | None = None,
+                  keep: list | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The training objective per sample (C, B) on batches x (C, B, ...), with its likelihood part
-        (C, B) and the reconstruction it scored: NLL for an autoencoder; NLL + beta * KL for a VAE."""
+        (C, B) and the reconstruction it scored: NLL for an autoencoder; NLL + beta * KL for a VAE.
+        `keep`: a list for the looped forward's graph, which `backward` then takes."""
         if eps is None:
-            x_hat = self.forward(x)
+            x_hat = self.forward(x, keep=keep)
             nll = self.per_sample_nll(x, x_hat)
             return nll, nll, x_hat
-        x_hat, kl = self.forward(x, eps=eps)
+        x_hat, kl = self.forward(x, eps=eps, keep=keep)
         nll = self.per_sample_nll(x, x_hat)
         return nll + self.config.beta * kl, nll, x_hat
 
@@ -211,7 +215,7 @@ class StackedCells:
     @cached_property
     def inference_batch(self) -> int:
         """Images per forward pass when measuring: as many as keep the widest layer's output for the cells
-        that run at once (all under vmap, one when `looped`) within INFERENCE_BYTES, so it stays in cache
+        that run at once (all under vmap, one per worker thread when `looped`) within INFERENCE_BYTES, so it stays in cache
         (measured: conv under vmap, 4 cells, 2048 images at once ran 4x slower than 128 at a time; looped
         conv, 128 to 668 images per pass ran within run-to-run noise of each other and ~1.6x faster than
         2048; the outputs are bit-identical at any batch)."""
@@ -239,33 +243,68 @@ class StackedCells:
 
     @cached_property
     def looped(self) -> bool:
-        """Whether the cells run one after another rather than under vmap: conv models on the CPU. vmap turns
+        """Whether the cells run each on its own rather than under vmap: conv models on the CPU. vmap turns
         each convolution of stacked weights into a grouped convolution, which torch's CPU backend runs on a
-        slow path (transposed ones above all); a loop calls the ordinary kernels (benchmarks/stacking.py)."""
+        slow path (transposed ones above all); a loop calls the ordinary kernels (benchmarks/stacking.py),
+        a cell per worker thread (`cell_workers`), forward and backward."""
         return self.config.model in CONV_MODELS and self.loss_params.device.type == "cpu"
 
-    def gradient_threads(self):
-        """Around a training step's backward pass: one intra-op thread when `looped`. oneDNN's ordinary
-        convolutions split the weight gradient's sum over the batch between threads, so its rounding would
-        depend on the thread count; forward passes and input gradients do not (tests/test_threads.py)."""
-        return one_thread() if self.looped else nullcontext()
-
     def _each(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], args: list[torch.Tensor],
-              shared: tuple[bool, ...] = (), **kwargs) -> torch.Tensor | tuple[torch.Tensor, ...]:
+              shared: tuple[bool, ...] = (), keep: list | None = None, **kwargs) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The base model with each stacked row of params and buffers (k, ...) on args -> outputs stacked (k, ...):
         an arg marked True in `shared` goes to every row as it is, the others are split along dim 0. Under vmap,
-        or as a loop over rows (`looped`); either way each row computes only with its own weights."""
+        or as a loop over rows (`looped`: side by side in `cell_workers`); either way each row computes only with
+        its own weights. A list `keep` gets the loop's (row params, row outputs), for `backward`."""
         shared = tuple(shared) + (False,) * (len(args) - len(shared))
         def one(p, b, *a):
-            return functional_call(self.base, (p, b), a, kwargs)
+            return functional_call(self._thread_base(), (p, b), a, kwargs)
         if not self.looped:
             return vmap(one, in_dims=(0, 0, *(None if s else 0 for s in shared)))(params, buffers, *args)
         rows = lambda d: [dict(zip(d, vs)) for vs in zip(*(v.unbind(0) for v in d.values()))] if d else None
         p_rows = rows(params)
         b_rows = rows(buffers) or [{}] * len(p_rows)
         split = [[a] * len(p_rows) if s else a.unbind(0) for a, s in zip(args, shared)]
-        outs = [one(p, b, *a) for p, b, *a in zip(p_rows, b_rows, *split)]
+        outs = cell_workers(one, list(zip(p_rows, b_rows, *split)))
+        if keep is not None:
+            keep.append((p_rows, outs))
         return tuple(map(torch.stack, zip(*outs))) if isinstance(outs[0], tuple) else torch.stack(outs)
+
+    def _thread_base(self) -> nn.Module:
+        """`base`, or in a worker thread its own copy: functional_call swaps the weights into the module it
+        runs, so two threads on one module would see each other's."""
+        if threading.current_thread() is threading.main_thread():
+            return self.base
+        local = self.__dict__.setdefault("_bases", threading.local())
+        if not hasattr(local, "base"):
+            local.base = copy.deepcopy(self.base)
+        return local.base
+
+    def backward(self, loss: torch.Tensor, graph: list | None = None) -> None:
+        """loss.backward() into the .grad of params and loss_params. Looped cells (`graph`: the `keep` of the
+        step's forward) go through the loss to each cell's output first, then through each cell's own graph in
+        `cell_workers`, everything at one intra-op thread: oneDNN's ordinary convolutions split a weight
+        gradient's sum over the batch between threads, so its rounding would depend on the thread count
+        (forward passes and input gradients do not; tests/test_threads.py). Per cell it is the same
+        arithmetic as one backward pass, so the gradients are the same to the bit; the cores share the cells."""
+        if not graph:
+            loss.backward()
+            return
+        (p_rows, outs), = graph
+        outs = [o if isinstance(o, tuple) else (o,) for o in outs]
+        threads = torch.get_num_threads()
+        with one_thread():
+            *out_grads, lp_grad = torch.autograd.grad(loss, [o for out in outs for o in out] + [self.loss_params],
+                                                      allow_unused=True)
+            width = len(outs[0])
+            def one(p, out, grads):
+                used = [(o, g) for o, g in zip(out, grads) if g is not None]
+                return torch.autograd.grad([o for o, _ in used], list(p.values()), [g for _, g in used])
+            grads = cell_workers(one, [(p, out, out_grads[c * width:(c + 1) * width])
+                                       for c, (p, out) in enumerate(zip(p_rows, outs))], threads)
+        for k, name in enumerate(p_rows[0]):
+            self.params[name].grad = torch.stack([g[k] for g in grads])
+        if lp_grad is not None:
+            self.loss_params.grad = lp_grad
 
     def per_sample_nll(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Each cell's own loss, with its own learned parameters, on its own batch: x (C, B, ...) and the
@@ -347,6 +386,27 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def cell_workers(fn: Callable, rows: list[tuple], threads: int | None = None) -> list:
+    """[fn(*row) for row in rows], side by side in worker threads, as many as `threads` (default torch's
+    intra-op threads, --threads), each at one intra-op thread, in this thread's grad mode; in this thread
+    when that is one. For the looped cells: a cell per core keeps the cores busy where one cell's small
+    kernels do not (and a backward pass at one thread rounds the same everywhere)."""
+    workers = min(threads or torch.get_num_threads(), len(rows))
+    if workers <= 1:
+        return [fn(*row) for row in rows]
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="fairrecon-cell",
+                                             initializer=torch.set_num_threads, initargs=(1,))
+    grad = torch.is_grad_enabled()
+    def run(row):
+        with torch.set_grad_enabled(grad):
+            return fn(*row)
+    return list(_POOLS[workers].map(run, rows))
 
 
 INFERENCE_BYTES = 16 * 2**20  # see StackedCells.inference_batch
@@ -714,13 +774,13 @@ def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, on_eval
             eps = draw_eps(noise, cells, idx.shape[1], config.latent, device) if noise is not None else None
             if step in snap_at and on_snapshot is not None:
                 on_snapshot(Snapshot(step, epoch, stacked, xb, gb, eps))
-            objective, nll, x_hat = stacked.objective(xb, eps)  # (C, B) each
+            graph: list = []
+            objective, nll, x_hat = stacked.objective(xb, eps, keep=graph)  # (C, B) each
             per_cell = objective.mean(1)
             finite = torch.isfinite(per_cell) & alive
             loss = torch.where(finite, per_cell, torch.zeros_like(per_cell)).sum()  # cells are independent
             opt.zero_grad(set_to_none=True)
-            with stacked.gradient_threads():
-                loss.backward()
+            stacked.backward(loss, graph)
             opt.step()
             with torch.no_grad():
                 alive &= finite

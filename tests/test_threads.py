@@ -17,7 +17,8 @@ from fairrecon.errors import UserError
 
 # Fashion-MNIST at the default width: matrices large enough that torch splits them across threads
 # (digits at 8x8 would pass this test without ever running a second thread). Conv models run their cells
-# one by one on oneDNN's ordinary kernels (train.StackedCells.looped): the test covers their gradients too.
+# on oneDNN's ordinary kernels, at 2 threads a cell per worker thread (train.StackedCells.looped,
+# train.cell_workers), forward and backward: the test covers their gradients too.
 SMALL = dict(dataset="fashion-mnist", limit=256, test_limit=128, epochs=1, seeds=1, losses=("l1", "learned-sigma"),
              device="cpu", grad_points=2)
 

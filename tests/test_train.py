@@ -278,3 +278,37 @@ def test_vae_cells_batched_match_plain_loop_and_alone(digits, model):
         alone = train_cells(x, group, [cell], config)
         for name, p in alone.stacked.params.items():
             torch.testing.assert_close(together.stacked.params[name][c], p[0], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("model", ["conv", "conv-vae"])
+def test_looped_backward_in_workers_equals_one_backward_pass(model):
+    """StackedCells.backward (through the loss once, then each cell's graph in a worker thread, each at one
+    intra-op thread) gives exactly the gradients of loss.backward() at one thread: the same sums, not close."""
+    config = TrainConfig.from_spec(AuditSpec(model=model, latent=8, hidden=64))
+    cells = [Cell("l2", 0), Cell("learned-sigma", 1), Cell("log-mse", 0), Cell("l1", 2)]
+    stacked = train_mod.init_cells(cells, (1, 28, 28), config, torch.device("cpu"))
+    assert stacked.looped
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(len(cells), 32, 1, 28, 28, generator=generator)
+    eps = torch.randn(len(cells), 32, config.latent, generator=generator) if config.vae else None
+
+    def gradients(workers: int | None) -> list[torch.Tensor]:
+        for t in [*stacked.params.values(), stacked.loss_params]:
+            t.grad = None
+        graph: list = []
+        loss = stacked.objective(x, eps, keep=graph if workers else None)[0].mean(1).sum()
+        if workers:
+            torch.set_num_threads(workers)
+            try:
+                stacked.backward(loss, graph)
+            finally:
+                torch.set_num_threads(1)
+        else:
+            loss.backward()  # the reference: one backward pass, at one thread (the module's fixture)
+        return [t.grad.clone() for t in [*stacked.params.values(), stacked.loss_params]]
+
+    reference = gradients(None)
+    assert any(g.abs().sum() > 0 for g in reference)
+    for workers in (1, 2):
+        for got, want in zip(gradients(workers), reference):
+            assert torch.equal(got, want)
