@@ -60,7 +60,8 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
     statistics themselves (the CLI) then save with them.
 
     `threads`: torch's intra-op threads for this audit (default `default_threads()`), put back
-    afterwards; recorded in info["threads"]. Not part of the audit's identity: it changes speed only.
+    afterwards; conv models on the CPU use them as worker threads, a cell each (train.cell_workers).
+    Recorded in info["threads"]. Not part of the audit's identity: it changes speed only.
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise UserError(f"threads must be a whole number >= 1, got {threads!r}")
