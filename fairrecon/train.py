@@ -3,10 +3,10 @@
 Why batched: the models are small, so one model at a time leaves most of the machine
 idle. The cells' weights are stacked along a leading cell dimension
 (`torch.func.stack_module_state`) and run with `vmap` (conv models on the CPU: each cell on its
-own, the cells shared out between worker threads, `StackedCells.looped`); each cell sees only its own loss, so the gradient of the summed
-loss with respect to cell c's weights is exactly cell c's own gradient. Adam is elementwise, so
-every cell keeps its own optimizer state and the result equals training the cells one by one
-(see tests/test_train.py).
+own, the cells shared out between worker threads, `StackedCells.looped`); each cell sees only its
+own loss, so the gradient of the summed loss with respect to cell c's weights is exactly cell c's
+own gradient. Adam is elementwise, so every cell keeps its own optimizer state and the result
+equals training the cells one by one (see tests/test_train.py).
 
 Randomness: a cell's seed fixes its initial weights and its batch order (and, for a VAE,
 its noise eps); cells that share a seed differ only in their loss. Every cell trains on the
@@ -214,11 +214,12 @@ class StackedCells:
 
     @cached_property
     def inference_batch(self) -> int:
-        """Images per forward pass when measuring: as many as keep the widest layer's output for the cells
-        that run at once (all under vmap, one per worker thread when `looped`) within INFERENCE_BYTES, so it stays in cache
-        (measured: conv under vmap, 4 cells, 2048 images at once ran 4x slower than 128 at a time; looped
-        conv, 128 to 668 images per pass ran within run-to-run noise of each other and ~1.6x faster than
-        2048; the outputs are bit-identical at any batch)."""
+        """Images per forward pass when measuring: as many as keep the widest layer's output within
+        INFERENCE_BYTES, so it stays in cache: for all cells at once under vmap, for one cell when `looped`
+        (each worker thread runs one cell at a time, so each has that budget). Measured: conv under vmap,
+        4 cells, 2048 images at once ran 4x slower than 128 at a time; looped conv, 128 to 668 images per
+        pass ran within run-to-run noise of each other and ~1.6x faster than 2048; the outputs are
+        bit-identical at any batch."""
         widest = max(activation_sizes(self.config, self.base.shape))
         at_once = 1 if self.looped else len(self.cells)
         return max(16, min(2048, INFERENCE_BYTES // (4 * widest * at_once)))
