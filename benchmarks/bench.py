@@ -96,6 +96,7 @@ def run_process(cmd: list[str], env: dict | None = None) -> tuple[float, float, 
 
 # ---------------------------------------------------------------- the plain recipe
 
+
 class MatchBrightness:
     """groups.match_to for one image: y = clip(b + c (z - mean z)), b by bisection so mean(y) = t.
 
@@ -161,20 +162,34 @@ class EpochPermutation(Sampler):
 
 def spec_for(args) -> AuditSpec:
     """The audit both sides run (bench flags -> spec fields)."""
-    return AuditSpec(dataset="fashion-mnist", data_root=args.data_root, limit=args.limit, test_limit=args.test_limit,
-                     model=args.model, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size,
-                     losses=tuple(args.losses), device=args.device)
+    return AuditSpec(
+        dataset="fashion-mnist",
+        data_root=args.data_root,
+        limit=args.limit,
+        test_limit=args.test_limit,
+        model=args.model,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        losses=tuple(args.losses),
+        device=args.device,
+    )
 
 
 def plain_datasets(root: str, data) -> tuple[PlainGrouped, PlainGrouped]:
     """The images fairrecon grouped (same indices, targets and contrast factor), the plain way."""
+
     def one(index, g, train):
-        return PlainGrouped(root, index.tolist(), [data.targets[k] for k in g.tolist()], data.contrast_factor, train=train)
+        return PlainGrouped(
+            root, index.tolist(), [data.targets[k] for k in g.tolist()], data.contrast_factor, train=train
+        )
+
     return one(data.train_index, data.train_g, True), one(data.test_index, data.test_g, False)
 
 
-def plain_recipe(train_set: PlainGrouped, test_set: PlainGrouped, shape, cells: list[Cell], config: TrainConfig,
-                 device: torch.device) -> dict[str, float]:
+def plain_recipe(
+    train_set: PlainGrouped, test_set: PlainGrouped, shape, cells: list[Cell], config: TrainConfig, device: torch.device
+) -> dict[str, float]:
     """One model at a time: its own DataLoader pass and Adam, then every held-out image's MSE -> seconds per part."""
     seconds = {"train_s": 0.0, "eval_s": 0.0, "waited_s": 0.0}
     for cell in cells:
@@ -183,9 +198,12 @@ def plain_recipe(train_set: PlainGrouped, test_set: PlainGrouped, shape, cells: 
         model = build_model(config.model, shape, config.latent, config.hidden).to(device)
         loss = get_loss(cell.loss)
         learned = torch.zeros(1, len(loss.params), device=device, requires_grad=True)  # one cell's row, as in train.py
-        opt = torch.optim.Adam([{"params": model.parameters(), "lr": config.lr},
-                                {"params": [learned], "lr": config.sigma_lr}])
-        loader = DataLoader(train_set, batch_size=config.batch_size, sampler=EpochPermutation(len(train_set), cell.seed))
+        opt = torch.optim.Adam(
+            [{"params": model.parameters(), "lr": config.lr}, {"params": [learned], "lr": config.sigma_lr}]
+        )
+        loader = DataLoader(
+            train_set, batch_size=config.batch_size, sampler=EpochPermutation(len(train_set), cell.seed)
+        )
         for _ in range(int(config.epochs)):
             batches = iter(loader)
             while True:
@@ -202,8 +220,10 @@ def plain_recipe(train_set: PlainGrouped, test_set: PlainGrouped, shape, cells: 
                 opt.step()
         middle = time.perf_counter()
         with torch.no_grad():  # the audit's product: every held-out image's error under this model
-            errors = [(model(xb.to(device)) - xb.to(device)).pow(2).flatten(1).mean(1).cpu()
-                      for xb in DataLoader(test_set, batch_size=config.batch_size)]
+            errors = [
+                (model(xb.to(device)) - xb.to(device)).pow(2).flatten(1).mean(1).cpu()
+                for xb in DataLoader(test_set, batch_size=config.batch_size)
+            ]
         assert len(torch.cat(errors)) == len(test_set)
         seconds["train_s"] += middle - start
         seconds["eval_s"] += time.perf_counter() - middle
@@ -222,22 +242,61 @@ def plain_main(args) -> None:
     train_set, test_set = plain_datasets(args.data_root, data)
     seconds = {"load_s": time.perf_counter() - t}
     before = CELL_STEPS["n"]
-    seconds.update(plain_recipe(train_set, test_set, tuple(data.train_x.shape[1:]), cells, config, torch.device(args.device)))
+    seconds.update(
+        plain_recipe(train_set, test_set, tuple(data.train_x.shape[1:]), cells, config, torch.device(args.device))
+    )
     n = min(64, len(train_set))  # both sides made the same images
     data_diff = (torch.stack([train_set[i] for i in range(n)]) - data.train_x[:n]).abs().max().item()
     steps_per_epoch = math.ceil(len(data.train_x) / config.batch_size)
-    print(json.dumps({"setup_s": setup, **seconds, "cell_steps": CELL_STEPS["n"] - before, "data_diff": data_diff,
-                      "fairrecon_cell_steps": len(cells) * int(config.epochs) * steps_per_epoch,
-                      "train_images": len(data.train_x), "test_images": len(data.test_x)}))
+    print(
+        json.dumps(
+            {
+                "setup_s": setup,
+                **seconds,
+                "cell_steps": CELL_STEPS["n"] - before,
+                "data_diff": data_diff,
+                "fairrecon_cell_steps": len(cells) * int(config.epochs) * steps_per_epoch,
+                "train_images": len(data.train_x),
+                "test_images": len(data.test_x),
+            }
+        )
+    )
 
 
 # ---------------------------------------------------------------- fairrecon, as a user runs it
 
+
 def fairrecon_cmd(args, out: str) -> list[str]:
-    cmd = [sys.executable, "-m", "fairrecon", "audit", "--dataset", "fashion-mnist", "--data-root", args.data_root,
-           "--limit", str(args.limit), "--model", args.model, "--seeds", str(args.seeds), "--epochs", str(args.epochs),
-           "--losses", ",".join(args.losses), "--batch-size", str(args.batch_size), "--device", args.device,
-           "--out", out, "--force", "--quiet", "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fairrecon",
+        "audit",
+        "--dataset",
+        "fashion-mnist",
+        "--data-root",
+        args.data_root,
+        "--limit",
+        str(args.limit),
+        "--model",
+        args.model,
+        "--seeds",
+        str(args.seeds),
+        "--epochs",
+        str(args.epochs),
+        "--losses",
+        ",".join(args.losses),
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--out",
+        out,
+        "--force",
+        "--quiet",
+        "--threads",
+        str(args.threads),
+    ]
     return cmd + (["--test-limit", str(args.test_limit)] if args.test_limit else [])
 
 
@@ -254,13 +313,34 @@ def breakdown(summary: dict, wall: float) -> dict[str, float]:
 
 def compare(args) -> None:
     cells = len(args.losses) * args.seeds
-    print(f"grid: {len(args.losses)} losses x {args.seeds} seeds = {cells} cells, model {args.model}, "
-          f"FashionMNIST limit {args.limit} (test limit {args.test_limit or 'none'}), {args.epochs} epoch(s), "
-          f"batch {args.batch_size}, {args.threads} thread(s) on each side")
-    plain_cmd = [sys.executable, __file__, "--_plain", "--limit", str(args.limit), "--model", args.model,
-                 "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--losses", ",".join(args.losses),
-                 "--batch-size", str(args.batch_size), "--device", args.device, "--data-root", args.data_root,
-                 "--threads", str(args.threads)] + (["--test-limit", str(args.test_limit)] if args.test_limit else [])
+    print(
+        f"grid: {len(args.losses)} losses x {args.seeds} seeds = {cells} cells, model {args.model}, "
+        f"FashionMNIST limit {args.limit} (test limit {args.test_limit or 'none'}), {args.epochs} epoch(s), "
+        f"batch {args.batch_size}, {args.threads} thread(s) on each side"
+    )
+    plain_cmd = [
+        sys.executable,
+        __file__,
+        "--_plain",
+        "--limit",
+        str(args.limit),
+        "--model",
+        args.model,
+        "--seeds",
+        str(args.seeds),
+        "--epochs",
+        str(args.epochs),
+        "--losses",
+        ",".join(args.losses),
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--data-root",
+        args.data_root,
+        "--threads",
+        str(args.threads),
+    ] + (["--test-limit", str(args.test_limit)] if args.test_limit else [])
     ratios, parts = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
@@ -275,10 +355,12 @@ def compare(args) -> None:
             part = breakdown(summary, wall_f)
             parts.append(part)
             ratios.append(t_plain / wall_f)
-            print(f"run {r + 1}: plain {t_plain:.2f} s (train {plain['train_s']:.2f} s of which waiting for data "
-                  f"{plain['waited_s']:.2f} s, held-out errors {plain['eval_s']:.2f} s; peak {mem_p:.0f} MB) | "
-                  f"fairrecon {wall_f:.2f} s (peak {mem_f:.0f} MB; {summary['info']['threads']} thread(s)) | "
-                  f"ratio {ratios[-1]:.2f}x")
+            print(
+                f"run {r + 1}: plain {t_plain:.2f} s (train {plain['train_s']:.2f} s of which waiting for data "
+                f"{plain['waited_s']:.2f} s, held-out errors {plain['eval_s']:.2f} s; peak {mem_p:.0f} MB) | "
+                f"fairrecon {wall_f:.2f} s (peak {mem_f:.0f} MB; {summary['info']['threads']} thread(s)) | "
+                f"ratio {ratios[-1]:.2f}x"
+            )
             print("  fairrecon breakdown: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in part.items()))
     median = {k: statistics.median(p[k] for p in parts) for k in PARTS}
     print(f"same data: max |plain image - fairrecon image| = {plain['data_diff']:.1e} (first 64 images)")
@@ -286,8 +368,10 @@ def compare(args) -> None:
     print(f"images: {plain['train_images']} train, {plain['test_images']} held out")
     print("fairrecon median breakdown: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in median.items()))
     trained = median["train_s"]
-    print(f"measurement (measure + curves) / training: {(median['measure_s'] + median['curves_s']) / trained:.2f}; "
-          f"statistics + reports: {median['stats_s'] + median['report_s']:.2f} s")
+    print(
+        f"measurement (measure + curves) / training: {(median['measure_s'] + median['curves_s']) / trained:.2f}; "
+        f"statistics + reports: {median['stats_s'] + median['report_s']:.2f} s"
+    )
     spread = f" (min {min(ratios):.2f}x, max {max(ratios):.2f}x, {len(ratios)} runs)" if len(ratios) > 1 else ""
     print(f"ratio plain/fairrecon: {statistics.median(ratios):.2f}x median{spread}")
 
@@ -318,32 +402,73 @@ def scaling_point(args) -> None:
     train_cells(x, data.train_g, cells, config, torch.device(args.device), max_cells=len(cells))
     seconds = time.perf_counter() - t
     est = len(cells) * cell_bytes(config, tuple(x.shape[1:])) / 2**20
-    print(json.dumps({"cells": len(cells), "images": len(x), "size": args.size, "seconds": seconds,
-                      "cell_steps": CELL_STEPS["n"] - before, "peak_mb": peak_mb(), "before_mb": rss, "estimate_mb": est}))
+    print(
+        json.dumps(
+            {
+                "cells": len(cells),
+                "images": len(x),
+                "size": args.size,
+                "seconds": seconds,
+                "cell_steps": CELL_STEPS["n"] - before,
+                "peak_mb": peak_mb(),
+                "before_mb": rss,
+                "estimate_mb": est,
+            }
+        )
+    )
 
 
 def scaling(args) -> None:
     if args.small:
         points = [(1, args.limit, "28"), (4, args.limit, "28")]
     else:
-        points = ([(c, 5000, "28") for c in (1, 2, 4, 12, 24, 48)]
-                  + [(12, n, "28") for n in (1000, 20000, 60000)]
-                  + [(12, 5000, size) for size in ("32x3", "64")])
-    print(f"\nscaling (fairrecon's train_cells alone, model {args.model}, {args.epochs} epoch(s), batch {args.batch_size}, "
-          f"{args.threads} thread(s), each point in a fresh process):")
-    print(f"{'cells':>5} {'images':>7} {'size':>5} {'seconds':>8} {'per cell-step':>13} {'peak MB':>8} {'+train MB':>9} {'estimate MB':>11}")
+        points = (
+            [(c, 5000, "28") for c in (1, 2, 4, 12, 24, 48)]
+            + [(12, n, "28") for n in (1000, 20000, 60000)]
+            + [(12, 5000, size) for size in ("32x3", "64")]
+        )
+    print(
+        f"\nscaling (fairrecon's train_cells alone, model {args.model}, {args.epochs} epoch(s), batch {args.batch_size}, "
+        f"{args.threads} thread(s), each point in a fresh process):"
+    )
+    print(
+        f"{'cells':>5} {'images':>7} {'size':>5} {'seconds':>8} {'per cell-step':>13} {'peak MB':>8} {'+train MB':>9} {'estimate MB':>11}"
+    )
     for c, n, size in points:
-        cmd = [sys.executable, __file__, "--_point", str(c), "--limit", str(n), "--size", size, "--epochs", str(args.epochs),
-               "--model", args.model, "--device", args.device, "--data-root", args.data_root,
-               "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--test-limit", "2"]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_point",
+            str(c),
+            "--limit",
+            str(n),
+            "--size",
+            size,
+            "--epochs",
+            str(args.epochs),
+            "--model",
+            args.model,
+            "--device",
+            args.device,
+            "--data-root",
+            args.data_root,
+            "--batch-size",
+            str(args.batch_size),
+            "--threads",
+            str(args.threads),
+            "--test-limit",
+            "2",
+        ]
         try:
             _, _, out = run_process(cmd)
         except RuntimeError as e:
             print(f"{c:>5} {n:>7} {size:>5} failed: {str(e).splitlines()[-1:]}")
             continue
         p = json.loads(out.strip().splitlines()[-1])
-        print(f"{p['cells']:>5} {p['images']:>7} {size:>5} {p['seconds']:>8.2f} {p['seconds'] / p['cell_steps'] * 1e3:>11.2f}ms "
-              f"{p['peak_mb']:>8.0f} {p['peak_mb'] - p['before_mb']:>9.0f} {p['estimate_mb']:>11.0f}")
+        print(
+            f"{p['cells']:>5} {p['images']:>7} {size:>5} {p['seconds']:>8.2f} {p['seconds'] / p['cell_steps'] * 1e3:>11.2f}ms "
+            f"{p['peak_mb']:>8.0f} {p['peak_mb'] - p['before_mb']:>9.0f} {p['estimate_mb']:>11.0f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -357,12 +482,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets"))
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads on both sides (default: what `fairrecon audit` would choose now)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads on both sides (default: what `fairrecon audit` would choose now)",
+    )
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--scaling", action="store_true", help="also the scaling table")
     ap.add_argument("--scaling-only", action="store_true", help="only the scaling table")
-    ap.add_argument("--small", action="store_true", help="CI preset: 256 images, 64 held out, 1 epoch, 2 losses x 1 seed")
+    ap.add_argument(
+        "--small", action="store_true", help="CI preset: 256 images, 64 held out, 1 epoch, 2 losses x 1 seed"
+    )
     ap.add_argument("--_plain", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_point", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--size", choices=tuple(SIZES), default="28", help=argparse.SUPPRESS)

@@ -50,25 +50,44 @@ def main() -> None:
             for max_ratio in ratios:
                 outcome = check(analysis, max_ratio=max_ratio, alpha=args.alpha)
                 table = outcome.table
-                rows.append({"scenario": name, "split_seed": split_seed, "max_ratio": max_ratio,
-                             "flagged": outcome.code == FAIL, "code": outcome.code,
-                             "max_ratio_point": table["ratio"].max(), "max_ratio_lcb": table["ratio_lcb"].max(),
-                             "seed_share": table["seed_share"].median()})
+                rows.append(
+                    {
+                        "scenario": name,
+                        "split_seed": split_seed,
+                        "max_ratio": max_ratio,
+                        "flagged": outcome.code == FAIL,
+                        "code": outcome.code,
+                        "max_ratio_point": table["ratio"].max(),
+                        "max_ratio_lcb": table["ratio_lcb"].max(),
+                        "seed_share": table["seed_share"].median(),
+                    }
+                )
     df = pd.DataFrame(rows)
     if args.csv:
         df.to_csv(args.csv, index=False)
     n = args.repeats
-    summary = df.groupby(["scenario", "max_ratio"], sort=False).agg(
-        flagged=("flagged", "mean"), codes=("code", lambda c: ",".join(map(str, sorted(set(c))))),
-        median_ratio=("max_ratio_point", "median"), median_ratio_lcb=("max_ratio_lcb", "median"),
-        median_seed_share=("seed_share", "median")).reset_index()
+    summary = (
+        df.groupby(["scenario", "max_ratio"], sort=False)
+        .agg(
+            flagged=("flagged", "mean"),
+            codes=("code", lambda c: ",".join(map(str, sorted(set(c))))),
+            median_ratio=("max_ratio_point", "median"),
+            median_ratio_lcb=("max_ratio_lcb", "median"),
+            median_seed_share=("seed_share", "median"),
+        )
+        .reset_index()
+    )
     slack = 2 * np.sqrt(args.alpha * (1 - args.alpha) / n)
     print(f"{n} audits per scenario, losses {','.join(losses)}, alpha {args.alpha}, {SETTINGS}")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     null = summary[summary["scenario"].str.startswith("null")]["flagged"].max()
-    planted = summary[summary["scenario"].str.contains("squeeze") & (summary["max_ratio"] == min(ratios))]["flagged"].iloc[0]
-    print(f"null false-positive rate (worst threshold) {null:.3f} (allowed <= alpha + 2 SE = {args.alpha + slack:.3f}); "
-          f"planted squeeze flagged {planted:.0%} at max-ratio {min(ratios):g} (wanted >= 95%)")
+    planted = summary[summary["scenario"].str.contains("squeeze") & (summary["max_ratio"] == min(ratios))][
+        "flagged"
+    ].iloc[0]
+    print(
+        f"null false-positive rate (worst threshold) {null:.3f} (allowed <= alpha + 2 SE = {args.alpha + slack:.3f}); "
+        f"planted squeeze flagged {planted:.0%} at max-ratio {min(ratios):g} (wanted >= 95%)"
+    )
     print(f"total {time.perf_counter() - start:.0f} s")
 
 

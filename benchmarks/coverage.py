@@ -57,14 +57,28 @@ def lognormal(rng: np.random.Generator, sd: float, size) -> np.ndarray:
     return np.exp(rng.normal(-sd * sd / 2, sd, size))
 
 
-def simulate(rng: np.random.Generator, *, seeds: int, means: tuple[float, ...], n: int, shared: float,
-             seed: float, image: float, inter: float) -> tuple[np.ndarray, np.ndarray]:
+def simulate(
+    rng: np.random.Generator,
+    *,
+    seeds: int,
+    means: tuple[float, ...],
+    n: int,
+    shared: float,
+    seed: float,
+    image: float,
+    inter: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """values (S, N) and group codes (N,) of one simulated audit."""
     g = len(means)
     codes = np.repeat(np.arange(g), n)
     mu = np.asarray(means)[codes]
-    values = (mu * lognormal(rng, shared, (seeds, 1)) * lognormal(rng, seed, (seeds, g))[:, codes]
-              * lognormal(rng, image, len(codes)) * lognormal(rng, inter, (seeds, len(codes))))
+    values = (
+        mu
+        * lognormal(rng, shared, (seeds, 1))
+        * lognormal(rng, seed, (seeds, g))[:, codes]
+        * lognormal(rng, image, len(codes))
+        * lognormal(rng, inter, (seeds, len(codes)))
+    )
     return values, codes
 
 
@@ -75,9 +89,14 @@ def replicate(rng, *, seeds: int, groups: int, regime: dict, n: int = N_PER_GROU
     mom = Moments.of(values, codes, groups)
     last = groups - 1
     gap = mom.pair(last, 0)
-    out = {"gap": gap.estimate, "gap_low": gap.low(0.025), "gap_high": gap.high(0.025),
-           "ratio": mom.mean[last] / mom.mean[0], "ratio_low": mom.ratio_low(last, 0, 0.025),
-           "ratio_high": mom.ratio_high(last, 0, 0.025)}
+    out = {
+        "gap": gap.estimate,
+        "gap_low": gap.low(0.025),
+        "gap_high": gap.high(0.025),
+        "ratio": mom.mean[last] / mom.mean[0],
+        "ratio_low": mom.ratio_low(last, 0, 0.025),
+        "ratio_high": mom.ratio_high(last, 0, 0.025),
+    }
     per_seed = np.stack([values[:, codes == k].mean(1) for k in range(groups)], 1)
     seed_sd = float(np.std(per_seed[:, last] - per_seed[:, 0], ddof=1)) if seeds > 1 else np.nan
     averaged = values.mean(0)
@@ -86,8 +105,9 @@ def replicate(rng, *, seeds: int, groups: int, regime: dict, n: int = N_PER_GROU
     if groups > 2:  # every pair's Bonferroni interval covers its true gap at once
         pairs = list(combinations(range(groups), 2))
         tail = 0.05 / len(pairs) / 2
-        out["family_covered"] = all(mom.pair(h, g).low(tail) <= means[h] - means[g] <= mom.pair(h, g).high(tail)
-                                    for g, h in pairs)
+        out["family_covered"] = all(
+            mom.pair(h, g).low(tail) <= means[h] - means[g] <= mom.pair(h, g).high(tail) for g, h in pairs
+        )
     return out
 
 
@@ -100,14 +120,20 @@ def cell(rng, *, seeds: int, groups: int, regime: str, reps: int) -> dict:
     ratio_cov = ((df.ratio_low <= true_ratio) & (true_ratio <= df.ratio_high)).mean()
     oracle_gap, oracle_ratio = 2 * 1.96 * df.gap.std(), 2 * 1.96 * df.ratio.std()
     oracle_cov = (np.abs(df.gap - true_gap) <= 1.96 * df.gap.std()).mean()
-    return {"regime": regime, "groups": groups, "seeds": seeds, "seed/image": df.seed_over_image.median(),
-            "gap cover": gap_cov, "ratio cover": ratio_cov,
-            "family cover": df.family_covered.mean() if "family_covered" in df else np.nan,
-            "oracle cover": oracle_cov,
-            "gap width/oracle": (df.gap_high - df.gap_low).median() / oracle_gap,
-            "ratio width/oracle": (df.ratio_high - df.ratio_low).median() / oracle_ratio,
-            "ratio unbounded": np.isinf(df.ratio_high).mean(),
-            "se": np.sqrt(0.95 * 0.05 / reps)}
+    return {
+        "regime": regime,
+        "groups": groups,
+        "seeds": seeds,
+        "seed/image": df.seed_over_image.median(),
+        "gap cover": gap_cov,
+        "ratio cover": ratio_cov,
+        "family cover": df.family_covered.mean() if "family_covered" in df else np.nan,
+        "oracle cover": oracle_cov,
+        "gap width/oracle": (df.gap_high - df.gap_low).median() / oracle_gap,
+        "ratio width/oracle": (df.ratio_high - df.ratio_low).median() / oracle_ratio,
+        "ratio unbounded": np.isinf(df.ratio_high).mean(),
+        "se": np.sqrt(0.95 * 0.05 / reps),
+    }
 
 
 def main() -> None:
@@ -125,13 +151,19 @@ def main() -> None:
         for groups in map(int, args.groups.split(",")):
             for seeds in map(int, args.seeds.split(",")):
                 rows.append(cell(rng, seeds=seeds, groups=groups, regime=regime, reps=args.reps))
-                print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1,
-                                                        float_format=lambda v: f"{v:.3f}"), flush=True)
+                print(
+                    pd.DataFrame(rows[-1:]).to_string(
+                        index=False, header=len(rows) == 1, float_format=lambda v: f"{v:.3f}"
+                    ),
+                    flush=True,
+                )
     table = pd.DataFrame(rows)
     if args.csv:
         table.to_csv(args.csv, index=False)
-    print(f"\n{args.reps} simulated audits per row, {N_PER_GROUP} test images per group; nominal 0.95 "
-          f"(binomial SE {np.sqrt(0.95 * 0.05 / args.reps):.3f})")
+    print(
+        f"\n{args.reps} simulated audits per row, {N_PER_GROUP} test images per group; nominal 0.95 "
+        f"(binomial SE {np.sqrt(0.95 * 0.05 / args.reps):.3f})"
+    )
     print(table.drop(columns="se").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     worst = table[table.seeds >= 3][["gap cover", "ratio cover", "family cover"]].min().min()
     print(f"lowest coverage with >= 3 seeds: {worst:.3f} (goal >= 0.93); total {time.perf_counter() - start:.0f} s")

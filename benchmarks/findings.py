@@ -38,16 +38,25 @@ def ratio_text(d) -> str:
 
 
 def verdicts(audits) -> str:
-    rows = ["| audit | epochs (per cell) | not converged | " + " | ".join(audits[0][1].spec.losses) + " |",
-            "|---|---|---|" + "---|" * len(audits[0][1].spec.losses)]
+    rows = [
+        "| audit | epochs (per cell) | not converged | " + " | ".join(audits[0][1].spec.losses) + " |",
+        "|---|---|---|" + "---|" * len(audits[0][1].spec.losses),
+    ]
     for name, result in audits:
         d = analyse(result).disparities.set_index("loss")
         cells = result.cells
         epochs = cells["epochs"]
-        span = f"{epochs.min()}" if epochs.min() == epochs.max() else f"{epochs.min()}-{epochs.max()} (median {epochs.median():g})"
+        span = (
+            f"{epochs.min()}"
+            if epochs.min() == epochs.max()
+            else f"{epochs.min()}-{epochs.max()} (median {epochs.median():g})"
+        )
         flagged = int((~cells["converged"].astype(bool) & (cells["status"] == "ok")).sum())
-        rows.append(f"| {name} | {span} | {flagged} of {len(cells)} | "
-                    + " | ".join(ratio_text(d.loc[loss]) for loss in result.spec.losses) + " |")
+        rows.append(
+            f"| {name} | {span} | {flagged} of {len(cells)} | "
+            + " | ".join(ratio_text(d.loc[loss]) for loss in result.spec.losses)
+            + " |"
+        )
     return "\n".join(rows)
 
 
@@ -55,8 +64,10 @@ def controls(audits) -> str:
     """Each control's worst/best ratio per loss, written as (group 0.9 MSE) / (group 0.3 MSE) so that the
     direction shows, with the bootstrap interval of that ratio."""
     losses = audits[0][1].spec.losses
-    rows = ["| control | " + " | ".join(f"{loss}: MSE 0.9 / 0.3 [95% CI]" for loss in losses) + " |",
-            "|---|" + "---|" * len(losses)]
+    rows = [
+        "| control | " + " | ".join(f"{loss}: MSE 0.9 / 0.3 [95% CI]" for loss in losses) + " |",
+        "|---|" + "---|" * len(losses),
+    ]
     for name, result in audits:
         d = analyse(result).disparities.set_index("loss")
         cells = []
@@ -88,8 +99,14 @@ def figure(out: str, audits) -> None:
         for j, loss in enumerate(losses):
             ax = axes[i, j]
             g = gaps[gaps["loss"] == loss].sort_values("step")
-            ax.fill_between(g["epoch"], np.minimum(g["a"], g["b"]).clip(lo, hi), np.maximum(g["a"], g["b"]).clip(lo, hi),
-                            color="0.7", alpha=0.55, linewidth=0)
+            ax.fill_between(
+                g["epoch"],
+                np.minimum(g["a"], g["b"]).clip(lo, hi),
+                np.maximum(g["a"], g["b"]).clip(lo, hi),
+                color="0.7",
+                alpha=0.55,
+                linewidth=0,
+            )
             ax.plot(g["epoch"], g["mid"].clip(lo, hi), color="0.1", linewidth=1.6)
             off = g[(g["mid"] > hi) | (g["mid"] < lo)]
             ax.plot(off["epoch"], off["mid"].clip(lo, hi), linestyle="none", marker="^", color="0.1", markersize=4)
@@ -102,9 +119,12 @@ def figure(out: str, audits) -> None:
             if i == len(audits) - 1:
                 ax.set_xlabel("epoch")
             _style(ax)
-    fig.suptitle("The gap over training: (MSE of group 0.9 - MSE of group 0.3) relative to the group better at the end, "
-                 "mean over 3 seeds\nband: 95% t interval over seeds; > 0: the bright group is worse; "
-                 "triangles: one-epoch spikes beyond the axis", fontsize=10)
+    fig.suptitle(
+        "The gap over training: (MSE of group 0.9 - MSE of group 0.3) relative to the group better at the end, "
+        "mean over 3 seeds\nband: 95% t interval over seeds; > 0: the bright group is worse; "
+        "triangles: one-epoch spikes beyond the axis",
+        fontsize=10,
+    )
     fig.savefig(out, dpi=fig.dpi, metadata={"Software": None})
 
 

@@ -19,9 +19,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from test_groups import bisection_match_to  # noqa: E402  (the reference the tests hold the exact solver to)
+
 from fairrecon.data import load_images  # noqa: E402
 from fairrecon.groups import match_to  # noqa: E402
-from test_groups import bisection_match_to  # noqa: E402  (the reference the tests hold the exact solver to)
 
 
 def main() -> None:
@@ -39,14 +40,18 @@ def main() -> None:
         start = time.perf_counter()
         matched = match_to(x, t)
         times.append(time.perf_counter() - start)
-    print(f"match_to, {len(x)} images, 1 thread: median {statistics.median(times):.2f} s "
-          f"(min {min(times):.2f}, max {max(times):.2f}, {args.repeats} runs); "
-          f"{int((matched.clipped > 0).sum())} images solved on their linear piece")
+    print(
+        f"match_to, {len(x)} images, 1 thread: median {statistics.median(times):.2f} s "
+        f"(min {min(times):.2f}, max {max(times):.2f}, {args.repeats} runs); "
+        f"{int((matched.clipped > 0).sum())} images solved on their linear piece"
+    )
     if args.bisection:
         start = time.perf_counter()
         old, _ = bisection_match_to(x, t)
-        print(f"previous bisection: {time.perf_counter() - start:.1f} s; "
-              f"largest |difference| of the outputs: {(old - matched.y).abs().max().item():.1e}")
+        print(
+            f"previous bisection: {time.perf_counter() - start:.1f} s; "
+            f"largest |difference| of the outputs: {(old - matched.y).abs().max().item():.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -47,10 +47,15 @@ def replicates(result: AuditResult, seeds: int):
     """Disjoint sets of `seeds` seeds of one audit, each as its own AuditResult."""
     all_seeds = sorted(result.cells["seed"].unique())
     for k in range(len(all_seeds) // seeds):
-        chosen = all_seeds[k * seeds:(k + 1) * seeds]
-        yield AuditResult(result.spec, result.samples[result.samples["seed"].isin(chosen)].reset_index(drop=True),
-                          result.cells[result.cells["seed"].isin(chosen)].reset_index(drop=True),
-                          result.groups, result.history, result.info)
+        chosen = all_seeds[k * seeds : (k + 1) * seeds]
+        yield AuditResult(
+            result.spec,
+            result.samples[result.samples["seed"].isin(chosen)].reset_index(drop=True),
+            result.cells[result.cells["seed"].isin(chosen)].reset_index(drop=True),
+            result.groups,
+            result.history,
+            result.info,
+        )
 
 
 def planted(result: AuditResult, f: float) -> AuditResult:
@@ -73,11 +78,20 @@ def analyse(folder: Path, seed_counts: list[int], gaps: list[float]) -> pd.DataF
                     analysis = stats.analyse(planted(part, f))
                     outcome = gate.check(analysis, max_ratio=1.0)
                     d = analysis.disparities
-                    rows.append({"split": path.name, "set": k, "seeds": seeds, "gap": f,
-                                 "detected": outcome.code == gate.FAIL, "code": outcome.code,
-                                 **{f"clear {r.loss}": r.verdict == stats.CLEAR for r in d.itertuples()},
-                                 "seed_share": d["seed_share"].median(), "mde": d["mde_relative"].median(),
-                                 "ratio_low": d["ratio_lcb"].max()})
+                    rows.append(
+                        {
+                            "split": path.name,
+                            "set": k,
+                            "seeds": seeds,
+                            "gap": f,
+                            "detected": outcome.code == gate.FAIL,
+                            "code": outcome.code,
+                            **{f"clear {r.loss}": r.verdict == stats.CLEAR for r in d.itertuples()},
+                            "seed_share": d["seed_share"].median(),
+                            "mde": d["mde_relative"].median(),
+                            "ratio_low": d["ratio_lcb"].max(),
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
@@ -86,10 +100,14 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     audits as independent), and by split (the replicates of one split share its test images, which
     dominate the noise on digits: the sd of the per-split rates / sqrt(splits), the honest one)."""
     per_loss = [c for c in df.columns if c.startswith("clear ")]
-    out = df.groupby(["gap", "seeds"]).agg(audits=("detected", "size"), splits=("split", "nunique"),
-                                           detected=("detected", "mean"),
-                                           **{c[6:]: (c, "mean") for c in per_loss},
-                                           seed_share=("seed_share", "median"), mde=("mde", "median"))
+    out = df.groupby(["gap", "seeds"]).agg(
+        audits=("detected", "size"),
+        splits=("split", "nunique"),
+        detected=("detected", "mean"),
+        **{c[6:]: (c, "mean") for c in per_loss},
+        seed_share=("seed_share", "median"),
+        mde=("mde", "median"),
+    )
     by_split = df.groupby(["gap", "seeds", "split"])["detected"].mean().groupby(["gap", "seeds"])
     out.insert(3, "se_binomial", np.sqrt(out["detected"] * (1 - out["detected"]) / out["audits"]))
     out.insert(4, "se_by_split", by_split.std(ddof=1) / np.sqrt(by_split.size()))
@@ -120,12 +138,17 @@ def main() -> None:
         train(args.dir, args.splits, args.seeds, {k: v for k, v in given.items() if v is not None})
         return
     start = time.perf_counter()
-    df = (pd.read_csv(args.from_csv) if args.from_csv else
-          analyse(args.dir, [int(s) for s in args.seeds.split(",")], [float(g) for g in args.gaps.split(",")]))
+    df = (
+        pd.read_csv(args.from_csv)
+        if args.from_csv
+        else analyse(args.dir, [int(s) for s in args.seeds.split(",")], [float(g) for g in args.gaps.split(",")])
+    )
     if args.csv:
         df.to_csv(args.csv, index=False)
-    print(f"{df['split'].nunique()} null audits ({args.dir}), disjoint seed sets, gate at its default policy "
-          f"(alpha {stats.POLICY.alpha}, {stats.POLICY.correction} over the losses), --max-ratio 1")
+    print(
+        f"{df['split'].nunique()} null audits ({args.dir}), disjoint seed sets, gate at its default policy "
+        f"(alpha {stats.POLICY.alpha}, {stats.POLICY.correction} over the losses), --max-ratio 1"
+    )
     print(summarise(df).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"total {time.perf_counter() - start:.0f} s")
 

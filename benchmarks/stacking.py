@@ -68,14 +68,18 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats} after a warm-up")
-    print(f"{'model':>5} {'cells':>5} {'step vmap':>10} {'step loop':>10} {'loop/vmap':>9} "
-          f"{'1024 vmap':>10} {'1024 loop':>10} {'loop/vmap':>9} {'max |diff|':>10}")
+    print(
+        f"{'model':>5} {'cells':>5} {'step vmap':>10} {'step loop':>10} {'loop/vmap':>9} "
+        f"{'1024 vmap':>10} {'1024 loop':>10} {'loop/vmap':>9} {'max |diff|':>10}"
+    )
     for model in args.models:
         for n in args.cells:
             sv, iv, ov = measure(model, n, False, args.repeats)
             sl, il, ol = measure(model, n, True, args.repeats)
-            print(f"{model:>5} {n:>5} {sv:>8.1f}ms {sl:>8.1f}ms {sl / sv:>9.2f} {iv:>8.1f}ms {il:>8.1f}ms {il / iv:>9.2f} "
-                  f"{(ov - ol).abs().max().item():>10.1e}")
+            print(
+                f"{model:>5} {n:>5} {sv:>8.1f}ms {sl:>8.1f}ms {sl / sv:>9.2f} {iv:>8.1f}ms {il:>8.1f}ms {il / iv:>9.2f} "
+                f"{(ov - ol).abs().max().item():>10.1e}"
+            )
 
 
 if __name__ == "__main__":

@@ -9,5 +9,14 @@ from .results import AuditResult  # noqa: E402
 from .spec import AuditSpec, load_spec  # noqa: E402
 from .stats import Analysis, analyse  # noqa: E402
 
-__all__ = ["run_audit", "analyse", "save_results", "Analysis", "AuditResult", "AuditSpec", "load_spec",
-           "UserError", "__version__"]
+__all__ = [
+    "run_audit",
+    "analyse",
+    "save_results",
+    "Analysis",
+    "AuditResult",
+    "AuditSpec",
+    "load_spec",
+    "UserError",
+    "__version__",
+]

@@ -11,13 +11,13 @@
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,13 +25,13 @@ import torch
 
 from . import __version__
 from .data import ImageSet, load_images
-from .errors import UserError
 from .dynamics import convergence_warnings
+from .errors import UserError
+from .fileio import atomic_write, npz_bytes
+from .generate import Assigner, generated_shares
 from .gradshare import GradShareRecorder
 from .groups import GroupedData, make_groups, split_table
 from .losses import get_loss
-from .fileio import atomic_write, npz_bytes
-from .generate import Assigner, generated_shares
 from .measure import CurveRecorder, convergence, curve_table, example_reconstructions, sample_errors, train_mse
 from .outputs import save_results
 from .results import EXAMPLES_FILE, METRICS, AuditResult, load_examples
@@ -41,9 +41,17 @@ from .spec import AuditSpec, load_spec
 from .train import CONVERGED_DROP, CONVERGED_WINDOW, Cell, TrainConfig, resolve_device, train_cells
 
 
-def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str], None] | None = None,
-              on_epoch: Callable[..., None] | None = None, force: bool = False, save: bool = True,
-              inputs: Iterable[str | Path] = (), threads: int | None = None, **overrides: Any) -> AuditResult:
+def run_audit(
+    spec: AuditSpec | str | Path | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+    on_epoch: Callable[..., None] | None = None,
+    force: bool = False,
+    save: bool = True,
+    inputs: Iterable[str | Path] = (),
+    threads: int | None = None,
+    **overrides: Any,
+) -> AuditResult:
     """Run the audit a spec (object or TOML path) describes, with keyword overrides.
 
     `log` gets one line per stage; `on_epoch(epoch, epochs, seed_number, seed_count)` is called after
@@ -79,21 +87,36 @@ def run_audit(spec: AuditSpec | str | Path | None = None, *, log: Callable[[str]
 
 
 def default_threads() -> tuple[int, str]:
-    """Intra-op threads for an audit, and why: the CPUs this process may use, less the ones other
-    processes keep busy (1-minute load average), at least 1, at most torch's default.
+    """Intra-op threads for an audit, and why: every CPU this process may use (`usable_cpus`).
 
-    Why not torch's default (one per core): threads that wait for cores busy with other work can
-    stall every operation (issue 13: a 30 s audit took over 3 minutes on 2 shared cores). One run
-    each on this project's busy machine did not confirm the rule (README "Speed"): re-measure.
+    Not the CPUs left idle by the 1-minute load average (the rule before 0.2): that average still counts
+    work that has just finished (a previous audit, a pip install), so an audit started right after one
+    ran at half speed on an idle machine (issue 22). Pass `threads` to choose yourself.
     """
+    n, why = usable_cpus()
+    return n, f"auto: {why}"
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+
+
+def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> tuple[int, str]:
+    """The CPUs this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (rounded down, at
+    least 1), and the words that say which limit decided."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    idle = cores - math.floor(load + 0.5)
-    n = max(1, min(torch.get_num_threads(), cores, idle))
-    return n, f"auto: {cores} CPUs, load average {load:.1f}, torch default {torch.get_num_threads()}"
+    why = f"{cores} CPUs in this process's affinity"
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cores, why
+    if quota != "max" and int(period) > 0 and int(quota) // int(period) < cores:
+        return max(1, int(quota) // int(period)), f"{why}, cgroup quota {int(quota) / int(period):g} CPUs"
+    return cores, why
 
 
-def _run_audit(spec: AuditSpec | str | Path | None, *, log, on_epoch, force: bool, inputs: Iterable[str | Path], **overrides: Any) -> AuditResult:
+def _run_audit(
+    spec: AuditSpec | str | Path | None, *, log, on_epoch, force: bool, inputs: Iterable[str | Path], **overrides: Any
+) -> AuditResult:
     """run_audit at the threads it chose; saves nothing (run_audit saves once info is complete)."""
     if spec is None:
         spec = AuditSpec()
@@ -151,34 +174,53 @@ def _run_audit(spec: AuditSpec | str | Path | None, *, log, on_epoch, force: boo
 
     for k, seed_cells in enumerate(todo):
         epoch_hook = (lambda e, n, k=k: on_epoch(e, n, k + 1, len(todo))) if on_epoch else None
-        for cell, cell_tables in train_and_measure(data, seed_cells, config, device, log, timings, epoch_hook,
-                                                   keep_examples, generation=generation).items():
+        for cell, cell_tables in train_and_measure(
+            data, seed_cells, config, device, log, timings, epoch_hook, keep_examples, generation=generation
+        ).items():
             if store is not None:
                 store.save(cell, cell_tables)  # the moment this seed's cells are done
             tables[cell] = cell_tables
         log(f"done: {', '.join(c.key for c in seed_cells)}")
 
-    samples, cell_table, history = (_concat([tables[c][name] for c in cells]) for name in ("samples", "cells", "history"))
+    samples, cell_table, history = (
+        _concat([tables[c][name] for c in cells]) for name in ("samples", "cells", "history")
+    )
     samples["group"] = pd.Categorical(samples["group"].astype(str), categories=list(data.names))
     timings["total_s"] = time.perf_counter() - t0
     info = {
-        "fairrecon_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "contrast_factor": data.contrast_factor,
-        "train_config": asdict(config), "resumed_cells": len(cells) - sum(map(len, todo)), "timings": timings,
-        "inputs": identity.inputs, "warnings": warnings,
+        "fairrecon_version": __version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "contrast_factor": data.contrast_factor,
+        "train_config": asdict(config),
+        "resumed_cells": len(cells) - sum(map(len, todo)),
+        "timings": timings,
+        "inputs": identity.inputs,
+        "warnings": warnings,
         "convergence": {"drop": CONVERGED_DROP, "window": CONVERGED_WINDOW},
         **({"generation": {**generation[0].record(), "n": spec.generate}} if generation else {}),
     }
     shares = [tables[c]["grad_shares"] for c in cells if "grad_shares" in tables[c]]
     curves = [tables[c]["curves"] for c in cells if "curves" in tables[c]]
     generated = [tables[c]["generated"] for c in cells if "generated" in tables[c]]
-    result = AuditResult(spec, samples, cell_table, described, history, info,
-                         examples=examples or (load_examples(store.folder) if store is not None else None),
-                         grad_shares=_concat(shares) if len(shares) == len(cells) else None,
-                         split=split_table(images, data),
-                         curves=_concat(curves) if len(curves) == len(cells) else None,
-                         generated=_concat(generated) if generation and len(generated) == len(cells) else None)
+    result = AuditResult(
+        spec,
+        samples,
+        cell_table,
+        described,
+        history,
+        info,
+        examples=examples or (load_examples(store.folder) if store is not None else None),
+        grad_shares=_concat(shares) if len(shares) == len(cells) else None,
+        split=split_table(images, data),
+        curves=_concat(curves) if len(curves) == len(cells) else None,
+        generated=_concat(generated) if generation and len(generated) == len(cells) else None,
+    )
     for line in convergence_warnings(result):
         log(f"warning: {line}")
     return result
@@ -204,11 +246,18 @@ def by_seed(cells: list[Cell]) -> list[list[Cell]]:
     return list(by_seed.values())
 
 
-def train_and_measure(data: GroupedData, cells: list[Cell], config: TrainConfig, device: torch.device,
-                      log: Callable[[str], None], timings: dict[str, float],
-                      on_epoch: Callable[[int, int], None] | None = None,
-                      on_trained: Callable[[Any], None] | None = None, *,
-                      generation: tuple[Assigner, int] | None = None) -> dict[Cell, dict[str, pd.DataFrame]]:
+def train_and_measure(
+    data: GroupedData,
+    cells: list[Cell],
+    config: TrainConfig,
+    device: torch.device,
+    log: Callable[[str], None],
+    timings: dict[str, float],
+    on_epoch: Callable[[int, int], None] | None = None,
+    on_trained: Callable[[Any], None] | None = None,
+    *,
+    generation: tuple[Assigner, int] | None = None,
+) -> dict[Cell, dict[str, pd.DataFrame]]:
     """Train cells together and measure them: per cell, its samples, cells (one row), history and curves tables
     (and, with `generation` = (assigner, n) for a VAE, its generated table: generate.generated_shares).
 
@@ -218,9 +267,18 @@ def train_and_measure(data: GroupedData, cells: list[Cell], config: TrainConfig,
     epochs_per_point = 1.0 if config.auto else config.epoch_cap / config.eval_points
     curves = CurveRecorder(data, epochs_per_point=epochs_per_point, device=device)
     validation = (data.val_x, data.val_g) if config.auto else None
-    trained = train_cells(data.train_x, data.train_g, cells, config, device, on_snapshot=recorder,
-                          on_epoch=on_epoch or (lambda e, n: log(f"epoch {e}/{n}")), on_eval=curves,
-                          validation=validation, n_groups=len(data.names))
+    trained = train_cells(
+        data.train_x,
+        data.train_g,
+        cells,
+        config,
+        device,
+        on_snapshot=recorder,
+        on_epoch=on_epoch or (lambda e, n: log(f"epoch {e}/{n}")),
+        on_eval=curves,
+        validation=validation,
+        n_groups=len(data.names),
+    )
     shares = _float64(recorder.frame()) if recorder is not None else None
     timings["train_s"] += trained.seconds
     timings["curves_s"] += curves.seconds
@@ -240,7 +298,7 @@ def train_and_measure(data: GroupedData, cells: list[Cell], config: TrainConfig,
     curve = curve_table(points, samples, dict(zip(cells, trained.steps)))
     out = {}
     for c, cell in enumerate(cells):
-        own = lambda df: df[(df["loss"] == cell.loss) & (df["seed"] == cell.seed)].reset_index(drop=True)
+        own = lambda df, cell=cell: df[(df["loss"] == cell.loss) & (df["seed"] == cell.seed)].reset_index(drop=True)
         own_history, own_samples = own(history), own(samples)
         status = trained.status[c]
         if status == "ok" and not np.isfinite(own_samples[list(METRICS)].to_numpy()).all():
@@ -248,15 +306,22 @@ def train_and_measure(data: GroupedData, cells: list[Cell], config: TrainConfig,
         conv = converged.loc[(cell.loss, cell.seed)]
         out[cell] = {
             "samples": own_samples,
-            "cells": pd.DataFrame({
-                "loss": [cell.loss], "seed": [cell.seed], "status": [status],
-                "sigma": [sigma[c].item()], "sigma_squared": [sigma[c].item() ** 2],
-                **{name: [value[c].item()] for name, value in learned.items()},
-                "train_mse": [fit_mse[c].item()], "train_nll": [own_history["train_nll"].iloc[-1]],
-                "epochs": [trained.epochs[c]],
-                "converged": [bool(conv["converged"])], "last_drop": [float(conv["last_drop"])],
-                "last_drop_of": [conv["last_drop_of"]],
-            }),
+            "cells": pd.DataFrame(
+                {
+                    "loss": [cell.loss],
+                    "seed": [cell.seed],
+                    "status": [status],
+                    "sigma": [sigma[c].item()],
+                    "sigma_squared": [sigma[c].item() ** 2],
+                    **{name: [value[c].item()] for name, value in learned.items()},
+                    "train_mse": [fit_mse[c].item()],
+                    "train_nll": [own_history["train_nll"].iloc[-1]],
+                    "epochs": [trained.epochs[c]],
+                    "converged": [bool(conv["converged"])],
+                    "last_drop": [float(conv["last_drop"])],
+                    "last_drop_of": [conv["last_drop_of"]],
+                }
+            ),
             "history": own_history,
             "curves": own(curve),
         }

@@ -37,6 +37,7 @@ def spec_options(*scopes: str):
     """Click options for the AuditSpec fields of the given scopes, built from the spec itself:
     help text, allowed values (click.Choice) and the default all come from spec.py. Every option
     defaults to None, meaning "not given": the spec file's value (or the spec default) stands."""
+
     def decorate(command):
         for f in reversed(dataclasses.fields(AuditSpec)):
             if f.metadata["scope"] not in scopes:
@@ -54,12 +55,17 @@ def spec_options(*scopes: str):
                 kw["metavar"] = f.metadata["metavar"]
             command = click.option(flag, f.name, **kw)(command)
         return command
+
     return decorate
 
 
 def json_option(command):
-    return click.option("--json", "as_json", is_flag=True,
-                        help="Print only JSON on stdout (the verdict per loss); progress and notes go to stderr.")(command)
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help="Print only JSON on stdout (the verdict per loss); progress and notes go to stderr.",
+    )(command)
 
 
 def spec_from(spec_file: str | None, flags: dict) -> AuditSpec:
@@ -97,12 +103,21 @@ def cli() -> None:
 @cli.command()
 @click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
 @spec_options("data", "audit")
-@click.option("--force", is_flag=True, help="Replace an --out folder that holds an audit of a different spec or "
-              "different inputs (never a folder that is not fairrecon's).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an --out folder that holds an audit of a different spec or "
+    "different inputs (never a folder that is not fairrecon's).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines: only the final table.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
-              help="CPU threads for torch (default: the CPUs not kept busy by other processes, from the load "
-              "average). Changes speed, not results.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="CPU threads for torch (default: every CPU this process may use: its affinity, capped by a cgroup "
+    "quota). Changes speed, not results.",
+)
 @json_option
 def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
     """Train autoencoders under each loss and measure per-group error on held-out images.
@@ -128,8 +143,15 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
     spec = spec_from(spec_file, flags)
     _results_folder = Path(spec.out) if spec.out else None
     with Progress(quiet=quiet or as_json) as progress:
-        result = run_audit(spec, log=progress.log, on_epoch=progress.on_epoch, force=force, save=False,
-                           inputs=[spec_file] if spec_file else [], threads=threads)
+        result = run_audit(
+            spec,
+            log=progress.log,
+            on_epoch=progress.on_epoch,
+            force=force,
+            save=False,
+            inputs=[spec_file] if spec_file else [],
+            threads=threads,
+        )
         start = time.perf_counter()
         analysis = analyse(result)
         result.info["timings"]["stats_s"] = time.perf_counter() - start
@@ -138,8 +160,14 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
             save_results(result, spec.out, analysis)
     failed = result.cells[result.cells["status"] != "ok"]
     if as_json:
-        print_json({"command": "audit", "out": spec.out, "disparities": verdict_records(analysis.disparities),
-                    "warnings": _warnings(result)})
+        print_json(
+            {
+                "command": "audit",
+                "out": spec.out,
+                "disparities": verdict_records(analysis.disparities),
+                "warnings": _warnings(result),
+            }
+        )
     else:
         click.echo("\n" + terminal_summary(analysis))
         if result.vae:
@@ -150,8 +178,10 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
         note("warning: every cell failed; the table above is empty (see the cells' status in summary.json)")
     for warning in result.info.get("warnings", []):
         note(f"warning: {warning}")
-    note(f"total {result.info['timings']['total_s']:.1f} s on {result.info['device']}, {result.info['threads']} thread(s)"
-         + (f"; results in {spec.out}/ (open {spec.out}/report.html)" if spec.out else ""))
+    note(
+        f"total {result.info['timings']['total_s']:.1f} s on {result.info['device']}, {result.info['threads']} thread(s)"
+        + (f"; results in {spec.out}/ (open {spec.out}/report.html)" if spec.out else "")
+    )
     return EXIT_PASS
 
 
@@ -179,8 +209,14 @@ def report(result_dir, out, as_json) -> int:
     analysis = analyse(result)
     paths = write_reports(result, analysis, out or result_dir)
     if as_json:
-        print_json({"command": "report", "results": result_dir, "disparities": verdict_records(analysis.disparities),
-                    "warnings": _warnings(result)})
+        print_json(
+            {
+                "command": "report",
+                "results": result_dir,
+                "disparities": verdict_records(analysis.disparities),
+                "warnings": _warnings(result),
+            }
+        )
     else:
         click.echo(terminal_summary(analysis))
         if result.vae:
@@ -195,23 +231,51 @@ def report(result_dir, out, as_json) -> int:
 @click.option("--max-ratio", type=float, help="Fail if worst/reference error exceeds this (with confidence 1 - alpha).")
 @click.option("--max-gap", type=float, help="Fail if worst - reference error exceeds this (metric units; dB for psnr).")
 @click.option("--adjusted", is_flag=True, help="Gate the gap in excess of each group's own rank-k PCA error.")
-@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
-              show_default=True, help="1 - confidence of the lower bound.")
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.05,
+    show_default=True,
+    help="1 - confidence of the lower bound.",
+)
 @click.option("--reference", default="best", show_default=True, help="Reference group name, or 'best'.")
 @click.option("--losses", metavar="L,L,...", help="Only these losses (comma-separated).  [default: all]")
-@click.option("--weights", type=click.Path(dir_okay=False),
-              help="Audit a trained model instead of RESULT_DIR: a state_dict (with --model-factory), "
-                   "a TorchScript or a torch.export file.")
-@click.option("--model-factory", metavar="MODULE:FUNCTION",
-              help="package.module:function returning the nn.Module for --weights.")
-@click.option("--trained-on", metavar="all|CSV",
-              help="With --weights: what the model was trained on, 'all' images or a CSV with a file column "
-                   "(e.g. split.csv: only its train rows count); warns when test images are among them.")
-@click.option("--spec", "spec_file", type=click.Path(dir_okay=False), help="Spec TOML for the test images (with --weights).")
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    help="Audit a trained model instead of RESULT_DIR: a state_dict (with --model-factory), "
+    "a TorchScript or a torch.export file.",
+)
+@click.option(
+    "--model-factory", metavar="MODULE:FUNCTION", help="package.module:function returning the nn.Module for --weights."
+)
+@click.option(
+    "--trained-on",
+    metavar="all|CSV",
+    help="With --weights: what the model was trained on, 'all' images or a CSV with a file column "
+    "(e.g. split.csv: only its train rows count); warns when test images are among them.",
+)
+@click.option(
+    "--spec", "spec_file", type=click.Path(dir_okay=False), help="Spec TOML for the test images (with --weights)."
+)
 @spec_options("data")
 @json_option
-def check(result_dir, metric, max_ratio, max_gap, adjusted, alpha, reference, losses, weights, model_factory,
-          trained_on, spec_file, as_json, **data_flags) -> int:
+def check(
+    result_dir,
+    metric,
+    max_ratio,
+    max_gap,
+    adjusted,
+    alpha,
+    reference,
+    losses,
+    weights,
+    model_factory,
+    trained_on,
+    spec_file,
+    as_json,
+    **data_flags,
+) -> int:
     """Gate: exit 1 if a group gap exceeds a threshold with confidence, 0 if not, 3 if data are insufficient.
 
     Checks a results folder (from `fairrecon audit --out`), or with --weights a trained
@@ -232,7 +296,12 @@ def check(result_dir, metric, max_ratio, max_gap, adjusted, alpha, reference, lo
         raise UserError("give either RESULT_DIR or --weights FILE (a trained model), not both or neither")
     given = sorted(k.replace("_", "-") for k, v in data_flags.items() if v is not None)
     if result_dir is not None:
-        extra = given + ["model-factory"] * bool(model_factory) + ["spec"] * bool(spec_file) + ["trained-on"] * bool(trained_on)
+        extra = (
+            given
+            + ["model-factory"] * bool(model_factory)
+            + ["spec"] * bool(spec_file)
+            + ["trained-on"] * bool(trained_on)
+        )
         if extra:
             raise UserError(f"--{extra[0]} applies only with --weights")
         _results_folder = Path(result_dir)
@@ -247,14 +316,31 @@ def check(result_dir, metric, max_ratio, max_gap, adjusted, alpha, reference, lo
         model = load_model(weights, model_factory)
         result = audit_model(model, spec, name="model", device=device, trained_on=seen)
         if spec.dataset == "folder" and trained_on is None:
-            note(f"note: the model is scored on {result.samples['index'].nunique()} held-out images (`fairrecon split` "
-                 "with the same data options lists them); if it was trained on any, say so with --trained-on")
-    outcome = gate_check(result, metric=metric, max_ratio=max_ratio, max_gap=max_gap, adjusted=adjusted,
-                         alpha=alpha, reference=reference, losses=list(parse_losses(losses)) if losses else None)
+            note(
+                f"note: the model is scored on {result.samples['index'].nunique()} held-out images (`fairrecon split` "
+                "with the same data options lists them); if it was trained on any, say so with --trained-on"
+            )
+    outcome = gate_check(
+        result,
+        metric=metric,
+        max_ratio=max_ratio,
+        max_gap=max_gap,
+        adjusted=adjusted,
+        alpha=alpha,
+        reference=reference,
+        losses=list(parse_losses(losses)) if losses else None,
+    )
     if as_json:
-        print_json({"command": "check", "exit_code": outcome.code, "passed": outcome.passed,
-                    "message": outcome.message, "disparities": verdict_records(outcome.table),
-                    "warnings": _warnings(result)})
+        print_json(
+            {
+                "command": "check",
+                "exit_code": outcome.code,
+                "passed": outcome.passed,
+                "message": outcome.message,
+                "disparities": verdict_records(outcome.table),
+                "warnings": _warnings(result),
+            }
+        )
     else:
         click.echo(outcome.message)
     for warning in result.info.get("warnings", []):
@@ -283,8 +369,10 @@ def split(spec_file, **flags) -> int:
     images = load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
     table = split_table(images, make_groups(images, spec))
     if table is None:
-        raise UserError(f"split: dataset '{spec.dataset}' has no files to list; its test split is "
-                        + ("its own test set" if spec.dataset != "digits" else f"20% of the images (split_seed {spec.split_seed})"))
+        raise UserError(
+            f"split: dataset '{spec.dataset}' has no files to list; its test split is "
+            + ("its own test set" if spec.dataset != "digits" else f"20% of the images (split_seed {spec.split_seed})")
+        )
     click.echo(table.to_csv(index=False), nl=False)
     counts = table["split"].value_counts()
     note(f"{counts.get('train', 0)} train, {counts.get('test', 0)} test, {counts.get('unused', 0)} unused images")
@@ -304,8 +392,10 @@ def losses(as_json) -> int:
     from .losses import FAMILIES, LOSSES
 
     rows = [{"name": loss.name, "likelihood": loss.likelihood} for loss in LOSSES.values()]
-    rows += [{"name": family.pattern, "likelihood": f"{family.likelihood}; {family.symbol} in {family.allowed}"}
-             for family in FAMILIES.values()]
+    rows += [
+        {"name": family.pattern, "likelihood": f"{family.likelihood}; {family.symbol} in {family.allowed}"}
+        for family in FAMILIES.values()
+    ]
     if as_json:
         print_json({"command": "losses", "losses": rows})
     else:
@@ -328,8 +418,14 @@ def datasets(data_root, as_json) -> int:
     """
     from .data import dataset_files, where_files_are
 
-    rows = [{"name": name, "files": where_files_are(name, data_root),
-             "found": name == "digits" or bool(dataset_files(name, data_root))} for name in DATASETS]
+    rows = [
+        {
+            "name": name,
+            "files": where_files_are(name, data_root),
+            "found": name == "digits" or bool(dataset_files(name, data_root)),
+        }
+        for name in DATASETS
+    ]
     if as_json:
         print_json({"command": "datasets", "data_root": data_root, "datasets": rows})
     else:
@@ -367,8 +463,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except Exception as e:  # a bug in fairrecon: keep the traceback, say one line
         log = _save_traceback()
-        click.echo(f"fairrecon: internal error ({type(e).__name__}), a bug in fairrecon, not in your input; "
-                   f"traceback saved to {log}; please report it with that file", err=True)
+        click.echo(
+            f"fairrecon: internal error ({type(e).__name__}), a bug in fairrecon, not in your input; "
+            f"traceback saved to {log}; please report it with that file",
+            err=True,
+        )
         sys.exit(EXIT_INTERNAL)
     sys.exit(code if isinstance(code, int) else EXIT_PASS)
 

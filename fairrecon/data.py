@@ -43,8 +43,9 @@ class ImageSet:
     skipped: tuple[str, ...] = ()  # image-folder only: unreadable files left out (--skip-bad-images)
 
 
-def load_images(name: str, root: str | Path = "datasets", download: bool = False, split_seed: int = 0, *,
-                skip_bad: bool = False) -> ImageSet:
+def load_images(
+    name: str, root: str | Path = "datasets", download: bool = False, split_seed: int = 0, *, skip_bad: bool = False
+) -> ImageSet:
     """Load a dataset by name. Missing files give a one-line UserError saying where and how."""
     if name == "digits":
         return _digits(split_seed)
@@ -90,7 +91,12 @@ def fingerprint(name: str, root: str | Path = "datasets") -> dict[str, Any]:
     files = dataset_files(name, root)
     listing = [(p.relative_to(root).as_posix(), (st := p.stat()).st_size, st.st_mtime_ns) for p in files]
     digest = hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
-    return {"dataset": name, "files": len(listing), "bytes": sum(size for _, size, _ in listing), "listing_sha256": digest}
+    return {
+        "dataset": name,
+        "files": len(listing),
+        "bytes": sum(size for _, size, _ in listing),
+        "listing_sha256": digest,
+    }
 
 
 def file_sha256(path: str | Path) -> str | None:
@@ -124,16 +130,22 @@ def _torchvision(name: str, root: Path, download: bool) -> ImageSet:
     cls = getattr(tvd, class_name)
     missing = UserError(
         f"{name}: no dataset files under {root / probe.split('/')[0]} (looked for {root / probe}); "
-        f"pass --download to fetch them, or --data-root DIR where they are (see datasets/{name}.md)")
+        f"pass --download to fetch them, or --data-root DIR where they are (see datasets/{name}.md)"
+    )
     if probe.endswith("-ubyte") and not download:
         raw = (root / probe).parent
         if not raw.is_dir():
             raise missing
         for split in ("train", "t10k"):
-            n_images, n_labels = _idx_count(raw / f"{split}-images-idx3-ubyte"), _idx_count(raw / f"{split}-labels-idx1-ubyte")
+            n_images, n_labels = (
+                _idx_count(raw / f"{split}-images-idx3-ubyte"),
+                _idx_count(raw / f"{split}-labels-idx1-ubyte"),
+            )
             if n_images != n_labels:
-                raise UserError(f"{name}: {raw} has {n_images} {split} images but {n_labels} labels; "
-                                "re-download the dataset (--download into an empty --data-root)")
+                raise UserError(
+                    f"{name}: {raw} has {n_images} {split} images but {n_labels} labels; "
+                    "re-download the dataset (--download into an empty --data-root)"
+                )
     try:
         train, test = cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
     except RuntimeError as e:
@@ -141,9 +153,12 @@ def _torchvision(name: str, root: Path, download: bool) -> ImageSet:
             raise UserError(f"{name}: cannot read dataset files under {root}: {str(e).splitlines()[0]}") from None
         raise missing from None
     except (OSError, ValueError, EOFError) as e:  # truncated or malformed files
-        raise UserError(f"{name}: cannot read dataset files under {root}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return ImageSet(name, _to_float(train.data), _to_float(test.data),
-                    torch.arange(len(train.data)), torch.arange(len(test.data)))
+        raise UserError(
+            f"{name}: cannot read dataset files under {root}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
+    return ImageSet(
+        name, _to_float(train.data), _to_float(test.data), torch.arange(len(train.data)), torch.arange(len(test.data))
+    )
 
 
 def _describe(img: torch.Tensor) -> str:
@@ -158,13 +173,16 @@ def _idx_count(path: Path) -> int:
         with path.open("rb") as f:
             head = f.read(4)
             if len(head) < 4 or head[:2] != b"\0\0" or head[2] != 0x08 or not 1 <= head[3] <= 4:
-                raise UserError(f"{path}: not an idx file of unsigned bytes (header {head.hex() or 'empty'}); "
-                                "re-download the dataset (--download into an empty --data-root)")
+                raise UserError(
+                    f"{path}: not an idx file of unsigned bytes (header {head.hex() or 'empty'}); "
+                    "re-download the dataset (--download into an empty --data-root)"
+                )
             dims_raw = f.read(4 * head[3])
             size = path.stat().st_size
     except FileNotFoundError:
-        raise UserError(f"{path}: dataset file missing; pass --download to fetch the dataset, "
-                        "or --data-root DIR where it is") from None
+        raise UserError(
+            f"{path}: dataset file missing; pass --download to fetch the dataset, or --data-root DIR where it is"
+        ) from None
     except OSError as e:
         raise UserError(f"{path}: cannot read dataset file ({e.strerror or e})") from None
     if len(dims_raw) < 4 * head[3]:
@@ -172,8 +190,10 @@ def _idx_count(path: Path) -> int:
     dims = np.frombuffer(dims_raw, dtype=">u4").astype(np.int64)
     expected = 4 + 4 * head[3] + int(np.prod(dims))
     if size != expected:
-        raise UserError(f"{path}: {'truncated' if size < expected else 'too long'} ({size} bytes, header says "
-                        f"{expected}); re-download the dataset (--download into an empty --data-root)")
+        raise UserError(
+            f"{path}: {'truncated' if size < expected else 'too long'} ({size} bytes, header says "
+            f"{expected}); re-download the dataset (--download into an empty --data-root)"
+        )
     return int(dims[0])
 
 
@@ -186,13 +206,19 @@ def _to_float(data) -> torch.Tensor:
 
 def image_files(root: Path) -> list[Path]:
     """Every image under `root`, in subfolders too (hidden files and folders skipped), sorted by relative path."""
-    found = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    found = [
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def load_folder(root: str | Path, split_seed: int = 0, test_fraction: float = TEST_FRACTION, *,
-                skip_bad: bool = False) -> ImageSet:
+def load_folder(
+    root: str | Path, split_seed: int = 0, test_fraction: float = TEST_FRACTION, *, skip_bad: bool = False
+) -> ImageSet:
     """A folder of the user's own images (subfolders included; all the same size and mode), split
     80/20 with a seed (`split_indices`: a seeded permutation of the sorted files, the first 20% held out).
 
@@ -217,24 +243,39 @@ def load_folder(root: str | Path, split_seed: int = 0, test_fraction: float = TE
             if skip_bad:
                 skipped.append(name)
                 continue
-            raise UserError(f"{path}: not a readable image ({_first_line(e)}); fix or remove it, or pass "
-                            "--skip-bad-images to go on without it") from None
+            raise UserError(
+                f"{path}: not a readable image ({_first_line(e)}); fix or remove it, or pass "
+                "--skip-bad-images to go on without it"
+            ) from None
         if img.ndim != 3 or img.dtype not in (torch.uint8, torch.uint16):
-            raise UserError(f"{path}: unsupported image ({img.dtype}, shape {tuple(img.shape)}); "
-                            "use 8- or 16-bit grey, RGB or RGBA images")
+            raise UserError(
+                f"{path}: unsupported image ({img.dtype}, shape {tuple(img.shape)}); "
+                "use 8- or 16-bit grey, RGB or RGBA images"
+            )
         if images and img.shape != images[0].shape:
-            raise UserError(f"{path}: {_describe(img)} differs from {kept[0]} {_describe(images[0])}; "
-                            "all images must have the same size and mode (grey, RGB or RGBA)")
+            raise UserError(
+                f"{path}: {_describe(img)} differs from {kept[0]} {_describe(images[0])}; "
+                "all images must have the same size and mode (grey, RGB or RGBA)"
+            )
         images.append(img.float().div_(255.0 if img.dtype == torch.uint8 else 65535.0))  # [0, 1] at any bit depth
         kept.append(name)
     if len(images) < 2:
         bad = f", {len(skipped)} unreadable" if skipped else ""
-        raise UserError(f"image folder {root} has {len(images)} readable image(s){bad}; need at least 2 "
-                        f"({', '.join(IMAGE_SUFFIXES)}, subfolders included)")
+        raise UserError(
+            f"image folder {root} has {len(images)} readable image(s){bad}; need at least 2 "
+            f"({', '.join(IMAGE_SUFFIXES)}, subfolders included)"
+        )
     data = torch.stack(images)  # (N, C, H, W)
     train, test = split_indices(len(data), test_fraction, split_seed)
-    return ImageSet("folder", data[train], data[test], torch.from_numpy(train), torch.from_numpy(test),
-                    files=tuple(kept), skipped=tuple(skipped))
+    return ImageSet(
+        "folder",
+        data[train],
+        data[test],
+        torch.from_numpy(train),
+        torch.from_numpy(test),
+        files=tuple(kept),
+        skipped=tuple(skipped),
+    )
 
 
 def _first_line(e: BaseException) -> str:

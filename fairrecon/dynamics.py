@@ -41,8 +41,11 @@ def group_curves(result, *, metric: str = "mse") -> pd.DataFrame | None:
     df = _ok_curves(result)
     if df is None:
         return None
-    return (df.groupby(["loss", "group", "step"], sort=False)
-            .agg(epoch=("epoch", "first"), seeds=("seed", "nunique"), **{metric: (metric, "mean")}).reset_index())
+    return (
+        df.groupby(["loss", "group", "step"], sort=False)
+        .agg(epoch=("epoch", "first"), seeds=("seed", "nunique"), **{metric: (metric, "mean")})
+        .reset_index()
+    )
 
 
 def gap_over_training(result, *, metric: str = "mse", alpha: float = 0.05) -> pd.DataFrame:
@@ -68,9 +71,21 @@ def gap_over_training(result, *, metric: str = "mse", alpha: float = 0.05) -> pd
             s = len(g)
             mean = float(g.mean())
             half = sps.t.ppf(1 - alpha / 2, s - 1) * g.std(ddof=1) / np.sqrt(s) if s > 1 else np.nan
-            rows.append({"loss": loss, "step": int(step), "epoch": float(epoch[step]), "worst": worst, "best": best,
-                         "seeds": s, "n": int(n[step]), "gap": mean, "gap_low": mean - half, "gap_high": mean + half,
-                         "worse_now": worst if mean > 0 else best})
+            rows.append(
+                {
+                    "loss": loss,
+                    "step": int(step),
+                    "epoch": float(epoch[step]),
+                    "worst": worst,
+                    "best": best,
+                    "seeds": s,
+                    "n": int(n[step]),
+                    "gap": mean,
+                    "gap_low": mean - half,
+                    "gap_high": mean + half,
+                    "worse_now": worst if mean > 0 else best,
+                }
+            )
     return pd.DataFrame(rows, columns=GAP_COLUMNS)
 
 
@@ -87,15 +102,19 @@ def worse_group_changes(gaps: pd.DataFrame, *, spelled_out: int = 4) -> dict[str
         if len(starts) <= spelled_out:
             ends = [s - 1 for s in starts[1:]]
             stretches = [f"the {worse[starts[0]]} group was worse until epoch {epochs[ends[0]]:g}"]
-            stretches += [f"the {worse[s]} group " + (f"from epoch {epochs[s]:g} to {epochs[e]:g}" if e > s
-                                                       else f"at epoch {epochs[s]:g}")
-                          for s, e in zip(starts[1:-1], ends[1:])]
+            stretches += [
+                f"the {worse[s]} group "
+                + (f"from epoch {epochs[s]:g} to {epochs[e]:g}" if e > s else f"at epoch {epochs[s]:g}")
+                for s, e in zip(starts[1:-1], ends[1:])
+            ]
             stretches.append(f"the {worse[starts[-1]]} group from epoch {epochs[starts[-1]]:g} on")
             out[loss] = f"{loss}: " + ", ".join(stretches)
         else:
-            out[loss] = (f"{loss}: the worse group changed {len(starts) - 1} times during training; the "
-                         f"{worse[starts[-1]]} group from epoch {epochs[starts[-1]]:g} on (the {worse[starts[-1] - 1]} "
-                         "group before)")
+            out[loss] = (
+                f"{loss}: the worse group changed {len(starts) - 1} times during training; the "
+                f"{worse[starts[-1]]} group from epoch {epochs[starts[-1]]:g} on (the {worse[starts[-1] - 1]} "
+                "group before)"
+            )
     return out
 
 
@@ -122,10 +141,15 @@ def summary(result) -> dict[str, Any]:
     and the gap at every curve point."""
     conv = (result.info or {}).get("convergence") or {}
     gaps = gap_over_training(result)
-    return {"convergence": {"drop": conv.get("drop", CONVERGED_DROP), "window": conv.get("window", CONVERGED_WINDOW),
-                            "warnings": convergence_warnings(result)},
-            "worse_group_changes": list(worse_group_changes(gaps).values()),
-            "gap": records(gaps)}
+    return {
+        "convergence": {
+            "drop": conv.get("drop", CONVERGED_DROP),
+            "window": conv.get("window", CONVERGED_WINDOW),
+            "warnings": convergence_warnings(result),
+        },
+        "worse_group_changes": list(worse_group_changes(gaps).values()),
+        "gap": records(gaps),
+    }
 
 
 def markdown_section(result) -> list[str]:
@@ -136,14 +160,19 @@ def markdown_section(result) -> list[str]:
         return []
     changes = worse_group_changes(gaps)
     lines = ["## The answer over training", ""]
-    lines += [f"- {s}." for s in changes.values()] or ["- The worse group did not change during training under any loss."]
+    lines += [f"- {s}." for s in changes.values()] or [
+        "- The worse group did not change during training under any loss."
+    ]
     if not gaps.empty:
         lines += ["", "| loss | gap of | first point | halfway | last point |", "|---|---|---|---|---|"]
         for loss, part in gaps.groupby("loss", sort=False):
             part = part.sort_values("step")
             at = [part.iloc[i] for i in (0, len(part) // 2, len(part) - 1)]
-            lines.append(f"| {loss} | {at[0]['worst']} over {at[0]['best']} | "
-                         + " | ".join(f"{r['gap']:+.1%} (epoch {r['epoch']:g})" for r in at) + " |")
+            lines.append(
+                f"| {loss} | {at[0]['worst']} over {at[0]['best']} | "
+                + " | ".join(f"{r['gap']:+.1%} (epoch {r['epoch']:g})" for r in at)
+                + " |"
+            )
     if warnings:
         lines += ["", "Not converged (the verdict may move with more training; try `--epochs auto`):", ""]
         lines += [f"- {w}" for w in warnings]

@@ -63,12 +63,19 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise UserError(f"{path}: weights file not found") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, OSError) as e:
-        raise UserError(f"{path}: refused to load (not a plain state_dict of tensors; "
-                        f"torch.load weights_only=True says: {_brief(e)})") from None
-    if not isinstance(state, Mapping) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise UserError(f"{path}: not a state_dict (expected a dict of parameter name -> tensor, "
-                        f"got {type(state).__name__}); save with torch.save(model.state_dict(), FILE)")
+        raise UserError(
+            f"{path}: refused to load (not a plain state_dict of tensors; "
+            f"torch.load weights_only=True says: {_brief(e)})"
+        ) from None
+    if (
+        not isinstance(state, Mapping)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise UserError(
+            f"{path}: not a state_dict (expected a dict of parameter name -> tensor, "
+            f"got {type(state).__name__}); save with torch.save(model.state_dict(), FILE)"
+        )
     return dict(state)
 
 
@@ -108,14 +115,19 @@ def _from_factory(weights: Path, factory: str) -> nn.Module:
 def _from_archive(weights: Path) -> nn.Module:
     """TorchScript, then torch.export; a state_dict (also a zip) is recognised and sent to --model-factory."""
     if not zipfile.is_zipfile(weights):
-        raise UserError(f"{weights}: not a TorchScript or torch.export file (both are zip archives, this is not); "
-                        "for a state_dict also pass --model-factory package.module:function")
+        raise UserError(
+            f"{weights}: not a TorchScript or torch.export file (both are zip archives, this is not); "
+            "for a state_dict also pass --model-factory package.module:function"
+        )
     with zipfile.ZipFile(weights) as z:
         names = z.namelist()
-    if any(n.endswith("/data.pkl") for n in names) and not any(n.endswith("constants.pkl") or "/code/" in n
-                                                               for n in names):
-        raise UserError(f"{weights}: a torch.save file (a state_dict?), not TorchScript or torch.export; for a "
-                        "state_dict also pass --model-factory package.module:function that builds its model")
+    if any(n.endswith("/data.pkl") for n in names) and not any(
+        n.endswith("constants.pkl") or "/code/" in n for n in names
+    ):
+        raise UserError(
+            f"{weights}: a torch.save file (a state_dict?), not TorchScript or torch.export; for a "
+            "state_dict also pass --model-factory package.module:function that builds its model"
+        )
     tried = []
     try:
         return torch.jit.load(str(weights), map_location="cpu").eval()
@@ -125,8 +137,10 @@ def _from_archive(weights: Path) -> nn.Module:
         program = torch.export.load(str(weights))
     except Exception as e:
         tried.append(f"torch.export: {_brief(e, 100)}")
-        raise UserError(f"{weights}: cannot load the model ({'; '.join(tried)}); for a state_dict also pass "
-                        "--model-factory package.module:function") from None
+        raise UserError(
+            f"{weights}: cannot load the model ({'; '.join(tried)}); for a state_dict also pass "
+            "--model-factory package.module:function"
+        ) from None
     batch = fixed_batch(program)
     return FixedBatch(program.module(), batch) if batch is not None else program.module()
 
@@ -153,7 +167,7 @@ class FixedBatch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = []
         for i in range(0, len(x), self.batch):
-            xb = x[i:i + self.batch]
+            xb = x[i : i + self.batch]
             n = len(xb)
             if n < self.batch:
                 xb = torch.cat([xb, xb[-1:].expand(self.batch - n, *xb.shape[1:])])
@@ -180,22 +194,31 @@ class _OneModel:
     def reconstruct(self, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         parts = []
         for i in range(0, len(x), chunk):
-            xb = x[i:i + chunk]
+            xb = x[i : i + chunk]
             try:
                 out = self.model(xb)
             except Exception as e:  # the user's model: a shape it was not built for, its own bug
-                raise UserError(f"the model failed on images of shape {tuple(xb.shape)} ({type(e).__name__}: "
-                                f"{_brief(e)})") from None
+                raise UserError(
+                    f"the model failed on images of shape {tuple(xb.shape)} ({type(e).__name__}: {_brief(e)})"
+                ) from None
             if not isinstance(out, torch.Tensor) or out.numel() != xb.numel():
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise UserError(f"the model maps images {tuple(xb.shape)} to {got}; an autoencoder must "
-                                "return a tensor of the same shape")
+                raise UserError(
+                    f"the model maps images {tuple(xb.shape)} to {got}; an autoencoder must "
+                    "return a tensor of the same shape"
+                )
             parts.append(out.reshape(xb.shape).float())
         return torch.cat(parts)[None]  # (1, N, ...)
 
 
-def audit_model(model: nn.Module, spec: AuditSpec, name: str = "model", device: str = "cpu", *,
-                trained_on: str | Iterable[str] | None = None) -> AuditResult:
+def audit_model(
+    model: nn.Module,
+    spec: AuditSpec,
+    name: str = "model",
+    device: str = "cpu",
+    *,
+    trained_on: str | Iterable[str] | None = None,
+) -> AuditResult:
     """Score a trained autoencoder on the spec's grouped test images: an AuditResult with one cell.
 
     `trained_on` is what the model was trained on, if the user says: "all" (every image of the
@@ -213,8 +236,12 @@ def audit_model(model: nn.Module, spec: AuditSpec, name: str = "model", device: 
     cells = pd.DataFrame({"loss": [name], "seed": [0], "status": ["ok"]})
     history = pd.DataFrame(columns=["loss", "seed", "epoch", "train_nll", "train_mse"])
     test_keys = [images.files[i] if images.files else str(i) for i in data.test_index.tolist()]
-    info = {"external_model": name, "device": str(dev), "inputs": input_fingerprint(spec),
-            "warnings": _seen_warnings(test_keys, trained_on)}
+    info = {
+        "external_model": name,
+        "device": str(dev),
+        "inputs": input_fingerprint(spec),
+        "warnings": _seen_warnings(test_keys, trained_on),
+    }
     return AuditResult(spec, samples, cells, data.describe(), history, info, split=split_table(images, data))
 
 
@@ -226,6 +253,8 @@ def _seen_warnings(test_keys: list[str], trained_on: str | Iterable[str] | None)
     if not seen:
         return []
     example = sorted(seen)[0]
-    return [f"the model was trained on {len(seen)} of the {len(test_keys)} test images it is scored on "
-            f"(e.g. {example}): their errors are training errors, not held-out errors, so the gap may be "
-            "understated; train on the split's train files only (split.csv)"]
+    return [
+        f"the model was trained on {len(seen)} of the {len(test_keys)} test images it is scored on "
+        f"(e.g. {example}): their errors are training errors, not held-out errors, so the gap may be "
+        "understated; train on the split's train files only (split.csv)"
+    ]

@@ -24,8 +24,12 @@ LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)),
 HATCHES = ("", "///", "...", "xx", "\\\\", "++", "oo", "--")
 WIDTH = 11.0  # inches; at DPI 110 about 1200 px, the report's content width
 DPI = 110
-METRIC_LABELS = {"mse": "held-out MSE per pixel", "mae": "held-out MAE per pixel", "psnr": "held-out PSNR (dB)",
-                 "nmse": "held-out nMSE (MSE / the image's pixel variance)"}
+METRIC_LABELS = {
+    "mse": "held-out MSE per pixel",
+    "mae": "held-out MAE per pixel",
+    "psnr": "held-out PSNR (dB)",
+    "nmse": "held-out nMSE (MSE / the image's pixel variance)",
+}
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,15 @@ def group_styles(groups) -> dict[str, GroupStyle]:
     """One colour (colorblind palette), marker, line style and hatch per group, in the given order."""
     names = [str(g) for g in groups]
     colors = sns.color_palette("colorblind", max(len(names), 1))
-    return {n: GroupStyle(tuple(colors[i % len(colors)]), MARKERS[i % len(MARKERS)],
-                          LINESTYLES[i % len(LINESTYLES)], HATCHES[i % len(HATCHES)]) for i, n in enumerate(names)}
+    return {
+        n: GroupStyle(
+            tuple(colors[i % len(colors)]),
+            MARKERS[i % len(MARKERS)],
+            LINESTYLES[i % len(LINESTYLES)],
+            HATCHES[i % len(HATCHES)],
+        )
+        for i, n in enumerate(names)
+    }
 
 
 def _dashes(linestyle) -> tuple | str:
@@ -76,19 +87,39 @@ def group_error_figure(intervals: pd.DataFrame, metric: str = "mse", method: str
                 continue
             r, st = part.loc[g], styles[g]
             err = [[r["mean"] - r["ci_low"]], [r["ci_high"] - r["mean"]]]
-            ax.errorbar([i], [r["mean"]], yerr=np.nan_to_num(err), color=st.color, marker=st.marker, markersize=8,
-                        capsize=6, linewidth=2, linestyle="none", label=g)
-        ax.plot(range(len(groups)), [part["mean"].get(g, np.nan) for g in groups], color="0.6", linewidth=1,
-                linestyle=":", zorder=0)
+            ax.errorbar(
+                [i],
+                [r["mean"]],
+                yerr=np.nan_to_num(err),
+                color=st.color,
+                marker=st.marker,
+                markersize=8,
+                capsize=6,
+                linewidth=2,
+                linestyle="none",
+                label=g,
+            )
+        ax.plot(
+            range(len(groups)),
+            [part["mean"].get(g, np.nan) for g in groups],
+            color="0.6",
+            linewidth=1,
+            linestyle=":",
+            zorder=0,
+        )
         ax.set_xticks(range(len(groups)), groups)
         ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.set_title(loss, fontweight="bold")
         ax.set_xlabel("group")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
         _style(ax)
-    axes[0].set_ylabel(METRIC_LABELS.get(metric, metric) + ("\n(lower is better)" if metric != "psnr" else "\n(higher is better)"))
-    fig.suptitle(f"Per-group {METRIC_LABELS.get(metric, metric)} with 95% intervals" + (f"  ({method})" if method else ""),
-                 fontsize=11)
+    axes[0].set_ylabel(
+        METRIC_LABELS.get(metric, metric) + ("\n(lower is better)" if metric != "psnr" else "\n(higher is better)")
+    )
+    fig.suptitle(
+        f"Per-group {METRIC_LABELS.get(metric, metric)} with 95% intervals" + (f"  ({method})" if method else ""),
+        fontsize=11,
+    )
     return fig
 
 
@@ -108,13 +139,31 @@ def grad_share_figure(grad_shares: pd.DataFrame, share: str = "projection_share"
     fig, axes, losses, groups, styles = _loss_panels(df, 3.2)
     for ax, loss in zip(axes, losses):
         part = df[df["loss"] == loss]
-        sns.lineplot(data=part, x="step", y=share, hue="group", style="group", hue_order=groups, style_order=groups,
-                     palette={g: styles[g].color for g in groups}, dashes={g: _dashes(styles[g].linestyle) for g in groups},
-                     markers={g: styles[g].marker for g in groups}, markersize=5, linewidth=2,
-                     errorbar=("pi", 100), estimator="mean", ax=ax, legend=False)  # band: range over seeds
+        sns.lineplot(
+            data=part,
+            x="step",
+            y=share,
+            hue="group",
+            style="group",
+            hue_order=groups,
+            style_order=groups,
+            palette={g: styles[g].color for g in groups},
+            dashes={g: _dashes(styles[g].linestyle) for g in groups},
+            markers={g: styles[g].marker for g in groups},
+            markersize=5,
+            linewidth=2,
+            errorbar=("pi", 100),
+            estimator="mean",
+            ax=ax,
+            legend=False,
+        )  # band: range over seeds
         for g in groups:
-            ax.axhline(part.loc[part["group"] == g, "sample_share"].mean(), color=styles[g].color,
-                       linestyle=(0, (1, 2)), linewidth=1.4)
+            ax.axhline(
+                part.loc[part["group"] == g, "sample_share"].mean(),
+                color=styles[g].color,
+                linestyle=(0, (1, 2)),
+                linewidth=1.4,
+            )
         ax.set_title(loss, fontweight="bold")
         ax.set_xlabel("training step")
         _style(ax)
@@ -122,12 +171,25 @@ def grad_share_figure(grad_shares: pd.DataFrame, share: str = "projection_share"
     handles = []
     for g in groups:
         st = styles[g]
-        handles.append(Line2D([], [], color=st.color, linestyle=st.linestyle, marker=st.marker, linewidth=2,
-                              label=f"{g}: gradient share"))
-        handles.append(Line2D([], [], color=st.color, linestyle=(0, (1, 2)), linewidth=1.4, label=f"{g}: share of samples"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color=st.color,
+                linestyle=st.linestyle,
+                marker=st.marker,
+                linewidth=2,
+                label=f"{g}: gradient share",
+            )
+        )
+        handles.append(
+            Line2D([], [], color=st.color, linestyle=(0, (1, 2)), linewidth=1.4, label=f"{g}: share of samples")
+        )
     fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), frameon=False)
-    fig.suptitle("Whose error drives the updates? Gradient share per group over training "
-                 "(dotted: the group's share of samples)", fontsize=11)
+    fig.suptitle(
+        "Whose error drives the updates? Gradient share per group over training (dotted: the group's share of samples)",
+        fontsize=11,
+    )
     return fig
 
 
@@ -139,10 +201,16 @@ def error_distribution_figure(samples: pd.DataFrame, metric: str = "mse") -> Fig
     for ax, loss in zip(axes, losses):
         part = df[df["loss"] == loss]
         values = [part.loc[part["group"] == g, metric].to_numpy() for g in groups]
-        boxes = ax.boxplot(values, positions=range(len(groups)), widths=0.6, patch_artist=True,
-                           flierprops={"marker": ".", "markersize": 3, "markerfacecolor": "0.3", "markeredgecolor": "none"},
-                           medianprops={"color": "0.1", "linewidth": 1.6}, whiskerprops={"color": "0.25"},
-                           capprops={"color": "0.25"})
+        boxes = ax.boxplot(
+            values,
+            positions=range(len(groups)),
+            widths=0.6,
+            patch_artist=True,
+            flierprops={"marker": ".", "markersize": 3, "markerfacecolor": "0.3", "markeredgecolor": "none"},
+            medianprops={"color": "0.1", "linewidth": 1.6},
+            whiskerprops={"color": "0.25"},
+            capprops={"color": "0.25"},
+        )
         for patch, g in zip(boxes["boxes"], groups):
             patch.set(facecolor=(*styles[g].color, 0.85), edgecolor="0.15", hatch=styles[g].hatch)
         ax.set_xticks(range(len(groups)), groups)
@@ -153,8 +221,10 @@ def error_distribution_figure(samples: pd.DataFrame, metric: str = "mse") -> Fig
         ax.set_ylabel("")
         _style(ax)
     axes[0].set_ylabel(f"per-image {metric} (mean over seeds)")
-    fig.suptitle(f"Distribution of per-image {METRIC_LABELS.get(metric, metric)} by group (box: quartiles, line: median)",
-                 fontsize=11)
+    fig.suptitle(
+        f"Distribution of per-image {METRIC_LABELS.get(metric, metric)} by group (box: quartiles, line: median)",
+        fontsize=11,
+    )
     return fig
 
 
@@ -181,8 +251,9 @@ def reconstruction_figure(examples: dict[str, np.ndarray], per_group: int = 6) -
         ax.set_xticks([])
         for side in ax.spines.values():
             side.set_visible(False)
-    fig.suptitle(f"Held-out images and their reconstructions (seed {int(examples['seed'])}, one row per loss)",
-                 fontsize=11)
+    fig.suptitle(
+        f"Held-out images and their reconstructions (seed {int(examples['seed'])}, one row per loss)", fontsize=11
+    )
     return fig
 
 
@@ -192,7 +263,7 @@ def _mosaic(stack: list[np.ndarray], pad: int = 1) -> np.ndarray:
     out = np.full((len(stack) * (h + pad) - pad, k * (w + pad) - pad, c), 255, dtype=np.uint8)
     for r, imgs in enumerate(stack):
         for j in range(len(imgs)):
-            out[r * (h + pad): r * (h + pad) + h, j * (w + pad): j * (w + pad) + w] = imgs[j].transpose(1, 2, 0)
+            out[r * (h + pad) : r * (h + pad) + h, j * (w + pad) : j * (w + pad) + w] = imgs[j].transpose(1, 2, 0)
     return out[..., 0] if c == 1 else out
 
 
@@ -203,14 +274,24 @@ def brightness_contrast_figure(examples: dict[str, np.ndarray]) -> Figure:
     codes = examples["test_group"]
     fig = _figure(3.0)
     axes = fig.subplots(1, 2, squeeze=False)[0]
-    for ax, key, label in zip(axes, ("test_brightness", "test_contrast"),
-                              ("brightness (mean pixel value)", "contrast (std of pixel values)")):
+    for ax, key, label in zip(
+        axes, ("test_brightness", "test_contrast"), ("brightness (mean pixel value)", "contrast (std of pixel values)")
+    ):
         values = examples[key].astype(np.float64)
         bins = np.histogram_bin_edges(values, bins=40)
         for g, name in enumerate(names):
             st = styles[name]
-            ax.hist(values[codes == g], bins=bins, histtype="stepfilled", color=(*st.color, 0.25), hatch=st.hatch,
-                    edgecolor=st.color, linewidth=1.8, linestyle=st.linestyle, label=f"group {name}")
+            ax.hist(
+                values[codes == g],
+                bins=bins,
+                histtype="stepfilled",
+                color=(*st.color, 0.25),
+                hatch=st.hatch,
+                edgecolor=st.color,
+                linewidth=1.8,
+                linestyle=st.linestyle,
+                label=f"group {name}",
+            )
         ax.set_xlabel(label)
         ax.set_ylabel("held-out images")
         _style(ax)
@@ -232,15 +313,23 @@ def over_training_figure(curves: pd.DataFrame, gaps: pd.DataFrame, metric: str =
         part = curves[curves["loss"] == loss]
         for g in groups:
             p, st = part[part["group"].astype(str) == g].sort_values("step"), styles[g]
-            top.plot(p["epoch"], p[metric], color=st.color, linestyle=st.linestyle, marker=st.marker, markersize=3.5,
-                     linewidth=1.8)
+            top.plot(
+                p["epoch"],
+                p[metric],
+                color=st.color,
+                linestyle=st.linestyle,
+                marker=st.marker,
+                markersize=3.5,
+                linewidth=1.8,
+            )
         top.set_yscale("log")
         top.set_title(loss, fontweight="bold")
         _style(top)
         gp = gaps[gaps["loss"] == loss].sort_values("step")
         if len(gp):
-            bottom.fill_between(gp["epoch"], 100 * gp["gap_low"], 100 * gp["gap_high"], color="0.7", alpha=0.55,
-                                linewidth=0)
+            bottom.fill_between(
+                gp["epoch"], 100 * gp["gap_low"], 100 * gp["gap_high"], color="0.7", alpha=0.55, linewidth=0
+            )
             bottom.plot(gp["epoch"], 100 * gp["gap"], color="0.1", linewidth=2, marker="o", markersize=3)
             bottom.set_title(f"gap of {gp['worst'].iloc[0]} over {gp['best'].iloc[0]}", fontsize=9.5)
         bottom.axhline(0, color="0.35", linestyle=":", linewidth=1.3)
@@ -250,10 +339,22 @@ def over_training_figure(curves: pd.DataFrame, gaps: pd.DataFrame, metric: str =
         _style(bottom)
     axes[0, 0].set_ylabel(f"held-out {metric}\n(mean over seeds)")
     axes[1, 0].set_ylabel("relative gap (%)\n(> 0: worse group at the end is worse)")
-    handles = [Line2D([], [], color=styles[g].color, linestyle=styles[g].linestyle, marker=styles[g].marker,
-                      linewidth=1.8, label=f"group {g}") for g in groups]
-    handles += [Line2D([], [], color="0.1", linewidth=2, marker="o", markersize=3, label="gap, mean over seeds"),
-                Patch(color="0.7", alpha=0.55, label="95% t interval over seeds")]
+    handles = [
+        Line2D(
+            [],
+            [],
+            color=styles[g].color,
+            linestyle=styles[g].linestyle,
+            marker=styles[g].marker,
+            linewidth=1.8,
+            label=f"group {g}",
+        )
+        for g in groups
+    ]
+    handles += [
+        Line2D([], [], color="0.1", linewidth=2, marker="o", markersize=3, label="gap, mean over seeds"),
+        Patch(color="0.7", alpha=0.55, label="95% t interval over seeds"),
+    ]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
     fig.suptitle("The answer over training: each group's held-out error, and the gap between the groups", fontsize=11)
     return fig
@@ -270,15 +371,45 @@ def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> 
     for row in df.itertuples(index=False):
         xerr = [[row.overall - row.overall_low], [row.overall_high - row.overall]]
         yerr = [[row.ratio - row.ratio_low], [min(row.ratio_high, 1e6) - row.ratio]]
-        ax.errorbar([row.overall], [row.ratio], xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr), color="0.45",
-                    linewidth=1.2, capsize=3, linestyle="none", zorder=1)
+        ax.errorbar(
+            [row.overall],
+            [row.ratio],
+            xerr=np.nan_to_num(xerr),
+            yerr=np.nan_to_num(yerr),
+            color="0.45",
+            linewidth=1.2,
+            capsize=3,
+            linestyle="none",
+            zorder=1,
+        )
         ax.annotate(row.loss, (row.overall, row.ratio), xytext=(6, 5), textcoords="offset points", fontsize=9)
     pareto = df[df["pareto"].astype(bool)].sort_values("overall")
     others = df[~df["pareto"].astype(bool)]
-    sns.scatterplot(data=pareto, x="overall", y="ratio", ax=ax, s=70, color=dark, marker="o", edgecolor="0.1",
-                    label="Pareto-optimal", zorder=3)
-    sns.scatterplot(data=others, x="overall", y="ratio", ax=ax, s=70, facecolor="white", edgecolor="0.2",
-                    marker="s", linewidth=1.4, label="dominated", zorder=3)
+    sns.scatterplot(
+        data=pareto,
+        x="overall",
+        y="ratio",
+        ax=ax,
+        s=70,
+        color=dark,
+        marker="o",
+        edgecolor="0.1",
+        label="Pareto-optimal",
+        zorder=3,
+    )
+    sns.scatterplot(
+        data=others,
+        x="overall",
+        y="ratio",
+        ax=ax,
+        s=70,
+        facecolor="white",
+        edgecolor="0.2",
+        marker="s",
+        linewidth=1.4,
+        label="dominated",
+        zorder=3,
+    )
     if len(pareto) > 1:
         ax.plot(pareto["overall"], pareto["ratio"], color=dark, linewidth=1.2, linestyle="--", zorder=2)
     ax.axhline(1.0, color="0.35", linestyle=":", linewidth=1.2)
@@ -287,8 +418,9 @@ def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> 
     ax.set_ylabel("worst / best group (lower is fairer; 1: equal)")
     ax.legend(frameon=False, loc="best")
     _style(ax)
-    fig.suptitle(f"Fairness-accuracy frontier: each loss's overall error and worst/best ratio ({level}intervals)",
-                 fontsize=11)
+    fig.suptitle(
+        f"Fairness-accuracy frontier: each loss's overall error and worst/best ratio ({level}intervals)", fontsize=11
+    )
     return fig
 
 

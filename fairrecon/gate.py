@@ -38,20 +38,42 @@ class Outcome:
         return self.code == PASS
 
 
-def check(source, *, metric: str = "mse", max_ratio: float | None = None, max_gap: float | None = None,
-          adjusted: bool = False, alpha: float | None = None, reference: str = "best",
-          losses: list[str] | None = None, pca: pd.DataFrame | None = None,
-          policy: stats.Policy | None = None) -> Outcome:
+def check(
+    source,
+    *,
+    metric: str = "mse",
+    max_ratio: float | None = None,
+    max_gap: float | None = None,
+    adjusted: bool = False,
+    alpha: float | None = None,
+    reference: str = "best",
+    losses: list[str] | None = None,
+    pca: pd.DataFrame | None = None,
+    policy: stats.Policy | None = None,
+) -> Outcome:
     """Apply the gate to an Analysis (decided already), an AuditResult or a results folder (analysed
     here with `policy`, or the default policy at `alpha`). Raises UserError on a usage mistake."""
     _validate(metric, max_ratio, max_gap, adjusted)
     policy = _policy(policy, alpha)
     if isinstance(source, stats.Analysis):
-        analysis = _matching(source, metric=metric, policy=policy, reference=reference, losses=losses,
-                             adjusted=adjusted or pca is not None)
+        analysis = _matching(
+            source,
+            metric=metric,
+            policy=policy,
+            reference=reference,
+            losses=losses,
+            adjusted=adjusted or pca is not None,
+        )
     else:
-        analysis = stats.analyse(_as_result(source), metric=metric, policy=policy, reference=reference,
-                                 losses=losses, adjusted=adjusted, pca=pca)
+        analysis = stats.analyse(
+            _as_result(source),
+            metric=metric,
+            policy=policy,
+            reference=reference,
+            losses=losses,
+            adjusted=adjusted,
+            pca=pca,
+        )
     table = analysis.disparities
     if table.empty:
         return Outcome(INSUFFICIENT, "insufficient data: no loss to check")
@@ -63,11 +85,16 @@ def check(source, *, metric: str = "mse", max_ratio: float | None = None, max_ga
             short.append(row.loss)
             lines.append(f"INSUFFICIENT {row.loss}: {row.warnings}")
             continue
-        worst, ref, gap, low, high, lcb = (getattr(row, prefix + k) for k in
-                                           ("worst", "reference", "gap", "gap_low", "gap_high", "gap_lcb"))
-        said = f"{row.loss}: group {worst} vs {ref} ({what}): gap {gap:.4g} [{low:.4g}, {high:.4g}], lower end {lcb:.4g}"
+        worst, ref, gap, low, high, lcb = (
+            getattr(row, prefix + k) for k in ("worst", "reference", "gap", "gap_low", "gap_high", "gap_lcb")
+        )
+        said = (
+            f"{row.loss}: group {worst} vs {ref} ({what}): gap {gap:.4g} [{low:.4g}, {high:.4g}], lower end {lcb:.4g}"
+        )
         if max_ratio is not None:
-            said += f"; ratio {row.ratio:.4g} [{row.ratio_low:.4g}, {row.ratio_high:.4g}], lower end {row.ratio_lcb:.4g}"
+            said += (
+                f"; ratio {row.ratio:.4g} [{row.ratio_low:.4g}, {row.ratio_high:.4g}], lower end {row.ratio_lcb:.4g}"
+            )
         over = []
         if max_gap is not None and lcb > max_gap:
             over.append(f"gap bound {lcb:.4g} > max-gap {max_gap:g}")
@@ -109,8 +136,15 @@ def _policy(policy: stats.Policy | None, alpha: float | None) -> stats.Policy:
     return policy
 
 
-def _matching(analysis: stats.Analysis, *, metric: str, policy: stats.Policy, reference: str,
-              losses: list[str] | None, adjusted: bool) -> stats.Analysis:
+def _matching(
+    analysis: stats.Analysis,
+    *,
+    metric: str,
+    policy: stats.Policy,
+    reference: str,
+    losses: list[str] | None,
+    adjusted: bool,
+) -> stats.Analysis:
     """An Analysis passed in is used as it is, so it must answer the question asked: refuse otherwise."""
     asked = {"metric": metric, "policy": policy, "reference": reference}
     differs = [f"{k} {getattr(analysis, k)!r} (asked: {v!r})" for k, v in asked.items() if getattr(analysis, k) != v]

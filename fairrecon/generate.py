@@ -52,7 +52,7 @@ class GroupClassifier:
     chance: float  # the largest group's share of the held-out images
 
     @classmethod
-    def fit(cls, data: GroupedData, seed: int = 0) -> "GroupClassifier":
+    def fit(cls, data: GroupedData, seed: int = 0) -> GroupClassifier:
         x, g = data.train_x.flatten(1).numpy(), data.train_g.numpy()
         k = min(CLASSIFIER_COMPONENTS, x.shape[0] - 1, x.shape[1])
         model = make_pipeline(StandardScaler(), PCA(k, random_state=seed), LogisticRegression(max_iter=2000))
@@ -72,8 +72,10 @@ class GroupClassifier:
         return torch.from_numpy(self.model.predict(flat)).view(images.shape[:-3])
 
     def describe(self) -> str:
-        return (f"logistic regression on {self.model[1].n_components} PCA components of the training images' pixels, "
-                f"held-out accuracy {self.accuracy:.3f} (chance {self.chance:.3f})")
+        return (
+            f"logistic regression on {self.model[1].n_components} PCA components of the training images' pixels, "
+            f"held-out accuracy {self.accuracy:.3f} (chance {self.chance:.3f})"
+        )
 
 
 @dataclass
@@ -85,7 +87,7 @@ class Assigner:
     classifier: GroupClassifier | None
 
     @classmethod
-    def for_data(cls, data: GroupedData) -> "Assigner":
+    def for_data(cls, data: GroupedData) -> Assigner:
         if data.targets:
             return cls(tuple(data.names), tuple(data.targets), None)
         return cls(tuple(data.names), None, GroupClassifier.fit(data))
@@ -107,24 +109,37 @@ class Assigner:
         c = self.classifier
         if c is None or not c.near_chance:
             return None
-        return (f"generated_share: the group classifier's held-out accuracy {c.accuracy:.3f} is within "
-                f"{NEAR_CHANCE:g} of chance ({c.chance:.3f}), so the groups of generated images are not reliable")
+        return (
+            f"generated_share: the group classifier's held-out accuracy {c.accuracy:.3f} is within "
+            f"{NEAR_CHANCE:g} of chance ({c.chance:.3f}), so the groups of generated images are not reliable"
+        )
 
 
 @torch.no_grad()
-def generated_shares(stacked: StackedCells, assign: Assigner, n: int,
-                     device: torch.device | str = "cpu") -> pd.DataFrame:
+def generated_shares(
+    stacked: StackedCells, assign: Assigner, n: int, device: torch.device | str = "cpu"
+) -> pd.DataFrame:
     """One row per (cell, group): how many of the cell's `n` images decoded from the prior fall in the group,
     their share, and their mean brightness (mean pixel; NaN when none): a group's generated images far from its
     target say the assignment was close (e.g. a collapsed VAE decoding the average image)."""
-    z = draw_eps(eps_generators(stacked.cells, PRIOR_STREAM), stacked.cells, n, stacked.config.latent,
-                 torch.device(device))
+    z = draw_eps(
+        eps_generators(stacked.cells, PRIOR_STREAM), stacked.cells, n, stacked.config.latent, torch.device(device)
+    )
     images = stacked.decode(z).cpu()  # (C, n, ...)
     codes = assign(images)  # (C, n)
     counts = torch.stack([torch.bincount(c, minlength=len(assign.names)) for c in codes]).numpy()
     brightness = images.flatten(2).mean(2).double()
     sums = torch.zeros(len(codes), len(assign.names), dtype=torch.float64).scatter_add_(1, codes, brightness).numpy()
-    rows = [{"loss": cell.loss, "seed": cell.seed, "group": name, "n": int(counts[c, g]),
-             "generated_share": counts[c, g] / n, "brightness": sums[c, g] / counts[c, g] if counts[c, g] else np.nan}
-            for c, cell in enumerate(stacked.cells) for g, name in enumerate(assign.names)]
+    rows = [
+        {
+            "loss": cell.loss,
+            "seed": cell.seed,
+            "group": name,
+            "n": int(counts[c, g]),
+            "generated_share": counts[c, g] / n,
+            "brightness": sums[c, g] / counts[c, g] if counts[c, g] else np.nan,
+        }
+        for c, cell in enumerate(stacked.cells)
+        for g, name in enumerate(assign.names)
+    ]
     return pd.DataFrame(rows, columns=COLUMNS)

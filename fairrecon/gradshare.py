@@ -33,8 +33,8 @@ group_gradients); at the default 20 snapshots per cell that is a few % of traini
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -69,12 +69,19 @@ class GroupGradients:
         gram = self.gram()
         projection = gram.sum(2) / gram.sum((1, 2))[:, None]
         norm = torch.diagonal(gram, dim1=1, dim2=2).clamp_min(0).sqrt()  # (C, G)
-        return torch.stack([self.count / self.count.sum(1, keepdim=True), projection,
-                            norm / norm.sum(1, keepdim=True), self.output / self.output.sum(1, keepdim=True)])
+        return torch.stack(
+            [
+                self.count / self.count.sum(1, keepdim=True),
+                projection,
+                norm / norm.sum(1, keepdim=True),
+                self.output / self.output.sum(1, keepdim=True),
+            ]
+        )
 
 
-def group_gradients(stacked: StackedCells, x: torch.Tensor, group: torch.Tensor, n_groups: int,
-                    eps: torch.Tensor | None = None) -> GroupGradients:
+def group_gradients(
+    stacked: StackedCells, x: torch.Tensor, group: torch.Tensor, n_groups: int, eps: torch.Tensor | None = None
+) -> GroupGradients:
     """Per-group gradients of each cell's batch loss on its batch x (C, B, ...), group codes (C, B)
     (VAEs: with the step's noise eps (C, B, latent), the objective NLL + beta KL, and the KL weight).
 
@@ -108,15 +115,25 @@ def group_gradients(stacked: StackedCells, x: torch.Tensor, group: torch.Tensor,
         out_grad, *weights = torch.autograd.grad(nll.sum() / b, [x_hat, *copies.values()], retain_graph=True)
         kl_weight = None
         if eps is not None:  # the KL term's own gradient (zero for the decoder), then the objective's
-            kl_grads = torch.autograd.grad(stacked.config.beta * kl.sum() / b, list(copies.values()),
-                                           retain_graph=True, allow_unused=True, materialize_grads=True)
-            kl_weight = (_group_norms(kl_grads, n_cells, n_groups) / _group_norms(weights, n_cells, n_groups))
+            kl_grads = torch.autograd.grad(
+                stacked.config.beta * kl.sum() / b,
+                list(copies.values()),
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            kl_weight = _group_norms(kl_grads, n_cells, n_groups) / _group_norms(weights, n_cells, n_groups)
             weights = [w + k for w, k in zip(weights, kl_grads)]
         loss_params = torch.zeros(n_cells, n_groups, stacked.loss_params.shape[1], dtype=nll.dtype, device=device)
         if loss_params.numel():
             for g in range(n_groups):  # through the loss only: cheap
-                (lp,) = torch.autograd.grad(nll, stacked.loss_params, grad_outputs=masks[:, g].to(nll.dtype) / b,
-                                            retain_graph=g < n_groups - 1, allow_unused=True)
+                (lp,) = torch.autograd.grad(
+                    nll,
+                    stacked.loss_params,
+                    grad_outputs=masks[:, g].to(nll.dtype) / b,
+                    retain_graph=g < n_groups - 1,
+                    allow_unused=True,
+                )
                 if lp is not None:
                     loss_params[:, g] = lp
     output = (masks * stacked.mean(out_grad).flatten(2).pow(2).sum(-1)[:, None]).sum(-1)
@@ -153,8 +170,16 @@ class GradShareRecorder:
             values = shares.cpu().tolist()  # [share or kl_weight][cell][group]
             for c, cell in enumerate(cells):
                 for g, name in enumerate(self.group_names):
-                    rows.append({"loss": cell.loss, "seed": cell.seed, "step": step, "epoch": epoch + 1,
-                                 "group": name, **{s: values[k][c][g] for k, s in enumerate([*SHARES, "kl_weight"])}})
+                    rows.append(
+                        {
+                            "loss": cell.loss,
+                            "seed": cell.seed,
+                            "step": step,
+                            "epoch": epoch + 1,
+                            "group": name,
+                            **{s: values[k][c][g] for k, s in enumerate([*SHARES, "kl_weight"])},
+                        }
+                    )
         return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -184,9 +209,19 @@ def kl_weight_over_training(frame: pd.DataFrame) -> pd.DataFrame | None:
     rows = []
     for (loss, group), part in df.groupby(["loss", "group"], sort=False):
         per_seed = [s["kl_weight"].to_numpy() for _, s in part.groupby("seed", sort=True)]
-        first, mid, last = (float(np.mean([w[i(len(w))] for w in per_seed]))
-                            for i in (lambda n: 0, lambda n: n // 2, lambda n: n - 1))
+        first, mid, last = (
+            float(np.mean([w[i(len(w))] for w in per_seed])) for i in (lambda n: 0, lambda n: n // 2, lambda n: n - 1)
+        )
         drift = float(np.mean([w[-1] / w[0] for w in per_seed])) if all(w[0] > 0 for w in per_seed) else np.nan
-        rows.append({"loss": loss, "group": group, "snapshots": int(np.mean([len(w) for w in per_seed])),
-                     "kl_weight_first": first, "kl_weight_mid": mid, "kl_weight_last": last, "drift": drift})
+        rows.append(
+            {
+                "loss": loss,
+                "group": group,
+                "snapshots": int(np.mean([len(w) for w in per_seed])),
+                "kl_weight_first": first,
+                "kl_weight_mid": mid,
+                "kl_weight_last": last,
+                "drift": drift,
+            }
+        )
     return pd.DataFrame(rows)

@@ -97,13 +97,21 @@ class GroupedData:
                 member = g == code
                 members = flat[member]
                 n = len(members)
-                rows.append({
-                    "split": split, "group": name, "n": n, "share": n / len(flat),
-                    "target": self.targets[code] if self.targets else float("nan"),
-                    "brightness": members.mean().item(), "contrast": members.std(dim=1).mean().item(),
-                    "negative_share": negative[member].double().mean().item() if negative is not None else 0.0,
-                    "clipped_share": (clipped[member].sum().item() / max(members.numel(), 1)) if clipped is not None else 0.0,
-                })
+                rows.append(
+                    {
+                        "split": split,
+                        "group": name,
+                        "n": n,
+                        "share": n / len(flat),
+                        "target": self.targets[code] if self.targets else float("nan"),
+                        "brightness": members.mean().item(),
+                        "contrast": members.std(dim=1).mean().item(),
+                        "negative_share": negative[member].double().mean().item() if negative is not None else 0.0,
+                        "clipped_share": (clipped[member].sum().item() / max(members.numel(), 1))
+                        if clipped is not None
+                        else 0.0,
+                    }
+                )
         return pd.DataFrame(rows)
 
 
@@ -150,8 +158,10 @@ def with_validation(data: GroupedData, *, fraction: float = VALIDATION_FRACTION,
     for code, name in enumerate(data.names):
         members = np.flatnonzero(g == code)
         if len(members) < 2:
-            raise UserError(f"epochs auto: group '{name}' has {len(members)} training image(s); a validation split "
-                            "needs at least 2 per group (raise --limit or give a number of epochs)")
+            raise UserError(
+                f"epochs auto: group '{name}' has {len(members)} training image(s); a validation split "
+                "needs at least 2 per group (raise --limit or give a number of epochs)"
+            )
         k = min(max(1, round(fraction * len(members))), len(members) - 1)
         val.append(np.sort(rng.choice(members, size=k, replace=False)))
     is_val = np.zeros(len(g), dtype=bool)
@@ -162,17 +172,27 @@ def with_validation(data: GroupedData, *, fraction: float = VALIDATION_FRACTION,
         return None if t is None else t[idx]
 
     return dataclasses.replace(
-        data, train_x=data.train_x[keep], train_g=data.train_g[keep], train_index=data.train_index[keep],
-        train_negative=pick(data.train_negative, keep), train_clipped=pick(data.train_clipped, keep),
-        val_x=data.train_x[held], val_g=data.train_g[held], val_index=data.train_index[held],
-        val_negative=pick(data.train_negative, held), val_clipped=pick(data.train_clipped, held))
+        data,
+        train_x=data.train_x[keep],
+        train_g=data.train_g[keep],
+        train_index=data.train_index[keep],
+        train_negative=pick(data.train_negative, keep),
+        train_clipped=pick(data.train_clipped, keep),
+        val_x=data.train_x[held],
+        val_g=data.train_g[held],
+        val_index=data.train_index[held],
+        val_negative=pick(data.train_negative, held),
+        val_clipped=pick(data.train_clipped, held),
+    )
 
 
 def transformed_groups(images: ImageSet, spec: AuditSpec) -> GroupedData:
     rng = np.random.default_rng(spec.split_seed)
     split = {}
-    for name, x, index, cap in (("train", images.train, images.train_index, spec.limit),
-                                ("test", images.test, images.test_index, spec.test_limit)):
+    for name, x, index, cap in (
+        ("train", images.train, images.train_index, spec.limit),
+        ("test", images.test, images.test_index, spec.test_limit),
+    ):
         order = torch.from_numpy(rng.permutation(len(x))[: min(cap or len(x), len(x))])
         sizes = group_sizes(len(order), spec.group_proportions)
         codes = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
@@ -188,10 +208,21 @@ def transformed_groups(images: ImageSet, spec: AuditSpec) -> GroupedData:
         matched = match_to(all_x, all_t, polarity=spec.polarity)
         out, c, negative, clipped = matched.y, matched.c, matched.negative, matched.clipped
     n = len(split["train"][0])
-    return GroupedData(group_names(spec.targets), out[:n], split["train"][1], split["train"][2],
-                       out[n:], split["test"][1], split["test"][2], tuple(spec.targets), c,
-                       train_negative=negative[:n], train_clipped=clipped[:n],
-                       test_negative=negative[n:], test_clipped=clipped[n:])
+    return GroupedData(
+        group_names(spec.targets),
+        out[:n],
+        split["train"][1],
+        split["train"][2],
+        out[n:],
+        split["test"][1],
+        split["test"][2],
+        tuple(spec.targets),
+        c,
+        train_negative=negative[:n],
+        train_clipped=clipped[:n],
+        test_negative=negative[n:],
+        test_clipped=clipped[n:],
+    )
 
 
 def squeeze_to(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -217,8 +248,9 @@ class Matched:
     clipped: torch.Tensor  # (N,) int64: pixels of b + c (z - mean z) outside [0, 1]
 
 
-def match_to(x: torch.Tensor, t: torch.Tensor, quantile: float = MATCHED_QUANTILE, *, polarity: str = "auto",
-             block: int = 1024) -> Matched:
+def match_to(
+    x: torch.Tensor, t: torch.Tensor, quantile: float = MATCHED_QUANTILE, *, polarity: str = "auto", block: int = 1024
+) -> Matched:
     """Contrast-matched brightness map y = clip(b + c (z - mean z)), one c for all images.
 
     z is x or its negative 1 - x (`polarity`: per image whichever can carry more contrast at its
@@ -235,7 +267,7 @@ def match_to(x: torch.Tensor, t: torch.Tensor, quantile: float = MATCHED_QUANTIL
     n = len(flat)
     t = t.double()
     # in blocks: float64 copies of a few MB stay in cache, where one of all images (70,000 x 784) does not
-    mu = torch.cat([flat[i:i + block].double().mean(1) for i in range(0, n, block)])
+    mu = torch.cat([flat[i : i + block].double().mean(1) for i in range(0, n, block)])
     lo, hi = flat.amin(1).double(), flat.amax(1).double()  # (8x faster than torch.aminmax here, measured)
 
     def room(mu, lo, hi):  # the largest c that keeps y in [0, 1] without clipping
@@ -244,8 +276,11 @@ def match_to(x: torch.Tensor, t: torch.Tensor, quantile: float = MATCHED_QUANTIL
         return torch.minimum(below, above)
 
     keep, flip = room(mu, lo, hi), room(1 - mu, 1 - hi, 1 - lo)
-    negative = {"auto": flip > keep, "keep": torch.zeros(n, dtype=torch.bool),
-                "invert": torch.ones(n, dtype=torch.bool)}[polarity]
+    negative = {
+        "auto": flip > keep,
+        "keep": torch.zeros(n, dtype=torch.bool),
+        "invert": torch.ones(n, dtype=torch.bool),
+    }[polarity]
     room_used = torch.minimum(torch.where(negative, flip, keep), torch.tensor(1e6, dtype=torch.float64))
     # per target, so that at most `quantile` of any group's images clip, whatever the group proportions
     c = min(torch.quantile(room_used[t == target], quantile).item() for target in torch.unique(t))
@@ -280,11 +315,13 @@ def _solve_offsets(centred: torch.Tensor, t: torch.Tensor, block: int = 1024) ->
     out = torch.empty(len(centred), dtype=torch.float64)
     m = centred.shape[1]
     for start in range(0, len(centred), block):
-        v = centred[start:start + block].sort(1).values  # (n, M) ascending
+        v = centred[start : start + block].sort(1).values  # (n, M) ascending
         prefix = torch.nn.functional.pad(v.cumsum(1), (1, 0))  # prefix[:, k] = sum of the k smallest
-        tb = t[start:start + block, None]
+        tb = t[start : start + block, None]
 
-        def pieces(b):  # per candidate b (n, K): pixels at 0, the index past the in-between ones, f(b)
+        def pieces(
+            b, v=v, prefix=prefix
+        ):  # per candidate b (n, K): pixels at 0, the index past the in-between ones, f(b)
             n0 = torch.searchsorted(v, -b, right=True)  # v_j <= -b: clipped to 0
             n_below_1 = torch.searchsorted(v, 1 - b)  # v_j < 1 - b: below 1; the rest sit at 1
             inside = prefix.gather(1, n_below_1) - prefix.gather(1, n0)
@@ -299,15 +336,17 @@ def _solve_offsets(centred: torch.Tensor, t: torch.Tensor, block: int = 1024) ->
         count = (n_below_1 - n0).double()
         # on the piece: (M - n_below_1) + count * b + inside = t M
         exact = (tb * m - (m - n_below_1) - inside) / count.clamp_min(1)
-        out[start:start + block] = torch.where(count > 0, exact, knots.gather(1, k)).squeeze(1)
+        out[start : start + block] = torch.where(count > 0, exact, knots.gather(1, k)).squeeze(1)
     return out
 
 
 def selected_groups(images: ImageSet, spec: AuditSpec) -> GroupedData:
     """Real images chosen by their own brightness: for each target, the unused images closest to it."""
     parts = {}
-    for split, x, index, cap in (("train", images.train, images.train_index, spec.limit),
-                                 ("test", images.test, images.test_index, spec.test_limit)):
+    for split, x, index, cap in (
+        ("train", images.train, images.train_index, spec.limit),
+        ("test", images.test, images.test_index, spec.test_limit),
+    ):
         brightness = x.flatten(1).mean(1).double()
         n = min(cap or len(x), len(x))
         free = torch.ones(len(x), dtype=torch.bool)
@@ -321,7 +360,8 @@ def selected_groups(images: ImageSet, spec: AuditSpec) -> GroupedData:
                     f"select: target {t:g} cannot be reached with {size} {split} images of {images.name}: the "
                     f"closest {size} average {got:.3f} (allowed +-{spec.tolerance:g}; image brightness ranges "
                     f"{brightness.min():.2f}..{brightness.max():.2f}); lower --limit, move the target, "
-                    "or use --group-method transform")
+                    "or use --group-method transform"
+                )
             free[pick] = False
             chosen.append(pick)
             codes.append(torch.full((size,), code))
@@ -354,8 +394,10 @@ def read_labels(path: str | Path) -> list[Label]:
     header, rows = read_csv(path, "labels CSV")
     key = "file" if "file" in header else "index" if "index" in header else None
     if key is None or "group" not in header:
-        raise UserError(f"{path}: labels CSV needs a header with 'file' (or 'index') and 'group' columns "
-                        f"(any case; ',' ';' or tab between them), got {header or 'an empty file'}")
+        raise UserError(
+            f"{path}: labels CSV needs a header with 'file' (or 'index') and 'group' columns "
+            f"(any case; ',' ';' or tab between them), got {header or 'an empty file'}"
+        )
     col = {name: header.index(name) for name in (key, "group", "split") if name in header}
     labels: list[Label] = []
     seen: dict[str, Label] = {}
@@ -371,8 +413,10 @@ def read_labels(path: str | Path) -> list[Label]:
         label = Label(cells[key], cells["group"], split, line)
         first = seen.setdefault(label.key, label)
         if (first.group, first.split) != (label.group, label.split):
-            raise UserError(f"{path}:{line}: {key} '{label.key}' is labelled twice (line {first.line}: group "
-                            f"'{first.group}', split {first.split}; here: '{label.group}', split {label.split})")
+            raise UserError(
+                f"{path}:{line}: {key} '{label.key}' is labelled twice (line {first.line}: group "
+                f"'{first.group}', split {first.split}; here: '{label.group}', split {label.split})"
+            )
         labels.append(label)
     if not labels:
         raise UserError(f"{path}: labels CSV has a header but no rows")
@@ -394,9 +438,11 @@ def read_csv(path: Path, what: str) -> tuple[list[str], list[tuple[int, list[str
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save it as 'CSV UTF-8' "
-                        "(e.g. in a spreadsheet: Save As, CSV UTF-8)") from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save it as 'CSV UTF-8' "
+            "(e.g. in a spreadsheet: Save As, CSV UTF-8)"
+        ) from None
     header_line = text.splitlines()[0] if text.strip() else ""
     delimiter = max(LABEL_DELIMITERS, key=header_line.count)
     try:
@@ -416,12 +462,16 @@ def read_file_list(path: str | Path) -> list[str]:
     if key is None:
         raise UserError(f"{path}: needs a header with a 'file' (or 'index') column, got {header or 'an empty file'}")
     k, split = header.index(key), header.index("split") if "split" in header else None
-    return [row[k].strip().replace("\\", "/") for _, row in rows
-            if k < len(row) and (split is None or (split < len(row) and row[split].strip().lower() == "train"))]
+    return [
+        row[k].strip().replace("\\", "/")
+        for _, row in rows
+        if k < len(row) and (split is None or (split < len(row) and row[split].strip().lower() == "train"))
+    ]
 
 
-def resolve_labels(labels: list[Label], images: ImageSet, labels_csv: str | Path,
-                   data_root: str | Path) -> dict[str, Label]:
+def resolve_labels(
+    labels: list[Label], images: ImageSet, labels_csv: str | Path, data_root: str | Path
+) -> dict[str, Label]:
     """Each image file (relative to the data root) -> its label. A file may be written relative to
     the data root ('face_000.png') or to the CSV's folder ('images/face_000.png'), or by index."""
     files, csv_path = images.files, Path(labels_csv)
@@ -443,13 +493,17 @@ def resolve_labels(labels: list[Label], images: ImageSet, labels_csv: str | Path
             unknown.append(label)
             continue
         if name in by_file and (by_file[name].group, by_file[name].split) != (label.group, label.split):
-            raise UserError(f"{csv_path}:{label.line}: '{label.key}' is labelled twice (line {by_file[name].line} "
-                            f"says group '{by_file[name].group}', split {by_file[name].split}; this line "
-                            f"'{label.group}', split {label.split})")
+            raise UserError(
+                f"{csv_path}:{label.line}: '{label.key}' is labelled twice (line {by_file[name].line} "
+                f"says group '{by_file[name].group}', split {by_file[name].split}; this line "
+                f"'{label.group}', split {label.split})"
+            )
         by_file[name] = label
     if unknown:
-        raise UserError(f"{csv_path}:{unknown[0].line}: {len(unknown)} label(s) name no image in the folder "
-                        f"{data_root}, e.g. '{unknown[0].key}' (paths may be relative to the folder or to the CSV)")
+        raise UserError(
+            f"{csv_path}:{unknown[0].line}: {len(unknown)} label(s) name no image in the folder "
+            f"{data_root}, e.g. '{unknown[0].key}' (paths may be relative to the folder or to the CSV)"
+        )
     missing = [f for f in files if f not in by_file]
     if missing:
         raise UserError(f"{csv_path}: {len(missing)} image(s) have no label, e.g. '{missing[0]}'")
@@ -486,9 +540,15 @@ def labelled_groups(images: ImageSet, spec: AuditSpec) -> GroupedData:
             index = _stratified_subset(index, g[index], cap, rng, split, names)
         for i, name in enumerate(names):
             if not (g[index] == i).any():
-                raise UserError(f"{spec.labels}: group '{name}' has no {split} images"
-                                + (" (see its split column)" if given[0] is not None else
-                                   f" after holding out {TEST_FRACTION:.0%} of each group") + "; label more images in it")
+                raise UserError(
+                    f"{spec.labels}: group '{name}' has no {split} images"
+                    + (
+                        " (see its split column)"
+                        if given[0] is not None
+                        else f" after holding out {TEST_FRACTION:.0%} of each group"
+                    )
+                    + "; label more images in it"
+                )
         parts.append((x[index], g[index], index))
     return GroupedData(names, *parts[0], *parts[1])
 
@@ -500,22 +560,27 @@ def _stratified_test(g: torch.Tensor, n_groups: int, seed: int, labels_csv, name
     for i in range(n_groups):
         members = torch.nonzero(g == i).flatten().numpy()
         if len(members) < 2:
-            raise UserError(f"{labels_csv}: group '{names[i]}' has {len(members)} image(s); a group needs at "
-                            "least 2, one to train on and one to hold out")
+            raise UserError(
+                f"{labels_csv}: group '{names[i]}' has {len(members)} image(s); a group needs at "
+                "least 2, one to train on and one to hold out"
+            )
         n_test = max(1, int(round(len(members) * TEST_FRACTION)))
         is_test[rng.permutation(members)[:n_test]] = True
     return is_test
 
 
-def _stratified_subset(index: torch.Tensor, g: torch.Tensor, cap: int, rng: np.random.Generator,
-                       split: str, names) -> torch.Tensor:
+def _stratified_subset(
+    index: torch.Tensor, g: torch.Tensor, cap: int, rng: np.random.Generator, split: str, names
+) -> torch.Tensor:
     """`cap` of `index`, each group keeping its share (largest remainder), drawn by a seeded permutation."""
     counts = torch.bincount(g, minlength=len(names)).numpy()
     try:
         sizes = group_sizes(cap, tuple(counts / counts.sum()))
     except UserError:
-        raise UserError(f"--{'limit' if split == 'train' else 'test-limit'} {cap} is too small to keep every "
-                        f"group in the {split} split ({dict(zip(names, counts.tolist()))} images)") from None
+        raise UserError(
+            f"--{'limit' if split == 'train' else 'test-limit'} {cap} is too small to keep every "
+            f"group in the {split} split ({dict(zip(names, counts.tolist()))} images)"
+        ) from None
     keep = [rng.permutation(index[g == i].numpy())[:size] for i, size in enumerate(sizes)]
     return torch.from_numpy(np.sort(np.concatenate(keep)))
 

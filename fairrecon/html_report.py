@@ -15,8 +15,17 @@ import pandas as pd
 
 from .dynamics import convergence_warnings, gap_over_training, worse_group_changes
 from .figures import METRIC_LABELS, audit_figures
-from .report import (FRONTIER_TITLE, describe_audit, error_table, frontier_sentence, frontier_table, headline,
-                     loss_warnings, vae_tables, verdict_table)
+from .report import (
+    FRONTIER_TITLE,
+    describe_audit,
+    error_table,
+    frontier_sentence,
+    frontier_table,
+    headline,
+    loss_warnings,
+    vae_tables,
+    verdict_table,
+)
 from .stats import CLEAR, INSUFFICIENT, NO_CLEAR, Analysis
 
 CSS = """
@@ -54,62 +63,106 @@ def html_report(result, analysis: Analysis) -> str:
     spec = result.spec
     when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>fairrecon audit: {_e(spec.dataset)}</title>", f"<style>{CSS}</style></head><body><main>",
+        f"<title>fairrecon audit: {_e(spec.dataset)}</title>",
+        f"<style>{CSS}</style></head><body><main>",
         "<header><h1>fairrecon audit: which group does each loss favour?</h1>",
         f'<p class="meta">{_e(describe_audit(result).replace("`", ""))} Numbers are {METRIC_LABELS["mse"]}, lower is better. '
-        f'{_e(_run_line(result))} Generated {when}.</p></header>',
+        f"{_e(_run_line(result))} Generated {when}.</p></header>",
         '<h2 class="first" id="answer">Answer</h2>',
         f'<p class="headline">{_e(headline(analysis))}</p>',
         _verdict_html(verdict),
         f'<p class="note">{_e(analysis.method)}</p>',
         _warnings_html(analysis),
         _failed_html(result),
-        _figure(figs, "group_error", "Each point is a group's mean error over seeds and test images; bars: the interval of each group's mean "
-                f"({1 - analysis.policy.alpha:.0%}, one group at a time). "
-                "Panels have their own y scale so that the gap between groups is visible; compare losses in the table. "
-                "Overlapping bars do not rule out a gap: both groups share each seed's model, so read the gap's "
-                "own interval in the table."),
+        _figure(
+            figs,
+            "group_error",
+            "Each point is a group's mean error over seeds and test images; bars: the interval of each group's mean "
+            f"({1 - analysis.policy.alpha:.0%}, one group at a time). "
+            "Panels have their own y scale so that the gap between groups is visible; compare losses in the table. "
+            "Overlapping bars do not rule out a gap: both groups share each seed's model, so read the gap's "
+            "own interval in the table.",
+        ),
     ]
     if len(analysis.frontier) > 1:
-        parts += [f"<h2 id='frontier'>{FRONTIER_TITLE}</h2>", f'<p class="note">{_e(frontier_sentence(analysis))}</p>',
-                  _figure(figs, "frontier", "Each loss at its overall held-out error (x) and the ratio of its worst "
-                          "group's error to its best group's (y), both with intervals at the verdicts' level; filled "
-                          "and joined: Pareto-optimal. Down and left is better on both."),
-                  _verdict_html(frontier_table(analysis))]
+        parts += [
+            f"<h2 id='frontier'>{FRONTIER_TITLE}</h2>",
+            f'<p class="note">{_e(frontier_sentence(analysis))}</p>',
+            _figure(
+                figs,
+                "frontier",
+                "Each loss at its overall held-out error (x) and the ratio of its worst "
+                "group's error to its best group's (y), both with intervals at the verdicts' level; filled "
+                "and joined: Pareto-optimal. Down and left is better on both.",
+            ),
+            _verdict_html(frontier_table(analysis)),
+        ]
     parts += _over_training_html(result, figs)
     if "grad_shares" in figs:
-        parts += ["<h2 id='gradients'>Gradient shares during training</h2>",
-                  _figure(figs, "grad_shares", "A group whose gradient share (solid) stays above its share of samples "
-                          "(dotted) pulls the updates towards itself: the loss spends its effort there.")]
+        parts += [
+            "<h2 id='gradients'>Gradient shares during training</h2>",
+            _figure(
+                figs,
+                "grad_shares",
+                "A group whose gradient share (solid) stays above its share of samples "
+                "(dotted) pulls the updates towards itself: the loss spends its effort there.",
+            ),
+        ]
     parts += _vae_html(result)
     parts += [
         "<h2 id='distributions'>Error distributions</h2>",
-        _figure(figs, "error_distribution", "Per-image error averaged over seeds. A gap in the means can come from a "
-                "few hard images (long whisker) or from the whole group (shifted box)."),
+        _figure(
+            figs,
+            "error_distribution",
+            "Per-image error averaged over seeds. A gap in the means can come from a "
+            "few hard images (long whisker) or from the whole group (shifted box).",
+        ),
     ]
     if "reconstructions" in figs:
-        parts += ["<h2 id='reconstructions'>Reconstructions</h2>",
-                  _figure(figs, "reconstructions", "The same held-out images under every loss. Stored as 8-bit images for "
-                          "display; the errors above use the full-precision reconstructions.")]
+        parts += [
+            "<h2 id='reconstructions'>Reconstructions</h2>",
+            _figure(
+                figs,
+                "reconstructions",
+                "The same held-out images under every loss. Stored as 8-bit images for "
+                "display; the errors above use the full-precision reconstructions.",
+            ),
+        ]
     else:
-        parts += ["<h2 id='reconstructions'>Reconstructions</h2>",
-                  '<p class="note">This results folder has no examples.npz (saved by an older fairrecon), '
-                  "so there are no reconstructions or per-image brightness histograms to show.</p>"]
+        parts += [
+            "<h2 id='reconstructions'>Reconstructions</h2>",
+            '<p class="note">This results folder has no examples.npz (saved by an older fairrecon), '
+            "so there are no reconstructions or per-image brightness histograms to show.</p>",
+        ]
     parts += ["<h2 id='groups'>The groups</h2>"]
     if "brightness_contrast" in figs:
-        parts.append(_figure(figs, "brightness_contrast", "If the groups differ in contrast as well as brightness, "
-                             "a gap may be about contrast (easier images), not brightness."))
-    parts += [_table(result.groups, digits=4), "<h2 id='tables'>Tables</h2>",
-              f"<h3>Per-group MSE per pixel: mean [{1 - analysis.policy.alpha:.0%} interval]</h3>", _table(error_table(analysis)),
-              "<h3>Gap of the worst group, all columns</h3>", _table(analysis.disparities, digits=4),
-              "<h3>All metrics: mean over seeds (± std across seeds)</h3>", _table(result.by_group(), digits=4),
-              "<h3>Cells (one model per loss and seed)</h3>", _table(result.cells, digits=5),
-              "<details><summary>Audit spec (re-run with these values)</summary>",
-              _table(pd.DataFrame({"field": list(spec.to_dict()), "value": [str(v) for v in spec.to_dict().values()]})),
-              "</details>",
-              "</main></body></html>"]
+        parts.append(
+            _figure(
+                figs,
+                "brightness_contrast",
+                "If the groups differ in contrast as well as brightness, "
+                "a gap may be about contrast (easier images), not brightness.",
+            )
+        )
+    parts += [
+        _table(result.groups, digits=4),
+        "<h2 id='tables'>Tables</h2>",
+        f"<h3>Per-group MSE per pixel: mean [{1 - analysis.policy.alpha:.0%} interval]</h3>",
+        _table(error_table(analysis)),
+        "<h3>Gap of the worst group, all columns</h3>",
+        _table(analysis.disparities, digits=4),
+        "<h3>All metrics: mean over seeds (± std across seeds)</h3>",
+        _table(result.by_group(), digits=4),
+        "<h3>Cells (one model per loss and seed)</h3>",
+        _table(result.cells, digits=5),
+        "<details><summary>Audit spec (re-run with these values)</summary>",
+        _table(pd.DataFrame({"field": list(spec.to_dict()), "value": [str(v) for v in spec.to_dict().values()]})),
+        "</details>",
+        "</main></body></html>",
+    ]
     return "\n".join(p for p in parts if p)
 
 
@@ -119,19 +172,29 @@ def _vae_html(result) -> list[str]:
     if by_group is None:
         return []
     gen = result.info.get("generation")
-    parts = ["<h2 id='vae'>VAEs: KL per group and whom the generator produces</h2>",
-             f'<p class="note">beta = {result.spec.beta:g}. kl: mean KL(q(z|x) || N(0, I)) of the group\'s held-out '
-             "images (nats: which group gets latent capacity); nll: the loss's NLL at one draw z ~ q(z|x); "
-             "means over seeds."
-             + (f" generated_share: share of {gen['n']} images decoded from the prior per cell that fall in the group "
-                f"(assigned by {_e(gen['method'])}), beside its share of the training images." if gen else "") + "</p>"]
+    parts = [
+        "<h2 id='vae'>VAEs: KL per group and whom the generator produces</h2>",
+        f'<p class="note">beta = {result.spec.beta:g}. kl: mean KL(q(z|x) || N(0, I)) of the group\'s held-out '
+        "images (nats: which group gets latent capacity); nll: the loss's NLL at one draw z ~ q(z|x); "
+        "means over seeds."
+        + (
+            f" generated_share: share of {gen['n']} images decoded from the prior per cell that fall in the group "
+            f"(assigned by {_e(gen['method'])}), beside its share of the training images."
+            if gen
+            else ""
+        )
+        + "</p>",
+    ]
     if gen and gen.get("near_chance"):
         parts.append('<p class="warn">The group classifier is near chance, so generated_share is not reliable.</p>')
     parts.append(_table(by_group, digits=4))
     if kl_weight is not None:
-        parts += ['<p class="note">Effective KL weight over training, ||grad beta KL_g|| / ||grad NLL_g|| over the '
-                  "weights at the gradient snapshots (means over seeds); drift = last / first (&lt; 1: the KL's pull "
-                  "fell relative to the likelihood's).</p>", _table(kl_weight, digits=4)]
+        parts += [
+            '<p class="note">Effective KL weight over training, ||grad beta KL_g|| / ||grad NLL_g|| over the '
+            "weights at the gradient snapshots (means over seeds); drift = last / first (&lt; 1: the KL's pull "
+            "fell relative to the likelihood's).</p>",
+            _table(kl_weight, digits=4),
+        ]
     return parts
 
 
@@ -145,21 +208,32 @@ def _over_training_html(result, figs: dict[str, str]) -> list[str]:
     out = ["<h2 id='training'>The answer over training</h2>"]
     if warnings:
         items = "".join(f"<li>{_e(w)}</li>" for w in warnings)
-        out.append(f'<div class="warn"><b>{len(warnings)} of {len(result.cells)} cells not converged: their errors were '
-                   f"still changing (the verdict reads whether the gap itself had settled).</b><details><summary>Which, and how far their "
-                   f"error still moved</summary><ul>{items}</ul></details></div>")
+        out.append(
+            f'<div class="warn"><b>{len(warnings)} of {len(result.cells)} cells not converged: their errors were '
+            f"still changing (the verdict reads whether the gap itself had settled).</b><details><summary>Which, and how far their "
+            f"error still moved</summary><ul>{items}</ul></details></div>"
+        )
     if "over_training" in figs:
-        out.append("<ul>" + "".join(f"<li>{_e(c)}.</li>" for c in changes) + "</ul>" if changes else
-                   '<p class="note">The worse group did not change during training under any loss.</p>')
+        out.append(
+            "<ul>" + "".join(f"<li>{_e(c)}.</li>" for c in changes) + "</ul>"
+            if changes
+            else '<p class="note">The worse group did not change during training under any loss.</p>'
+        )
         curves = result.curves
         first = curves[curves["step"] == curves["step"].min()]
         subset = int(first.drop_duplicates(["loss", "seed", "group"]).groupby(["loss", "seed"])["n"].sum().max())
-        out.append(_figure(figs, "over_training", "Top: each group's held-out MSE at the curve points, mean over "
-                           f"seeds; points before a cell's last use a fixed stratified subset of {subset} test images, "
-                           "the last point all of them (it equals the table above). Bottom: the relative gap of the "
-                           "group that is worse at the end over the best one; band: 95% t interval over seeds "
-                           "(training randomness only, test images fixed; the verdict's interval also counts the "
-                           "test sample)."))
+        out.append(
+            _figure(
+                figs,
+                "over_training",
+                "Top: each group's held-out MSE at the curve points, mean over "
+                f"seeds; points before a cell's last use a fixed stratified subset of {subset} test images, "
+                "the last point all of them (it equals the table above). Bottom: the relative gap of the "
+                "group that is worse at the end over the best one; band: 95% t interval over seeds "
+                "(training randomness only, test images fixed; the verdict's interval also counts the "
+                "test sample).",
+            )
+        )
     return out
 
 
@@ -180,8 +254,10 @@ def _warnings_html(analysis: Analysis) -> str:
         return ""
     items = "".join(f"<li><b>{_e(loss)}</b>: {_e(w)}</li>" for loss, w in rows)
     is_open = " open" if (analysis.disparities["verdict"] == INSUFFICIENT).any() else ""
-    return (f'<details class="warnings"{is_open}><summary>Warnings from the statistics for {len(rows)} loss(es): '
-            f"read before trusting a verdict</summary><ul>{items}</ul></details>")
+    return (
+        f'<details class="warnings"{is_open}><summary>Warnings from the statistics for {len(rows)} loss(es): '
+        f"read before trusting a verdict</summary><ul>{items}</ul></details>"
+    )
 
 
 def _failed_html(result) -> str:
@@ -195,15 +271,20 @@ def _failed_html(result) -> str:
 def _run_line(result) -> str:
     info = result.info or {}
     total = (info.get("timings") or {}).get("total_s")
-    return (f"Ran on {info.get('device', '?')}" + (f" in {total:.1f} s" if total else "")
-            + f", fairrecon {info.get('fairrecon_version', '?')}.")
+    return (
+        f"Ran on {info.get('device', '?')}"
+        + (f" in {total:.1f} s" if total else "")
+        + f", fairrecon {info.get('fairrecon_version', '?')}."
+    )
 
 
 def _figure(figs: dict[str, str], name: str, caption: str) -> str:
     if name not in figs:
         return ""
-    return (f'<figure id="fig-{name}"><img alt="{_e(name.replace("_", " "))}" src="data:image/png;base64,{figs[name]}">'
-            f"<figcaption>{_e(caption)}</figcaption></figure>")
+    return (
+        f'<figure id="fig-{name}"><img alt="{_e(name.replace("_", " "))}" src="data:image/png;base64,{figs[name]}">'
+        f"<figcaption>{_e(caption)}</figcaption></figure>"
+    )
 
 
 def _table(df: pd.DataFrame, digits: int | None = None) -> str:

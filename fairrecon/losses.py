@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -78,14 +78,23 @@ class Loss:
     params: tuple[Param, ...] = ()  # what it learns (log values, keyed by Param.name)
     pixel_scale: bool = False  # the decoder predicts a per-pixel log-scale, handed to nll as p["scale"]
 
-    def per_sample(self, x: torch.Tensor, x_hat: torch.Tensor, raw: Mapping[str, torch.Tensor],
-                   floor: float, *, raw_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def per_sample(
+        self,
+        x: torch.Tensor,
+        x_hat: torch.Tensor,
+        raw: Mapping[str, torch.Tensor],
+        floor: float,
+        *,
+        raw_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The NLL (..., B), from the stored (unfloored) log parameters `raw`, each broadcastable to x,
         and, for a per-pixel loss, the decoder's raw log-scale `raw_scale` (the shape of x)."""
         p = self.log_params(raw, floor)
         if self.pixel_scale:
             if raw_scale is None:
-                raise ValueError(f"loss '{self.name}' needs the decoder's per-pixel log-scale (a model with scale_head)")
+                raise ValueError(
+                    f"loss '{self.name}' needs the decoder's per-pixel log-scale (a model with scale_head)"
+                )
             p["scale"] = pixel_log_scale(raw_scale, floor)
         return self.nll(x, x_hat, p, floor)
 
@@ -102,6 +111,7 @@ def pixel_log_scale(raw: torch.Tensor, floor: float) -> torch.Tensor:
 
 
 # ---- fixed-scale and learned-scale likelihoods ----
+
 
 def l1_nll(x, x_hat, p, floor):
     return -Laplace(x_hat, 1.0, validate_args=False).log_prob(x).sum(-1)
@@ -145,6 +155,7 @@ def laplace_pixel_nll(x, x_hat, p, floor):
 
 # ---- families: one loss per value of a shape parameter ----
 
+
 def mix_log_normaliser(a: float) -> float:
     """log of Z(a) = integral of exp(-(a|r| + (1 - a) r^2 / 2)) dr, in closed form:
     2 sqrt(pi / 2b) erfcx(a / sqrt(2b)) with b = 1 - a (2 / a at b = 0: Laplace)."""
@@ -161,13 +172,14 @@ def mix_loss(name: str, a: float) -> Loss:
         r = x_hat - x
         # log Z added per pixel, as torch's Laplace and Normal do: mix:1 and mix:0 are l1 and l2 bit for bit
         return (a * r.abs() + (1.0 - a) * (0.5 * r.pow(2)) + log_z).sum(-1)
+
     return Loss(name, nll, f"p(r) = exp(-({canonical_number(a)} abs(r) + {canonical_number(1 - a)} r^2 / 2)) / Z")
 
 
 def huber_log_normaliser(delta: float) -> float:
     """log of Z(delta) = integral of exp(-huber_delta(r)) dr, in closed form:
     2 (sqrt(pi / 2) erf(delta / sqrt 2) + exp(-delta^2 / 2) / delta)."""
-    return math.log(2.0 * (math.sqrt(math.pi / 2) * math.erf(delta / math.sqrt(2)) + math.exp(-delta**2 / 2) / delta))
+    return math.log(2.0 * (math.sqrt(math.pi / 2) * math.erf(delta / math.sqrt(2)) + math.exp(-(delta**2) / 2) / delta))
 
 
 def huber_loss(name: str, delta: float) -> Loss:
@@ -175,8 +187,10 @@ def huber_loss(name: str, delta: float) -> Loss:
 
     def nll(x, x_hat, p, floor):
         return (F.huber_loss(x_hat, x, reduction="none", delta=delta) + log_z).sum(-1)
-    return Loss(name, nll, f"p(r) = exp(-huber(r)) / Z: Gaussian for abs(r) <= {canonical_number(delta)}, "
-                           "Laplace tails beyond")
+
+    return Loss(
+        name, nll, f"p(r) = exp(-huber(r)) / Z: Gaussian for abs(r) <= {canonical_number(delta)}, Laplace tails beyond"
+    )
 
 
 def barron_rho(z2, alpha: float):
@@ -201,8 +215,9 @@ def barron_log_normaliser(alpha: float) -> float:
         return math.log(math.pi * math.sqrt(2.0))
     if alpha == 2.0:
         return 0.5 * math.log(2 * math.pi)
-    half, _ = integrate.quad(lambda t: math.exp(-barron_rho(np.float64(t * t), alpha)), 0.0, math.inf,
-                             epsabs=0.0, epsrel=1e-12, limit=200)
+    half, _ = integrate.quad(
+        lambda t: math.exp(-barron_rho(np.float64(t * t), alpha)), 0.0, math.inf, epsabs=0.0, epsrel=1e-12, limit=200
+    )
     return math.log(2.0 * half)
 
 
@@ -212,17 +227,28 @@ def barron_loss(name: str, alpha: float) -> Loss:
     def nll(x, x_hat, p, floor):
         log_c = p["scale"]
         return (barron_rho(((x_hat - x) / log_c.exp()).pow(2), alpha) + log_c + log_z).sum(-1)
+
     kind = {0.0: "Cauchy", 1.0: "Charbonnier/pseudo-Huber", 2.0: "Gaussian"}.get(alpha, "general")
-    return Loss(name, nll, f"Barron's general robust density, alpha = {canonical_number(alpha)} ({kind}), "
-                           "learned scale c", (Param("scale"),))
+    return Loss(
+        name,
+        nll,
+        f"Barron's general robust density, alpha = {canonical_number(alpha)} ({kind}), learned scale c",
+        (Param("scale"),),
+    )
 
 
 def beta_nll_loss(name: str, beta: float) -> Loss:
     def nll(x, x_hat, p, floor):
         weight = (2 * beta * p["scale"]).detach().exp()  # sigma^(2 beta), held fixed: only the gradient changes
         return (weight * -Normal(x_hat, p["scale"].exp(), validate_args=False).log_prob(x)).sum(-1)
-    return Loss(name, nll, f"beta-NLL, beta = {canonical_number(beta)}: per-pixel Gaussian NLL (sigma from the "
-                           "decoder) weighted by stop-gradient sigma^(2 beta)", pixel_scale=True)
+
+    return Loss(
+        name,
+        nll,
+        f"beta-NLL, beta = {canonical_number(beta)}: per-pixel Gaussian NLL (sigma from the "
+        "decoder) weighted by stop-gradient sigma^(2 beta)",
+        pixel_scale=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -239,8 +265,10 @@ class Interval:
         return above and (v < self.high if self.high_open else v <= self.high)
 
     def __str__(self) -> str:
-        return (f"{'(' if self.low_open else '['}{canonical_number(self.low)}, "
-                f"{canonical_number(self.high) if math.isfinite(self.high) else 'inf'}{')' if self.high_open else ']'}")
+        return (
+            f"{'(' if self.low_open else '['}{canonical_number(self.low)}, "
+            f"{canonical_number(self.high) if math.isfinite(self.high) else 'inf'}{')' if self.high_open else ']'}"
+        )
 
 
 @dataclass(frozen=True)
@@ -259,6 +287,7 @@ class Family:
 
 
 # ---- the registry ----
+
 
 class Registry(dict):
     """name -> Loss. Iterating gives the plain losses (see FAMILIES for the families); a family
@@ -312,13 +341,15 @@ def get_loss(name: str) -> Loss:
     return dict.get(LOSSES, name) or _member(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _member(name: str) -> Loss:
     family_name, colon, text = name.partition(":")
     family = FAMILIES.get(family_name)
     if not colon or family is None:
-        raise UserError(f"unknown loss '{name}'; allowed: {', '.join(dict.keys(LOSSES))}, "
-                        + ", ".join(f"{f.pattern} with {f.symbol} in {f.allowed}" for f in FAMILIES.values()))
+        raise UserError(
+            f"unknown loss '{name}'; allowed: {', '.join(dict.keys(LOSSES))}, "
+            + ", ".join(f"{f.pattern} with {f.symbol} in {f.allowed}" for f in FAMILIES.values())
+        )
     try:
         value = float(text)
     except ValueError:
@@ -334,25 +365,56 @@ for _loss in (
     Loss("log-mse", log_mse_nll, "Gaussian, shared sigma = sqrt(batch MSE)"),
     Loss("learned-sigma", learned_sigma_nll, "Gaussian, learned scalar sigma (floored)", (Param("sigma"),)),
     Loss("laplace-learned", laplace_learned_nll, "Laplace, learned scalar b (floored)", (Param("scale"),)),
-    Loss("student-t", student_t_nll, "Student-t, learned degrees of freedom and scale (floored)",
-         (Param("scale"), Param("dof", scale=False))),
-    Loss("gaussian-pixel", gaussian_pixel_nll, "Gaussian, per-pixel sigma predicted by the decoder (soft floor)",
-         pixel_scale=True),
-    Loss("laplace-pixel", laplace_pixel_nll, "Laplace, per-pixel b predicted by the decoder (soft floor)",
-         pixel_scale=True),
+    Loss(
+        "student-t",
+        student_t_nll,
+        "Student-t, learned degrees of freedom and scale (floored)",
+        (Param("scale"), Param("dof", scale=False)),
+    ),
+    Loss(
+        "gaussian-pixel",
+        gaussian_pixel_nll,
+        "Gaussian, per-pixel sigma predicted by the decoder (soft floor)",
+        pixel_scale=True,
+    ),
+    Loss(
+        "laplace-pixel",
+        laplace_pixel_nll,
+        "Laplace, per-pixel b predicted by the decoder (soft floor)",
+        pixel_scale=True,
+    ),
 ):
     register(_loss)
 
 for _family in (
-    Family("mix", "a", Interval(0.0, 1.0), mix_loss,
-           "p(r) = exp(-(a abs(r) + (1 - a) r^2 / 2)) / Z(a): l1 at a = 1, l2 at a = 0"),
-    Family("huber", "delta", Interval(0.0, math.inf, low_open=True, high_open=True), huber_loss,
-           "p(r) = exp(-huber_delta(r)) / Z(delta): Gaussian core, Laplace tails beyond abs(r) = delta"),
-    Family("barron", "alpha", Interval(0.0, 2.0), barron_loss,
-           "Barron's general robust density with a learned scale c: Cauchy at alpha = 0, "
-           "pseudo-Huber at 1, Gaussian at 2"),
-    Family("gaussian-pixel", "beta", Interval(0.0, 1.0), beta_nll_loss,
-           "beta-NLL (Seitzer et al. 2022): per-pixel Gaussian NLL weighted by stop-gradient sigma^(2 beta); "
-           "beta = 0 is gaussian-pixel"),
+    Family(
+        "mix",
+        "a",
+        Interval(0.0, 1.0),
+        mix_loss,
+        "p(r) = exp(-(a abs(r) + (1 - a) r^2 / 2)) / Z(a): l1 at a = 1, l2 at a = 0",
+    ),
+    Family(
+        "huber",
+        "delta",
+        Interval(0.0, math.inf, low_open=True, high_open=True),
+        huber_loss,
+        "p(r) = exp(-huber_delta(r)) / Z(delta): Gaussian core, Laplace tails beyond abs(r) = delta",
+    ),
+    Family(
+        "barron",
+        "alpha",
+        Interval(0.0, 2.0),
+        barron_loss,
+        "Barron's general robust density with a learned scale c: Cauchy at alpha = 0, pseudo-Huber at 1, Gaussian at 2",
+    ),
+    Family(
+        "gaussian-pixel",
+        "beta",
+        Interval(0.0, 1.0),
+        beta_nll_loss,
+        "beta-NLL (Seitzer et al. 2022): per-pixel Gaussian NLL weighted by stop-gradient sigma^(2 beta); "
+        "beta = 0 is gaussian-pixel",
+    ),
 ):
     register_family(_family)

@@ -18,8 +18,18 @@ import pandas as pd
 import torch
 
 from .groups import GroupedData
-from .train import (EPS_STREAM, Cell, EvalPoint, StackedCells, draw_eps, eps_generators, group_errors, last_drop,
-                    residual_chunks, settled)
+from .train import (
+    EPS_STREAM,
+    Cell,
+    EvalPoint,
+    StackedCells,
+    draw_eps,
+    eps_generators,
+    group_errors,
+    last_drop,
+    residual_chunks,
+    settled,
+)
 
 PSNR_FLOOR_MSE = 1e-10  # a perfect reconstruction reads as 100 dB rather than infinity
 # nmse divides by the image's own pixel variance; a flat image counts as having the variance of 8-bit
@@ -47,8 +57,9 @@ def sample_errors(stacked: StackedCells, data: GroupedData, device: torch.device
     n_cells = len(stacked.cells)
     nll = kl = torch.full((n_cells, len(x)), torch.nan)
     if isinstance(stacked, StackedCells) and stacked.config.vae:  # external.py's one user model is never a VAE
-        eps = draw_eps(eps_generators(stacked.cells, HELDOUT_EPS_STREAM), stacked.cells, len(x),
-                       stacked.config.latent, x.device)
+        eps = draw_eps(
+            eps_generators(stacked.cells, HELDOUT_EPS_STREAM), stacked.cells, len(x), stacked.config.latent, x.device
+        )
         x_hat, kl = stacked.sample_posterior(x, eps)
         nll = stacked.per_sample_nll(x.expand(n_cells, *x.shape), x_hat).cpu()
         kl = kl.cpu()
@@ -65,9 +76,21 @@ def sample_errors(stacked: StackedCells, data: GroupedData, device: torch.device
     pred_scale = pixel_scales(x).cpu() if pixel_scales is not None else torch.full(mse.shape, torch.nan)
     names = pd.Categorical.from_codes(data.test_g.cpu().numpy(), categories=list(data.names))
     frames = [
-        pd.DataFrame({"loss": cell.loss, "seed": cell.seed, "group": names, "index": data.test_index.numpy(),
-                      "mse": mse[c].numpy(), "mae": mae[c].numpy(), "psnr": psnr[c].numpy(), "nmse": nmse[c].numpy(),
-                      "pred_scale": pred_scale[c].numpy(), "nll": nll[c].numpy(), "kl": kl[c].numpy()})
+        pd.DataFrame(
+            {
+                "loss": cell.loss,
+                "seed": cell.seed,
+                "group": names,
+                "index": data.test_index.numpy(),
+                "mse": mse[c].numpy(),
+                "mae": mae[c].numpy(),
+                "psnr": psnr[c].numpy(),
+                "nmse": nmse[c].numpy(),
+                "pred_scale": pred_scale[c].numpy(),
+                "nll": nll[c].numpy(),
+                "kl": kl[c].numpy(),
+            }
+        )
         for c, cell in enumerate(stacked.cells)
     ]
     return pd.concat(frames, ignore_index=True)
@@ -121,9 +144,20 @@ class CurveRecorder:
             if not point.active[c]:
                 continue
             for g, name in enumerate(self.names):
-                self.rows.append({"loss": cell.loss, "seed": cell.seed, "step": point.step, "epoch": point.epoch,
-                                  "group": name, "n": self.counts[g], "mse": mse[c, g], "mae": mae[c, g],
-                                  "train_mse": train[c, g], "val_mse": val[c, g] if val is not None else np.nan})
+                self.rows.append(
+                    {
+                        "loss": cell.loss,
+                        "seed": cell.seed,
+                        "step": point.step,
+                        "epoch": point.epoch,
+                        "group": name,
+                        "n": self.counts[g],
+                        "mse": mse[c, g],
+                        "mae": mae[c, g],
+                        "train_mse": train[c, g],
+                        "val_mse": val[c, g] if val is not None else np.nan,
+                    }
+                )
         self.seconds += time.perf_counter() - start
 
     def frame(self) -> pd.DataFrame:
@@ -140,9 +174,11 @@ def curve_table(points: pd.DataFrame, samples: pd.DataFrame, final_steps: dict[C
         last = part[part["step"] == final].set_index("group")
         own = samples[(samples["loss"] == loss) & (samples["seed"] == seed)]
         full = own.groupby(own["group"].astype(str), sort=False)[["mse", "mae"]].agg(["mean", "size"])
-        last = last.assign(n=full[("mse", "size")].reindex(last.index).to_numpy(),
-                           mse=full[("mse", "mean")].reindex(last.index).to_numpy(),
-                           mae=full[("mae", "mean")].reindex(last.index).to_numpy())
+        last = last.assign(
+            n=full[("mse", "size")].reindex(last.index).to_numpy(),
+            mse=full[("mse", "mean")].reindex(last.index).to_numpy(),
+            mae=full[("mae", "mean")].reindex(last.index).to_numpy(),
+        )
         parts += [part[part["step"] < final], last.reset_index()[CURVE_COLUMNS]]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=CURVE_COLUMNS)
 
@@ -155,13 +191,22 @@ def convergence(points: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (loss, seed), part in points.groupby(["loss", "seed"], sort=False):
         wide = part.pivot(index="step", columns="group")
-        drops = {f"{kind} MSE of group {group}": d
-                 for kind, column in (("held-out", "mse"), ("training", "train_mse"))
-                 for group, d in zip(wide[column].columns, last_drop(wide.index, wide[column].to_numpy()))}
+        drops = {
+            f"{kind} MSE of group {group}": d
+            for kind, column in (("held-out", "mse"), ("training", "train_mse"))
+            for group, d in zip(wide[column].columns, last_drop(wide.index, wide[column].to_numpy()))
+        }
         worst = max(drops, key=lambda k: np.inf if np.isnan(drops[k]) else abs(drops[k]))
         drop = drops[worst]
-        rows.append({"loss": loss, "seed": seed, "converged": bool(settled(list(drops.values())).all()),
-                     "last_drop": drop, "last_drop_of": worst if np.isfinite(drop) else "too few points to judge"})
+        rows.append(
+            {
+                "loss": loss,
+                "seed": seed,
+                "converged": bool(settled(list(drops.values())).all()),
+                "last_drop": drop,
+                "last_drop_of": worst if np.isfinite(drop) else "too few points to judge",
+            }
+        )
     return pd.DataFrame(rows, columns=["loss", "seed", "converged", "last_drop", "last_drop_of"])
 
 
@@ -179,8 +224,9 @@ EXAMPLES_PER_GROUP = 8  # test images per group kept, with their reconstructions
 
 
 @torch.no_grad()
-def example_reconstructions(stacked: StackedCells, data: GroupedData, per_group: int = EXAMPLES_PER_GROUP,
-                            device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+def example_reconstructions(
+    stacked: StackedCells, data: GroupedData, per_group: int = EXAMPLES_PER_GROUP, device: torch.device | str = "cpu"
+) -> dict[str, np.ndarray]:
     """A few test images per group and each loss's reconstruction of them (lowest seed), for a results folder.
 
     Images are stored as uint8 (display only: the errors live in samples.csv), so a results folder stays
@@ -196,8 +242,12 @@ def example_reconstructions(stacked: StackedCells, data: GroupedData, per_group:
         return (x * 255).round().to(torch.uint8).numpy()
 
     return {
-        "images": to_uint8(data.test_x[pick]), "group": data.test_g[pick].numpy(), "index": data.test_index[pick].numpy(),
-        "recon": to_uint8(recon), "losses": np.array([stacked.cells[i].loss for i in chosen]), "seed": np.array(seed),
+        "images": to_uint8(data.test_x[pick]),
+        "group": data.test_g[pick].numpy(),
+        "index": data.test_index[pick].numpy(),
+        "recon": to_uint8(recon),
+        "losses": np.array([stacked.cells[i].loss for i in chosen]),
+        "seed": np.array(seed),
         "group_names": np.array([str(n) for n in data.names]),
         "test_group": data.test_g.numpy().astype(np.int16),
         "test_brightness": flat.mean(1).numpy().astype(np.float16),

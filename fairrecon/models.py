@@ -96,8 +96,16 @@ class Autoencoder(nn.Module):
 
 
 class MLPAutoencoder(Autoencoder):
-    def __init__(self, shape: tuple[int, int, int], latent: int = 16, hidden: int = 256, *,
-                 output: str = "linear", input_norm: str = "none", scale_head: bool = False):
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        latent: int = 16,
+        hidden: int = 256,
+        *,
+        output: str = "linear",
+        input_norm: str = "none",
+        scale_head: bool = False,
+    ):
         super().__init__(shape, output, input_norm)
         d = math.prod(shape)
         self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, latent))
@@ -105,7 +113,9 @@ class MLPAutoencoder(Autoencoder):
         if scale_head:
             self.add_scale_head(nn.Linear(hidden, d))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W), or (B, 2C, H, W) with a scale head
+    def forward(
+        self, x: torch.Tensor
+    ) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W), or (B, 2C, H, W) with a scale head
         h = self.decoder_body(self.encoder(self.encoder_input(x)))
         return self.heads(h, lambda y: y.view(x.shape))
 
@@ -113,20 +123,32 @@ class MLPAutoencoder(Autoencoder):
 class ConvAutoencoder(Autoencoder):
     """Two stride-2 convolutions down, a linear bottleneck, two transposed convolutions up."""
 
-    def __init__(self, shape: tuple[int, int, int], latent: int = 16, hidden: int = 32, *,
-                 output: str = "linear", input_norm: str = "none", scale_head: bool = False):
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        latent: int = 16,
+        hidden: int = 32,
+        *,
+        output: str = "linear",
+        input_norm: str = "none",
+        scale_head: bool = False,
+    ):
         super().__init__(shape, output, input_norm)
         c, h, w = self.shape
         self.h4, self.w4 = -(-h // 4), -(-w // 4)  # spatial size after two stride-2 convs (ceil)
         width = 2 * hidden * self.h4 * self.w4
         self.encoder = nn.Sequential(
-            nn.Conv2d(c, hidden, 3, stride=2, padding=1), nn.ReLU(),  # (B, hidden, H/2, W/2)
-            nn.Conv2d(hidden, 2 * hidden, 3, stride=2, padding=1), nn.ReLU(),  # (B, 2 hidden, H/4, W/4)
-            nn.Flatten(), nn.Linear(width, latent),
+            nn.Conv2d(c, hidden, 3, stride=2, padding=1),
+            nn.ReLU(),  # (B, hidden, H/2, W/2)
+            nn.Conv2d(hidden, 2 * hidden, 3, stride=2, padding=1),
+            nn.ReLU(),  # (B, 2 hidden, H/4, W/4)
+            nn.Flatten(),
+            nn.Linear(width, latent),
         )
         self.decoder_in = nn.Sequential(nn.Linear(latent, width), nn.ReLU())
         self.decoder = nn.Sequential(
-            nn.ConvTranspose2d(2 * hidden, hidden, 4, stride=2, padding=1), nn.ReLU(),  # (B, hidden, H/2, W/2)
+            nn.ConvTranspose2d(2 * hidden, hidden, 4, stride=2, padding=1),
+            nn.ReLU(),  # (B, hidden, H/2, W/2)
             nn.ConvTranspose2d(hidden, c, 4, stride=2, padding=1),  # (B, C, 4*h4, 4*w4) >= (H, W)
         )
         if scale_head:
@@ -150,7 +172,7 @@ class VAEMixin:
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z|x): its mean and log-variance, each (B, latent)."""
         h = self.encoder(self.encoder_input(x))
-        return h[:, : self.latent], h[:, self.latent:]
+        return h[:, : self.latent], h[:, self.latent :]
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None, *, decode: bool = False):
         """Without eps: decode(mu), the posterior mean's reconstruction. With eps (B, latent):
@@ -167,8 +189,16 @@ class VAEMixin:
 class VAE(VAEMixin, MLPAutoencoder):
     """The MLP autoencoder, its encoder's last layer widened to 2 * latent outputs; the same decoder."""
 
-    def __init__(self, shape: tuple[int, int, int], latent: int = 16, hidden: int = 256, *,
-                 output: str = "linear", input_norm: str = "none", scale_head: bool = False):
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        latent: int = 16,
+        hidden: int = 256,
+        *,
+        output: str = "linear",
+        input_norm: str = "none",
+        scale_head: bool = False,
+    ):
         super().__init__(shape, latent, hidden, output=output, input_norm=input_norm, scale_head=scale_head)
         self.latent = latent
         self.encoder[-1] = nn.Linear(hidden, 2 * latent)
@@ -181,8 +211,16 @@ class VAE(VAEMixin, MLPAutoencoder):
 class ConvVAE(VAEMixin, ConvAutoencoder):
     """The conv autoencoder, its encoder's last layer widened to 2 * latent outputs; the same decoder."""
 
-    def __init__(self, shape: tuple[int, int, int], latent: int = 16, hidden: int = 32, *,
-                 output: str = "linear", input_norm: str = "none", scale_head: bool = False):
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        latent: int = 16,
+        hidden: int = 32,
+        *,
+        output: str = "linear",
+        input_norm: str = "none",
+        scale_head: bool = False,
+    ):
         super().__init__(shape, latent, hidden, output=output, input_norm=input_norm, scale_head=scale_head)
         self.latent = latent
         self.encoder[-1] = nn.Linear(self.encoder[-1].in_features, 2 * latent)
@@ -193,8 +231,16 @@ class ConvVAE(VAEMixin, ConvAutoencoder):
         return self.heads(self.decoder_body(h), lambda y: y[..., : self.shape[1], : self.shape[2]])
 
 
-def build_model(name: str, shape: tuple[int, int, int], latent: int, hidden: int = 256, *,
-                output: str = "linear", input_norm: str = "none", scale_head: bool = False) -> Autoencoder:
+def build_model(
+    name: str,
+    shape: tuple[int, int, int],
+    latent: int,
+    hidden: int = 256,
+    *,
+    output: str = "linear",
+    input_norm: str = "none",
+    scale_head: bool = False,
+) -> Autoencoder:
     """An autoencoder (or VAE) by name; `hidden` is the MLP width (the conv model uses hidden // 8 channels).
     `scale_head`: a second decoder head predicting a per-pixel log-scale (output (B, 2C, H, W)).
 
@@ -208,8 +254,9 @@ def build_model(name: str, shape: tuple[int, int, int], latent: int, hidden: int
     if name == "mlp":
         return MLPAutoencoder(shape, latent, hidden, output=output, input_norm=input_norm, scale_head=scale_head)
     if name == "conv":
-        return ConvAutoencoder(shape, latent, max(8, hidden // 8), output=output, input_norm=input_norm,
-                               scale_head=scale_head)
+        return ConvAutoencoder(
+            shape, latent, max(8, hidden // 8), output=output, input_norm=input_norm, scale_head=scale_head
+        )
     if name == "vae":
         return VAE(shape, latent, hidden, output=output, input_norm=input_norm, scale_head=scale_head)
     if name == "conv-vae":

@@ -29,7 +29,7 @@ from .gradshare import share_summary
 from .html_report import html_report
 from .report import headline, markdown_report, vae_tables
 from .results import AuditResult, records
-from .resultsdir import Identity, check_out, claim, input_paths, input_fingerprint, mark_complete, result_fields
+from .resultsdir import Identity, check_out, claim, input_fingerprint, input_paths, mark_complete, result_fields
 from .stats import Analysis, analyse
 
 
@@ -39,9 +39,12 @@ def summary(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
     extra = {"grad_shares": records(share_summary(result.grad_shares))} if result.grad_shares is not None else {}
     by_group, kl_weight = vae_tables(result)
     if by_group is not None:
-        extra["vae"] = {"beta": result.spec.beta, "generation": result.info.get("generation"),
-                        "by_group": records(by_group),
-                        "kl_weight": records(kl_weight) if kl_weight is not None else None}
+        extra["vae"] = {
+            "beta": result.spec.beta,
+            "generation": result.info.get("generation"),
+            "by_group": records(by_group),
+            "kl_weight": records(kl_weight) if kl_weight is not None else None,
+        }
     return {
         "fairrecon_version": result.info.get("fairrecon_version"),
         "spec": result.spec.to_dict(),

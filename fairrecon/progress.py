@@ -23,8 +23,9 @@ LOG_STEPS = 10  # plain-line mode: about this many progress lines per audit
 class Progress:
     """`log(message)` for stage lines and `on_epoch(...)` for training; use as a context manager."""
 
-    def __init__(self, stream: TextIO | None = None, quiet: bool = False, bars: bool | None = None,
-                 prefix: str = "[fairrecon] "):
+    def __init__(
+        self, stream: TextIO | None = None, quiet: bool = False, bars: bool | None = None, prefix: str = "[fairrecon] "
+    ):
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.bars = (not quiet) and (bars if bars is not None else _is_terminal(self.stream))
@@ -69,8 +70,10 @@ class Progress:
             self._last_logged = step
             elapsed = now - self._start
             where = f"seed {seed}/{seeds}, " if seeds > 1 else ""
-            self.log(f"{where}epoch {epoch}/{epochs} ({done / total:.0%} of training), "
-                     f"{_clock(elapsed)} elapsed, ETA {_clock(elapsed / done * (total - done))}")
+            self.log(
+                f"{where}epoch {epoch}/{epochs} ({done / total:.0%} of training), "
+                f"{_clock(elapsed)} elapsed, ETA {_clock(elapsed / done * (total - done))}"
+            )
 
     def _new_seed(self, epochs: int, seed: int, seeds: int) -> None:
         if self._bar is not None:
@@ -80,11 +83,25 @@ class Progress:
         if not self.bars:
             return
         if seeds > 1 and self._overall is None:
-            self._overall = tqdm(total=epochs * seeds, initial=(seed - 1) * epochs, desc="overall", unit="epoch",
-                                 file=self.stream, position=0, dynamic_ncols=True)
+            self._overall = tqdm(
+                total=epochs * seeds,
+                initial=(seed - 1) * epochs,
+                desc="overall",
+                unit="epoch",
+                file=self.stream,
+                position=0,
+                dynamic_ncols=True,
+            )
             self._overall.start_t = self._tqdm_time(self._start)
-        self._bar = tqdm(total=epochs, desc=f"seed {seed}/{seeds}" if seeds > 1 else "training", unit="epoch",
-                         file=self.stream, leave=seeds == 1, position=1 if seeds > 1 else 0, dynamic_ncols=True)
+        self._bar = tqdm(
+            total=epochs,
+            desc=f"seed {seed}/{seeds}" if seeds > 1 else "training",
+            unit="epoch",
+            file=self.stream,
+            leave=seeds == 1,
+            position=1 if seeds > 1 else 0,
+            dynamic_ncols=True,
+        )
         self._bar.start_t = self._tqdm_time(self._last_event)  # the first epoch ran before this bar existed
 
     @staticmethod
@@ -98,7 +115,7 @@ class Progress:
                 bar.close()
         self._bar = self._overall = None
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -27,16 +27,18 @@ def verdict_table(analysis: Analysis) -> pd.DataFrame:
     metric = analysis.metric
     rows = []
     for d in analysis.disparities.itertuples(index=False):
-        rows.append({
-            "loss": d.loss,
-            "favours": _text(d.reference),
-            "worse group": _text(d.worst),
-            f"{metric}: favoured → worse": f"{_num(d.reference_mean)} → {_num(d.worst_mean)}",
-            "gap": _gap(d, d.gap),
-            f"{_level(analysis)} interval of gap": f"{_gap(d, d.gap_low)} to {_gap(d, d.gap_high)}",
-            "p (corrected)": _p(d.p_corrected),
-            "how sure": d.verdict,
-        })
+        rows.append(
+            {
+                "loss": d.loss,
+                "favours": _text(d.reference),
+                "worse group": _text(d.worst),
+                f"{metric}: favoured → worse": f"{_num(d.reference_mean)} → {_num(d.worst_mean)}",
+                "gap": _gap(d, d.gap),
+                f"{_level(analysis)} interval of gap": f"{_gap(d, d.gap_low)} to {_gap(d, d.gap_high)}",
+                "p (corrected)": _p(d.p_corrected),
+                "how sure": d.verdict,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -46,8 +48,10 @@ def headline(analysis: Analysis) -> str:
     clear, unclear, short = [], [], []
     for d in analysis.disparities.itertuples(index=False):
         if d.verdict == CLEAR:
-            clear.append(f"{d.loss} (group {d.worst} worse than {d.reference} by {_gap(d, d.gap).lstrip('+')}, "
-                         f"interval {_gap(d, d.gap_low)} to {_gap(d, d.gap_high)})")
+            clear.append(
+                f"{d.loss} (group {d.worst} worse than {d.reference} by {_gap(d, d.gap).lstrip('+')}, "
+                f"interval {_gap(d, d.gap_low)} to {_gap(d, d.gap_high)})"
+            )
         elif d.verdict == NO_CLEAR:
             unclear.append(str(d.loss))
         else:
@@ -58,8 +62,12 @@ def headline(analysis: Analysis) -> str:
     if clear:
         parts.append("Clear gap: " + "; ".join(clear) + ".")
     if unclear:
-        parts.append(("No clear gap" if clear else "No loss shows a clear gap") + ": " + ", ".join(unclear)
-                     + " (the gap's interval includes 0).")
+        parts.append(
+            ("No clear gap" if clear else "No loss shows a clear gap")
+            + ": "
+            + ", ".join(unclear)
+            + " (the gap's interval includes 0)."
+        )
     if short:
         parts.append("Insufficient data, no verdict: " + ", ".join(short) + " (see the warnings).")
     pairs = " and every pair of groups" if analysis.pairs > 1 and analysis.reference == "best" else ""
@@ -95,15 +103,17 @@ def frontier_table(analysis: Analysis) -> pd.DataFrame:
     level = _level(analysis)
     rows = []
     for f in analysis.frontier.itertuples(index=False):
-        rows.append({
-            "loss": f.loss,
-            f"overall {analysis.metric}": _num(f.overall),
-            f"{level} interval": f"{_num(f.overall_low)} to {_num(f.overall_high)}",
-            "worst/best": _num(f.ratio),
-            f"{level} interval of worst/best": f"{_num(f.ratio_low)} to {_num(f.ratio_high)}",
-            "how sure": f.verdict,
-            "Pareto-optimal": "yes" if f.pareto else "no",
-        })
+        rows.append(
+            {
+                "loss": f.loss,
+                f"overall {analysis.metric}": _num(f.overall),
+                f"{level} interval": f"{_num(f.overall_low)} to {_num(f.overall_high)}",
+                "worst/best": _num(f.ratio),
+                f"{level} interval of worst/best": f"{_num(f.ratio_low)} to {_num(f.ratio_high)}",
+                "how sure": f.verdict,
+                "Pareto-optimal": "yes" if f.pareto else "no",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -111,22 +121,30 @@ def frontier_sentence(analysis: Analysis) -> str:
     """Which losses are on the frontier, and what the flag means (point estimates, not a test)."""
     f = analysis.frontier
     if not f["pareto"].astype(bool).any():
-        return ("No loss has both an overall error and a worst/best ratio"
-                + (" (psnr has no ratio)" if analysis.metric == "psnr" else "") + ", so there is no frontier.")
+        return (
+            "No loss has both an overall error and a worst/best ratio"
+            + (" (psnr has no ratio)" if analysis.metric == "psnr" else "")
+            + ", so there is no frontier."
+        )
     on = ", ".join(str(n) for n in f.loc[f["pareto"].astype(bool), "loss"])
-    return (f"Pareto-optimal: {on}. A loss is Pareto-optimal when no other loss has both a lower overall held-out "
-            f"{analysis.metric} and a lower worst/best ratio, by point estimates (not a test: read the intervals, at "
-            f"{_level(analysis)}, the verdicts' level, before calling one loss better on either axis). The ratio "
-            "and its interval are the verdict table's.")
+    return (
+        f"Pareto-optimal: {on}. A loss is Pareto-optimal when no other loss has both a lower overall held-out "
+        f"{analysis.metric} and a lower worst/best ratio, by point estimates (not a test: read the intervals, at "
+        f"{_level(analysis)}, the verdicts' level, before calling one loss better on either axis). The ratio "
+        "and its interval are the verdict table's."
+    )
 
 
 def terminal_summary(analysis: Analysis) -> str:
     """What `fairrecon audit` and `fairrecon report` print: the headline, per-group error with
     intervals and each loss's verdict, the warnings, and how it was decided."""
     label = METRIC_LABELS.get(analysis.metric, analysis.metric)
-    lines = [headline(analysis), "",
-             f"Held-out {label} by group: mean [{1 - analysis.policy.alpha:.0%} interval of each group's mean]",
-             error_table(analysis).to_string(index=False)]
+    lines = [
+        headline(analysis),
+        "",
+        f"Held-out {label} by group: mean [{1 - analysis.policy.alpha:.0%} interval of each group's mean]",
+        error_table(analysis).to_string(index=False),
+    ]
     lines += [f"warning: {loss}: {w}" for loss, w in loss_warnings(analysis)]
     lines.append(analysis.method)
     return "\n".join(lines)
@@ -167,8 +185,11 @@ def markdown_report(result, analysis: Analysis) -> str:
         "",
         "## Cells",
         "",
-        _markdown(result.cells.assign(likelihood=[LOSSES[n].likelihood if n in LOSSES else "(external model)"
-                                                  for n in result.cells["loss"]]).round(6)),
+        _markdown(
+            result.cells.assign(
+                likelihood=[LOSSES[n].likelihood if n in LOSSES else "(external model)" for n in result.cells["loss"]]
+            ).round(6)
+        ),
         "",
         f"Figures, distributions and reconstructions: `report.html` (re-render with `fairrecon report {spec.out or 'RESULT_DIR'}`).",
         "",
@@ -191,11 +212,15 @@ def vae_terminal(result) -> str:
     by_group, kl_weight = vae_tables(result)
     if by_group is None:
         return ""
-    lines = [f"VAE (beta {result.spec.beta:g}): mean held-out KL per group (nats), and whom the generator produces",
-             by_group.drop(columns=["nll", "generated_share_seed_std"], errors="ignore").round(4).to_string(index=False)]
+    lines = [
+        f"VAE (beta {result.spec.beta:g}): mean held-out KL per group (nats), and whom the generator produces",
+        by_group.drop(columns=["nll", "generated_share_seed_std"], errors="ignore").round(4).to_string(index=False),
+    ]
     if kl_weight is not None:
-        lines += ["Effective KL weight ||grad beta KL_g|| / ||grad NLL_g|| at the first and last gradient snapshot",
-                  kl_weight[["loss", "group", "kl_weight_first", "kl_weight_last", "drift"]].round(4).to_string(index=False)]
+        lines += [
+            "Effective KL weight ||grad beta KL_g|| / ||grad NLL_g|| at the first and last gradient snapshot",
+            kl_weight[["loss", "group", "kl_weight_first", "kl_weight_last", "drift"]].round(4).to_string(index=False),
+        ]
     return "\n".join(lines)
 
 
@@ -204,33 +229,50 @@ def vae_markdown(result) -> list[str]:
     by_group, kl_weight = vae_tables(result)
     if by_group is None:
         return []
-    lines = ["## VAEs: KL per group and whom the generator produces", "",
-             f"beta = {result.spec.beta:g}. `kl`: mean KL(q(z|x) || N(0, I)) of the group's held-out images (nats; "
-             "which group gets latent capacity); `nll`: the loss's NLL at one draw z ~ q(z|x); means over seeds.", ""]
+    lines = [
+        "## VAEs: KL per group and whom the generator produces",
+        "",
+        f"beta = {result.spec.beta:g}. `kl`: mean KL(q(z|x) || N(0, I)) of the group's held-out images (nats; "
+        "which group gets latent capacity); `nll`: the loss's NLL at one draw z ~ q(z|x); means over seeds.",
+        "",
+    ]
     gen = result.info.get("generation")
     if "generated_share" in by_group:
-        lines += [f"`generated_share`: share of {gen['n'] if gen else 'the'} images decoded from the prior per cell "
-                  f"that fall in the group (assigned by {gen['method'] if gen else 'the audit'}), beside its share of "
-                  "the training images.", ""]
+        lines += [
+            f"`generated_share`: share of {gen['n'] if gen else 'the'} images decoded from the prior per cell "
+            f"that fall in the group (assigned by {gen['method'] if gen else 'the audit'}), beside its share of "
+            "the training images.",
+            "",
+        ]
         if gen and gen.get("near_chance"):
             lines += ["**warning:** the group classifier is near chance, so generated_share is not reliable.", ""]
     lines += [_markdown(by_group.round(4)), ""]
     if kl_weight is not None:
-        lines += ["Effective KL weight over training, ||grad beta KL_g|| / ||grad NLL_g|| over the weights at the "
-                  "gradient snapshots (means over seeds); drift = last / first (< 1: the KL's pull fell relative "
-                  "to the likelihood's).", "", _markdown(kl_weight.round(4)), ""]
+        lines += [
+            "Effective KL weight over training, ||grad beta KL_g|| / ||grad NLL_g|| over the weights at the "
+            "gradient snapshots (means over seeds); drift = last / first (< 1: the KL's pull fell relative "
+            "to the likelihood's).",
+            "",
+            _markdown(kl_weight.round(4)),
+            "",
+        ]
     return lines
 
 
 def describe_audit(result) -> str:
     """One sentence: dataset, groups, model, seeds, epochs."""
     spec = result.spec
-    ablations = [f"`{v}` {name}" for name, v, default in (("output", spec.output, "linear"),
-                                                           ("input", spec.input_norm, "none")) if v != default]
-    return (f"Dataset `{spec.dataset}`, groups by `{spec.group_method}`"
-            + (f" (contrast `{spec.contrast}`, polarity `{spec.polarity}`)" if spec.group_method == "transform" else "")
-            + f", model `{spec.model}` (latent {spec.latent}{''.join(', ' + a for a in ablations)}), {spec.seeds} seed(s), "
-            + (f"epochs `auto` (at most {spec.max_epochs})." if spec.epochs == "auto" else f"{spec.epochs} epoch(s)."))
+    ablations = [
+        f"`{v}` {name}"
+        for name, v, default in (("output", spec.output, "linear"), ("input", spec.input_norm, "none"))
+        if v != default
+    ]
+    return (
+        f"Dataset `{spec.dataset}`, groups by `{spec.group_method}`"
+        + (f" (contrast `{spec.contrast}`, polarity `{spec.polarity}`)" if spec.group_method == "transform" else "")
+        + f", model `{spec.model}` (latent {spec.latent}{''.join(', ' + a for a in ablations)}), {spec.seeds} seed(s), "
+        + (f"epochs `auto` (at most {spec.max_epochs})." if spec.epochs == "auto" else f"{spec.epochs} epoch(s).")
+    )
 
 
 def loss_warnings(analysis: Analysis) -> list[tuple[str, str]]:

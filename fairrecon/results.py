@@ -73,8 +73,11 @@ class AuditResult:
         """One row per (loss, group): each metric's mean over seeds of the per-seed group means, and its spread."""
         cg = self.by_cell_group()
         agg = cg.groupby(["loss", "group"], observed=True, sort=False).agg(
-            n=("n", "first"), seeds=("seed", "nunique"),
-            **{m: (m, "mean") for m in self.metrics}, **{f"{m}_seed_std": (m, "std") for m in self.metrics})
+            n=("n", "first"),
+            seeds=("seed", "nunique"),
+            **{m: (m, "mean") for m in self.metrics},
+            **{f"{m}_seed_std": (m, "std") for m in self.metrics},
+        )
         return agg.reset_index()
 
     @property
@@ -118,7 +121,7 @@ class AuditResult:
         return files
 
     @classmethod
-    def load(cls, folder: str | Path) -> "AuditResult":
+    def load(cls, folder: str | Path) -> AuditResult:
         """Read a results folder written by outputs.save_results."""
         folder = Path(folder)
         require_complete(folder)
@@ -130,11 +133,15 @@ class AuditResult:
         except (OSError, ValueError) as e:
             raise UserError(f"{folder}: cannot read results ({e})") from None
         spec = AuditSpec.from_dict(summary["spec"], str(folder / "summary.json"))
-        tables["samples"]["group"] = pd.Categorical(tables["samples"]["group"].astype(str),
-                                                    categories=_group_order(tables["groups"]))
+        tables["samples"]["group"] = pd.Categorical(
+            tables["samples"]["group"].astype(str), categories=_group_order(tables["groups"])
+        )
         tables["groups"]["group"] = tables["groups"]["group"].astype(str)
-        for name, what in (("grad_shares", "gradient shares"), ("curves", "curves"),
-                           ("generated", "generated shares")):  # optional tables
+        for name, what in (
+            ("grad_shares", "gradient shares"),
+            ("curves", "curves"),
+            ("generated", "generated shares"),
+        ):  # optional tables
             path = folder / f"{name}.csv"
             if path.exists():
                 try:

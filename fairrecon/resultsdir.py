@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .data import file_sha256, fingerprint
 from .errors import UserError
@@ -70,7 +71,7 @@ class Identity:
         return {"spec_hash": self.hash, "fields": self.fields, "inputs": self.inputs}
 
     @classmethod
-    def of(cls, spec: AuditSpec, device_type: str) -> "Identity":
+    def of(cls, spec: AuditSpec, device_type: str) -> Identity:
         return cls(result_fields(spec, device_type), input_fingerprint(spec))
 
 
@@ -85,8 +86,14 @@ def input_paths(spec: AuditSpec) -> tuple[list[Path], list[Path]]:
     return files, folders
 
 
-def check_out(out: str | Path, identity: Identity, *, files: Iterable[Path] = (), folders: Iterable[Path] = (),
-              force: bool = False) -> None:
+def check_out(
+    out: str | Path,
+    identity: Identity,
+    *,
+    files: Iterable[Path] = (),
+    folders: Iterable[Path] = (),
+    force: bool = False,
+) -> None:
     """Refuse (UserError, one line) to write `identity`'s results into `out`; reads only.
 
     `files` and `folders` are the run's inputs. `force` lets a folder of another audit be replaced,
@@ -98,23 +105,32 @@ def check_out(out: str | Path, identity: Identity, *, files: Iterable[Path] = ()
     here = out.resolve()
     for path in files:
         if path.exists() and path.resolve().is_relative_to(here):
-            raise UserError(f"output folder {out} holds this run's input {path}; results must not be written "
-                            "beside (or over) their inputs: pass another --out")
+            raise UserError(
+                f"output folder {out} holds this run's input {path}; results must not be written "
+                "beside (or over) their inputs: pass another --out"
+            )
     for folder in folders:
         if folder.is_dir() and here.is_relative_to(folder.resolve()):
-            raise UserError(f"output folder {out} is inside the image folder {folder}; results must not be written "
-                            "among the images they measure: pass an --out outside it")
+            raise UserError(
+                f"output folder {out} is inside the image folder {folder}; results must not be written "
+                "among the images they measure: pass an --out outside it"
+            )
     if not out.is_dir() or not any(out.iterdir()):
         return
     old = previous_identity(out)
     if old is None:
-        raise UserError(f"output folder {out} is not empty and was not written by fairrecon (no {MARKER}); "
-                        "pass a new or empty folder as --out (fairrecon will not overwrite files it does not own)")
+        raise UserError(
+            f"output folder {out} is not empty and was not written by fairrecon (no {MARKER}); "
+            "pass a new or empty folder as --out (fairrecon will not overwrite files it does not own)"
+        )
     if force or old.hash == identity.hash:
         return
     if old.fields != identity.fields:
-        changed = [f"{k} {old.fields.get(k, '(unset)')!r} -> {identity.fields.get(k, '(unset)')!r}"
-                   for k in sorted(set(old.fields) | set(identity.fields)) if old.fields.get(k) != identity.fields.get(k)]
+        changed = [
+            f"{k} {old.fields.get(k, '(unset)')!r} -> {identity.fields.get(k, '(unset)')!r}"
+            for k in sorted(set(old.fields) | set(identity.fields))
+            if old.fields.get(k) != identity.fields.get(k)
+        ]
         shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
         what = f"holds an audit with a different spec ({shown})"
     elif old.inputs is None:
@@ -133,8 +149,11 @@ def _input_changes(old: dict[str, Any], new: dict[str, Any], out: Path) -> list[
             continue
         if key == "labels":
             name = b.get("file") or a.get("file")
-            said.append(f"{name} changed since {out} was written (sha256 {a.get('sha256')} -> {b.get('sha256')})"
-                        if a.get("file") == b.get("file") else f"labels CSV {a.get('file')} -> {b.get('file')}")
+            said.append(
+                f"{name} changed since {out} was written (sha256 {a.get('sha256')} -> {b.get('sha256')})"
+                if a.get("file") == b.get("file")
+                else f"labels CSV {a.get('file')} -> {b.get('file')}"
+            )
         elif "scikit-learn" in a or "scikit-learn" in b:
             said.append(f"scikit-learn's digits: scikit-learn {a.get('scikit-learn')} -> {b.get('scikit-learn')}")
         else:
@@ -142,7 +161,9 @@ def _input_changes(old: dict[str, Any], new: dict[str, Any], out: Path) -> list[
             if (a.get("files"), a.get("bytes")) == (b.get("files"), b.get("bytes")):
                 detail = f"the same {b.get('files')} files, but modification times differ"
             else:
-                detail = f"{a.get('files')} files, {a.get('bytes')} bytes -> {b.get('files')} files, {b.get('bytes')} bytes"
+                detail = (
+                    f"{a.get('files')} files, {a.get('bytes')} bytes -> {b.get('files')} files, {b.get('bytes')} bytes"
+                )
             said.append(f"{where} changed since {out} was written ({detail})")
     return said
 
@@ -207,8 +228,10 @@ def require_complete(folder: str | Path) -> None:
     """For readers (report, check): refuse a folder whose audit started but did not finish writing."""
     marker = read_marker(folder)
     if marker is not None and not marker.get("complete"):
-        raise UserError(f"{folder}: the audit writing this folder did not finish (it failed or was interrupted), "
-                        "so its result files may be from an earlier audit; run the audit again to finish it")
+        raise UserError(
+            f"{folder}: the audit writing this folder did not finish (it failed or was interrupted), "
+            "so its result files may be from an earlier audit; run the audit again to finish it"
+        )
 
 
 def _write_marker(out: Path, identity: Identity, complete: bool) -> None:
@@ -216,8 +239,19 @@ def _write_marker(out: Path, identity: Identity, complete: bool) -> None:
 
     try:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / MARKER, json.dumps({"written_by": "fairrecon", "version": __version__,
-                                               "identity": identity.to_dict(), "complete": complete},
-                                              indent=2, default=str) + "\n")
+        atomic_write(
+            out / MARKER,
+            json.dumps(
+                {
+                    "written_by": "fairrecon",
+                    "version": __version__,
+                    "identity": identity.to_dict(),
+                    "complete": complete,
+                },
+                indent=2,
+                default=str,
+            )
+            + "\n",
+        )
     except OSError as e:
         raise UserError(f"cannot write to output folder {out}: {e.strerror or e}") from None

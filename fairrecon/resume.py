@@ -39,10 +39,12 @@ def cell_name(cell: Cell) -> str:
     case-insensitive file system (the result has no capitals); the seed is the digits after the
     last '-seed'.
     """
+
     def code(ch: str) -> str:
         if ch.isascii() and (ch.islower() or ch.isdigit() or ch in ".-"):
             return ch
         return "_" if ch == ":" else "".join(f"+{byte:02x}" for byte in ch.encode())
+
     return f"{''.join(map(code, cell.loss))}-seed{cell.seed}"
 
 
@@ -95,8 +97,9 @@ class CellStore:
         for table in self._marker(self.folder / f"{name}.json")["tables"]:
             path = self.folder / f"{name}.{table}.csv"
             try:
-                tables[table] = pd.read_csv(path, keep_default_na=False,
-                                            na_values=[""], dtype={"loss": str, "group": str, "status": str})
+                tables[table] = pd.read_csv(
+                    path, keep_default_na=False, na_values=[""], dtype={"loss": str, "group": str, "status": str}
+                )
             except (OSError, ValueError) as e:
                 raise UserError(f"{path}: cannot read checkpoint ({e}); delete it to train that cell again") from None
         return tables

@@ -14,9 +14,10 @@ import math
 import tomllib
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from .errors import UserError
 
@@ -36,14 +37,22 @@ DEFAULT_LOSSES = ("l1", "l2", "log-mse", "learned-sigma")
 Scope = Literal["data", "audit", "spec"]
 
 
-def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, scope: Scope = "audit",
-            metavar: str | None = None, words: tuple[str, ...] = ()) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    scope: Scope = "audit",
+    metavar: str | None = None,
+    words: tuple[str, ...] = (),
+) -> Any:
     """A spec field with its default, its help text and (for enumerations) its allowed values.
 
     `words`: for a field typed `int | str`, the words it takes besides a number (e.g. epochs "auto").
     """
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "scope": scope,
-                                                        "metavar": metavar, "words": words})
+    return dataclasses.field(
+        default=default, metadata={"help": help, "choices": choices, "scope": scope, "metavar": metavar, "words": words}
+    )
 
 
 @dataclass(frozen=True)
@@ -51,79 +60,145 @@ class AuditSpec:
     """Everything an audit needs; any field can be set in TOML or by a CLI flag."""
 
     # data
-    dataset: str = setting("digits", "Dataset: digits ships with scikit-learn (no download); folder is your own images.",
-                           choices=DATASETS, scope="data")
-    data_root: str = setting("datasets", "Folder holding the dataset files (for folder: the image folder).",
-                             scope="data", metavar="DIR")
+    dataset: str = setting(
+        "digits",
+        "Dataset: digits ships with scikit-learn (no download); folder is your own images.",
+        choices=DATASETS,
+        scope="data",
+    )
+    data_root: str = setting(
+        "datasets", "Folder holding the dataset files (for folder: the image folder).", scope="data", metavar="DIR"
+    )
     download: bool = setting(False, "Let torchvision download missing dataset files.", scope="audit")
     limit: int | None = setting(None, "Cap on training images (default: all).", scope="data", metavar="N")
     test_limit: int | None = setting(None, "Cap on held-out images (default: all).", scope="data", metavar="N")
-    split_seed: int = setting(0, "Seed of the group assignment and, where a dataset has none (digits, folder), the "
-                              "train/test split (20% held out; with --labels stratified by group).",
-                              scope="data", metavar="N")
-    skip_bad_images: bool = setting(False, "folder: skip images that cannot be read (with a warning and a count) "
-                                    "instead of stopping.", scope="data")
+    split_seed: int = setting(
+        0,
+        "Seed of the group assignment and, where a dataset has none (digits, folder), the "
+        "train/test split (20% held out; with --labels stratified by group).",
+        scope="data",
+        metavar="N",
+    )
+    skip_bad_images: bool = setting(
+        False, "folder: skip images that cannot be read (with a warning and a count) instead of stopping.", scope="data"
+    )
     # groups
-    group_method: str = setting("transform", "transform: map images to target brightness; select: pick real "
-                                "images by brightness; labels: groups from --labels.", choices=GROUP_METHODS,
-                                scope="data")
-    targets: tuple[float, ...] = setting((0.3, 0.9), "Target mean pixel value per group.", scope="data",
-                                         metavar="T,T,...")
-    proportions: tuple[float, ...] | None = setting(None, "Share of images per group, e.g. 0.9,0.1 (default: balanced).",
-                                                    scope="data", metavar="P,P,...")
-    contrast: str = setting("matched", "For transform: matched keeps every group's contrast the same; squeeze is "
-                            "the plain affine map.", choices=CONTRASTS, scope="data")
-    polarity: str = setting("auto", "For transform: auto maps each image or its negative (whichever keeps more "
-                            "contrast at its target); keep never flips (both groups positive); invert always "
-                            "flips (both groups negative).", choices=POLARITIES, scope="data")
+    group_method: str = setting(
+        "transform",
+        "transform: map images to target brightness; select: pick real "
+        "images by brightness; labels: groups from --labels.",
+        choices=GROUP_METHODS,
+        scope="data",
+    )
+    targets: tuple[float, ...] = setting(
+        (0.3, 0.9), "Target mean pixel value per group.", scope="data", metavar="T,T,..."
+    )
+    proportions: tuple[float, ...] | None = setting(
+        None, "Share of images per group, e.g. 0.9,0.1 (default: balanced).", scope="data", metavar="P,P,..."
+    )
+    contrast: str = setting(
+        "matched",
+        "For transform: matched keeps every group's contrast the same; squeeze is the plain affine map.",
+        choices=CONTRASTS,
+        scope="data",
+    )
+    polarity: str = setting(
+        "auto",
+        "For transform: auto maps each image or its negative (whichever keeps more "
+        "contrast at its target); keep never flips (both groups positive); invert always "
+        "flips (both groups negative).",
+        choices=POLARITIES,
+        scope="data",
+    )
     tolerance: float = setting(0.01, "Allowed |group mean brightness - target| for select.", scope="spec")
-    labels: str | None = setting(None, "CSV mapping image files to groups (columns file,group and optionally "
-                                 "split = train/test); implies --group-method labels (needs --dataset folder).",
-                                 scope="data", metavar="CSV")
+    labels: str | None = setting(
+        None,
+        "CSV mapping image files to groups (columns file,group and optionally "
+        "split = train/test); implies --group-method labels (needs --dataset folder).",
+        scope="data",
+        metavar="CSV",
+    )
     # models, losses, training
-    losses: tuple[str, ...] = setting(DEFAULT_LOSSES, "Losses to compare (`fairrecon losses` lists them). A family "
-                                      "member is NAME:VALUE, and bare numbers after it add members: mix:0,0.5,1 is "
-                                      "mix:0, mix:0.5, mix:1.", metavar="L,L,...")
-    model: str = setting("mlp", "Autoencoder: mlp or conv; vae and conv-vae are the same networks as variational "
-                         "autoencoders (Gaussian encoder, standard normal prior, the loss as the decoder's likelihood).",
-                         choices=MODELS)
-    beta: float = setting(1.0, "VAEs only: weight of the KL term, objective per sample = NLL + beta * KL.",
-                          metavar="B")
-    generate: int = setting(1000, "VAEs only: images decoded from the prior per cell, each assigned to a group "
-                            "(generated_share: whom the generator produces); 0 = off.", metavar="N")
-    output: str = setting("linear", "Decoder output: linear (unbounded) or sigmoid (predictions in (0, 1)).",
-                          choices=OUTPUTS)
-    input_norm: str = setting("none", "Encoder input: none, or standardize each pixel with the training images' mean "
-                              "and std (the reconstruction target is unchanged).", choices=INPUT_NORMS)
-    latent: int = setting(16, "Latent size of the autoencoder (also the PCA rank for difficulty-adjusted gaps).",
-                          scope="data", metavar="K")
+    losses: tuple[str, ...] = setting(
+        DEFAULT_LOSSES,
+        "Losses to compare (`fairrecon losses` lists them). A family "
+        "member is NAME:VALUE, and bare numbers after it add members: mix:0,0.5,1 is "
+        "mix:0, mix:0.5, mix:1.",
+        metavar="L,L,...",
+    )
+    model: str = setting(
+        "mlp",
+        "Autoencoder: mlp or conv; vae and conv-vae are the same networks as variational "
+        "autoencoders (Gaussian encoder, standard normal prior, the loss as the decoder's likelihood).",
+        choices=MODELS,
+    )
+    beta: float = setting(1.0, "VAEs only: weight of the KL term, objective per sample = NLL + beta * KL.", metavar="B")
+    generate: int = setting(
+        1000,
+        "VAEs only: images decoded from the prior per cell, each assigned to a group "
+        "(generated_share: whom the generator produces); 0 = off.",
+        metavar="N",
+    )
+    output: str = setting(
+        "linear", "Decoder output: linear (unbounded) or sigmoid (predictions in (0, 1)).", choices=OUTPUTS
+    )
+    input_norm: str = setting(
+        "none",
+        "Encoder input: none, or standardize each pixel with the training images' mean "
+        "and std (the reconstruction target is unchanged).",
+        choices=INPUT_NORMS,
+    )
+    latent: int = setting(
+        16,
+        "Latent size of the autoencoder (also the PCA rank for difficulty-adjusted gaps).",
+        scope="data",
+        metavar="K",
+    )
     hidden: int = setting(256, "Hidden width of the MLP (the conv model uses hidden // 8 channels).", metavar="N")
     seeds: int = setting(5, "Training runs per loss (seeds 0 .. seeds-1).", metavar="N")
-    epochs: int | str = setting(50, "Training epochs per cell, or auto: until every group's validation and "
-                                "training error flatten (at most max_epochs).", metavar="N|auto", words=("auto",))
+    epochs: int | str = setting(
+        50,
+        "Training epochs per cell, or auto: until every group's validation and "
+        "training error flatten (at most max_epochs).",
+        metavar="N|auto",
+        words=("auto",),
+    )
     max_epochs: int = setting(200, "Cap on the epochs of --epochs auto.", metavar="N")
     batch_size: int = setting(128, "Training batch size.", metavar="N")
     lr: float = setting(1e-3, "Adam learning rate of the weights.", metavar="LR")
-    sigma_lr: float = setting(5e-2, "Adam learning rate of the losses' learned parameters, as logs (learned sigma, "
-                              "scale, dof; faster than the weights, so sigma^2 tracks the MSE within the run).",
-                              scope="spec")
-    sigma_floor: float = setting(1e-3, "Smallest value a learned scale (sigma, scale) may reach (pixel units).",
-                                 scope="spec")
+    sigma_lr: float = setting(
+        5e-2,
+        "Adam learning rate of the losses' learned parameters, as logs (learned sigma, "
+        "scale, dof; faster than the weights, so sigma^2 tracks the MSE within the run).",
+        scope="spec",
+    )
+    sigma_floor: float = setting(
+        1e-3, "Smallest value a learned scale (sigma, scale) may reach (pixel units).", scope="spec"
+    )
     device: str = setting("auto", "auto takes CUDA when present.", choices=DEVICES, scope="data")
     # measurements
-    grad_points: int = setting(20, "Gradient-share snapshots per cell, at most one per 20 steps (0 = off; with "
-                               "--epochs auto, at every epoch start instead).", scope="spec")
-    eval_points: int = setting(20, "Points per cell at which each group's held-out error is measured during "
-                               "training (curves.csv); with --epochs auto, one per epoch instead.", scope="spec")
-    out: str | None = setting(None, "Results folder: tables, summary.json, report.md, report.html, checkpoints.",
-                              metavar="DIR")
+    grad_points: int = setting(
+        20,
+        "Gradient-share snapshots per cell, at most one per 20 steps (0 = off; with "
+        "--epochs auto, at every epoch start instead).",
+        scope="spec",
+    )
+    eval_points: int = setting(
+        20,
+        "Points per cell at which each group's held-out error is measured during "
+        "training (curves.csv); with --epochs auto, one per epoch instead.",
+        scope="spec",
+    )
+    out: str | None = setting(
+        None, "Results folder: tables, summary.json, report.md, report.html, checkpoints.", metavar="DIR"
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "losses", parse_losses(self.losses))  # one spelling, however it was given
         _validate(self)
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], where: str = "spec") -> "AuditSpec":
+    def from_dict(cls, raw: Mapping[str, Any], where: str = "spec") -> AuditSpec:
         """A spec from plain values (TOML, JSON, keyword arguments): unknown keys and bad values are
         one-line errors that name `where`."""
         for key in raw:
@@ -136,7 +211,7 @@ class AuditSpec:
         except UserError as e:
             raise UserError(str(e) if str(e).startswith(f"{where}:") else f"{where}: {e}") from None
 
-    def replace(self, **changes: Any) -> "AuditSpec":
+    def replace(self, **changes: Any) -> AuditSpec:
         """A copy with some fields changed, like dataclasses.replace but checked and coerced.
 
         None sets an optional field (out, limit, proportions, ...) to None and leaves any other
@@ -151,7 +226,7 @@ class AuditSpec:
             changes.setdefault("group_method", self.group_method)
         return dataclasses.replace(self, **_labels_imply_grouping(changes))
 
-    def override(self, **flags: Any) -> "AuditSpec":
+    def override(self, **flags: Any) -> AuditSpec:
         """Apply CLI flags: a flag left at None was not given and changes nothing."""
         return self.replace(**{k: v for k, v in flags.items() if v is not None})
 
@@ -274,9 +349,14 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if words:  # a number or one of the field's words
             if isinstance(value, str) and value.strip() in words:
                 return value.strip()
-            if (isinstance(value, bool) or not isinstance(value, (int, float, str))
-                    or isinstance(value, float) and not value.is_integer()
-                    or isinstance(value, str) and not value.strip().lstrip("+-").isdigit()):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float, str))
+                or isinstance(value, float)
+                and not value.is_integer()
+                or isinstance(value, str)
+                and not value.strip().lstrip("+-").isdigit()
+            ):
                 raise UserError(f"{where}: '{key}' = {value!r} is not a whole number or one of: {', '.join(words)}")
             return int(value)
         if kind is tuple or typing.get_origin(kind) is tuple:
@@ -318,8 +398,12 @@ def _labels_imply_grouping(given: dict[str, Any]) -> dict[str, Any]:
 
 # Flags of brightness groups, with the methods they apply to: with any other method they would be
 # silently ignored, so they are refused. (`tolerance`, set in spec files only, is a bound for select.)
-_BRIGHTNESS_ONLY = {"targets": ("transform", "select"), "proportions": ("transform", "select"),
-                    "contrast": ("transform",), "polarity": ("transform",)}
+_BRIGHTNESS_ONLY = {
+    "targets": ("transform", "select"),
+    "proportions": ("transform", "select"),
+    "contrast": ("transform",),
+    "polarity": ("transform",),
+}
 
 
 def _validate(s: AuditSpec) -> None:
@@ -344,27 +428,39 @@ def _validate(s: AuditSpec) -> None:
         need(abs(sum(props) - 1.0) < 1e-6, f"proportions {list(props)} sum to {sum(props):g}, not 1")
     else:
         need(s.labels is not None, "group_method 'labels' needs a labels CSV (--labels FILE)")
-        need(s.dataset == "folder", f"--labels gives groups to the images of a folder: use --dataset folder "
-                                    f"--data-root DIR, not dataset '{s.dataset}'")
-    need(s.labels is None or s.group_method == "labels",
-         f"--labels {s.labels} gives the groups from a CSV, which contradicts group method '{s.group_method}'; "
-         "drop one of the two")
+        need(
+            s.dataset == "folder",
+            f"--labels gives groups to the images of a folder: use --dataset folder "
+            f"--data-root DIR, not dataset '{s.dataset}'",
+        )
+    need(
+        s.labels is None or s.group_method == "labels",
+        f"--labels {s.labels} gives the groups from a CSV, which contradicts group method '{s.group_method}'; "
+        "drop one of the two",
+    )
     for name, methods in _BRIGHTNESS_ONLY.items():
         value, default = getattr(s, name), _DEFAULTS[name]
         shown = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
-        need(s.group_method in methods or value == default,
-             f"{name} {shown} applies only to group method {' or '.join(methods)}, not '{s.group_method}'; "
-             f"drop it" + (" (with --labels the CSV gives the groups)" if s.group_method == "labels" else ""))
+        need(
+            s.group_method in methods or value == default,
+            f"{name} {shown} applies only to group method {' or '.join(methods)}, not '{s.group_method}'; "
+            f"drop it" + (" (with --labels the CSV gives the groups)" if s.group_method == "labels" else ""),
+        )
     for name in ("latent", "hidden", "seeds", "max_epochs", "batch_size"):
         need(getattr(s, name) >= 1, f"{name} must be >= 1, got {getattr(s, name)}")
     if s.epochs != "auto":
-        need(isinstance(s.epochs, int) and not isinstance(s.epochs, bool),
-             f"epochs must be a whole number or 'auto', got {s.epochs!r}")
+        need(
+            isinstance(s.epochs, int) and not isinstance(s.epochs, bool),
+            f"epochs must be a whole number or 'auto', got {s.epochs!r}",
+        )
         need(s.epochs >= 1, f"epochs must be >= 1, got {s.epochs} (or 'auto')")
     if s.model not in VAE_MODELS:  # VAE settings would be silently ignored by an autoencoder
         for name in ("beta", "generate"):
-            need(getattr(s, name) == _DEFAULTS[name], f"{name} {getattr(s, name):g} applies only to a VAE "
-                 f"(--model {' or '.join(VAE_MODELS)}), not model '{s.model}'; drop it")
+            need(
+                getattr(s, name) == _DEFAULTS[name],
+                f"{name} {getattr(s, name):g} applies only to a VAE "
+                f"(--model {' or '.join(VAE_MODELS)}), not model '{s.model}'; drop it",
+            )
     need(math.isfinite(s.beta) and s.beta >= 0, f"beta must be a number >= 0, got {s.beta}")
     need(s.generate >= 0, f"generate must be >= 0, got {s.generate}")
     need(s.eval_points >= 2, f"eval_points must be >= 2 (the last is the trained model), got {s.eval_points}")

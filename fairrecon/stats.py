@@ -27,9 +27,9 @@ corrected p-value min(1, m p) < alpha exactly when that interval excludes "no ga
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import permutations
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -51,6 +51,7 @@ def higher_is_worse(metric: str) -> bool:
 
 
 # ---------------------------------------------------------------- the decision policy
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -86,6 +87,7 @@ def _check_metric(metric: str) -> None:
 
 
 # ---------------------------------------------------------------- per-image errors
+
 
 @dataclass(frozen=True)
 class LossErrors:
@@ -136,8 +138,16 @@ def loss_errors(result, *, metric: str = "mse", losses: list[str] | None = None)
         if wide.isna().any().any():
             raise UserError(f"loss {loss}: the seeds were not scored on the same test images")
         group = part.drop_duplicates("index").set_index("index")["group"].astype(str).reindex(wide.index)
-        out.append(LossErrors(loss, wide.columns.to_numpy(), wide.index.to_numpy(),
-                              group.map(code_of).to_numpy(dtype=int), names, wide.to_numpy(dtype=float).T))
+        out.append(
+            LossErrors(
+                loss,
+                wide.columns.to_numpy(),
+                wide.index.to_numpy(),
+                group.map(code_of).to_numpy(dtype=int),
+                names,
+                wide.to_numpy(dtype=float).T,
+            )
+        )
     return out
 
 
@@ -150,8 +160,12 @@ def to_metric_frame(result, loss: str, *, metric: str = "mse", seed: int | None 
     part = df[(df["loss"] == loss) & ((df["seed"] == seed) if seed is not None else True)]
     if part.empty:
         raise UserError(f"no ok samples for loss '{loss}'" + (f" and seed {seed}" if seed is not None else ""))
-    return MetricFrame(metrics={metric: _mean_error}, y_true=np.zeros(len(part)), y_pred=part[metric].to_numpy(),
-                       sensitive_features=part["group"].astype(str).rename("group"))
+    return MetricFrame(
+        metrics={metric: _mean_error},
+        y_true=np.zeros(len(part)),
+        y_pred=part[metric].to_numpy(),
+        sensitive_features=part["group"].astype(str).rename("group"),
+    )
 
 
 def _mean_error(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -160,6 +174,7 @@ def _mean_error(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------- contrasts of group means
+
 
 @dataclass(frozen=True)
 class Contrast:
@@ -242,7 +257,7 @@ class Moments:
     seed_part: bool  # False for an external model: one trained model, test-image uncertainty only
 
     @classmethod
-    def of(cls, values: np.ndarray, codes: np.ndarray, n_groups: int, *, seed_part: bool = True) -> "Moments":
+    def of(cls, values: np.ndarray, codes: np.ndarray, n_groups: int, *, seed_part: bool = True) -> Moments:
         """From values (S, N) and group codes (N,). With seed_part and S < 2 the seed part is unknown (NaN)."""
         s = values.shape[0]
         members = [np.flatnonzero(codes == g) for g in range(n_groups)]
@@ -343,6 +358,7 @@ def hypotheses_per_loss(n_groups: int, ref: int | None, two_sided: bool) -> int:
 
 # ---------------------------------------------------------------- the analysis
 
+
 def group_intervals(result, *, metric: str = "mse", policy: Policy = POLICY) -> pd.DataFrame:
     """One row per (loss, group): mean error and its (1 - alpha) two-sided interval (one group alone: no correction)."""
     rows = []
@@ -350,17 +366,53 @@ def group_intervals(result, *, metric: str = "mse", policy: Policy = POLICY) -> 
         mom = Moments.of(le.values, le.codes, len(le.names), seed_part=not _external(result))
         for g, name in enumerate(le.names):
             c = mom.contrast(np.eye(len(le.names))[g])
-            rows.append({"loss": le.loss, "group": name, "metric": metric, "mean": c.estimate,
-                         "ci_low": c.low(policy.alpha / 2), "ci_high": c.high(policy.alpha / 2),
-                         "n": int(mom.n[g]), "seeds": len(le.seeds)})
+            rows.append(
+                {
+                    "loss": le.loss,
+                    "group": name,
+                    "metric": metric,
+                    "mean": c.estimate,
+                    "ci_low": c.low(policy.alpha / 2),
+                    "ci_high": c.high(policy.alpha / 2),
+                    "n": int(mom.n[g]),
+                    "seeds": len(le.seeds),
+                }
+            )
     return pd.DataFrame(rows, columns=["loss", "group", "metric", "mean", "ci_low", "ci_high", "n", "seeds"])
 
 
-COLUMNS = ["loss", "metric", "reference", "worst", "reference_mean", "worst_mean",
-           "gap", "gap_low", "gap_high", "ratio", "ratio_low", "ratio_high", "gap_lcb", "ratio_lcb",
-           "se", "seed_share", "p_value", "p_corrected", "mde", "mde_relative",
-           "adjusted_reference", "adjusted_worst", "adjusted_gap", "adjusted_gap_low", "adjusted_gap_high",
-           "adjusted_gap_lcb", "n_min", "seeds", "verdict", "warnings"]
+COLUMNS = [
+    "loss",
+    "metric",
+    "reference",
+    "worst",
+    "reference_mean",
+    "worst_mean",
+    "gap",
+    "gap_low",
+    "gap_high",
+    "ratio",
+    "ratio_low",
+    "ratio_high",
+    "gap_lcb",
+    "ratio_lcb",
+    "se",
+    "seed_share",
+    "p_value",
+    "p_corrected",
+    "mde",
+    "mde_relative",
+    "adjusted_reference",
+    "adjusted_worst",
+    "adjusted_gap",
+    "adjusted_gap_low",
+    "adjusted_gap_high",
+    "adjusted_gap_lcb",
+    "n_min",
+    "seeds",
+    "verdict",
+    "warnings",
+]
 
 
 @dataclass(frozen=True)
@@ -398,40 +450,81 @@ class Analysis:
     def method(self) -> str:
         """One sentence: how the intervals are made and how the verdicts are decided."""
         p, family = self.policy, f"{len(self.losses)} loss(es) x {self.pairs} group pair(s)"
-        each = (f"Bonferroni over {family}, so each {'interval' if p.two_sided else 'lower bound'} is at "
-                f"{100 * self.confidence:.4g}%" if p.correction == "bonferroni" else f"no correction over {family}")
+        each = (
+            f"Bonferroni over {family}, so each {'interval' if p.two_sided else 'lower bound'} is at "
+            f"{100 * self.confidence:.4g}%"
+            if p.correction == "bonferroni"
+            else f"no correction over {family}"
+        )
         check = "fairrecon check" + ("" if self.metric == "mse" else f" --metric {self.metric}")
         check += " --max-gap 0" if self.metric == "psnr" else " --max-ratio 1"
-        return (f"Intervals over training seeds and test images (t quantiles, Cochran-Cox; ratios: Fieller); "
-                f"{1 - p.alpha:.0%} confidence for all verdicts together "
-                f"({'two-sided' if p.two_sided else 'one-sided'}, {each}). "
-                f"'clear gap' means `{check}` fails.")
+        return (
+            f"Intervals over training seeds and test images (t quantiles, Cochran-Cox; ratios: Fieller); "
+            f"{1 - p.alpha:.0%} confidence for all verdicts together "
+            f"({'two-sided' if p.two_sided else 'one-sided'}, {each}). "
+            f"'clear gap' means `{check}` fails."
+        )
 
     def policy_record(self) -> dict:
         """The policy and its family, enough to re-derive every decision (summary.json)."""
-        return {"alpha": self.policy.alpha, "correction": self.policy.correction,
-                "two_sided": self.policy.two_sided, "reference": self.reference, "losses": list(self.losses),
-                "pairs_per_loss": self.pairs, "m": self.m, "interval_confidence": self.confidence,
-                "min_group_n": MIN_GROUP_N}
+        return {
+            "alpha": self.policy.alpha,
+            "correction": self.policy.correction,
+            "two_sided": self.policy.two_sided,
+            "reference": self.reference,
+            "losses": list(self.losses),
+            "pairs_per_loss": self.pairs,
+            "m": self.m,
+            "interval_confidence": self.confidence,
+            "min_group_n": MIN_GROUP_N,
+        }
 
 
-def analyse(result, *, metric: str = "mse", policy: Policy = POLICY, reference: str = "best",
-            losses: list[str] | None = None, adjusted: bool = False, pca: pd.DataFrame | None = None) -> Analysis:
+def analyse(
+    result,
+    *,
+    metric: str = "mse",
+    policy: Policy = POLICY,
+    reference: str = "best",
+    losses: list[str] | None = None,
+    adjusted: bool = False,
+    pca: pd.DataFrame | None = None,
+) -> Analysis:
     """The statistics of a result, once: per-group intervals and one decided row per loss."""
-    table = disparities(result, metric=metric, policy=policy, reference=reference, losses=losses,
-                        adjusted=adjusted, pca=pca)
+    table = disparities(
+        result, metric=metric, policy=policy, reference=reference, losses=losses, adjusted=adjusted, pca=pca
+    )
     names = group_names(result)
     ref = None if reference == "best" else names.index(reference)
-    analysis = Analysis(metric, group_intervals(result, metric=metric, policy=policy), table, policy, reference,
-                        tuple(family_losses(result, losses)), hypotheses_per_loss(len(names), ref, policy.two_sided),
-                        adjusted or pca is not None)
+    analysis = Analysis(
+        metric,
+        group_intervals(result, metric=metric, policy=policy),
+        table,
+        policy,
+        reference,
+        tuple(family_losses(result, losses)),
+        hypotheses_per_loss(len(names), ref, policy.two_sided),
+        adjusted or pca is not None,
+    )
     return replace(analysis, frontier=frontier(result, analysis))
 
 
 # ---------------------------------------------------------------- the fairness-accuracy frontier
 
-FRONTIER_COLUMNS = ["loss", "metric", "overall", "overall_low", "overall_high", "ratio", "ratio_low", "ratio_high",
-                    "worst", "reference", "verdict", "pareto"]
+FRONTIER_COLUMNS = [
+    "loss",
+    "metric",
+    "overall",
+    "overall_low",
+    "overall_high",
+    "ratio",
+    "ratio_low",
+    "ratio_high",
+    "worst",
+    "reference",
+    "verdict",
+    "pareto",
+]
 
 
 def frontier(result, analysis: Analysis) -> pd.DataFrame:
@@ -450,7 +543,13 @@ def frontier(result, analysis: Analysis) -> pd.DataFrame:
     external = _external(result)
     rows = []
     for loss in analysis.losses:
-        row = {"loss": loss, "metric": analysis.metric, "overall": np.nan, "overall_low": np.nan, "overall_high": np.nan}
+        row = {
+            "loss": loss,
+            "metric": analysis.metric,
+            "overall": np.nan,
+            "overall_low": np.nan,
+            "overall_high": np.nan,
+        }
         le = errors.get(loss)
         if le is not None:
             mom = Moments.of(le.values, le.codes, len(le.names), seed_part=not external)
@@ -470,9 +569,16 @@ def pareto_flags(error: np.ndarray, ratio: np.ndarray) -> np.ndarray:
     return ok & ~dominated
 
 
-def disparities(result, *, metric: str = "mse", policy: Policy = POLICY, reference: str = "best",
-                losses: list[str] | None = None, adjusted: bool = False,
-                pca: pd.DataFrame | None = None) -> pd.DataFrame:
+def disparities(
+    result,
+    *,
+    metric: str = "mse",
+    policy: Policy = POLICY,
+    reference: str = "best",
+    losses: list[str] | None = None,
+    adjusted: bool = False,
+    pca: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """One row per loss of the family: the worst group's gap and ratio against the reference, decided by `policy`.
 
     gap = worst - reference in the metric's bad direction (for psnr: reference dB - worst dB), so
@@ -514,15 +620,22 @@ def disparities(result, *, metric: str = "mse", policy: Policy = POLICY, referen
             row.update(n_min=int(mom.n.min()), seeds=len(le.seeds))
             if mom.n.min() >= 2:  # a group needs two images for an image variance
                 decisive = _decide(row, mom, ratio=metric != "psnr", **decide)
-                row.update(reference_mean=sign * mom.mean[names.index(row["reference"])],
-                           worst_mean=sign * mom.mean[names.index(row["worst"])])
+                row.update(
+                    reference_mean=sign * mom.mean[names.index(row["reference"])],
+                    worst_mean=sign * mom.mean[names.index(row["worst"])],
+                )
                 if with_pca:
-                    excess = Moments.of(sign * (le.values - baseline_of(le)[None, :]), le.codes, len(names),
-                                        seed_part=not external)
+                    excess = Moments.of(
+                        sign * (le.values - baseline_of(le)[None, :]), le.codes, len(names), seed_part=not external
+                    )
                     adj: dict = {}
                     _decide(adj, excess, ratio=False, **decide)
-                    row.update({"adjusted_" + k: adj[k] for k in ("reference", "worst", "gap", "gap_low",
-                                                                  "gap_high", "gap_lcb")})
+                    row.update(
+                        {
+                            "adjusted_" + k: adj[k]
+                            for k in ("reference", "worst", "gap", "gap_low", "gap_high", "gap_lcb")
+                        }
+                    )
         pair = (row["worst"], row["reference"]) if "worst" in row else None
         reasons = insufficient(result, loss, le, pair=pair, external=external)
         if metric != "psnr" and np.isfinite(row.get("gap_lcb", np.nan)) and not np.isfinite(row["ratio_lcb"]):
@@ -542,23 +655,36 @@ def verdict(*, gap_lcb: float, reasons: list[str]) -> str:
     return CLEAR if gap_lcb > 0 else NO_CLEAR
 
 
-def _decide(row: dict, mom: Moments, *, names: tuple[str, ...], ref: int | None, tail: float, scale: int,
-            ratio: bool) -> tuple[str, str]:
+def _decide(
+    row: dict, mom: Moments, *, names: tuple[str, ...], ref: int | None, tail: float, scale: int, ratio: bool
+) -> tuple[str, str]:
     """Fill `row` with the row pair's gap, ratio and test and the decision over the covered pairs;
     return the covered pair with the largest lower end (the one that decides)."""
     worst, r = _pick(mom.mean, ref)
     c = mom.pair(worst, r)
     pairs = covered_pairs(len(names), ref)
     lows = np.array([mom.pair(g, h).low(tail) for g, h in pairs])
-    row.update(reference=names[r], worst=names[worst], gap=c.estimate, gap_low=c.low(tail), gap_high=c.high(tail),
-               gap_lcb=float(lows.max()), se=c.se, seed_share=c.seed_share, p_value=c.p_two_sided(),
-               p_corrected=float(np.minimum(1.0, scale * np.min([mom.pair(g, h).p_greater() for g, h in pairs]))))
+    row.update(
+        reference=names[r],
+        worst=names[worst],
+        gap=c.estimate,
+        gap_low=c.low(tail),
+        gap_high=c.high(tail),
+        gap_lcb=float(lows.max()),
+        se=c.se,
+        seed_share=c.seed_share,
+        p_value=c.p_two_sided(),
+        p_corrected=float(np.minimum(1.0, scale * np.min([mom.pair(g, h).p_greater() for g, h in pairs]))),
+    )
     row["mde"] = (c.quantile(tail) + c.quantile(1 - POWER)) * c.se
     row["mde_relative"] = row["mde"] / abs(mom.mean[r]) if ratio and mom.mean[r] != 0 else np.nan
     if ratio:
-        row.update(ratio=mom.ratio_point(worst, r), ratio_low=mom.ratio_low(worst, r, tail),
-                   ratio_high=mom.ratio_high(worst, r, tail),
-                   ratio_lcb=float(np.max([mom.ratio_low(g, h, tail) for g, h in pairs])))
+        row.update(
+            ratio=mom.ratio_point(worst, r),
+            ratio_low=mom.ratio_low(worst, r, tail),
+            ratio_high=mom.ratio_high(worst, r, tail),
+            ratio_lcb=float(np.max([mom.ratio_low(g, h, tail) for g, h in pairs])),
+        )
     if np.isnan(lows).all():
         return None
     g, h = pairs[int(np.nanargmax(lows))]
@@ -596,8 +722,9 @@ def gap_drift(result, loss: str, worst: str, best: str) -> float:
     return float(np.mean(drifts)) if drifts else float("nan")
 
 
-def insufficient(result, loss: str, le: LossErrors | None, *, pair: tuple[str, str] | None = None,
-                 external: bool = False) -> list[str]:
+def insufficient(
+    result, loss: str, le: LossErrors | None, *, pair: tuple[str, str] | None = None, external: bool = False
+) -> list[str]:
     """Why a loss's data cannot support a verdict (empty when they can): failed cells, an answer still
     moving at the end of training (`gap_drift` of the shown pair beyond CONVERGED_DROP), fewer than 2
     trained seeds, a test or training group under MIN_GROUP_N images."""
@@ -607,14 +734,18 @@ def insufficient(result, loss: str, le: LossErrors | None, *, pair: tuple[str, s
     if le is None:
         reasons.append("no cell trained without failing")
     elif len(failed):
-        reasons.append(f"{len(failed)} failed cell(s) left out: "
-                       + ", ".join(f"{loss}/seed{r.seed} ({r.status})" for r in failed.itertuples()))
+        reasons.append(
+            f"{len(failed)} failed cell(s) left out: "
+            + ", ".join(f"{loss}/seed{r.seed} ({r.status})" for r in failed.itertuples())
+        )
     if pair is not None and pair[0] != pair[1]:
         drift = gap_drift(result, loss, *pair)
         if abs(drift) > CONVERGED_DROP:
-            reasons.append(f"the answer had not settled: {pair[0]}/{pair[1]} still moved {drift:+.1%} over the "
-                           f"last {CONVERGED_WINDOW:.0%} of training (settled: within {CONVERGED_DROP:.0%}); "
-                           "train longer (--epochs N or --epochs auto)")
+            reasons.append(
+                f"the answer had not settled: {pair[0]}/{pair[1]} still moved {drift:+.1%} over the "
+                f"last {CONVERGED_WINDOW:.0%} of training (settled: within {CONVERGED_DROP:.0%}); "
+                "train longer (--epochs N or --epochs auto)"
+            )
     if le is None:
         return reasons
     if not external and len(le.seeds) < 2:
@@ -639,28 +770,36 @@ def unconverged(result, loss: str) -> list[str]:
     stuck = cells[cells["converged"].astype("boolean").eq(False).fillna(False)]
     if not len(stuck):
         return []
-    return [f"{len(stuck)} of {len(cells)} cell(s) not converged (an error still changed by more than "
-            f"{CONVERGED_DROP:.0%} over the last {CONVERGED_WINDOW:.0%} of training: "
-            + ", ".join(f"{loss}/seed{s}" for s in stuck["seed"]) + "): the verdict holds for this training length"]
+    return [
+        f"{len(stuck)} of {len(cells)} cell(s) not converged (an error still changed by more than "
+        f"{CONVERGED_DROP:.0%} over the last {CONVERGED_WINDOW:.0%} of training: "
+        + ", ".join(f"{loss}/seed{s}" for s in stuck["seed"])
+        + "): the verdict holds for this training length"
+    ]
 
 
 def _notes(row: dict, decisive: tuple[str, str] | None, external: bool) -> list[str]:
     """Warnings that do not change the verdict."""
     notes = []
     if external:
-        notes.append("one already-trained model: the interval covers the choice of test images, "
-                     "not another training run of the same recipe")
+        notes.append(
+            "one already-trained model: the interval covers the choice of test images, "
+            "not another training run of the same recipe"
+        )
     if row["verdict"] == CLEAR and decisive and decisive != (row["worst"], row["reference"]):
         notes.append(f"decided by group {decisive[0]} vs {decisive[1]}, not the pair shown")
     if row["verdict"] == NO_CLEAR and row["mde"] > abs(row["gap"]):
         size = f"{row['mde_relative']:.1%}" if np.isfinite(row["mde_relative"]) else f"{row['mde']:.3g}"
         more = "seeds" if row["seed_share"] > 0.5 else "test images"
-        notes.append(f"low power: a gap of {size} would be found {POWER:.0%} of the time; smaller ones may be "
-                     f"missed (training randomness is {row['seed_share']:.0%} of the variance: add {more})")
+        notes.append(
+            f"low power: a gap of {size} would be found {POWER:.0%} of the time; smaller ones may be "
+            f"missed (training randomness is {row['seed_share']:.0%} of the variance: add {more})"
+        )
     return notes
 
 
 # ---------------------------------------------------------------- difficulty adjustment (PCA)
+
 
 def pca_reconstruct(train: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
     """Rank-k PCA (affine: mean + top-k principal directions) fitted on `train` (n, M), applied to x (m, M)."""
@@ -683,10 +822,18 @@ def pca_errors(data, k: int) -> pd.DataFrame:
         train = data.train_x[data.train_g == code].flatten(1).double().numpy()
         test = data.test_x[data.test_g == code].flatten(1).double().numpy()
         residual = pca_reconstruct(train, test, k) - test
-        mse = (residual ** 2).mean(1)
-        frames.append(pd.DataFrame({"group": name, "index": data.test_index[data.test_g == code].numpy(),
-                                    "mse": mse, "mae": np.abs(residual).mean(1),
-                                    "psnr": -10.0 * np.log10(np.maximum(mse, PSNR_FLOOR_MSE))}))
+        mse = (residual**2).mean(1)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "group": name,
+                    "index": data.test_index[data.test_g == code].numpy(),
+                    "mse": mse,
+                    "mae": np.abs(residual).mean(1),
+                    "psnr": -10.0 * np.log10(np.maximum(mse, PSNR_FLOOR_MSE)),
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -703,10 +850,15 @@ def grouped_data(result):
     spec = result.spec
     data = make_groups(load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed), spec)
     seen = result.samples.drop_duplicates("index")
-    if (tuple(data.names) != group_names(result) or len(seen) != len(data.test_index)
-            or set(seen["index"]) != set(data.test_index.tolist())):
-        raise UserError("the images recomputed from this result's spec do not match its samples "
-                        "(dataset files changed?); pass a PCA table explicitly")
+    if (
+        tuple(data.names) != group_names(result)
+        or len(seen) != len(data.test_index)
+        or set(seen["index"]) != set(data.test_index.tolist())
+    ):
+        raise UserError(
+            "the images recomputed from this result's spec do not match its samples "
+            "(dataset files changed?); pass a PCA table explicitly"
+        )
     return data
 
 

@@ -54,11 +54,11 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import cached_property
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -80,8 +80,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' requested but no CUDA GPU is available (torch.cuda.is_available() is False); "
-                        "use --device cpu or auto")
+        raise UserError(
+            "device 'cuda' requested but no CUDA GPU is available (torch.cuda.is_available() is False); "
+            "use --device cpu or auto"
+        )
     return torch.device(name)
 
 
@@ -129,11 +131,18 @@ class TrainConfig:
 
     def build(self, shape: tuple[int, int, int], *, scale_head: bool = False) -> nn.Module:
         """One untrained autoencoder of this configuration (with the per-pixel log-scale head if asked)."""
-        return build_model(self.model, shape, self.latent, self.hidden, output=self.output, input_norm=self.input_norm,
-                           scale_head=scale_head)
+        return build_model(
+            self.model,
+            shape,
+            self.latent,
+            self.hidden,
+            output=self.output,
+            input_norm=self.input_norm,
+            scale_head=scale_head,
+        )
 
     @classmethod
-    def from_spec(cls, spec: AuditSpec, **changes) -> "TrainConfig":
+    def from_spec(cls, spec: AuditSpec, **changes) -> TrainConfig:
         """The training settings of a spec (with `changes` applied to the spec first, checked)."""
         spec = spec.replace(**changes) if changes else spec
         return cls(**{f.name: getattr(spec, f.name) for f in fields(cls)})
@@ -164,8 +173,13 @@ class StackedCells:
         """The reconstruction (the predicted mean) in a forward output."""
         return self.split(out)[0]
 
-    def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None,
-                eps: torch.Tensor | None = None, keep: list | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        params: dict[str, torch.Tensor] | None = None,
+        eps: torch.Tensor | None = None,
+        keep: list | None = None,
+    ):
         """x (C, B, ...) -> outputs (C, B, ...), each cell on its own batch: the reconstructions, with the
         raw log-scale channels after them when the models have a scale head (`split`).
 
@@ -175,25 +189,37 @@ class StackedCells:
         """
         params = self.params if params is None else params
         copies = len(next(iter(params.values()))) // len(self.cells)
-        buffers = {k: v.repeat_interleave(copies, dim=0) for k, v in self.buffers.items()} if copies > 1 else self.buffers
+        buffers = (
+            {k: v.repeat_interleave(copies, dim=0) for k, v in self.buffers.items()} if copies > 1 else self.buffers
+        )
         return self._each(params, buffers, [x] if eps is None else [x, eps], keep=keep)
 
     @torch.no_grad()
-    def sample_posterior(self, x: torch.Tensor, eps: torch.Tensor, batch: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_posterior(
+        self, x: torch.Tensor, eps: torch.Tensor, batch: int = 2048
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """VAEs: the same images x (N, ...) through every cell at z = mu + sigma * eps (C, N, latent),
         `batch` images at a time -> (decoded (C, N, ...), KL per sample (C, N))."""
-        parts = [self._each(self.params, self.buffers, [x[i:i + batch], eps[:, i:i + batch]], shared=(True, False))
-                 for i in range(0, len(x), batch)]
+        parts = [
+            self._each(self.params, self.buffers, [x[i : i + batch], eps[:, i : i + batch]], shared=(True, False))
+            for i in range(0, len(x), batch)
+        ]
         return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, batch: int = 2048) -> torch.Tensor:
         """VAEs: each cell's codes z (C, N, latent) through its decoder, `batch` at a time -> (C, N, ...)."""
-        return torch.cat([self._each(self.params, self.buffers, [z[:, i:i + batch]], decode=True)
-                          for i in range(0, z.shape[1], batch)], dim=1)
+        return torch.cat(
+            [
+                self._each(self.params, self.buffers, [z[:, i : i + batch]], decode=True)
+                for i in range(0, z.shape[1], batch)
+            ],
+            dim=1,
+        )
 
-    def objective(self, x: torch.Tensor, eps: torch.Tensor | None = None,
-                  keep: list | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def objective(
+        self, x: torch.Tensor, eps: torch.Tensor | None = None, keep: list | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The training objective per sample (C, B) on batches x (C, B, ...), with its likelihood part
         (C, B) and the reconstruction it scored: NLL for an autoencoder; NLL + beta * KL for a VAE.
         `keep`: a list for the looped forward's graph, which `backward` then takes."""
@@ -210,7 +236,7 @@ class StackedCells:
         """The same images x (N, ...) through every cell, `batch` images at a time (default
         `inference_batch`) -> the means (C, N, ...). Each image's output does not depend on `batch`."""
         batch = batch or self.inference_batch
-        return torch.cat([self.mean(self._run_all(x[i:i + batch])) for i in range(0, len(x), batch)], dim=1)
+        return torch.cat([self.mean(self._run_all(x[i : i + batch])) for i in range(0, len(x), batch)], dim=1)
 
     @cached_property
     def inference_batch(self) -> int:
@@ -234,7 +260,7 @@ class StackedCells:
         batch = batch or self.inference_batch
         parts = []
         for i in range(0, len(x), batch):
-            raw = self.split(self._run_all(x[i:i + batch]))[1]
+            raw = self.split(self._run_all(x[i : i + batch]))[1]
             parts.append(pixel_log_scale(raw, self.config.sigma_floor).exp().flatten(2).mean(2))
         return torch.where(pixel[:, None], torch.cat(parts, dim=1), torch.nan)
 
@@ -250,15 +276,24 @@ class StackedCells:
         a cell per worker thread (`cell_workers`), forward and backward."""
         return self.config.model in CONV_MODELS and self.loss_params.device.type == "cpu"
 
-    def _each(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], args: list[torch.Tensor],
-              shared: tuple[bool, ...] = (), keep: list | None = None, **kwargs) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def _each(
+        self,
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        args: list[torch.Tensor],
+        shared: tuple[bool, ...] = (),
+        keep: list | None = None,
+        **kwargs,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The base model with each stacked row of params and buffers (k, ...) on args -> outputs stacked (k, ...):
         an arg marked True in `shared` goes to every row as it is, the others are split along dim 0. Under vmap,
         or as a loop over rows (`looped`: side by side in `cell_workers`); either way each row computes only with
         its own weights. A list `keep` gets the loop's (row params, row outputs), for `backward`."""
         shared = tuple(shared) + (False,) * (len(args) - len(shared))
+
         def one(p, b, *a):
             return functional_call(self._thread_base(), (p, b), a, kwargs)
+
         if not self.looped:
             return vmap(one, in_dims=(0, 0, *(None if s else 0 for s in shared)))(params, buffers, *args)
         rows = lambda d: [dict(zip(d, vs)) for vs in zip(*(v.unbind(0) for v in d.values()))] if d else None
@@ -290,18 +325,24 @@ class StackedCells:
         if not graph:
             loss.backward()
             return
-        (p_rows, outs), = graph
+        ((p_rows, outs),) = graph
         outs = [o if isinstance(o, tuple) else (o,) for o in outs]
         threads = torch.get_num_threads()
         with one_thread():
-            *out_grads, lp_grad = torch.autograd.grad(loss, [o for out in outs for o in out] + [self.loss_params],
-                                                      allow_unused=True)
+            *out_grads, lp_grad = torch.autograd.grad(
+                loss, [o for out in outs for o in out] + [self.loss_params], allow_unused=True
+            )
             width = len(outs[0])
+
             def one(p, out, grads):
                 used = [(o, g) for o, g in zip(out, grads) if g is not None]
                 return torch.autograd.grad([o for o, _ in used], list(p.values()), [g for _, g in used])
-            grads = cell_workers(one, [(p, out, out_grads[c * width:(c + 1) * width])
-                                       for c, (p, out) in enumerate(zip(p_rows, outs))], threads)
+
+            grads = cell_workers(
+                one,
+                [(p, out, out_grads[c * width : (c + 1) * width]) for c, (p, out) in enumerate(zip(p_rows, outs))],
+                threads,
+            )
         for k, name in enumerate(p_rows[0]):
             self.params[name].grad = torch.stack([g[k] for g in grads])
         if lp_grad is not None:
@@ -366,9 +407,17 @@ class StackedCells:
     def collapsed(self) -> list[str | None]:
         """Per cell: the name of a learned scale that ended within 1% of its floor, else None."""
         values, floor = self.learned(), self.config.sigma_floor
-        return [next((p.name for p in get_loss(cell.loss).params
-                      if p.scale and values[p.name][c] <= floor * SIGMA_COLLAPSE_FACTOR), None)
-                for c, cell in enumerate(self.cells)]
+        return [
+            next(
+                (
+                    p.name
+                    for p in get_loss(cell.loss).params
+                    if p.scale and values[p.name][c] <= floor * SIGMA_COLLAPSE_FACTOR
+                ),
+                None,
+            )
+            for c, cell in enumerate(self.cells)
+        ]
 
     def module(self, c: int) -> nn.Module:
         """Cell c as an ordinary nn.Module (to save, share or inspect)."""
@@ -401,12 +450,15 @@ def cell_workers(fn: Callable, rows: list[tuple], threads: int | None = None) ->
     if workers <= 1:
         return [fn(*row) for row in rows]
     if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="fairrecon-cell",
-                                             initializer=torch.set_num_threads, initargs=(1,))
+        _POOLS[workers] = ThreadPoolExecutor(
+            workers, thread_name_prefix="fairrecon-cell", initializer=torch.set_num_threads, initargs=(1,)
+        )
     grad = torch.is_grad_enabled()
+
     def run(row):
         with torch.set_grad_enabled(grad):
             return fn(*row)
+
     return list(_POOLS[workers].map(run, rows))
 
 
@@ -418,8 +470,11 @@ def activation_sizes(config: TrainConfig, shape: tuple[int, ...]) -> list[int]:
     with torch.device("meta"):
         model = config.build(tuple(shape))
         sizes: list[int] = []
-        hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o[0].numel()))
-                 for m in model.modules() if not list(m.children())]
+        hooks = [
+            m.register_forward_hook(lambda m, i, o: sizes.append(o[0].numel()))
+            for m in model.modules()
+            if not list(m.children())
+        ]
         model(torch.empty(1, *shape))
         for h in hooks:
             h.remove()
@@ -505,17 +560,18 @@ def residual_chunks(stacked: StackedCells, x: torch.Tensor, chunk: int, device: 
     """Every per-image error's source: for each `chunk` images of x (N, ...), moved to `device` a chunk at a
     time (default: where x is), yield (its first index, the residuals reconstruction - image (C, b, M))."""
     for lo in range(0, len(x), chunk):
-        xb = x[lo:lo + chunk].to(device if device is not None else x.device)
+        xb = x[lo : lo + chunk].to(device if device is not None else x.device)
         yield lo, (stacked.reconstruct(xb) - xb).flatten(2)
 
 
 @torch.no_grad()
-def group_errors(stacked: StackedCells, x: torch.Tensor, g: torch.Tensor, n_groups: int,
-                 batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def group_errors(
+    stacked: StackedCells, x: torch.Tensor, g: torch.Tensor, n_groups: int, batch: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each cell's per-group mean MSE and MAE per pixel on images x (N, ...) with group codes g: two (C, G)."""
     sums = torch.zeros(2, len(stacked.cells), n_groups, dtype=torch.float64, device=x.device)
     for lo, r in residual_chunks(stacked, x, batch):
-        gb = g[lo:lo + batch].expand(len(stacked.cells), -1)
+        gb = g[lo : lo + batch].expand(len(stacked.cells), -1)
         sums[0].scatter_add_(1, gb, r.pow(2).mean(2).double())
         sums[1].scatter_add_(1, gb, r.abs().mean(2).double())
     count = torch.bincount(g, minlength=n_groups).to(sums)
@@ -537,8 +593,13 @@ def input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(0), x.std(0, correction=0)
 
 
-def init_cells(cells: list[Cell], shape: tuple[int, int, int], config: TrainConfig, device: torch.device,
-               stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> StackedCells:
+def init_cells(
+    cells: list[Cell],
+    shape: tuple[int, int, int],
+    config: TrainConfig,
+    device: torch.device,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> StackedCells:
     """Seeded initial weights, the same for a seed whatever the loss or the batch of cells.
 
     `stats`: the training images' per-pixel (mean, std), required for input_norm='standardize'.
@@ -578,20 +639,30 @@ def concat_stacked(parts: list[StackedCells]) -> StackedCells:
     row = 0
     for p in parts:
         for k, name in enumerate(p.loss_param_names):
-            loss_params[row:row + len(p.cells), names.index(name)] = p.loss_params.detach()[:, k]
+            loss_params[row : row + len(p.cells), names.index(name)] = p.loss_params.detach()[:, k]
         row += len(p.cells)
     loss_params.requires_grad_()
-    return StackedCells([c for p in parts for c in p.cells], parts[0].base, cat("params"), cat("buffers"),
-                        loss_params, names, parts[0].config)
+    return StackedCells(
+        [c for p in parts for c in p.cells],
+        parts[0].base,
+        cat("params"),
+        cat("buffers"),
+        loss_params,
+        names,
+        parts[0].config,
+    )
 
 
 def _with_zero_head(part: StackedCells) -> StackedCells:
     """A chunk without the scale head as one with a zero head: the same means, weights laid out as a head chunk's."""
     with torch.device("meta"):
         base = part.config.build(part.base.shape, scale_head=True)
-    params = {k: part.params[k].detach() if k in part.params else
-              torch.zeros(len(part.cells), *v.shape, device=part.loss_params.device)
-              for k, v in base.named_parameters()}
+    params = {
+        k: part.params[k].detach()
+        if k in part.params
+        else torch.zeros(len(part.cells), *v.shape, device=part.loss_params.device)
+        for k, v in base.named_parameters()
+    }
     return StackedCells(part.cells, base, params, part.buffers, part.loss_params, part.loss_param_names, part.config)
 
 
@@ -602,8 +673,15 @@ def reorder_stacked(stacked: StackedCells, cells: list[Cell]) -> StackedCells:
     where = {cell: i for i, cell in enumerate(stacked.cells)}
     order = torch.tensor([where[c] for c in cells], device=stacked.loss_params.device)
     take = lambda d: {k: v.detach()[order] for k, v in d.items()}
-    return StackedCells(list(cells), stacked.base, take(stacked.params), take(stacked.buffers),
-                        stacked.loss_params.detach()[order].requires_grad_(), stacked.loss_param_names, stacked.config)
+    return StackedCells(
+        list(cells),
+        stacked.base,
+        take(stacked.params),
+        take(stacked.buffers),
+        stacked.loss_params.detach()[order].requires_grad_(),
+        stacked.loss_param_names,
+        stacked.config,
+    )
 
 
 def cell_bytes(config: TrainConfig, shape: tuple[int, int, int], *, scale_head: bool = False) -> int:
@@ -619,8 +697,11 @@ def cell_bytes(config: TrainConfig, shape: tuple[int, int, int], *, scale_head: 
         model = config.build(shape, scale_head=scale_head)
         n_params = sum(p.numel() for p in model.parameters())
         sizes: list[int] = []
-        hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel()))
-                 for m in model.modules() if not list(m.children())]
+        hooks = [
+            m.register_forward_hook(lambda m, i, o: sizes.append(o.numel()))
+            for m in model.modules()
+            if not list(m.children())
+        ]
         model(torch.empty(config.batch_size, *shape))
         for h in hooks:
             h.remove()
@@ -643,9 +724,16 @@ def available_bytes(device: torch.device | str) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def cells_per_chunk(config: TrainConfig, shape: tuple[int, int, int], n_images: int,
-                    device: torch.device | str = "cpu", budget: float = 0.5, free: int | None = None, *,
-                    scale_head: bool = False) -> int:
+def cells_per_chunk(
+    config: TrainConfig,
+    shape: tuple[int, int, int],
+    n_images: int,
+    device: torch.device | str = "cpu",
+    budget: float = 0.5,
+    free: int | None = None,
+    *,
+    scale_head: bool = False,
+) -> int:
     """How many cells to train together: as many as fit in `budget` of the free memory
     after the resident dataset (at least 1)."""
     free = available_bytes(device) if free is None else free
@@ -695,22 +783,46 @@ def train_cells(
     for head in (False, True):  # the two weight shapes train apart (the scale head's cells second)
         kind = [c for c in cells if needs_scale_head([c]) == head]
         size = max_cells or cells_per_chunk(config, tuple(x.shape[1:]), len(x), device, scale_head=head)
-        parts += [_train_chunk(x, group, kind[i:i + size], config, device, on_snapshot, on_epoch, on_eval,
-                               validation, n_groups, stats, fused)
-                  for i in range(0, len(kind), size)]
+        parts += [
+            _train_chunk(
+                x,
+                group,
+                kind[i : i + size],
+                config,
+                device,
+                on_snapshot,
+                on_epoch,
+                on_eval,
+                validation,
+                n_groups,
+                stats,
+                fused,
+            )
+            for i in range(0, len(kind), size)
+        ]
     done = [c for p in parts for c in p["stacked"].cells]
     stacked = reorder_stacked(concat_stacked([p["stacked"] for p in parts]), cells)
     back = [done.index(c) for c in cells]
     history = pd.concat([p["history"] for p in parts], ignore_index=True)
     if len(parts) > 1:  # one row per cell and epoch, epoch-major as for a single chunk
         order = {cell: i for i, cell in enumerate(cells)}
-        history = (history.assign(_c=[order[Cell(l, s)] for l, s in zip(history["loss"], history["seed"])])
-                   .sort_values(["epoch", "_c"], kind="stable").drop(columns="_c").reset_index(drop=True))
+        history = (
+            history.assign(_c=[order[Cell(loss, s)] for loss, s in zip(history["loss"], history["seed"])])
+            .sort_values(["epoch", "_c"], kind="stable")
+            .drop(columns="_c")
+            .reset_index(drop=True)
+        )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     flat = lambda key: [v for p in parts for v in p[key]]
-    return TrainResult(stacked, history, [flat("status")[i] for i in back], time.perf_counter() - start,
-                       [flat("epochs")[i] for i in back], [flat("steps")[i] for i in back])
+    return TrainResult(
+        stacked,
+        history,
+        [flat("status")[i] for i in back],
+        time.perf_counter() - start,
+        [flat("epochs")[i] for i in back],
+        [flat("steps")[i] for i in back],
+    )
 
 
 def eps_generators(cells: list[Cell], stream: int = EPS_STREAM) -> dict[int, torch.Generator]:
@@ -719,8 +831,9 @@ def eps_generators(cells: list[Cell], stream: int = EPS_STREAM) -> dict[int, tor
     return {s: torch.Generator().manual_seed(s * 2**16 + stream) for s in sorted({c.seed for c in cells})}
 
 
-def draw_eps(generators: dict[int, torch.Generator], cells: list[Cell], batch: int, latent: int,
-             device: torch.device) -> torch.Tensor:
+def draw_eps(
+    generators: dict[int, torch.Generator], cells: list[Cell], batch: int, latent: int, device: torch.device
+) -> torch.Tensor:
     """One step's VAE noise (C, batch, latent): one draw per seed, shared by that seed's cells."""
     eps = {s: torch.randn(batch, latent, generator=g) for s, g in generators.items()}
     return torch.stack([eps[c.seed] for c in cells]).to(device, non_blocking=True)
@@ -735,8 +848,13 @@ def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, on_eval
     """Train one chunk of cells together; x, group and validation are already on the device."""
     n, n_cells = len(x), len(cells)
     stacked = init_cells(cells, tuple(x.shape[1:]), config, device, stats)
-    opt = torch.optim.Adam([{"params": list(stacked.params.values()), "lr": config.lr},
-                            {"params": [stacked.loss_params], "lr": config.sigma_lr}], fused=fused)
+    opt = torch.optim.Adam(
+        [
+            {"params": list(stacked.params.values()), "lr": config.lr},
+            {"params": [stacked.loss_params], "lr": config.sigma_lr},
+        ],
+        fused=fused,
+    )
     orders = {s: torch.Generator().manual_seed(s) for s in sorted({c.seed for c in cells})}  # on the CPU
     noise = eps_generators(cells) if config.vae else None
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -770,7 +888,7 @@ def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, on_eval
         perm = torch.stack([perms[c.seed] for c in cells]).to(device, non_blocking=True)  # (C, N)
         sums = torch.zeros(3, n_cells, device=device)  # nll, mse, count
         for lo in range(0, n, config.batch_size):
-            idx = perm[:, lo:lo + config.batch_size]  # (C, B)
+            idx = perm[:, lo : lo + config.batch_size]  # (C, B)
             xb, gb = x[idx], group[idx]  # (C, B, C_img, H, W), (C, B)
             eps = draw_eps(noise, cells, idx.shape[1], config.latent, device) if noise is not None else None
             if step in snap_at and on_snapshot is not None:
@@ -801,8 +919,15 @@ def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, on_eval
         means = (sums[:2] / sums[2]).cpu()
         for c, cell in enumerate(cells):
             if active[c]:
-                rows.append({"loss": cell.loss, "seed": cell.seed, "epoch": epoch + 1,
-                             "train_nll": means[0, c].item(), "train_mse": means[1, c].item()})
+                rows.append(
+                    {
+                        "loss": cell.loss,
+                        "seed": cell.seed,
+                        "epoch": epoch + 1,
+                        "train_nll": means[0, c].item(),
+                        "train_mse": means[1, c].item(),
+                    }
+                )
         if config.auto:
             val_mse = group_errors(stacked, *validation, n_groups)[0]
             train_mse = point(val_mse)
@@ -811,8 +936,10 @@ def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, on_eval
                 stopped_at[c] = epoch + 1
                 active[c] = False
                 if alive_now[c]:  # keep the weights it has now; failed cells need none
-                    kept[c] = ({k: v[c].detach().clone() for k, v in stacked.params.items()},
-                               stacked.loss_params[c].detach().clone())
+                    kept[c] = (
+                        {k: v[c].detach().clone() for k, v in stacked.params.items()},
+                        stacked.loss_params[c].detach().clone(),
+                    )
         if on_epoch is not None:
             on_epoch(epoch + 1, cap)
         if config.auto and not active.any():
@@ -831,12 +958,18 @@ def _train_chunk(x, group, cells, config, device, on_snapshot, on_epoch, on_eval
             status.append(f"failed: learned {scale} collapsed to its floor {config.sigma_floor:g}")
         else:
             status.append("ok")
-    return {"stacked": stacked, "history": pd.DataFrame(rows), "status": status, "epochs": epochs,
-            "steps": [e * steps_per_epoch for e in epochs]}
+    return {
+        "stacked": stacked,
+        "history": pd.DataFrame(rows),
+        "status": status,
+        "epochs": epochs,
+        "steps": [e * steps_per_epoch for e in epochs],
+    }
 
 
-def _newly_flat(checks: list[tuple[int, np.ndarray, np.ndarray]], active: torch.Tensor, alive: list[bool],
-                epoch: int) -> list[int]:
+def _newly_flat(
+    checks: list[tuple[int, np.ndarray, np.ndarray]], active: torch.Tensor, alive: list[bool], epoch: int
+) -> list[int]:
     """epochs="auto": the active cells that stop now: failed ones, and those whose every group's validation
     and training error has `settled` (changed by at most CONVERGED_DROP over the last CONVERGED_WINDOW)."""
     steps = [c[0] for c in checks]

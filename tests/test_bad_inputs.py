@@ -14,8 +14,8 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -30,6 +30,7 @@ TINY = ["--seeds", "1", "--epochs", "1", "--latent", "4", "--losses", "l2", "--d
 
 
 # --- fake inputs -----------------------------------------------------------------
+
 
 def write_idx(path: Path, data: np.ndarray) -> None:
     """An idx file as torchvision's MNIST reads it: magic (0, 0, 0x08 = uint8, ndim), big-endian dims, bytes."""
@@ -78,7 +79,7 @@ def _truncated_png(folder: Path) -> None:
     """A PNG cut in half, as an interrupted copy leaves it."""
     image_folder(folder, 3, (64, 64))
     path = folder / "img01.png"
-    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 
 
 def half_and_half(n: int = 10) -> list[tuple[str, str]]:
@@ -86,6 +87,7 @@ def half_and_half(n: int = 10) -> list[tuple[str, str]]:
 
 
 # --- the gallery: id -> (make the arguments in tmp, the message's telling part) ----------------------
+
 
 def _mnist(tmp: Path, hurt: Callable[[Path], None]) -> list[str]:
     raw = fake_mnist(tmp / "data")
@@ -98,8 +100,9 @@ def _truncate(raw: Path) -> None:
     path.write_bytes(path.read_bytes()[:5000])
 
 
-def _folder(tmp: Path, make: Callable[[Path], None], labels: list[tuple[str, str]] | None = None,
-            header: str = "file,group") -> list[str]:
+def _folder(
+    tmp: Path, make: Callable[[Path], None], labels: list[tuple[str, str]] | None = None, header: str = "file,group"
+) -> list[str]:
     folder = tmp / "images"
     folder.mkdir()
     make(folder)
@@ -140,53 +143,113 @@ def _spec_file(tmp: Path, text: str) -> list[str]:
 GALLERY: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "dataset files missing": (lambda t: ["--dataset", "mnist", "--data-root", str(t)], "mnist: no dataset files under"),
     "dataset file truncated": (lambda t: _mnist(t, _truncate), "train-images-idx3-ubyte: truncated (5000 bytes"),
-    "dataset file deleted": (lambda t: _mnist(t, lambda r: (r / "t10k-labels-idx1-ubyte").unlink()),
-                             "t10k-labels-idx1-ubyte: dataset file missing"),
-    "dataset file not idx": (lambda t: _mnist(t, lambda r: (r / "train-labels-idx1-ubyte").write_text("hello")),
-                             "train-labels-idx1-ubyte: not an idx file"),
+    "dataset file deleted": (
+        lambda t: _mnist(t, lambda r: (r / "t10k-labels-idx1-ubyte").unlink()),
+        "t10k-labels-idx1-ubyte: dataset file missing",
+    ),
+    "dataset file not idx": (
+        lambda t: _mnist(t, lambda r: (r / "train-labels-idx1-ubyte").write_text("hello")),
+        "train-labels-idx1-ubyte: not an idx file",
+    ),
     "dataset labels do not match images": (
         lambda t: _mnist(t, lambda r: write_idx(r / "train-labels-idx1-ubyte", np.zeros(39, np.uint8))),
-        "has 40 train images but 39 labels"),
+        "has 40 train images but 39 labels",
+    ),
     "image folder missing": (lambda t: ["--dataset", "folder", "--data-root", str(t / "nowhere")], "does not exist"),
-    "image folder empty": (lambda t: _folder(t, lambda f: (f / "notes.txt").write_text("no images")), "has 0 readable image(s)"),
-    "non-image file": (lambda t: _folder(t, lambda f: (image_folder(f, 3), (f / "img01.png").write_text("not a png"))),
-                       "img01.png: not a readable image"),
-    "images of mixed sizes": (lambda t: _folder(t, _mixed_sizes), "img99.png: 9x8 grey differs from img00.png 8x8 grey"),
+    "image folder empty": (
+        lambda t: _folder(t, lambda f: (f / "notes.txt").write_text("no images")),
+        "has 0 readable image(s)",
+    ),
+    "non-image file": (
+        lambda t: _folder(t, lambda f: (image_folder(f, 3), (f / "img01.png").write_text("not a png"))),
+        "img01.png: not a readable image",
+    ),
+    "images of mixed sizes": (
+        lambda t: _folder(t, _mixed_sizes),
+        "img99.png: 9x8 grey differs from img00.png 8x8 grey",
+    ),
     "images of mixed modes": (lambda t: _folder(t, _mixed_modes), "img99.png: 8x8 RGB differs from img00.png 8x8 grey"),
     "labels name unknown files": (
-        lambda t: _folder(t, image_folder, half_and_half() + [("ghost.png", "a")]), "1 label(s) name no image in the folder"),
-    "labels missing rows": (lambda t: _folder(t, image_folder, half_and_half()[:-1]), "1 image(s) have no label, e.g. 'img09.png'"),
-    "labels one group": (lambda t: _folder(t, image_folder, [(f, "a") for f, _ in half_and_half()]), "all images are in one group 'a'"),
-    "labels without header": (lambda t: _folder(t, image_folder, half_and_half(), header="name,kind"), "needs a header with 'file'"),
-    "labels CSV missing": (lambda t: ["--dataset", "folder", "--data-root", str(image_folder(t / "i")), "--group-method",
-                                      "labels", "--labels", str(t / "none.csv")], "none.csv: labels CSV not found"),
-    "group too small to hold out": (lambda t: _folder(t, _no_test_images, _train_only_labels()),
-                                    "group 'rare' has 1 image(s); a group needs at least 2"),
+        lambda t: _folder(t, image_folder, half_and_half() + [("ghost.png", "a")]),
+        "1 label(s) name no image in the folder",
+    ),
+    "labels missing rows": (
+        lambda t: _folder(t, image_folder, half_and_half()[:-1]),
+        "1 image(s) have no label, e.g. 'img09.png'",
+    ),
+    "labels one group": (
+        lambda t: _folder(t, image_folder, [(f, "a") for f, _ in half_and_half()]),
+        "all images are in one group 'a'",
+    ),
+    "labels without header": (
+        lambda t: _folder(t, image_folder, half_and_half(), header="name,kind"),
+        "needs a header with 'file'",
+    ),
+    "labels CSV missing": (
+        lambda t: [
+            "--dataset",
+            "folder",
+            "--data-root",
+            str(image_folder(t / "i")),
+            "--group-method",
+            "labels",
+            "--labels",
+            str(t / "none.csv"),
+        ],
+        "none.csv: labels CSV not found",
+    ),
+    "group too small to hold out": (
+        lambda t: _folder(t, _no_test_images, _train_only_labels()),
+        "group 'rare' has 1 image(s); a group needs at least 2",
+    ),
     "group with no train images in its split column": (
-        lambda t: _folder(t, image_folder, [(f, g, "test" if g == "a" else "train") for f, g in half_and_half()],
-                          header="file,group,split"), "group 'a' has no train images (see its split column)"),
+        lambda t: _folder(
+            t,
+            image_folder,
+            [(f, g, "test" if g == "a" else "train") for f, g in half_and_half()],
+            header="file,group,split",
+        ),
+        "group 'a' has no train images (see its split column)",
+    ),
     "labels contradict the group method": (
         lambda t: _folder(t, image_folder, half_and_half()) + ["--group-method", "select"],
-        "gives the groups from a CSV, which contradicts group method 'select'"),
-    "labels with brightness targets": (lambda t: _folder(t, image_folder, half_and_half()) + ["--targets", "0.2,0.8"],
-                                       "targets 0.2,0.8 applies only to group method transform or select"),
-    "labels for another dataset": (lambda t: ["--labels", str(labels_csv(t / "l.csv", half_and_half()))],
-                                   "use --dataset folder --data-root DIR, not dataset 'digits'"),
+        "gives the groups from a CSV, which contradicts group method 'select'",
+    ),
+    "labels with brightness targets": (
+        lambda t: _folder(t, image_folder, half_and_half()) + ["--targets", "0.2,0.8"],
+        "targets 0.2,0.8 applies only to group method transform or select",
+    ),
+    "labels for another dataset": (
+        lambda t: ["--labels", str(labels_csv(t / "l.csv", half_and_half()))],
+        "use --dataset folder --data-root DIR, not dataset 'digits'",
+    ),
     "labels not UTF-8": (lambda t: _latin1_labels(t), "labels.csv:3: not UTF-8 (byte 0xe9); save it as 'CSV UTF-8'"),
     "labels split not train or test": (
-        lambda t: _folder(t, image_folder, [(f, g, "validation") for f, g in half_and_half()], header="file,group,split"),
-        "labels.csv:2: split 'validation' is not train or test"),
-    "labels limit too small": (lambda t: _folder(t, lambda f: image_folder(f, 40), _skewed(40)) + ["--limit", "4"],
-                               "--limit 4 is too small to keep every group in the train split"),
-    "corrupt image": (lambda t: _folder(t, _truncated_png),
-                      "img01.png: not a readable image (Out of bound read in decode_png. Probably, the input image is "
-                      "corrupted); fix or remove it, or pass --skip-bad-images"),
+        lambda t: _folder(
+            t, image_folder, [(f, g, "validation") for f, g in half_and_half()], header="file,group,split"
+        ),
+        "labels.csv:2: split 'validation' is not train or test",
+    ),
+    "labels limit too small": (
+        lambda t: _folder(t, lambda f: image_folder(f, 40), _skewed(40)) + ["--limit", "4"],
+        "--limit 4 is too small to keep every group in the train split",
+    ),
+    "corrupt image": (
+        lambda t: _folder(t, _truncated_png),
+        "img01.png: not a readable image (Out of bound read in decode_png. Probably, the input image is "
+        "corrupted); fix or remove it, or pass --skip-bad-images",
+    ),
     "target out of range": (lambda t: ["--targets", "0.3,1.2"], "target 1.2 is outside (0, 1)"),
-    "target unreachable by select": (lambda t: ["--group-method", "select", "--targets", "0.05,0.95"],
-                                     "select: target 0.05 cannot be reached"),
+    "target unreachable by select": (
+        lambda t: ["--group-method", "select", "--targets", "0.05,0.95"],
+        "select: target 0.05 cannot be reached",
+    ),
     "proportions do not sum to 1": (lambda t: ["--proportions", "0.5,0.6"], "sum to 1.1, not 1"),
     "proportions count mismatch": (lambda t: ["--proportions", "0.2,0.3,0.5"], "3 values for 2 targets"),
-    "list not numbers": (lambda t: ["--targets", "0.3,bright"], "cannot read '0.3,bright' as a comma-separated list of float"),
+    "list not numbers": (
+        lambda t: ["--targets", "0.3,bright"],
+        "cannot read '0.3,bright' as a comma-separated list of float",
+    ),
     "unknown loss": (lambda t: ["--losses", "l2,huber"], "unknown loss 'huber'; allowed: l1, l2"),
     "unknown model": (lambda t: ["--model", "transformer"], "'transformer' is not one of 'mlp', 'conv'"),
     "unknown device": (lambda t: ["--device", "tpu"], "'tpu' is not one of 'auto', 'cpu', 'cuda'"),
@@ -204,8 +267,18 @@ GALLERY: dict[str, tuple[Callable[[Path], list[str]], str]] = {
 def finished(tmp_path_factory) -> Path:
     """A finished audit's results folder: the thing a bad run must not damage."""
     out = tmp_path_factory.mktemp("finished") / "results"
-    run_audit(dataset="digits", limit=64, test_limit=32, losses=("l2",), seeds=1, epochs=1, latent=4, hidden=16,
-              device="cpu", out=str(out))
+    run_audit(
+        dataset="digits",
+        limit=64,
+        test_limit=32,
+        losses=("l2",),
+        seeds=1,
+        epochs=1,
+        latent=4,
+        hidden=16,
+        device="cpu",
+        out=str(out),
+    )
     return out
 
 
@@ -217,7 +290,15 @@ def command(name: str, tmp: Path, out: Path) -> list[str]:
     make, _ = GALLERY[name]
     args = make(tmp)
     spec_first = args[:1] if args and args[0].endswith(".toml") else []
-    return ["audit", *spec_first, *TINY, *args[len(spec_first):], "--force", "--out", str(out)]  # the entry's flags win
+    return [
+        "audit",
+        *spec_first,
+        *TINY,
+        *args[len(spec_first) :],
+        "--force",
+        "--out",
+        str(out),
+    ]  # the entry's flags win
 
 
 def run_in_process(argv: list[str], capsys) -> tuple[int, str]:
@@ -325,8 +406,14 @@ def test_gallery_as_subprocesses(finished, tmp_path):
         out = tmp / "results"
         shutil.copytree(finished, out)
         before = snapshot(out)
-        proc = subprocess.Popen([sys.executable, "-m", "fairrecon", *command(name, tmp, out)], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fairrecon", *command(name, tmp, out)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         runs.append((name, proc, out, before))
     for name, proc, out, before in runs:
         stdout, stderr = proc.communicate(timeout=120)
@@ -337,8 +424,11 @@ def test_gallery_as_subprocesses(finished, tmp_path):
 
 
 def test_skip_bad_images_goes_on_with_a_warning_and_a_count(tmp_path, capsys):
-    args = _folder(tmp_path, lambda f: (image_folder(f, 40, (64, 64)), _truncated_png(f)), [(f"img{i:02d}.png", "ab"[i % 2])
-                                                                                 for i in range(40)])
+    args = _folder(
+        tmp_path,
+        lambda f: (image_folder(f, 40, (64, 64)), _truncated_png(f)),
+        [(f"img{i:02d}.png", "ab"[i % 2]) for i in range(40)],
+    )
     code, err = run_in_process(["audit", *TINY, *args], capsys)
     assert code == 2 and "img01.png: not a readable image" in err
     out = tmp_path / "results"

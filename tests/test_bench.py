@@ -47,8 +47,19 @@ def test_scaling_point_reports_steps_and_memory(shared_datasets):
 
 
 def test_scaling_point_resizes_images(shared_datasets):
-    out = run("--_point", "1", "--limit", "128", "--test-limit", "2", "--size", "32x3", "--model", "conv",
-              data_root=shared_datasets)
+    out = run(
+        "--_point",
+        "1",
+        "--limit",
+        "128",
+        "--test-limit",
+        "2",
+        "--size",
+        "32x3",
+        "--model",
+        "conv",
+        data_root=shared_datasets,
+    )
     point = json.loads(out.strip().splitlines()[-1])
     assert point["size"] == "32x3" and point["cell_steps"] == 1
 
@@ -56,8 +67,17 @@ def test_scaling_point_resizes_images(shared_datasets):
 def test_stacking_benchmark_runs_both_ways_to_the_same_outputs():
     """benchmarks/stacking.py times vmap against the loop over cells (train.StackedCells.looped); the two ways
     must compute the same reconstructions (float32 rounding apart), or its timings compare different work."""
-    cmd = [sys.executable, str(REPO / "benchmarks" / "stacking.py"), "--models", "conv", "mlp", "--cells", "2",
-           "--repeats", "1"]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "stacking.py"),
+        "--models",
+        "conv",
+        "mlp",
+        "--cells",
+        "2",
+        "--repeats",
+        "1",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["conv"], ["mlp"])]

@@ -14,13 +14,20 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import FAST, REPO
 from PIL import Image
 
-from conftest import FAST, REPO
-
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +47,22 @@ def report_html(tmp_path_factory):
     spec = folder / "fast.toml"
     spec.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in FAST.items()))  # JSON scalars are TOML
     out = folder / "results"
-    proc = subprocess.run([sys.executable, "-m", "fairrecon", "audit", str(spec), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fairrecon", "audit", str(spec), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "worst group" in proc.stdout and "\r" not in proc.stderr  # not a terminal: plain lines, no bars
     return out / "report.html"
 
 
 def _run(browser: str, profile, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([browser, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [browser, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_report_renders_in_chromium(browser, report_html, tmp_path):

@@ -14,7 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def fairrecon(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "fairrecon", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "fairrecon", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def test_default_audit_runs_and_prints_a_table_per_loss_and_group(tmp_path):
@@ -27,7 +29,8 @@ def test_default_audit_runs_and_prints_a_table_per_loss_and_group(tmp_path):
     assert {r["group"] for r in summary["groups"]} == {"0.3", "0.9"}
     assert summary["fairrecon_version"] and summary["info"]["timings"]["total_s"] > 0
     assert {"samples.csv", "cells.csv", "groups.csv", "history.csv", "summary.json", "report.md"} <= {
-        p.name for p in (tmp_path / "r").iterdir()}
+        p.name for p in (tmp_path / "r").iterdir()
+    }
 
 
 def test_flags_override_the_spec_file(tmp_path):
@@ -39,13 +42,16 @@ def test_flags_override_the_spec_file(tmp_path):
     assert summary["spec"]["losses"] == ["l2"] and summary["spec"]["seeds"] == 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--losses", "l1,huber2"], "unknown loss 'huber2'"),
-    (["--targets", "0.3,1.5"], "target 1.5 is outside (0, 1)"),
-    (["--dataset", "mnist", "--data-root", "/nonexistent"], "looked for /nonexistent/MNIST/raw"),
-    (["--proportions", "0.5,0.6"], "sum to 1.1, not 1"),
-    (["--no-such-flag"], "No such option"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--losses", "l1,huber2"], "unknown loss 'huber2'"),
+        (["--targets", "0.3,1.5"], "target 1.5 is outside (0, 1)"),
+        (["--dataset", "mnist", "--data-root", "/nonexistent"], "looked for /nonexistent/MNIST/raw"),
+        (["--proportions", "0.5,0.6"], "sum to 1.1, not 1"),
+        (["--no-such-flag"], "No such option"),
+    ],
+)
 def test_bad_arguments_give_one_line_and_exit_2(args, message):
     run = fairrecon("audit", *args, "--epochs", "1")
     assert run.returncode == 2
@@ -64,14 +70,28 @@ def test_every_command_has_help_and_is_in_the_readme():
 # --- issue 10: exit codes, --json, listing commands, help conventions ---------------------------
 
 from click.testing import CliRunner  # noqa: E402
-
-from fairrecon.cli import ERROR_LOG, METRICS, main  # noqa: E402
 from conftest import run_cli as run_main  # noqa: E402
 
-TINY = ["--seeds", "1", "--epochs", "1", "--latent", "4", "--hidden", "16", "--losses", "l2,l1", "--device", "cpu",
-        "--limit", "64", "--test-limit", "64"]
+from fairrecon.cli import ERROR_LOG, METRICS, main  # noqa: E402
 
-
+TINY = [
+    "--seeds",
+    "1",
+    "--epochs",
+    "1",
+    "--latent",
+    "4",
+    "--hidden",
+    "16",
+    "--losses",
+    "l2,l1",
+    "--device",
+    "cpu",
+    "--limit",
+    "64",
+    "--test-limit",
+    "64",
+]
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +127,9 @@ def test_every_command_is_covered_by_the_internal_error_test():
 
 
 @pytest.mark.parametrize("command", list(INTERNAL))
-def test_an_internal_error_is_exit_4_with_one_line_and_the_traceback_in_a_log(command, results, tmp_path,
-                                                                               monkeypatch, capsys):
+def test_an_internal_error_is_exit_4_with_one_line_and_the_traceback_in_a_log(
+    command, results, tmp_path, monkeypatch, capsys
+):
     where, args = INTERNAL[command]
     monkeypatch.setattr(where, _BrokenRegistry() if where.endswith("LOSSES") else _boom)
     code, out, err = run_main(capsys, *args(results, tmp_path))
@@ -153,10 +174,14 @@ def test_losses_and_datasets_list_what_is_registered(shared_datasets):
 
     runner = CliRunner()
     listed = json.loads(runner.invoke(cli, ["losses", "--json"]).output)["losses"]
-    plain = [(l.name, l.likelihood) for l in LOSSES.values()]
-    assert [(r["name"], r["likelihood"]) for r in listed[:len(plain)]] == plain
-    families = [r["name"] for r in listed[len(plain):]]
-    assert families == [f.pattern for f in FAMILIES.values()] == ["mix:A", "huber:DELTA", "barron:ALPHA", "gaussian-pixel:BETA"]
+    plain = [(loss.name, loss.likelihood) for loss in LOSSES.values()]
+    assert [(r["name"], r["likelihood"]) for r in listed[: len(plain)]] == plain
+    families = [r["name"] for r in listed[len(plain) :]]
+    assert (
+        families
+        == [f.pattern for f in FAMILIES.values()]
+        == ["mix:A", "huber:DELTA", "barron:ALPHA", "gaussian-pixel:BETA"]
+    )
     for family in FAMILIES.values():  # each listed pattern names a family that get_loss builds members of
         assert get_loss(f"{family.name}:1").name == f"{family.name}:1"
     text = runner.invoke(cli, ["losses"]).output
@@ -180,8 +205,18 @@ def test_every_command_has_examples_and_shows_its_defaults():
 
 
 def test_contradictory_group_flags_are_one_line_and_exit_2(tmp_path, capsys):
-    code, _, err = run_main(capsys, "audit", "--dataset", "folder", "--data-root", tmp_path, "--group-method",
-                            "transform", "--labels", tmp_path / "groups.csv")
+    code, _, err = run_main(
+        capsys,
+        "audit",
+        "--dataset",
+        "folder",
+        "--data-root",
+        tmp_path,
+        "--group-method",
+        "transform",
+        "--labels",
+        tmp_path / "groups.csv",
+    )
     assert code == 2 and err.count("\n") == 1 and "contradicts group method 'transform'" in err
 
 
@@ -189,8 +224,18 @@ def test_check_losses_takes_family_shorthand(tmp_path):
     """`check --losses mix:0,1` means mix:0 and mix:1, as `audit --losses` does (it used to read '1' as a loss)."""
     from fairrecon import run_audit
 
-    run_audit(dataset="digits", limit=200, test_limit=80, losses="mix:0,1,l2", seeds=2, epochs=1, latent=4,
-              hidden=16, device="cpu", out=str(tmp_path / "r"))
+    run_audit(
+        dataset="digits",
+        limit=200,
+        test_limit=80,
+        losses="mix:0,1,l2",
+        seeds=2,
+        epochs=1,
+        latent=4,
+        hidden=16,
+        device="cpu",
+        out=str(tmp_path / "r"),
+    )
     runner = CliRunner()
     both = runner.invoke(cli, ["check", str(tmp_path / "r"), "--max-ratio", "100", "--losses", "mix:0,1", "--json"])
     assert both.exit_code == 0, both.output

@@ -15,7 +15,7 @@ from fairrecon.errors import UserError
 def read_idx_images(path):
     """The IDX format by hand: 16-byte header (magic, n, rows, cols, big-endian), then uint8 pixels."""
     raw = np.fromfile(path, dtype=np.uint8)
-    n, rows, cols = (int.from_bytes(raw[i:i + 4].tobytes(), "big") for i in (4, 8, 12))
+    n, rows, cols = (int.from_bytes(raw[i : i + 4].tobytes(), "big") for i in (4, 8, 12))
     return raw[16:].reshape(n, rows, cols)
 
 
@@ -60,7 +60,7 @@ def test_a_corrupt_image_is_one_whole_line_or_skipped_and_counted(tmp_path):
     for i in range(5):
         write_png(torch.randint(0, 256, (1, 32, 32), dtype=torch.uint8, generator=g), str(tmp_path / f"img{i}.png"))
     bad = tmp_path / "img2.png"
-    bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
     with pytest.raises(UserError) as e:
         load_folder(tmp_path)
     message = str(e.value)

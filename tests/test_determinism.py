@@ -40,4 +40,6 @@ def test_seeds_and_split_seed_change_the_numbers(twice):
         by_seed = [samples.loc[(samples["loss"] == loss) & (samples["seed"] == s), "mse"].to_numpy() for s in (0, 1)]
         assert not np.array_equal(*by_seed)
     split = run_audit(**{**TINY, "epochs": 1}, losses=("l2",), seeds=1, split_seed=1)
-    assert not np.array_equal(split.samples["index"].to_numpy(), samples.loc[samples["loss"] == "l2", "index"].to_numpy()[:64])
+    assert not np.array_equal(
+        split.samples["index"].to_numpy(), samples.loc[samples["loss"] == "l2", "index"].to_numpy()[:64]
+    )

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import FAST
 from scipy import stats as sps
 
-from conftest import FAST
 from fairrecon import AuditResult, run_audit
 from fairrecon.data import load_images
 from fairrecon.dynamics import convergence_warnings, gap_over_training, worse_group_changes
@@ -61,8 +61,9 @@ def test_last_drop_is_the_closed_form_on_exponential_curves():
 
 
 def test_a_curve_point_is_the_model_at_that_step_and_the_last_is_the_final_model(digits):
-    spec = AuditSpec(limit=400, test_limit=300, latent=4, hidden=32, batch_size=64, epochs=3, eval_points=3,
-                     grad_points=0)
+    spec = AuditSpec(
+        limit=400, test_limit=300, latent=4, hidden=32, batch_size=64, epochs=3, eval_points=3, grad_points=0
+    )
     data = make_groups(digits, spec)
     cells = [Cell("l2", 0), Cell("learned-sigma", 1)]
     recorder = CurveRecorder(data, epochs_per_point=1.0)
@@ -81,6 +82,7 @@ def test_a_curve_point_is_the_model_at_that_step_and_the_last_is_the_final_model
             assert got[name] == pytest.approx(mse[g == code].mean().item(), rel=1e-5)  # float32 sums, two orders
     # the last point, on the full test set, equals the final per-group error of a plain nn.Module run
     from fairrecon.measure import curve_table, sample_errors
+
     samples = sample_errors(trained.stacked, data)
     table = curve_table(points, samples, dict(zip(cells, trained.steps)))
     for c, cell in enumerate(cells):
@@ -126,12 +128,19 @@ def test_convergence_flags_a_falling_curve_and_passes_a_flat_one():
         for step in steps:
             for group in ("a", "b"):
                 mse = 0.01 * (np.exp(-rate * step) if group == "b" else 1.0)
-                rows.append({"loss": "l2", "seed": seed, "step": step, "group": group, "mse": mse,
-                             "train_mse": 0.01})
+                rows.append({"loss": "l2", "seed": seed, "step": step, "group": group, "mse": mse, "train_mse": 0.01})
     for step in steps:  # seed 2: training MSE of group a rises 1 - e^0.1 = -10.5%: not settled either
         for group in ("a", "b"):
-            rows.append({"loss": "l2", "seed": 2, "step": step, "group": group, "mse": 0.01,
-                         "train_mse": 0.01 * (np.exp(2e-3 * step) if group == "a" else 1.0)})
+            rows.append(
+                {
+                    "loss": "l2",
+                    "seed": 2,
+                    "step": step,
+                    "group": group,
+                    "mse": 0.01,
+                    "train_mse": 0.01 * (np.exp(2e-3 * step) if group == "a" else 1.0),
+                }
+            )
     conv = convergence(pd.DataFrame(rows)).set_index("seed")
     assert conv.loc[0, "converged"] and conv.loc[0, "last_drop"] == pytest.approx(0.0, abs=1e-12)
     assert not conv.loc[1, "converged"]
@@ -170,8 +179,9 @@ def test_gap_interval_is_the_seed_level_t_interval_and_names_the_final_pair(shor
     gaps = gap_over_training(result)
     curves = result.curves.assign(group=result.curves["group"].astype(str))
     row = gaps[gaps["loss"] == "l2"].iloc[5]
-    at = curves[(curves["loss"] == "l2") & (curves["step"] == row["step"])].pivot(index="seed", columns="group",
-                                                                                    values="mse")
+    at = curves[(curves["loss"] == "l2") & (curves["step"] == row["step"])].pivot(
+        index="seed", columns="group", values="mse"
+    )
     per_seed = ((at[row["worst"]] - at[row["best"]]) / at[row["best"]]).to_numpy()
     low, high = sps.t.interval(0.95, len(per_seed) - 1, loc=per_seed.mean(), scale=sps.sem(per_seed))
     assert (row["gap"], row["gap_low"], row["gap_high"]) == pytest.approx((per_seed.mean(), low, high), rel=1e-9)
@@ -181,15 +191,26 @@ def test_gap_interval_is_the_seed_level_t_interval_and_names_the_final_pair(shor
 
 def test_the_switch_sentence_says_when_the_worse_group_changes():
     def table(worse):
-        return pd.DataFrame({"loss": "l2", "step": np.arange(len(worse)) * 10 + 10, "epoch": np.arange(len(worse)) + 1.0,
-                             "worse_now": worse})
+        return pd.DataFrame(
+            {
+                "loss": "l2",
+                "step": np.arange(len(worse)) * 10 + 10,
+                "epoch": np.arange(len(worse)) + 1.0,
+                "worse_now": worse,
+            }
+        )
+
     assert worse_group_changes(table(["0.9"] * 5)) == {}
     assert worse_group_changes(table(["0.3"] * 6 + ["0.9"] * 4)) == {
-        "l2": "l2: the 0.3 group was worse until epoch 6, the 0.9 group from epoch 7 on"}
+        "l2": "l2: the 0.3 group was worse until epoch 6, the 0.9 group from epoch 7 on"
+    }
     assert worse_group_changes(table(["0.9", "0.3", "0.3", "0.9"])) == {
-        "l2": "l2: the 0.9 group was worse until epoch 1, the 0.3 group from epoch 2 to 3, the 0.9 group from epoch 4 on"}
+        "l2": "l2: the 0.9 group was worse until epoch 1, the 0.3 group from epoch 2 to 3, the 0.9 group from epoch 4 on"
+    }
     many = worse_group_changes(table(["a", "b"] * 4))["l2"]
-    assert many == "l2: the worse group changed 7 times during training; the b group from epoch 8 on (the a group before)"
+    assert (
+        many == "l2: the worse group changed 7 times during training; the b group from epoch 8 on (the a group before)"
+    )
 
 
 def test_epochs_auto_stops_each_cell_where_its_curves_flatten_as_if_trained_alone(digits):
@@ -199,8 +220,9 @@ def test_epochs_auto_stops_each_cell_where_its_curves_flatten_as_if_trained_alon
     cells = [Cell("l1", 0), Cell("l2", 0), Cell("l2", 1)]
     config = TrainConfig.from_spec(spec)
     recorder = CurveRecorder(data, epochs_per_point=1.0)
-    trained = train_cells(data.train_x, data.train_g, cells, config, validation=(data.val_x, data.val_g),
-                          on_eval=recorder)
+    trained = train_cells(
+        data.train_x, data.train_g, cells, config, validation=(data.val_x, data.val_g), on_eval=recorder
+    )
     points = recorder.frame()
     early = [c for c, e in enumerate(trained.epochs) if e < spec.max_epochs]
     assert len(set(trained.epochs)) > 1 and early  # the cells stop at different epochs
@@ -211,8 +233,10 @@ def test_epochs_auto_stops_each_cell_where_its_curves_flatten_as_if_trained_alon
         train = own.pivot(index="step", columns="group", values="train_mse")
 
         def flat(k):  # the stopping rule on the first k epochs
-            return k >= AUTO_MIN_EPOCHS and all((abs(last_drop(d.index[:k], d.to_numpy()[:k])) <= CONVERGED_DROP).all()
-                                                for d in (val, train))
+            return k >= AUTO_MIN_EPOCHS and all(
+                (abs(last_drop(d.index[:k], d.to_numpy()[:k])) <= CONVERGED_DROP).all() for d in (val, train)
+            )
+
         if c in early:
             assert flat(trained.epochs[c]) and not flat(trained.epochs[c] - 1)  # the first epoch the rule held
     # a cell that stopped at epoch e has the very weights (bit for bit) of the same stack trained for e epochs
@@ -224,7 +248,9 @@ def test_epochs_auto_stops_each_cell_where_its_curves_flatten_as_if_trained_alon
     # ... and, for an L2 cell, the weights it gets trained alone (float32 rounding only; L1's sign(r) would
     # amplify that rounding over hundreds of steps: 4.5e-4 measured here, see README "Speed")
     c = cells.index(Cell("l2", 0))
-    alone = train_cells(data.train_x, data.train_g, [cells[c]], TrainConfig.from_spec(spec.replace(epochs=trained.epochs[c])))
+    alone = train_cells(
+        data.train_x, data.train_g, [cells[c]], TrainConfig.from_spec(spec.replace(epochs=trained.epochs[c]))
+    )
     for name, p in alone.stacked.params.items():
         torch.testing.assert_close(trained.stacked.params[name][c], p[0], rtol=0, atol=ATOL)
 
@@ -239,10 +265,16 @@ def test_epochs_auto_needs_a_validation_split_and_records_the_epochs_used(digits
     assert result.curves["val_mse"].notna().all()
 
 
-@pytest.mark.parametrize("value, message", [("abc", "'epochs' = 'abc' is not a whole number or one of: auto"),
-                                            ("0", "epochs must be >= 1, got 0 (or 'auto')")])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("abc", "'epochs' = 'abc' is not a whole number or one of: auto"),
+        ("0", "epochs must be >= 1, got 0 (or 'auto')"),
+    ],
+)
 def test_bad_epochs_are_one_line_errors(value, message, capsys):
     from fairrecon.cli import main
+
     with pytest.raises(SystemExit) as exit_:
         main(["audit", "--epochs", value, "--quiet"])
     err = capsys.readouterr().err

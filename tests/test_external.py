@@ -12,9 +12,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import REPO
+from conftest import run_cli as _main
 from torch import nn
 
-from conftest import REPO, run_cli as _main
 from fairrecon import external
 from fairrecon.data import load_images
 from fairrecon.errors import UserError
@@ -62,8 +63,6 @@ def factory_module(tmp_path, monkeypatch):
     return tmp_path
 
 
-
-
 def test_state_dict_with_factory_gives_the_same_per_sample_errors(factory_module, tmp_path):
     weights = tmp_path / "dim.pt"
     torch.save({"scale": torch.tensor(0.8)}, weights)
@@ -73,8 +72,19 @@ def test_state_dict_with_factory_gives_the_same_per_sample_errors(factory_module
     data = make_groups(load_images("digits", split_seed=spec.split_seed), spec)
     expected = ((0.8 * data.test_x - data.test_x) ** 2).flatten(1).mean(1)  # independent: 0.04 x^2
     torch.testing.assert_close(torch.tensor(result.samples["mse"].to_numpy()), expected, rtol=1e-5, atol=0)
-    assert list(result.samples.columns) == ["loss", "seed", "group", "index", "mse", "mae", "psnr", "nmse",
-                                              "pred_scale", "nll", "kl"]
+    assert list(result.samples.columns) == [
+        "loss",
+        "seed",
+        "group",
+        "index",
+        "mse",
+        "mae",
+        "psnr",
+        "nmse",
+        "pred_scale",
+        "nll",
+        "kl",
+    ]
     assert result.samples["pred_scale"].isna().all()  # a user's model predicts no per-pixel scale
     assert result.samples[["nll", "kl"]].isna().all().all()  # a VAE's columns, empty here: samples.csv has one schema
     assert (result.samples["index"].to_numpy() == data.test_index.numpy()).all()
@@ -82,16 +92,19 @@ def test_state_dict_with_factory_gives_the_same_per_sample_errors(factory_module
 
 def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, capsys):
     marker = tmp_path / "pwned"
-    for name, save in (("zip.pt", lambda obj, f: torch.save(obj, f)),
-                       ("legacy.pkl", lambda obj, f: f.write_bytes(pickle.dumps(obj)))):
+    for name, save in (
+        ("zip.pt", lambda obj, f: torch.save(obj, f)),
+        ("legacy.pkl", lambda obj, f: f.write_bytes(pickle.dumps(obj))),
+    ):
         path = tmp_path / name
         save({"weight": Evil(str(marker))}, path)
         with pytest.raises(UserError) as info:
             external.load_state_dict(path)
         assert "\n" not in str(info.value) and "refused" in str(info.value)
         assert not marker.exists()
-        code, out, err = _main(capsys, "check", "--weights", path, "--model-factory", "usermodels:build",
-                               "--max-ratio", "2")
+        code, out, err = _main(
+            capsys, "check", "--weights", path, "--model-factory", "usermodels:build", "--max-ratio", "2"
+        )
         assert code == 2 and err.count("\n") == 1 and "refused" in err
         assert not marker.exists()
     # the check is real: plain unpickling of the same file does create it
@@ -153,9 +166,25 @@ def test_factory_through_the_real_cli(factory_module, tmp_path):
     weights = tmp_path / "dim.pt"
     torch.save({"scale": torch.tensor(0.5)}, weights)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(factory_module), str(REPO)])}
-    run = subprocess.run([sys.executable, "-m", "fairrecon", "check", "--weights", str(weights), "--model-factory",
-                          "usermodels:build", "--max-gap", "0.001"], cwd=REPO, capture_output=True, text=True,
-                         env=env, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fairrecon",
+            "check",
+            "--weights",
+            str(weights),
+            "--model-factory",
+            "usermodels:build",
+            "--max-gap",
+            "0.001",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 1, run.stdout + run.stderr
     assert "FAIL model: group 0.9 vs 0.3" in run.stdout
 
@@ -172,6 +201,7 @@ def test_an_external_models_result_saves_and_loads(tmp_path):
 
 
 # --- issue 10, item 8: exports with a fixed batch, quiet loading, one line on failure, seen test images ---
+
 
 class Shrink(nn.Module):
     """A linear autoencoder on 8x8 images whose output depends on each image alone."""
@@ -198,8 +228,9 @@ def test_an_export_with_a_fixed_batch_of_2_is_run_at_that_batch(tmp_path, capsys
     assert len(data.test_x) % 2 == 1  # the last batch is padded
     with torch.no_grad():
         expected = ((eager(data.test_x) - data.test_x) ** 2).flatten(1).mean(1)  # independent: the eager model
-    torch.testing.assert_close(torch.tensor(result.samples["mse"].to_numpy()), expected,
-                               rtol=1e-5, atol=1e-9)  # float32 kernels may differ between export and eager
+    torch.testing.assert_close(
+        torch.tensor(result.samples["mse"].to_numpy()), expected, rtol=1e-5, atol=1e-9
+    )  # float32 kernels may differ between export and eager
     code, out, err = _main(capsys, "check", "--weights", path, "--max-ratio", "100")
     assert code == 0 and out.startswith("pass:") and err == "", err
 
@@ -226,8 +257,9 @@ def test_loading_is_quiet_and_a_failure_names_each_format_tried(tmp_path):
 def test_a_model_that_does_not_fit_the_images_is_one_line(tmp_path, capsys):
     path = tmp_path / "fixed.pt2"
     torch.export.save(torch.export.export(Shrink(), (torch.rand(2, 1, 8, 8),)), str(path))
-    code, out, err = _main(capsys, "check", "--weights", path, "--dataset", "mnist", "--data-root", str(tmp_path),
-                           "--max-ratio", "2")
+    code, out, err = _main(
+        capsys, "check", "--weights", path, "--dataset", "mnist", "--data-root", str(tmp_path), "--max-ratio", "2"
+    )
     assert code == 2 and err.count("\n") == 1  # no MNIST here: the data error comes first, as one line
 
 
@@ -242,7 +274,8 @@ def faces(root, n=300):
     for i in range(n):
         base = 60 if i < n // 2 else 190
         Image.fromarray(np.clip(base + rng.normal(0, 20, (8, 8)), 0, 255).astype(np.uint8)).save(
-            root / "images" / f"face_{i:03d}.png")
+            root / "images" / f"face_{i:03d}.png"
+        )
         rows.append(f"face_{i:03d}.png,{'darker' if i < n // 2 else 'brighter'}")
     (root / "groups.csv").write_text("\n".join(rows) + "\n")
     return root
@@ -261,8 +294,9 @@ def test_check_with_labels_uses_them_and_warns_about_seen_test_images(tmp_path, 
     (tmp_path / "split.csv").write_text(out)
     test_files = [line.split(",")[0] for line in out.splitlines() if line.endswith(",test")]
     assert len(test_files) == 60 and "240 train, 60 test, 0 unused" in err
-    code, out, err = _main(capsys, "check", "--weights", path, *data, "--max-gap", "1", "--trained-on",
-                           tmp_path / "split.csv")
+    code, out, err = _main(
+        capsys, "check", "--weights", path, *data, "--max-gap", "1", "--trained-on", tmp_path / "split.csv"
+    )
     assert "warning" not in err  # trained on the train rows only: nothing seen
     (tmp_path / "mine.csv").write_text("file\n" + "\n".join(test_files[:3]) + "\n")
     for trained_on, seen in ((tmp_path / "mine.csv", 3), ("all", 60)):

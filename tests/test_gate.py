@@ -12,13 +12,13 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from conftest import FAST, REPO
+from conftest import run_cli as _main
+from test_stats import simulate, synthetic_result
 
-from conftest import FAST, REPO, run_cli as _main
 from fairrecon import gate, run_audit, save_results, stats
 from fairrecon.errors import UserError
 from fairrecon.results import AuditResult
-from test_stats import simulate, synthetic_result
 
 
 def _result(means=(0.010, 0.010), seeds=5, n=(80, 60), rng_seed=0, **kwargs):
@@ -87,15 +87,18 @@ def test_insufficient_data():
     assert gate.check(mixed, max_ratio=1.0).code == gate.FAIL
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(), "give a threshold"),
-    (dict(max_ratio=1.1, metric="psnr"), "not defined for psnr"),
-    (dict(max_ratio=1.1, adjusted=True), "use --max-gap"),
-    (dict(max_ratio=0.5), "must be >= 1"),
-    (dict(max_gap=-1.0), ">= 0"),
-    (dict(max_gap=0.1, alpha=0.0), "alpha"),
-    (dict(max_gap=0.1, metric="rmse"), "unknown metric"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(), "give a threshold"),
+        (dict(max_ratio=1.1, metric="psnr"), "not defined for psnr"),
+        (dict(max_ratio=1.1, adjusted=True), "use --max-gap"),
+        (dict(max_ratio=0.5), "must be >= 1"),
+        (dict(max_gap=-1.0), ">= 0"),
+        (dict(max_gap=0.1, alpha=0.0), "alpha"),
+        (dict(max_gap=0.1, metric="rmse"), "unknown metric"),
+    ],
+)
 def test_usage_errors_raise(kwargs, match):
     with pytest.raises(UserError, match=match):
         gate.check(_result(), **kwargs)
@@ -116,24 +119,27 @@ def test_assert_fair_uses_the_same_policy(tmp_path):
 def test_false_positive_rate_on_simulated_null_audits():
     """Equal groups, strictest threshold (max-gap 0): the gate fails at most ~alpha of the time."""
     alpha, reps = 0.1, 150
-    fails = sum(gate.check(_result(seeds=3, rng_seed=r), max_gap=0.0, alpha=alpha).code == gate.FAIL
-                for r in range(reps))
+    fails = sum(
+        gate.check(_result(seeds=3, rng_seed=r), max_gap=0.0, alpha=alpha).code == gate.FAIL for r in range(reps)
+    )
     slack = 3 * np.sqrt(alpha * (1 - alpha) / reps)
     assert fails / reps <= alpha + slack
     # ...and it flags a real gap (40%, about 5 standard errors here) nearly always; power on real audits
     # at 5-20% gaps is measured by benchmarks/power.py
-    hits = sum(gate.check(_result(means=(0.010, 0.014), seeds=5, rng_seed=r), max_gap=0.0, alpha=alpha).code
-               == gate.FAIL for r in range(20))
+    hits = sum(
+        gate.check(_result(means=(0.010, 0.014), seeds=5, rng_seed=r), max_gap=0.0, alpha=alpha).code == gate.FAIL
+        for r in range(20)
+    )
     assert hits >= 18
 
 
 # ------------------------------------------------------------------ through the CLI
 
+
 def _fairrecon(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fairrecon", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-
-
+    return subprocess.run(
+        [sys.executable, "-m", "fairrecon", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -143,21 +149,19 @@ def audits(tmp_path_factory):
     worst/best ratio moved under 1% over the last quarter; after FAST's 3 epochs it still moved 25-39%,
     which the policy calls insufficient data)."""
     tmp = tmp_path_factory.mktemp("audits")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: more threads only contend on a small shared machine
-    try:
-        settled = dict(seeds=4, epochs=40, lr=3e-3)
-        for name, targets, settings in (("default", None, settled), ("null", (0.5, 0.5), {})):
-            run_audit(**{**FAST, **settings}, losses=("l1", "l2"), targets=targets, out=str(tmp / name))
-    finally:
-        torch.set_num_threads(threads)
+    settled = dict(seeds=4, epochs=40, lr=3e-3)
+    for name, targets, settings in (("default", None, settled), ("null", (0.5, 0.5), {})):
+        # one thread: tiny models gain nothing from more, and the assertions below are about these exact runs
+        run_audit(**{**FAST, **settings}, losses=("l1", "l2"), targets=targets, out=str(tmp / name), threads=1)
     return {name: tmp / name for name in ("default", "null")}
 
 
 def test_check_fails_the_default_audit_under_a_tight_threshold(audits):
     run = _fairrecon("check", audits["default"], "--metric", "mse", "--max-ratio", "1.0")
     assert run.returncode == 1, run.stdout + run.stderr
-    assert run.stdout.startswith("fail:") and "l1: group 0.9 vs 0.3" in run.stdout  # the bright group is worse once settled
+    assert (
+        run.stdout.startswith("fail:") and "l1: group 0.9 vs 0.3" in run.stdout
+    )  # the bright group is worse once settled
     summary = json.loads((audits["default"] / "summary.json").read_text())
     assert [d["loss"] for d in summary["disparities"]] == ["l1", "l2"]
 
@@ -209,8 +213,12 @@ def test_every_verdict_surface_agrees(audits, tmp_path, capsys):
     cells.loc[0, "status"] = "failed: non-finite loss in epoch 3"
     cells.to_csv(broken / "cells.csv", index=False)
     save_results(AuditResult.load(broken), broken)  # summary.json and the reports from the edited cells
-    folders = {"null": audits["null"], "default": audits["default"], "broken": broken,
-               **{f"planted {f}": _planted(audits["null"], tmp_path / f"planted{f}", 1 + f) for f in (0.1, 0.5)}}
+    folders = {
+        "null": audits["null"],
+        "default": audits["default"],
+        "broken": broken,
+        **{f"planted {f}": _planted(audits["null"], tmp_path / f"planted{f}", 1 + f) for f in (0.1, 0.5)},
+    }
     seen = set()
     for name, folder in folders.items():
         code, terminal, err = _main(capsys, "report", folder, "--out", tmp_path / "reports" / name)

@@ -19,7 +19,6 @@ from fairrecon.report import vae_terminal
 from fairrecon.spec import AuditSpec
 from fairrecon.train import Cell, TrainConfig, train_cells
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one intra-op thread
 
 
@@ -45,14 +44,17 @@ def test_a_vae_trained_on_one_group_only_generates_that_group(only, labelled):
     if labelled:  # the same groups without their targets: assigned by the classifier, as labelled groups are
         data = dataclasses.replace(data, targets=None)
     x = data.train_x[data.train_g == only]
-    trained = train_cells(x, torch.zeros(len(x), dtype=torch.long), [Cell("l1", 0), Cell("l2", 0)],
-                          TrainConfig.from_spec(spec))
+    trained = train_cells(
+        x, torch.zeros(len(x), dtype=torch.long), [Cell("l1", 0), Cell("l2", 0)], TrainConfig.from_spec(spec)
+    )
     assign = Assigner.for_data(data)
     assert (assign.classifier is not None) == labelled
     shares = generated_shares(trained.stacked, assign, 1000)
     mine = shares[shares["group"] == data.names[only]]
     assert (mine["generated_share"] > 0.95).all(), shares
-    if not labelled:  # and they look like the group: their mean pixel near its target (l1 decodes: 0.87 at the 1st percentile)
+    if (
+        not labelled
+    ):  # and they look like the group: their mean pixel near its target (l1 decodes: 0.87 at the 1st percentile)
         assert ((mine["brightness"] - spec.targets[only]).abs() < 0.05).all(), shares
     assert (shares.groupby(["loss", "seed"])["n"].sum() == 1000).all()
 
@@ -77,8 +79,18 @@ def test_group_classifier_accuracy_is_an_independent_count():
 def test_audit_reports_generated_share_and_kl_everywhere(tmp_path):
     """summary.json, report.md and report.html say the same per-group KL and generated_share; autoencoders
     have empty nll/kl columns and no VAE section."""
-    result = run_audit(dataset="digits", model="vae", limit=300, test_limit=100, seeds=2, epochs=2, losses=("l1",),
-                       generate=200, grad_points=4, out=str(tmp_path))
+    result = run_audit(
+        dataset="digits",
+        model="vae",
+        limit=300,
+        test_limit=100,
+        seeds=2,
+        epochs=2,
+        losses=("l1",),
+        generate=200,
+        grad_points=4,
+        out=str(tmp_path),
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())["vae"]
     assert summary["generation"]["n"] == 200 and summary["beta"] == 1.0
     by_group = result.vae_by_group()
@@ -98,7 +110,7 @@ def test_audit_reports_generated_share_and_kl_everywhere(tmp_path):
     assert summary["kl_weight"] and all(r["kl_weight_first"] > 0 for r in summary["kl_weight"])
     text = vae_terminal(result).splitlines()  # the terminal prints the same table, parsed back here
     header = text[1].split()
-    rows = [dict(zip(header, line.split())) for line in text[2:2 + len(by_group)]]
+    rows = [dict(zip(header, line.split())) for line in text[2 : 2 + len(by_group)]]
     for row, printed in zip(by_group.to_dict("records"), rows):
         assert [printed["loss"], printed["group"]] == ["l1", row["group"]]
         for column in ("kl", "generated_share", "generated_brightness"):  # printed to 4 decimals

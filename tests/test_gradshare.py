@@ -9,6 +9,7 @@ import math
 import pandas as pd
 import pytest
 import torch
+from conftest import FAST
 from torch.func import functional_call, grad, vmap
 
 from fairrecon import analyse, outputs
@@ -18,8 +19,6 @@ from fairrecon.losses import get_loss
 from fairrecon.results import AuditResult
 from fairrecon.spec import AuditSpec
 from fairrecon.train import SNAPSHOT_SPACING, Cell, TrainConfig, init_cells, snapshot_count, train_cells
-
-from conftest import FAST
 
 CONFIG = TrainConfig.from_spec(AuditSpec(latent=4, hidden=16, sigma_floor=1e-3))
 SHAPE = (1, 6, 6)
@@ -69,15 +68,23 @@ def independent_nll(loss: str, r: torch.Tensor, logs: dict[str, torch.Tensor], b
         return (r.abs() / b + torch.log(b)).sum()
     if loss == "student-t":  # with its normaliser, which depends on the dof
         nu = floored["dof"].exp()
-        return (torch.lgamma(nu / 2) - torch.lgamma((nu + 1) / 2) + 0.5 * torch.log(nu) + torch.log(b)
-                + (nu + 1) / 2 * torch.log(1 + (r / b).pow(2) / nu)).sum()
+        return (
+            torch.lgamma(nu / 2)
+            - torch.lgamma((nu + 1) / 2)
+            + 0.5 * torch.log(nu)
+            + torch.log(b)
+            + (nu + 1) / 2 * torch.log(1 + (r / b).pow(2) / nu)
+        ).sum()
     if loss == "barron:0.5":  # rho(x, 1/2, c) = 3 ((x^2 / (1.5 c^2) + 1)^(1/4) - 1), plus log c
         return (3 * (((r / b).pow(2) / 1.5 + 1) ** 0.25 - 1) + torch.log(b)).sum()
     raise KeyError(loss)
 
 
-@pytest.mark.parametrize("losses", [*[(name,) for name in LOSS_NAMES + LEARNING[1:] + FAMILY], LEARNING + FAMILY],
-                         ids=[*LOSS_NAMES, *LEARNING[1:], *FAMILY, "mixed"])
+@pytest.mark.parametrize(
+    "losses",
+    [*[(name,) for name in LOSS_NAMES + LEARNING[1:] + FAMILY], LEARNING + FAMILY],
+    ids=[*LOSS_NAMES, *LEARNING[1:], *FAMILY, "mixed"],
+)
 def test_group_gradients_equal_summed_per_sample_gradients(losses):
     """Against torch.func per-sample gradients of independently written NLLs, for the weights and
     every learned loss parameter; 'mixed' puts losses with different learned parameters in one batch."""
@@ -201,7 +208,9 @@ def test_audit_records_saves_and_summarises_grad_shares(tmp_path):
     want = frame.groupby(["loss", "group"], sort=False)["projection_share"].mean()
     got = summary.set_index(["loss", "group"])["projection_share"]
     pd.testing.assert_series_equal(got, want, check_names=False)
-    ratio = (frame["projection_share"] / frame["sample_share"]).groupby([frame["loss"], frame["group"]], sort=False).mean()
+    ratio = (
+        (frame["projection_share"] / frame["sample_share"]).groupby([frame["loss"], frame["group"]], sort=False).mean()
+    )
     pd.testing.assert_series_equal(summary.set_index(["loss", "group"])["projection_ratio"], ratio, check_names=False)
     off = run_audit(dataset="digits", limit=300, test_limit=100, grad_points=0, **FAST)
     assert off.grad_shares is None and "grad_shares" not in outputs.summary(off, analyse(off))
@@ -245,5 +254,7 @@ def test_group_gradients_of_per_pixel_losses_equal_summed_per_sample_gradients(l
             member = (group[c] == g).float()
             for name, ps in per_sample.items():
                 want = torch.einsum("b,b...->...", member, ps) / b
-                torch.testing.assert_close(got.params[name][c, g], want, rtol=1e-4, atol=1e-6)
+                # float32 sums over the batch in two orders (one batched backward vs per-sample gradients summed):
+                # at 2 threads one of 576 elements differed by 2e-5 on a value of 0.1
+                torch.testing.assert_close(got.params[name][c, g], want, rtol=1e-3, atol=1e-5)
         assert got.params["scale_head.weight"][c].abs().max() > 1e-3  # the head's gradient is really measured

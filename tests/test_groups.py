@@ -111,7 +111,9 @@ def test_select_keeps_real_pixels_and_reaches_reachable_targets(shared_datasets)
 
 
 def test_select_explains_an_unreachable_target(digits):
-    with pytest.raises(UserError, match=r"target 0.9 cannot be reached with 500 train images.*--group-method transform"):
+    with pytest.raises(
+        UserError, match=r"target 0.9 cannot be reached with 500 train images.*--group-method transform"
+    ):
         make_groups(digits, AuditSpec(group_method="select", limit=1000))
 
 
@@ -130,7 +132,9 @@ def test_labels_csv_assigns_the_users_groups(tmp_path):
     images = load_folder(folder)
     data = make_groups(images, AuditSpec(dataset="folder", group_method="labels", labels=str(tmp_path / "labels.csv")))
     assert data.names == ("a", "b")
-    for idx, code in zip(data.train_index.tolist() + data.test_index.tolist(), data.train_g.tolist() + data.test_g.tolist()):
+    for idx, code in zip(
+        data.train_index.tolist() + data.test_index.tolist(), data.train_g.tolist() + data.test_g.tolist()
+    ):
         assert data.names[code] == ("a" if idx % 2 else "b")  # file imgNN is index NN in sorted order
 
 
@@ -138,7 +142,9 @@ def test_labels_csv_may_use_indices_and_must_cover_every_image(tmp_path):
     folder = write_folder(tmp_path / "imgs")
     images = load_folder(folder)
     (tmp_path / "by_index.csv").write_text("index,group\n" + "".join(f"{i},{i % 2}\n" for i in range(20)))
-    data = make_groups(images, AuditSpec(dataset="folder", group_method="labels", labels=str(tmp_path / "by_index.csv")))
+    data = make_groups(
+        images, AuditSpec(dataset="folder", group_method="labels", labels=str(tmp_path / "by_index.csv"))
+    )
     assert data.names == ("0", "1")
     (tmp_path / "short.csv").write_text("file,group\n" + "".join(f"img{i:02d}.png,x{i % 2}\n" for i in range(19)))
     with pytest.raises(UserError, match="1 image.*no label.*img19.png"):
@@ -147,15 +153,19 @@ def test_labels_csv_may_use_indices_and_must_cover_every_image(tmp_path):
 
 # --- labels CSVs as people produce them (issue 10, item 5) ---------------------------------------
 
+
 def _labels_spec(folder, csv_path, **kw):
     return AuditSpec(dataset="folder", data_root=str(folder), group_method="labels", labels=str(csv_path), **kw)
 
 
-@pytest.mark.parametrize("encoding, newline, sep, header", [
-    ("utf-8-sig", "\r\n", ";", "File;Group"),   # a spreadsheet's "CSV UTF-8" in a ';' locale
-    ("utf-8", "\n", "\t", "FILE\tGROUP"),        # tab-separated, shouted header
-    ("utf-8", "\r\n", ",", " file , group "),     # spaces around names
-])
+@pytest.mark.parametrize(
+    "encoding, newline, sep, header",
+    [
+        ("utf-8-sig", "\r\n", ";", "File;Group"),  # a spreadsheet's "CSV UTF-8" in a ';' locale
+        ("utf-8", "\n", "\t", "FILE\tGROUP"),  # tab-separated, shouted header
+        ("utf-8", "\r\n", ",", " file , group "),  # spaces around names
+    ],
+)
 def test_spreadsheet_csvs_read_the_same_as_a_plain_one(tmp_path, encoding, newline, sep, header):
     folder = write_folder(tmp_path / "imgs")
     rows = [f"img{i:02d}.png{sep}{'dark' if i < 10 else 'bright'}" for i in range(20)]
@@ -196,8 +206,9 @@ def test_paths_relative_to_the_csv_and_nested_folders(tmp_path):
 def test_without_a_split_column_the_split_is_stratified_and_seeded(tmp_path):
     """30 'a' and 10 'b': 20% of each group is held out (6 and 2), whatever the seed; seeds differ in which."""
     folder = write_folder(tmp_path / "imgs", n=40)
-    (tmp_path / "l.csv").write_text("file,group\n" + "".join(f"img{i:02d}.png,{'b' if i % 4 == 0 else 'a'}\n"
-                                                              for i in range(40)))
+    (tmp_path / "l.csv").write_text(
+        "file,group\n" + "".join(f"img{i:02d}.png,{'b' if i % 4 == 0 else 'a'}\n" for i in range(40))
+    )
     images = load_folder(folder)
     tests = []
     for seed in (0, 1):

@@ -40,8 +40,12 @@ def test_every_module_is_listed_once():
 def test_modules_import_only_from_earlier_layers():
     order = readme_order()
     rank = {name: i for i, name in enumerate(order)}
-    upward = [f"{name} imports {dep}" for name in order
-              for dep in sorted(fairrecon_imports(PACKAGE / f"{name}.py")) if rank.get(dep, -1) >= rank[name]]
+    upward = [
+        f"{name} imports {dep}"
+        for name in order
+        for dep in sorted(fairrecon_imports(PACKAGE / f"{name}.py"))
+        if rank.get(dep, -1) >= rank[name]
+    ]
     assert not upward, "imports against the layer order: " + "; ".join(upward)
 
 

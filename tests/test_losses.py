@@ -24,9 +24,18 @@ from scipy import integrate, optimize, special, stats
 from fairrecon.audit import run_audit
 from fairrecon.cli import main
 from fairrecon.errors import UserError
-from fairrecon.losses import (FAMILIES, LOSSES, Loss, barron_log_normaliser, get_loss, huber_log_normaliser, l1_nll,
-                              pixel_log_scale,
-                              mix_log_normaliser, register)
+from fairrecon.losses import (
+    FAMILIES,
+    LOSSES,
+    Loss,
+    barron_log_normaliser,
+    get_loss,
+    huber_log_normaliser,
+    l1_nll,
+    mix_log_normaliser,
+    pixel_log_scale,
+    register,
+)
 from fairrecon.resume import cell_name
 from fairrecon.spec import AuditSpec, canonical_number, parse_losses
 from fairrecon.train import Cell
@@ -64,6 +73,7 @@ def nll_and_grad(name, x, x_hat, raw=None, floor=FLOOR):
 
 
 # ---- the fixed losses (unchanged behaviour) ----
+
 
 def test_l1_is_laplace_nll_with_sign_gradient(pair):
     x, x_hat = pair
@@ -114,14 +124,16 @@ def test_leading_cell_dimensions_are_independent(pair):
     stacked = get_loss("log-mse").per_sample(torch.stack([x, x]), torch.stack([x_hat, x]), {}, FLOOR)
     torch.testing.assert_close(stacked[0], get_loss("log-mse").per_sample(x, x_hat, {}, FLOOR))
     logs = torch.tensor([-1.0, 0.5])[:, None, None]  # (cells, 1, 1), as train.StackedCells passes them
-    both = get_loss("student-t").per_sample(torch.stack([x, x]), torch.stack([x_hat, x_hat]),
-                                            {"scale": logs, "dof": logs}, FLOOR)
+    both = get_loss("student-t").per_sample(
+        torch.stack([x, x]), torch.stack([x_hat, x_hat]), {"scale": logs, "dof": logs}, FLOOR
+    )
     for c in range(2):
         alone = get_loss("student-t").per_sample(x, x_hat, {"scale": logs[c], "dof": logs[c]}, FLOOR)
         torch.testing.assert_close(both[c], alone)
 
 
 # ---- every likelihood against an independent density ----
+
 
 def barron1_logpdf(x, loc, c):
     """Charbonnier / pseudo-Huber density exp(-(sqrt(1 + z^2) - 1)) / (c Z), Z = 2 e K1(1) (a Bessel integral)."""
@@ -155,11 +167,17 @@ def test_nll_equals_an_independent_density(pair, name, logs, logpdf):
 
 
 # stored log parameters for the normalisation check: scales well above the floor, a heavy and a light t
-NORMALISED = [("l1", {}), ("l2", {}), ("learned-sigma", {"sigma": -1.0}), ("laplace-learned", {"scale": -1.5}),
-              ("student-t", {"scale": -1.0, "dof": -0.5}), ("student-t", {"scale": -1.0, "dof": 3.0}),
-              *[(f"mix:{a}", {}) for a in ("0", "0.25", "0.5", "0.999", "1")],
-              *[(f"huber:{d}", {}) for d in ("0.05", "0.5", "1", "3")],
-              *[(f"barron:{a}", {"scale": -0.7}) for a in ("0", "0.01", "0.5", "1", "1.5", "1.99", "2")]]
+NORMALISED = [
+    ("l1", {}),
+    ("l2", {}),
+    ("learned-sigma", {"sigma": -1.0}),
+    ("laplace-learned", {"scale": -1.5}),
+    ("student-t", {"scale": -1.0, "dof": -0.5}),
+    ("student-t", {"scale": -1.0, "dof": 3.0}),
+    *[(f"mix:{a}", {}) for a in ("0", "0.25", "0.5", "0.999", "1")],
+    *[(f"huber:{d}", {}) for d in ("0.05", "0.5", "1", "3")],
+    *[(f"barron:{a}", {"scale": -0.7}) for a in ("0", "0.01", "0.5", "1", "1.5", "1.99", "2")],
+]
 
 
 @pytest.mark.parametrize("name, logs", NORMALISED, ids=[f"{n}{list(p.values())}" for n, p in NORMALISED])
@@ -174,8 +192,10 @@ def test_every_nll_is_a_normalised_density(name, logs):
     def density(x):
         return math.exp(-loss.per_sample(torch.tensor([[x]]), torch.tensor([[loc]]), raw, FLOOR).item())
 
-    total = sum(integrate.quad(density, a, b, epsabs=1e-12, epsrel=1e-11, limit=500)[0]
-                for a, b in ((-math.inf, loc), (loc, math.inf)))
+    total = sum(
+        integrate.quad(density, a, b, epsabs=1e-12, epsrel=1e-11, limit=500)[0]
+        for a, b in ((-math.inf, loc), (loc, math.inf))
+    )
     assert total == pytest.approx(1.0, abs=1e-7)
 
 
@@ -187,15 +207,19 @@ def test_mix_normaliser_closed_form_matches_quad(a):
     """
     z, _ = integrate.quad(lambda r: math.exp(-(a * r + (1 - a) * r * r / 2)), 0, math.inf, epsabs=0, epsrel=1e-13)
     assert mix_log_normaliser(a) == pytest.approx(math.log(2 * z), abs=1e-10)
-    assert mix_log_normaliser(1.0) == math.log(2.0) and mix_log_normaliser(0.0) == pytest.approx(0.5 * math.log(2 * math.pi))
+    assert mix_log_normaliser(1.0) == math.log(2.0) and mix_log_normaliser(0.0) == pytest.approx(
+        0.5 * math.log(2 * math.pi)
+    )
 
 
 @pytest.mark.parametrize("delta", [1e-3, 0.05, 0.5, 1.0, 3.0, 40.0])
 def test_huber_normaliser_closed_form_matches_quad(delta):
     """Z(delta) = 2 (sqrt(pi/2) erf(delta / sqrt 2) + exp(-delta^2 / 2) / delta), against integrating
     torch's huber_loss itself; tolerance 1e-10 (quad's estimate ~1e-13, split at the kink)."""
+
     def f(r):
         return math.exp(-torch.nn.functional.huber_loss(torch.tensor(r), torch.tensor(0.0), delta=delta).item())
+
     z = sum(integrate.quad(f, a, b, epsabs=0, epsrel=1e-13, limit=200)[0] for a, b in ((0, delta), (delta, math.inf)))
     assert huber_log_normaliser(delta) == pytest.approx(math.log(2 * z), abs=1e-10)
 
@@ -218,6 +242,7 @@ def test_barron_normaliser_matches_the_analytical_partition_function(numer, deno
 
 
 # ---- gradients ----
+
 
 def test_mix_endpoints_are_l1_and_l2_exactly(pair):
     """mix:1 is l1 and mix:0 is l2: the same values and gradients, bit for bit."""
@@ -252,8 +277,15 @@ def closed_form_gradient(name, r, logs):
     raise KeyError(name)
 
 
-GRADIENTS = [("mix:0.3", {}), ("mix:0.9", {}), ("huber:0.1", {}), ("huber:2", {}), ("laplace-learned", {"scale": -1.0}),
-             ("student-t", {"scale": -1.7, "dof": 1.1}), *[(f"barron:{a}", {"scale": -1.6}) for a in (0, 0.5, 1, 1.5, 2)]]
+GRADIENTS = [
+    ("mix:0.3", {}),
+    ("mix:0.9", {}),
+    ("huber:0.1", {}),
+    ("huber:2", {}),
+    ("laplace-learned", {"scale": -1.0}),
+    ("student-t", {"scale": -1.7, "dof": 1.1}),
+    *[(f"barron:{a}", {"scale": -1.6}) for a in (0, 0.5, 1, 1.5, 2)],
+]
 
 
 @pytest.mark.parametrize("name, logs", GRADIENTS, ids=[g[0] for g in GRADIENTS])
@@ -263,8 +295,18 @@ def test_gradient_wrt_reconstruction_matches_closed_form(pair, name, logs):
     torch.testing.assert_close(g, closed_form_gradient(name, (x_hat - x).detach(), logs))
 
 
-GRADCHECKED = ["learned-sigma", "laplace-learned", "student-t", "mix:0.4", "huber:0.1", "barron:0", "barron:0.5",
-               "barron:1", "barron:1.99", "barron:2"]
+GRADCHECKED = [
+    "learned-sigma",
+    "laplace-learned",
+    "student-t",
+    "mix:0.4",
+    "huber:0.1",
+    "barron:0",
+    "barron:0.5",
+    "barron:1",
+    "barron:1.99",
+    "barron:2",
+]
 
 
 @pytest.mark.parametrize("name", GRADCHECKED)
@@ -273,7 +315,7 @@ def test_gradients_pass_gradcheck(pair, name):
     x, x_hat = pair
     loss = get_loss(name)
     names = [p.name for p in loss.params]
-    start = [torch.tensor(v, requires_grad=True) for v in (-1.2, 0.8)[:len(names)]]  # log scale, log dof
+    start = [torch.tensor(v, requires_grad=True) for v in (-1.2, 0.8)[: len(names)]]  # log scale, log dof
 
     def f(x_hat, *raw):
         return loss.per_sample(x, x_hat, dict(zip(names, raw)), FLOOR)
@@ -283,18 +325,26 @@ def test_gradients_pass_gradcheck(pair, name):
 
 # ---- learned parameters ----
 
+
 def fit(name, r, floor=1e-6, **start):
     """Minimise the total NLL of fixed residuals r over the loss's log parameters with LBFGS."""
     loss = get_loss(name)
     raw = {p.name: torch.tensor(float(start.get(p.name, 0.0)), requires_grad=True) for p in loss.params}
-    opt = torch.optim.LBFGS(list(raw.values()), lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        list(raw.values()),
+        lr=1,
+        max_iter=500,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
         total = loss.per_sample(torch.zeros_like(r), r, raw, floor).sum()
         total.backward()
         return total
+
     opt.step(closure)
     return {k: math.exp(v.item()) for k, v in raw.items()}
 
@@ -302,7 +352,7 @@ def fit(name, r, floor=1e-6, **start):
 @pytest.fixture
 def residuals():
     g = torch.Generator().manual_seed(3)
-    return (0.1 * torch.randn(8, 40, generator=g) * torch.rand(8, 40, generator=g).pow(2) * 3)  # heavy-ish tails
+    return 0.1 * torch.randn(8, 40, generator=g) * torch.rand(8, 40, generator=g).pow(2) * 3  # heavy-ish tails
 
 
 def test_optimal_scales_are_the_closed_form_mles(residuals):
@@ -330,8 +380,10 @@ def test_student_t_fit_matches_maximising_scipys_density(residuals):
 
     def scipy_nll(logs):
         return -stats.t.logpdf(r, math.exp(logs[1]), 0.0, math.exp(logs[0])).sum()
-    ref = optimize.minimize(scipy_nll, [-2.0, 1.0], method="Nelder-Mead",
-                            options={"xatol": 1e-10, "fatol": 1e-13, "maxiter": 20000})
+
+    ref = optimize.minimize(
+        scipy_nll, [-2.0, 1.0], method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-13, "maxiter": 20000}
+    )
     got = fit("student-t", residuals)
     assert got["scale"] == pytest.approx(math.exp(ref.x[0]), rel=1e-4)
     assert got["dof"] == pytest.approx(math.exp(ref.x[1]), rel=1e-4)
@@ -355,13 +407,20 @@ def test_scale_floor_stops_the_nll_and_its_gradient(pair, name):
 
 # ---- names: families, canonical spelling, errors, registry, file names ----
 
+
 def test_families_expand_and_names_are_canonical():
     assert parse_losses("mix:0,0.25,0.5,0.75,1") == ("mix:0", "mix:0.25", "mix:0.5", "mix:0.75", "mix:1")
     assert parse_losses("l1,l2,huber:0.1,1") == ("l1", "l2", "huber:0.1", "huber:1")
     assert parse_losses(" mix:.50 , 1. ,barron:2,student-t") == ("mix:0.5", "mix:1", "barron:2", "student-t")
     assert parse_losses(["huber:1e-3", 2.0, "-0.0"]) == ("huber:0.001", "huber:2", "huber:0")  # a TOML list
-    assert [canonical_number(v) for v in (0.5, 1.0, 1e16, 1e-5, -0.0, 0.1 + 0.2)] == \
-        ["0.5", "1", "1e16", "1e-05", "0", "0.30000000000000004"]  # shortest round-trip repr: no two values merge
+    assert [canonical_number(v) for v in (0.5, 1.0, 1e16, 1e-5, -0.0, 0.1 + 0.2)] == [
+        "0.5",
+        "1",
+        "1e16",
+        "1e-05",
+        "0",
+        "0.30000000000000004",
+    ]  # shortest round-trip repr: no two values merge
     spec = AuditSpec(losses="mix:0,.5,1")
     assert spec.losses == ("mix:0", "mix:0.5", "mix:1") and AuditSpec.from_dict(spec.to_dict()) == spec  # stable
     with pytest.raises(UserError, match=r"\['mix:0.5', 'mix:0.5'\] has duplicates"):
@@ -379,14 +438,17 @@ def test_canonical_names_read_back_to_the_same_values(values):
     assert parse_losses(names) == names  # idempotent
 
 
-@pytest.mark.parametrize("name, message", [
-    ("mix:1.5", r"^loss 'mix:1.5': a must be a number in \[0, 1\], got '1.5'$"),
-    ("huber:0", r"^loss 'huber:0': delta must be a number in \(0, inf\), got '0'$"),
-    ("barron:2.5", r"^loss 'barron:2.5': alpha must be a number in \[0, 2\], got '2.5'$"),
-    ("barron:x", r"alpha must be a number in \[0, 2\], got 'x'"),
-    ("huber", r"^unknown loss 'huber'; allowed: l1, l2, .*huber:DELTA with delta in \(0, inf\)"),
-    ("gauss:1", r"^unknown loss 'gauss:1'; allowed: .*mix:A with a in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("mix:1.5", r"^loss 'mix:1.5': a must be a number in \[0, 1\], got '1.5'$"),
+        ("huber:0", r"^loss 'huber:0': delta must be a number in \(0, inf\), got '0'$"),
+        ("barron:2.5", r"^loss 'barron:2.5': alpha must be a number in \[0, 2\], got '2.5'$"),
+        ("barron:x", r"alpha must be a number in \[0, 2\], got 'x'"),
+        ("huber", r"^unknown loss 'huber'; allowed: l1, l2, .*huber:DELTA with delta in \(0, inf\)"),
+        ("gauss:1", r"^unknown loss 'gauss:1'; allowed: .*mix:A with a in \[0, 1\]"),
+    ],
+)
 def test_bad_loss_names_are_one_line_errors_naming_the_range(name, message):
     with pytest.raises(UserError, match=message) as e:
         get_loss(name)
@@ -399,7 +461,9 @@ def test_registry_resolves_family_members_and_accepts_new_losses():
     assert "mix:0.5" in LOSSES and LOSSES["mix:0.5"] is get_loss("mix:0.5")
     assert LOSSES["mix:.5"].name == "mix:0.5"  # any spelling finds the canonical member
     assert "mix:2" not in LOSSES and LOSSES.get("mix:2") is None and "huber" not in LOSSES
-    assert set(FAMILIES) == {"mix", "huber", "barron", "gaussian-pixel"} and "mix:0.5" not in list(LOSSES)  # listing: plain losses
+    assert set(FAMILIES) == {"mix", "huber", "barron", "gaussian-pixel"} and "mix:0.5" not in list(
+        LOSSES
+    )  # listing: plain losses
     descriptions = [LOSSES[n].likelihood for n in ("mix:0.5", "huber:0.1", "barron:1", *LOSSES)]
     descriptions += [f.likelihood for f in FAMILIES.values()]
     assert not any("|" in d or "\n" in d for d in descriptions)  # one line each, safe in a markdown table cell
@@ -421,7 +485,7 @@ def decode_cell_name(name: str) -> tuple[str, int]:
     out, i = bytearray(), 0
     while i < len(stem):
         if stem[i] == "+":
-            out.append(int(stem[i + 1:i + 3], 16))
+            out.append(int(stem[i + 1 : i + 3], 16))
             i += 3
         else:
             out += b":" if stem[i] == "_" else stem[i].encode()
@@ -440,11 +504,15 @@ def test_checkpoint_names_decode_back_to_their_cell(loss, seed):
 
 
 def test_checkpoint_names_of_loss_families():
-    names = parse_losses("l1,l2,log-mse,learned-sigma,student-t,laplace-learned,mix:0,0.25,0.5,1,huber:0.1,1,"
-                         "barron:0,1e-05,2")
+    names = parse_losses(
+        "l1,l2,log-mse,learned-sigma,student-t,laplace-learned,mix:0,0.25,0.5,1,huber:0.1,1,barron:0,1e-05,2"
+    )
     files = [cell_name(Cell(n, s)) for n in names for s in range(12)]
     assert len(set(files)) == len(files)
-    assert cell_name(Cell("mix:0.5", 2)) == "mix_0.5-seed2" and cell_name(Cell("learned-sigma", 0)) == "learned-sigma-seed0"
+    assert (
+        cell_name(Cell("mix:0.5", 2)) == "mix_0.5-seed2"
+        and cell_name(Cell("learned-sigma", 0)) == "learned-sigma-seed0"
+    )
     assert cell_name(Cell("mix_0.5", 2)) == "mix+5f0.5-seed2"  # an underscore cannot pose as the colon
 
 
@@ -455,20 +523,53 @@ def test_family_audit_end_to_end(tmp_path):
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)  # an audit in its own precision
     try:
-        args = ["audit", "--dataset", "digits", "--limit", "256", "--test-limit", "64", "--losses", "l1,l2,mix:0,1,student-t",
-                "--seeds", "1", "--epochs", "2", "--latent", "4", "--hidden", "32", "--device", "cpu",
-                "--out", str(tmp_path), "--quiet"]
+        args = [
+            "audit",
+            "--dataset",
+            "digits",
+            "--limit",
+            "256",
+            "--test-limit",
+            "64",
+            "--losses",
+            "l1,l2,mix:0,1,student-t",
+            "--seeds",
+            "1",
+            "--epochs",
+            "2",
+            "--latent",
+            "4",
+            "--hidden",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ]
         with pytest.raises(SystemExit) as exit_:
             main(args)
         assert exit_.value.code == 0
         summary = json.loads((tmp_path / "summary.json").read_text())
         assert summary["spec"]["losses"] == ["l1", "l2", "mix:0", "mix:1", "student-t"]
         cells = {c["loss"]: c for c in summary["cells"]}  # learned values in the cells table; NaN (null) where none
-        assert list(summary["cells"][0])[:9] == ["loss", "seed", "status", "sigma", "sigma_squared", "scale", "dof",
-                                                 "train_mse", "train_nll"]  # then the convergence columns (dynamics)
+        assert list(summary["cells"][0])[:9] == [
+            "loss",
+            "seed",
+            "status",
+            "sigma",
+            "sigma_squared",
+            "scale",
+            "dof",
+            "train_mse",
+            "train_nll",
+        ]  # then the convergence columns (dynamics)
         assert cells["student-t"]["scale"] > 0 and cells["student-t"]["dof"] > 0 and cells["student-t"]["sigma"] is None
         assert all(cells[n]["scale"] is None and cells[n]["dof"] is None for n in ("l1", "l2", "mix:0", "mix:1"))
-        assert sorted(p.name for p in (tmp_path / "cells").glob("mix*.json")) == ["mix_0-seed0.json", "mix_1-seed0.json"]
+        assert sorted(p.name for p in (tmp_path / "cells").glob("mix*.json")) == [
+            "mix_0-seed0.json",
+            "mix_1-seed0.json",
+        ]
         result = run_audit(AuditSpec.from_dict(summary["spec"]), save=False)  # the same spec, into the same folder
         errors = {loss: part["mse"].to_numpy() for loss, part in result.samples.groupby("loss", observed=True)}
         assert np.array_equal(errors["mix:1"], errors["l1"]) and np.array_equal(errors["mix:0"], errors["l2"])
@@ -479,6 +580,7 @@ def test_family_audit_end_to_end(tmp_path):
 
 
 # ---- per-pixel likelihoods: the decoder predicts each pixel's log-scale ----
+
 
 def soft_floor_reference(raw: np.ndarray, floor: float) -> np.ndarray:
     """sigma-VAE's softclip, written independently in numpy: log(floor) + log(1 + exp(raw - log(floor)))."""
@@ -491,8 +593,14 @@ def raw_scale():
     return torch.linspace(-9.0, 1.0, 4 * M, dtype=torch.float64).reshape(4, M)[:, torch.randperm(M)]
 
 
-@pytest.mark.parametrize("name, logpdf", [("gaussian-pixel", stats.norm.logpdf), ("laplace-pixel", stats.laplace.logpdf),
-                                          ("gaussian-pixel:0", stats.norm.logpdf)])
+@pytest.mark.parametrize(
+    "name, logpdf",
+    [
+        ("gaussian-pixel", stats.norm.logpdf),
+        ("laplace-pixel", stats.laplace.logpdf),
+        ("gaussian-pixel:0", stats.norm.logpdf),
+    ],
+)
 def test_pixel_nll_equals_scipy_density_with_the_predicted_scale(pair, raw_scale, name, logpdf):
     x, x_hat = pair
     nll = get_loss(name).per_sample(x, x_hat.detach(), {}, FLOOR, raw_scale=raw_scale)
@@ -531,7 +639,7 @@ def test_beta_nll_gradients_are_the_closed_form(pair, raw_scale, beta):
     g_mu, g_raw = torch.autograd.grad(nll.sum(), [x_hat, raw])
     log_s = torch.from_numpy(soft_floor_reference(raw_scale.numpy(), FLOOR))
     sigma2, r = (2 * log_s).exp(), (x_hat - x).detach()
-    w = sigma2 ** beta
+    w = sigma2**beta
     torch.testing.assert_close(g_mu, w * r / sigma2)
     torch.testing.assert_close(g_raw, w * (1 - r**2 / sigma2) * torch.sigmoid(raw_scale - math.log(FLOOR)))
     if beta == 1.0:  # beta = 1: the mean gets L2's gradient, whatever sigma is
@@ -558,6 +666,7 @@ def test_pixel_losses_pass_gradcheck(pair, raw_scale, name):
 
     def f(x_hat, raw):
         return loss.per_sample(x, x_hat, {}, FLOOR, raw_scale=raw)
+
     x_hat = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(5)) + 0.05).requires_grad_()
     assert torch.autograd.gradcheck(f, (x_hat, raw_scale.clone().requires_grad_()))
 
@@ -572,14 +681,16 @@ def test_free_pixel_scales_fit_each_residual(name):
     r = (0.01 + 0.5 * torch.rand(6, 30, generator=g)) * torch.sign(torch.randn(6, 30, generator=g))
     loss, floor = get_loss(name), 1e-6
     raw = torch.zeros_like(r, requires_grad=True)
-    opt = torch.optim.LBFGS([raw], lr=1, max_iter=1000, tolerance_grad=1e-14, tolerance_change=1e-16,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [raw], lr=1, max_iter=1000, tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
         total = loss.per_sample(torch.zeros_like(r), r, {}, floor, raw_scale=raw).sum()
         total.backward()
         return total
+
     opt.step(closure)
     torch.testing.assert_close(pixel_log_scale(raw.detach(), floor).exp(), r.abs(), rtol=1e-5, atol=0)
 
@@ -591,11 +702,36 @@ def test_pixel_audit_end_to_end(tmp_path):
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)  # an audit in its own precision
     try:
-        common = ["--dataset", "digits", "--limit", "256", "--test-limit", "64", "--seeds", "1", "--epochs", "2",
-                  "--latent", "4", "--hidden", "32", "--device", "cpu", "--quiet"]
+        common = [
+            "--dataset",
+            "digits",
+            "--limit",
+            "256",
+            "--test-limit",
+            "64",
+            "--seeds",
+            "1",
+            "--epochs",
+            "2",
+            "--latent",
+            "4",
+            "--hidden",
+            "32",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
         with pytest.raises(SystemExit) as exit_:
-            main(["audit", *common, "--losses", "l2,gaussian-pixel,laplace-pixel,gaussian-pixel:0.5",
-                  "--out", str(tmp_path / "a")])
+            main(
+                [
+                    "audit",
+                    *common,
+                    "--losses",
+                    "l2,gaussian-pixel,laplace-pixel,gaussian-pixel:0.5",
+                    "--out",
+                    str(tmp_path / "a"),
+                ]
+            )
         assert exit_.value.code == 0
         samples = pd.read_csv(tmp_path / "a" / "samples.csv")
         scale = samples.groupby("loss")["pred_scale"]

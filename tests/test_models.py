@@ -3,10 +3,9 @@
 import pytest
 import torch
 from torch import nn
-
-from fairrecon.errors import UserError
 from torch.distributions import Normal, kl_divergence
 
+from fairrecon.errors import UserError
 from fairrecon.models import build_model, gaussian_kl, split_output
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (1, 7, 9)]
@@ -27,7 +26,7 @@ def test_samples_do_not_interact(name):
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     x = torch.rand(6, 1, 28, 28)
     together = model(x)
-    alone = torch.cat([model(x[i:i + 1]) for i in range(6)])
+    alone = torch.cat([model(x[i : i + 1]) for i in range(6)])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)  # batched GEMM vs per-row: float32 rounding
 
 

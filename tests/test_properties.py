@@ -29,6 +29,7 @@ finite = st.floats(allow_nan=False, allow_infinity=False)
 
 # --- spec: parse_list and TOML --------------------------------------------------------------
 
+
 @FEW
 @given(st.lists(finite, max_size=6), st.sampled_from([",", ", ", " ,", " , "]))
 def test_parse_list_reads_back_any_floats(values, sep):
@@ -55,7 +56,9 @@ def _toml(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+        return (
+            repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+        )
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     return json.dumps(value)
@@ -72,7 +75,9 @@ def spec_values(draw) -> dict:
         "targets": st.just(targets),
         "proportions": st.just([w / sum(weights) for w in weights]),
         "contrast": st.sampled_from(["matched", "squeeze"]),
-        "losses": st.lists(st.sampled_from(["l1", "l2", "log-mse", "learned-sigma"]), min_size=1, max_size=4, unique=True),
+        "losses": st.lists(
+            st.sampled_from(["l1", "l2", "log-mse", "learned-sigma"]), min_size=1, max_size=4, unique=True
+        ),
         "model": st.sampled_from(["mlp", "conv"]),
         "epochs": st.integers(1, 1000),
         "seeds": st.integers(1, 20),
@@ -103,7 +108,7 @@ def test_toml_spec_reads_back_as_written(values, table, tmp_path):
 @given(key=st.sampled_from([f for f in FIELDS if len(f) >= 5]), data=st.data())
 def test_toml_typo_names_the_key_and_suggests_the_right_one(key, data, tmp_path):
     i = data.draw(st.integers(0, len(key) - 1))
-    typo = key[:i] + key[i + 1:]  # one letter dropped
+    typo = key[:i] + key[i + 1 :]  # one letter dropped
     assume(typo not in FIELDS)
     path = tmp_path / "audit.toml"
     path.write_text(f"{typo} = 1\n")
@@ -115,13 +120,17 @@ def test_toml_typo_names_the_key_and_suggests_the_right_one(key, data, tmp_path)
 
 # --- labels CSV -------------------------------------------------------------------------------
 
-names = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs", "Cc", "Zl", "Zp"]),
-                min_size=1, max_size=12).filter(lambda s: s.strip() == s)  # inner spaces, none around
+names = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=["Cs", "Cc", "Zl", "Zp"]), min_size=1, max_size=12
+).filter(lambda s: s.strip() == s)  # inner spaces, none around
 
 
 @FEW
-@given(labels=st.dictionaries(names, names, min_size=1, max_size=8), key=st.sampled_from(["file", "index"]),
-       extra=st.booleans())
+@given(
+    labels=st.dictionaries(names, names, min_size=1, max_size=8),
+    key=st.sampled_from(["file", "index"]),
+    extra=st.booleans(),
+)
 def test_labels_csv_reads_back_as_written(labels, key, extra, tmp_path):
     """Any names (commas, quotes, non-ASCII, inner spaces), either key column, extra columns ignored."""
     buffer = io.StringIO()
@@ -150,6 +159,7 @@ def test_labels_csv_refuses_conflicting_rows_in_one_line(labels, data, tmp_path)
 
 
 # --- group builder ----------------------------------------------------------------------------
+
 
 @FEW
 @given(n=st.integers(1, 10_000), weights=st.lists(st.floats(0.01, 1.0), min_size=1, max_size=6))

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import FAST, REPO
 from PIL import Image
 
-from conftest import FAST, REPO
 from fairrecon import run_audit
 from fairrecon.data import load_images
 from fairrecon.figures import HATCHES, audit_figures, group_styles
@@ -23,9 +23,9 @@ from fairrecon.html_report import _png, html_report
 from fairrecon.measure import example_reconstructions
 from fairrecon.progress import Progress
 from fairrecon.report import error_table, frontier_sentence, frontier_table, markdown_report, verdict_table
-from fairrecon.stats import analyse
 from fairrecon.results import AuditResult
 from fairrecon.spec import AuditSpec
+from fairrecon.stats import analyse
 from fairrecon.train import Cell, TrainConfig, train_cells
 
 
@@ -95,14 +95,33 @@ def test_verdict_names_the_lowest_and_highest_error_group(saved):
 
 
 def _images(page: str) -> list[Image.Image]:
-    return [Image.open(io.BytesIO(base64.b64decode(b64))) for b64 in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+    return [
+        Image.open(io.BytesIO(base64.b64decode(b64)))
+        for b64 in re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    ]
 
 
 def test_html_is_self_contained_with_every_figure(saved):
     result, _ = saved
-    shares = pd.DataFrame([{"loss": loss, "seed": s, "step": step, "epoch": 1, "group": g, "sample_share": 0.5,
-                            "projection_share": 0.5 + (0.1 if g == "0.3" else -0.1), "norm_share": 0.5, "output_share": 0.5}
-                           for loss in result.spec.losses for s in range(2) for step in (0, 5, 10) for g in ("0.3", "0.9")])
+    shares = pd.DataFrame(
+        [
+            {
+                "loss": loss,
+                "seed": s,
+                "step": step,
+                "epoch": 1,
+                "group": g,
+                "sample_share": 0.5,
+                "projection_share": 0.5 + (0.1 if g == "0.3" else -0.1),
+                "norm_share": 0.5,
+                "output_share": 0.5,
+            }
+            for loss in result.spec.losses
+            for s in range(2)
+            for step in (0, 5, 10)
+            for g in ("0.3", "0.9")
+        ]
+    )
     result.grad_shares = shares  # as the gradient-share measurement will attach them
     try:
         page = html_report(result, analyse(result))
@@ -112,7 +131,9 @@ def test_html_is_self_contained_with_every_figure(saved):
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
     images = _images(page)
-    assert len(images) == 7  # group error, frontier, over training, gradient shares, distributions, reconstructions, brightness/contrast
+    assert (
+        len(images) == 7
+    )  # group error, frontier, over training, gradient shares, distributions, reconstructions, brightness/contrast
     assert all(im.format == "PNG" and 1000 <= im.width <= 1400 for im in images)
     assert page.index('id="answer"') < page.index("<table") < page.index('id="fig-group_error"')
 
@@ -134,6 +155,7 @@ def test_frontier_is_one_answer_in_every_surface(saved):
     """The frontier's ratio and its interval are the verdict table's numbers, in report.md, report.html and
     summary.json alike; its overall error is the mean of samples.csv over seeds and images."""
     import json
+
     result, out = saved
     analysis = analyse(result)
     f, d = analysis.frontier.set_index("loss"), analysis.disparities.set_index("loss")
@@ -153,7 +175,7 @@ def test_frontier_is_one_answer_in_every_surface(saved):
     section = md.split("## Fairness-accuracy frontier")[1].split("\n## ")[0]
     errors = error_table(analysis).set_index("loss")
     for row in frontier_table(analysis).itertuples(index=False):
-        line = next(l for l in section.splitlines() if l.startswith(f"| {row.loss} |"))
+        line = next(s for s in section.splitlines() if s.startswith(f"| {row.loss} |"))
         assert f"| {errors.loc[row.loss, 'worst/best']} |" in line  # the error table's worst/best, the same string
         assert f"| {row[4]} |" in line and line.endswith(f"| {row[6]} |")
     assert "<h2 id='frontier'>Fairness-accuracy frontier</h2>" in page and 'id="fig-frontier"' in page
@@ -162,15 +184,23 @@ def test_frontier_is_one_answer_in_every_surface(saved):
 
 def test_cli_report_rerenders_from_saved_results(saved, tmp_path):
     _, out = saved
-    proc = subprocess.run([sys.executable, "-m", "fairrecon", "report", str(out), "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fairrecon", "report", str(out), "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     page = (tmp_path / "report.html").read_text()
     assert len(_images(page)) == 7 and "worse group" in page  # the same seven figures, gradient shares included
     assert (tmp_path / "report.md").read_text().startswith("# fairrecon audit")
     assert "worst group" in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "fairrecon", "report", str(tmp_path / "nothing")],
-                         cwd=REPO, capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "fairrecon", "report", str(tmp_path / "nothing")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a fairrecon results folder" in bad.stderr
 
 
@@ -216,6 +246,7 @@ def test_progress_bars_on_a_terminal_and_nothing_when_quiet():
 def test_terminal_prints_the_headline_the_table_and_the_warnings():
     """Small data never looks sure: the terminal says "insufficient data" and why, not just a table."""
     from test_stats import simulate, synthetic_result
+
     from fairrecon.report import headline, terminal_summary
 
     values, codes = simulate(np.random.default_rng(0), seeds=3, n=(50, 12), means=(0.010, 0.030))

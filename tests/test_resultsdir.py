@@ -10,14 +10,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli as run
 from PIL import Image
 
 from fairrecon.cli import ERROR_LOG, main
 from fairrecon.resultsdir import MARKER, read_marker
-from conftest import run_cli as run
 
-TINY = ["--seeds", "1", "--epochs", "1", "--latent", "4", "--hidden", "16", "--losses", "l2", "--device", "cpu",
-        "--quiet"]
+TINY = [
+    "--seeds",
+    "1",
+    "--epochs",
+    "1",
+    "--latent",
+    "4",
+    "--hidden",
+    "16",
+    "--losses",
+    "l2",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 def faces(root: Path, n: int = 40) -> Path:
@@ -27,7 +40,9 @@ def faces(root: Path, n: int = 40) -> Path:
     rng = np.random.default_rng(0)
     for i in range(n):
         base = 60 if i < n // 2 else 190
-        Image.fromarray(np.clip(base + rng.normal(0, 20, (8, 8)), 0, 255).astype(np.uint8)).save(images / f"face_{i:03d}.png")
+        Image.fromarray(np.clip(base + rng.normal(0, 20, (8, 8)), 0, 255).astype(np.uint8)).save(
+            images / f"face_{i:03d}.png"
+        )
     write_labels(root / "groups.csv", {f"face_{i:03d}.png": "darker" if i < n // 2 else "brighter" for i in range(n)})
     return root
 
@@ -44,11 +59,12 @@ def folder_args(root: Path) -> list[str]:
     return ["--dataset", "folder", "--data-root", str(root / "images"), "--labels", str(root / "groups.csv")]
 
 
-
-
 def snapshot(folder: Path, leave_out: tuple[str, ...] = ()) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name not in leave_out}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in leave_out
+    }
 
 
 def test_labels_edited_in_place_are_refused_then_retrained_with_force(tmp_path, capsys):
@@ -88,7 +104,11 @@ def test_a_third_group_is_refused_without_touching_anything(tmp_path, capsys):
     assert code == 2 and "changed since" in err and snapshot(out) == before
     code, _, err = run(capsys, "audit", *TINY, *folder_args(root), "--out", out, "--force")
     assert code == 0, err
-    assert {r["group"] for r in json.loads((out / "summary.json").read_text())["groups"]} == {"brighter", "darker", "middle"}
+    assert {r["group"] for r in json.loads((out / "summary.json").read_text())["groups"]} == {
+        "brighter",
+        "darker",
+        "middle",
+    }
 
 
 def test_an_image_added_to_the_folder_is_a_changed_input(tmp_path, capsys):
@@ -109,7 +129,10 @@ def test_out_holding_the_users_labels_is_refused_even_with_force(tmp_path, capsy
         code, _, err = run(capsys, "audit", *TINY, *folder_args(root), "--out", root, *extra)
         assert code == 2 and err.count("\n") == 1
         assert f"output folder {root} holds this run's input {root / 'groups.csv'}" in err
-    assert (root / "groups.csv").read_bytes() == mine and sorted(p.name for p in root.iterdir()) == ["groups.csv", "images"]
+    assert (root / "groups.csv").read_bytes() == mine and sorted(p.name for p in root.iterdir()) == [
+        "groups.csv",
+        "images",
+    ]
 
 
 def test_out_inside_the_image_folder_is_refused(tmp_path, capsys):
@@ -145,6 +168,7 @@ def test_the_marker_is_written_first_and_says_complete_last(tmp_path, monkeypatc
 
 # --- failures after the inputs are validated leave the old results intact ------------------------
 
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished") / "results"
@@ -154,8 +178,15 @@ def finished(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("where", ["fairrecon.stats.analyse", "fairrecon.outputs.html_report",
-                                   "fairrecon.outputs.markdown_report", "fairrecon.outputs.summary"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "fairrecon.stats.analyse",
+        "fairrecon.outputs.html_report",
+        "fairrecon.outputs.markdown_report",
+        "fairrecon.outputs.summary",
+    ],
+)
 def test_a_crash_after_training_leaves_the_old_folder_byte_for_byte(where, finished, tmp_path, monkeypatch, capsys):
     """The same audit again (all cells done) or another one (--force, retrained): either way, a crash in
     the statistics or a report changes no result file, and the crash is exit 4 with the traceback logged."""
@@ -173,7 +204,15 @@ def test_a_crash_after_training_leaves_the_old_folder_byte_for_byte(where, finis
         assert code == 4 and err.count("\n") == 1 and f"traceback saved to {out / ERROR_LOG}" in err
         assert "forced failure" in (out / ERROR_LOG).read_text()
         after = snapshot(out, leave_out=(ERROR_LOG,))
-        for file in ("samples.csv", "cells.csv", "groups.csv", "summary.json", "report.md", "report.html", "examples.npz"):
+        for file in (
+            "samples.csv",
+            "cells.csv",
+            "groups.csv",
+            "summary.json",
+            "report.md",
+            "report.html",
+            "examples.npz",
+        ):
             assert after[file] == before[file], (name, file)
         if name == "same":
             assert after == before  # nothing was written at all
@@ -193,6 +232,7 @@ def test_a_bad_input_on_a_new_folder_creates_nothing(tmp_path, capsys):
 
 
 # --- folders written before the marker existed ---------------------------------------------------
+
 
 def test_an_older_folder_is_still_read_and_written_only_for_the_same_spec(finished, tmp_path, capsys):
     old = tmp_path / "old"

@@ -28,10 +28,38 @@ from fairrecon.resume import CellStore, result_fields
 REPO = Path(__file__).resolve().parents[1]
 
 # Three seeds of two cells; big enough that a seed takes a moment, small enough for CI.
-SPEC = dict(dataset="digits", limit=320, test_limit=120, losses=("l2", "learned-sigma"), seeds=3, epochs=2,
-            batch_size=64, latent=8, hidden=32, device="cpu")
-FLAGS = ["--dataset", "digits", "--limit", "320", "--test-limit", "120", "--losses", "l2,learned-sigma", "--seeds", "3",
-         "--epochs", "2", "--batch-size", "64", "--latent", "8", "--device", "cpu"]  # hidden: set in a spec file
+SPEC = dict(
+    dataset="digits",
+    limit=320,
+    test_limit=120,
+    losses=("l2", "learned-sigma"),
+    seeds=3,
+    epochs=2,
+    batch_size=64,
+    latent=8,
+    hidden=32,
+    device="cpu",
+)
+FLAGS = [
+    "--dataset",
+    "digits",
+    "--limit",
+    "320",
+    "--test-limit",
+    "120",
+    "--losses",
+    "l2,learned-sigma",
+    "--seeds",
+    "3",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "64",
+    "--latent",
+    "8",
+    "--device",
+    "cpu",
+]  # hidden: set in a spec file
 TABLES = ("samples", "cells", "history", "groups", "curves")
 
 
@@ -62,8 +90,12 @@ def test_kill_9_mid_run_then_resume_gives_identical_results(reference, tmp_path)
     out = tmp_path / "killed"
     spec_file = tmp_path / "spec.toml"
     spec_file.write_text("hidden = 32\n")
-    proc = subprocess.Popen([sys.executable, "-m", "fairrecon", "audit", str(spec_file), *FLAGS, "--out", str(out),
-                             "--quiet"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fairrecon", "audit", str(spec_file), *FLAGS, "--out", str(out), "--quiet"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     first_seed = ["l2-seed0.json", "learned-sigma-seed0.json"]
     deadline = time.monotonic() + 120
     while not set(first_seed) <= set(markers(out)):
@@ -144,8 +176,29 @@ def test_different_spec_is_refused_in_one_line_unless_forced(reference, tmp_path
     assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     with pytest.raises(SystemExit) as exit_:
-        main(["audit", "--dataset", "digits", "--test-limit", "120", "--losses", "l1", "--seeds", "1",
-              "--epochs", "1", "--latent", "4", "--device", "cpu", "--out", str(out), "--quiet", "--force"])
+        main(
+            [
+                "audit",
+                "--dataset",
+                "digits",
+                "--test-limit",
+                "120",
+                "--losses",
+                "l1",
+                "--seeds",
+                "1",
+                "--epochs",
+                "1",
+                "--latent",
+                "4",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--quiet",
+                "--force",
+            ]
+        )
     assert exit_.value.code == 0
     assert markers(out) == ["l1-seed0.json"]  # the other spec's checkpoints are gone
     summary = json.loads((out / "summary.json").read_text())
@@ -179,8 +232,9 @@ def test_atomic_write_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatc
 
 # --- failed cells: a diverging cell is marked failed with its reason, and the audit carries on ---
 
-TINY = dict(dataset="digits", limit=256, test_limit=64, seeds=1, epochs=1, batch_size=64, latent=8, hidden=32,
-            device="cpu")
+TINY = dict(
+    dataset="digits", limit=256, test_limit=64, seeds=1, epochs=1, batch_size=64, latent=8, hidden=32, device="cpu"
+)
 
 
 def test_non_finite_loss_fails_that_cell_only(tmp_path):

@@ -32,20 +32,23 @@ def test_unknown_keys_are_caught_with_a_suggestion(tmp_path):
         load_spec(f)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(targets=(0.3, 1.0)), "target 1.0 is outside"),
-    (dict(targets=(0.3,)), "two or more"),
-    (dict(proportions=(0.5, 0.6)), "sum to 1.1, not 1"),
-    (dict(proportions=(1.0,)), "1 values for 2 targets"),
-    (dict(seeds=0), "seeds must be >= 1"),
-    (dict(model="resnet"), "unknown model 'resnet'"),
-    (dict(group_method="labels"), "needs a labels CSV"),
-    (dict(beta=2.0), r"beta 2 applies only to a VAE \(--model vae or conv-vae\), not model 'mlp'"),
-    (dict(model="conv", generate=10), "generate 10 applies only to a VAE"),
-    (dict(model="vae", beta=-1.0), "beta must be a number >= 0"),
-    (dict(model="vae", beta=math.nan), "beta must be a number >= 0"),
-    (dict(model="conv-vae", generate=-1), "generate must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(targets=(0.3, 1.0)), "target 1.0 is outside"),
+        (dict(targets=(0.3,)), "two or more"),
+        (dict(proportions=(0.5, 0.6)), "sum to 1.1, not 1"),
+        (dict(proportions=(1.0,)), "1 values for 2 targets"),
+        (dict(seeds=0), "seeds must be >= 1"),
+        (dict(model="resnet"), "unknown model 'resnet'"),
+        (dict(group_method="labels"), "needs a labels CSV"),
+        (dict(beta=2.0), r"beta 2 applies only to a VAE \(--model vae or conv-vae\), not model 'mlp'"),
+        (dict(model="conv", generate=10), "generate 10 applies only to a VAE"),
+        (dict(model="vae", beta=-1.0), "beta must be a number >= 0"),
+        (dict(model="vae", beta=math.nan), "beta must be a number >= 0"),
+        (dict(model="conv-vae", generate=-1), "generate must be >= 0"),
+    ],
+)
 def test_invalid_values_give_one_line_errors(kwargs, message):
     with pytest.raises(UserError, match=message):
         AuditSpec(**kwargs)
@@ -83,9 +86,11 @@ def test_replace_is_strict_and_override_skips_flags_not_given():
 
 def test_labels_alone_mean_label_grouping_and_contradictions_are_refused(tmp_path):
     """The issue's failure: `--labels` without `--group-method labels` was ignored (brightness groups were built)."""
-    for spec in (AuditSpec().replace(dataset="folder", labels="g.csv"),
-                 AuditSpec.from_dict({"dataset": "folder", "labels": "g.csv"}),
-                 AuditSpec().override(dataset="folder", labels="g.csv", group_method=None)):
+    for spec in (
+        AuditSpec().replace(dataset="folder", labels="g.csv"),
+        AuditSpec.from_dict({"dataset": "folder", "labels": "g.csv"}),
+        AuditSpec().override(dataset="folder", labels="g.csv", group_method=None),
+    ):
         assert spec.group_method == "labels"
     f = tmp_path / "faces.toml"
     f.write_text('dataset = "folder"\nlabels = "g.csv"\n')

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO
 from scipy import stats as sps
 
-from conftest import REPO
 from fairrecon import stats
 from fairrecon.errors import UserError
 from fairrecon.groups import GroupedData
@@ -30,16 +30,26 @@ def _benchmark(name: str):
 coverage = _benchmark("coverage")  # the simulation of benchmarks/coverage.py, shared with the quick coverage test
 
 
-def synthetic_result(values: dict[str, np.ndarray], codes: np.ndarray, names=("a", "b"),
-                     status: dict[tuple[str, int], str] | None = None) -> AuditResult:
+def synthetic_result(
+    values: dict[str, np.ndarray], codes: np.ndarray, names=("a", "b"), status: dict[tuple[str, int], str] | None = None
+) -> AuditResult:
     """An AuditResult from per-(seed, image) MSE matrices values[loss] (S, N) and group codes (N,)."""
     frames = []
     for loss, v in values.items():
         for s in range(v.shape[0]):
-            frames.append(pd.DataFrame({
-                "loss": loss, "seed": s, "group": pd.Categorical.from_codes(codes, categories=list(names)),
-                "index": np.arange(len(codes)) * 3 + 7, "mse": v[s], "mae": np.sqrt(v[s]),
-                "psnr": -10 * np.log10(v[s])}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "loss": loss,
+                        "seed": s,
+                        "group": pd.Categorical.from_codes(codes, categories=list(names)),
+                        "index": np.arange(len(codes)) * 3 + 7,
+                        "mse": v[s],
+                        "mae": np.sqrt(v[s]),
+                        "psnr": -10 * np.log10(v[s]),
+                    }
+                )
+            )
     samples = pd.concat(frames, ignore_index=True)
     cells = samples[["loss", "seed"]].drop_duplicates().reset_index(drop=True)
     cells["status"] = [(status or {}).get((r.loss, r.seed), "ok") for r in cells.itertuples()]
@@ -61,8 +71,10 @@ def _curves(result, drift: float, points: int = 20) -> pd.DataFrame:
         ratio = np.exp(np.log1p(drift) * steps / (0.25 * steps[-2]))  # fitted on the points before the last
         ratio[-1] = 50.0
         for step, r in zip(steps, ratio):
-            rows += [{"loss": "l1", "seed": seed, "step": step, "epoch": step / 10, "group": best, "mse": 0.01},
-                     {"loss": "l1", "seed": seed, "step": step, "epoch": step / 10, "group": worst, "mse": 0.01 * r}]
+            rows += [
+                {"loss": "l1", "seed": seed, "step": step, "epoch": step / 10, "group": best, "mse": 0.01},
+                {"loss": "l1", "seed": seed, "step": step, "epoch": step / 10, "group": worst, "mse": 0.01 * r},
+            ]
     return pd.DataFrame(rows)
 
 
@@ -124,8 +136,7 @@ def test_seed_part_alone_is_the_one_sample_t_test_on_per_seed_gaps():
     c = stats.Moments.of(values, codes, 2).pair(1, 0)
     ref = sps.ttest_1samp(per_seed[:, 1] - per_seed[:, 0], 0.0)
     ci = ref.confidence_interval(0.95)
-    np.testing.assert_allclose([c.low(0.025), c.high(0.025), c.p_two_sided()], [ci.low, ci.high, ref.pvalue],
-                               rtol=1e-9)
+    np.testing.assert_allclose([c.low(0.025), c.high(0.025), c.p_two_sided()], [ci.low, ci.high, ref.pvalue], rtol=1e-9)
 
 
 def test_p_value_is_the_tail_where_the_interval_touches_zero():
@@ -150,7 +161,7 @@ def test_variance_is_seed_part_plus_image_part():
     seed_part = (per_seed[1] - per_seed[0]).var(ddof=1) / 5
     averaged = df.drop(columns="group").mean(axis=1).groupby(df["group"])
     image_parts = averaged.var(ddof=1) / averaged.size()
-    assert c.se ** 2 == pytest.approx(seed_part + image_parts.sum(), rel=1e-12)
+    assert c.se**2 == pytest.approx(seed_part + image_parts.sum(), rel=1e-12)
     # Cochran-Cox: the critical value is the variance-weighted mean of t(S - 1) and each group's t(n_g - 1)
     weights = np.array([seed_part, *image_parts])
     quantiles = sps.t.isf(0.025, [4, *(averaged.size() - 1)])
@@ -183,10 +194,12 @@ def test_ratio_gap_test_and_verdict_decide_alike():
         n = (40, 50, 45)[:groups]
         means = 0.010 * (1 + rng.uniform(0, 0.25, groups))  # from no gap to clear ones
         values, codes = simulate(rng, seeds=2 + r % 4, n=n, means=means)
-        result = synthetic_result({"l1": values, "l2": values * rng.uniform(0.9, 1.1, len(codes))}, codes,
-                                  names=("a", "b", "c")[:groups])
-        policy = stats.Policy(alpha=[0.05, 0.1, 0.01][r % 3], correction=["bonferroni", "none"][r % 2],
-                              two_sided=r % 5 != 0)
+        result = synthetic_result(
+            {"l1": values, "l2": values * rng.uniform(0.9, 1.1, len(codes))}, codes, names=("a", "b", "c")[:groups]
+        )
+        policy = stats.Policy(
+            alpha=[0.05, 0.1, 0.01][r % 3], correction=["bonferroni", "none"][r % 2], two_sided=r % 5 != 0
+        )
         for reference in ("best", "a"):
             d = stats.disparities(result, policy=policy, reference=reference)
             for row in d.itertuples():
@@ -202,8 +215,9 @@ def test_intervals_cover_with_three_seeds_when_seeds_dominate():
     """The quick version of benchmarks/coverage.py: the regime where the old bootstrap covered 77%."""
     rng = np.random.default_rng(7)
     reps = 500
-    rows = pd.DataFrame([coverage.replicate(rng, seeds=3, groups=2, regime=coverage.REGIMES["seed-dominated"])
-                         for _ in range(reps)])
+    rows = pd.DataFrame(
+        [coverage.replicate(rng, seeds=3, groups=2, regime=coverage.REGIMES["seed-dominated"]) for _ in range(reps)]
+    )
     truth = coverage.MEANS[2][1] - coverage.MEANS[2][0], coverage.MEANS[2][1] / coverage.MEANS[2][0]
     gap = ((rows.gap_low <= truth[0]) & (truth[0] <= rows.gap_high)).mean()
     ratio = ((rows.ratio_low <= truth[1]) & (truth[1] <= rows.ratio_high)).mean()
@@ -217,8 +231,9 @@ def test_image_part_alone_would_undercover_when_seeds_dominate():
     rng = np.random.default_rng(8)
     hits = 0
     for _ in range(150):
-        values, codes = coverage.simulate(rng, seeds=5, means=coverage.MEANS[2], n=180,
-                                          **coverage.REGIMES["seed-dominated"])
+        values, codes = coverage.simulate(
+            rng, seeds=5, means=coverage.MEANS[2], n=180, **coverage.REGIMES["seed-dominated"]
+        )
         c = stats.Moments.of(values, codes, 2, seed_part=False).pair(1, 0)
         hits += c.low(0.025) <= coverage.MEANS[2][1] - coverage.MEANS[2][0] <= c.high(0.025)
     assert hits / 150 < 0.75
@@ -299,7 +314,10 @@ def test_small_or_broken_data_is_insufficient_never_clear():
         return row.verdict, row.warnings
 
     failed = synthetic_result({"l1": values}, codes, status={("l1", 2): "failed: non-finite loss in epoch 1"})
-    assert verdict(failed) == (stats.INSUFFICIENT, "1 failed cell(s) left out: l1/seed2 (failed: non-finite loss in epoch 1)")
+    assert verdict(failed) == (
+        stats.INSUFFICIENT,
+        "1 failed cell(s) left out: l1/seed2 (failed: non-finite loss in epoch 1)",
+    )
     tiny_test, tiny_codes = simulate(rng, seeds=3, n=(50, 12), means=(0.010, 0.030))
     v, w = verdict(synthetic_result({"l1": tiny_test}, tiny_codes))
     assert v == stats.INSUFFICIENT and "test group(s) b (n=12): fewer than 30 test images" in w
@@ -321,11 +339,14 @@ def test_small_or_broken_data_is_insufficient_never_clear():
         assert stats.gap_drift(moving, "l1", row.worst, row.reference) == pytest.approx(drift, abs=1e-9)
         assert settled or f"still moved {drift:+.1%}" in w
     small_train = synthetic_result({"l1": values}, codes)
-    small_train.groups = pd.concat([small_train.groups, pd.DataFrame({"split": "train", "group": ["a", "b"], "n": [3, 2]})])
+    small_train.groups = pd.concat(
+        [small_train.groups, pd.DataFrame({"split": "train", "group": ["a", "b"], "n": [3, 2]})]
+    )
     v, w = verdict(small_train)
     assert v == stats.INSUFFICIENT and "training group(s) a (n=3), b (n=2)" in w
-    every_cell_failed = synthetic_result({"l1": values, "l2": values}, codes,
-                                         status={("l2", s): "failed: nan" for s in range(3)})
+    every_cell_failed = synthetic_result(
+        {"l1": values, "l2": values}, codes, status={("l2", s): "failed: nan" for s in range(3)}
+    )
     d = stats.analyse(every_cell_failed).disparities.set_index("loss")
     assert d.loc["l2", "verdict"] == stats.INSUFFICIENT and d.loc["l1", "verdict"] == stats.CLEAR
 
@@ -354,8 +375,10 @@ def test_pca_error_is_the_sum_of_discarded_eigenvalues():
 
 def test_pca_errors_per_group_on_known_subspaces():
     rng = np.random.default_rng(13)
+
     def flat_group(n, k, offset):  # images on a k-dim affine subspace of 16 pixels
         return torch.from_numpy(rng.normal(size=(n, k)) @ rng.normal(size=(k, 16)) + offset).float().view(n, 1, 4, 4)
+
     train = torch.cat([flat_group(40, 2, 0.3), flat_group(40, 6, 0.7)])
     test = torch.cat([flat_group(10, 2, 0.3), flat_group(10, 6, 0.7)])
     g = torch.repeat_interleave(torch.arange(2), torch.tensor([40, 40]))
@@ -387,6 +410,7 @@ def test_usage_errors():
 
 
 # ---------------------------------------------------------------- the fairness-accuracy frontier
+
 
 def brute_force_pareto(points: list[tuple[float, float]]) -> list[bool]:
     """Pareto by a sweep: sort by error; a point is kept when its ratio is at most the least ratio of the

@@ -17,10 +17,10 @@ import math
 import pytest
 import torch
 
+from fairrecon import train as train_mod
 from fairrecon.data import load_images
 from fairrecon.losses import get_loss
 from fairrecon.models import build_model
-from fairrecon import train as train_mod
 from fairrecon.spec import AuditSpec
 from fairrecon.train import Cell, TrainConfig, cell_bytes, cells_per_chunk, train_cells
 
@@ -29,8 +29,15 @@ CONFIG = TrainConfig.from_spec(AuditSpec(latent=8, hidden=32, epochs=2, batch_si
 # l2 appears twice, apart, so the per-loss index path (not only slices) is exercised; learned-sigma,
 # student-t (two learned parameters) and barron:1 (a family member with a learned scale) share the
 # learned-parameter matrix, each using its own columns.
-CELLS = [Cell("l2", 0), Cell("learned-sigma", 1), Cell("log-mse", 0), Cell("student-t", 2), Cell("l1", 2),
-         Cell("barron:1", 1), Cell("l2", 1)]
+CELLS = [
+    Cell("l2", 0),
+    Cell("learned-sigma", 1),
+    Cell("log-mse", 0),
+    Cell("student-t", 2),
+    Cell("l1", 2),
+    Cell("barron:1", 1),
+    Cell("l2", 1),
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one intra-op thread
@@ -46,23 +53,37 @@ def plain_train(x: torch.Tensor, cell: Cell, config: TrainConfig):
     """One cell, the textbook way."""
     torch.manual_seed(cell.seed)
     loss = get_loss(cell.loss)
-    model = build_model(config.model, tuple(x.shape[1:]), config.latent, config.hidden, output=config.output,
-                        input_norm=config.input_norm, scale_head=loss.pixel_scale)
+    model = build_model(
+        config.model,
+        tuple(x.shape[1:]),
+        config.latent,
+        config.hidden,
+        output=config.output,
+        input_norm=config.input_norm,
+        scale_head=loss.pixel_scale,
+    )
     channels = x.shape[1]
     if config.input_norm == "standardize":  # the whole training set's per-pixel statistics, computed here
         model.set_input_stats(x.mean(0), x.std(0, correction=0))
     raw = {p.name: torch.zeros((), requires_grad=True) for p in loss.params}  # logs, 0 at the start
-    opt = torch.optim.Adam([{"params": model.parameters(), "lr": config.lr},
-                            {"params": list(raw.values()), "lr": config.sigma_lr}], foreach=False)
+    opt = torch.optim.Adam(
+        [{"params": model.parameters(), "lr": config.lr}, {"params": list(raw.values()), "lr": config.sigma_lr}],
+        foreach=False,
+    )
     order = torch.Generator().manual_seed(cell.seed)
     steps = 0
     for _ in range(config.epochs):
         perm = torch.randperm(len(x), generator=order)
         for lo in range(0, len(x), config.batch_size):
-            xb = x[perm[lo:lo + config.batch_size]]
+            xb = x[perm[lo : lo + config.batch_size]]
             out = model(xb)  # a per-pixel loss's model: the mean's channels, then the raw log-scale's
-            nll = loss.per_sample(xb.flatten(1), out[:, :channels].flatten(1), raw, config.sigma_floor,
-                                  raw_scale=out[:, channels:].flatten(1) if loss.pixel_scale else None)
+            nll = loss.per_sample(
+                xb.flatten(1),
+                out[:, :channels].flatten(1),
+                raw,
+                config.sigma_floor,
+                raw_scale=out[:, channels:].flatten(1) if loss.pixel_scale else None,
+            )
             opt.zero_grad()
             nll.mean().backward()
             opt.step()
@@ -78,11 +99,15 @@ def assert_same_cell(stacked, c: int, model, raw, test_x, config=CONFIG):
     for name in set(got) - set(ref):  # a cell without a per-pixel loss, in a grid with one: its head stays zero
         assert name.startswith("scale_head.") and not got[name].any()
     with torch.no_grad():
-        torch.testing.assert_close(stacked.reconstruct(test_x)[c], model(test_x)[:, :test_x.shape[1]], rtol=0, atol=ATOL)
+        torch.testing.assert_close(
+            stacked.reconstruct(test_x)[c], model(test_x)[:, : test_x.shape[1]], rtol=0, atol=ATOL
+        )
     learned = stacked.learned()
     want = get_loss(stacked.cells[c].loss).log_params({k: v.detach() for k, v in raw.items()}, config.sigma_floor)
     for name, log_value in want.items():  # learned parameters (natural units) agree to rounding, like the weights
-        torch.testing.assert_close(learned[name][c], log_value.exp(), rtol=0, atol=ATOL, msg=f"{stacked.cells[c].key} {name}")
+        torch.testing.assert_close(
+            learned[name][c], log_value.exp(), rtol=0, atol=ATOL, msg=f"{stacked.cells[c].key} {name}"
+        )
     assert all(torch.isnan(v[c]) for name, v in learned.items() if name not in want)  # other losses' columns: NaN
 
 
@@ -93,7 +118,9 @@ def test_batched_cells_match_plain_loop_and_alone(digits):
     assert together.status == ["ok"] * len(CELLS)
     learned = together.stacked.learned()
     moved = [abs(learned[p.name][c].item() - 1.0) for c, cell in enumerate(CELLS) for p in get_loss(cell.loss).params]
-    assert len(moved) == 4 and min(moved) > 100 * ATOL  # learned parameters left their start (1), so agreeing means something
+    assert (
+        len(moved) == 4 and min(moved) > 100 * ATOL
+    )  # learned parameters left their start (1), so agreeing means something
     for c, cell in enumerate(CELLS):
         model, raw, steps = plain_train(x, cell, CONFIG)
         assert steps == CONFIG.epochs * math.ceil(len(x) / CONFIG.batch_size)
@@ -104,10 +131,12 @@ def test_batched_cells_match_plain_loop_and_alone(digits):
         # the per-sample losses, too, agree
         xb = test_x[:32].expand(1, *test_x[:32].shape)
         with torch.no_grad():
-            mine = together.stacked.per_sample_nll(xb.expand(len(CELLS), *xb.shape[1:]),
-                                                   together.stacked.reconstruct(test_x[:32]))[c]
-            ref = get_loss(cell.loss).per_sample(test_x[:32].flatten(1), model(test_x[:32]).flatten(1),
-                                                 raw, CONFIG.sigma_floor)
+            mine = together.stacked.per_sample_nll(
+                xb.expand(len(CELLS), *xb.shape[1:]), together.stacked.reconstruct(test_x[:32])
+            )[c]
+            ref = get_loss(cell.loss).per_sample(
+                test_x[:32].flatten(1), model(test_x[:32]).flatten(1), raw, CONFIG.sigma_floor
+            )
         torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-2)  # sums over 64 pixels of NLL terms
 
 
@@ -115,8 +144,18 @@ def test_batched_cells_match_plain_loop_and_alone(digits):
 def test_sigmoid_output_and_standardized_input_match_the_plain_loop(digits, model):
     """The ablations change the architecture, not the batching: batched cells still equal the textbook loop."""
     x, test_x = digits
-    config = TrainConfig.from_spec(AuditSpec(model=model, latent=8, hidden=32, epochs=1, batch_size=64, grad_points=0,
-                                             output="sigmoid", input_norm="standardize"))
+    config = TrainConfig.from_spec(
+        AuditSpec(
+            model=model,
+            latent=8,
+            hidden=32,
+            epochs=1,
+            batch_size=64,
+            grad_points=0,
+            output="sigmoid",
+            input_norm="standardize",
+        )
+    )
     cells = [Cell("l2", 0), Cell("l1", 1)]
     together = train_cells(x, torch.zeros(len(x), dtype=torch.long), cells, config)
     for c, cell in enumerate(cells):
@@ -135,8 +174,13 @@ def test_sigmoid_output_and_standardized_input_match_the_plain_loop(digits, mode
                 torch.testing.assert_close(out[c, k], stacked.module(c)(test_x[:5]), rtol=0, atol=ATOL)
 
 
-PIXEL_CELLS = [Cell("gaussian-pixel", 0), Cell("l2", 0), Cell("laplace-pixel", 1), Cell("gaussian-pixel:0.5", 1),
-               Cell("learned-sigma", 1)]
+PIXEL_CELLS = [
+    Cell("gaussian-pixel", 0),
+    Cell("l2", 0),
+    Cell("laplace-pixel", 1),
+    Cell("gaussian-pixel:0.5", 1),
+    Cell("learned-sigma", 1),
+]
 
 
 def test_pixel_losses_train_apart_and_match_the_plain_loop(digits):
@@ -148,14 +192,18 @@ def test_pixel_losses_train_apart_and_match_the_plain_loop(digits):
     together = train_cells(x, group, PIXEL_CELLS, CONFIG)
     stacked = together.stacked
     assert stacked.cells == PIXEL_CELLS and stacked.scale_head and together.status == ["ok"] * len(PIXEL_CELLS)
-    assert list(together.history["loss"][:len(PIXEL_CELLS)]) == [c.loss for c in PIXEL_CELLS]  # epoch-major, cell order
+    assert list(together.history["loss"][: len(PIXEL_CELLS)]) == [
+        c.loss for c in PIXEL_CELLS
+    ]  # epoch-major, cell order
     for c, cell in enumerate(PIXEL_CELLS):
         model, raw, _ = plain_train(x, cell, CONFIG)
         assert_same_cell(stacked, c, model, raw, test_x)
         if get_loss(cell.loss).pixel_scale:  # the head moved (it starts at zero), so agreeing means something
             assert stacked.params["scale_head.weight"][c].abs().max() > 100 * ATOL
             with torch.no_grad():
-                scales = train_mod.pixel_log_scale(model(test_x)[:, 1:].flatten(1), CONFIG.sigma_floor).exp().mean(1)  # the floored scale
+                scales = (
+                    train_mod.pixel_log_scale(model(test_x)[:, 1:].flatten(1), CONFIG.sigma_floor).exp().mean(1)
+                )  # the floored scale
             torch.testing.assert_close(stacked.pixel_scales(test_x)[c], scales, rtol=1e-4, atol=0)  # float32 rounding
         else:
             assert stacked.pixel_scales(test_x)[c].isnan().all()
@@ -188,15 +236,21 @@ def test_chunks_give_the_same_result(digits, monkeypatch):
     assert chunked.status == whole.status
     for name, p in whole.stacked.params.items():
         torch.testing.assert_close(chunked.stacked.params[name], p, rtol=0, atol=ATOL)
-    torch.testing.assert_close(chunked.stacked.reconstruct(test_x), whole.stacked.reconstruct(test_x), rtol=0, atol=ATOL)
+    torch.testing.assert_close(
+        chunked.stacked.reconstruct(test_x), whole.stacked.reconstruct(test_x), rtol=0, atol=ATOL
+    )
     # chunks learn different parameter columns (student-t: scale, dof; l1: none); put together, they line up by name
     assert set(chunked.stacked.loss_param_names) == set(whole.stacked.loss_param_names) == {"sigma", "scale", "dof"}
     for name, value in whole.stacked.learned().items():
         torch.testing.assert_close(chunked.stacked.learned()[name], value, rtol=0, atol=ATOL, equal_nan=True)
     cols = ["loss", "seed", "epoch"]
     assert chunked.history[cols].equals(whole.history[cols])
-    torch.testing.assert_close(torch.tensor(chunked.history["train_nll"].to_numpy()),
-                               torch.tensor(whole.history["train_nll"].to_numpy()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(chunked.history["train_nll"].to_numpy()),
+        torch.tensor(whole.history["train_nll"].to_numpy()),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_cell_bytes_counts_weights_and_grows_with_batch():
@@ -223,16 +277,25 @@ def test_any_learned_scale_at_its_floor_fails_its_cell_only(digits):
     """A floor above every optimum (0.5, while residuals are ~0.1) and a fast sigma_lr drive each learned scale to
     the floor: those cells are marked failed, naming the parameter; l1 and student-t's dof (not a scale) are not."""
     x, _ = digits
-    cells = [Cell("l1", 0), Cell("learned-sigma", 0), Cell("laplace-learned", 0), Cell("student-t", 0), Cell("barron:1", 0)]
-    config = TrainConfig.from_spec(AuditSpec(latent=8, hidden=32, epochs=2, batch_size=64, grad_points=0,
-                                             sigma_floor=0.5, sigma_lr=1.0))
+    cells = [
+        Cell("l1", 0),
+        Cell("learned-sigma", 0),
+        Cell("laplace-learned", 0),
+        Cell("student-t", 0),
+        Cell("barron:1", 0),
+    ]
+    config = TrainConfig.from_spec(
+        AuditSpec(latent=8, hidden=32, epochs=2, batch_size=64, grad_points=0, sigma_floor=0.5, sigma_lr=1.0)
+    )
     trained = train_cells(x, torch.zeros(len(x), dtype=torch.long), cells, config)
-    assert trained.status == ["ok", "failed: learned sigma collapsed to its floor 0.5"] + \
-        ["failed: learned scale collapsed to its floor 0.5"] * 3
+    assert (
+        trained.status
+        == ["ok", "failed: learned sigma collapsed to its floor 0.5"]
+        + ["failed: learned scale collapsed to its floor 0.5"] * 3
+    )
     learned = trained.stacked.learned()
     torch.testing.assert_close(learned["scale"][2:], torch.full((3,), 0.5))  # reported as the likelihood used it
     assert torch.isnan(learned["dof"][[0, 1, 2, 4]]).all() and 0 < learned["dof"][3] < math.inf
-
 
 
 def plain_vae_train(x: torch.Tensor, cell: Cell, config: TrainConfig):
@@ -242,14 +305,16 @@ def plain_vae_train(x: torch.Tensor, cell: Cell, config: TrainConfig):
     model = build_model(config.model, tuple(x.shape[1:]), config.latent, config.hidden)
     loss = get_loss(cell.loss)
     raw = {p.name: torch.zeros((), requires_grad=True) for p in loss.params}
-    opt = torch.optim.Adam([{"params": model.parameters(), "lr": config.lr},
-                            {"params": list(raw.values()), "lr": config.sigma_lr}], foreach=False)
+    opt = torch.optim.Adam(
+        [{"params": model.parameters(), "lr": config.lr}, {"params": list(raw.values()), "lr": config.sigma_lr}],
+        foreach=False,
+    )
     order = torch.Generator().manual_seed(cell.seed)
     noise = torch.Generator().manual_seed(cell.seed * 2**16 + train_mod.EPS_STREAM)
     for _ in range(config.epochs):
         perm = torch.randperm(len(x), generator=order)
         for lo in range(0, len(x), config.batch_size):
-            xb = x[perm[lo:lo + config.batch_size]]
+            xb = x[perm[lo : lo + config.batch_size]]
             eps = torch.randn(len(xb), config.latent, generator=noise)
             mu, logvar = model.posterior(xb)
             x_hat = model.decode(mu + torch.exp(0.5 * logvar) * eps, xb.shape)
@@ -266,8 +331,9 @@ def test_vae_cells_batched_match_plain_loop_and_alone(digits, model):
     """VAE cells (noise drawn per seed outside vmap) trained together equal the textbook loop and each cell
     trained alone; cells sharing a seed share their noise, so a cell's result does not depend on its batch."""
     x, test_x = digits
-    config = TrainConfig.from_spec(AuditSpec(model=model, beta=0.5, latent=4, hidden=64, epochs=2, batch_size=64,
-                                             grad_points=0))
+    config = TrainConfig.from_spec(
+        AuditSpec(model=model, beta=0.5, latent=4, hidden=64, epochs=2, batch_size=64, grad_points=0)
+    )
     cells = [Cell("l1", 0), Cell("log-mse", 1), Cell("learned-sigma", 0), Cell("l2", 1)]
     group = torch.zeros(len(x), dtype=torch.long)
     together = train_cells(x, group, cells, config)

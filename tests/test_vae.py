@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_gradshare import SHAPE, START, independent_nll, make_batch
 from torch.distributions import Normal, kl_divergence
 from torch.func import grad, vmap
 
@@ -17,8 +18,6 @@ from fairrecon.losses import get_loss
 from fairrecon.measure import HELDOUT_EPS_STREAM, sample_errors
 from fairrecon.spec import AuditSpec
 from fairrecon.train import Cell, Snapshot, TrainConfig, init_cells
-
-from test_gradshare import SHAPE, START, independent_nll, make_batch
 
 LATENT = 3
 
@@ -35,7 +34,10 @@ def vae_cells(cells, beta: float, model: str = "vae"):
 def mlp_vae(p: dict[str, torch.Tensor], xi: torch.Tensor, ei: torch.Tensor):
     """The MLP VAE written out from its weights: (x_hat, mu, logvar) for one image xi and noise ei."""
     relu = torch.nn.functional.relu
-    h = relu(xi.flatten() @ p["encoder.1.weight"].T + p["encoder.1.bias"]) @ p["encoder.3.weight"].T + p["encoder.3.bias"]
+    h = (
+        relu(xi.flatten() @ p["encoder.1.weight"].T + p["encoder.1.bias"]) @ p["encoder.3.weight"].T
+        + p["encoder.3.bias"]
+    )
     mu, logvar = h[:LATENT], h[LATENT:]
     z = mu + torch.exp(0.5 * logvar) * ei
     x_hat = relu(z @ p["decoder.0.weight"].T + p["decoder.0.bias"]) @ p["decoder.2.weight"].T + p["decoder.2.bias"]
@@ -124,7 +126,9 @@ def test_heldout_nll_kl_and_errors_of_a_vae_match_its_module():
         module = stacked.module(c)
         with torch.no_grad():
             mu, logvar = module.posterior(x)
-            eps = torch.randn(len(x), LATENT, generator=torch.Generator().manual_seed(cell.seed * 2**16 + HELDOUT_EPS_STREAM))
+            eps = torch.randn(
+                len(x), LATENT, generator=torch.Generator().manual_seed(cell.seed * 2**16 + HELDOUT_EPS_STREAM)
+            )
             x_hat = module.decode(mu + torch.exp(0.5 * logvar) * eps, x.shape)
             nll = get_loss(cell.loss).per_sample(x.flatten(1), x_hat.flatten(1), {}, config.sigma_floor)
             kl = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(1)

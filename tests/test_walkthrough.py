@@ -10,14 +10,27 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-from torch import nn
+from conftest import SHARED_DATASETS
+from conftest import run_cli as fairrecon
 from PIL import Image
-
-from conftest import SHARED_DATASETS, run_cli as fairrecon
+from torch import nn
 
 YALE = SHARED_DATASETS / "yalefaces"
-FAST = ["--batch-size", "16", "--epochs", "2", "--seeds", "2", "--losses", "l2", "--hidden", "32", "--device", "cpu",
-        "--quiet"]
+FAST = [
+    "--batch-size",
+    "16",
+    "--epochs",
+    "2",
+    "--seeds",
+    "2",
+    "--losses",
+    "l2",
+    "--hidden",
+    "32",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 @pytest.fixture
@@ -34,11 +47,15 @@ def faces(tmp_path, monkeypatch):
     t["split"] = "train"
     t.loc[t.groupby("group").sample(30, random_state=0).index, "split"] = "test"
     t["file"] = "images/" + t["file"]
-    t.to_csv("faces/groups.csv", columns=["file", "group", "split"], index=False,
-             sep=";", encoding="utf-8-sig", lineterminator="\r\n")
+    t.to_csv(
+        "faces/groups.csv",
+        columns=["file", "group", "split"],
+        index=False,
+        sep=";",
+        encoding="utf-8-sig",
+        lineterminator="\r\n",
+    )
     return tmp_path / "faces"
-
-
 
 
 DATA = ["--dataset", "folder", "--data-root", "faces/images", "--labels", "faces/groups.csv"]
@@ -63,7 +80,11 @@ def test_the_walkthrough_on_the_real_photos(faces, capsys, monkeypatch):
     assert code == 0 and "104 train, 60 test, 0 unused images" in err
     split = pd.read_csv(io.StringIO(out))
     assert split.groupby(["group", "split"]).size().to_dict() == {
-        ("brighter", "test"): 30, ("brighter", "train"): 52, ("darker", "test"): 30, ("darker", "train"): 52}
+        ("brighter", "test"): 30,
+        ("brighter", "train"): 52,
+        ("darker", "test"): 30,
+        ("darker", "train"): 52,
+    }
     sheet = pd.read_csv(faces / "groups.csv", sep=";", encoding="utf-8-sig")
     assert dict(zip("images/" + split["file"], split["split"])) == dict(zip(sheet["file"], sheet["split"]))
 
