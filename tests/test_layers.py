@@ -1,4 +1,4 @@
-"""The layer order the README states is the one the code follows: each module imports only
+"""The layer order CONTRIBUTING.md states ("## Layers") is the one the code follows: each module imports only
 from modules listed before it (imports inside functions count too)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from conftest import REPO
 PACKAGE = REPO / "fairrecon"
 
 
-def readme_order() -> list[str]:
-    readme = (REPO / "README.md").read_text()
-    block = readme.split("## Layout and development", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+def layer_order() -> list[str]:
+    text = (REPO / "CONTRIBUTING.md").read_text()
+    block = text.split("## Layers", 1)[1].split("```text", 1)[1].split("```", 1)[0]
     return [m.group(1) for m in re.finditer(r"^(\w+)\.py\b", block, re.M)]
 
 
@@ -32,13 +32,13 @@ def fairrecon_imports(path) -> set[str]:
 
 
 def test_every_module_is_listed_once():
-    order = readme_order()
+    order = layer_order()
     modules = sorted(p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("__"))
     assert sorted(order) == modules and len(set(order)) == len(order)
 
 
 def test_modules_import_only_from_earlier_layers():
-    order = readme_order()
+    order = layer_order()
     rank = {name: i for i, name in enumerate(order)}
     upward = [
         f"{name} imports {dep}"
