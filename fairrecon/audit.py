@@ -31,7 +31,7 @@ from .fileio import atomic_write, npz_bytes
 from .generate import Assigner, generated_shares
 from .gradshare import GradShareRecorder
 from .groups import GroupedData, make_groups, split_table
-from .losses import get_loss
+from .losses import check_settings
 from .measure import CurveRecorder, convergence, curve_table, example_reconstructions, sample_errors, train_mse
 from .outputs import save_results
 from .results import EXAMPLES_FILE, METRICS, AuditResult, load_examples
@@ -124,8 +124,7 @@ def _run_audit(
         inputs = [*inputs, spec]
         spec = load_spec(spec)
     spec = spec.replace(**overrides)
-    for name in spec.losses:
-        get_loss(name)  # unknown names fail here, before any work
+    check_settings(spec)  # unknown losses, and settings no loss uses, fail here, before any work
     device = resolve_device(spec.device)
     log = log or (lambda message: None)
     identity = Identity.of(spec, device.type)

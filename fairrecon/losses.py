@@ -359,6 +359,38 @@ def _member(name: str) -> Loss:
     return family.make(f"{family.name}:{canonical_number(value)}", value)
 
 
+def _example(allowed: Interval) -> float:
+    """A value inside `allowed`, for messages: its midpoint, or a point past its open or infinite end."""
+    if math.isfinite(allowed.high):
+        return (allowed.low + allowed.high) / 2
+    return allowed.low + 1
+
+
+def check_settings(spec) -> list[Loss]:
+    """The spec's losses (a one-line UserError for an unknown one), after refusing the settings that act
+    only on learned parameters when no loss has any: they would be ignored yet counted in the audit's
+    identity (as spec.APPLIES_ONLY refuses the settings that depend on other fields)."""
+    from .spec import AuditSpec
+
+    losses = [get_loss(name) for name in spec.losses]
+    default = AuditSpec()
+    uses = {
+        "sigma_lr": (any(loss.params for loss in losses), "losses with learned parameters"),
+        "sigma_floor": (
+            any(loss.params or loss.pixel_scale for loss in losses),
+            "losses with a learned or predicted scale",
+        ),
+    }
+    for name, (applies, where) in uses.items():
+        value = getattr(spec, name)
+        if value != getattr(default, name) and not applies:
+            raise UserError(
+                f"{name} {value:g} applies only to {where} (e.g. learned-sigma), not losses "
+                f"{','.join(spec.losses)}; drop it"
+            )
+    return losses
+
+
 for _loss in (
     Loss("l1", l1_nll, "Laplace, b = 1"),
     Loss("l2", l2_nll, "Gaussian, sigma = 1"),
