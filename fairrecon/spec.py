@@ -37,9 +37,18 @@ INPUT_NORMS = ("none", "standardize")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_LOSSES = ("l1", "l2", "log-mse", "learned-sigma")
 
-# Where a field's flag appears: "data" fields say which images and groups (used by `audit` and by
-# `check --weights`); "audit" fields only by `audit`; "spec" fields are set in a spec file only.
-Scope = Literal["data", "audit", "spec"]
+# Where a field's flag appears, so that every command's options are exactly the fields it uses:
+#   "split" fields decide which images are in which group and split: `split`, `check --weights` and `audit`;
+#   "data"  fields decide how those images look and how a model is scored: `check --weights` and `audit`;
+#   "audit" fields only `audit` (training and where results go); "spec" fields are set in a spec file only.
+Scope = Literal["split", "data", "audit", "spec"]
+# The commands whose options each scope's fields are (cli.spec_options reads this).
+SCOPE_COMMANDS: dict[str, tuple[str, ...]] = {
+    "split": ("audit", "check", "split"),
+    "data": ("audit", "check"),
+    "audit": ("audit",),
+    "spec": (),
+}
 
 
 def setting(
@@ -67,25 +76,28 @@ class AuditSpec:
     # data
     dataset: str = setting(
         "digits",
-        "Dataset: digits ships with scikit-learn (no download); folder is your own images.",
+        "Dataset: digits ships with scikit-learn (no download); folder is your own images "
+        f"({', '.join(x[1:] for x in IMAGE_SUFFIXES)}; subfolders included).",
         choices=DATASETS,
-        scope="data",
+        scope="split",
     )
     data_root: str = setting(
-        "datasets", "Folder holding the dataset files (for folder: the image folder).", scope="data", metavar="DIR"
+        "datasets", "Folder holding the dataset files (for folder: the image folder).", scope="split", metavar="DIR"
     )
     download: bool = setting(False, "Let torchvision download missing dataset files.", scope="audit")
-    limit: int | None = setting(None, "Cap on training images (default: all).", scope="data", metavar="N")
-    test_limit: int | None = setting(None, "Cap on held-out images (default: all).", scope="data", metavar="N")
+    limit: int | None = setting(None, "Cap on training images (default: all).", scope="split", metavar="N")
+    test_limit: int | None = setting(None, "Cap on held-out images (default: all).", scope="split", metavar="N")
     split_seed: int = setting(
         0,
         "Seed of the group assignment and, where a dataset has none (digits, folder), the "
-        "train/test split (20% held out; with --labels stratified by group).",
-        scope="data",
+        f"train/test split ({TEST_FRACTION:.0%} held out; with --labels stratified by group).",
+        scope="split",
         metavar="N",
     )
     skip_bad_images: bool = setting(
-        False, "folder: skip images that cannot be read (with a warning and a count) instead of stopping.", scope="data"
+        False,
+        "folder: skip images that cannot be read (with a warning and a count) instead of stopping.",
+        scope="split",
     )
     # groups
     group_method: str = setting(
@@ -93,13 +105,13 @@ class AuditSpec:
         "transform: map images to target brightness; select: pick real "
         "images by brightness; labels: groups from --labels.",
         choices=GROUP_METHODS,
-        scope="data",
+        scope="split",
     )
     targets: tuple[float, ...] = setting(
-        (0.3, 0.9), "Target mean pixel value per group.", scope="data", metavar="T,T,..."
+        (0.3, 0.9), "Target mean pixel value per group.", scope="split", metavar="T,T,..."
     )
     proportions: tuple[float, ...] | None = setting(
-        None, "Share of images per group, e.g. 0.9,0.1 (default: balanced).", scope="data", metavar="P,P,..."
+        None, "Share of images per group, e.g. 0.9,0.1 (default: balanced).", scope="split", metavar="P,P,..."
     )
     contrast: str = setting(
         "matched",
@@ -120,7 +132,7 @@ class AuditSpec:
         None,
         "CSV mapping image files to groups (columns file,group and optionally "
         "split = train/test); implies --group-method labels (needs --dataset folder).",
-        scope="data",
+        scope="split",
         metavar="CSV",
     )
     # models, losses, training
