@@ -345,6 +345,11 @@ def get_loss(name: str) -> Loss:
 def _member(name: str) -> Loss:
     family_name, colon, text = name.partition(":")
     family = FAMILIES.get(family_name)
+    if family is not None and not colon:
+        raise UserError(
+            f"loss '{name}' is a family, not one loss: name a member as {family.pattern} with {family.symbol} in "
+            f"{family.allowed}, e.g. {family.name}:{canonical_number(_example(family.allowed))}"
+        )
     if not colon or family is None:
         raise UserError(
             f"unknown loss '{name}'; allowed: {', '.join(dict.keys(LOSSES))}, "

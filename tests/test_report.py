@@ -201,7 +201,7 @@ def test_cli_report_rerenders_from_saved_results(saved, tmp_path):
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a fairrecon results folder" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nothing: no such folder" in bad.stderr
 
 
 def test_groups_separate_without_colour():
