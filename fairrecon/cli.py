@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -33,7 +34,7 @@ ERROR_LOG = "fairrecon-error.log"
 _results_folder: Path | None = None  # where a command writes or reads results: its internal-error log goes there
 
 
-def spec_options(command_name: str):
+def spec_options(command_name: str) -> Callable[[Callable], Callable]:
     """Click options for the AuditSpec fields that `command_name` uses (their scope, spec.SCOPE_COMMANDS),
     built from the spec itself: help text, allowed values (click.Choice) and the default all come from
     spec.py. Every option defaults to None, meaning "not given": the spec file's value (or the spec
@@ -60,7 +61,7 @@ def spec_options(command_name: str):
     return decorate
 
 
-def with_defaults(command):
+def with_defaults(command: Callable) -> Callable:
     """Fill a command's help with the spec's defaults ({seeds}, {losses}, ...): numbers in help come from
     spec.py, never from prose that can fall behind it."""
     defaults = AuditSpec()

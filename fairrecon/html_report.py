@@ -301,11 +301,11 @@ def _figure(figs: dict[str, str], name: str, caption: str) -> str:
     if name not in figs:
         return ""
     return (
+        f'<span id="fit-{name}"></span>'  # "fit to width" leads here: the figure is no longer the :target
         f'<figure id="fig-{name}"><div class="fig"><img alt="{_e(name.replace("_", " "))}" '
         f'src="data:image/png;base64,{figs[name]}"></div>'
         f'<figcaption>{_e(caption)}<span class="size"><a class="full" href="#fig-{name}">full size</a>'
         f'<a class="fit" href="#fit-{name}">fit to width</a></span></figcaption></figure>'
-        f'<span id="fit-{name}"></span>'
     )
 
 

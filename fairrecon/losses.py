@@ -57,7 +57,7 @@ from scipy import integrate, special
 from torch.distributions import Laplace, Normal
 
 from .errors import UserError
-from .spec import canonical_number
+from .spec import AuditSpec, canonical_number
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor], float], torch.Tensor]
 
@@ -371,12 +371,10 @@ def _example(allowed: Interval) -> float:
     return allowed.low + 1
 
 
-def check_settings(spec) -> list[Loss]:
+def check_settings(spec: AuditSpec) -> list[Loss]:
     """The spec's losses (a one-line UserError for an unknown one), after refusing the settings that act
     only on learned parameters when no loss has any: they would be ignored yet counted in the audit's
     identity (as spec.APPLIES_ONLY refuses the settings that depend on other fields)."""
-    from .spec import AuditSpec
-
     losses = [get_loss(name) for name in spec.losses]
     default = AuditSpec()
     uses = {

@@ -246,18 +246,20 @@ def test_epochs_auto_stops_each_cell_where_its_curves_flatten_as_if_trained_alon
 
         if c in early:
             assert flat(trained.epochs[c]) and not flat(trained.epochs[c] - 1)  # the first epoch the rule held
+
+    def fixed_epochs(e: int) -> AuditSpec:  # max_epochs is for --epochs auto only (a fixed count refuses it)
+        return spec.replace(epochs=e, max_epochs=AuditSpec().max_epochs)
+
     # a cell that stopped at epoch e has the very weights (bit for bit) of the same stack trained for e epochs
     for e in sorted(set(trained.epochs)):
-        fixed = train_cells(data.train_x, data.train_g, cells, TrainConfig.from_spec(spec.replace(epochs=e)))
+        fixed = train_cells(data.train_x, data.train_g, cells, TrainConfig.from_spec(fixed_epochs(e)))
         for c in [c for c, ec in enumerate(trained.epochs) if ec == e]:
             for name, p in fixed.stacked.params.items():
                 assert torch.equal(trained.stacked.params[name][c], p[c]), (cells[c], name)
     # ... and, for an L2 cell, the weights it gets trained alone (float32 rounding only; L1's sign(r) would
     # amplify that rounding over hundreds of steps: 4.5e-4 measured here, see README "Speed")
     c = cells.index(Cell("l2", 0))
-    alone = train_cells(
-        data.train_x, data.train_g, [cells[c]], TrainConfig.from_spec(spec.replace(epochs=trained.epochs[c]))
-    )
+    alone = train_cells(data.train_x, data.train_g, [cells[c]], TrainConfig.from_spec(fixed_epochs(trained.epochs[c])))
     for name, p in alone.stacked.params.items():
         torch.testing.assert_close(trained.stacked.params[name][c], p[0], rtol=0, atol=ATOL)
 
