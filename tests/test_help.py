@@ -219,3 +219,22 @@ def test_image_types_are_one_list_that_loads(tmp_path, capsys):
     with pytest.raises(UserError, match=r"scan.tif: not a readable image \(TIF is not read, only .png"):
         load_folder(tmp_path)
     assert list(load_folder(tmp_path, skip_bad=True).skipped) == ["scan.tif"]
+
+
+def test_every_option_of_its_own_is_read_by_its_command():
+    """The options a command declares itself (not built from the spec, which go to the spec as a whole) are
+    each read in the command's body, not only declared."""
+    import ast
+    import inspect
+    import textwrap
+
+    for name, command in cli.commands.items():
+        tree = ast.parse(textwrap.dedent(inspect.getsource(command.callback)))
+        function = tree.body[0]
+        read = {
+            node.id for node in ast.walk(ast.Module(body=function.body, type_ignores=[])) if isinstance(node, ast.Name)
+        }
+        spec_built = spec_options(name) if name in SCOPE_COMMANDS["split"] + SCOPE_COMMANDS["audit"] else set()
+        for param in command.params:
+            if param.name not in spec_built:
+                assert param.name in read, (name, param.name)
