@@ -25,13 +25,12 @@ import torch
 
 from . import __version__
 from .data import ImageSet, load_images
-from .dynamics import convergence_warnings
 from .errors import UserError
 from .fileio import atomic_write, npz_bytes
 from .generate import Assigner, generated_shares
 from .gradshare import GradShareRecorder
 from .groups import GroupedData, make_groups, split_table
-from .losses import get_loss
+from .losses import check_settings
 from .measure import CurveRecorder, convergence, curve_table, example_reconstructions, sample_errors, train_mse
 from .outputs import save_results
 from .results import EXAMPLES_FILE, METRICS, AuditResult, load_examples
@@ -124,8 +123,7 @@ def _run_audit(
         inputs = [*inputs, spec]
         spec = load_spec(spec)
     spec = spec.replace(**overrides)
-    for name in spec.losses:
-        get_loss(name)  # unknown names fail here, before any work
+    check_settings(spec)  # unknown losses, and settings no loss uses, fail here, before any work
     device = resolve_device(spec.device)
     log = log or (lambda message: None)
     identity = Identity.of(spec, device.type)
@@ -221,9 +219,7 @@ def _run_audit(
         curves=_concat(curves) if len(curves) == len(cells) else None,
         generated=_concat(generated) if generation and len(generated) == len(cells) else None,
     )
-    for line in convergence_warnings(result):
-        log(f"warning: {line}")
-    return result
+    return result  # cells not converged: in the statistics' warnings, one line per loss (stats.unconverged)
 
 
 def data_warnings(images: ImageSet) -> list[str]:

@@ -20,12 +20,13 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from .errors import UserError
-from .spec import DATASETS, AuditSpec, field_type, load_spec, parse_losses
+from .spec import DATASETS, SCOPE_COMMANDS, AuditSpec, field_type, load_spec, parse_losses
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INSUFFICIENT, EXIT_INTERNAL = 0, 1, 2, 3, 4
 METRICS = ("mse", "mae", "psnr")  # = stats.METRICS (tests/test_cli.py checks); here so --help needs no torch
@@ -33,14 +34,15 @@ ERROR_LOG = "fairrecon-error.log"
 _results_folder: Path | None = None  # where a command writes or reads results: its internal-error log goes there
 
 
-def spec_options(*scopes: str):
-    """Click options for the AuditSpec fields of the given scopes, built from the spec itself:
-    help text, allowed values (click.Choice) and the default all come from spec.py. Every option
-    defaults to None, meaning "not given": the spec file's value (or the spec default) stands."""
+def spec_options(command_name: str) -> Callable[[Callable], Callable]:
+    """Click options for the AuditSpec fields that `command_name` uses (their scope, spec.SCOPE_COMMANDS),
+    built from the spec itself: help text, allowed values (click.Choice) and the default all come from
+    spec.py. Every option defaults to None, meaning "not given": the spec file's value (or the spec
+    default) stands."""
 
     def decorate(command):
         for f in reversed(dataclasses.fields(AuditSpec)):
-            if f.metadata["scope"] not in scopes:
+            if command_name not in SCOPE_COMMANDS[f.metadata["scope"]]:
                 continue
             flag, kind, choices = "--" + f.name.replace("_", "-"), field_type(f.name), f.metadata["choices"]
             shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
@@ -57,6 +59,19 @@ def spec_options(*scopes: str):
         return command
 
     return decorate
+
+
+def with_defaults(command: Callable) -> Callable:
+    """Fill a command's help with the spec's defaults ({seeds}, {losses}, ...): numbers in help come from
+    spec.py, never from prose that can fall behind it."""
+    defaults = AuditSpec()
+    command.__doc__ = command.__doc__.format(
+        **{
+            f.name: ", ".join(map(str, v)) if isinstance(v := getattr(defaults, f.name), tuple) else v
+            for f in dataclasses.fields(AuditSpec)
+        }
+    )
+    return command
 
 
 def json_option(command):
@@ -101,8 +116,9 @@ def cli() -> None:
 
 
 @cli.command()
+@with_defaults
 @click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
-@spec_options("data", "audit")
+@spec_options("audit")
 @click.option(
     "--force",
     is_flag=True,
@@ -122,9 +138,9 @@ def cli() -> None:
 def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
     """Train autoencoders under each loss and measure per-group error on held-out images.
 
-    With no arguments: the bundled digits, groups at mean brightness 0.3 and 0.9,
-    four losses, three seeds. Flags override SPEC_FILE. With --out, finished cells are
-    kept in OUT/cells: run the same command again after an interruption to resume.
+    With no arguments: the {dataset} dataset, groups at mean brightness {targets}, the
+    losses {losses}, {seeds} seeds of {epochs} epochs each. Flags override SPEC_FILE. With --out,
+    finished cells are kept in OUT/cells: run the same command again after an interruption to resume.
 
     \b
     Examples:
@@ -140,6 +156,7 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
     from .stats import analyse
 
     global _results_folder
+    begun = time.perf_counter()  # the command's own clock: the total it prints includes statistics and writing
     spec = spec_from(spec_file, flags)
     _results_folder = Path(spec.out) if spec.out else None
     with Progress(quiet=quiet or as_json) as progress:
@@ -157,7 +174,9 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
         result.info["timings"]["stats_s"] = time.perf_counter() - start
         if spec.out:
             progress.log(f"writing {spec.out}/ (tables, summary.json, report.md, report.html)")
+            start = time.perf_counter()
             save_results(result, spec.out, analysis)
+            written = time.perf_counter() - start
     failed = result.cells[result.cells["status"] != "ok"]
     if as_json:
         print_json(
@@ -178,8 +197,11 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
         note("warning: every cell failed; the table above is empty (see the cells' status in summary.json)")
     for warning in result.info.get("warnings", []):
         note(f"warning: {warning}")
+    timings = result.info["timings"]
     note(
-        f"total {result.info['timings']['total_s']:.1f} s on {result.info['device']}, {result.info['threads']} thread(s)"
+        f"total {time.perf_counter() - begun:.1f} s (audit {timings['total_s']:.1f} s, statistics "
+        f"{timings['stats_s']:.1f} s" + (f", writing results {written:.1f} s" if spec.out else "") + ") on "
+        f"{result.info['device']}, {result.info['threads']} thread(s)"
         + (f"; results in {spec.out}/ (open {spec.out}/report.html)" if spec.out else "")
     )
     return EXIT_PASS
@@ -207,7 +229,7 @@ def report(result_dir, out, as_json) -> int:
     _results_folder = Path(result_dir)
     result = AuditResult.load(result_dir)
     analysis = analyse(result)
-    paths = write_reports(result, analysis, out or result_dir)
+    paths = write_reports(result, analysis, out or result_dir, source=result_dir)
     if as_json:
         print_json(
             {
@@ -258,7 +280,7 @@ def report(result_dir, out, as_json) -> int:
 @click.option(
     "--spec", "spec_file", type=click.Path(dir_okay=False), help="Spec TOML for the test images (with --weights)."
 )
-@spec_options("data")
+@spec_options("check")
 @json_option
 def check(
     result_dir,
@@ -350,7 +372,7 @@ def check(
 
 @cli.command()
 @click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
-@spec_options("data")
+@spec_options("split")
 def split(spec_file, **flags) -> int:
     """Print the train/test split as CSV (file, group, split), without training.
 

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
+from matplotlib.transforms import Bbox
 
 from .dynamics import gap_over_training, group_curves
 
@@ -59,6 +60,15 @@ def _dashes(linestyle) -> tuple | str:
     """A matplotlib line style as the dash tuple seaborn's `dashes=` wants ("" = solid)."""
     named = {"-": "", "--": (4, 1.5), ":": (1, 1.5), "-.": (4, 1.5, 1, 1.5)}
     return named[linestyle] if isinstance(linestyle, str) else tuple(linestyle[1])
+
+
+def _renderer(fig: Figure):
+    """A renderer to measure text with (a Figure built without pyplot has no canvas that draws)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    return fig.canvas.get_renderer()
 
 
 def _figure(height: float, width: float = WIDTH) -> Figure:
@@ -382,7 +392,6 @@ def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> 
             linestyle="none",
             zorder=1,
         )
-        ax.annotate(row.loss, (row.overall, row.ratio), xytext=(6, 5), textcoords="offset points", fontsize=9)
     pareto = df[df["pareto"].astype(bool)].sort_values("overall")
     others = df[~df["pareto"].astype(bool)]
     sns.scatterplot(
@@ -421,7 +430,114 @@ def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> 
     fig.suptitle(
         f"Fairness-accuracy frontier: each loss's overall error and worst/best ratio ({level}intervals)", fontsize=11
     )
+    label_points(ax, df["overall"], df["ratio"], df["loss"])
     return fig
+
+
+# Where a point's label may go, in points from the point: right, left, above, below, then the diagonals.
+_LABEL_DIRECTIONS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1))
+
+
+def label_points(ax, xs, ys, labels, *, fontsize: float = 9, gap: float = 7.0, rings: int = 6) -> list:
+    """Label each point (data coordinates) so that no two labels overlap and no label covers a point, the
+    legend or the axes' edge, and, where there is room, no drawn line (error bars, the frontier, y = 1)
+    either. Each label takes the first free place among eight directions around its point, at distances
+    gap, 2 gap, ... (rings, in points); past the first ring a thin line joins it to its point. Placed once
+    the figure's layout is solved (the points' pixel positions are final), and left out of the layout.
+
+    Returns the labels (matplotlib Annotations), in the order given.
+    """
+    fig = ax.figure
+    if fig.get_layout_engine() is not None:
+        fig.get_layout_engine().execute(fig)
+    renderer = _renderer(fig)
+    to_pixels = fig.dpi / 72.0
+    box = ax.get_window_extent(renderer)
+    data = np.column_stack([np.asarray(xs, float), np.asarray(ys, float)])
+    points = ax.transData.transform(data)
+    radius = 6 * to_pixels  # a scatter marker of size s=70 is about 8.4 points across
+    taken = [Bbox.from_extents(x - radius, y - radius, x + radius, y + radius) for x, y in points]
+    legend = ax.get_legend()
+    if legend is not None:
+        taken.append(legend.get_window_extent(renderer))
+    lines = _drawn_segments(ax)
+    placed = []
+    for (x, y), (px, py), label in zip(data, points, labels):
+        probe = fig.text(0, 0, str(label), fontsize=fontsize)  # only to measure the text
+        extent = probe.get_window_extent(renderer)
+        probe.remove()
+        w, h = extent.width, extent.height
+        candidates = [
+            (ring, Bbox.from_bounds(x0, y0, w, h))
+            for ring in range(1, rings + 1)
+            for dx, dy in _LABEL_DIRECTIONS
+            for x0, y0 in [
+                (
+                    px + dx * ring * gap * to_pixels - (w if dx < 0 else w / 2 if dx == 0 else 0),
+                    py + dy * ring * gap * to_pixels - (h if dy < 0 else h / 2 if dy == 0 else 0),
+                )
+            ]
+        ]
+        free = [
+            (ring, c)
+            for ring, c in candidates
+            if box.x0 <= c.x0
+            and c.x1 <= box.x1
+            and box.y0 <= c.y0
+            and c.y1 <= box.y1
+            and not any(c.overlaps(t) for t in taken)
+        ]
+        clear = [(ring, c) for ring, c in free if not _crosses(c, lines)]
+        ring, where = (clear or free or candidates)[0]  # no room at all: right of the point, overlapping
+        taken.append(where)
+        annotation = ax.annotate(
+            str(label),
+            (x, y),
+            xytext=((where.x0 - px) / to_pixels, (where.y0 - py) / to_pixels),
+            textcoords="offset points",
+            fontsize=fontsize,
+            ha="left",
+            va="bottom",
+            arrowprops=dict(arrowstyle="-", color="0.5", linewidth=0.6, shrinkA=0, shrinkB=5) if ring > 1 else None,
+        )
+        annotation.set_in_layout(False)
+        placed.append(annotation)
+    return placed
+
+
+def _drawn_segments(ax) -> np.ndarray:
+    """Every straight segment the axes draw (lines, error bars, their caps), as rows x0, y0, x1, y1 in pixels."""
+    segments = []
+    for line in ax.lines:
+        xy = line.get_transform().transform(np.asarray(line.get_xydata(), float))
+        xy = xy[np.isfinite(xy).all(axis=1)]
+        if len(xy):
+            segments.append(np.column_stack([xy[:-1], xy[1:]]) if len(xy) > 1 else np.hstack([xy, xy]))
+    for collection in ax.collections:
+        if hasattr(collection, "get_segments"):
+            for seg in collection.get_segments():
+                xy = collection.get_transform().transform(np.asarray(seg, float))
+                if len(xy) > 1:
+                    segments.append(np.column_stack([xy[:-1], xy[1:]]))
+    return np.vstack(segments) if segments else np.empty((0, 4))
+
+
+def _crosses(box: Bbox, segments: np.ndarray) -> bool:
+    """Whether any segment meets the box (Liang-Barsky clipping, all segments at once)."""
+    if not len(segments):
+        return False
+    x0, y0 = segments[:, 0], segments[:, 1]
+    dx, dy = segments[:, 2] - x0, segments[:, 3] - y0
+    low, high = np.zeros(len(segments)), np.ones(len(segments))
+    inside = np.ones(len(segments), dtype=bool)
+    for p, q in ((-dx, x0 - box.x0), (dx, box.x1 - x0), (-dy, y0 - box.y0), (dy, box.y1 - y0)):
+        parallel = p == 0
+        inside &= ~(parallel & (q < 0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = q / np.where(parallel, 1.0, p)
+        low = np.where(~parallel & (p < 0), np.maximum(low, r), low)
+        high = np.where(~parallel & (p > 0), np.minimum(high, r), high)
+    return bool((inside & (low <= high)).any())
 
 
 def audit_figures(result, analysis) -> dict[str, Figure]:

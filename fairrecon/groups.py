@@ -383,6 +383,25 @@ class Label:
     split: str | None  # 'train' / 'test' from a split column, else None
     line: int
 
+    def said(self) -> str:
+        """What the row says, in a message: "group 'a'" or "group 'a', split test"."""
+        return f"group '{self.group}'" + (f", split {self.split}" if self.split is not None else "")
+
+
+def _twice(path: Path | str, label: Label, first: Label, key: str) -> UserError:
+    """A file labelled on two rows: one line naming both. An exact duplicate is refused too: every row of a
+    labels CSV names one image, so a repeated row means the file is not what its author thinks (two exports
+    pasted together, a row copied instead of edited), and group sizes counted from the CSV would be wrong."""
+    if (first.group, first.split) == (label.group, label.split):
+        return UserError(
+            f"{path}:{label.line}: {key} '{label.key}' is listed twice, the same way on line {first.line} "
+            f"({label.said()}); each image takes one row: delete one of the two"
+        )
+    return UserError(
+        f"{path}:{label.line}: {key} '{label.key}' is labelled twice (line {first.line}: {first.said()}; "
+        f"here: {label.said()})"
+    )
+
 
 def read_labels(path: str | Path) -> list[Label]:
     """A labels CSV as spreadsheets write them: UTF-8 with or without a byte-order mark, CRLF or LF,
@@ -412,11 +431,8 @@ def read_labels(path: str | Path) -> list[Label]:
                 raise UserError(f"{path}:{line}: split '{cells['split']}' is not train or test")
         label = Label(cells[key], cells["group"], split, line)
         first = seen.setdefault(label.key, label)
-        if (first.group, first.split) != (label.group, label.split):
-            raise UserError(
-                f"{path}:{line}: {key} '{label.key}' is labelled twice (line {first.line}: group "
-                f"'{first.group}', split {first.split}; here: '{label.group}', split {label.split})"
-            )
+        if first is not label:
+            raise _twice(path, label, first, key)
         labels.append(label)
     if not labels:
         raise UserError(f"{path}: labels CSV has a header but no rows")
@@ -492,12 +508,8 @@ def resolve_labels(
         if name not in known:
             unknown.append(label)
             continue
-        if name in by_file and (by_file[name].group, by_file[name].split) != (label.group, label.split):
-            raise UserError(
-                f"{csv_path}:{label.line}: '{label.key}' is labelled twice (line {by_file[name].line} "
-                f"says group '{by_file[name].group}', split {by_file[name].split}; this line "
-                f"'{label.group}', split {label.split})"
-            )
+        if name in by_file:  # the same image named two ways ('a.png', 'images/a.png', its index)
+            raise _twice(csv_path, label, by_file[name], "image")
         by_file[name] = label
     if unknown:
         raise UserError(

@@ -102,12 +102,29 @@ def identity_of(result: AuditResult) -> Identity:
     return Identity(result_fields(result.spec, str(result.info.get("device", "cpu")).split(":")[0]), inputs)
 
 
-def write_reports(result: AuditResult, analysis: Analysis, folder: str | Path) -> dict[str, Path]:
-    """Only report.md and report.html (re-rendered from a saved result by `fairrecon report`)."""
+def write_reports(
+    result: AuditResult, analysis: Analysis, folder: str | Path, *, source: str | Path | None = None
+) -> dict[str, Path]:
+    """Only report.md and report.html (re-rendered from a saved result by `fairrecon report`).
+
+    `folder` must be the results folder `source` the result was read from, or new, empty or one of the
+    same audit (its identity): reports of one audit beside another audit's summary.json and tables would
+    contradict them, so a folder of another audit (complete, or reports only) is refused, as `audit`
+    refuses it without --force.
+    """
     folder = Path(folder)
     files_in, folders_in = input_paths(result.spec)
     identity = identity_of(result)
-    check_out(folder, identity, files=files_in, folders=folders_in, force=True)
+    own = source is not None and folder.resolve() == Path(source).resolve()
+    check_out(
+        folder,
+        identity,
+        files=files_in,
+        folders=folders_in,
+        force=own,  # its own folder: the reports of the tables beside them, whatever version wrote its marker
+        remedy="reports of one audit are never written among another's files: pass a new or empty --out folder "
+        "(or the audit's own)",
+    )
     files = {"report.md": markdown_report(result, analysis), "report.html": html_report(result, analysis)}
     new = not folder.is_dir() or not any(folder.iterdir())
     if new:

@@ -124,12 +124,20 @@ class AuditResult:
     def load(cls, folder: str | Path) -> AuditResult:
         """Read a results folder written by outputs.save_results."""
         folder = Path(folder)
+        if not folder.is_dir():
+            what = "no such folder" if not folder.exists() else "a file, not a folder"
+            raise UserError(f"{folder}: {what}; give the --out folder of a `fairrecon audit`")
         require_complete(folder)
+        if not (folder / "summary.json").is_file():
+            raise UserError(
+                f"{folder}: not a fairrecon results folder (it has no summary.json); "
+                "give the --out folder of a `fairrecon audit`"
+            )
         try:
             summary = json.loads((folder / "summary.json").read_text())
             tables = {name: pd.read_csv(folder / f"{name}.csv") for name in TABLES}
         except FileNotFoundError as e:
-            raise UserError(f"{folder}: not a fairrecon results folder ({Path(e.filename).name} missing)") from None
+            raise UserError(f"{folder}: an incomplete results folder ({Path(e.filename).name} missing)") from None
         except (OSError, ValueError) as e:
             raise UserError(f"{folder}: cannot read results ({e})") from None
         spec = AuditSpec.from_dict(summary["spec"], str(folder / "summary.json"))

@@ -93,11 +93,13 @@ def check_out(
     files: Iterable[Path] = (),
     folders: Iterable[Path] = (),
     force: bool = False,
+    remedy: str = "pass another --out folder, or --force to replace it (and retrain)",
 ) -> None:
     """Refuse (UserError, one line) to write `identity`'s results into `out`; reads only.
 
     `files` and `folders` are the run's inputs. `force` lets a folder of another audit be replaced,
-    never a folder that is not fairrecon's or that holds the inputs.
+    never a folder that is not fairrecon's or that holds the inputs. `remedy`: what the refusal of a
+    folder of another audit tells the user to do.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -137,7 +139,7 @@ def check_out(
         return  # a folder from before input fingerprints: its cells do not match the new hash and are retrained
     else:
         what = "holds an audit of other inputs: " + "; ".join(_input_changes(old.inputs, identity.inputs or {}, out))
-    raise UserError(f"{out} {what}; pass another --out folder, or --force to replace it (and retrain)")
+    raise UserError(f"{out} {what}; {remedy}")
 
 
 def _input_changes(old: dict[str, Any], new: dict[str, Any], out: Path) -> list[str]:

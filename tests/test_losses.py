@@ -445,7 +445,8 @@ def test_canonical_names_read_back_to_the_same_values(values):
         ("huber:0", r"^loss 'huber:0': delta must be a number in \(0, inf\), got '0'$"),
         ("barron:2.5", r"^loss 'barron:2.5': alpha must be a number in \[0, 2\], got '2.5'$"),
         ("barron:x", r"alpha must be a number in \[0, 2\], got 'x'"),
-        ("huber", r"^unknown loss 'huber'; allowed: l1, l2, .*huber:DELTA with delta in \(0, inf\)"),
+        ("huber", r"^loss 'huber' is a family, not one loss: name a member as huber:DELTA with delta in \(0, inf\)"),
+        ("barron", r"^loss 'barron' is a family, not one loss: .* barron:ALPHA with alpha in \[0, 2\], e.g. barron:1$"),
         ("gauss:1", r"^unknown loss 'gauss:1'; allowed: .*mix:A with a in \[0, 1\]"),
     ],
 )
