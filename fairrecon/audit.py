@@ -24,20 +24,23 @@ import pandas as pd
 import torch
 
 from . import __version__
+from .convergence import CONVERGED_DROP, CONVERGED_WINDOW
 from .data import ImageSet, load_images
 from .errors import UserError
 from .fileio import atomic_write, npz_bytes
 from .generate import Assigner, generated_shares
 from .gradshare import GradShareRecorder
+from .grid import Cell, TrainConfig
 from .groups import GroupedData, make_groups, split_table
 from .losses import check_settings
 from .measure import CurveRecorder, convergence, curve_table, example_reconstructions, sample_errors, train_mse
+from .memory import resolve_device
 from .outputs import save_results
 from .results import EXAMPLES_FILE, METRICS, AuditResult, load_examples
 from .resultsdir import Identity, check_out, input_paths
 from .resume import CellStore
 from .spec import AuditSpec, load_spec
-from .train import CONVERGED_DROP, CONVERGED_WINDOW, Cell, TrainConfig, resolve_device, train_cells
+from .train import train_cells
 
 
 def run_audit(
@@ -67,7 +70,7 @@ def run_audit(
     statistics themselves (the CLI) then save with them.
 
     `threads`: torch's intra-op threads for this audit (default `default_threads()`), put back
-    afterwards; conv models on the CPU use them as worker threads, a cell each (train.cell_workers).
+    afterwards; conv models on the CPU use them as worker threads, a cell each (runners.LoopedRunner).
     Recorded in info["threads"]. Not part of the audit's identity: it changes speed only.
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from .convergence import CONVERGED_DROP, CONVERGED_WINDOW
 from .results import records
-from .train import CONVERGED_DROP, CONVERGED_WINDOW
 
 GAP_COLUMNS = ["loss", "step", "epoch", "worst", "best", "seeds", "n", "gap", "gap_low", "gap_high", "worse_now"]
 

@@ -32,11 +32,12 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .grid import Cell
 from .measure import sample_errors
+from .memory import resolve_device
 from .results import AuditResult
 from .resultsdir import input_fingerprint
 from .spec import AuditSpec
-from .train import Cell, resolve_device
 
 
 def load_factory(target: str):
@@ -271,7 +272,7 @@ def _brief(e: BaseException, width: int = 160) -> str:
 
 
 class _OneModel:
-    """Duck-types train.StackedCells for measure.sample_errors: one cell, the user's model."""
+    """Duck-types stacked.StackedCells for measure.sample_errors: one cell, the user's model."""
 
     def __init__(self, model: nn.Module, name: str):
         self.model, self.cells = model, [Cell(name, 0)]

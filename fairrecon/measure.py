@@ -2,7 +2,7 @@
 
 `sample_errors`: one row per (loss, seed, test image), the unit every later statistic resamples.
 `CurveRecorder`: each group's held-out MSE and MAE at the training loop's curve points
-(train.EvalPoint), on a fixed stratified subset of the test images sized so that the points cost
+(hooks.EvalPoint), on a fixed stratified subset of the test images sized so that the points cost
 at most CURVE_BUDGET of training, but never fewer than MIN_CURVE_IMAGES (`curve_subset_size`), so
 short runs pay more (1 epoch on 5,000 images: 20 x 256 forwards per cell, a third of training's);
 `curve_table` puts the full test set at each cell's last point, so that point equals the final
@@ -17,19 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .convergence import last_drop, settled
+from .grid import Cell
 from .groups import GroupedData
-from .train import (
-    EPS_STREAM,
-    Cell,
-    EvalPoint,
-    StackedCells,
-    draw_eps,
-    eps_generators,
-    group_errors,
-    last_drop,
-    residual_chunks,
-    settled,
-)
+from .hooks import EvalPoint
+from .noise import HELDOUT_EPS_STREAM, draw_eps, eps_generators
+from .stacked import StackedCells, group_errors, residual_chunks
 
 PSNR_FLOOR_MSE = 1e-10  # a perfect reconstruction reads as 100 dB rather than infinity
 # nmse divides by the image's own pixel variance; a flat image counts as having the variance of 8-bit
@@ -38,7 +31,6 @@ NMSE_FLOOR_VAR = (1 / 255) ** 2 / 12
 
 
 SAMPLE_CHUNK = 2048  # test images whose residuals sample_errors holds at once (reconstruct batches within it)
-HELDOUT_EPS_STREAM = EPS_STREAM + 1  # the VAE noise of held-out nll: a stream of its own per seed, fixed
 
 
 @torch.no_grad()

@@ -35,9 +35,9 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, special
 
+from .convergence import CONVERGED_DROP, CONVERGED_WINDOW, last_drop
 from .errors import UserError
 from .measure import PSNR_FLOOR_MSE
-from .train import CONVERGED_DROP, CONVERGED_WINDOW, last_drop
 
 METRICS = ("mse", "mae", "psnr")
 CORRECTIONS = ("bonferroni", "none")
@@ -705,7 +705,7 @@ def _external(result) -> bool:
 def gap_drift(result, loss: str, worst: str, best: str) -> float:
     """How far the answer still moved at the end of training: per ok cell of `loss`, the change of its
     worst/best held-out MSE ratio over the last CONVERGED_WINDOW of training, as a fitted log-linear trend
-    (train.last_drop, negated: > 0 the ratio was rising) on the curve points before the cell's final one
+    (convergence.last_drop, negated: > 0 the ratio was rising) on the curve points before the cell's final one
     (the fixed test subset, so every point sees the same images), then the mean over seeds.
     NaN without curves (a model of yours) or with too few points to fit."""
     curves = getattr(result, "curves", None)

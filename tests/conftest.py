@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fairrecon import train
+from fairrecon import runners
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
@@ -31,7 +31,7 @@ FAST = dict(seeds=2, epochs=3, batch_size=64, latent=8, hidden=64, device="cpu")
 def one_thread():
     """Tiny models: one intra-op thread is as fast, and far faster on a shared, loaded machine.
     A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
-    with train.one_thread():
+    with runners.one_thread():
         yield
 
 

@@ -57,7 +57,7 @@ def written(tmp_path_factory):
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from fairrecon import train
+    from fairrecon import runners
     from fairrecon.cli import main
 
     root = tmp_path_factory.mktemp("format")
@@ -70,7 +70,7 @@ def written(tmp_path_factory):
     args = ["audit", "--dataset", "folder", "--data-root", root / "images", "--labels", root / "labels.csv"]
     args += ["--model", "vae", "--generate", "20", "--epochs", "auto", "--max-epochs", "2", "--seeds", "2"]
     args += ["--losses", "l2", "--hidden", "16", "--latent", "4", "--batch-size", "32", "--device", "cpu"]
-    with train.one_thread(), pytest.raises(SystemExit) as exit_:
+    with runners.one_thread(), pytest.raises(SystemExit) as exit_:
         main([str(a) for a in [*args, "--threads", "1", "--quiet", "--out", root / "out"]])
     assert exit_.value.code == 0
     return root / "out"

@@ -19,14 +19,16 @@ from conftest import FAST
 from scipy import stats as sps
 
 from fairrecon import AuditResult, run_audit
+from fairrecon.convergence import AUTO_MIN_EPOCHS, CONVERGED_DROP, last_drop
 from fairrecon.data import load_images
 from fairrecon.dynamics import convergence_warnings, gap_over_training, worse_group_changes
+from fairrecon.grid import Cell, TrainConfig
 from fairrecon.groups import make_groups
 from fairrecon.measure import CURVE_BUDGET, CurveRecorder, convergence, curve_subset_size
 from fairrecon.report import terminal_summary
 from fairrecon.spec import AuditSpec
 from fairrecon.stats import analyse
-from fairrecon.train import AUTO_MIN_EPOCHS, CONVERGED_DROP, Cell, TrainConfig, last_drop, train_cells
+from fairrecon.train import train_cells
 
 ATOL = 1e-5  # batched vs alone: float32 rounding only (<= 3e-8 measured, see tests/test_train.py)
 

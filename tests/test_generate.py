@@ -14,10 +14,11 @@ import torch
 from fairrecon.audit import run_audit
 from fairrecon.data import load_images
 from fairrecon.generate import Assigner, GroupClassifier, generated_shares, nearest_target
+from fairrecon.grid import Cell, TrainConfig
 from fairrecon.groups import make_groups
 from fairrecon.report import vae_terminal
 from fairrecon.spec import AuditSpec
-from fairrecon.train import Cell, TrainConfig, train_cells
+from fairrecon.train import train_cells
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one intra-op thread
 

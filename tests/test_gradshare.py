@@ -15,10 +15,12 @@ from torch.func import functional_call, grad, vmap
 from fairrecon import analyse, outputs
 from fairrecon.audit import run_audit
 from fairrecon.gradshare import SHARES, GradShareRecorder, group_gradients
+from fairrecon.grid import Cell, TrainConfig
 from fairrecon.losses import get_loss
 from fairrecon.results import AuditResult
 from fairrecon.spec import AuditSpec
-from fairrecon.train import SNAPSHOT_SPACING, Cell, TrainConfig, init_cells, snapshot_count, train_cells
+from fairrecon.stacked import init_cells
+from fairrecon.train import SNAPSHOT_SPACING, snapshot_count, train_cells
 
 CONFIG = TrainConfig.from_spec(AuditSpec(latent=4, hidden=16, sigma_floor=1e-3))
 SHAPE = (1, 6, 6)

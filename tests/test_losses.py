@@ -24,6 +24,7 @@ from scipy import integrate, optimize, special, stats
 from fairrecon.audit import run_audit
 from fairrecon.cli import main
 from fairrecon.errors import UserError
+from fairrecon.grid import Cell
 from fairrecon.losses import (
     FAMILIES,
     LOSSES,
@@ -38,7 +39,6 @@ from fairrecon.losses import (
 )
 from fairrecon.resume import cell_name
 from fairrecon.spec import AuditSpec, canonical_number, parse_losses
-from fairrecon.train import Cell
 
 M = 50
 FLOOR = 1e-3
@@ -123,7 +123,7 @@ def test_leading_cell_dimensions_are_independent(pair):
     x_hat = x_hat.detach()
     stacked = get_loss("log-mse").per_sample(torch.stack([x, x]), torch.stack([x_hat, x]), {}, FLOOR)
     torch.testing.assert_close(stacked[0], get_loss("log-mse").per_sample(x, x_hat, {}, FLOOR))
-    logs = torch.tensor([-1.0, 0.5])[:, None, None]  # (cells, 1, 1), as train.StackedCells passes them
+    logs = torch.tensor([-1.0, 0.5])[:, None, None]  # (cells, 1, 1), as stacked.StackedCells passes them
     both = get_loss("student-t").per_sample(
         torch.stack([x, x]), torch.stack([x_hat, x_hat]), {"scale": logs, "dof": logs}, FLOOR
     )

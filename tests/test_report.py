@@ -18,6 +18,7 @@ from PIL import Image
 from fairrecon import run_audit
 from fairrecon.data import load_images
 from fairrecon.figures import HATCHES, audit_figures, group_styles
+from fairrecon.grid import Cell, TrainConfig
 from fairrecon.groups import make_groups
 from fairrecon.html_report import _png, html_report
 from fairrecon.measure import example_reconstructions
@@ -26,7 +27,7 @@ from fairrecon.report import error_table, frontier_sentence, frontier_table, mar
 from fairrecon.results import AuditResult
 from fairrecon.spec import AuditSpec
 from fairrecon.stats import analyse
-from fairrecon.train import Cell, TrainConfig, train_cells
+from fairrecon.train import train_cells
 
 
 @pytest.fixture(scope="module")

@@ -160,9 +160,10 @@ def test_the_refused_settings_are_the_ignored_ones():
     import torch
 
     from fairrecon.data import load_images
+    from fairrecon.grid import Cell, TrainConfig
     from fairrecon.groups import make_groups
     from fairrecon.losses import check_settings
-    from fairrecon.train import Cell, TrainConfig, train_cells
+    from fairrecon.train import train_cells
 
     def unchecked(spec: AuditSpec, **changes) -> AuditSpec:
         other = object.__new__(AuditSpec)

@@ -18,8 +18,8 @@ from fairrecon.errors import UserError
 
 # Fashion-MNIST at the default width: matrices large enough that torch splits them across threads
 # (digits at 8x8 would pass this test without ever running a second thread). Conv models run their cells
-# on oneDNN's ordinary kernels, at 2 threads a cell per worker thread (train.StackedCells.looped,
-# train.cell_workers), forward and backward: the test covers their gradients too.
+# on oneDNN's ordinary kernels, at 2 threads a cell per worker thread (stacked.StackedCells.looped,
+# runners.LoopedRunner), forward and backward: the test covers their gradients too.
 SMALL = dict(
     dataset="fashion-mnist",
     limit=256,
