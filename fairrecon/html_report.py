@@ -100,7 +100,7 @@ def html_report(result, analysis: Analysis, by_metric: ByMetric | None = None) -
     if by_metric is not None and len(by_metric.compared) > 1:
         parts += [
             f"<h2 id='metrics'>{BY_METRIC_TITLE}</h2>",
-            f'<p class="note">{_e(by_metric_note(by_metric))}</p>',
+            f'<p class="note">{_e(by_metric_note(by_metric).replace("`", ""))}</p>',
             _table(by_metric_table(by_metric)),
         ]
     if len(analysis.frontier) > 1:

@@ -101,28 +101,31 @@ SSIM_BATCH = 512  # images per torchmetrics call: its five padded copies of them
 def ssim_per_image(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """SSIM of each reconstruction x_hat (b, ch, H, W) against its image x (b, ch, H, W): (b,), float32.
 
-    torchmetrics' structural_similarity_index_measure (reduction "none", data range 1, Gaussian window of
-    sigma SSIM_SIGMA, 11 taps): the mean over every pixel's window and channel, the image mirrored at its
-    borders (tests/test_metrics.py checks it against scikit-image on mirrored images). NaN for images under
-    SSIM_MIN_SIDE pixels a side, where the mirror does not fit.
+    torchmetrics' structural_similarity_index_measure (data range 1, Gaussian window of sigma SSIM_SIGMA, 11
+    taps): the mean over every pixel's window and channel, the image mirrored at its borders. The images are
+    handed over as the channels of one image, whose SSIM map torchmetrics returns (return_full_image): it
+    filters each channel alone, so the map is every image's own, and one depthwise convolution makes it ~3x
+    faster on the CPU than a batch of one-channel images (measured on 28x28 at one thread); each image's value
+    is its map's mean, what reduction="none" returns, to the bit (tests/test_metrics.py checks both, and the
+    values against scikit-image). NaN for images under SSIM_MIN_SIDE pixels a side, where the mirror does not fit.
     """
     if min(x.shape[-2:]) < SSIM_MIN_SIDE:
         return torch.full((len(x),), torch.nan, device=x.device)
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    return torch.cat(
-        [
-            structural_similarity_index_measure(
-                x_hat[i : i + SSIM_BATCH],
-                x[i : i + SSIM_BATCH],
-                gaussian_kernel=True,
-                sigma=SSIM_SIGMA,
-                data_range=1.0,
-                reduction="none",
-            ).reshape(-1)
-            for i in range(0, len(x), SSIM_BATCH)
-        ]
-    )
+    parts = []
+    for i in range(0, len(x), SSIM_BATCH):
+        pred, target = (t[i : i + SSIM_BATCH] for t in (x_hat, x))
+        _, maps = structural_similarity_index_measure(
+            pred.reshape(1, -1, *x.shape[-2:]),
+            target.reshape(1, -1, *x.shape[-2:]),
+            gaussian_kernel=True,
+            sigma=SSIM_SIGMA,
+            data_range=1.0,
+            return_full_image=True,
+        )
+        parts.append(maps.reshape(len(pred), -1).mean(1))
+    return torch.cat(parts)
 
 
 CURVE_BUDGET = 0.05  # curve points may cost at most 5% of training's forward passes (a step is ~3: forward + backward)

@@ -289,7 +289,7 @@ def metric_caveat(by_metric: ByMetric) -> str | None:
     splits = by_metric.splits()
     if not splits:
         return None
-    order = {m: i for i, m in enumerate((by_metric.metric, *by_metric.compared))}
+    order = {m: i for i, m in enumerate(dict.fromkeys((by_metric.metric, *by_metric.compared)))}
     patterns: dict[tuple, list[str]] = {}
     for loss, sides in splits.items():
         ranked = sorted(sides.items(), key=lambda side: min(order[m] for m in side[1]))
@@ -302,11 +302,7 @@ def metric_caveat(by_metric: ByMetric) -> str | None:
         ]
         clauses.append(f"for {_and(losses)}, {said[0]} but {_and(said[1:])}")
     both = [loss for loss in splits if by_metric.clear_both_ways(loss)]
-    sure = (
-        f" (a clear gap each way for {_and(both)})"
-        if both
-        else " (never a clear gap each way: at most one direction is clear for each loss)"
-    )
+    sure = f" (a clear gap each way for {_and(both)})" if both else " (for no loss is the gap clear in both directions)"
     return (
         "Which group is worse depends on the metric: "
         + "; ".join(clauses)

@@ -13,6 +13,7 @@ import torch
 from conftest import FAST, REPO, run_cli
 from skimage.metrics import structural_similarity
 from torch import nn
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 from fairrecon import metrics, run_audit, stats
 from fairrecon.bymetric import by_metric
@@ -111,6 +112,19 @@ def test_the_registry_imports_no_torch_and_describes_every_metric():
     assert [m for m in baseline if m in metrics.METRICS] == [n for n, m in metrics.METRICS.items() if m.pca]
 
 
+def test_the_docs_table_is_the_registry():
+    """docs/metrics.md's table of metrics says what the registry says, row for row."""
+    page = (REPO / "docs" / "metrics.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| `")]
+    expected = [
+        f"| `{m.name}` | {m.label} | {m.direction} | {'yes' if m.ratio else 'no'} | "
+        + ("yes (default)" if m.name == metrics.DEFAULT else "yes" if m.verdicts else "no")
+        + " |"
+        for m in metrics.METRICS.values()
+    ]
+    assert rows == expected
+
+
 # ---------------------------------------------------------------- the per-image metrics
 
 
@@ -146,7 +160,11 @@ def test_ssim_matches_scikit_image_on_real_images(shared_datasets):
         ("colour 8x8", digits.train[:600].view(200, 3, 8, 8), rgb),
     ):
         x_hat = pca_reconstructions(train, x, k=4)
-        ours = ssim_per_image(x_hat, x).double().numpy()
+        ours = ssim_per_image(x_hat, x)
+        # the images as channels of one (for speed) give torchmetrics' own per-image values, to the bit
+        plain = structural_similarity_index_measure(x_hat, x, sigma=1.5, data_range=1.0, reduction="none")
+        assert torch.equal(ours, plain), name
+        ours = ours.double().numpy()
         theirs = np.array([skimage_ssim(a, b) for a, b in zip(x_hat.double().numpy(), x.double().numpy())])
         assert ours.shape == (len(x),) and ours.std() > 0.01, name  # imperfect, varied reconstructions
         np.testing.assert_allclose(ours, theirs, atol=3e-5, rtol=0, err_msg=name)  # float32 vs float64
@@ -276,6 +294,12 @@ def test_the_caveat_comes_first_on_every_surface_when_the_metrics_disagree(audit
     assert {(r["metric"], r["loss"]) for r in section["by_metric"]} == {
         (m, loss) for m in metrics.VERDICT_METRICS for loss in analysis.losses
     }
+    # with the verdicts by rel_mse, its side comes first and the sentence ends with it
+    by_rel = metric_caveat(by_metric(result, stats.analyse(result, metric="rel_mse")))
+    assert by_rel.startswith(
+        f"Which group is worse depends on the metric: for {losses}, group {dark} is worse by rel_mse but group "
+        f"{bright} by mse, mae, psnr, nmse and ssim_error"
+    ) and by_rel.endswith("the verdicts here are by rel_mse (relative MSE (MSE / mean squared pixel)).")
     # each metric's row is the verdict `--metric M` gives
     for m in metrics.VERDICT_METRICS:
         own = stats.analyse(result, metric=m).disparities.set_index("loss")
