@@ -118,6 +118,7 @@ INTERNAL = {  # command -> (where the bug is planted, the arguments)
     "check": ("fairrecon.gate.check", lambda r, t: ["check", r, "--max-ratio", "2"]),
     "split": ("fairrecon.groups.split_table", lambda r, t: ["split", "--dataset", "digits"]),
     "losses": ("fairrecon.losses.LOSSES", lambda r, t: ["losses"]),
+    "metrics": ("fairrecon.metrics.METRICS", lambda r, t: ["metrics"]),
     "datasets": ("fairrecon.data.where_files_are", lambda r, t: ["datasets"]),
 }
 
@@ -131,7 +132,7 @@ def test_an_internal_error_is_exit_4_with_one_line_and_the_traceback_in_a_log(
     command, results, tmp_path, monkeypatch, capsys
 ):
     where, args = INTERNAL[command]
-    monkeypatch.setattr(where, _BrokenRegistry() if where.endswith("LOSSES") else _boom)
+    monkeypatch.setattr(where, _BrokenRegistry() if where.endswith(("LOSSES", "METRICS")) else _boom)
     code, out, err = run_main(capsys, *args(results, tmp_path))
     assert code == 4, err
     assert err.count("\n") == 1 and err.startswith("fairrecon: internal error (RuntimeError)"), err
