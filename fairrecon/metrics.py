@@ -65,7 +65,7 @@ METRICS: dict[str, Metric] = {
         ),
         Metric(
             name="psnr",
-            label="PSNR (dB)",
+            label="PSNR in dB",
             unit="dB",
             higher_is_worse=False,
             ratio=False,
@@ -76,7 +76,7 @@ METRICS: dict[str, Metric] = {
         ),
         Metric(
             name="nmse",
-            label="nMSE (MSE / image variance)",
+            label="MSE over the image's variance",
             unit="",
             higher_is_worse=True,
             ratio=True,
@@ -86,7 +86,7 @@ METRICS: dict[str, Metric] = {
         ),
         Metric(
             name="ssim_error",
-            label="1 - SSIM (structural error)",
+            label="structural error 1 - SSIM",
             unit="",
             higher_is_worse=True,
             ratio=True,
@@ -99,7 +99,7 @@ METRICS: dict[str, Metric] = {
         ),
         Metric(
             name="rel_mse",
-            label="relative MSE (MSE / mean squared pixel)",
+            label="MSE over the image's mean squared pixel",
             unit="",
             higher_is_worse=True,
             ratio=True,
@@ -110,7 +110,7 @@ METRICS: dict[str, Metric] = {
         ),
         Metric(
             name="nll",
-            label="NLL under the loss (nats per image)",
+            label="the loss's NLL in nats per image",
             unit="nats",
             higher_is_worse=True,
             ratio=False,
