@@ -36,7 +36,7 @@ from .losses import check_settings
 from .measure import CurveRecorder, convergence, curve_table, example_reconstructions, sample_errors, train_mse
 from .memory import resolve_device
 from .outputs import save_results
-from .results import EXAMPLES_FILE, METRICS, AuditResult, load_examples
+from .results import EXAMPLES_FILE, AuditResult, load_examples
 from .resultsdir import Identity, check_out, input_paths
 from .resume import CellStore
 from .spec import AuditSpec, load_spec
@@ -300,7 +300,9 @@ def train_and_measure(
         own = lambda df, cell=cell: df[(df["loss"] == cell.loss) & (df["seed"] == cell.seed)].reset_index(drop=True)
         own_history, own_samples = own(history), own(samples)
         status = trained.status[c]
-        if status == "ok" and not np.isfinite(own_samples[list(METRICS)].to_numpy()).all():
+        # a non-finite reconstruction makes its mse non-finite; the other metrics follow mse (floors, SSIM's
+        # constants), except ssim_error, which is NaN by definition on images too small for its window
+        if status == "ok" and not np.isfinite(own_samples["mse"].to_numpy()).all():
             status = "failed: non-finite reconstruction error on held-out images"  # trained, but blew up
         conv = converged.loc[(cell.loss, cell.seed)]
         out[cell] = {

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import click
 
+from . import metrics
 from .errors import UserError
 from .spec import DATASETS, SCOPE_COMMANDS, AuditSpec, field_type, load_spec, parse_losses
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INSUFFICIENT, EXIT_INTERNAL = 0, 1, 2, 3, 4
-METRICS = ("mse", "mae", "psnr")  # = stats.METRICS (tests/test_cli.py checks); here so --help needs no torch
 ERROR_LOG = "fairrecon-error.log"
 _results_folder: Path | None = None  # where a command writes or reads results: its internal-error log goes there
 
@@ -83,6 +83,18 @@ def json_option(command):
     )(command)
 
 
+def metric_option(default: str | None, help_text: str):
+    """--metric: the metrics a verdict may use, from the registry (metrics.py imports no torch, so --help
+    stays fast)."""
+    return click.option(
+        "--metric",
+        type=click.Choice(metrics.VERDICT_METRICS),
+        default=default,
+        show_default=default is not None,
+        help=help_text + " Definitions: `fairrecon metrics`.",
+    )
+
+
 def spec_from(spec_file: str | None, flags: dict) -> AuditSpec:
     """The spec file (or the defaults) with the flags that were given (lists arrive as 'a,b')."""
     return load_spec(spec_file, **flags) if spec_file else AuditSpec().override(**flags)
@@ -126,6 +138,7 @@ def cli() -> None:
     "different inputs (never a folder that is not fairrecon's).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines: only the final table.")
+@metric_option(metrics.DEFAULT, "Metric of the verdicts (every metric is measured and compared).")
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
@@ -135,7 +148,7 @@ def cli() -> None:
     "quota). Changes speed, not results.",
 )
 @json_option
-def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
+def audit(spec_file, quiet, force, as_json, threads, metric, **flags) -> int:
     """Train autoencoders under each loss and measure per-group error on held-out images.
 
     With no arguments: the {dataset} dataset, groups at mean brightness {targets}, the
@@ -148,11 +161,13 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
       fairrecon audit audits/fashion-mnist-minority.toml --data-root ../shared/datasets --out results/fm
       fairrecon audit --dataset folder --data-root faces/images --labels faces/groups.csv --out results/faces
       fairrecon audit --epochs 5 --seeds 2 --json > verdict.json
+      fairrecon audit --metric rel_mse --out results/relative
     """
     from .audit import run_audit
+    from .bymetric import by_metric
     from .outputs import save_results
     from .progress import Progress
-    from .report import terminal_summary, vae_terminal
+    from .report import metric_caveat, terminal_summary, vae_terminal
     from .stats import analyse
 
     global _results_folder
@@ -170,12 +185,13 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
             threads=threads,
         )
         start = time.perf_counter()
-        analysis = analyse(result)
+        analysis = analyse(result, metric=metric)
+        compared = by_metric(result, analysis)
         result.info["timings"]["stats_s"] = time.perf_counter() - start
         if spec.out:
             progress.log(f"writing {spec.out}/ (tables, summary.json, report.md, report.html)")
             start = time.perf_counter()
-            save_results(result, spec.out, analysis)
+            save_results(result, spec.out, analysis, compared)
             written = time.perf_counter() - start
     failed = result.cells[result.cells["status"] != "ok"]
     if as_json:
@@ -183,12 +199,13 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
             {
                 "command": "audit",
                 "out": spec.out,
+                "metric_caveat": metric_caveat(compared),
                 "disparities": verdict_records(analysis.disparities),
                 "warnings": _warnings(result),
             }
         )
     else:
-        click.echo("\n" + terminal_summary(analysis))
+        click.echo("\n" + terminal_summary(analysis, compared))
         if result.vae:
             click.echo("\n" + vae_terminal(result))
     for row in failed.itertuples():
@@ -210,37 +227,42 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
 @cli.command()
 @click.argument("result_dir", type=click.Path(file_okay=False))
 @click.option("--out", help="Folder for report.md and report.html (default: RESULT_DIR).")
+@metric_option(None, "Metric of the verdicts.  [default: the one RESULT_DIR's verdicts are by, else mse]")
 @json_option
-def report(result_dir, out, as_json) -> int:
+def report(result_dir, out, metric, as_json) -> int:
     """Re-render report.html and report.md from a saved results folder, without retraining.
 
     \b
     Examples:
       fairrecon report results/fm
       fairrecon report results/fm --out reports/fm
+      fairrecon report results/fm --metric ssim_error --out reports/fm-ssim
       fairrecon report results/fm --json
     """
+    from .bymetric import by_metric
     from .outputs import write_reports
-    from .report import terminal_summary, vae_terminal
-    from .results import AuditResult
+    from .report import metric_caveat, terminal_summary, vae_terminal
+    from .results import AuditResult, saved_verdict_metric
     from .stats import analyse
 
     global _results_folder
     _results_folder = Path(result_dir)
     result = AuditResult.load(result_dir)
-    analysis = analyse(result)
-    paths = write_reports(result, analysis, out or result_dir, source=result_dir)
+    analysis = analyse(result, metric=metric or saved_verdict_metric(result_dir) or metrics.DEFAULT)
+    compared = by_metric(result, analysis)
+    paths = write_reports(result, analysis, out or result_dir, compared, source=result_dir)
     if as_json:
         print_json(
             {
                 "command": "report",
                 "results": result_dir,
+                "metric_caveat": metric_caveat(compared),
                 "disparities": verdict_records(analysis.disparities),
                 "warnings": _warnings(result),
             }
         )
     else:
-        click.echo(terminal_summary(analysis))
+        click.echo(terminal_summary(analysis, compared))
         if result.vae:
             click.echo("\n" + vae_terminal(result))
     note(f"wrote {paths['html']} and {paths['md']}")
@@ -249,7 +271,7 @@ def report(result_dir, out, as_json) -> int:
 
 @cli.command()
 @click.argument("result_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--metric", type=click.Choice(METRICS), default="mse", show_default=True, help="Error to compare.")
+@metric_option(metrics.DEFAULT, "Metric to gate on.")
 @click.option("--max-ratio", type=float, help="Fail if worst/reference error exceeds this (with confidence 1 - alpha).")
 @click.option("--max-gap", type=float, help="Fail if worst - reference error exceeds this (metric units; dB for psnr).")
 @click.option("--adjusted", is_flag=True, help="Gate the gap in excess of each group's own rank-k PCA error.")
@@ -424,6 +446,38 @@ def losses(as_json) -> int:
         width = max(len(r["name"]) for r in rows)
         for r in rows:
             click.echo(f"{r['name']:<{width}}  {r['likelihood']}")
+    return EXIT_PASS
+
+
+@cli.command(name="metrics")
+@json_option
+def list_metrics(as_json) -> int:
+    """List the per-image metrics: direction, whether a verdict may use them (--metric), and definition.
+
+    \b
+    Examples:
+      fairrecon metrics
+      fairrecon metrics --json
+    """
+    rows = [
+        {
+            "name": m.name,
+            "label": m.label,
+            "direction": m.direction,
+            "ratio": m.ratio,
+            "verdicts": m.verdicts,
+            "definition": m.definition,
+            **({"why_not": m.why_not} if not m.verdicts else {}),
+        }
+        for m in metrics.METRICS.values()
+    ]
+    if as_json:
+        print_json({"command": "metrics", "metrics": rows})
+    else:
+        for r in rows:
+            use = "--metric" if r["verdicts"] else f"no verdicts: {r['why_not']}"
+            ratio = "" if r["ratio"] else ", no ratio"
+            click.echo(f"{r['name']:<11} {r['label']}: {r['direction']}{ratio}; {use}\n{'':<12}{r['definition']}")
     return EXIT_PASS
 
 

@@ -18,6 +18,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
 from matplotlib.transforms import Bbox
 
+from . import metrics
 from .dynamics import gap_over_training, group_curves
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -25,12 +26,6 @@ LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)),
 HATCHES = ("", "///", "...", "xx", "\\\\", "++", "oo", "--")
 WIDTH = 11.0  # inches; at DPI 110 about 1200 px, the report's content width
 DPI = 110
-METRIC_LABELS = {
-    "mse": "held-out MSE per pixel",
-    "mae": "held-out MAE per pixel",
-    "psnr": "held-out PSNR (dB)",
-    "nmse": "held-out nMSE (MSE / the image's pixel variance)",
-}
 
 
 @dataclass(frozen=True)
@@ -123,11 +118,10 @@ def group_error_figure(intervals: pd.DataFrame, metric: str = "mse", method: str
         ax.set_xlabel("group")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
         _style(ax)
-    axes[0].set_ylabel(
-        METRIC_LABELS.get(metric, metric) + ("\n(lower is better)" if metric != "psnr" else "\n(higher is better)")
-    )
+    better = "lower" if metrics.get(metric).higher_is_worse else "higher"
+    axes[0].set_ylabel(f"held-out {metrics.label(metric)}\n({better} is better)")
     fig.suptitle(
-        f"Per-group {METRIC_LABELS.get(metric, metric)} with 95% intervals" + (f"  ({method})" if method else ""),
+        f"Per-group held-out {metrics.label(metric)} with 95% intervals" + (f"  ({method})" if method else ""),
         fontsize=11,
     )
     return fig
@@ -225,14 +219,14 @@ def error_distribution_figure(samples: pd.DataFrame, metric: str = "mse") -> Fig
             patch.set(facecolor=(*styles[g].color, 0.85), edgecolor="0.15", hatch=styles[g].hatch)
         ax.set_xticks(range(len(groups)), groups)
         ax.set_xlabel("group")
-        if metric != "psnr":
+        if metrics.get(metric).ratio:  # a positive error on a linear scale (not psnr, a log scale already)
             ax.set_yscale("log")
         ax.set_title(loss, fontweight="bold")
         ax.set_ylabel("")
         _style(ax)
     axes[0].set_ylabel(f"per-image {metric} (mean over seeds)")
     fig.suptitle(
-        f"Distribution of per-image {METRIC_LABELS.get(metric, metric)} by group (box: quartiles, line: median)",
+        f"Distribution of per-image held-out {metrics.label(metric)} by group (box: quartiles, line: median)",
         fontsize=11,
     )
     return fig
@@ -374,7 +368,7 @@ def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> 
     """The fairness-accuracy frontier: each loss at (overall held-out error, worst/best ratio), with both
     intervals as bars; Pareto-optimal losses filled and joined by a line, the others hollow; labelled by loss."""
     df = frontier[np.isfinite(frontier["overall"].astype(float)) & np.isfinite(frontier["ratio"].astype(float))]
-    metric = str(frontier["metric"].iloc[0]) if len(frontier) else "mse"
+    metric = str(frontier["metric"].iloc[0]) if len(frontier) else metrics.DEFAULT
     fig = _figure(4.6)
     ax = fig.subplots()
     dark = sns.color_palette("colorblind")[0]
@@ -423,7 +417,7 @@ def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> 
         ax.plot(pareto["overall"], pareto["ratio"], color=dark, linewidth=1.2, linestyle="--", zorder=2)
     ax.axhline(1.0, color="0.35", linestyle=":", linewidth=1.2)
     level = f"{100 * confidence:.4g}% " if confidence is not None else ""
-    ax.set_xlabel(f"overall {METRIC_LABELS.get(metric, metric)} (lower is more accurate)")
+    ax.set_xlabel(f"overall held-out {metrics.label(metric)} (lower is more accurate)")
     ax.set_ylabel("worst / best group (lower is fairer; 1: equal)")
     ax.legend(frameon=False, loc="best")
     _style(ax)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import stats
+from . import metrics, stats
 from .errors import UserError
 from .results import AuditResult
 
@@ -166,13 +166,15 @@ def _as_result(result):
 
 
 def _validate(metric: str, max_ratio, max_gap, adjusted: bool) -> None:
-    if metric not in stats.METRICS:
-        raise UserError(f"unknown metric '{metric}'; allowed: {', '.join(stats.METRICS)}")
+    known = metrics.for_verdicts(metric)
     if max_ratio is None and max_gap is None:
         raise UserError("give a threshold: --max-ratio R (worst/best, e.g. 1.1) or --max-gap D (in metric units)")
     if max_ratio is not None:
-        if metric == "psnr":
-            raise UserError("--max-ratio is not defined for psnr (a log scale); use --max-gap in dB")
+        if not known.ratio:
+            raise UserError(
+                f"--max-ratio is not defined for {metric} (no ratio: see `fairrecon metrics`); use --max-gap"
+                + (f" in {known.unit}" if known.unit else "")
+            )
         if adjusted:
             raise UserError("--adjusted compares excess errors, which may be near zero; use --max-gap, not --max-ratio")
         if not max_ratio >= 1.0:

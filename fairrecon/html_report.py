@@ -14,16 +14,22 @@ from collections.abc import Callable
 
 import pandas as pd
 
+from . import metrics
+from .bymetric import ByMetric
 from .dynamics import convergence_warnings, gap_over_training, worse_group_changes
-from .figures import METRIC_LABELS, audit_figures
+from .figures import audit_figures
 from .report import (
+    BY_METRIC_TITLE,
     FRONTIER_TITLE,
+    by_metric_note,
+    by_metric_table,
     describe_audit,
     error_table,
     frontier_sentence,
     frontier_table,
     headline,
     loss_warnings,
+    metric_caveat,
     vae_tables,
     verdict_table,
 )
@@ -76,10 +82,12 @@ th,td{padding:4px 7px}
 """
 
 
-def html_report(result, analysis: Analysis) -> str:
-    """The whole page as a string."""
+def html_report(result, analysis: Analysis, by_metric: ByMetric | None = None) -> str:
+    """The whole page as a string; with `by_metric`, the metric caveat first and every metric side by side."""
     figs = {name: _png(fig) for name, fig in audit_figures(result, analysis).items()}
     verdict = verdict_table(analysis)
+    metric = metrics.get(analysis.metric)
+    caveat = metric_caveat(by_metric) if by_metric is not None else None
     spec = result.spec
     when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts = [
@@ -89,9 +97,11 @@ def html_report(result, analysis: Analysis) -> str:
         f"<title>fairrecon audit: {_e(spec.dataset)}</title>",
         f"<style>{CSS}</style></head><body><main>",
         "<header><h1>fairrecon audit: which group does each loss favour?</h1>",
-        f'<p class="meta">{_e(describe_audit(result).replace("`", ""))} Numbers are {METRIC_LABELS["mse"]}, lower is better. '
+        f'<p class="meta">{_e(describe_audit(result).replace("`", ""))} Numbers are {_e(metric.label)} ({metric.name}), '
+        f"{'lower' if metric.higher_is_worse else 'higher'} is better. "
         f"{_e(_run_line(result))} Generated {when}.</p></header>",
         '<h2 class="first" id="answer">Answer</h2>',
+        f'<p class="warn" id="metric-caveat">{_e(caveat)}</p>' if caveat else "",
         f'<p class="headline">{_e(headline(analysis))}</p>',
         _verdict_html(verdict),
         f'<p class="note">{_e(analysis.method)}</p>',
@@ -107,6 +117,12 @@ def html_report(result, analysis: Analysis) -> str:
             "own interval in the table.",
         ),
     ]
+    if by_metric is not None and len(by_metric.compared) > 1:
+        parts += [
+            f"<h2 id='metrics'>{BY_METRIC_TITLE}</h2>",
+            f'<p class="note">{_e(by_metric_note(by_metric).replace("`", ""))}</p>',
+            _table(by_metric_table(by_metric)),
+        ]
     if len(analysis.frontier) > 1:
         parts += [
             f"<h2 id='frontier'>{FRONTIER_TITLE}</h2>",
@@ -170,7 +186,7 @@ def html_report(result, analysis: Analysis) -> str:
     parts += [
         _table(result.groups, digits=4),
         "<h2 id='tables'>Tables</h2>",
-        f"<h3>Per-group MSE per pixel: mean [{1 - analysis.policy.alpha:.0%} interval]</h3>",
+        f"<h3>Per-group {_e(metric.label)}: mean [{1 - analysis.policy.alpha:.0%} interval]</h3>",
         _table(error_table(analysis)),
         "<h3>Gap of the worst group, all columns</h3>",
         _table(analysis.disparities, digits=4),

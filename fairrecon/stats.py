@@ -35,11 +35,12 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, special
 
+from . import metrics
 from .convergence import CONVERGED_DROP, CONVERGED_WINDOW, last_drop
 from .errors import UserError
-from .measure import PSNR_FLOOR_MSE
+from .metrics import PSNR_FLOOR_MSE
 
-METRICS = ("mse", "mae", "psnr")
+METRICS = metrics.VERDICT_METRICS  # the metrics a verdict may use (metrics.py says which, and why not the others)
 CORRECTIONS = ("bonferroni", "none")
 MIN_GROUP_N = 30  # fewer test (or training) images in a group: "insufficient data"
 POWER = 0.8  # power at which the minimum detectable gap is stated
@@ -47,7 +48,12 @@ CLEAR, NO_CLEAR, INSUFFICIENT = "clear gap", "no clear gap", "insufficient data"
 
 
 def higher_is_worse(metric: str) -> bool:
-    return metric != "psnr"
+    return metrics.get(metric).higher_is_worse
+
+
+def has_ratio(metric: str) -> bool:
+    """Whether worst/best is defined for the metric (not on a log scale)."""
+    return metrics.get(metric).ratio
 
 
 # ---------------------------------------------------------------- the decision policy
@@ -81,9 +87,11 @@ class Policy:
 POLICY = Policy()  # the defaults, used by `fairrecon audit`, `report` and `check`
 
 
-def _check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise UserError(f"unknown metric '{metric}'; allowed: {', '.join(METRICS)}")
+def _check_metric(metric: str, result=None, *, adjusted: bool = False) -> None:
+    """A one-line UserError unless a verdict may use `metric` (adjusted, when asked), and `result` has its values."""
+    metrics.for_verdicts(metric, adjusted=adjusted)
+    if result is not None:
+        result.require_metric(metric)
 
 
 # ---------------------------------------------------------------- per-image errors
@@ -125,7 +133,7 @@ def family_losses(result, losses: list[str] | None = None) -> list[str]:
 
 def loss_errors(result, *, metric: str = "mse", losses: list[str] | None = None) -> list[LossErrors]:
     """Per-loss seed x image matrices of the ok cells (losses without any ok cell are left out)."""
-    _check_metric(metric)
+    _check_metric(metric, result)
     names = group_names(result)
     code_of = {n: i for i, n in enumerate(names)}
     df = result.ok_samples
@@ -155,7 +163,7 @@ def to_metric_frame(result, loss: str, *, metric: str = "mse", seed: int | None 
     """fairlearn MetricFrame of the mean per-image `metric` by group, for one loss (all ok seeds, or one)."""
     from fairlearn.metrics import MetricFrame
 
-    _check_metric(metric)
+    _check_metric(metric, result)
     df = result.ok_samples
     part = df[(df["loss"] == loss) & ((df["seed"] == seed) if seed is not None else True)]
     if part.empty:
@@ -456,8 +464,8 @@ class Analysis:
             if p.correction == "bonferroni"
             else f"no correction over {family}"
         )
-        check = "fairrecon check" + ("" if self.metric == "mse" else f" --metric {self.metric}")
-        check += " --max-gap 0" if self.metric == "psnr" else " --max-ratio 1"
+        check = "fairrecon check" + ("" if self.metric == metrics.DEFAULT else f" --metric {self.metric}")
+        check += " --max-ratio 1" if has_ratio(self.metric) else " --max-gap 0"
         return (
             f"Intervals over training seeds and test images (t quantiles, Cochran-Cox; ratios: Fieller); "
             f"{1 - p.alpha:.0%} confidence for all verdicts together "
@@ -596,7 +604,7 @@ def disparities(
     (k = spec.latent), filled when adjusted=True or `pca` is given (per image from `pca_errors`, or
     per group from `pca_reference`).
     """
-    _check_metric(metric)
+    _check_metric(metric, result, adjusted=adjusted or pca is not None)
     family = family_losses(result, losses)
     errors = {le.loss: le for le in loss_errors(result, metric=metric, losses=losses)}
     names = group_names(result)
@@ -619,7 +627,7 @@ def disparities(
             mom = Moments.of(sign * le.values, le.codes, len(names), seed_part=not external)
             row.update(n_min=int(mom.n.min()), seeds=len(le.seeds))
             if mom.n.min() >= 2:  # a group needs two images for an image variance
-                decisive = _decide(row, mom, ratio=metric != "psnr", **decide)
+                decisive = _decide(row, mom, ratio=has_ratio(metric), **decide)
                 row.update(
                     reference_mean=sign * mom.mean[names.index(row["reference"])],
                     worst_mean=sign * mom.mean[names.index(row["worst"])],
@@ -638,7 +646,7 @@ def disparities(
                     )
         pair = (row["worst"], row["reference"]) if "worst" in row else None
         reasons = insufficient(result, loss, le, pair=pair, external=external)
-        if metric != "psnr" and np.isfinite(row.get("gap_lcb", np.nan)) and not np.isfinite(row["ratio_lcb"]):
+        if has_ratio(metric) and np.isfinite(row.get("gap_lcb", np.nan)) and not np.isfinite(row["ratio_lcb"]):
             reasons.append("a group's mean error is not above 0: no ratio")
         row["verdict"] = verdict(gap_lcb=row.get("gap_lcb", np.nan), reasons=reasons)
         row["warnings"] = "; ".join(reasons + unconverged(result, loss) + _notes(row, decisive, external))
@@ -839,7 +847,8 @@ def pca_errors(data, k: int) -> pd.DataFrame:
 
 def pca_reference(data, k: int) -> pd.DataFrame:
     """One row per group: the mean of `pca_errors` over the group's test images."""
-    return pca_errors(data, k).groupby("group", sort=False)[list(METRICS)].mean().reset_index()
+    errors = pca_errors(data, k)
+    return errors.groupby("group", sort=False)[[m for m in metrics.NAMES if m in errors]].mean().reset_index()
 
 
 def grouped_data(result):

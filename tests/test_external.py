@@ -81,6 +81,8 @@ def test_state_dict_with_factory_gives_the_same_per_sample_errors(factory_module
         "mae",
         "psnr",
         "nmse",
+        "ssim_error",
+        "rel_mse",
         "pred_scale",
         "nll",
         "kl",
