@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import __version__
 from .data import ImageSet, load_images
 from .dynamics import convergence_warnings
 from .errors import UserError
@@ -39,6 +38,7 @@ from .resultsdir import Identity, check_out, input_paths
 from .resume import CellStore
 from .spec import AuditSpec, load_spec
 from .train import CONVERGED_DROP, CONVERGED_WINDOW, Cell, TrainConfig, resolve_device, train_cells
+from .version import __version__
 
 
 def run_audit(

@@ -1,5 +1,6 @@
 """Writing files so that a crash never leaves half of one: write a temporary file beside the
-target, flush it to disk, then rename it over the target (a rename is atomic on POSIX).
+target, flush it to disk, then rename it over the target (a rename is atomic on POSIX). And the
+one JSON encoding of fairrecon's records (summary.json, `--json` output).
 
 A leaf module: it imports nothing from fairrecon, so every layer may use it.
 """
@@ -10,6 +11,7 @@ import io
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,3 +53,15 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return buf.getvalue()
+
+
+def json_default(o: Any) -> Any:
+    """`json.dumps(..., default=json_default)`: numpy scalars as Python numbers (or bools), paths as strings.
+
+    Anything else is not JSON and raises TypeError (a bug to fix, never a silent `str`).
+    """
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -21,21 +21,19 @@ from pathlib import Path
 import pandas as pd
 
 from . import stats
-from .errors import UserError
+from .errors import ExitCode, UserError
 from .results import AuditResult
-
-PASS, FAIL, USAGE, INSUFFICIENT = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
 class Outcome:
-    code: int
+    code: ExitCode
     message: str
     table: pd.DataFrame | None = None  # the analysis' disparities, one row per loss
 
     @property
     def passed(self) -> bool:
-        return self.code == PASS
+        return self.code == ExitCode.PASS
 
 
 def check(
@@ -76,7 +74,7 @@ def check(
         )
     table = analysis.disparities
     if table.empty:
-        return Outcome(INSUFFICIENT, "insufficient data: no loss to check")
+        return Outcome(ExitCode.INSUFFICIENT, "insufficient data: no loss to check")
     prefix = "adjusted_" if adjusted else ""
     what = f"{metric}{' in excess of per-group PCA' if adjusted else ''}"
     failures, short, lines = [], [], []
@@ -109,13 +107,13 @@ def check(
     lines.append(analysis.method)
     if failures:
         head = f"fail: {len(failures)} loss(es) exceed the threshold with {confidence}: {', '.join(failures)}"
-        code = FAIL
+        code = ExitCode.FAIL
     elif short:
         others = " (the others pass)" if len(short) < len(table) else ""
         head = f"insufficient data for {', '.join(short)}: no verdict{others}"
-        code = INSUFFICIENT
+        code = ExitCode.INSUFFICIENT
     else:
-        head, code = f"pass: no loss exceeds the threshold with {confidence}", PASS
+        head, code = f"pass: no loss exceeds the threshold with {confidence}", ExitCode.PASS
     return Outcome(code, "\n".join([head, *lines]), table)
 
 

@@ -20,11 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import dynamics
 from .errors import UserError
-from .fileio import write_files
+from .fileio import json_default, write_files
 from .gradshare import share_summary
 from .html_report import html_report
 from .report import headline, markdown_report, vae_tables
@@ -33,7 +31,7 @@ from .resultsdir import Identity, check_out, claim, input_fingerprint, input_pat
 from .stats import Analysis, analyse
 
 
-def summary(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
+def summary_json(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
     """summary.json's content (schema in the README): the verdicts come from `analysis`, with the
     policy that decided them, so a reader can re-derive each one."""
     extra = {"grad_shares": records(share_summary(result.grad_shares))} if result.grad_shares is not None else {}
@@ -58,7 +56,7 @@ def summary(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
         "disparities": records(analysis.disparities),
         "frontier": records(analysis.frontier),
         **extra,
-        "over_training": dynamics.summary(result),
+        "over_training": dynamics.over_training_record(result),
     }
 
 
@@ -71,7 +69,7 @@ def result_files(result: AuditResult, analysis: Analysis) -> dict[str, bytes]:
     files["report.md"] = markdown_report(result, analysis).encode()
     files["report.html"] = html_report(result, analysis).encode()
     result.info.setdefault("timings", {})["report_s"] = time.perf_counter() - start  # tables and reports, rendered
-    files["summary.json"] = (json.dumps(summary(result, analysis), indent=2, default=_json_default) + "\n").encode()
+    files["summary.json"] = (json.dumps(summary_json(result, analysis), indent=2, default=json_default) + "\n").encode()
     return files
 
 
@@ -119,13 +117,3 @@ def write_reports(result: AuditResult, analysis: Analysis, folder: str | Path) -
     if new:
         mark_complete(folder, identity)
     return {"md": folder / "report.md", "html": folder / "report.html"}
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -29,6 +29,7 @@ from .data import file_sha256, fingerprint
 from .errors import UserError
 from .fileio import atomic_write
 from .spec import AuditSpec
+from .version import __version__
 
 MARKER = "fairrecon.json"
 # Spec fields that do not change the numbers: where results go, whether to download,
@@ -235,8 +236,6 @@ def require_complete(folder: str | Path) -> None:
 
 
 def _write_marker(out: Path, identity: Identity, complete: bool) -> None:
-    from . import __version__
-
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(
