@@ -24,6 +24,7 @@ from .errors import UserError
 DATASETS = ("digits", "mnist", "fashion-mnist", "kmnist", "cifar10", "folder")
 MODELS = ("mlp", "conv", "vae", "conv-vae")
 VAE_MODELS = ("vae", "conv-vae")
+CONV_MODELS = ("conv", "conv-vae")
 GROUP_METHODS = ("transform", "select", "labels")
 CONTRASTS = ("matched", "squeeze")
 POLARITIES = ("auto", "keep", "invert")
