@@ -184,7 +184,7 @@ def finished(tmp_path_factory) -> Path:
         "fairrecon.stats.analyse",
         "fairrecon.outputs.html_report",
         "fairrecon.outputs.markdown_report",
-        "fairrecon.outputs.summary",
+        "fairrecon.outputs.summary_json",
     ],
 )
 def test_a_crash_after_training_leaves_the_old_folder_byte_for_byte(where, finished, tmp_path, monkeypatch, capsys):
