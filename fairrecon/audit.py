@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import ImageSet, load_images
+from .data import ImageSet, load_images_for
 from .dynamics import convergence_warnings
 from .errors import UserError
 from .fileio import atomic_write, npz_bytes
@@ -136,7 +136,7 @@ def _run_audit(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    images = load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
+    images = load_images_for(spec)
     timings["load_s"] = time.perf_counter() - t0
     data = make_groups(images, spec)
     timings["groups_s"] = time.perf_counter() - t0 - timings["load_s"]

@@ -363,11 +363,11 @@ def split(spec_file, **flags) -> int:
     Examples:
       fairrecon split --dataset folder --data-root faces/images --labels faces/groups.csv > split.csv
     """
-    from .data import load_images
+    from .data import load_images_for
     from .groups import make_groups, split_table
 
     spec = spec_from(spec_file, flags)
-    images = load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
+    images = load_images_for(spec)
     table = split_table(images, make_groups(images, spec))
     if table is None:
         raise UserError(

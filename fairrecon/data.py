@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .spec import AuditSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TEST_FRACTION = 0.2  # held out where a dataset ships no split (digits, folder)
@@ -54,6 +55,12 @@ def load_images(
     if name not in _TORCHVISION:
         raise UserError(f"unknown dataset '{name}'")
     return _torchvision(name, Path(root), download)
+
+
+def load_images_for(spec: AuditSpec) -> ImageSet:
+    """The images an audit of `spec` reads: every caller (the audit, `fairrecon split`, a model scored by
+    `check --weights`, the PCA baseline of `check --adjusted`) reads them this one way."""
+    return load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
 
 
 def where_files_are(name: str, root: str | Path = "datasets") -> str:

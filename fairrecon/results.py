@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .data import load_images_for
 from .errors import UserError
 from .fileio import npz_bytes
+from .groups import GroupedData, make_groups
 from .resultsdir import require_complete
 from .spec import AuditSpec
 
@@ -106,6 +108,22 @@ class AuditResult:
                 shares["generated_brightness"] = gen.groupby(["loss", "group"], sort=False)["brightness"].mean()
             out = out.merge(shares.reset_index(), on=["loss", "group"], how="left")
         return out
+
+    def grouped_data(self) -> GroupedData:
+        """The images and groups this result was measured on, recomputed from its spec (deterministic), and
+        checked against its samples: the same test images, each in the same group. For the PCA baseline of
+        difficulty-adjusted gaps (stats.analyse(adjusted=True)), which needs every group's training images."""
+        data = make_groups(load_images_for(self.spec), self.spec)
+        seen = self.samples.drop_duplicates("index")
+        recomputed = dict(zip(data.test_index.tolist(), (data.names[g] for g in data.test_g.tolist()), strict=True))
+        if len(seen) != len(recomputed) or any(
+            recomputed.get(int(i)) != str(g) for i, g in zip(seen["index"], seen["group"], strict=True)
+        ):
+            raise UserError(
+                "the images recomputed from this result's spec do not match its samples "
+                "(dataset files changed?); pass a PCA table explicitly"
+            )
+        return data
 
     def data_files(self) -> dict[str, bytes]:
         """The result's data files by name, rendered in memory (written by outputs.save_results)."""

@@ -842,30 +842,10 @@ def pca_reference(data, k: int) -> pd.DataFrame:
     return pca_errors(data, k).groupby("group", sort=False)[list(METRICS)].mean().reset_index()
 
 
-def grouped_data(result):
-    """Recompute the result's images and groups from its spec (deterministic), checked against its samples."""
-    from .data import load_images
-    from .groups import make_groups
-
-    spec = result.spec
-    data = make_groups(load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed), spec)
-    seen = result.samples.drop_duplicates("index")
-    if (
-        tuple(data.names) != group_names(result)
-        or len(seen) != len(data.test_index)
-        or set(seen["index"]) != set(data.test_index.tolist())
-    ):
-        raise UserError(
-            "the images recomputed from this result's spec do not match its samples "
-            "(dataset files changed?); pass a PCA table explicitly"
-        )
-    return data
-
-
 def _baseline_lookup(result, metric: str, pca: pd.DataFrame | None):
     """A function LossErrors -> per-image PCA baseline (N,) in the loss's image order."""
     if pca is None:
-        pca = pca_errors(grouped_data(result), result.spec.latent)
+        pca = pca_errors(result.grouped_data(), result.spec.latent)  # results.AuditResult.grouped_data
     if "index" in pca.columns:
         per_image = pca.set_index("index")[metric]
         return lambda le: per_image.reindex(le.index).to_numpy(dtype=float)
