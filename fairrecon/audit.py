@@ -189,6 +189,7 @@ def _run_audit(
     timings["total_s"] = time.perf_counter() - t0
     info = {
         "fairrecon_version": __version__,
+        "results_version": identity.results_version,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),

@@ -27,7 +27,16 @@ from .gradshare import share_summary
 from .html_report import html_report
 from .report import headline, markdown_report, vae_tables
 from .results import AuditResult, records
-from .resultsdir import Identity, check_out, claim, input_fingerprint, input_paths, mark_complete, result_fields
+from .resultsdir import (
+    FIRST_RESULTS_VERSION,
+    Identity,
+    check_out,
+    claim,
+    input_fingerprint,
+    input_paths,
+    mark_complete,
+    result_fields,
+)
 from .stats import Analysis, analyse
 
 
@@ -95,9 +104,10 @@ def save_results(result: AuditResult, out: str | Path, analysis: Analysis | None
 
 
 def identity_of(result: AuditResult) -> Identity:
-    """The identity (spec fields, device type, inputs) a result was computed under."""
+    """The identity (spec fields, device type, inputs, results version) a result was computed under."""
     inputs = result.info["inputs"] if "inputs" in result.info else input_fingerprint(result.spec)
-    return Identity(result_fields(result.spec, str(result.info.get("device", "cpu")).split(":")[0]), inputs)
+    fields = result_fields(result.spec, str(result.info.get("device", "cpu")).split(":")[0])
+    return Identity(fields, inputs, result.info.get("results_version", FIRST_RESULTS_VERSION))
 
 
 def write_reports(result: AuditResult, analysis: Analysis, folder: str | Path) -> dict[str, Path]:

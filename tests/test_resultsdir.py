@@ -14,7 +14,8 @@ from conftest import run_cli as run
 from PIL import Image
 
 from fairrecon.cli import ERROR_LOG, main
-from fairrecon.resultsdir import MARKER, read_marker
+from fairrecon.resultsdir import FIRST_RESULTS_VERSION, MARKER, read_marker
+from fairrecon.version import RESULTS_VERSION, __version__
 
 TINY = [
     "--seeds",
@@ -250,3 +251,52 @@ def test_an_older_folder_is_still_read_and_written_only_for_the_same_spec(finish
     code, _, err = run(capsys, "audit", *TINY, "--limit", "64", "--test-limit", "64", "--out", old)
     assert code == 0, err  # the same spec: retrained (the old cells carry no input fingerprint) and marked
     assert read_marker(old)["complete"] is True
+
+
+# --- results versions: numbers computed by a fairrecon whose numbers differ are never resumed ------
+
+
+def test_a_folder_of_another_results_version_is_refused_naming_both_then_retrained_with_force(
+    finished, tmp_path, capsys, monkeypatch
+):
+    folder = tmp_path / "older"
+    shutil.copytree(finished, folder)
+    assert read_marker(folder)["identity"]["results_version"] == RESULTS_VERSION
+    assert json.loads((folder / "summary.json").read_text())["info"]["results_version"] == RESULTS_VERSION
+    monkeypatch.setattr("fairrecon.resultsdir.RESULTS_VERSION", RESULTS_VERSION + 1)  # a fairrecon whose numbers moved
+    before = snapshot(folder)
+    same = ["audit", *TINY, "--limit", "64", "--test-limit", "64", "--out", folder]
+    code, _, err = run(capsys, *same)
+    assert code == 2 and err.count("\n") == 1, err
+    assert (
+        f"{folder} holds results version {RESULTS_VERSION} (written by fairrecon {__version__}); this fairrecon "
+        f"{__version__} computes results version {RESULTS_VERSION + 1}, whose numbers differ: pass another --out "
+        "folder, or --force to replace it (and retrain)"
+    ) in err
+    assert snapshot(folder) == before
+    code, _, err = run(capsys, *same, "--force")
+    assert code == 0, err
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["info"]["resumed_cells"] == 0  # retrained: no checkpointed cell of the older numbers was reused
+    assert (
+        summary["info"]["results_version"] == read_marker(folder)["identity"]["results_version"] == RESULTS_VERSION + 1
+    )
+
+
+def test_a_folder_from_before_results_versions_is_version_1_and_resumes_as_before(finished, tmp_path, capsys):
+    """fairrecon 0.1.0 recorded no results version: its folders hold results version 1, and their identity
+    hash (which left the version out) is unchanged, so their checkpointed cells are resumed, not retrained."""
+    folder = tmp_path / "v0.1.0"
+    shutil.copytree(finished, folder)
+    marker = read_marker(folder)
+    marker["identity"].pop("results_version")
+    (folder / MARKER).write_text(json.dumps(marker))
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["info"].pop("results_version")
+    (folder / "summary.json").write_text(json.dumps(summary))
+    code, _, err = run(capsys, "audit", *TINY, "--limit", "64", "--test-limit", "64", "--out", folder)
+    if RESULTS_VERSION == FIRST_RESULTS_VERSION:
+        assert code == 0, err
+        assert json.loads((folder / "summary.json").read_text())["info"]["resumed_cells"] == 1
+    else:  # once the numbers have moved, such a folder is refused like any other of an older results version
+        assert code == 2 and f"holds results version {FIRST_RESULTS_VERSION} (written by" in err, err
