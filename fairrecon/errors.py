@@ -9,13 +9,29 @@ from enum import IntEnum
 
 
 class UserError(ValueError):
-    """A bad spec, argument, file or dataset: one line, fixable by the user."""
+    """A bad spec, argument, file or dataset: one line, fixable by the user.
+
+    Examples
+    --------
+    >>> from fairrecon import UserError, run_audit
+    >>> try:
+    ...     run_audit(dataset="folder", data_root="no-such-folder")
+    ... except UserError as e:
+    ...     print(e)
+    image folder no-such-folder does not exist; pass --data-root DIR with your images
+    """
 
 
 class ExitCode(IntEnum):
     """The exit status of every `fairrecon` command (cli.py), and the gate's outcome (gate.py).
 
     An int: `sys.exit(ExitCode.FAIL)` exits with 1, and `ExitCode.FAIL == 1`.
+
+    Examples
+    --------
+    >>> from fairrecon import ExitCode
+    >>> ExitCode.INSUFFICIENT == 3, ExitCode(2).name
+    (True, 'USAGE')
     """
 
     PASS = 0  # pass (or done)

@@ -7,20 +7,38 @@ built on `matplotlib.figure.Figure` (no pyplot state), so they work headless and
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.artist import Artist
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
+from matplotlib.typing import LineStyleType
 
 from .dynamics import gap_over_training, group_curves
 
+if TYPE_CHECKING:
+    from .results import AuditResult
+    from .stats import Analysis
+
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 1, 1, 1, 1)))
+LINESTYLES: tuple[LineStyleType, ...] = (
+    "-",
+    "--",
+    ":",
+    "-.",
+    (0, (5, 1, 1, 1)),
+    (0, (1, 3)),
+    (0, (8, 2)),
+    (0, (3, 1, 1, 1, 1, 1)),
+)
 HATCHES = ("", "///", "...", "xx", "\\\\", "++", "oo", "--")
 WIDTH = 11.0  # inches; at DPI 110 about 1200 px, the report's content width
 DPI = 110
@@ -36,11 +54,11 @@ METRIC_LABELS = {
 class GroupStyle:
     color: tuple[float, float, float]
     marker: str
-    linestyle: object
+    linestyle: LineStyleType
     hatch: str
 
 
-def group_styles(groups) -> dict[str, GroupStyle]:
+def group_styles(groups: Iterable[object]) -> dict[str, GroupStyle]:
     """One colour (colorblind palette), marker, line style and hatch per group, in the given order."""
     names = [str(g) for g in groups]
     colors = sns.color_palette("colorblind", max(len(names), 1))
@@ -55,9 +73,9 @@ def group_styles(groups) -> dict[str, GroupStyle]:
     }
 
 
-def _dashes(linestyle) -> tuple | str:
+def _dashes(linestyle: LineStyleType) -> tuple[float, ...] | str:
     """A matplotlib line style as the dash tuple seaborn's `dashes=` wants ("" = solid)."""
-    named = {"-": "", "--": (4, 1.5), ":": (1, 1.5), "-.": (4, 1.5, 1, 1.5)}
+    named: dict[str, tuple[float, ...] | str] = {"-": "", "--": (4, 1.5), ":": (1, 1.5), "-.": (4, 1.5, 1, 1.5)}
     return named[linestyle] if isinstance(linestyle, str) else tuple(linestyle[1])
 
 
@@ -65,7 +83,7 @@ def _figure(height: float, width: float = WIDTH) -> Figure:
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def _style(ax) -> None:
+def _style(ax: Axes) -> None:
     ax.grid(True, axis="y", color="0.88", linewidth=0.8)
     ax.set_axisbelow(True)
     for side in ("top", "right"):
@@ -123,7 +141,9 @@ def group_error_figure(intervals: pd.DataFrame, metric: str = "mse", method: str
     return fig
 
 
-def _loss_panels(df: pd.DataFrame, height: float):
+def _loss_panels(
+    df: pd.DataFrame, height: float
+) -> tuple[Figure, np.ndarray, list[str], list[str], dict[str, GroupStyle]]:
     """A figure with one panel per loss (shared y), and the groups in order with their styles."""
     losses = list(dict.fromkeys(df["loss"]))
     groups = list(dict.fromkeys(df["group"]))
@@ -339,7 +359,7 @@ def over_training_figure(curves: pd.DataFrame, gaps: pd.DataFrame, metric: str =
         _style(bottom)
     axes[0, 0].set_ylabel(f"held-out {metric}\n(mean over seeds)")
     axes[1, 0].set_ylabel("relative gap (%)\n(> 0: worse group at the end is worse)")
-    handles = [
+    handles: list[Artist] = [
         Line2D(
             [],
             [],
@@ -424,9 +444,19 @@ def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> 
     return fig
 
 
-def audit_figures(result, analysis) -> dict[str, Figure]:
+def audit_figures(result: AuditResult, analysis: Analysis) -> dict[str, Figure]:
     """Every figure the result supports, by name (those needing absent data are left out); the
-    intervals come from `analysis` (a stats.Analysis), computed once by the caller."""
+    intervals come from `analysis` (a stats.Analysis), computed once by the caller.
+
+    Examples
+    --------
+    >>> from fairrecon import analyse, audit_figures, run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> figures = audit_figures(result, analyse(result))  # matplotlib Figures: a notebook shows them
+    >>> list(figures)
+    ['group_error', 'frontier', 'grad_shares', 'over_training', 'error_distribution', 'reconstructions',
+     'brightness_contrast']
+    """
     figs = {"group_error": group_error_figure(analysis.intervals, analysis.metric)}
     if analysis.frontier["pareto"].astype(bool).any():  # at least one loss has a place on it
         figs["frontier"] = frontier_figure(analysis.frontier, analysis.confidence)

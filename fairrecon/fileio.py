@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
         raise
 
 
-def write_files(folder: str | Path, files: dict[str, str | bytes]) -> None:
+def write_files(folder: str | Path, files: Mapping[str, str | bytes]) -> None:
     """Write several files into `folder` (created if needed), each atomically, in the given order.
 
     Callers render every file in memory first, so an error while computing leaves the folder

@@ -43,7 +43,9 @@ from .stats import Analysis, analyse
 def summary_json(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
     """summary.json's content (schema in the README): the verdicts come from `analysis`, with the
     policy that decided them, so a reader can re-derive each one."""
-    extra = {"grad_shares": records(share_summary(result.grad_shares))} if result.grad_shares is not None else {}
+    extra: dict[str, Any] = {}
+    if result.grad_shares is not None:
+        extra["grad_shares"] = records(share_summary(result.grad_shares))
     by_group, kl_weight = vae_tables(result)
     if by_group is not None:
         extra["vae"] = {
@@ -84,7 +86,23 @@ def result_files(result: AuditResult, analysis: Analysis) -> dict[str, bytes]:
 
 def save_results(result: AuditResult, out: str | Path, analysis: Analysis | None = None) -> Path:
     """Write the whole results folder `out` (created if needed); the statistics are computed here
-    unless the caller already has them."""
+    unless the caller already has them.
+
+    `out` must be new, empty or fairrecon's, and hold none of the audit's inputs (one-line `UserError`
+    otherwise). Returns `out` as a Path.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from fairrecon import AuditResult, run_audit, save_results
+    >>> result = run_audit(dataset="digits", losses="l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> out = save_results(result, tempfile.mkdtemp() + "/audit")
+    >>> sorted(p.name for p in out.iterdir())
+    ['cells.csv', 'curves.csv', 'examples.npz', 'fairrecon.json', 'grad_shares.csv', 'groups.csv',
+     'history.csv', 'report.html', 'report.md', 'samples.csv', 'summary.json']
+    >>> AuditResult.load(out).samples.equals(result.samples)  # read back exactly
+    True
+    """
     out = Path(out)
     identity = identity_of(result)
     files_in, folders_in = input_paths(result.spec)

@@ -7,6 +7,8 @@ module only arranges them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import pandas as pd
 
@@ -14,6 +16,9 @@ from .dynamics import markdown_section
 from .gradshare import kl_weight_over_training
 from .losses import LOSSES
 from .stats import CLEAR, NO_CLEAR, Analysis
+
+if TYPE_CHECKING:
+    from .results import AuditResult
 
 METRIC_LABELS = {"mse": "MSE per pixel", "mae": "MAE per pixel", "psnr": "PSNR (dB)"}
 
@@ -23,6 +28,19 @@ def verdict_table(analysis: Analysis) -> pd.DataFrame:
     the verdict is decided on), the corrected p-value and the verdict.
 
     Columns are display strings: this is what the first screen of report.html and report.md show.
+
+    Examples
+    --------
+    >>> from fairrecon import analyse, run_audit, verdict_table
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> table = verdict_table(analyse(result))
+    >>> table.columns.tolist()
+    ['loss', 'favours', 'worse group', 'mse: favoured → worse', 'gap', '97.5% interval of gap',
+     'p (corrected)', 'how sure']
+    >>> table[["loss", "favours", "worse group"]]
+      loss favours worse group
+    0   l1     0.3         0.9
+    1   l2     0.3         0.9
     """
     metric = analysis.metric
     rows = []
@@ -44,7 +62,16 @@ def verdict_table(analysis: Analysis) -> pd.DataFrame:
 
 def headline(analysis: Analysis) -> str:
     """The verdict in words: which losses show a clear gap (against which group, by how much), which do
-    not, which have insufficient data, and at what confidence. Every surface prints this sentence."""
+    not, which have insufficient data, and at what confidence. Every surface prints this sentence.
+
+    Examples
+    --------
+    >>> from fairrecon import analyse, headline, run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> print(headline(analyse(result)))
+    Clear gap: l1 (group 0.9 worse than 0.3 by ...%, interval ...); l2 (...).
+    Decided at 95% confidence for all 2 losses together.
+    """
     clear, unclear, short = [], [], []
     for d in analysis.disparities.itertuples(index=False):
         if d.verdict == CLEAR:
@@ -150,7 +177,7 @@ def terminal_summary(analysis: Analysis) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(result, analysis: Analysis) -> str:
+def markdown_report(result: AuditResult, analysis: Analysis) -> str:
     """report.md: which group each loss favours and how sure, per-group error, the groups, cell status."""
     spec = result.spec
     lines = [
@@ -197,7 +224,7 @@ def markdown_report(result, analysis: Analysis) -> str:
     return "\n".join(lines)
 
 
-def vae_tables(result) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+def vae_tables(result: AuditResult) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """VAEs: (per loss and group: mean KL, NLL, training share, generated_share; per loss and group: the effective
     KL weight over training), each None when absent. The one source of the VAE numbers in every report."""
     if not result.vae:
@@ -206,7 +233,7 @@ def vae_tables(result) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     return result.vae_by_group(), kl_weight
 
 
-def vae_terminal(result) -> str:
+def vae_terminal(result: AuditResult) -> str:
     """What `fairrecon audit` and `fairrecon report` print for VAEs (empty for autoencoders): per group, the mean
     KL and generated_share beside the training share (the numbers of report.md and summary.json)."""
     by_group, kl_weight = vae_tables(result)
@@ -224,7 +251,7 @@ def vae_terminal(result) -> str:
     return "\n".join(lines)
 
 
-def vae_markdown(result) -> list[str]:
+def vae_markdown(result: AuditResult) -> list[str]:
     """report.md's VAE section (empty for autoencoders)."""
     by_group, kl_weight = vae_tables(result)
     if by_group is None:
@@ -259,7 +286,7 @@ def vae_markdown(result) -> list[str]:
     return lines
 
 
-def describe_audit(result) -> str:
+def describe_audit(result: AuditResult) -> str:
     """One sentence: dataset, groups, model, seeds, epochs."""
     spec = result.spec
     ablations = [
@@ -283,7 +310,7 @@ def loss_warnings(analysis: Analysis) -> list[tuple[str, str]]:
     return [(str(loss), str(w)) for loss, w in zip(d["loss"], d["warnings"]) if isinstance(w, str) and w]
 
 
-def _gap(d, value: float) -> str:
+def _gap(d: Any, value: float) -> str:
     """A gap (or one end of its interval) relative to the favoured group's mean; in dB for psnr."""
     if d.metric == "psnr":
         return "n/a" if not np.isfinite(value) else f"{value:+.3g} dB"
@@ -295,7 +322,7 @@ def _level(analysis: Analysis) -> str:
     return f"{100 * analysis.confidence:.4g}%"
 
 
-def _text(v) -> str:
+def _text(v: object) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else str(v)
 
 
@@ -306,7 +333,7 @@ def _markdown(df: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
-def _cell(v) -> str:
+def _cell(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 

@@ -41,6 +41,29 @@ EXAMPLES_FILE = "examples.npz"
 
 @dataclass
 class AuditResult:
+    """An audit's results as tidy tables: what `run_audit` returns and `AuditResult.load` reads back.
+
+    `samples` has one row per (loss, seed, test image) with its errors (mse, mae, psnr, nmse, ...);
+    `cells` one per (loss, seed): status, learned parameters, training error, epochs, convergence;
+    `groups` the groups as measured per split; `history` the training loss per epoch; `info` the
+    versions, device, timings and warnings; the optional tables are None when the audit has none.
+
+    Examples
+    --------
+    >>> from fairrecon import run_audit
+    >>> result = run_audit(dataset="digits", losses="l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> result.cells[["loss", "seed", "status", "epochs"]]
+      loss  seed status  epochs
+    0   l2     0     ok       1
+    1   l2     1     ok       1
+    >>> result.by_cell_group()[["seed", "group", "n"]]  # one row per (loss, seed, group)
+       seed group   n
+    0     0   0.3  40
+    1     0   0.9  40
+    2     1   0.3  40
+    3     1   0.9  40
+    """
+
     spec: AuditSpec
     samples: pd.DataFrame
     cells: pd.DataFrame
