@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_AUDIT
 from PIL import Image
 
-from fairrecon import run_audit
 from fairrecon.cli import main
 from fairrecon.data import split_indices
 
@@ -264,22 +264,9 @@ GALLERY: dict[str, tuple[Callable[[Path], list[str]], str]] = {
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished audit's results folder: the thing a bad run must not damage."""
-    out = tmp_path_factory.mktemp("finished") / "results"
-    run_audit(
-        dataset="digits",
-        limit=64,
-        test_limit=32,
-        losses=("l2",),
-        seeds=1,
-        epochs=1,
-        latent=4,
-        hidden=16,
-        device="cpu",
-        out=str(out),
-    )
-    return out
+def finished(trained) -> Path:
+    """A finished audit's results folder: the thing a bad run must not damage (shared: each test copies it)."""
+    return trained(**TINY_AUDIT).folder
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -1,20 +1,18 @@
-"""report.html in a real browser: `fairrecon audit --out` writes it, headless Chromium renders it offline.
+"""report.html in a real browser: an audit's results folder holds it, headless Chromium renders it offline.
 
 Skipped when no Chromium is installed, except under CI (env CI set), where its absence fails.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import FAST, REPO
+from conftest import SMALL_AUDIT
 from PIL import Image
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
@@ -41,22 +39,10 @@ def browser() -> str:
 
 
 @pytest.fixture(scope="module")
-def report_html(tmp_path_factory):
-    """A real small audit through the CLI, as a user runs it."""
-    folder = tmp_path_factory.mktemp("browser")
-    spec = folder / "fast.toml"
-    spec.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in FAST.items()))  # JSON scalars are TOML
-    out = folder / "results"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fairrecon", "audit", str(spec), "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "worst group" in proc.stdout and "\r" not in proc.stderr  # not a terminal: plain lines, no bars
-    return out / "report.html"
+def report_html(trained):
+    """A real small audit's report.html (the shared folder: read only). tests/test_cli.py runs `fairrecon audit`
+    as a user does; the file is the same whichever way the audit ran."""
+    return trained(**SMALL_AUDIT).folder / "report.html"
 
 
 def _run(browser: str, profile, *args: str) -> subprocess.CompletedProcess:

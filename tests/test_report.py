@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import re
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import FAST, REPO
+from conftest import FAST, REPO, SMALL_AUDIT
 from PIL import Image
 
 from fairrecon import run_audit
@@ -30,11 +32,10 @@ from fairrecon.train import Cell, TrainConfig, train_cells
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A small real audit (digits, 3 seeds so the t interval exists), saved to a folder."""
-    out = tmp_path_factory.mktemp("audit")
-    result = run_audit(dataset="digits", **{**FAST, "seeds": 3}, out=str(out))
-    return result, out
+def saved(trained):
+    """A small real audit (digits, 3 seeds so the t interval exists), saved to a folder (shared: read only)."""
+    audit = trained(**SMALL_AUDIT)
+    return audit.result, audit.folder
 
 
 def test_examples_are_saved_small_and_round_trip(saved):
@@ -47,10 +48,10 @@ def test_examples_are_saved_small_and_round_trip(saved):
         np.testing.assert_array_equal(loaded[key], value)
 
 
-def test_a_resumed_audit_keeps_its_examples(saved):
+def test_a_resumed_audit_keeps_its_examples(saved, tmp_path):
     """Every cell is checkpointed in the folder: a rerun trains nothing and reads the examples back."""
     result, out = saved
-    again = run_audit(dataset="digits", **{**FAST, "seeds": 3}, out=str(out))
+    again = run_audit(**SMALL_AUDIT, out=str(shutil.copytree(out, tmp_path / "audit")))
     assert again.info["resumed_cells"] == len(again.cells)
     for key, value in result.examples.items():
         np.testing.assert_array_equal(again.examples[key], value)
@@ -122,11 +123,8 @@ def test_html_is_self_contained_with_every_figure(saved):
             for g in ("0.3", "0.9")
         ]
     )
-    result.grad_shares = shares  # as the gradient-share measurement will attach them
-    try:
-        page = html_report(result, analyse(result))
-    finally:
-        del result.grad_shares
+    planted = dataclasses.replace(result, grad_shares=shares)
+    page = html_report(planted, analyse(planted))
     assert not re.search(r"<script|<link|@import|url\(|https?:", page, re.I)
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)

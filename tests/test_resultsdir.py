@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_AUDIT, TINY_AUDIT_FLAGS
 from conftest import run_cli as run
 from PIL import Image
 
-from fairrecon.cli import ERROR_LOG, main
+from fairrecon.cli import ERROR_LOG
 from fairrecon.resultsdir import FIRST_RESULTS_VERSION, MARKER, read_marker
 from fairrecon.version import RESULTS_VERSION, __version__
 
@@ -171,12 +172,12 @@ def test_the_marker_is_written_first_and_says_complete_last(tmp_path, monkeypatc
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("finished") / "results"
-    with pytest.raises(SystemExit) as exit_:
-        main(["audit", *TINY, "--limit", "64", "--test-limit", "64", "--out", str(out)])
-    assert exit_.value.code == 0
-    return out
+def finished(trained) -> Path:
+    """A finished tiny audit's folder (shared: each test copies it); `SAME` runs the same audit again."""
+    return trained(**TINY_AUDIT).folder
+
+
+SAME = [*TINY_AUDIT_FLAGS, "--quiet"]
 
 
 @pytest.mark.parametrize(
@@ -200,7 +201,7 @@ def test_a_crash_after_training_leaves_the_old_folder_byte_for_byte(where, finis
             raise RuntimeError("forced failure")
 
         monkeypatch.setattr(where, boom)
-        code, stdout, err = run(capsys, "audit", *TINY, "--limit", "64", "--test-limit", "64", "--out", out, *extra)
+        code, stdout, err = run(capsys, "audit", *SAME, "--out", out, *extra)
         monkeypatch.undo()
         assert code == 4 and err.count("\n") == 1 and f"traceback saved to {out / ERROR_LOG}" in err
         assert "forced failure" in (out / ERROR_LOG).read_text()
@@ -221,7 +222,7 @@ def test_a_crash_after_training_leaves_the_old_folder_byte_for_byte(where, finis
             assert read_marker(out)["complete"] is False
             code, _, err = run(capsys, "report", out)
             assert code == 2 and "did not finish" in err
-            code, _, err = run(capsys, "audit", *TINY, "--limit", "64", "--test-limit", "64", "--out", out, *extra[:2])
+            code, _, err = run(capsys, "audit", *SAME, "--out", out, *extra[:2])
             assert code == 0 and read_marker(out)["complete"] is True  # finishing it resumes the checkpoints
 
 
@@ -246,9 +247,9 @@ def test_an_older_folder_is_still_read_and_written_only_for_the_same_spec(finish
     assert code == 3 and "only 1 trained seed" in out, out + err  # read: the verdict of a 1-seed audit
     code, _, err = run(capsys, "report", old)
     assert code == 0, err
-    code, _, err = run(capsys, "audit", *TINY, "--limit", "64", "--test-limit", "64", "--epochs", "2", "--out", old)
+    code, _, err = run(capsys, "audit", *SAME, "--epochs", "2", "--out", old)
     assert code == 2 and "different spec (epochs 1 -> 2)" in err
-    code, _, err = run(capsys, "audit", *TINY, "--limit", "64", "--test-limit", "64", "--out", old)
+    code, _, err = run(capsys, "audit", *SAME, "--out", old)
     assert code == 0, err  # the same spec: retrained (the old cells carry no input fingerprint) and marked
     assert read_marker(old)["complete"] is True
 
@@ -265,7 +266,7 @@ def test_a_folder_of_another_results_version_is_refused_naming_both_then_retrain
     assert json.loads((folder / "summary.json").read_text())["info"]["results_version"] == RESULTS_VERSION
     monkeypatch.setattr("fairrecon.resultsdir.RESULTS_VERSION", RESULTS_VERSION + 1)  # a fairrecon whose numbers moved
     before = snapshot(folder)
-    same = ["audit", *TINY, "--limit", "64", "--test-limit", "64", "--out", folder]
+    same = ["audit", *SAME, "--out", folder]
     code, _, err = run(capsys, *same)
     assert code == 2 and err.count("\n") == 1, err
     assert (
@@ -294,9 +295,10 @@ def test_a_folder_from_before_results_versions_is_version_1_and_resumes_as_befor
     summary = json.loads((folder / "summary.json").read_text())
     summary["info"].pop("results_version")
     (folder / "summary.json").write_text(json.dumps(summary))
-    code, _, err = run(capsys, "audit", *TINY, "--limit", "64", "--test-limit", "64", "--out", folder)
+    code, _, err = run(capsys, "audit", *SAME, "--out", folder)
     if RESULTS_VERSION == FIRST_RESULTS_VERSION:
         assert code == 0, err
-        assert json.loads((folder / "summary.json").read_text())["info"]["resumed_cells"] == 1
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["info"]["resumed_cells"] == len(summary["cells"]) == 2  # none retrained
     else:  # once the numbers have moved, such a folder is refused like any other of an older results version
         assert code == 2 and f"holds results version {FIRST_RESULTS_VERSION} (written by" in err, err
