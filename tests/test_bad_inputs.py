@@ -383,6 +383,7 @@ def test_sixteen_bit_images_are_scaled_to_unit_range(tmp_path):
 SUBPROCESS_SAMPLE = ("invalid TOML", "dataset file truncated", "cuda without a GPU")
 
 
+@pytest.mark.slow
 def test_gallery_as_subprocesses(finished, tmp_path):
     """A sample of the gallery through `python -m fairrecon`, as a user runs it, started side by side."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU visible, whatever this machine has

@@ -19,6 +19,7 @@ def fairrecon(*args, cwd=REPO):
     )
 
 
+@pytest.mark.slow
 def test_default_audit_runs_and_prints_a_table_per_loss_and_group(tmp_path):
     run = fairrecon("audit", "--out", str(tmp_path / "r"), "--quiet", "--epochs", "5")
     assert run.returncode == 0, run.stderr
@@ -33,6 +34,7 @@ def test_default_audit_runs_and_prints_a_table_per_loss_and_group(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_flags_override_the_spec_file(tmp_path):
     spec = tmp_path / "s.toml"
     spec.write_text('losses = ["l1", "l2"]\nseeds = 1\nepochs = 1\n')
@@ -43,6 +45,7 @@ def test_flags_override_the_spec_file(tmp_path):
     assert summary["spec"]["losses"] == ["l2"] and summary["spec"]["seeds"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -59,6 +62,7 @@ def test_bad_arguments_give_one_line_and_exit_2(args, message):
     assert run.stderr.count("\n") == 1 and message in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_every_command_has_help_and_is_in_the_readme():
     readme = (REPO / "README.md").read_text()
     for name, command in cli.commands.items():
@@ -202,6 +206,7 @@ def test_contradictory_group_flags_are_one_line_and_exit_2(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "contradicts group method 'transform'" in err
 
 
+@pytest.mark.slow
 def test_check_losses_takes_family_shorthand(tmp_path):
     """`check --losses mix:0,1` means mix:0 and mix:1, as `audit --losses` does (it used to read '1' as a loss)."""
     from fairrecon import run_audit

@@ -106,7 +106,7 @@ def test_check_adjusted_reads_the_images_the_audit_read_with_skip_bad_images(tmp
 
     folder = tmp_path / "digits"
     folder.mkdir()
-    pixels = np.round(load_digits().images[:400] * (255 / 16)).astype(np.uint8)  # real images, as PNG files
+    pixels = np.round(load_digits().images[:120] * (255 / 16)).astype(np.uint8)  # real images, as PNG files
     for i, image in enumerate(pixels):
         write_png(torch.from_numpy(image)[None], str(folder / f"{i:03d}.png"))
     bad = folder / "007.png"
@@ -120,10 +120,10 @@ def test_check_adjusted_reads_the_images_the_audit_read_with_skip_bad_images(tmp
     code, stdout, err = run_cli(capsys, "check", out, "--adjusted", "--max-gap", "1", "--json")
     assert code in (0, 3), err  # a verdict (pass, or insufficient data for a 2-seed audit), not a usage error
     row = json.loads(stdout)["disparities"][0]
-    # independently: the 399 readable images, their groups, and each group's own rank-k PCA error
+    # independently: the 119 readable images, their groups, and each group's own rank-k PCA error
     result = AuditResult.load(out)
     data = make_groups(load_folder(folder, skip_bad=True), result.spec)
-    assert len(data.train_x) + len(data.test_x) == 399
+    assert len(data.train_x) + len(data.test_x) == 119
     expected = analyse(result, pca=stats.pca_errors(data, result.spec.latent)).disparities.iloc[0]
     assert np.isfinite(row["adjusted_gap"])
     for column in ("adjusted_gap", "adjusted_gap_lcb"):  # JSON carries 10 significant digits

@@ -166,6 +166,7 @@ def test_a_planted_non_converged_cell_is_flagged_everywhere(short):
         assert any(w.split(" not converged")[0] in line and "not converged" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_a_flat_cell_is_converged():
     """A learning rate too small to move anything leaves flat curves: converged, and no warning."""
     result = run_audit(**{**FAST, "lr": 1e-9, "losses": ("l2",)})
@@ -212,6 +213,7 @@ def test_the_switch_sentence_says_when_the_worse_group_changes():
     )
 
 
+@pytest.mark.slow
 def test_epochs_auto_stops_each_cell_where_its_curves_flatten_as_if_trained_alone(digits):
     spec = AuditSpec(epochs="auto", max_epochs=60, limit=600, latent=4, hidden=32, batch_size=64, grad_points=0)
     data = make_groups(digits, spec)

@@ -116,6 +116,7 @@ def test_assert_fair_uses_the_same_policy(tmp_path):
         gate.assert_fair(_result(n=(80, 10)), max_ratio=2.0)
 
 
+@pytest.mark.slow
 def test_false_positive_rate_on_simulated_null_audits():
     """Equal groups, strictest threshold (max-gap 0): the gate fails at most ~alpha of the time."""
     alpha, reps = 0.1, 150
@@ -156,6 +157,7 @@ def audits(tmp_path_factory):
     return {name: tmp / name for name in ("default", "null")}
 
 
+@pytest.mark.slow
 def test_check_fails_the_default_audit_under_a_tight_threshold(audits):
     run = _fairrecon("check", audits["default"], "--metric", "mse", "--max-ratio", "1.0")
     assert run.returncode == 1, run.stdout + run.stderr
@@ -166,6 +168,7 @@ def test_check_fails_the_default_audit_under_a_tight_threshold(audits):
     assert [d["loss"] for d in summary["disparities"]] == ["l1", "l2"]
 
 
+@pytest.mark.slow
 def test_check_passes_a_null_audit_under_a_loose_threshold(audits, capsys):
     code, out, err = _main(capsys, "check", audits["null"], "--max-ratio", "1.5", "--alpha", "0.05")
     assert code == 0 and out.startswith("pass:"), out + err
@@ -173,6 +176,7 @@ def test_check_passes_a_null_audit_under_a_loose_threshold(audits, capsys):
     assert code == 0 and "in excess of per-group PCA" in out, out + err
 
 
+@pytest.mark.slow
 def test_check_exit_codes_for_usage_and_insufficient_data(audits, tmp_path, capsys):
     code, out, err = _main(capsys, "check", audits["null"])
     assert code == 2 and err.count("\n") == 1 and "give a threshold" in err
@@ -204,6 +208,7 @@ def _clear_losses(headline: str) -> set[str]:
     return {part.split(" (", 1)[0].strip() for part in listed.split("); ")}
 
 
+@pytest.mark.slow
 def test_every_verdict_surface_agrees(audits, tmp_path, capsys):
     """Null audits, planted gaps and insufficient data: the terminal, report.md, report.html, summary.json
     and `fairrecon check --max-ratio 1` (exit 1 iff some loss is "clear gap") say the same thing."""

@@ -195,6 +195,7 @@ def test_recorder_leaves_training_unchanged():
     assert (sums - 1).abs().to_numpy().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_audit_records_saves_and_summarises_grad_shares(tmp_path):
     result = run_audit(dataset="digits", limit=300, test_limit=100, grad_points=4, out=str(tmp_path), **FAST)
     frame = result.grad_shares

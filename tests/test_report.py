@@ -57,6 +57,7 @@ def test_a_resumed_audit_keeps_its_examples(saved, tmp_path):
         np.testing.assert_array_equal(again.examples[key], value)
 
 
+@pytest.mark.slow
 def test_example_reconstructions_match_an_ordinary_module():
     """uint8 originals and reconstructions equal each cell run as a plain nn.Module, to rounding."""
     spec = AuditSpec(dataset="digits", **FAST)
@@ -180,6 +181,7 @@ def test_frontier_is_one_answer_in_every_surface(saved):
     assert frontier_sentence(analysis) in md
 
 
+@pytest.mark.slow
 def test_cli_report_rerenders_from_saved_results(saved, tmp_path):
     _, out = saved
     proc = subprocess.run(

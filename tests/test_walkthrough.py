@@ -15,6 +15,8 @@ from conftest import run_cli as fairrecon
 from PIL import Image
 from torch import nn
 
+pytestmark = pytest.mark.slow  # the walkthrough on the real face photos
+
 YALE = SHARED_DATASETS / "yalefaces"
 FAST = [
     "--batch-size",
