@@ -411,6 +411,7 @@ def test_gallery_as_subprocesses(finished, tmp_path):
         assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_skip_bad_images_goes_on_with_a_warning_and_a_count(tmp_path, capsys):
     args = _folder(
         tmp_path,

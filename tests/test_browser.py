@@ -51,6 +51,7 @@ def _run(browser: str, profile, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_report_renders_in_chromium(browser, report_html, tmp_path):
     url = report_html.resolve().as_uri()
     shot = tmp_path / "report.png"

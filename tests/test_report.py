@@ -48,6 +48,7 @@ def test_examples_are_saved_small_and_round_trip(saved):
         np.testing.assert_array_equal(loaded[key], value)
 
 
+@pytest.mark.slow
 def test_a_resumed_audit_keeps_its_examples(saved, tmp_path):
     """Every cell is checkpointed in the folder: a rerun trains nothing and reads the examples back."""
     result, out = saved
@@ -137,6 +138,7 @@ def test_html_is_self_contained_with_every_figure(saved):
     assert page.index('id="answer"') < page.index("<table") < page.index('id="fig-group_error"')
 
 
+@pytest.mark.slow
 def test_figures_render_the_same_pixels_with_their_layout_solved_once(saved):
     """html_report's _png solves each figure's constrained layout once and fixes it (speed): the same PNG
     bytes as matplotlib's own savefig, which solves it twice."""
@@ -150,6 +152,7 @@ def test_figures_render_the_same_pixels_with_their_layout_solved_once(saved):
         assert base64.b64decode(fast[name]) == buf.getvalue(), name
 
 
+@pytest.mark.slow
 def test_frontier_is_one_answer_in_every_surface(saved):
     """The frontier's ratio and its interval are the verdict table's numbers, in report.md, report.html and
     summary.json alike; its overall error is the mean of samples.csv over seeds and images."""

@@ -69,6 +69,7 @@ def snapshot(folder: Path, leave_out: tuple[str, ...] = ()) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow
 def test_labels_edited_in_place_are_refused_then_retrained_with_force(tmp_path, capsys):
     """The issue's failure: labels edited in place, the same --out, and the old cells were reused."""
     root, out = faces(tmp_path), tmp_path / "results"
@@ -94,6 +95,7 @@ def test_labels_edited_in_place_are_refused_then_retrained_with_force(tmp_path, 
     assert any(line.startswith("face_000.png,brighter,") for line in split)
 
 
+@pytest.mark.slow
 def test_a_third_group_is_refused_without_touching_anything(tmp_path, capsys):
     """The issue's failure: a third group added gave a traceback after half the files were rewritten."""
     root, out = faces(tmp_path), tmp_path / "results"
@@ -113,6 +115,7 @@ def test_a_third_group_is_refused_without_touching_anything(tmp_path, capsys):
     }
 
 
+@pytest.mark.slow
 def test_an_image_added_to_the_folder_is_a_changed_input(tmp_path, capsys):
     root, out = faces(tmp_path), tmp_path / "results"
     assert run(capsys, "audit", *TINY, *folder_args(root), "--out", out)[0] == 0
@@ -180,6 +183,7 @@ def finished(trained) -> Path:
 SAME = [*TINY_AUDIT_FLAGS, "--quiet"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "where",
     [
@@ -236,6 +240,7 @@ def test_a_bad_input_on_a_new_folder_creates_nothing(tmp_path, capsys):
 # --- folders written before the marker existed ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_older_folder_is_still_read_and_written_only_for_the_same_spec(finished, tmp_path, capsys):
     old = tmp_path / "old"
     shutil.copytree(finished, old)
