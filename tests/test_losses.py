@@ -43,6 +43,8 @@ from fairrecon.train import Cell
 M = 50
 FLOOR = 1e-3
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, one intra-op thread
+
 
 @pytest.fixture(autouse=True)
 def float64():
