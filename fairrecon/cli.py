@@ -26,10 +26,11 @@ from pathlib import Path
 import click
 
 from . import metrics
-from .errors import UserError
+from .errors import ExitCode, UserError
+from .fileio import json_default
 from .spec import DATASETS, SCOPE_COMMANDS, AuditSpec, field_type, load_spec, parse_losses
+from .version import __version__
 
-EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INSUFFICIENT, EXIT_INTERNAL = 0, 1, 2, 3, 4
 ERROR_LOG = "fairrecon-error.log"
 _results_folder: Path | None = None  # where a command writes or reads results: its internal-error log goes there
 
@@ -106,7 +107,7 @@ def note(message: str) -> None:
 
 
 def print_json(payload: dict) -> None:
-    click.echo(json.dumps(payload, indent=2, default=_json_default))
+    click.echo(json.dumps(payload, indent=2, default=json_default))
 
 
 def verdict_records(disparities) -> list[dict]:
@@ -117,7 +118,7 @@ def verdict_records(disparities) -> list[dict]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="fairrecon")
+@click.version_option(__version__, prog_name="fairrecon")
 def cli() -> None:
     """Audit reconstruction losses for per-group fairness.
 
@@ -221,7 +222,7 @@ def audit(spec_file, quiet, force, as_json, threads, metric, **flags) -> int:
         f"{result.info['device']}, {result.info['threads']} thread(s)"
         + (f"; results in {spec.out}/ (open {spec.out}/report.html)" if spec.out else "")
     )
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 @cli.command()
@@ -266,7 +267,7 @@ def report(result_dir, out, metric, as_json) -> int:
         if result.vae:
             click.echo("\n" + vae_terminal(result))
     note(f"wrote {paths['html']} and {paths['md']}")
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 @cli.command()
@@ -406,11 +407,11 @@ def split(spec_file, **flags) -> int:
     Examples:
       fairrecon split --dataset folder --data-root faces/images --labels faces/groups.csv > split.csv
     """
-    from .data import load_images
+    from .data import load_images_for
     from .groups import make_groups, split_table
 
     spec = spec_from(spec_file, flags)
-    images = load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
+    images = load_images_for(spec)
     table = split_table(images, make_groups(images, spec))
     if table is None:
         raise UserError(
@@ -420,7 +421,7 @@ def split(spec_file, **flags) -> int:
     click.echo(table.to_csv(index=False), nl=False)
     counts = table["split"].value_counts()
     note(f"{counts.get('train', 0)} train, {counts.get('test', 0)} test, {counts.get('unused', 0)} unused images")
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 @cli.command()
@@ -446,7 +447,7 @@ def losses(as_json) -> int:
         width = max(len(r["name"]) for r in rows)
         for r in rows:
             click.echo(f"{r['name']:<{width}}  {r['likelihood']}")
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 @cli.command(name="metrics")
@@ -478,7 +479,7 @@ def list_metrics(as_json) -> int:
             use = "--metric" if r["verdicts"] else f"no verdicts: {r['why_not']}"
             ratio = "" if r["ratio"] else ", no ratio"
             click.echo(f"{r['name']:<11} {r['label']}: {r['direction']}{ratio}; {use}\n{'':<12}{r['definition']}")
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 @cli.command()
@@ -508,20 +509,12 @@ def datasets(data_root, as_json) -> int:
         width = max(len(r["name"]) for r in rows)
         for r in rows:
             click.echo(f"{r['name']:<{width}}  {'found  ' if r['found'] else 'missing'}  {r['files']}")
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 def _warnings(result) -> list[str]:
     """The data warnings of a result (skipped images, a model scored on its own training images)."""
     return list(result.info.get("warnings", []))
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    return str(o)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -533,10 +526,10 @@ def main(argv: list[str] | None = None) -> None:
     except (UserError, click.ClickException) as e:  # a usage error, a bad option value, a missing file
         message = e.format_message() if isinstance(e, click.ClickException) else str(e)
         click.echo(f"fairrecon: error: {message}", err=True)
-        sys.exit(EXIT_USAGE)
+        sys.exit(ExitCode.USAGE)
     except (click.Abort, KeyboardInterrupt):
         click.echo("fairrecon: interrupted; with --out, run the same command again to resume", err=True)
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     except Exception as e:  # a bug in fairrecon: keep the traceback, say one line
         log = _save_traceback()
         click.echo(
@@ -544,8 +537,8 @@ def main(argv: list[str] | None = None) -> None:
             f"traceback saved to {log}; please report it with that file",
             err=True,
         )
-        sys.exit(EXIT_INTERNAL)
-    sys.exit(code if isinstance(code, int) else EXIT_PASS)
+        sys.exit(ExitCode.INTERNAL)
+    sys.exit(code if isinstance(code, int) else ExitCode.PASS)
 
 
 def _save_traceback() -> Path:

@@ -312,12 +312,12 @@ def audit_model(
     dataset) or the files (image folders) or indices it saw. Test images among them are scored on
     their own training images, and `result.info["warnings"]` says so.
     """
-    from .data import load_images
+    from .data import load_images_for
     from .groups import make_groups, split_table
 
     dev = resolve_device(device)
     spec = spec.replace(losses=(name,), seeds=1)
-    images = load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
+    images = load_images_for(spec)
     data = make_groups(images, spec)
     samples = sample_errors(_OneModel(model.to(dev), name), data, dev)
     cells = pd.DataFrame({"loss": [name], "seed": [0], "status": ["ok"]})

@@ -7,22 +7,41 @@ built on `matplotlib.figure.Figure` (no pyplot state), so they work headless and
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.artist import Artist
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
 from matplotlib.transforms import Bbox
+from matplotlib.typing import LineStyleType
 
 from . import metrics
 from .dynamics import gap_over_training, group_curves
 
+if TYPE_CHECKING:
+    from .results import AuditResult
+    from .stats import Analysis
+
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 1, 1, 1, 1)))
+LINESTYLES: tuple[LineStyleType, ...] = (
+    "-",
+    "--",
+    ":",
+    "-.",
+    (0, (5, 1, 1, 1)),
+    (0, (1, 3)),
+    (0, (8, 2)),
+    (0, (3, 1, 1, 1, 1, 1)),
+)
 HATCHES = ("", "///", "...", "xx", "\\\\", "++", "oo", "--")
 WIDTH = 11.0  # inches; at DPI 110 about 1200 px, the report's content width
 DPI = 110
@@ -32,11 +51,11 @@ DPI = 110
 class GroupStyle:
     color: tuple[float, float, float]
     marker: str
-    linestyle: object
+    linestyle: LineStyleType
     hatch: str
 
 
-def group_styles(groups) -> dict[str, GroupStyle]:
+def group_styles(groups: Iterable[object]) -> dict[str, GroupStyle]:
     """One colour (colorblind palette), marker, line style and hatch per group, in the given order."""
     names = [str(g) for g in groups]
     colors = sns.color_palette("colorblind", max(len(names), 1))
@@ -51,26 +70,23 @@ def group_styles(groups) -> dict[str, GroupStyle]:
     }
 
 
-def _dashes(linestyle) -> tuple | str:
+def _dashes(linestyle: LineStyleType) -> tuple[float, ...] | str:
     """A matplotlib line style as the dash tuple seaborn's `dashes=` wants ("" = solid)."""
-    named = {"-": "", "--": (4, 1.5), ":": (1, 1.5), "-.": (4, 1.5, 1, 1.5)}
+    named: dict[str, tuple[float, ...] | str] = {"-": "", "--": (4, 1.5), ":": (1, 1.5), "-.": (4, 1.5, 1, 1.5)}
     return named[linestyle] if isinstance(linestyle, str) else tuple(linestyle[1])
 
 
-def _renderer(fig: Figure):
+def _renderer(fig: Figure) -> RendererAgg:
     """A renderer to measure text with (a Figure built without pyplot has no canvas that draws)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    if not isinstance(fig.canvas, FigureCanvasAgg):
-        FigureCanvasAgg(fig)
-    return fig.canvas.get_renderer()
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    return canvas.get_renderer()
 
 
 def _figure(height: float, width: float = WIDTH) -> Figure:
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def _style(ax) -> None:
+def _style(ax: Axes) -> None:
     ax.grid(True, axis="y", color="0.88", linewidth=0.8)
     ax.set_axisbelow(True)
     for side in ("top", "right"):
@@ -127,7 +143,9 @@ def group_error_figure(intervals: pd.DataFrame, metric: str = "mse", method: str
     return fig
 
 
-def _loss_panels(df: pd.DataFrame, height: float):
+def _loss_panels(
+    df: pd.DataFrame, height: float
+) -> tuple[Figure, np.ndarray, list[str], list[str], dict[str, GroupStyle]]:
     """A figure with one panel per loss (shared y), and the groups in order with their styles."""
     losses = list(dict.fromkeys(df["loss"]))
     groups = list(dict.fromkeys(df["group"]))
@@ -343,7 +361,7 @@ def over_training_figure(curves: pd.DataFrame, gaps: pd.DataFrame, metric: str =
         _style(bottom)
     axes[0, 0].set_ylabel(f"held-out {metric}\n(mean over seeds)")
     axes[1, 0].set_ylabel("relative gap (%)\n(> 0: worse group at the end is worse)")
-    handles = [
+    handles: list[Artist] = [
         Line2D(
             [],
             [],
@@ -432,7 +450,16 @@ def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> 
 _LABEL_DIRECTIONS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1))
 
 
-def label_points(ax, xs, ys, labels, *, fontsize: float = 9, gap: float = 7.0, rings: int = 6) -> list:
+def label_points(
+    ax: Axes,
+    xs: Sequence[float],
+    ys: Sequence[float],
+    labels: Sequence[str],
+    *,
+    fontsize: float = 9,
+    gap: float = 7.0,
+    rings: int = 6,
+) -> list:
     """Label each point (data coordinates) so that no two labels overlap and no label covers a point, the
     legend or the axes' edge, and, where there is room, no drawn line (error bars, the frontier, y = 1)
     either. Each label takes the first free place among eight directions around its point, at distances
@@ -441,9 +468,11 @@ def label_points(ax, xs, ys, labels, *, fontsize: float = 9, gap: float = 7.0, r
 
     Returns the labels (matplotlib Annotations), in the order given.
     """
-    fig = ax.figure
-    if fig.get_layout_engine() is not None:
-        fig.get_layout_engine().execute(fig)
+    fig = ax.get_figure(root=True)
+    assert isinstance(fig, Figure)  # an Axes drawn here always belongs to a Figure
+    engine = fig.get_layout_engine()
+    if engine is not None:
+        engine.execute(fig)
     renderer = _renderer(fig)
     to_pixels = fig.dpi / 72.0
     box = ax.get_window_extent(renderer)
@@ -499,7 +528,7 @@ def label_points(ax, xs, ys, labels, *, fontsize: float = 9, gap: float = 7.0, r
     return placed
 
 
-def _drawn_segments(ax) -> np.ndarray:
+def _drawn_segments(ax: Axes) -> np.ndarray:
     """Every straight segment the axes draw (lines, error bars, their caps), as rows x0, y0, x1, y1 in pixels."""
     segments = []
     for line in ax.lines:
@@ -534,9 +563,19 @@ def _crosses(box: Bbox, segments: np.ndarray) -> bool:
     return bool((inside & (low <= high)).any())
 
 
-def audit_figures(result, analysis) -> dict[str, Figure]:
+def audit_figures(result: AuditResult, analysis: Analysis) -> dict[str, Figure]:
     """Every figure the result supports, by name (those needing absent data are left out); the
-    intervals come from `analysis` (a stats.Analysis), computed once by the caller."""
+    intervals come from `analysis` (a stats.Analysis), computed once by the caller.
+
+    Examples
+    --------
+    >>> from fairrecon import analyse, audit_figures, run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> figures = audit_figures(result, analyse(result))  # matplotlib Figures: a notebook shows them
+    >>> list(figures)
+    ['group_error', 'frontier', 'grad_shares', 'over_training', 'error_distribution', 'reconstructions',
+     'brightness_contrast']
+    """
     figs = {"group_error": group_error_figure(analysis.intervals, analysis.metric)}
     if analysis.frontier["pareto"].astype(bool).any():  # at least one loss has a place on it
         figs["frontier"] = frontier_figure(analysis.frontier, analysis.confidence)

@@ -20,27 +20,36 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import dynamics
 from .bymetric import ByMetric, by_metric
 from .errors import UserError
-from .fileio import write_files
+from .fileio import json_default, write_files
 from .gradshare import share_summary
 from .html_report import html_report
 from .report import headline, markdown_report, metric_caveat, vae_tables
 from .results import AuditResult, records
-from .resultsdir import Identity, check_out, claim, input_fingerprint, input_paths, mark_complete, result_fields
+from .resultsdir import (
+    FIRST_RESULTS_VERSION,
+    Identity,
+    check_out,
+    claim,
+    input_fingerprint,
+    input_paths,
+    mark_complete,
+    result_fields,
+)
 from .stats import Analysis, analyse
 
 
-def summary(result: AuditResult, analysis: Analysis, compared: ByMetric | None = None) -> dict[str, Any]:
+def summary_json(result: AuditResult, analysis: Analysis, compared: ByMetric | None = None) -> dict[str, Any]:
     """summary.json's content (schema in the README): the verdicts come from `analysis`, with the
     policy that decided them, so a reader can re-derive each one; `compared` (bymetric.by_metric, computed
     here when not given) gives the metric caveat and every metric's verdicts."""
     compared = compared if compared is not None else by_metric(result, analysis)
     caveat = metric_caveat(compared)
-    extra = {"grad_shares": records(share_summary(result.grad_shares))} if result.grad_shares is not None else {}
+    extra: dict[str, Any] = {}
+    if result.grad_shares is not None:
+        extra["grad_shares"] = records(share_summary(result.grad_shares))
     by_group, kl_weight = vae_tables(result)
     if by_group is not None:
         extra["vae"] = {
@@ -64,7 +73,7 @@ def summary(result: AuditResult, analysis: Analysis, compared: ByMetric | None =
         "frontier": records(analysis.frontier),
         "metrics": compared.record(caveat),
         **extra,
-        "over_training": dynamics.summary(result),
+        "over_training": dynamics.over_training_record(result),
     }
 
 
@@ -78,8 +87,8 @@ def result_files(result: AuditResult, analysis: Analysis, compared: ByMetric | N
     files["report.md"] = markdown_report(result, analysis, compared).encode()
     files["report.html"] = html_report(result, analysis, compared).encode()
     result.info.setdefault("timings", {})["report_s"] = time.perf_counter() - start  # tables and reports, rendered
-    record = summary(result, analysis, compared)
-    files["summary.json"] = (json.dumps(record, indent=2, default=_json_default) + "\n").encode()
+    record = summary_json(result, analysis, compared)
+    files["summary.json"] = (json.dumps(record, indent=2, default=json_default) + "\n").encode()
     return files
 
 
@@ -87,7 +96,23 @@ def save_results(
     result: AuditResult, out: str | Path, analysis: Analysis | None = None, compared: ByMetric | None = None
 ) -> Path:
     """Write the whole results folder `out` (created if needed); the statistics (and every metric's verdicts)
-    are computed here unless the caller already has them."""
+    are computed here unless the caller already has them.
+
+    `out` must be new, empty or fairrecon's, and hold none of the audit's inputs (one-line `UserError`
+    otherwise). Returns `out` as a Path.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from fairrecon import AuditResult, run_audit, save_results
+    >>> result = run_audit(dataset="digits", losses="l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> out = save_results(result, tempfile.mkdtemp() + "/audit")
+    >>> sorted(p.name for p in out.iterdir())
+    ['cells.csv', 'curves.csv', 'examples.npz', 'fairrecon.json', 'grad_shares.csv', 'groups.csv',
+     'history.csv', 'report.html', 'report.md', 'samples.csv', 'summary.json']
+    >>> AuditResult.load(out).samples.equals(result.samples)  # read back exactly
+    True
+    """
     out = Path(out)
     identity = identity_of(result)
     files_in, folders_in = input_paths(result.spec)
@@ -107,9 +132,10 @@ def save_results(
 
 
 def identity_of(result: AuditResult) -> Identity:
-    """The identity (spec fields, device type, inputs) a result was computed under."""
+    """The identity (spec fields, device type, inputs, results version) a result was computed under."""
     inputs = result.info["inputs"] if "inputs" in result.info else input_fingerprint(result.spec)
-    return Identity(result_fields(result.spec, str(result.info.get("device", "cpu")).split(":")[0]), inputs)
+    fields = result_fields(result.spec, str(result.info.get("device", "cpu")).split(":")[0])
+    return Identity(fields, inputs, result.info.get("results_version", FIRST_RESULTS_VERSION))
 
 
 def write_reports(
@@ -155,13 +181,3 @@ def write_reports(
     if new:
         mark_complete(folder, identity)
     return {"md": folder / "report.md", "html": folder / "report.html"}
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

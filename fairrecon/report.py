@@ -7,6 +7,9 @@ module only arranges them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import pandas as pd
 
@@ -17,12 +20,28 @@ from .gradshare import kl_weight_over_training
 from .losses import LOSSES
 from .stats import CLEAR, NO_CLEAR, Analysis
 
+if TYPE_CHECKING:
+    from .results import AuditResult
+
 
 def verdict_table(analysis: Analysis) -> pd.DataFrame:
     """One row per loss: the group it favours, the worse group, the gap (relative, with the interval
     the verdict is decided on), the corrected p-value and the verdict.
 
     Columns are display strings: this is what the first screen of report.html and report.md show.
+
+    Examples
+    --------
+    >>> from fairrecon import analyse, run_audit, verdict_table
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> table = verdict_table(analyse(result))
+    >>> table.columns.tolist()
+    ['loss', 'favours', 'worse group', 'mse: favoured → worse', 'gap', '97.5% interval of gap',
+     'p (corrected)', 'how sure']
+    >>> table[["loss", "favours", "worse group"]]
+      loss favours worse group
+    0   l1     0.3         0.9
+    1   l2     0.3         0.9
     """
     metric = analysis.metric
     rows = []
@@ -44,7 +63,16 @@ def verdict_table(analysis: Analysis) -> pd.DataFrame:
 
 def headline(analysis: Analysis) -> str:
     """The verdict in words: which losses show a clear gap (against which group, by how much), which do
-    not, which have insufficient data, and at what confidence. Every surface prints this sentence."""
+    not, which have insufficient data, and at what confidence. Every surface prints this sentence.
+
+    Examples
+    --------
+    >>> from fairrecon import analyse, headline, run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> print(headline(analyse(result)))
+    Clear gap: l1 (group 0.9 worse than 0.3 by ...%, interval ...); l2 (...).
+    Decided by mse (MSE per pixel) at 95% confidence for all 2 losses together.
+    """
     clear, unclear, short = [], [], []
     for d in analysis.disparities.itertuples(index=False):
         if d.verdict == CLEAR:
@@ -155,7 +183,7 @@ def terminal_summary(analysis: Analysis, by_metric: ByMetric | None = None) -> s
     return "\n".join(lines)
 
 
-def markdown_report(result, analysis: Analysis, by_metric: ByMetric | None = None) -> str:
+def markdown_report(result: AuditResult, analysis: Analysis, by_metric: ByMetric | None = None) -> str:
     """report.md: the metric caveat (when `by_metric` has one), which group each loss favours and how sure,
     per-group error, every metric side by side, the groups, cell status."""
     spec = result.spec
@@ -207,7 +235,7 @@ def markdown_report(result, analysis: Analysis, by_metric: ByMetric | None = Non
     return "\n".join(lines)
 
 
-def vae_tables(result) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+def vae_tables(result: AuditResult) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """VAEs: (per loss and group: mean KL, NLL, training share, generated_share; per loss and group: the effective
     KL weight over training), each None when absent. The one source of the VAE numbers in every report."""
     if not result.vae:
@@ -216,7 +244,7 @@ def vae_tables(result) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     return result.vae_by_group(), kl_weight
 
 
-def vae_terminal(result) -> str:
+def vae_terminal(result: AuditResult) -> str:
     """What `fairrecon audit` and `fairrecon report` print for VAEs (empty for autoencoders): per group, the mean
     KL and generated_share beside the training share (the numbers of report.md and summary.json)."""
     by_group, kl_weight = vae_tables(result)
@@ -234,7 +262,7 @@ def vae_terminal(result) -> str:
     return "\n".join(lines)
 
 
-def vae_markdown(result) -> list[str]:
+def vae_markdown(result: AuditResult) -> list[str]:
     """report.md's VAE section (empty for autoencoders)."""
     by_group, kl_weight = vae_tables(result)
     if by_group is None:
@@ -295,10 +323,10 @@ def metric_caveat(by_metric: ByMetric) -> str | None:
         ranked = sorted(sides.items(), key=lambda side: min(order[m] for m in side[1]))
         patterns.setdefault(tuple((g, tuple(ms)) for g, ms in ranked), []).append(loss)
     clauses = []
-    for sides, losses in patterns.items():
+    for pattern, losses in patterns.items():
         said = [
             f"group {g} is worse by {_and(ms)}" if i == 0 else f"group {g} by {_and(ms)}"
-            for i, (g, ms) in enumerate(sides)
+            for i, (g, ms) in enumerate(pattern)
         ]
         clauses.append(f"for {_and(losses)}, {said[0]} but {_and(said[1:])}")
     both = [loss for loss in splits if by_metric.clear_both_ways(loss)]
@@ -339,12 +367,12 @@ def by_metric_note(by_metric: ByMetric) -> str:
     )
 
 
-def _and(items: list[str]) -> str:
-    items = [str(i) for i in items]
+def _and(given: Sequence[object]) -> str:
+    items = [str(i) for i in given]
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _gap_text(d) -> str:
+def _gap_text(d: Any) -> str:
     """worst - best in the metric's own units (psnr: '-0.48 dB', the worst group's PSNR below the best's), for
     metrics without a ratio."""
     metric = metrics.get(d.metric)
@@ -358,7 +386,7 @@ def _held_out(metric: str) -> str:
     return f"held-out {m.label}, {'lower' if m.higher_is_worse else 'higher'} is better"
 
 
-def describe_audit(result) -> str:
+def describe_audit(result: AuditResult) -> str:
     """One sentence: dataset, groups, model, seeds, epochs."""
     spec = result.spec
     ablations = [
@@ -382,7 +410,7 @@ def loss_warnings(analysis: Analysis) -> list[tuple[str, str]]:
     return [(str(loss), str(w)) for loss, w in zip(d["loss"], d["warnings"]) if isinstance(w, str) and w]
 
 
-def _gap(d, value: float) -> str:
+def _gap(d: Any, value: float) -> str:
     """A gap (or one end of its interval) relative to the favoured group's mean; in dB for psnr."""
     metric = metrics.get(d.metric)
     if not metric.ratio:
@@ -395,7 +423,7 @@ def _level(analysis: Analysis) -> str:
     return f"{100 * analysis.confidence:.4g}%"
 
 
-def _text(v) -> str:
+def _text(v: object) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else str(v)
 
 
@@ -406,7 +434,7 @@ def _markdown(df: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
-def _cell(v) -> str:
+def _cell(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 

@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .data import load_images_for
 from .errors import UserError
 from .fileio import npz_bytes
+from .groups import GroupedData, make_groups
 from .metrics import METRICS, VERDICT_METRICS
 from .resultsdir import require_complete
 from .spec import AuditSpec
@@ -40,6 +42,29 @@ EXAMPLES_FILE = "examples.npz"
 
 @dataclass
 class AuditResult:
+    """An audit's results as tidy tables: what `run_audit` returns and `AuditResult.load` reads back.
+
+    `samples` has one row per (loss, seed, test image) with its errors (mse, mae, psnr, nmse, ...);
+    `cells` one per (loss, seed): status, learned parameters, training error, epochs, convergence;
+    `groups` the groups as measured per split; `history` the training loss per epoch; `info` the
+    versions, device, timings and warnings; the optional tables are None when the audit has none.
+
+    Examples
+    --------
+    >>> from fairrecon import run_audit
+    >>> result = run_audit(dataset="digits", losses="l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> result.cells[["loss", "seed", "status", "epochs"]]
+      loss  seed status  epochs
+    0   l2     0     ok       1
+    1   l2     1     ok       1
+    >>> result.by_cell_group()[["seed", "group", "n"]]  # one row per (loss, seed, group)
+       seed group   n
+    0     0   0.3  40
+    1     0   0.9  40
+    2     1   0.3  40
+    3     1   0.9  40
+    """
+
     spec: AuditSpec
     samples: pd.DataFrame
     cells: pd.DataFrame
@@ -122,6 +147,22 @@ class AuditResult:
                 shares["generated_brightness"] = gen.groupby(["loss", "group"], sort=False)["brightness"].mean()
             out = out.merge(shares.reset_index(), on=["loss", "group"], how="left")
         return out
+
+    def grouped_data(self) -> GroupedData:
+        """The images and groups this result was measured on, recomputed from its spec (deterministic), and
+        checked against its samples: the same test images, each in the same group. For the PCA baseline of
+        difficulty-adjusted gaps (stats.analyse(adjusted=True)), which needs every group's training images."""
+        data = make_groups(load_images_for(self.spec), self.spec)
+        seen = self.samples.drop_duplicates("index")
+        recomputed = dict(zip(data.test_index.tolist(), (data.names[g] for g in data.test_g.tolist()), strict=True))
+        if len(seen) != len(recomputed) or any(
+            recomputed.get(int(i)) != str(g) for i, g in zip(seen["index"], seen["group"], strict=True)
+        ):
+            raise UserError(
+                "the images recomputed from this result's spec do not match its samples "
+                "(dataset files changed?); pass a PCA table explicitly"
+            )
+        return data
 
     def data_files(self) -> dict[str, bytes]:
         """The result's data files by name, rendered in memory (written by outputs.save_results)."""

@@ -24,7 +24,7 @@ from fairrecon.external import audit_model
 from fairrecon.groups import make_groups
 from fairrecon.html_report import html_report
 from fairrecon.measure import ssim_per_image
-from fairrecon.outputs import save_results, summary
+from fairrecon.outputs import save_results, summary_json
 from fairrecon.report import markdown_report, metric_caveat, terminal_summary
 from fairrecon.results import AuditResult
 from fairrecon.spec import AuditSpec
@@ -286,7 +286,7 @@ def test_the_caveat_comes_first_on_every_surface_when_the_metrics_disagree(audit
     page = html_report(result, analysis, compared)
     assert page.index('id="metric-caveat"') < page.index('class="headline"')
     assert page.index(caveat.replace("'", "&#x27;")) < page.index('class="headline"')
-    record = json.loads(json.dumps(summary(result, analysis, compared), default=float))
+    record = json.loads(json.dumps(summary_json(result, analysis, compared), default=float))
     assert record["metric_caveat"] == caveat and list(record).index("metric_caveat") < list(record).index("verdict")
     section = record["metrics"]
     assert section["verdicts_by"] == "mse" and section["caveat"] == caveat and section["missing"] == []
@@ -315,7 +315,7 @@ def test_no_caveat_when_the_metrics_agree(audited):
     assert terminal_summary(analysis, compared).splitlines()[0].startswith("Clear gap")
     assert "depends on the metric" not in markdown_report(result, analysis, compared)
     assert "metric-caveat" not in html_report(result, analysis, compared)
-    record = summary(result, analysis, compared)
+    record = summary_json(result, analysis, compared)
     assert record["metric_caveat"] is None and record["metrics"]["verdicts_by"] == "rel_mse"
     assert "Decided by rel_mse (MSE over the image's mean squared pixel)" in record["verdict"]
 

@@ -17,6 +17,8 @@ from conftest import REPO, SHARED_DATASETS
 from conftest import run_cli as fairrecon
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # the walkthrough on the real face photos
+
 YALE = SHARED_DATASETS / "yalefaces"
 FAST = [
     "--batch-size",
