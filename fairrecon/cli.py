@@ -4,7 +4,8 @@ Exit status, the same for every command:
   0  pass (or done)
   1  the gate failed: a group gap exceeds the threshold (`check` only)
   2  usage or input error: one line on stderr (UserError, click usage errors)
-  3  insufficient data to judge (`check`: a failed cell, a group under 30 test images)
+  3  insufficient data to judge (`check`: an interval contains the threshold, a failed cell, a group
+     under 30 test images)
   4  internal error, a bug in fairrecon: the traceback goes to a log file (in the results folder
      when there is one), and one line on stderr says where
 
@@ -68,6 +69,15 @@ def json_option(command):
     )(command)
 
 
+def reference_loss_option(command):
+    return click.option(
+        "--reference-loss",
+        metavar="LOSS",
+        help="The loss every other loss is compared with, paired by seed and test image.  "
+        "[default: the one the audit recorded, else l2 when audited, else the first loss]",
+    )(command)
+
+
 def spec_from(spec_file: str | None, flags: dict) -> AuditSpec:
     """The spec file (or the defaults) with the flags that were given (lists arrive as 'a,b')."""
     return load_spec(spec_file, **flags) if spec_file else AuditSpec().override(**flags)
@@ -110,6 +120,7 @@ def cli() -> None:
     "different inputs (never a folder that is not fairrecon's).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines: only the final table.")
+@reference_loss_option
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
@@ -119,7 +130,7 @@ def cli() -> None:
     "quota). Changes speed, not results.",
 )
 @json_option
-def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
+def audit(spec_file, quiet, force, as_json, threads, reference_loss, **flags) -> int:
     """Train autoencoders under each loss and measure per-group error on held-out images.
 
     With no arguments: the bundled digits, groups at mean brightness 0.3 and 0.9,
@@ -136,7 +147,7 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
     from .audit import run_audit
     from .outputs import save_results
     from .progress import Progress
-    from .report import terminal_summary, vae_terminal
+    from .report import headline, terminal_summary, vae_terminal
     from .stats import analyse
 
     global _results_folder
@@ -153,7 +164,9 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
             threads=threads,
         )
         start = time.perf_counter()
-        analysis = analyse(result)
+        if reference_loss:
+            result.info["reference_loss"] = reference_loss  # recorded, so `report` compares with it too
+        analysis = analyse(result, reference_loss=reference_loss)
         result.info["timings"]["stats_s"] = time.perf_counter() - start
         if spec.out:
             progress.log(f"writing {spec.out}/ (tables, summary.json, report.md, report.html)")
@@ -164,7 +177,9 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
             {
                 "command": "audit",
                 "out": spec.out,
+                "verdict": headline(analysis),
                 "disparities": verdict_records(analysis.disparities),
+                "loss_contrasts": verdict_records(analysis.contrasts),
                 "warnings": _warnings(result),
             }
         )
@@ -188,8 +203,9 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
 @cli.command()
 @click.argument("result_dir", type=click.Path(file_okay=False))
 @click.option("--out", help="Folder for report.md and report.html (default: RESULT_DIR).")
+@reference_loss_option
 @json_option
-def report(result_dir, out, as_json) -> int:
+def report(result_dir, out, reference_loss, as_json) -> int:
     """Re-render report.html and report.md from a saved results folder, without retraining.
 
     \b
@@ -199,21 +215,29 @@ def report(result_dir, out, as_json) -> int:
       fairrecon report results/fm --json
     """
     from .outputs import write_reports
-    from .report import terminal_summary, vae_terminal
+    from .report import headline, terminal_summary, vae_terminal
     from .results import AuditResult
-    from .stats import analyse
+    from .stats import analyse, choose_reference_loss
 
     global _results_folder
     _results_folder = Path(result_dir)
     result = AuditResult.load(result_dir)
-    analysis = analyse(result)
+    analysis = analyse(result, reference_loss=reference_loss)
+    recorded = choose_reference_loss(result, analysis.losses, None)
+    if analysis.reference_loss != recorded and Path(out or result_dir).resolve() == Path(result_dir).resolve():
+        raise UserError(
+            f"--reference-loss {reference_loss}: the reports in {result_dir} would compare with {reference_loss} while "
+            f"its summary.json compares with {recorded}; write them elsewhere with --out"
+        )
     paths = write_reports(result, analysis, out or result_dir)
     if as_json:
         print_json(
             {
                 "command": "report",
                 "results": result_dir,
+                "verdict": headline(analysis),
                 "disparities": verdict_records(analysis.disparities),
+                "loss_contrasts": verdict_records(analysis.contrasts),
                 "warnings": _warnings(result),
             }
         )
@@ -228,17 +252,28 @@ def report(result_dir, out, as_json) -> int:
 @cli.command()
 @click.argument("result_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--metric", type=click.Choice(METRICS), default="mse", show_default=True, help="Error to compare.")
-@click.option("--max-ratio", type=float, help="Fail if worst/reference error exceeds this (with confidence 1 - alpha).")
-@click.option("--max-gap", type=float, help="Fail if worst - reference error exceeds this (metric units; dB for psnr).")
+@click.option(
+    "--max-ratio",
+    type=float,
+    help="Threshold on worst/reference error: pass only if every interval's upper end is below it, "
+    "fail if a lower end is above it, else exit 3.",
+)
+@click.option("--max-gap", type=float, help="The same on worst - reference error (metric units; dB for psnr).")
+@click.option(
+    "--max-contrast",
+    type=float,
+    help="Fail if a loss's worst/best ratio over the reference loss's exceeds this (1: no less fair than it).",
+)
 @click.option("--adjusted", is_flag=True, help="Gate the gap in excess of each group's own rank-k PCA error.")
 @click.option(
     "--alpha",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     default=0.05,
     show_default=True,
-    help="1 - confidence of the lower bound.",
+    help="1 - confidence of all the gate's intervals together.",
 )
 @click.option("--reference", default="best", show_default=True, help="Reference group name, or 'best'.")
+@reference_loss_option
 @click.option("--losses", metavar="L,L,...", help="Only these losses (comma-separated).  [default: all]")
 @click.option(
     "--weights",
@@ -253,7 +288,12 @@ def report(result_dir, out, as_json) -> int:
     "--trained-on",
     metavar="all|CSV",
     help="With --weights: what the model was trained on, 'all' images or a CSV with a file column "
-    "(e.g. split.csv: only its train rows count); warns when test images are among them.",
+    "(e.g. split.csv: only its train rows count); the gate refuses when test images are among them.",
+)
+@click.option(
+    "--allow-trained-on-test",
+    is_flag=True,
+    help="Gate a model scored on test images it was trained on (--trained-on all or an overlap) anyway.",
 )
 @click.option(
     "--spec", "spec_file", type=click.Path(dir_okay=False), help="Spec TOML for the test images (with --weights)."
@@ -265,18 +305,22 @@ def check(
     metric,
     max_ratio,
     max_gap,
+    max_contrast,
     adjusted,
     alpha,
     reference,
+    reference_loss,
     losses,
     weights,
     model_factory,
     trained_on,
+    allow_trained_on_test,
     spec_file,
     as_json,
     **data_flags,
 ) -> int:
-    """Gate: exit 1 if a group gap exceeds a threshold with confidence, 0 if not, 3 if data are insufficient.
+    """Gate: exit 0 only if every gap is shown to be below its threshold, 1 if one is shown to be above,
+    3 if the data cannot tell (an interval contains the threshold, or the data are insufficient).
 
     Checks a results folder (from `fairrecon audit --out`), or with --weights a trained
     autoencoder on the spec's grouped test images, without training.
@@ -284,6 +328,7 @@ def check(
     \b
     Examples:
       fairrecon check results/default --max-ratio 1.2
+      fairrecon check results/default --max-contrast 1.0 --reference-loss l2
       fairrecon check results/default --max-gap 0.002 --adjusted --json
       fairrecon check --weights ae.pt --model-factory mymodels:build --dataset folder \\
           --data-root faces/images --labels faces/groups.csv --trained-on split.csv --max-ratio 1.2
@@ -301,6 +346,7 @@ def check(
             + ["model-factory"] * bool(model_factory)
             + ["spec"] * bool(spec_file)
             + ["trained-on"] * bool(trained_on)
+            + ["allow-trained-on-test"] * bool(allow_trained_on_test)
         )
         if extra:
             raise UserError(f"--{extra[0]} applies only with --weights")
@@ -325,16 +371,19 @@ def check(
         metric=metric,
         max_ratio=max_ratio,
         max_gap=max_gap,
+        max_contrast=max_contrast,
         adjusted=adjusted,
         alpha=alpha,
         reference=reference,
+        reference_loss=reference_loss,
         losses=list(parse_losses(losses)) if losses else None,
+        allow_trained_on_test=allow_trained_on_test,
     )
     if as_json:
         print_json(
             {
                 "command": "check",
-                "exit_code": outcome.code,
+                **outcome.record(),
                 "passed": outcome.passed,
                 "message": outcome.message,
                 "disparities": verdict_records(outcome.table),

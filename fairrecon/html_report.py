@@ -17,6 +17,7 @@ from .dynamics import convergence_warnings, gap_over_training, worse_group_chang
 from .figures import METRIC_LABELS, audit_figures
 from .report import (
     FRONTIER_TITLE,
+    contrast_table,
     describe_audit,
     error_table,
     frontier_sentence,
@@ -26,7 +27,7 @@ from .report import (
     vae_tables,
     verdict_table,
 )
-from .stats import CLEAR, INSUFFICIENT, NO_CLEAR, Analysis
+from .stats import CLEAR, FAIRER, INSUFFICIENT, LESS_FAIR, NO_CLEAR, NOT_DIFFERENT, Analysis
 
 CSS = """
 *{box-sizing:border-box}
@@ -73,6 +74,7 @@ def html_report(result, analysis: Analysis) -> str:
         f"{_e(_run_line(result))} Generated {when}.</p></header>",
         '<h2 class="first" id="answer">Answer</h2>',
         f'<p class="headline">{_e(headline(analysis))}</p>',
+        _contrast_html(analysis),
         _verdict_html(verdict),
         f'<p class="note">{_e(analysis.method)}</p>',
         _warnings_html(analysis),
@@ -154,6 +156,11 @@ def html_report(result, analysis: Analysis) -> str:
         _table(error_table(analysis)),
         "<h3>Gap of the worst group, all columns</h3>",
         _table(analysis.disparities, digits=4),
+        *(
+            ["<h3>Each loss against the reference loss, all columns</h3>", _table(analysis.contrasts, digits=4)]
+            if len(analysis.contrasts)
+            else []
+        ),
         "<h3>All metrics: mean over seeds (± std across seeds)</h3>",
         _table(result.by_group(), digits=4),
         "<h3>Cells (one model per loss and seed)</h3>",
@@ -237,10 +244,28 @@ def _over_training_html(result, figs: dict[str, str]) -> list[str]:
     return out
 
 
+def _contrast_html(analysis: Analysis) -> str:
+    """Each loss against the reference loss (empty with one loss)."""
+    if not len(analysis.contrasts):
+        return ""
+    return (
+        f"<h3>Each loss against {_e(analysis.reference_loss)} (paired by seed and test image)</h3>"
+        + _verdict_html(contrast_table(analysis))
+        + "<h3>Which group does each loss favour?</h3>"
+    )
+
+
 def _verdict_html(verdict: pd.DataFrame) -> str:
     df = verdict.copy()
     body = _table(df)
-    classes = {CLEAR: "clear", NO_CLEAR: "unclear", INSUFFICIENT: "insufficient"}
+    classes = {
+        CLEAR: "clear",
+        NO_CLEAR: "unclear",
+        INSUFFICIENT: "insufficient",
+        LESS_FAIR: "clear",
+        FAIRER: "clear",
+        NOT_DIFFERENT: "unclear",
+    }
     for text in df.get("how sure", pd.Series(dtype=str)).unique():  # colour + words, never colour alone
         body = body.replace(f"<td>{_e(text)}</td>", f'<td class="sure {classes.get(text, "unclear")}">{_e(text)}</td>')
     return body

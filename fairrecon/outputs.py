@@ -56,6 +56,7 @@ def summary(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
         "verdict": headline(analysis),
         "policy": analysis.policy_record(),
         "disparities": records(analysis.disparities),
+        "loss_contrasts": records(analysis.contrasts),
         "frontier": records(analysis.frontier),
         **extra,
         "over_training": dynamics.summary(result),

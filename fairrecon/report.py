@@ -13,28 +13,30 @@ import pandas as pd
 from .dynamics import markdown_section
 from .gradshare import kl_weight_over_training
 from .losses import LOSSES
-from .stats import CLEAR, NO_CLEAR, Analysis
+from .stats import CLEAR, FAIRER, INSUFFICIENT, LESS_FAIR, NO_CLEAR, Analysis, format_bound, positive_metric
 
 METRIC_LABELS = {"mse": "MSE per pixel", "mae": "MAE per pixel", "psnr": "PSNR (dB)"}
 
 
 def verdict_table(analysis: Analysis) -> pd.DataFrame:
-    """One row per loss: the group it favours, the worse group, the gap (relative, with the interval
-    the verdict is decided on), the corrected p-value and the verdict.
+    """One row per loss: the group it favours, the worse group, how much worse (the relative gap, worst /
+    favoured - 1, with the ratio's interval: the one the verdict is decided on; in dB for psnr), the
+    corrected p-value and the verdict.
 
     Columns are display strings: this is what the first screen of report.html and report.md show.
     """
     metric = analysis.metric
     rows = []
     for d in analysis.disparities.itertuples(index=False):
+        point, interval = relative_gap(d)
         rows.append(
             {
                 "loss": d.loss,
                 "favours": _text(d.reference),
                 "worse group": _text(d.worst),
                 f"{metric}: favoured → worse": f"{_num(d.reference_mean)} → {_num(d.worst_mean)}",
-                "gap": _gap(d, d.gap),
-                f"{_level(analysis)} interval of gap": f"{_gap(d, d.gap_low)} to {_gap(d, d.gap_high)}",
+                "worse by": point,
+                f"{_level(analysis)} interval": interval,
                 "p (corrected)": _p(d.p_corrected),
                 "how sure": d.verdict,
             }
@@ -42,15 +44,72 @@ def verdict_table(analysis: Analysis) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def relative_gap(d) -> tuple[str, str]:
+    """How much worse the worse group is, and its interval, as text: for a positive metric the ratio's
+    (log-scale) interval minus 1, in percent ('no upper bound' where it has none); for psnr the gap in dB."""
+    if not positive_metric(d.metric):
+        if not np.isfinite(d.gap):
+            return "n/a", "n/a"
+        return f"{d.gap:+.3g} dB", f"{d.gap_low:+.3g} to {d.gap_high:+.3g} dB"
+    if not np.isfinite(d.ratio):
+        return "n/a", "n/a"
+    low = _pct(d.ratio_low - 1)
+    if d.ratio_high == np.inf:
+        return _pct(d.ratio - 1), f"{low} or more (no upper bound)"
+    return _pct(d.ratio - 1), f"{low} to {_pct(d.ratio_high - 1)}"
+
+
+def contrast_sentence(c) -> str:
+    """One loss against the reference loss, in words: the answer to "is it fairer?" first, then the number."""
+    if c.verdict == INSUFFICIENT:
+        return f"{c.loss} against {c.reference}: insufficient data to compare (see the warnings)."
+    if positive_metric(c.metric):
+        number = f"its worst/best error ratio is {c.ratio:.3g}x {c.reference}'s [{c.low:.3g}, {c.high:.3g}]"
+        above = c.ratio > 1
+    else:
+        number = f"its gap is {c.difference:+.3g} dB against {c.reference}'s [{c.low:+.3g}, {c.high:+.3g}]"
+        above = c.difference > 0
+    if c.verdict == LESS_FAIR:
+        words = f"{c.loss} is clearly less fair than {c.reference}"
+    elif c.verdict == FAIRER:
+        words = f"{c.loss} is clearly fairer than {c.reference}"
+    else:
+        words = f"{c.loss} is not clearly {'less fair' if above else 'fairer'} than {c.reference}"
+    return f"{words}: {number}."
+
+
+def contrast_table(analysis: Analysis) -> pd.DataFrame:
+    """One row per loss against the reference loss: both ratios, their ratio with its interval, p, verdict."""
+    rows = []
+    for c in analysis.contrasts.itertuples(index=False):
+        positive = positive_metric(c.metric)
+        rows.append(
+            {
+                "loss": c.loss,
+                "against": c.reference,
+                "its worst/best": _num(c.loss_ratio) if positive else "",
+                "against's worst/best": _num(c.reference_ratio) if positive else "",
+                "ratio of ratios" if positive else "difference of gaps (dB)": _num(
+                    c.ratio if positive else c.difference
+                ),
+                f"{100 * analysis.contrast_confidence:.4g}% interval": f"{_num(c.low)} to {_num(c.high)}",
+                "p (corrected)": _p(c.p_corrected),
+                "how sure": c.verdict,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def headline(analysis: Analysis) -> str:
-    """The verdict in words: which losses show a clear gap (against which group, by how much), which do
-    not, which have insufficient data, and at what confidence. Every surface prints this sentence."""
+    """The answer in words. First each loss against the reference loss (is it fairer?), then which losses
+    show a clear gap between groups (against which group, by how much), which do not, which have
+    insufficient data, and at what confidence. Every surface prints this sentence."""
     clear, unclear, short = [], [], []
     for d in analysis.disparities.itertuples(index=False):
         if d.verdict == CLEAR:
+            point, interval = relative_gap(d)
             clear.append(
-                f"{d.loss} (group {d.worst} worse than {d.reference} by {_gap(d, d.gap).lstrip('+')}, "
-                f"interval {_gap(d, d.gap_low)} to {_gap(d, d.gap_high)})"
+                f"{d.loss} (group {d.worst} worse than {d.reference} by {point.lstrip('+')}, interval {interval})"
             )
         elif d.verdict == NO_CLEAR:
             unclear.append(str(d.loss))
@@ -58,7 +117,7 @@ def headline(analysis: Analysis) -> str:
             short.append(str(d.loss))
     if not len(analysis.disparities):
         return "No loss to compare (see Cells)."
-    parts = []
+    parts = [contrast_sentence(c) for c in analysis.contrasts.itertuples(index=False)]
     if clear:
         parts.append("Clear gap: " + "; ".join(clear) + ".")
     if unclear:
@@ -73,12 +132,21 @@ def headline(analysis: Analysis) -> str:
     pairs = " and every pair of groups" if analysis.pairs > 1 and analysis.reference == "best" else ""
     n = len(analysis.losses)
     losses = "the one loss" if n == 1 else f"all {n} losses"
-    parts.append(f"Decided at {1 - analysis.policy.alpha:.0%} confidence for {losses}{pairs} together.")
+    confidence = f"Decided at {1 - analysis.policy.alpha:.0%} confidence for {losses}{pairs} together"
+    if len(analysis.contrasts):
+        k = len(analysis.contrasts)
+        confidence += (
+            f", and for the comparison with {analysis.reference_loss}"
+            if k == 1
+            else f", and for the {k} comparisons with {analysis.reference_loss} together"
+        )
+    parts.append(confidence + ".")
     return " ".join(parts)
 
 
 def error_table(analysis: Analysis) -> pd.DataFrame:
-    """Rows: losses; columns: each group's 'mean [interval]', then the worst group, worst/best and the verdict."""
+    """Rows: losses; columns: each group's 'mean [interval]', then the worst group, worst/best (dB below the
+    best for psnr) and the verdict."""
     rows = []
     gaps = analysis.disparities.set_index("loss")
     for loss, part in analysis.intervals.groupby("loss", sort=False):
@@ -88,7 +156,10 @@ def error_table(analysis: Analysis) -> pd.DataFrame:
         if loss in gaps.index:
             d = gaps.loc[loss]
             row["worst group"] = _text(d["worst"])
-            row["worst/best"] = _num(d["ratio"]) if np.isfinite(d["ratio"]) else f"-{_num(d['gap'])} dB"
+            if positive_metric(analysis.metric):
+                row["worst/best"] = _num(d["ratio"])
+            else:
+                row["worst/best"] = f"{-d['gap']:+.3g} dB" if np.isfinite(d["gap"]) else "n/a"
             row["verdict"] = d["verdict"]
         rows.append(row)
     return pd.DataFrame(rows)
@@ -109,7 +180,7 @@ def frontier_table(analysis: Analysis) -> pd.DataFrame:
                 f"overall {analysis.metric}": _num(f.overall),
                 f"{level} interval": f"{_num(f.overall_low)} to {_num(f.overall_high)}",
                 "worst/best": _num(f.ratio),
-                f"{level} interval of worst/best": f"{_num(f.ratio_low)} to {_num(f.ratio_high)}",
+                f"{level} interval of worst/best": f"{_num(f.ratio_low)} to {format_bound(f.ratio_high)}",
                 "how sure": f.verdict,
                 "Pareto-optimal": "yes" if f.pareto else "no",
             }
@@ -139,9 +210,14 @@ def terminal_summary(analysis: Analysis) -> str:
     """What `fairrecon audit` and `fairrecon report` print: the headline, per-group error with
     intervals and each loss's verdict, the warnings, and how it was decided."""
     label = METRIC_LABELS.get(analysis.metric, analysis.metric)
-    lines = [
-        headline(analysis),
-        "",
+    lines = [headline(analysis), ""]
+    if len(analysis.contrasts):
+        lines += [
+            f"Each loss against {analysis.reference_loss} (paired by seed and test image)",
+            contrast_table(analysis).to_string(index=False),
+            "",
+        ]
+    lines += [
         f"Held-out {label} by group: mean [{1 - analysis.policy.alpha:.0%} interval of each group's mean]",
         error_table(analysis).to_string(index=False),
     ]
@@ -153,20 +229,32 @@ def terminal_summary(analysis: Analysis) -> str:
 def markdown_report(result, analysis: Analysis) -> str:
     """report.md: which group each loss favours and how sure, per-group error, the groups, cell status."""
     spec = result.spec
+    label = METRIC_LABELS.get(analysis.metric, analysis.metric)
     lines = [
         "# fairrecon audit",
         "",
         describe_audit(result),
         "",
-        "## Which group does each loss favour? (held-out MSE per pixel, lower is better)",
+        f"## The answer ({label}, lower is better)",
         "",
         headline(analysis),
+        "",
+    ]
+    if len(analysis.contrasts):
+        lines += [
+            f"### Each loss against {analysis.reference_loss} (paired by seed and test image)",
+            "",
+            _markdown(contrast_table(analysis)),
+            "",
+        ]
+    lines += [
+        "### Which group does each loss favour?",
         "",
         _markdown(verdict_table(analysis)),
         "",
         f"_{analysis.method}_",
         "",
-        f"## Per-group MSE per pixel: mean [{1 - analysis.policy.alpha:.0%} interval]",
+        f"## Per-group {label}: mean [{1 - analysis.policy.alpha:.0%} interval]",
         "",
         _markdown(error_table(analysis)),
         "",
@@ -276,19 +364,18 @@ def describe_audit(result) -> str:
 
 
 def loss_warnings(analysis: Analysis) -> list[tuple[str, str]]:
-    """(loss, warning text) for every loss whose statistics carry warnings, in table order."""
-    d = analysis.disparities
-    if "warnings" not in d:
-        return []
-    return [(str(loss), str(w)) for loss, w in zip(d["loss"], d["warnings"]) if isinstance(w, str) and w]
-
-
-def _gap(d, value: float) -> str:
-    """A gap (or one end of its interval) relative to the favoured group's mean; in dB for psnr."""
-    if d.metric == "psnr":
-        return "n/a" if not np.isfinite(value) else f"{value:+.3g} dB"
-    ok = np.isfinite(d.reference_mean) and d.reference_mean
-    return _pct(value / abs(d.reference_mean) if ok else np.nan)
+    """(loss, warning text) for every loss whose statistics carry warnings, in table order, then
+    ("loss vs reference loss", text) for every loss contrast that does."""
+    out = []
+    d, c = analysis.disparities, analysis.contrasts
+    if "warnings" in d:
+        out += [(str(loss), str(w)) for loss, w in zip(d["loss"], d["warnings"]) if isinstance(w, str) and w]
+    out += [
+        (f"{r.loss} vs {r.reference}", str(r.warnings))
+        for r in c.itertuples(index=False)
+        if isinstance(r.warnings, str) and r.warnings
+    ]
+    return out
 
 
 def _level(analysis: Analysis) -> str:

@@ -169,26 +169,28 @@ def test_variance_is_seed_part_plus_image_part():
     assert c.estimate == pytest.approx(values[:, codes == 1].mean() - values[:, codes == 0].mean(), rel=1e-12)
 
 
-def test_fieller_ratio_interval_matches_the_closed_form():
-    """With a constant df (seed part only), Fieller's interval solves a quadratic: compare with its roots."""
+def test_ratio_interval_is_the_log_ratio_t_interval_of_the_delta_method():
+    """Images alike within a group (seed part only): the log ratio's variance by the delta method is the
+    variance over seeds of m1_s / m1 - m0_s / m0, over S; the interval is exp(log r +- t(S - 1) se), closed
+    form. Positive, finite, and (log-)symmetric about the point."""
     rng = np.random.default_rng(5)
     per_seed = rng.normal([0.010, 0.013], [0.0006, 0.0008], size=(6, 2))
     codes = np.repeat([0, 1], [30, 30])
     mom = stats.Moments.of(per_seed[:, codes], codes, 2)
-    q = sps.t.isf(0.025, 5)
-    a, b = per_seed[:, 1].mean(), per_seed[:, 0].mean()
-    v = np.cov(per_seed[:, [1, 0]], rowvar=False) / 6  # covariance of the two means
-    # (a - r b)^2 = q^2 (v_aa - 2 r v_ab + r^2 v_bb)  ->  A r^2 + B r + C = 0
-    A, B, C = b * b - q * q * v[1, 1], -2 * (a * b - q * q * v[0, 1]), a * a - q * q * v[0, 0]
-    roots = np.sort(np.roots([A, B, C]).real)
-    np.testing.assert_allclose(mom.ratio_interval(1, 0, 0.025), roots, rtol=1e-9)
+    m0, m1 = per_seed.mean(0)
+    se = np.std(per_seed[:, 1] / m1 - per_seed[:, 0] / m0, ddof=1) / np.sqrt(6)
+    half = sps.t.isf(0.025, 5) * se
+    np.testing.assert_allclose(mom.ratio_interval(1, 0, 0.025), (m1 / m0) * np.exp([-half, half]), rtol=1e-12)
+    c = mom.log_ratio(1, 0)
+    assert c.estimate == pytest.approx(np.log(m1 / m0)) and c.se == pytest.approx(se, rel=1e-12)
+    assert c.p_two_sided() == pytest.approx(2 * sps.t.sf(np.log(m1 / m0) / se, 5), rel=1e-9)
 
 
-def test_ratio_gap_test_and_verdict_decide_alike():
-    """Duality, on many random audits and policies: ratio interval excludes 1 <=> gap interval excludes 0
-    <=> p_corrected < alpha <=> the verdict is "clear gap"."""
+def test_ratio_test_p_value_and_verdict_decide_alike():
+    """Duality, on many random audits and policies: ratio interval excludes 1 <=> p_corrected < alpha <=>
+    the verdict is "clear gap" (for psnr: the gap's interval excludes 0); every point lies in its interval."""
     rng = np.random.default_rng(6)
-    seen = set()
+    seen, agree = set(), []
     for r in range(40):
         groups = 2 + r % 2
         n = (40, 50, 45)[:groups]
@@ -204,11 +206,15 @@ def test_ratio_gap_test_and_verdict_decide_alike():
             d = stats.disparities(result, policy=policy, reference=reference)
             for row in d.itertuples():
                 clear = row.verdict == stats.CLEAR
-                assert clear == (row.gap_lcb > 0) == (row.ratio_lcb > 1) == (row.p_corrected < policy.alpha)
-                assert (row.gap_low > 0) == (row.ratio_low > 1) and (row.gap_high < 0) == (row.ratio_high < 1)
-                assert row.ratio_low <= row.ratio <= row.ratio_high and row.gap_low <= row.gap <= row.gap_high
+                assert clear == (row.ratio_lcb > 1) == (row.p_corrected < policy.alpha)
+                assert 0 < row.ratio_low <= row.ratio <= row.ratio_high < np.inf
+                assert row.gap_low <= row.gap <= row.gap_high and row.ratio_lcb <= row.ratio_ucb
+                agree.append(clear == (row.gap_lcb > 0))
                 seen.add(clear)
+            for row in stats.disparities(result, policy=policy, reference=reference, metric="psnr").itertuples():
+                assert (row.verdict == stats.CLEAR) == (row.gap_lcb > 0) == (row.p_corrected < policy.alpha)
     assert seen == {True, False}  # both verdicts occurred
+    assert np.mean(agree) > 0.95  # the plain-scale gap test nearly always agrees (not by construction)
 
 
 def test_intervals_cover_with_three_seeds_when_seeds_dominate():
@@ -276,7 +282,7 @@ def test_three_groups_cover_every_pair():
     tail = 0.05 / 3 / 2
     lows = [mom.pair(g, h).low(tail) for g, h in itertools.permutations(range(3), 2)]
     assert row.gap_lcb == pytest.approx(max(lows))
-    ps = [min(1.0, 2 * mom.pair(g, h).p_greater()) for g, h in itertools.permutations(range(3), 2)]
+    ps = [min(1.0, 2 * mom.log_ratio(g, h).p_greater()) for g, h in itertools.permutations(range(3), 2)]
     assert row.p_corrected == pytest.approx(min(1.0, 3 * min(ps)))
     named = stats.analyse(result, reference="b")
     assert named.pairs == 2 and named.m == 2  # each group against b
@@ -358,7 +364,10 @@ def test_an_external_model_has_image_intervals_and_says_so():
     result.info["external_model"] = "model"
     row = stats.analyse(result).disparities.iloc[0]
     welch = sps.ttest_ind(values[0, codes == 1], values[0, codes == 0], equal_var=False)
-    assert row.se == pytest.approx(row.gap / welch.statistic, rel=1e-10)  # Welch's standard error: images only
+    gap_se = stats.Moments.of(values, codes, 2, seed_part=False).pair(1, 0).se
+    assert gap_se == pytest.approx(row.gap / welch.statistic, rel=1e-10)  # Welch's standard error: images only
+    a, b = values[0, codes == 0], values[0, codes == 1]  # the log ratio's: the same, relative to each mean
+    assert row.se == pytest.approx(np.sqrt(b.var(ddof=1) / 50 / b.mean() ** 2 + a.var(ddof=1) / 60 / a.mean() ** 2))
     assert row.seed_share == 0 and row.verdict == stats.CLEAR
     assert "one already-trained model" in row.warnings and "seed" not in row.warnings
 
@@ -486,3 +495,279 @@ def test_frontier_leaves_out_what_it_cannot_place():
     status = {("w", s): "failed: planted" for s in range(3)}
     f = stats.analyse(synthetic_result({"v": v, "w": w}, codes, status=status)).frontier
     assert f["pareto"].tolist() == [True, False] and np.isnan(f["overall"].iloc[1])
+
+
+# ---------------------------------------------------------------- positive errors, positive intervals
+
+
+def test_means_of_errors_get_positive_log_scale_intervals():
+    """Errors are positive: each group's mean and the overall mean get exp(log m +- q se / m) (closed form for
+    a seed part alone), where the plain t interval (what was reported) went below 0 with seeds that disagree."""
+    rng = np.random.default_rng(20)
+    per_seed = np.array([[0.004, 0.006], [0.012, 0.015], [0.020, 0.025]])  # three seeds that stopped far apart
+    codes = np.repeat([0, 1], [40, 40])
+    values = per_seed[:, codes] * rng.uniform(0.999, 1.001, (3, 80))
+    result = synthetic_result({"learned-sigma": values}, codes)
+    table = stats.group_intervals(result).set_index("group")
+    for g, name in enumerate("ab"):
+        m = values[:, codes == g].mean()
+        c = stats.Moments.of(values, codes, 2).contrast(np.eye(2)[g])
+        assert c.low(0.025) < 0  # the old interval: an impossible negative MSE
+        half = sps.t.isf(0.025, 2) * np.std(values[:, codes == g].mean(1), ddof=1) / np.sqrt(3) / m
+        np.testing.assert_allclose(table.loc[name, ["ci_low", "ci_high"]], m * np.exp([-half, half]), rtol=1e-4)
+        assert 0 < table.loc[name, "ci_low"] < table.loc[name, "mean"] < table.loc[name, "ci_high"] < np.inf
+    f = stats.analyse(result).frontier.iloc[0]
+    assert 0 < f.overall_low < f.overall < f.overall_high < np.inf
+    # psnr is in dB (either sign, a log scale already): its interval stays the plain one
+    psnr = stats.group_intervals(result, metric="psnr").set_index("group")
+    c = stats.Moments.of(-10 * np.log10(values), codes, 2).contrast(np.array([1.0, 0.0]))
+    assert psnr.loc["a", "ci_low"] == pytest.approx(c.low(0.025), rel=1e-12)
+
+
+def test_coverage_of_the_log_scale_means_when_seeds_disagree():
+    """The quick version of benchmarks/coverage.py's "unstable" regime (3 seeds; the plain t interval of a
+    group mean went below 0 in about half the audits): the log-scale intervals still cover."""
+    rng = np.random.default_rng(21)
+    rows = pd.DataFrame(
+        [coverage.replicate(rng, seeds=3, groups=2, regime=coverage.REGIMES["unstable"]) for _ in range(400)]
+    )
+    assert rows.mean_plain_below_zero.mean() > 0.3  # the regime is what it says
+    # nominal 0.95; 0.92 is 2.8 binomial standard errors (0.011 at 400 replicates) below it
+    assert rows.mean_covered.mean() >= 0.92 and rows.overall_covered.mean() >= 0.92
+    truth = coverage.MEANS[2][1] / coverage.MEANS[2][0]
+    assert ((rows.ratio_low <= truth) & (truth <= rows.ratio_high)).mean() >= 0.92
+    assert np.isfinite(rows.ratio_high).all() and (~np.isfinite(rows.fieller_high)).mean() > 0.2  # Fieller: unbounded
+
+
+def test_the_relative_gap_is_the_ratio_interval_on_every_surface():
+    """One gap, one interval: the verdict table, the headline, the frontier table and the gate all show the
+    ratio's interval (as ratio - 1 where relative), not the gap's interval over the reference's point mean."""
+    from fairrecon import gate
+    from fairrecon.report import frontier_table, headline, relative_gap, verdict_table
+
+    rng = np.random.default_rng(22)
+    values, codes = simulate(rng, seeds=5, n=(80, 60), means=(0.010, 0.013), seed_sd=0.0003)
+    other, _ = simulate(rng, seeds=5, n=(80, 60), means=(0.010, 0.010))
+    analysis = stats.analyse(synthetic_result({"l1": values, "l2": other}, codes))
+    d = analysis.disparities.set_index("loss").loc["l1"]
+    assert d.verdict == stats.CLEAR
+    pct = lambda v: f"{v:+.1%}"  # noqa: E731
+    ratio_text = f"{pct(d.ratio_low - 1)} to {pct(d.ratio_high - 1)}"
+    old_text = f"{pct(d.gap_low / d.reference_mean)} to {pct(d.gap_high / d.reference_mean)}"
+    assert ratio_text != old_text
+    row = verdict_table(analysis).set_index("loss").loc["l1"]
+    assert row["worse by"] == pct(d.ratio - 1) and row.iloc[4] == ratio_text
+    assert f"interval {ratio_text})" in headline(analysis) and old_text not in headline(analysis)
+    assert relative_gap(analysis.disparities.itertuples().__next__()) == (pct(d.ratio - 1), ratio_text)
+    frontier = frontier_table(analysis).set_index("loss").loc["l1"]
+    assert frontier.iloc[3] == f"{d.ratio_low:.3g} to {d.ratio_high:.3g}"
+    message = gate.check(analysis, max_ratio=1.0).message
+    assert f"ratio {d.ratio:.4g} [{d.ratio_low:.4g}, {d.ratio_high:.4g}]" in message
+
+
+def test_a_tiny_group_leaves_the_valid_pair_shown():
+    """A group with one test image has no image variance: the other groups' pair is still shown (its ratio
+    and interval), the verdict is "insufficient data" naming the tiny group, and no table says "-n/a dB"."""
+    from fairrecon.report import error_table
+
+    rng = np.random.default_rng(23)
+    values, codes = simulate(rng, seeds=3, n=(50, 40, 1), means=(0.010, 0.013, 0.011))
+    analysis = stats.analyse(synthetic_result({"l1": values}, codes, names=("a", "b", "c")))
+    row = analysis.disparities.iloc[0]
+    assert (row.worst, row.reference) == ("b", "a") and np.isfinite(row.ratio) and np.isfinite(row.ratio_high)
+    assert row.verdict == stats.INSUFFICIENT and "c (n=1)" in row.warnings
+    table = error_table(analysis)
+    assert table["worst/best"].iloc[0] == f"{row.ratio:.3g}" and "n/a dB" not in table.to_string()
+    psnr = error_table(stats.analyse(synthetic_result({"l1": values}, codes, names=("a", "b", "c")), metric="psnr"))
+    assert psnr["worst/best"].iloc[0].endswith(" dB") and "n/a" not in psnr["worst/best"].iloc[0]
+
+
+def test_the_frontier_figure_stays_readable():
+    """Axes span the points and their intervals: no 1e6 y axis, no negative x axis (issue 20's figure)."""
+    from fairrecon.figures import frontier_figure
+
+    frontier = pd.DataFrame(
+        {
+            "loss": ["a", "b", "c"],
+            "metric": "mse",
+            "overall": [0.010, 0.012, 0.0095],
+            "overall_low": [0.009, 0.004, 0.009],
+            "overall_high": [0.011, 0.036, 0.0101],
+            "ratio": [1.1, 1.3, 1.05],
+            "ratio_low": [1.0, 0.5, 0.98],
+            "ratio_high": [1.2, np.inf, 1.12],
+            "pareto": [False, False, True],
+        }
+    )
+    ax = frontier_figure(frontier).axes[0]
+    low, high = ax.get_ylim()
+    assert 0 <= low < 0.5 and 1.3 < high < 2.5
+    assert ax.get_xlim()[0] >= 0 and ax.get_xlim()[1] < 0.05
+    assert any(t.get_text() == "no upper bound" for t in ax.texts)
+
+
+# ---------------------------------------------------------------- loss against loss
+
+
+def test_paired_moments_of_one_loss_are_the_moments():
+    rng = np.random.default_rng(24)
+    values, codes = simulate(rng, seeds=4, n=(50, 40), means=(0.010, 0.013))
+    w = np.array([1.0, -1.3])
+    one, paired = stats.Moments.of(values, codes, 2).contrast(w), stats.PairedMoments.of([values], codes, 2)
+    two = paired.contrast(w[None, :])
+    assert two.estimate == pytest.approx(one.estimate, rel=1e-12)
+    np.testing.assert_allclose(two.variances, one.variances, rtol=1e-12)
+    np.testing.assert_array_equal(two.dfs, one.dfs)
+
+
+def test_paired_variance_keeps_each_seed_and_image_together():
+    """Two losses on the same seeds and images: the variance of their difference, recomputed with pandas from
+    its two stated parts, is far smaller than the two losses' variances added (what unpaired intervals do)."""
+    rng = np.random.default_rng(25)
+    a, codes = simulate(rng, seeds=5, n=(60, 50), means=(0.010, 0.012))
+    b = a * rng.normal(1.0, 0.02, a.shape)  # the same seeds' models and the same images, nearly the same errors
+    w = np.array([[1.0, -1.0], [-1.0, 1.0]])  # (a's gap) - (b's gap)
+    c = stats.PairedMoments.of([a, b], codes, 2).contrast(w)
+    df = pd.DataFrame((a - b).T).assign(group=codes)
+    per_seed = df.groupby("group").mean().T
+    seed_part = (per_seed[1] - per_seed[0]).var(ddof=1) / 5
+    image_part = (df.drop(columns="group").mean(axis=1).groupby(df["group"]).var(ddof=1) / [60, 50]).sum()
+    assert c.se**2 == pytest.approx(seed_part + image_part, rel=1e-10)
+    unpaired = sum(stats.Moments.of(v, codes, 2).pair(1, 0).se ** 2 for v in (a, b))
+    assert c.se**2 < unpaired / 10
+
+
+def test_loss_contrasts_by_hand_and_their_words():
+    """The ratio of two losses' worst/best ratios with its paired log-scale interval, recomputed by hand; the
+    verdict words; a failed seed paired out of both; images that differ refused; the reference loss chosen."""
+    from fairrecon.report import contrast_sentence, headline
+
+    rng = np.random.default_rng(26)
+    l2, codes = simulate(rng, seeds=4, n=(60, 50), means=(0.010, 0.012), seed_sd=0.0003)
+    worse = l2 * np.where(codes == 1, 1.25, 1.0) * rng.normal(1, 0.01, l2.shape)
+    alike = l2 * rng.normal(1, 0.01, l2.shape)
+    analysis = stats.analyse(synthetic_result({"l1": worse, "l2": l2, "mix": alike}, codes))
+    assert analysis.reference_loss == "l2" and analysis.contrast_m == 2
+    c = analysis.contrasts.set_index("loss")
+    assert list(c.index) == ["l1", "mix"] and c.loc["l1", "verdict"] == stats.LESS_FAIR
+    assert c.loc["mix", "verdict"] == stats.NOT_DIFFERENT
+    d = analysis.disparities.set_index("loss")
+    assert c.loc["l1", "ratio"] == pytest.approx(d.loc["l1", "ratio"] / d.loc["l2", "ratio"], rel=1e-12)
+    # by hand: per seed, the log ratio of ratios linearised at the means; per image, the same with seed-averaged
+    # errors; the two parts, Cochran-Cox's critical value at the family's tail (2 contrasts, two-sided)
+    ma = [worse[:, codes == g].mean() for g in (0, 1)]
+    mb = [l2[:, codes == g].mean() for g in (0, 1)]
+    lin = lambda v, m, g: v / m[g]  # noqa: E731
+    seed_c = [
+        lin(worse[s, codes == 1].mean(), ma, 1)
+        - lin(worse[s, codes == 0].mean(), ma, 0)
+        - lin(l2[s, codes == 1].mean(), mb, 1)
+        + lin(l2[s, codes == 0].mean(), mb, 0)
+        for s in range(4)
+    ]
+    parts = [np.var(seed_c, ddof=1) / 4]
+    for g, sign in ((0, -1), (1, 1)):
+        z = sign * (worse.mean(0)[codes == g] / ma[g] - l2.mean(0)[codes == g] / mb[g])
+        parts.append(z.var(ddof=1) / (codes == g).sum())
+    dfs = [3, 59, 49]
+    q = np.dot(parts, sps.t.isf(0.05 / 2 / 2, dfs)) / np.sum(parts)
+    log_rr = np.log(ma[1] / ma[0]) - np.log(mb[1] / mb[0])
+    np.testing.assert_allclose(
+        c.loc["l1", ["low", "high"]].astype(float),
+        np.exp(log_rr + np.array([-1, 1]) * q * np.sqrt(np.sum(parts))),
+        rtol=1e-10,
+    )
+    sentence = contrast_sentence(analysis.contrasts.itertuples().__next__())
+    assert sentence.startswith("l1 is clearly less fair than l2: its worst/best error ratio is")
+    assert headline(analysis).startswith(sentence)
+    # a failed seed of either loss: paired on the seeds ok under both, and said; the verdict still given
+    failed = synthetic_result({"l1": worse, "l2": l2}, codes, status={("l1", 2): "failed: nan"})
+    row = stats.analyse(failed).contrasts.iloc[0]
+    assert row.seeds == 3 and "paired on the 3 seed(s) ok under both losses (seed(s) 2 left out" in row.warnings
+    assert row.verdict == stats.LESS_FAIR
+    assert stats.analyse(failed).disparities.set_index("loss").loc["l1", "verdict"] == stats.INSUFFICIENT
+    # the reference loss: named, recorded, l2, else the first; one loss: none
+    named = stats.analyse(synthetic_result({"l1": worse, "l2": l2, "mix": alike}, codes), reference_loss="mix")
+    assert named.reference_loss == "mix" and list(named.contrasts["loss"]) == ["l1", "l2"]
+    assert stats.analyse(synthetic_result({"a": worse, "b": l2}, codes)).reference_loss == "a"
+    recorded = synthetic_result({"a": worse, "b": l2}, codes)
+    recorded.info["reference_loss"] = "b"
+    assert stats.analyse(recorded).reference_loss == "b"
+    assert stats.analyse(synthetic_result({"a": worse}, codes)).contrasts.empty
+    with pytest.raises(UserError, match="reference loss 'l9'"):
+        stats.analyse(synthetic_result({"a": worse, "b": l2}, codes), reference_loss="l9")
+    shifted = synthetic_result({"l1": worse, "l2": l2}, codes)
+    shifted.samples.loc[shifted.samples["loss"] == "l1", "index"] += 1
+    with pytest.raises(UserError, match="not scored on the same test images"):
+        stats.analyse(shifted)
+
+
+def test_paired_contrast_covers_under_a_shared_seed_and_image_null():
+    """The quick version of benchmarks/coverage.py's contrasts section: two losses with equal ratios on the
+    same seeds and images (seed luck correlated, images shared), 3 seeds; and the paired interval is narrower
+    than adding the two losses' variances."""
+    rng = np.random.default_rng(27)
+    rows = pd.DataFrame(
+        [
+            coverage.contrast_replicate(rng, seeds=3, scenario="null, both unfair", regime=coverage.REGIMES["mixed"])
+            for _ in range(400)
+        ]
+    )
+    assert rows.covered.mean() >= 0.92  # nominal 0.95; 2.8 binomial SE below it
+    assert (rows.width / rows.unpaired_width).median() < 0.9
+
+
+# ---------------------------------------------------------------- tails
+
+
+def test_a_heavy_tail_warns_with_a_sensitivity_line():
+    """2 of 180 images 50x worse in one group: the warning names the group, how many images and their share of
+    its summed error (computed here by hand), and the ratio without each group's top 1% (recomputed by hand);
+    a clean audit does not warn."""
+    rng = np.random.default_rng(28)
+    values, codes = coverage.simulate(rng, seeds=4, means=(0.010, 0.011), n=180, **coverage.REGIMES["mixed"])
+    clean = stats.analyse(synthetic_result({"l1": values}, codes)).disparities.iloc[0]
+    assert clean.tail_share < stats.TAIL_SHARE and "heavy tail" not in clean.warnings
+    hit = np.flatnonzero(codes == 1)[[3, 77]]
+    values[:, hit] *= 50
+    row = stats.analyse(synthetic_result({"l1": values}, codes)).disparities.iloc[0]
+    group = values.mean(0)[codes == 1]
+    share = np.sort(group)[-2:].sum() / group.sum()
+    assert (row.tail_group, row.tail_images) == ("b", 2) and row.tail_share == pytest.approx(share, rel=1e-12)
+    assert f"heavy tail: in group b the top 2 image(s) (1% of the group) carry {share:.0%}" in row.warnings
+    keep = np.ones(len(codes), dtype=bool)
+    for g in (0, 1):
+        idx = np.flatnonzero(codes == g)
+        keep[idx[np.argsort(values.mean(0)[idx])[-2:]]] = False
+    trimmed = values[:, keep][:, codes[keep] == 1].mean() / values[:, keep][:, codes[keep] == 0].mean()
+    assert row.trimmed_ratio == pytest.approx(trimmed, rel=1e-12) and row.trimmed_ratio < row.ratio
+    assert f"ratio {trimmed:.3g} [" in row.warnings and "(a sensitivity line, not the verdict)" in row.warnings
+
+
+# ---------------------------------------------------------------- what the texts say
+
+
+def test_texts_for_one_trained_model_and_fixed_test_sets():
+    """One trained model: "over test images only", no "training randomness"; low power advice that fits the
+    dataset: add images to a folder; a torchvision test set is fixed, so it says what can be done instead."""
+    rng = np.random.default_rng(29)
+    values, codes = simulate(rng, seeds=1, n=(60, 50), means=(0.010, 0.0102), image_sd=0.004)
+    result = synthetic_result({"model": values}, codes)
+    result.info["external_model"] = "model"
+    result.spec = result.spec.replace(dataset="folder")
+    analysis = stats.analyse(result)
+    row = analysis.disparities.iloc[0]
+    assert analysis.method.startswith("Intervals over test images only") and "training seeds" not in analysis.method
+    assert row.verdict == stats.NO_CLEAR and "low power" in row.warnings
+    assert "training randomness" not in row.warnings and "add images to the folder" in row.warnings
+    seeds, _ = simulate(rng, seeds=4, n=(60, 50), means=(0.010, 0.0102), image_sd=0.004, seed_sd=0.00001)
+    fixed = synthetic_result({"l1": seeds}, codes)
+    fixed.spec = fixed.spec.replace(dataset="fashion-mnist")
+    w = stats.analyse(fixed).disparities.iloc[0].warnings
+    assert "fashion-mnist's test set is fixed" in w and "add test images" not in w
+
+
+def test_renamed_helpers():
+    assert stats.group_order(synthetic_result({"l1": np.ones((2, 4))}, np.array([0, 0, 1, 1]))) == ("a", "b")
+    assert not hasattr(stats, "group_names") and not hasattr(stats, "COLUMNS")
+    assert stats.DISPARITY_COLUMNS[:4] == ["loss", "metric", "reference", "worst"]
