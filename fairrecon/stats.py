@@ -166,6 +166,13 @@ def loss_errors(result, *, metric: str = "mse", losses: list[str] | None = None)
     return out
 
 
+def _by_loss(result, metric: str, losses: list[str], errors: list[LossErrors] | None) -> dict[str, LossErrors]:
+    """The named losses' LossErrors by loss: from `errors` when the caller has them (`analyse`), else computed."""
+    if errors is None:
+        errors = loss_errors(result, metric=metric, losses=losses)
+    return {le.loss: le for le in errors if le.loss in losses}
+
+
 def to_metric_frame(result, loss: str, *, metric: str = "mse", seed: int | None = None):
     """fairlearn MetricFrame of the mean per-image `metric` by group, for one loss (all ok seeds, or one)."""
     from fairlearn.metrics import MetricFrame
@@ -384,12 +391,14 @@ def hypotheses_per_loss(n_groups: int, ref: int | None, two_sided: bool) -> int:
 # ---------------------------------------------------------------- the analysis
 
 
-def group_intervals(result, *, metric: str = "mse", policy: Policy = POLICY) -> pd.DataFrame:
+def group_intervals(
+    result, *, metric: str = "mse", policy: Policy = POLICY, errors: list[LossErrors] | None = None
+) -> pd.DataFrame:
     """One row per (loss, group): mean error and its (1 - alpha) two-sided interval (one group alone: no
     correction). Errors of a positive metric get the log-scale interval (`Contrast.positive_interval`:
     positive, finite); psnr (dB, already a log scale) the plain one."""
     rows = []
-    for le in loss_errors(result, metric=metric):
+    for le in errors if errors is not None else loss_errors(result, metric=metric):
         mom = Moments.of(le.values, le.codes, len(le.names), seed_part=not _external(result))
         for g, name in enumerate(le.names):
             c = mom.contrast(np.eye(len(le.names))[g])
@@ -588,15 +597,23 @@ def analyse(
 ) -> Analysis:
     """The statistics of a result, once: per-group intervals, one decided row per loss, and each loss
     against `reference_loss` (default: the one the result records, else l2 when present, else the first)."""
+    errors = loss_errors(result, metric=metric)  # once, for every table below
     table = disparities(
-        result, metric=metric, policy=policy, reference=reference, losses=losses, adjusted=adjusted, pca=pca
+        result,
+        metric=metric,
+        policy=policy,
+        reference=reference,
+        losses=losses,
+        adjusted=adjusted,
+        pca=pca,
+        errors=errors,
     )
     names = group_order(result)
     ref = None if reference == "best" else names.index(reference)
     family = tuple(family_losses(result, losses))
     analysis = Analysis(
         metric,
-        group_intervals(result, metric=metric, policy=policy),
+        group_intervals(result, metric=metric, policy=policy, errors=errors),
         table,
         policy,
         reference,
@@ -609,8 +626,8 @@ def analyse(
     chosen = choose_reference_loss(result, family, reference_loss)
     return replace(
         analysis,
-        frontier=frontier(result, analysis),
-        contrasts=loss_contrasts(result, table, metric=metric, policy=policy, reference_loss=chosen),
+        frontier=frontier(result, analysis, errors=errors),
+        contrasts=loss_contrasts(result, table, metric=metric, policy=policy, reference_loss=chosen, errors=errors),
         reference_loss=chosen,
     )
 
@@ -644,7 +661,7 @@ FRONTIER_COLUMNS = [
 ]
 
 
-def frontier(result, analysis: Analysis) -> pd.DataFrame:
+def frontier(result, analysis: Analysis, *, errors: list[LossErrors] | None = None) -> pd.DataFrame:
     """The fairness-accuracy frontier: one row per loss of the analysis, its overall held-out error (the mean
     over seeds and every test image) against its worst/best ratio.
 
@@ -657,7 +674,7 @@ def frontier(result, analysis: Analysis) -> pd.DataFrame:
     every pareto is False.
     """
     d = analysis.disparities.set_index("loss")
-    errors = {le.loss: le for le in loss_errors(result, metric=analysis.metric, losses=list(analysis.losses))}
+    errors = _by_loss(result, analysis.metric, list(analysis.losses), errors)
     external = _external(result)
     rows = []
     for loss in analysis.losses:
@@ -697,6 +714,7 @@ def disparities(
     losses: list[str] | None = None,
     adjusted: bool = False,
     pca: pd.DataFrame | None = None,
+    errors: list[LossErrors] | None = None,
 ) -> pd.DataFrame:
     """One row per loss of the family: the worst group's gap and ratio against the reference, decided by `policy`.
 
@@ -724,7 +742,7 @@ def disparities(
     """
     _check_metric(metric)
     family = family_losses(result, losses)
-    errors = {le.loss: le for le in loss_errors(result, metric=metric, losses=losses)}
+    errors = _by_loss(result, metric, family, errors)
     names = group_order(result)
     if reference != "best" and reference not in names:
         raise UserError(f"reference group '{reference}' not in this result; groups: {', '.join(names)} (or 'best')")
@@ -907,6 +925,7 @@ def loss_contrasts(
     metric: str = "mse",
     policy: Policy = POLICY,
     reference_loss: str | None = None,
+    errors: list[LossErrors] | None = None,
 ) -> pd.DataFrame:
     """Each loss of `table` (a `disparities` table) against `reference_loss`, paired by seed and test image.
 
@@ -923,7 +942,7 @@ def loss_contrasts(
     """
     if reference_loss is None or table.empty:
         return pd.DataFrame(columns=CONTRAST_COLUMNS)
-    errors = {le.loss: le for le in loss_errors(result, metric=metric, losses=list(table["loss"]))}
+    errors = _by_loss(result, metric, list(table["loss"]), errors)
     rows_of = table.set_index("loss")
     others = [loss for loss in table["loss"] if loss != reference_loss]
     m = len(others)
