@@ -387,6 +387,7 @@ def check(
                 "passed": outcome.passed,
                 "message": outcome.message,
                 "disparities": verdict_records(outcome.table),
+                "loss_contrasts": verdict_records(outcome.contrasts),
                 "warnings": _warnings(result),
             }
         )

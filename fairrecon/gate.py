@@ -51,6 +51,7 @@ class Outcome:
     outcomes: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=OUTCOME_COLUMNS))  # per check
     thresholds: dict[str, float | None] = field(default_factory=dict)
     policy: dict[str, Any] = field(default_factory=dict)  # stats.Analysis.policy_record()
+    contrasts: pd.DataFrame | None = None  # the analysis' loss contrasts, one row per loss against the reference
 
     @property
     def passed(self) -> bool:
@@ -147,7 +148,8 @@ def check(
         head, code = f"insufficient data for {', '.join(short)}: no verdict{others}", INSUFFICIENT
     else:
         head, code = f"pass: every checked interval is below its threshold with {confidence}", PASS
-    return Outcome(code, "\n".join([head, *lines]), table, outcomes, thresholds, analysis.policy_record())
+    record = analysis.policy_record()
+    return Outcome(code, "\n".join([head, *lines]), table, outcomes, thresholds, record, analysis.contrasts)
 
 
 def _combine(outcomes: pd.Series) -> str:

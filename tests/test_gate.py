@@ -341,3 +341,26 @@ def test_every_verdict_surface_agrees(audits, tmp_path, capsys):
         seen_contrasts.add(contrast["verdict"])
     assert seen == {stats.CLEAR, stats.NO_CLEAR, stats.INSUFFICIENT}  # every verdict was exercised
     assert seen_contrasts == {stats.LESS_FAIR, stats.FAIRER, stats.NOT_DIFFERENT}
+
+
+def test_the_reference_loss_is_recorded_and_kept(tmp_path, capsys):
+    """`audit --reference-loss l1` compares with l1 on every surface and records it, so a plain `report` keeps
+    it; `report --reference-loss` with another loss writes elsewhere only (else its reports would disagree with
+    the folder's summary.json)."""
+    out = tmp_path / "audit"
+    code, terminal, err = _main(
+        capsys, "audit", "--seeds", "2", "--epochs", "1", "--batch-size", "64", "--latent", "4", "--hidden", "32",
+        "--device", "cpu", "--threads", "1", "--losses", "l1,l2", "--limit", "300", "--test-limit", "120",
+        "--reference-loss", "l1", "--quiet", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["policy"]["reference_loss"] == "l1" and summary["verdict"].startswith("l2 ")
+    assert [(c["loss"], c["reference"]) for c in summary["loss_contrasts"]] == [("l2", "l1")]
+    assert terminal.lstrip().startswith(summary["verdict"])
+    code, terminal, err = _main(capsys, "report", out)
+    assert code == 0 and terminal.startswith(summary["verdict"]), err
+    code, _, err = _main(capsys, "report", out, "--reference-loss", "l2")
+    assert code == 2 and "write them elsewhere with --out" in err
+    code, terminal, err = _main(capsys, "report", out, "--reference-loss", "l2", "--out", tmp_path / "other")
+    assert code == 0 and terminal.startswith("l1 ") and (tmp_path / "other" / "report.md").is_file(), err
