@@ -1,7 +1,7 @@
 """Coverage of fairrecon's intervals, measured: synthetic per-image errors with a known truth, pushed
 through the real statistics code (`fairrecon.stats`: `Moments` and `PairedMoments`, the Cochran-Cox t
-quantiles, the log-scale intervals of means and ratios that `analyse` and the gate use, and the loss
-contrasts and tail diagnostics of `disparities` / `loss_contrasts`).
+quantiles, the log-scale intervals of means and the Fieller ratios that `analyse` and the gate use, and
+the loss contrasts and tail diagnostics of `disparities` / `loss_contrasts`).
 
 Each simulated audit has S seeds scored on the same n test images per group. Image i of group g
 under seed s has error
@@ -17,8 +17,8 @@ log-normal, except in the "stopped early" regime, where a third of the seeds hav
 Sections (`--section`):
 
   intervals  per regime, seed count (2, 3, 5, 10) and group count (2, 3): coverage of the two-sided 95%
-             interval of the last-vs-first gap (plain scale) and ratio (log scale, as reported; and the
-             Fieller interval it replaced: its coverage and how often its upper end was infinite), of each
+             interval of the last-vs-first gap and ratio (Fieller, as reported: how often its upper end is
+             infinite; and a log-scale delta-method ratio interval, always bounded, for comparison), of each
              group's mean and the overall mean (log scale, as reported; and the plain t interval they
              replaced: how often its lower end was below 0), the family-wise coverage of all three
              pairs' Bonferroni intervals for 3 groups, and widths against an oracle interval that knows
@@ -30,9 +30,10 @@ Sections (`--section`):
              (the two ratios' variances added as if independent), and how often it says "clearly ...".
   tails      one-sided outliers: a share of the images of the worse group (or, for the null, of both)
              k times worse, on log-normal image difficulty of log-sd 0.45 (measured on real audits) or
-             0.8 (a heavy tail), and clean tails of growing weight: coverage of the ratio interval, the
-             top-1% share of the error (`stats.TAIL_SHARE` warns above it), how often the warning fires,
-             coverage with and without it, and the null's "clear gap" rate.
+             0.8 (a heavy tail), and clean tails of growing weight: coverage of the ratio interval (and of
+             the log-scale one, for comparison, and of the sensitivity line's interval without each group's
+             top 1%, against the same truth), of the worse group's mean (log scale; plain t), the top-1% share of the error (`stats.TAIL_SHARE` warns above it), how
+             often the warning fires, coverage when it stays silent, and the "clear gap" rate.
 
     python benchmarks/coverage.py                        # every section, about 10 minutes on one core
     python benchmarks/coverage.py --section intervals --reps 500
@@ -143,7 +144,7 @@ def replicate(rng, *, seeds: int, groups: int, regime: dict, n: int = N_PER_GROU
         "ratio": mom.mean[last] / mom.mean[0],
     }
     out["ratio_low"], out["ratio_high"] = mom.ratio_interval(last, 0, TAIL)
-    out["fieller_low"], out["fieller_high"] = fieller(mom, last, 0, TAIL)
+    out["log_low"], out["log_high"] = log_ratio_interval(mom, last, 0, TAIL)
     mean_hits, plain_hits, below_zero = [], [], []
     for g in range(groups):
         c = mom.contrast(np.eye(groups)[g])
@@ -173,32 +174,15 @@ def replicate(rng, *, seeds: int, groups: int, regime: dict, n: int = N_PER_GROU
     return out
 
 
-def fieller(mom: Moments, g: int, h: int, tail: float) -> tuple[float, float]:
-    """The Fieller interval of mu_g / mu_h that fairrecon used before (for comparison): the ratios R >= 0
-    whose contrast mu_g - R mu_h is not rejected at `tail` on either side, by bisection; inf when unbounded."""
-
-    def contrast(r: float) -> stats.Contrast:
-        w = np.zeros(len(mom.mean))
-        w[g], w[h] = 1.0, -r
-        return mom.contrast(w)
-
-    def bisect(pred, lo: float, hi: float) -> float:
-        at_lo = pred(lo)
-        for _ in range(100):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if pred(mid) == at_lo else (lo, mid)
-        return 0.5 * (lo + hi)
-
-    point = mom.mean[g] / mom.mean[h]
-    above = lambda r: contrast(r).low(tail) > 0  # noqa: E731  (R is still clearly below the ratio)
-    below = lambda r: contrast(r).high(tail) < 0  # noqa: E731  (R is clearly above it)
-    low = bisect(above, 0.0, point) if above(0.0) else 0.0
-    high = point
-    while not below(high):
-        high *= 2
-        if high > 1e12 * point:
-            return low, np.inf
-    return low, bisect(below, point, high)
+def log_ratio_interval(mom: Moments, g: int, h: int, tail: float) -> tuple[float, float]:
+    """The alternative measured beside Fieller's: exp(log(m_g / m_h) +- q se), se by the delta method (the
+    contrast with weights 1 / m_g and -1 / m_h: the same two parts, Cochran-Cox's q). Always bounded."""
+    w = np.zeros(len(mom.mean))
+    w[g], w[h] = 1.0 / mom.mean[g], -1.0 / mom.mean[h]
+    c = mom.contrast(w)
+    half = c.quantile(tail) * c.se
+    point = np.log(mom.mean[g] / mom.mean[h])
+    return float(np.exp(point - half)), float(np.exp(point + half))
 
 
 def cell(rng, *, seeds: int, groups: int, regime: str, reps: int) -> dict:
@@ -208,7 +192,7 @@ def cell(rng, *, seeds: int, groups: int, regime: str, reps: int) -> dict:
     true_gap, true_ratio = means[-1] - means[0], means[-1] / means[0]
     gap_cov = ((df.gap_low <= true_gap) & (true_gap <= df.gap_high)).mean()
     ratio_cov = ((df.ratio_low <= true_ratio) & (true_ratio <= df.ratio_high)).mean()
-    fieller_cov = ((df.fieller_low <= true_ratio) & (true_ratio <= df.fieller_high)).mean()
+    log_cov = ((df.log_low <= true_ratio) & (true_ratio <= df.log_high)).mean()
     oracle_gap, oracle_ratio = 2 * 1.96 * df.gap.std(), 2 * 1.96 * df.ratio.std()
     oracle_cov = (np.abs(df.gap - true_gap) <= 1.96 * df.gap.std()).mean()
     return {
@@ -218,8 +202,8 @@ def cell(rng, *, seeds: int, groups: int, regime: str, reps: int) -> dict:
         "seed/image": df.seed_over_image.median(),
         "gap cover": gap_cov,
         "ratio cover": ratio_cov,
-        "Fieller cover": fieller_cov,
-        "Fieller unbounded": (~np.isfinite(df.fieller_high)).mean(),
+        "ratio unbounded": (~np.isfinite(df.ratio_high)).mean(),
+        "log-ratio cover": log_cov,
         "family cover": df.family_covered.mean() if "family_covered" in df else np.nan,
         "mean cover": df.mean_covered.mean(),
         "mean cover (plain t)": df.mean_plain_covered.mean(),
@@ -228,7 +212,8 @@ def cell(rng, *, seeds: int, groups: int, regime: str, reps: int) -> dict:
         "overall cover (plain t)": df.overall_plain_covered.mean(),
         "oracle cover": oracle_cov,
         "gap width/oracle": (df.gap_high - df.gap_low).median() / oracle_gap,
-        "ratio width/oracle": (df.ratio_high - df.ratio_low).median() / oracle_ratio,
+        "ratio width/oracle": (df.ratio_high - df.ratio_low)[np.isfinite(df.ratio_high)].median() / oracle_ratio,
+        "log-ratio width/oracle": (df.log_high - df.log_low).median() / oracle_ratio,
     }
 
 
@@ -356,6 +341,11 @@ def tail_replicate(rng, *, seeds: int, scenario: str, regime: dict) -> dict:
     low, high = mom.ratio_interval(1, 0, TAIL)
     return {
         "covered": covers(low, high, truth[1] / truth[0]),
+        "log_covered": covers(*log_ratio_interval(mom, 1, 0, TAIL), truth[1] / truth[0]),
+        "mean_covered": covers(*mom.contrast(np.array([0.0, 1.0])).positive_interval(TAIL), truth[1]),
+        "mean_plain_covered": covers(
+            mom.contrast(np.array([0.0, 1.0])).low(TAIL), mom.contrast(np.array([0.0, 1.0])).high(TAIL), truth[1]
+        ),
         "clear": low > 1 or high < 1,
         "share": tail["tail_share"],
         "trimmed_covered": covers(tail["trimmed_ratio_low"], tail["trimmed_ratio_high"], truth[1] / truth[0]),
@@ -373,6 +363,10 @@ def tails(rng, args) -> pd.DataFrame:
             "scenario": scenario,
             "seeds": seeds,
             "cover": df.covered.mean(),
+            "log-ratio cover": df.log_covered.mean(),
+            "worse group's mean cover": df.mean_covered.mean(),
+            "(plain t)": df.mean_plain_covered.mean(),
+            "trimmed cover": df.trimmed_covered.mean(),
             "clear gap": df.clear.mean(),
             "median top-1% share": df.share.median(),
             "p95 top-1% share": df.share.quantile(0.95),

@@ -194,7 +194,7 @@ def _loss_outcome(row, analysis: stats.Analysis, *, max_ratio, max_gap, adjusted
     out = []
     checks = []
     if max_ratio is not None:
-        said += f"; ratio {row.ratio:.4g} [{row.ratio_low:.4g}, {stats.format_bound(row.ratio_high)}]"
+        said += f"; ratio {row.ratio:.4g} [{row.ratio_low:.4g}, {stats.format_bound(row.ratio_high, 4)}]"
         checks.append(("ratio", row.ratio_lcb, row.ratio_ucb, max_ratio, "max-ratio"))
     if max_gap is not None:
         checks.append(("gap", getattr(row, prefix + "gap_lcb"), getattr(row, prefix + "gap_ucb"), max_gap, "max-gap"))
@@ -207,7 +207,7 @@ def _loss_outcome(row, analysis: stats.Analysis, *, max_ratio, max_gap, adjusted
             reason = f"{quantity} upper bound {ucb:.4g} < {flag} {threshold:g}"
         else:
             reason = (
-                f"{quantity} bounds {lcb:.4g} to {stats.format_bound(ucb)} contain {flag} {threshold:g}: "
+                f"{quantity} bounds {lcb:.4g} to {stats.format_bound(ucb, 4)} contain {flag} {threshold:g}: "
                 "the data cannot tell a gap this size from none"
                 + (f" (detectable gap about {row.mde_relative:.0%})" if np.isfinite(row.mde_relative) else "")
             )

@@ -70,10 +70,10 @@ def html_report(result, analysis: Analysis) -> str:
         f"<title>fairrecon audit: {_e(spec.dataset)}</title>",
         f"<style>{CSS}</style></head><body><main>",
         "<header><h1>fairrecon audit: which group does each loss favour?</h1>",
+        f'<p class="headline">{_e(headline(analysis))}</p>',
         f'<p class="meta">{_e(describe_audit(result).replace("`", ""))} Numbers are {METRIC_LABELS["mse"]}, lower is better. '
         f"{_e(_run_line(result))} Generated {when}.</p></header>",
-        '<h2 class="first" id="answer">Answer</h2>',
-        f'<p class="headline">{_e(headline(analysis))}</p>',
+        '<h2 class="first" id="answer">The answer in numbers</h2>',
         _contrast_html(analysis),
         _verdict_html(verdict),
         f'<p class="note">{_e(analysis.method)}</p>',

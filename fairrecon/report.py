@@ -46,7 +46,7 @@ def verdict_table(analysis: Analysis) -> pd.DataFrame:
 
 def relative_gap(d) -> tuple[str, str]:
     """How much worse the worse group is, and its interval, as text: for a positive metric the ratio's
-    (log-scale) interval minus 1, in percent ('no upper bound' where it has none); for psnr the gap in dB."""
+    (Fieller) interval minus 1, in percent ('no upper bound' where it has none); for psnr the gap in dB."""
     if not positive_metric(d.metric):
         if not np.isfinite(d.gap):
             return "n/a", "n/a"
@@ -55,6 +55,8 @@ def relative_gap(d) -> tuple[str, str]:
         return "n/a", "n/a"
     low = _pct(d.ratio_low - 1)
     if d.ratio_high == np.inf:
+        if d.ratio_low == 0:
+            return _pct(d.ratio - 1), "unbounded (no lower or upper bound: the group means are not clearly above 0)"
         return _pct(d.ratio - 1), f"{low} or more (no upper bound)"
     return _pct(d.ratio - 1), f"{low} to {_pct(d.ratio_high - 1)}"
 
@@ -233,11 +235,11 @@ def markdown_report(result, analysis: Analysis) -> str:
     lines = [
         "# fairrecon audit",
         "",
+        headline(analysis),
+        "",
         describe_audit(result),
         "",
-        f"## The answer ({label}, lower is better)",
-        "",
-        headline(analysis),
+        f"## The answer in numbers ({label}, lower is better)",
         "",
     ]
     if len(analysis.contrasts):

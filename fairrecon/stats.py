@@ -16,13 +16,17 @@ for the seed part, n_g - 1 for each group's image part), so intervals hold with 
 benchmarks/coverage.py; Welch-Satterthwaite's df undercovered there, see `Contrast`). An external
 model (one trained model, no seeds) has the image part only.
 
-Log scale. Errors (MSE, MAE) are positive, so a group's mean, a loss's overall mean and every ratio get
-their intervals on the log scale: log of the estimate +- the critical value times its delta-method
-standard error (the contrast with weights 1 / mean: the same two parts, the same degrees of freedom).
-Both ends are positive and finite. For a positive metric every verdict is decided on the log ratio
-worst / reference: "clear gap" when its interval excludes 0; the relative gap shown everywhere
-(worst / reference - 1) is this interval minus 1. psnr (dB, a log scale already) is decided on the gap.
-The gap in the metric's units keeps its own interval (on the plain scale), read by `check --max-gap`.
+Means (log scale). Errors (MSE, MAE) are positive, so a group's mean and a loss's overall mean get
+their intervals on the log scale: log of the mean +- the critical value times its delta-method standard
+error (se / mean: the same two parts, the same degrees of freedom). Both ends are positive and finite.
+
+Ratios (Fieller). The ratio interval is the set of R >= 0 for which the contrast mu_worst - R mu_ref is
+not rejected, found by bisection. Its lower end exceeds R exactly when the contrast test at R
+rejects, so the ratio interval excludes 1 exactly when the gap interval excludes 0: one test decides.
+Its upper end is infinite when the reference mean is not clearly above 0 at the interval's level ("no
+upper bound"). The relative gap shown everywhere (worst / reference - 1) is this interval minus 1.
+A log-scale (delta method) ratio interval, always bounded, was measured beside it and covered less
+with heavy-tailed images (docs/statistics.md), so Fieller's stays.
 
 Loss against loss (paired). Each loss's worst/reference ratio over the reference loss's, on the log
 scale, with the seeds and the images paired across the two losses (`PairedMoments`).
@@ -37,6 +41,7 @@ methods and their measured coverage: docs/statistics.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import permutations
 
@@ -225,7 +230,7 @@ class Contrast:
 
     def quantile(self, tail: float) -> float:
         """The critical value with `tail` probability above it (scipy.special's t functions: scipy.stats.t's
-        values at a hundredth of the cost, which matters inside `_tail_beyond`'s root finding)."""
+        values at a hundredth of the cost, which matters inside the Fieller bisection)."""
         on = self.variances > 0
         if not on.any():
             return 0.0 if self.variances.sum() == 0 else np.nan
@@ -313,25 +318,48 @@ class Moments:
         dfs = np.concatenate([[max(self.seeds - 1, 1)], self.n[on] - 1.0])
         return Contrast(float(w @ self.mean), variances, dfs)
 
-    def pair(self, g: int, h: int) -> Contrast:
-        """mu_g - mu_h."""
+    def pair(self, g: int, h: int, rho: float = 1.0) -> Contrast:
+        """mu_g - rho mu_h."""
         w = np.zeros(len(self.mean))
-        w[g], w[h] = 1.0, -1.0
+        w[g], w[h] = 1.0, -rho
         return self.contrast(w)
 
-    def log_ratio(self, g: int, h: int) -> Contrast:
-        """log(mu_g / mu_h), with the delta method's variance: the parts of the contrast with weights 1 / mu_g
-        and -1 / mu_h, and their degrees of freedom. NaN unless both means are above 0 (a ratio of errors)."""
-        w = np.zeros(len(self.mean))
-        if not (self.mean[g] > 0 and self.mean[h] > 0):
-            return Contrast(np.nan, np.full(1, np.nan), np.ones(1))
-        w[g], w[h] = 1.0 / self.mean[g], -1.0 / self.mean[h]
-        return replace(self.contrast(w), estimate=float(np.log(self.mean[g] / self.mean[h])))
-
     def ratio_interval(self, g: int, h: int, tail: float) -> tuple[float, float]:
-        """The interval of mu_g / mu_h: the log ratio's, exponentiated (positive and finite)."""
-        c = self.log_ratio(g, h)
-        return float(np.exp(c.low(tail))), float(np.exp(c.high(tail)))
+        """Fieller interval of mu_g / mu_h: the ratios R whose contrast mu_g - R mu_h is not rejected."""
+        return self.ratio_low(g, h, tail), self.ratio_high(g, h, tail)
+
+    def ratio_low(self, g: int, h: int, tail: float) -> float:
+        """Lower end of the Fieller interval, by bisection on "the contrast at R is still clearly > 0".
+
+        When the estimate exceeds 1, R = 1 is made an end of the bracket, so "low > 1" is decided by the
+        very comparison that decides "the gap's low > 0": the ratio and the gap never disagree.
+        """
+        point = self.ratio_point(g, h)
+        if not np.isfinite(point):
+            return np.nan
+        above = lambda r: self.pair(g, h, r).low(tail) > 0  # noqa: E731
+        lo, hi = 0.0, point
+        if point > 1.0:
+            lo, hi = (1.0, point) if above(1.0) else (0.0, 1.0)
+        return _bisect(above, lo, hi)[1] if above(lo) else lo
+
+    def ratio_high(self, g: int, h: int, tail: float) -> float:
+        """Upper end of the Fieller interval (inf when the reference mean is not clearly above 0);
+        "high < 1" is decided by the comparison that decides "the gap's high < 0"."""
+        point = self.ratio_point(g, h)
+        if not np.isfinite(point):
+            return np.nan
+        below = lambda r: self.pair(g, h, r).high(tail) < 0  # noqa: E731
+        lo, hi = point, None
+        if point < 1.0:
+            lo, hi = (point, 1.0) if below(1.0) else (1.0, None)
+        if hi is None:  # step right until rejected from above
+            hi = 2 * lo
+            while not below(hi):
+                lo, hi = hi, 2 * hi
+                if hi > 1e12 * max(point, 1.0):
+                    return np.inf
+        return _bisect(below, lo, hi)[0]
 
     def ratio_point(self, g: int, h: int) -> float:
         """mu_g / mu_h, or NaN unless mu_h > 0 and mu_g >= 0 (a ratio of errors)."""
@@ -373,6 +401,20 @@ class PairedMoments:
         variances = np.array([per_seed.var(ddof=1) / s if s >= 2 else np.nan, *image_v])
         dfs = np.array([max(s - 1, 1), *(len(self.members[g]) - 1.0 for g in on)])
         return Contrast(float((w * self.mean).sum()), variances, dfs)
+
+
+def _bisect(pred: Callable[[float], bool], lo: float, hi: float) -> tuple[float, float]:
+    """Shrink [lo, hi] to floating-point resolution keeping pred(lo) != pred(hi) as it was at the start."""
+    at_lo = pred(lo)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if not lo < mid < hi:
+            break
+        if pred(mid) == at_lo:
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
 
 
 def covered_pairs(groups: list[int], ref: int | None) -> list[tuple[int, int]]:
@@ -549,7 +591,7 @@ class Analysis:
             else "Intervals over training seeds and test images"
         )
         text = (
-            f"{over} (t quantiles, Cochran-Cox; means and ratios on the log scale); "
+            f"{over} (t quantiles, Cochran-Cox; means on the log scale; ratios: Fieller); "
             f"{1 - p.alpha:.0%} confidence for all verdicts together "
             f"({'two-sided' if p.two_sided else 'one-sided'}, {each}). "
             f"'clear gap' means `{check}` cannot pass."
@@ -719,20 +761,18 @@ def disparities(
     """One row per loss of the family: the worst group's gap and ratio against the reference, decided by `policy`.
 
     gap = worst - reference in the metric's bad direction (for psnr: reference dB - worst dB), so
-    gap >= 0 when reference="best"; ratio = worst / reference (positive metrics only, not psnr), with its
-    log-scale interval, the one interval of the relative gap (ratio - 1) on every surface and the one the
-    verdict is decided on. gap_low/gap_high and ratio_low/ratio_high: that pair's intervals at the
-    per-interval level 1 - alpha/m. The decision covers every pair of groups (reference="best") or every
-    group against the named reference, among the groups with at least two test images: ratio_lcb (gap_lcb
-    for psnr) is the largest lower end over those (worse, better) pairs, ratio_ucb the largest upper end;
-    gap_lcb / gap_ucb the same for the gap in the metric's units; the numbers the gate compares with its
-    thresholds (`gate.py`). se: the row pair's standard error on the decision's scale (of the log ratio;
-    of the gap for psnr); seed_share: the part of its variance that training randomness contributes (near
-    1: more seeds narrow the interval; near 0: only more test images do). p_value: the row pair's
-    two-sided test of "no gap" (the one its interval inverts); p_corrected: the family's, min over covered
-    pairs of min(1, m p), < alpha exactly when the verdict is "clear gap". mde_relative: the relative gap
-    the row pair would detect with 80% power (mde: the same in the metric's units; for psnr the gap in dB).
-    tail_*: the group whose top TAIL_FRACTION of images (tail_images of them)
+    gap >= 0 when reference="best"; ratio = worst / reference (positive metrics only, not psnr), with
+    Fieller's interval, the one interval of the relative gap (ratio - 1) on every surface.
+    gap_low/gap_high and ratio_low/ratio_high: that pair's interval at the per-interval level 1 - alpha/m.
+    The decision covers every pair of groups (reference="best") or every group against the named reference,
+    among the groups with at least two test images: gap_lcb / ratio_lcb are the largest lower ends over
+    those (worse, better) pairs (gap_lcb > 0 exactly when ratio_lcb > 1), gap_ucb / ratio_ucb the largest
+    upper ends (ratio_ucb may be inf: no upper bound), the numbers the gate compares with its thresholds
+    (`gate.py`). se: the row pair's standard error; seed_share: the part of its variance that training
+    randomness contributes (near 1: more seeds narrow the interval; near 0: only more test images do).
+    p_value: the row pair's two-sided test of "no gap" (the one its interval inverts); p_corrected: the
+    family's, min over covered pairs of min(1, m p), < alpha exactly when gap_lcb > 0. mde: the gap the row
+    pair would detect with 80% power (mde_relative: over the reference mean). tail_*: the group whose top TAIL_FRACTION of images (tail_images of them)
     carry the largest share of its summed error (tail_share); trimmed_ratio*: the row pair's ratio and
     interval without each group's top TAIL_FRACTION of images (a sensitivity line, not the verdict).
     verdict: see `verdict`; warnings: its reasons and other notes.
@@ -789,22 +829,20 @@ def disparities(
         reasons = insufficient(result, loss, le, pair=pair, external=external)
         if ratio and np.isfinite(row.get("gap_lcb", np.nan)) and not np.isfinite(row.get("ratio_lcb", np.nan)):
             reasons.append("a group's mean error is not above 0: no ratio")
-        row["verdict"] = verdict(lower=row.pop("decision_lcb", np.nan), reasons=reasons)
+        row["verdict"] = verdict(gap_lcb=row.get("gap_lcb", np.nan), reasons=reasons)
         notes = _notes(row, decisive, external, result.spec)
         row["warnings"] = "; ".join(reasons + unconverged(result, loss) + notes)
         rows.append(row)
     return pd.DataFrame(rows, columns=DISPARITY_COLUMNS)
 
 
-def verdict(*, lower: float, reasons: list[str]) -> str:
+def verdict(*, gap_lcb: float, reasons: list[str]) -> str:
     """The words for one loss, used by every surface: "insufficient data" when a check failed (or there
-    is no interval), else "clear gap" when some covered pair's interval excludes "no gap" (`lower`, the
-    largest lower end of the decision's intervals on its own scale, is above 0: the log ratio's for a
-    positive metric, i.e. ratio_lcb > 1, p_corrected < alpha and `check --max-ratio 1` failing; the gap's
-    for psnr), else "no clear gap"."""
-    if reasons or not np.isfinite(lower):
+    is no interval), else "clear gap" when some covered pair's interval excludes "no gap" (gap_lcb > 0,
+    which is ratio_lcb > 1, p_corrected < alpha and `check --max-ratio 1` failing), else "no clear gap"."""
+    if reasons or not np.isfinite(gap_lcb):
         return INSUFFICIENT
-    return CLEAR if lower > 0 else NO_CLEAR
+    return CLEAR if gap_lcb > 0 else NO_CLEAR
 
 
 def _decide(
@@ -819,44 +857,34 @@ def _decide(
     ratio: bool,
 ) -> tuple[str, str] | None:
     """Fill `row` with the row pair's gap, ratio and test and the decision over the covered pairs (among the
-    `valid` groups); return the covered pair with the largest lower end (the one that decides).
-
-    The decision's contrast is the log ratio (positive metrics) or the gap (psnr): its intervals give the
-    ratio's (exponentiated) or the gap's, its test the p-values; the gap's own intervals (gap_low, gap_high,
-    gap_lcb, gap_ucb, in the metric's units) serve `check --max-gap`."""
+    `valid` groups); return the covered pair with the largest lower end (the one that decides)."""
     worst, r = _pick(mom.mean, ref, valid)
+    c = mom.pair(worst, r)
     pairs = covered_pairs(valid, ref)
-    tests = [mom.log_ratio(g, h) if ratio else mom.pair(g, h) for g, h in pairs]
-    d = tests[pairs.index((worst, r))]
-    lows = np.array([t.low(tail) for t in tests])
-    gap = mom.pair(worst, r)
+    lows = np.array([mom.pair(g, h).low(tail) for g, h in pairs])
     row.update(
         reference=names[r],
         worst=names[worst],
-        gap=gap.estimate,
-        gap_low=gap.low(tail),
-        gap_high=gap.high(tail),
-        gap_lcb=float(np.max([mom.pair(g, h).low(tail) for g, h in pairs])),
+        gap=c.estimate,
+        gap_low=c.low(tail),
+        gap_high=c.high(tail),
+        gap_lcb=float(lows.max()),
         gap_ucb=float(np.max([mom.pair(g, h).high(tail) for g, h in pairs])),
-        se=d.se,
-        seed_share=d.seed_share,
-        p_value=d.p_two_sided(),
-        p_corrected=float(np.minimum(1.0, scale * np.min([t.p_greater() for t in tests]))),
-        decision_lcb=float(np.max(lows)),
+        se=c.se,
+        seed_share=c.seed_share,
+        p_value=c.p_two_sided(),
+        p_corrected=float(np.minimum(1.0, scale * np.min([mom.pair(g, h).p_greater() for g, h in pairs]))),
     )
-    detectable = (d.quantile(tail) + d.quantile(1 - POWER)) * d.se  # on the decision's scale
+    row["mde"] = (c.quantile(tail) + c.quantile(1 - POWER)) * c.se
+    row["mde_relative"] = row["mde"] / abs(mom.mean[r]) if ratio and mom.mean[r] != 0 else np.nan
     if ratio:
         row.update(
-            ratio=float(np.exp(d.estimate)),
-            ratio_low=float(np.exp(d.low(tail))),
-            ratio_high=float(np.exp(d.high(tail))),
-            ratio_lcb=float(np.exp(np.max(lows))),
-            ratio_ucb=float(np.exp(np.max([t.high(tail) for t in tests]))),
-            mde_relative=float(np.expm1(detectable)),
-            mde=float(np.expm1(detectable) * mom.mean[r]),
+            ratio=mom.ratio_point(worst, r),
+            ratio_low=mom.ratio_low(worst, r, tail),
+            ratio_high=mom.ratio_high(worst, r, tail),
+            ratio_lcb=float(np.max([mom.ratio_low(g, h, tail) for g, h in pairs])),
+            ratio_ucb=float(np.max([mom.ratio_high(g, h, tail) for g, h in pairs])),
         )
-    else:
-        row.update(mde=detectable, mde_relative=np.nan)
     if np.isnan(lows).all():
         return None
     g, h = pairs[int(np.nanargmax(lows))]
@@ -883,7 +911,7 @@ TAIL_SHARE = 0.10  # above this share, the verdict warns (chosen by benchmarks/c
 
 def _tails(le: LossErrors, worst: int, ref: int, tail: float, *, external: bool = False) -> dict:
     """How much of each group's summed (seed-averaged) error its top TAIL_FRACTION of images carry (the group
-    where it is largest), and the row pair's ratio with its interval without each group's top images."""
+    where it is largest), and the row pair's ratio with its Fieller interval without each group's top images."""
     averaged = le.values.mean(0)
     keep = np.ones(len(averaged), dtype=bool)
     best = {"tail_group": None, "tail_images": 0, "tail_share": np.nan}
@@ -1171,9 +1199,7 @@ def _notes(row: dict, decisive: tuple[str, str] | None, external: bool, spec) ->
 
 
 def _low_power(row: dict) -> bool:
-    """The gap detectable with POWER is larger than the one estimated (on the decision's scale)."""
-    if np.isfinite(row.get("ratio", np.nan)) and np.isfinite(row.get("mde_relative", np.nan)):
-        return bool(np.log1p(row["mde_relative"]) > abs(np.log(row["ratio"])))
+    """The gap detectable with POWER is larger than the one estimated."""
     return bool(row.get("mde", np.nan) > abs(row.get("gap", np.nan)))
 
 
@@ -1193,11 +1219,11 @@ def tail_warning(row) -> str:
     return text
 
 
-def format_bound(v: float) -> str:
+def format_bound(v: float, digits: int = 3) -> str:
     """One end of an interval as text: 'no upper bound' for +inf, 'n/a' for NaN."""
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "n/a"
-    return "no upper bound" if v == np.inf else f"{v:.3g}"
+    return "no upper bound" if v == np.inf else f"{v:.{digits}g}"
 
 
 def more_test_images(spec) -> str:
