@@ -235,15 +235,21 @@ CONTRASTS = {
     "null, both fair": ((0.010, 0.010), (0.010, 0.010)),
     "candidate 9% less fair": ((0.010, 0.012), (0.010, 0.011)),
     "null, reversed groups": ((0.011, 0.010), (0.010, 0.011)),
+    "null, both unfair, 1% of images 50x": ((0.010, 0.011), (0.010, 0.011)),
 }
+CONTRAST_OUTLIERS = {"null, both unfair, 1% of images 50x": (0.01, 50.0)}  # images hard under both losses
 PAIRING = dict(seed_corr=0.7, inter_corr=0.5)  # correlation of two losses' seed luck and interaction (logs)
 
 
-def paired(rng, *, seeds: int, means: tuple, regime: dict, n: int = N_PER_GROUP) -> tuple[list[np.ndarray], np.ndarray]:
+def paired(
+    rng, *, seeds: int, means: tuple, regime: dict, n: int = N_PER_GROUP, outliers: tuple[float, float] | None = None
+) -> tuple[list[np.ndarray], np.ndarray]:
     """Two losses' values (S, N) on the same seeds and images: image difficulty shared, seed luck and the
     seed x image interaction correlated (PAIRING), each factor log-normal with mean 1 per loss."""
     codes = np.repeat([0, 1], n)
     difficulty = lognormal(rng, regime["image"], len(codes))
+    if outliers is not None:  # the same images, in both groups, are `factor` times harder under both losses
+        difficulty = np.where(rng.random(len(codes)) < outliers[0], difficulty * outliers[1], difficulty)
 
     def correlated(sd: float, size, rho: float) -> list[np.ndarray]:
         z0 = rng.normal(size=size)
@@ -261,7 +267,7 @@ def contrast_replicate(rng, *, seeds: int, scenario: str, regime: dict) -> dict:
     loss's own worst/best pair, as the disparities table picks it; the truth is the ratio of the two
     losses' true ratios on those pairs."""
     means = CONTRASTS[scenario]
-    values, codes = paired(rng, seeds=seeds, means=means, regime=regime)
+    values, codes = paired(rng, seeds=seeds, means=means, regime=regime, outliers=CONTRAST_OUTLIERS.get(scenario))
     pm = PairedMoments.of(values, codes, 2)
     rows, truths = [], []
     for k in range(2):
