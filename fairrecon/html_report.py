@@ -27,7 +27,7 @@ from .report import (
     vae_tables,
     verdict_table,
 )
-from .stats import CLEAR, FAIRER, INSUFFICIENT, LESS_FAIR, NO_CLEAR, NOT_DIFFERENT, Analysis
+from .stats import CLEAR, FAIRER, INSUFFICIENT, LESS_FAIR, NO_CLEAR, NOT_DIFFERENT, Analysis, positive_metric
 
 CSS = """
 *{box-sizing:border-box}
@@ -82,9 +82,10 @@ def html_report(result, analysis: Analysis) -> str:
         _figure(
             figs,
             "group_error",
-            "Each point is a group's mean error over seeds and test images; bars: the interval of each group's mean "
-            f"({1 - analysis.policy.alpha:.0%}, one group at a time). "
-            "Panels have their own y scale so that the gap between groups is visible; compare losses in the table. "
+            f"Each point is a group's mean error over {'test images' if analysis.external else 'seeds and test images'}; "
+            f"bars: the interval of each group's mean ({1 - analysis.policy.alpha:.0%}, one group at a time"
+            + ("; on the log scale, as errors are positive). " if positive_metric(analysis.metric) else "). ")
+            + "Panels have their own y scale so that the gap between groups is visible; compare losses in the table. "
             "Overlapping bars do not rule out a gap: both groups share each seed's model, so read the gap's "
             "own interval in the table.",
         ),
