@@ -262,7 +262,8 @@ def report(result_dir, out, reference_loss, as_json) -> int:
 @click.option(
     "--max-contrast",
     type=float,
-    help="Fail if a loss's worst/best ratio over the reference loss's exceeds this (1: no less fair than it).",
+    help="Threshold on each loss's worst/best ratio over the reference loss's (1: as fair as it): pass only "
+    "if the upper end is below it, fail if the lower end is above it.",
 )
 @click.option("--adjusted", is_flag=True, help="Gate the gap in excess of each group's own rank-k PCA error.")
 @click.option(

@@ -34,9 +34,8 @@ scale, with the seeds and the images paired across the two losses (`PairedMoment
 Policy. One `Policy` (alpha, correction, sidedness) decides everywhere. With the Bonferroni
 correction over the family (losses x group pairs), each interval has level 1 - alpha/m and the
 corrected p-value min(1, m p) < alpha exactly when that interval excludes "no gap" (its test is
-the one the interval inverts). The loss
-contrasts are their own family (one hypothesis per loss against the reference loss). The estimands,
-methods and their measured coverage: docs/statistics.md.
+the one the interval inverts). The loss contrasts are their own family (one hypothesis per loss
+against the reference loss). The estimands, methods and their measured coverage: docs/statistics.md.
 """
 
 from __future__ import annotations
