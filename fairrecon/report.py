@@ -90,7 +90,7 @@ def contrast_table(analysis: Analysis) -> pd.DataFrame:
                 "loss": c.loss,
                 "against": c.reference,
                 "its worst/best": _num(c.loss_ratio) if positive else "",
-                "against's worst/best": _num(c.reference_ratio) if positive else "",
+                f"{c.reference}'s worst/best": _num(c.reference_ratio) if positive else "",
                 "ratio of ratios" if positive else "difference of gaps (dB)": _num(
                     c.ratio if positive else c.difference
                 ),
