@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from fairrecon import gate, run_audit, stats
+from fairrecon.errors import ExitCode
 from fairrecon.results import AuditResult
 
 
@@ -132,7 +133,9 @@ def real(args) -> pd.DataFrame:
                             "loss": o.loss,
                             "true ratio": ratio,
                             "threshold": threshold,
-                            "code": {"pass": gate.PASS, "fail": gate.FAIL}.get(o.outcome, gate.INSUFFICIENT),
+                            "code": {"pass": ExitCode.PASS, "fail": ExitCode.FAIL}.get(
+                                o.outcome, ExitCode.INSUFFICIENT
+                            ),
                             "mde": d.mde_relative,
                         }
                     )
@@ -144,10 +147,10 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     share (everything that did not fail), and the median detectable gap."""
     out = (
         df.assign(
-            passed=df.code == gate.PASS,
-            failed=df.code == gate.FAIL,
-            insufficient=df.code == gate.INSUFFICIENT,
-            old_passed=df.code != gate.FAIL,
+            passed=df.code == ExitCode.PASS,
+            failed=df.code == ExitCode.FAIL,
+            insufficient=df.code == ExitCode.INSUFFICIENT,
+            old_passed=df.code != ExitCode.FAIL,
         )
         .groupby(["audit", "true ratio", "threshold"], sort=False)
         .agg(

@@ -2,7 +2,7 @@
 
 Exit status, the same for every command:
   0  pass (or done)
-  1  the gate failed: a group gap exceeds the threshold (`check` only)
+  1  the gate failed: a group gap is above the threshold with confidence (`check` only)
   2  usage or input error: one line on stderr (UserError, click usage errors)
   3  insufficient data to judge (`check`: an interval contains the threshold, a failed cell, a group
      under 30 test images)
@@ -21,27 +21,30 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from .errors import UserError
-from .spec import DATASETS, AuditSpec, field_type, load_spec, parse_losses
+from . import metrics
+from .errors import ExitCode, UserError
+from .fileio import json_default
+from .spec import DATASETS, SCOPE_COMMANDS, AuditSpec, field_type, load_spec, parse_losses
+from .version import __version__
 
-EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INSUFFICIENT, EXIT_INTERNAL = 0, 1, 2, 3, 4
-METRICS = ("mse", "mae", "psnr")  # = stats.METRICS (tests/test_cli.py checks); here so --help needs no torch
 ERROR_LOG = "fairrecon-error.log"
 _results_folder: Path | None = None  # where a command writes or reads results: its internal-error log goes there
 
 
-def spec_options(*scopes: str):
-    """Click options for the AuditSpec fields of the given scopes, built from the spec itself:
-    help text, allowed values (click.Choice) and the default all come from spec.py. Every option
-    defaults to None, meaning "not given": the spec file's value (or the spec default) stands."""
+def spec_options(command_name: str) -> Callable[[Callable], Callable]:
+    """Click options for the AuditSpec fields that `command_name` uses (their scope, spec.SCOPE_COMMANDS),
+    built from the spec itself: help text, allowed values (click.Choice) and the default all come from
+    spec.py. Every option defaults to None, meaning "not given": the spec file's value (or the spec
+    default) stands."""
 
     def decorate(command):
         for f in reversed(dataclasses.fields(AuditSpec)):
-            if f.metadata["scope"] not in scopes:
+            if command_name not in SCOPE_COMMANDS[f.metadata["scope"]]:
                 continue
             flag, kind, choices = "--" + f.name.replace("_", "-"), field_type(f.name), f.metadata["choices"]
             shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
@@ -58,6 +61,19 @@ def spec_options(*scopes: str):
         return command
 
     return decorate
+
+
+def with_defaults(command: Callable) -> Callable:
+    """Fill a command's help with the spec's defaults ({seeds}, {losses}, ...): numbers in help come from
+    spec.py, never from prose that can fall behind it."""
+    defaults = AuditSpec()
+    command.__doc__ = command.__doc__.format(
+        **{
+            f.name: ", ".join(map(str, v)) if isinstance(v := getattr(defaults, f.name), tuple) else v
+            for f in dataclasses.fields(AuditSpec)
+        }
+    )
+    return command
 
 
 def json_option(command):
@@ -78,6 +94,18 @@ def reference_loss_option(command):
     )(command)
 
 
+def metric_option(default: str | None, help_text: str):
+    """--metric: the metrics a verdict may use, from the registry (metrics.py imports no torch, so --help
+    stays fast)."""
+    return click.option(
+        "--metric",
+        type=click.Choice(metrics.VERDICT_METRICS),
+        default=default,
+        show_default=default is not None,
+        help=help_text + " Definitions: `fairrecon metrics`.",
+    )
+
+
 def spec_from(spec_file: str | None, flags: dict) -> AuditSpec:
     """The spec file (or the defaults) with the flags that were given (lists arrive as 'a,b')."""
     return load_spec(spec_file, **flags) if spec_file else AuditSpec().override(**flags)
@@ -89,7 +117,7 @@ def note(message: str) -> None:
 
 
 def print_json(payload: dict) -> None:
-    click.echo(json.dumps(payload, indent=2, default=_json_default))
+    click.echo(json.dumps(payload, indent=2, default=json_default))
 
 
 def verdict_records(disparities) -> list[dict]:
@@ -100,7 +128,7 @@ def verdict_records(disparities) -> list[dict]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="fairrecon")
+@click.version_option(__version__, prog_name="fairrecon")
 def cli() -> None:
     """Audit reconstruction losses for per-group fairness.
 
@@ -111,8 +139,9 @@ def cli() -> None:
 
 
 @cli.command()
+@with_defaults
 @click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
-@spec_options("data", "audit")
+@spec_options("audit")
 @click.option(
     "--force",
     is_flag=True,
@@ -120,6 +149,7 @@ def cli() -> None:
     "different inputs (never a folder that is not fairrecon's).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines: only the final table.")
+@metric_option(metrics.DEFAULT, "Metric of the verdicts (every metric is measured and compared).")
 @reference_loss_option
 @click.option(
     "--threads",
@@ -130,12 +160,12 @@ def cli() -> None:
     "quota). Changes speed, not results.",
 )
 @json_option
-def audit(spec_file, quiet, force, as_json, threads, reference_loss, **flags) -> int:
+def audit(spec_file, quiet, force, as_json, threads, metric, reference_loss, **flags) -> int:
     """Train autoencoders under each loss and measure per-group error on held-out images.
 
-    With no arguments: the bundled digits, groups at mean brightness 0.3 and 0.9,
-    four losses, three seeds. Flags override SPEC_FILE. With --out, finished cells are
-    kept in OUT/cells: run the same command again after an interruption to resume.
+    With no arguments: the {dataset} dataset, groups at mean brightness {targets}, the
+    losses {losses}, {seeds} seeds of {epochs} epochs each. Flags override SPEC_FILE. With --out,
+    finished cells are kept in OUT/cells: run the same command again after an interruption to resume.
 
     \b
     Examples:
@@ -143,14 +173,17 @@ def audit(spec_file, quiet, force, as_json, threads, reference_loss, **flags) ->
       fairrecon audit audits/fashion-mnist-minority.toml --data-root ../shared/datasets --out results/fm
       fairrecon audit --dataset folder --data-root faces/images --labels faces/groups.csv --out results/faces
       fairrecon audit --epochs 5 --seeds 2 --json > verdict.json
+      fairrecon audit --metric rel_mse --out results/relative
     """
     from .audit import run_audit
+    from .bymetric import by_metric
     from .outputs import save_results
     from .progress import Progress
-    from .report import headline, terminal_summary, vae_terminal
+    from .report import headline, metric_caveat, terminal_summary, vae_terminal
     from .stats import analyse
 
     global _results_folder
+    begun = time.perf_counter()  # the command's own clock: the total it prints includes statistics and writing
     spec = spec_from(spec_file, flags)
     _results_folder = Path(spec.out) if spec.out else None
     with Progress(quiet=quiet or as_json) as progress:
@@ -166,17 +199,21 @@ def audit(spec_file, quiet, force, as_json, threads, reference_loss, **flags) ->
         start = time.perf_counter()
         if reference_loss:
             result.info["reference_loss"] = reference_loss  # recorded, so `report` compares with it too
-        analysis = analyse(result, reference_loss=reference_loss)
+        analysis = analyse(result, metric=metric, reference_loss=reference_loss)
+        compared = by_metric(result, analysis)
         result.info["timings"]["stats_s"] = time.perf_counter() - start
         if spec.out:
             progress.log(f"writing {spec.out}/ (tables, summary.json, report.md, report.html)")
-            save_results(result, spec.out, analysis)
+            start = time.perf_counter()
+            save_results(result, spec.out, analysis, compared)
+            written = time.perf_counter() - start
     failed = result.cells[result.cells["status"] != "ok"]
     if as_json:
         print_json(
             {
                 "command": "audit",
                 "out": spec.out,
+                "metric_caveat": metric_caveat(compared),
                 "verdict": headline(analysis),
                 "disparities": verdict_records(analysis.disparities),
                 "loss_contrasts": verdict_records(analysis.contrasts),
@@ -184,7 +221,7 @@ def audit(spec_file, quiet, force, as_json, threads, reference_loss, **flags) ->
             }
         )
     else:
-        click.echo("\n" + terminal_summary(analysis))
+        click.echo("\n" + terminal_summary(analysis, compared))
         if result.vae:
             click.echo("\n" + vae_terminal(result))
     for row in failed.itertuples():
@@ -193,48 +230,58 @@ def audit(spec_file, quiet, force, as_json, threads, reference_loss, **flags) ->
         note("warning: every cell failed; the table above is empty (see the cells' status in summary.json)")
     for warning in result.info.get("warnings", []):
         note(f"warning: {warning}")
+    timings = result.info["timings"]
     note(
-        f"total {result.info['timings']['total_s']:.1f} s on {result.info['device']}, {result.info['threads']} thread(s)"
+        f"total {time.perf_counter() - begun:.1f} s (audit {timings['total_s']:.1f} s, statistics "
+        f"{timings['stats_s']:.1f} s" + (f", writing results {written:.1f} s" if spec.out else "") + ") on "
+        f"{result.info['device']}, {result.info['threads']} thread(s)"
         + (f"; results in {spec.out}/ (open {spec.out}/report.html)" if spec.out else "")
     )
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 @cli.command()
 @click.argument("result_dir", type=click.Path(file_okay=False))
 @click.option("--out", help="Folder for report.md and report.html (default: RESULT_DIR).")
+@metric_option(None, "Metric of the verdicts.  [default: the one RESULT_DIR's verdicts are by, else mse]")
 @reference_loss_option
 @json_option
-def report(result_dir, out, reference_loss, as_json) -> int:
+def report(result_dir, out, metric, reference_loss, as_json) -> int:
     """Re-render report.html and report.md from a saved results folder, without retraining.
 
     \b
     Examples:
       fairrecon report results/fm
       fairrecon report results/fm --out reports/fm
+      fairrecon report results/fm --metric ssim_error --out reports/fm-ssim
       fairrecon report results/fm --json
     """
+    from .bymetric import by_metric
     from .outputs import write_reports
-    from .report import headline, terminal_summary, vae_terminal
-    from .results import AuditResult
+    from .report import headline, metric_caveat, terminal_summary, vae_terminal
+    from .results import AuditResult, saved_verdict_metric
     from .stats import analyse, choose_reference_loss
 
     global _results_folder
     _results_folder = Path(result_dir)
     result = AuditResult.load(result_dir)
-    analysis = analyse(result, reference_loss=reference_loss)
+    analysis = analyse(
+        result, metric=metric or saved_verdict_metric(result_dir) or metrics.DEFAULT, reference_loss=reference_loss
+    )
     recorded = choose_reference_loss(result, analysis.losses, None)
     if analysis.reference_loss != recorded and Path(out or result_dir).resolve() == Path(result_dir).resolve():
         raise UserError(
             f"--reference-loss {reference_loss}: the reports in {result_dir} would compare with {reference_loss} while "
             f"its summary.json compares with {recorded}; write them elsewhere with --out"
         )
-    paths = write_reports(result, analysis, out or result_dir)
+    compared = by_metric(result, analysis)
+    paths = write_reports(result, analysis, out or result_dir, compared, source=result_dir)
     if as_json:
         print_json(
             {
                 "command": "report",
                 "results": result_dir,
+                "metric_caveat": metric_caveat(compared),
                 "verdict": headline(analysis),
                 "disparities": verdict_records(analysis.disparities),
                 "loss_contrasts": verdict_records(analysis.contrasts),
@@ -242,16 +289,16 @@ def report(result_dir, out, reference_loss, as_json) -> int:
             }
         )
     else:
-        click.echo(terminal_summary(analysis))
+        click.echo(terminal_summary(analysis, compared))
         if result.vae:
             click.echo("\n" + vae_terminal(result))
     note(f"wrote {paths['html']} and {paths['md']}")
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 @cli.command()
 @click.argument("result_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--metric", type=click.Choice(METRICS), default="mse", show_default=True, help="Error to compare.")
+@metric_option(metrics.DEFAULT, "Metric to gate on.")
 @click.option(
     "--max-ratio",
     type=float,
@@ -299,7 +346,7 @@ def report(result_dir, out, reference_loss, as_json) -> int:
 @click.option(
     "--spec", "spec_file", type=click.Path(dir_okay=False), help="Spec TOML for the test images (with --weights)."
 )
-@spec_options("data")
+@spec_options("check")
 @json_option
 def check(
     result_dir,
@@ -401,7 +448,7 @@ def check(
 
 @cli.command()
 @click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
-@spec_options("data")
+@spec_options("split")
 def split(spec_file, **flags) -> int:
     """Print the train/test split as CSV (file, group, split), without training.
 
@@ -413,11 +460,11 @@ def split(spec_file, **flags) -> int:
     Examples:
       fairrecon split --dataset folder --data-root faces/images --labels faces/groups.csv > split.csv
     """
-    from .data import load_images
+    from .data import load_images_for
     from .groups import make_groups, split_table
 
     spec = spec_from(spec_file, flags)
-    images = load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
+    images = load_images_for(spec)
     table = split_table(images, make_groups(images, spec))
     if table is None:
         raise UserError(
@@ -427,7 +474,7 @@ def split(spec_file, **flags) -> int:
     click.echo(table.to_csv(index=False), nl=False)
     counts = table["split"].value_counts()
     note(f"{counts.get('train', 0)} train, {counts.get('test', 0)} test, {counts.get('unused', 0)} unused images")
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 @cli.command()
@@ -453,7 +500,39 @@ def losses(as_json) -> int:
         width = max(len(r["name"]) for r in rows)
         for r in rows:
             click.echo(f"{r['name']:<{width}}  {r['likelihood']}")
-    return EXIT_PASS
+    return ExitCode.PASS
+
+
+@cli.command(name="metrics")
+@json_option
+def list_metrics(as_json) -> int:
+    """List the per-image metrics: direction, whether a verdict may use them (--metric), and definition.
+
+    \b
+    Examples:
+      fairrecon metrics
+      fairrecon metrics --json
+    """
+    rows = [
+        {
+            "name": m.name,
+            "label": m.label,
+            "direction": m.direction,
+            "ratio": m.ratio,
+            "verdicts": m.verdicts,
+            "definition": m.definition,
+            **({"why_not": m.why_not} if not m.verdicts else {}),
+        }
+        for m in metrics.METRICS.values()
+    ]
+    if as_json:
+        print_json({"command": "metrics", "metrics": rows})
+    else:
+        for r in rows:
+            use = "--metric" if r["verdicts"] else f"no verdicts: {r['why_not']}"
+            ratio = "" if r["ratio"] else ", no ratio"
+            click.echo(f"{r['name']:<11} {r['label']}: {r['direction']}{ratio}; {use}\n{'':<12}{r['definition']}")
+    return ExitCode.PASS
 
 
 @cli.command()
@@ -483,20 +562,12 @@ def datasets(data_root, as_json) -> int:
         width = max(len(r["name"]) for r in rows)
         for r in rows:
             click.echo(f"{r['name']:<{width}}  {'found  ' if r['found'] else 'missing'}  {r['files']}")
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 def _warnings(result) -> list[str]:
     """The data warnings of a result (skipped images, a model scored on its own training images)."""
     return list(result.info.get("warnings", []))
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    return str(o)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -508,10 +579,10 @@ def main(argv: list[str] | None = None) -> None:
     except (UserError, click.ClickException) as e:  # a usage error, a bad option value, a missing file
         message = e.format_message() if isinstance(e, click.ClickException) else str(e)
         click.echo(f"fairrecon: error: {message}", err=True)
-        sys.exit(EXIT_USAGE)
+        sys.exit(ExitCode.USAGE)
     except (click.Abort, KeyboardInterrupt):
         click.echo("fairrecon: interrupted; with --out, run the same command again to resume", err=True)
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     except Exception as e:  # a bug in fairrecon: keep the traceback, say one line
         log = _save_traceback()
         click.echo(
@@ -519,8 +590,8 @@ def main(argv: list[str] | None = None) -> None:
             f"traceback saved to {log}; please report it with that file",
             err=True,
         )
-        sys.exit(EXIT_INTERNAL)
-    sys.exit(code if isinstance(code, int) else EXIT_PASS)
+        sys.exit(ExitCode.INTERNAL)
+    sys.exit(code if isinstance(code, int) else ExitCode.PASS)
 
 
 def _save_traceback() -> Path:

@@ -18,7 +18,7 @@ reference), and puts the burden of proof on "pass":
 
 The same rule gates the loss contrasts (`--max-contrast R`): a loss passes when the upper end of its
 worst/best ratio over the reference loss's is below R, fails when the lower end is above R. The rule
-and its measured error rates: docs/statistics.md ("The gate").
+and its measured error rates: docs/method/statistics.md ("The gate").
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import stats
-from .errors import UserError
+from . import metrics, stats
+from .errors import ExitCode, UserError
 from .results import AuditResult, records
 
-PASS, FAIL, USAGE, INSUFFICIENT = 0, 1, 2, 3
-WORDS = {PASS: "pass", FAIL: "fail", INSUFFICIENT: "insufficient data"}
+WORDS = {ExitCode.PASS: "pass", ExitCode.FAIL: "fail", ExitCode.INSUFFICIENT: "insufficient data"}
 RULE = (
     "pass: every upper end of the checked intervals is below its threshold; fail: some lower end is above "
     "it; insufficient data: otherwise (an interval contains the threshold), or the verdict's data checks failed"
@@ -45,7 +44,17 @@ OUTCOME_COLUMNS = ["kind", "loss", "against", "quantity", "low", "high", "thresh
 
 @dataclass(frozen=True)
 class Outcome:
-    code: int
+    """The gate's answer: the exit status `fairrecon check` ends with, the message it prints, and the table
+    it decided on.
+
+    Examples
+    --------
+    >>> from fairrecon import ExitCode, Outcome
+    >>> Outcome(ExitCode.PASS, "pass: every checked interval is below its threshold with 95% confidence").passed
+    True
+    """
+
+    code: ExitCode
     message: str
     table: pd.DataFrame | None = None  # the analysis' disparities, one row per loss
     outcomes: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=OUTCOME_COLUMNS))  # per check
@@ -55,7 +64,7 @@ class Outcome:
 
     @property
     def passed(self) -> bool:
-        return self.code == PASS
+        return self.code == ExitCode.PASS
 
     def record(self) -> dict[str, Any]:
         """The decision as JSON-ready data: result, exit code, rule, thresholds, policy, one outcome per check."""
@@ -70,7 +79,7 @@ class Outcome:
 
 
 def check(
-    source,
+    source: stats.Analysis | AuditResult | str | Path,
     *,
     metric: str = "mse",
     max_ratio: float | None = None,
@@ -85,9 +94,47 @@ def check(
     reference_loss: str | None = None,
     allow_trained_on_test: bool = False,
 ) -> Outcome:
-    """Apply the gate to an Analysis (decided already), an AuditResult or a results folder (analysed
-    here with `policy`, or the default policy at `alpha`). Raises UserError on a usage mistake, and when the
-    model was scored on test images it was trained on (unless `allow_trained_on_test`)."""
+    """Apply the gate: is every loss's group gap shown to be below a threshold, with confidence?
+
+    The intervals the reports show, over every covered pair of groups, are compared with each threshold:
+    `max_ratio` (worst over reference), `max_gap` (in metric units) and `max_contrast` (each loss's worst/best
+    ratio over the reference loss's). Pass: every upper end is below its threshold; fail: some lower end is
+    above it; insufficient data: otherwise, or a verdict's data checks failed. Raises `UserError` on a usage
+    mistake (no threshold, a ratio for psnr, an Analysis made differently), and when the model was scored on
+    test images it was trained on (unless `allow_trained_on_test`).
+
+    Parameters
+    ----------
+    source : Analysis, AuditResult, str or Path
+        An Analysis (decided already: used as it is), or a result or results folder (analysed here
+        with `policy`, or the default policy at `alpha`).
+    metric, reference, losses, adjusted, pca, reference_loss
+        As for `analyse`.
+    max_ratio, max_gap, max_contrast : float, optional
+        The thresholds; give one or more.
+    alpha : float, optional
+        1 - confidence for all the gate's intervals together (default 0.05).
+    policy : Policy, optional
+        The whole decision policy instead of `alpha`.
+    allow_trained_on_test : bool
+        Gate a model scored on test images it was trained on anyway.
+
+    Returns
+    -------
+    Outcome
+        `code` is `ExitCode.PASS`, `FAIL` or `INSUFFICIENT` (no loss fails, some interval contains its
+        threshold or has no verdict).
+
+    Examples
+    --------
+    >>> from fairrecon import check, run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> outcome = check(result, max_ratio=1.1)  # at most 10% worse, with 95% confidence
+    >>> outcome.code, outcome.passed
+    (<ExitCode.FAIL: 1>, False)
+    >>> print(outcome.message.splitlines()[0])
+    fail: l1, l2: above the threshold with 95% confidence
+    """
     _validate(metric, max_ratio, max_gap, max_contrast, adjusted)
     policy = _policy(policy, alpha)
     if isinstance(source, stats.Analysis):
@@ -122,17 +169,18 @@ def check(
     thresholds = {"max_ratio": max_ratio, "max_gap": max_gap, "max_contrast": max_contrast}
     table = analysis.disparities
     if table.empty:
-        return Outcome(INSUFFICIENT, "insufficient data: no loss to check", table, thresholds=thresholds)
-    rows, lines = [], []
+        return Outcome(ExitCode.INSUFFICIENT, "insufficient data: no loss to check", table, thresholds=thresholds)
+    rows: list[dict[str, Any]] = []
+    lines: list[str] = []
     if max_ratio is not None or max_gap is not None:
         for row in table.itertuples():
-            outcome, said = _loss_outcome(row, analysis, max_ratio=max_ratio, max_gap=max_gap, adjusted=adjusted)
-            rows += outcome
+            checked, said = _loss_outcome(row, analysis, max_ratio=max_ratio, max_gap=max_gap, adjusted=adjusted)
+            rows += checked
             lines += said
     if max_contrast is not None:
         for row in analysis.contrasts.itertuples():
-            outcome, said = _contrast_outcome(row, max_contrast)
-            rows.append(outcome)
+            one, said = _contrast_outcome(row, max_contrast)
+            rows.append(one)
             lines += said
     outcomes = pd.DataFrame(rows, columns=OUTCOME_COLUMNS)
     per_item = outcomes.groupby(["kind", "loss"], sort=False)["outcome"].agg(_combine)
@@ -142,12 +190,12 @@ def check(
     lines.append(analysis.method)
     lines.append(f"Rule: {RULE}.")
     if failed:
-        head, code = f"fail: {', '.join(failed)}: above the threshold with {confidence}", FAIL
+        head, code = f"fail: {', '.join(failed)}: above the threshold with {confidence}", ExitCode.FAIL
     elif short:
         others = " (the others pass)" if len(short) < len(per_item) else ""
-        head, code = f"insufficient data for {', '.join(short)}: no verdict{others}", INSUFFICIENT
+        head, code = f"insufficient data for {', '.join(short)}: no verdict{others}", ExitCode.INSUFFICIENT
     else:
-        head, code = f"pass: every checked interval is below its threshold with {confidence}", PASS
+        head, code = f"pass: every checked interval is below its threshold with {confidence}", ExitCode.PASS
     record = analysis.policy_record()
     return Outcome(code, "\n".join([head, *lines]), table, outcomes, thresholds, record, analysis.contrasts)
 
@@ -166,7 +214,9 @@ def _decide(low: float, high: float, threshold: float) -> str:
     return "insufficient"
 
 
-def _loss_outcome(row, analysis: stats.Analysis, *, max_ratio, max_gap, adjusted: bool) -> tuple[list[dict], list[str]]:
+def _loss_outcome(
+    row: Any, analysis: stats.Analysis, *, max_ratio: float | None, max_gap: float | None, adjusted: bool
+) -> tuple[list[dict[str, Any]], list[str]]:
     """One loss's checks (ratio and/or gap) as outcome records, and its lines of the message."""
     prefix = "adjusted_" if adjusted else ""
     what = f"{analysis.metric}{' in excess of per-group PCA' if adjusted else ''}"
@@ -175,7 +225,7 @@ def _loss_outcome(row, analysis: stats.Analysis, *, max_ratio, max_gap, adjusted
     )
     base = {"kind": "loss", "loss": row.loss, "against": None}
     if row.verdict == stats.INSUFFICIENT:
-        checks = [("ratio", max_ratio), ("gap", max_gap)]
+        asked = [("ratio", max_ratio), ("gap", max_gap)]
         out = [
             {
                 **base,
@@ -186,13 +236,13 @@ def _loss_outcome(row, analysis: stats.Analysis, *, max_ratio, max_gap, adjusted
                 "outcome": "insufficient",
                 "reason": row.warnings,
             }
-            for q, t in checks
+            for q, t in asked
             if t is not None
         ]
         return out, [f"INSUFFICIENT {row.loss}: {row.warnings}"]
     said = f"{row.loss}: group {worst} vs {ref} ({what}): gap {gap:.4g} [{low:.4g}, {high:.4g}]"
     out = []
-    checks = []
+    checks: list[tuple[str, float, float, float, str]] = []
     if max_ratio is not None:
         said += f"; ratio {row.ratio:.4g} [{row.ratio_low:.4g}, {stats.format_bound(row.ratio_high, 4)}]"
         checks.append(("ratio", row.ratio_lcb, row.ratio_ucb, max_ratio, "max-ratio"))
@@ -232,7 +282,7 @@ def _loss_outcome(row, analysis: stats.Analysis, *, max_ratio, max_gap, adjusted
     return out, lines
 
 
-def _contrast_outcome(row, max_contrast: float) -> tuple[dict, list[str]]:
+def _contrast_outcome(row: Any, max_contrast: float) -> tuple[dict[str, Any], list[str]]:
     """One loss against the reference loss, gated at max_contrast on the ratio of their worst/best ratios."""
     base = {
         "kind": "contrast",
@@ -263,8 +313,23 @@ def _contrast_outcome(row, max_contrast: float) -> tuple[dict, list[str]]:
     )
 
 
-def assert_fair(source, **kwargs) -> Outcome:
-    """pytest helper: the gate's policy as an assertion. Raises AssertionError unless it passes."""
+def assert_fair(source: stats.Analysis | AuditResult | str | Path, **kwargs: Any) -> Outcome:
+    """pytest helper: the gate's policy as an assertion. Raises AssertionError unless it passes.
+
+    Takes `check`'s arguments; returns its `Outcome` when it passes.
+
+    Examples
+    --------
+    >>> from fairrecon import assert_fair, run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> assert_fair(result, max_ratio=100).passed  # in a test: fails the test unless it passes
+    True
+    >>> assert_fair(result, max_ratio=1.1)
+    Traceback (most recent call last):
+    ...
+    AssertionError: fail: l1, l2: above the threshold with 95% confidence
+    ...
+    """
     outcome = check(source, **kwargs)
     if not outcome.passed:
         raise AssertionError(outcome.message)
@@ -304,7 +369,7 @@ def _matching(
     return analysis
 
 
-def _as_result(result):
+def _as_result(result: object) -> AuditResult:
     if isinstance(result, (str, Path)):
         return AuditResult.load(result)
     if not isinstance(result, AuditResult):
@@ -312,9 +377,10 @@ def _as_result(result):
     return result
 
 
-def _validate(metric: str, max_ratio, max_gap, max_contrast, adjusted: bool) -> None:
-    if metric not in stats.METRICS:
-        raise UserError(f"unknown metric '{metric}'; allowed: {', '.join(stats.METRICS)}")
+def _validate(
+    metric: str, max_ratio: float | None, max_gap: float | None, max_contrast: float | None, adjusted: bool
+) -> None:
+    known = metrics.for_verdicts(metric)
     if max_ratio is None and max_gap is None and max_contrast is None:
         raise UserError(
             "give a threshold: --max-ratio R (worst/best, e.g. 1.1), --max-gap D (in metric units) or "
@@ -322,7 +388,10 @@ def _validate(metric: str, max_ratio, max_gap, max_contrast, adjusted: bool) -> 
         )
     if max_ratio is not None:
         if not stats.positive_metric(metric):
-            raise UserError(f"--max-ratio is not defined for {metric} (a log scale); use --max-gap in dB")
+            raise UserError(
+                f"--max-ratio is not defined for {metric} (no ratio: see `fairrecon metrics`); use --max-gap"
+                + (f" in {known.unit}" if known.unit else "")
+            )
         if adjusted:
             raise UserError("--adjusted compares excess errors, which may be near zero; use --max-gap, not --max-ratio")
         if not max_ratio >= 1.0:

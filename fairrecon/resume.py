@@ -24,8 +24,8 @@ import pandas as pd
 
 from .errors import UserError
 from .fileio import atomic_write
+from .grid import Cell
 from .resultsdir import Identity, claim, result_fields, spec_hash  # noqa: F401  (result_fields: re-exported)
-from .train import Cell
 
 LEGACY_SPEC_FILE = "audit.json"  # an older fairrecon's record of the spec; the marker OUT/fairrecon.json replaced it
 

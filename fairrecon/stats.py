@@ -26,7 +26,7 @@ rejects, so the ratio interval excludes 1 exactly when the gap interval excludes
 Its upper end is infinite when the reference mean is not clearly above 0 at the interval's level ("no
 upper bound"). The relative gap shown everywhere (worst / reference - 1) is this interval minus 1.
 A log-scale (delta method) ratio interval, always bounded, was measured beside it and covered less
-with heavy-tailed images (docs/statistics.md), so Fieller's stays.
+with heavy-tailed images (docs/method/statistics.md), so Fieller's stays.
 
 Loss against loss (paired). Each loss's worst/reference ratio over the reference loss's, on the log
 scale, with the seeds and the images paired across the two losses (`PairedMoments`).
@@ -35,7 +35,7 @@ Policy. One `Policy` (alpha, correction, sidedness) decides everywhere. With the
 correction over the family (losses x group pairs), each interval has level 1 - alpha/m and the
 corrected p-value min(1, m p) < alpha exactly when that interval excludes "no gap" (its test is
 the one the interval inverts). The loss contrasts are their own family (one hypothesis per loss
-against the reference loss). The estimands, methods and their measured coverage: docs/statistics.md.
+against the reference loss). The estimands, methods and their measured coverage: docs/method/statistics.md.
 """
 
 from __future__ import annotations
@@ -43,16 +43,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import permutations
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from scipy import optimize, special
 
+from . import metrics
+from .convergence import CONVERGED_DROP, CONVERGED_WINDOW, last_drop
 from .errors import UserError
-from .measure import PSNR_FLOOR_MSE
-from .train import CONVERGED_DROP, CONVERGED_WINDOW, last_drop
+from .metrics import PSNR_FLOOR_MSE
 
-METRICS = ("mse", "mae", "psnr")
+if TYPE_CHECKING:  # types only: stats imports nothing that imports torch at run time
+    from fairlearn.metrics import MetricFrame
+
+    from .groups import GroupedData
+    from .results import AuditResult
+    from .spec import AuditSpec
+
+METRICS = metrics.VERDICT_METRICS  # the metrics a verdict may use (metrics.py says which, and why not the others)
 CORRECTIONS = ("bonferroni", "none")
 MIN_GROUP_N = 30  # fewer test (or training) images in a group: "insufficient data"
 POWER = 0.8  # power at which the minimum detectable gap is stated
@@ -60,13 +69,14 @@ CLEAR, NO_CLEAR, INSUFFICIENT = "clear gap", "no clear gap", "insufficient data"
 
 
 def higher_is_worse(metric: str) -> bool:
-    return metric != "psnr"
+    return metrics.get(metric).higher_is_worse
 
 
 def positive_metric(metric: str) -> bool:
-    """An error that is positive (MSE, MAE): its means get log-scale intervals and groups are compared by
-    ratios. psnr is in dB (a log scale already, either sign): plain intervals and gaps in dB."""
-    return metric != "psnr"
+    """Whether the metric is an error on a ratio scale (the registry's `ratio`: >= 0, 0 only for a perfect
+    reconstruction): groups are compared by worst/best ratios and a positive mean gets its interval on the log
+    scale. Not psnr (dB, a log scale already: plain intervals, gaps in dB)."""
+    return metrics.get(metric).ratio
 
 
 # ---------------------------------------------------------------- the decision policy
@@ -100,9 +110,11 @@ class Policy:
 POLICY = Policy()  # the defaults, used by `fairrecon audit`, `report` and `check`
 
 
-def _check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise UserError(f"unknown metric '{metric}'; allowed: {', '.join(METRICS)}")
+def _check_metric(metric: str, result: AuditResult | None = None, *, adjusted: bool = False) -> None:
+    """A one-line UserError unless a verdict may use `metric` (adjusted, when asked), and `result` has its values."""
+    metrics.for_verdicts(metric, adjusted=adjusted)
+    if result is not None:
+        result.require_metric(metric)
 
 
 # ---------------------------------------------------------------- per-image errors
@@ -124,14 +136,14 @@ class LossErrors:
         return [np.flatnonzero(self.codes == g) for g in range(len(self.names))]
 
 
-def group_order(result) -> tuple[str, ...]:
+def group_order(result: AuditResult) -> tuple[str, ...]:
     """The result's groups in their own order (categories of samples.group, else first appearance)."""
     g = result.samples["group"]
     names = g.cat.categories if isinstance(g.dtype, pd.CategoricalDtype) else pd.unique(g)
     return tuple(str(n) for n in names)
 
 
-def family_losses(result, losses: list[str] | None = None) -> list[str]:
+def family_losses(result: AuditResult, losses: list[str] | None = None) -> list[str]:
     """The losses a decision covers: every loss of the result (or the named ones), in cell order."""
     order = list(dict.fromkeys(result.cells["loss"]))
     if losses is None:
@@ -142,9 +154,9 @@ def family_losses(result, losses: list[str] | None = None) -> list[str]:
     return [name for name in order if name in losses]
 
 
-def loss_errors(result, *, metric: str = "mse", losses: list[str] | None = None) -> list[LossErrors]:
+def loss_errors(result: AuditResult, *, metric: str = "mse", losses: list[str] | None = None) -> list[LossErrors]:
     """Per-loss seed x image matrices of the ok cells (losses without any ok cell are left out)."""
-    _check_metric(metric)
+    _check_metric(metric, result)
     names = group_order(result)
     code_of = {n: i for i, n in enumerate(names)}
     df = result.ok_samples
@@ -170,18 +182,20 @@ def loss_errors(result, *, metric: str = "mse", losses: list[str] | None = None)
     return out
 
 
-def _by_loss(result, metric: str, losses: list[str], errors: list[LossErrors] | None) -> dict[str, LossErrors]:
+def _by_loss(
+    result: AuditResult, metric: str, losses: list[str], errors: list[LossErrors] | None
+) -> dict[str, LossErrors]:
     """The named losses' LossErrors by loss: from `errors` when the caller has them (`analyse`), else computed."""
     if errors is None:
         errors = loss_errors(result, metric=metric, losses=losses)
     return {le.loss: le for le in errors if le.loss in losses}
 
 
-def to_metric_frame(result, loss: str, *, metric: str = "mse", seed: int | None = None):
+def to_metric_frame(result: AuditResult, loss: str, *, metric: str = "mse", seed: int | None = None) -> MetricFrame:
     """fairlearn MetricFrame of the mean per-image `metric` by group, for one loss (all ok seeds, or one)."""
     from fairlearn.metrics import MetricFrame
 
-    _check_metric(metric)
+    _check_metric(metric, result)
     df = result.ok_samples
     part = df[(df["loss"] == loss) & ((df["seed"] == seed) if seed is not None else True)]
     if part.empty:
@@ -433,11 +447,27 @@ def hypotheses_per_loss(n_groups: int, ref: int | None, two_sided: bool) -> int:
 
 
 def group_intervals(
-    result, *, metric: str = "mse", policy: Policy = POLICY, errors: list[LossErrors] | None = None
+    result: AuditResult, *, metric: str = "mse", policy: Policy = POLICY, errors: list[LossErrors] | None = None
 ) -> pd.DataFrame:
-    """One row per (loss, group): mean error and its (1 - alpha) two-sided interval (one group alone: no
-    correction). Errors of a positive metric get the log-scale interval (`Contrast.positive_interval`:
-    positive, finite); psnr (dB, already a log scale) the plain one."""
+    """One row per (loss, group): mean error and its (1 - alpha) two-sided interval (one group alone: no correction).
+
+    For reading, not deciding: the verdicts compare groups (`analyse`), with the family's correction. A
+    positive metric's means get the log-scale interval (`Contrast.positive_interval`: positive, finite); psnr
+    (dB, already a log scale) the plain one. `errors`: the result's `loss_errors` for `metric`, when the
+    caller has them (`analyse`).
+
+    Examples
+    --------
+    >>> from fairrecon import group_intervals, run_audit
+    >>> result = run_audit(dataset="digits", losses="l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> table = group_intervals(result)
+    >>> table[["loss", "group", "metric", "n", "seeds"]]
+      loss group metric   n  seeds
+    0   l2   0.3    mse  40      2
+    1   l2   0.9    mse  40      2
+    >>> bool(((0 < table["ci_low"]) & (table["ci_low"] < table["mean"]) & (table["mean"] < table["ci_high"])).all())
+    True
+    """
     rows = []
     for le in errors if errors is not None else loss_errors(result, metric=metric):
         mom = Moments.of(le.values, le.codes, len(le.names), seed_part=not _external(result))
@@ -460,8 +490,11 @@ def group_intervals(
 
 
 def _mean_interval(c: Contrast, tail: float, metric: str) -> tuple[float, float]:
-    """A mean's interval: on the log scale for a positive metric, else the plain t interval."""
-    return c.positive_interval(tail) if positive_metric(metric) else (c.low(tail), c.high(tail))
+    """A mean's interval: on the log scale for a positive metric, else (psnr, or a mean not above 0: every image
+    reconstructed perfectly, up to float32 rounding, which can leave ssim_error a little below 0) the plain one."""
+    if positive_metric(metric) and np.isfinite(c.estimate) and c.estimate > 0:
+        return c.positive_interval(tail)
+    return c.low(tail), c.high(tail)
 
 
 DISPARITY_COLUMNS = [
@@ -530,7 +563,20 @@ CONTRAST_COLUMNS = [
 class Analysis:
     """An audit's statistics for one metric, computed once by `analyse` and passed to every surface
     (terminal, report.md, report.html, summary.json, the gate): per-group intervals, one decided row
-    per loss, each loss against the reference loss, and the policy and families that decided them."""
+    per loss, each loss against the reference loss, and the policy and families that decided them.
+
+    Examples
+    --------
+    >>> from fairrecon import analyse, run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> analysis = analyse(result)
+    >>> analysis.metric, analysis.losses, analysis.pairs, analysis.m
+    ('mse', ('l1', 'l2'), 1, 2)
+    >>> analysis.confidence  # each interval's level: 1 - alpha / m
+    0.975
+    >>> analysis.reference_loss, analysis.contrasts["loss"].tolist()  # l1 against l2, paired
+    ('l2', ['l1'])
+    """
 
     metric: str
     intervals: pd.DataFrame  # loss, group, metric, mean, ci_low, ci_high, n, seeds
@@ -581,7 +627,7 @@ class Analysis:
             if p.correction == "bonferroni"
             else f"no correction over {family}"
         )
-        check = "fairrecon check" + ("" if self.metric == "mse" else f" --metric {self.metric}")
+        check = "fairrecon check" + ("" if self.metric == metrics.DEFAULT else f" --metric {self.metric}")
         check += " --max-ratio 1" if positive_metric(self.metric) else " --max-gap 0"
         over = (
             "Intervals over test images only (one already-trained model: another training run of the same "
@@ -589,16 +635,21 @@ class Analysis:
             if self.external
             else "Intervals over training seeds and test images"
         )
+        scale = "; means on the log scale; ratios: Fieller" if positive_metric(self.metric) else ""
         text = (
-            f"{over} (t quantiles, Cochran-Cox; means on the log scale; ratios: Fieller); "
+            f"{over} (t quantiles, Cochran-Cox{scale}); "
             f"{1 - p.alpha:.0%} confidence for all verdicts together "
             f"({'two-sided' if p.two_sided else 'one-sided'}, {each}). "
             f"'clear gap' means `{check}` cannot pass."
         )
         if len(self.contrasts):
+            compared = (
+                f"each loss's worst/best ratio over {self.reference_loss}'s (log scale, delta method)"
+                if positive_metric(self.metric)
+                else f"each loss's gap minus {self.reference_loss}'s"
+            )
             text += (
-                f" Loss against loss: each loss's worst/best ratio over {self.reference_loss}'s, paired by seed and "
-                f"test image (log scale, delta method), {1 - p.alpha:.0%} confidence "
+                f" Loss against loss: {compared}, paired by seed and test image, {1 - p.alpha:.0%} confidence "
                 + ("for the comparison" if len(self.contrasts) == 1 else f"for the {len(self.contrasts)} together")
                 + (f" (Bonferroni, each at {100 * self.contrast_confidence:.4g}%)." if self.contrast_m > 1 else ".")
             )
@@ -626,7 +677,7 @@ class Analysis:
 
 
 def analyse(
-    result,
+    result: AuditResult,
     *,
     metric: str = "mse",
     policy: Policy = POLICY,
@@ -637,7 +688,49 @@ def analyse(
     reference_loss: str | None = None,
 ) -> Analysis:
     """The statistics of a result, once: per-group intervals, one decided row per loss, and each loss
-    against `reference_loss` (default: the one the result records, else l2 when present, else the first)."""
+    against the reference loss, paired by seed and test image.
+
+    Parameters
+    ----------
+    result : AuditResult
+        From `run_audit` or `AuditResult.load`.
+    metric : str
+        The error compared: one a verdict may use (`fairrecon metrics`; default mse).
+    policy : Policy
+        alpha, correction and sidedness (default `POLICY`, the one every surface uses).
+    reference : str
+        "best" (every pair of groups) or a group name (every group against it).
+    losses : list of str, optional
+        Decide for these losses only (a smaller family, so narrower intervals).
+    adjusted : bool
+        Also decide on each image's error in excess of its own group's rank-k PCA error.
+    pca : DataFrame, optional
+        That PCA baseline, per image or per group (default: recomputed from the result's spec).
+    reference_loss : str, optional
+        The loss every other is compared with (default: the one the result records, else l2 when present,
+        else the first; none with one loss).
+
+    Returns
+    -------
+    Analysis
+        Its `disparities` has one row per loss (see `disparities` for the columns), its `contrasts` one row per
+        loss against the reference loss (see `loss_contrasts`).
+
+    Examples
+    --------
+    >>> from fairrecon import analyse, run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> analysis = analyse(result)
+    >>> analysis.disparities[["loss", "worst", "reference", "seeds", "n_min"]]
+      loss worst reference  seeds  n_min
+    0   l1   0.9       0.3      2     40
+    1   l2   0.9       0.3      2     40
+    >>> sorted(set(analysis.disparities["verdict"]) - {"clear gap", "no clear gap", "insufficient data"})
+    []
+    >>> analysis.contrasts[["loss", "reference", "metric", "pair", "reference_pair", "seeds"]]
+      loss reference metric     pair reference_pair  seeds
+    0   l1        l2    mse  0.9/0.3        0.9/0.3      2
+    """
     errors = loss_errors(result, metric=metric)  # once, for every table below
     table = disparities(
         result,
@@ -673,7 +766,7 @@ def analyse(
     )
 
 
-def choose_reference_loss(result, family: tuple[str, ...], given: str | None) -> str | None:
+def choose_reference_loss(result: AuditResult, family: tuple[str, ...], given: str | None) -> str | None:
     """The loss every other loss is compared with: the one given, else the one the result records (an audit run
     with --reference-loss), else l2 when it is in the family, else the family's first loss; None for one loss."""
     chosen = given or (result.info or {}).get("reference_loss")
@@ -686,7 +779,7 @@ def choose_reference_loss(result, family: tuple[str, ...], given: str | None) ->
 
 # ---------------------------------------------------------------- the fairness-accuracy frontier
 
-FRONTIER_COLUMNS = [
+FRONTIER_COLUMNS: list[str] = [
     "loss",
     "metric",
     "overall",
@@ -702,7 +795,7 @@ FRONTIER_COLUMNS = [
 ]
 
 
-def frontier(result, analysis: Analysis, *, errors: list[LossErrors] | None = None) -> pd.DataFrame:
+def frontier(result: AuditResult, analysis: Analysis, *, errors: list[LossErrors] | None = None) -> pd.DataFrame:
     """The fairness-accuracy frontier: one row per loss of the analysis, its overall held-out error (the mean
     over seeds and every test image) against its worst/best ratio.
 
@@ -715,7 +808,7 @@ def frontier(result, analysis: Analysis, *, errors: list[LossErrors] | None = No
     every pareto is False.
     """
     d = analysis.disparities.set_index("loss")
-    errors = _by_loss(result, analysis.metric, list(analysis.losses), errors)
+    by_loss = _by_loss(result, analysis.metric, list(analysis.losses), errors)
     external = _external(result)
     rows = []
     for loss in analysis.losses:
@@ -726,7 +819,7 @@ def frontier(result, analysis: Analysis, *, errors: list[LossErrors] | None = No
             "overall_low": np.nan,
             "overall_high": np.nan,
         }
-        le = errors.get(loss)
+        le = by_loss.get(loss)
         if le is not None:
             mom = Moments.of(le.values, le.codes, len(le.names), seed_part=not external)
             c = mom.contrast(mom.n / mom.n.sum())
@@ -747,7 +840,7 @@ def pareto_flags(error: np.ndarray, ratio: np.ndarray) -> np.ndarray:
 
 
 def disparities(
-    result,
+    result: AuditResult,
     *,
     metric: str = "mse",
     policy: Policy = POLICY,
@@ -779,26 +872,29 @@ def disparities(
     (k = spec.latent), filled when adjusted=True or `pca` is given (per image from `pca_errors`, or
     per group from `pca_reference`).
     """
-    _check_metric(metric)
+    _check_metric(metric, result, adjusted=adjusted or pca is not None)
     family = family_losses(result, losses)
-    errors = _by_loss(result, metric, family, errors)
+    by_loss = _by_loss(result, metric, family, errors)
     names = group_order(result)
     if reference != "best" and reference not in names:
         raise UserError(f"reference group '{reference}' not in this result; groups: {', '.join(names)} (or 'best')")
     ref = None if reference == "best" else names.index(reference)
     with_pca = adjusted or pca is not None
-    if with_pca and errors:
+    if with_pca and by_loss:
         baseline_of = _baseline_lookup(result, metric, pca)
-        if any(np.isnan(baseline_of(le)).any() for le in errors.values()):
+        if any(np.isnan(baseline_of(le)).any() for le in by_loss.values()):
             raise UserError("the PCA table does not cover every test image (or group) of this result")
     m = len(family) * hypotheses_per_loss(len(names), ref, policy.two_sided)
-    decide = dict(names=names, ref=ref, tail=policy.tail(m), scale=policy.divisor(m) * (2 if policy.two_sided else 1))
+    decide: dict[str, Any] = dict(
+        names=names, ref=ref, tail=policy.tail(m), scale=policy.divisor(m) * (2 if policy.two_sided else 1)
+    )
     sign = 1.0 if higher_is_worse(metric) else -1.0
     ratio = positive_metric(metric)
     external = _external(result)
     rows = []
     for loss in family:
-        row, le, decisive = {"loss": loss, "metric": metric}, errors.get(loss), None
+        row: dict[str, Any] = {"loss": loss, "metric": metric}
+        le, decisive = by_loss.get(loss), None
         if le is not None:
             mom = Moments.of(sign * le.values, le.codes, len(names), seed_part=not external)
             row.update(n_min=int(mom.n.min()), seeds=len(le.seeds))
@@ -898,14 +994,16 @@ def _pick(mu: np.ndarray, ref: int | None, valid: list[int]) -> tuple[int, int]:
     return others[int(np.argmax(mu[others]))], r
 
 
-def _external(result) -> bool:
+def _external(result: AuditResult) -> bool:
     return bool((result.info or {}).get("external_model"))
 
 
 # ---------------------------------------------------------------- a few images carrying the error (tails)
 
 TAIL_FRACTION = 0.01  # the share of a group's images whose share of the error is measured (the top 1%)
-TAIL_SHARE = 0.10  # above this share, the verdict warns (chosen by benchmarks/coverage.py --tails; docs/statistics.md)
+TAIL_SHARE = (
+    0.10  # above this share, the verdict warns (chosen by benchmarks/coverage.py --tails; docs/method/statistics.md)
+)
 
 
 def _tails(le: LossErrors, worst: int, ref: int, tail: float, *, external: bool = False) -> dict:
@@ -913,7 +1011,7 @@ def _tails(le: LossErrors, worst: int, ref: int, tail: float, *, external: bool 
     where it is largest), and the row pair's ratio with its Fieller interval without each group's top images."""
     averaged = le.values.mean(0)
     keep = np.ones(len(averaged), dtype=bool)
-    best = {"tail_group": None, "tail_images": 0, "tail_share": np.nan}
+    best: dict[str, Any] = {"tail_group": None, "tail_images": 0, "tail_share": np.nan}
     for g, idx in enumerate(le.members):
         k = top_count(len(idx))
         if not len(idx) or averaged[idx].sum() <= 0:
@@ -946,7 +1044,7 @@ FAIRER, LESS_FAIR, NOT_DIFFERENT = "clearly fairer", "clearly less fair", "not c
 
 
 def loss_contrasts(
-    result,
+    result: AuditResult,
     table: pd.DataFrame,
     *,
     metric: str = "mse",
@@ -969,7 +1067,7 @@ def loss_contrasts(
     """
     if reference_loss is None or table.empty:
         return pd.DataFrame(columns=CONTRAST_COLUMNS)
-    errors = _by_loss(result, metric, list(table["loss"]), errors)
+    by_loss = _by_loss(result, metric, list(table["loss"]), errors)
     rows_of = table.set_index("loss")
     others = [loss for loss in table["loss"] if loss != reference_loss]
     m = len(others)
@@ -983,7 +1081,7 @@ def loss_contrasts(
         row: dict = {"loss": loss, "reference": reference_loss, "metric": metric}
         reasons, notes = [], []
         for name, r in ((loss, a), (reference_loss, b)):
-            why = insufficient(result, name, errors.get(name), pair=_pair(r), external=external, count_failed=False)
+            why = insufficient(result, name, by_loss.get(name), pair=_pair(r), external=external, count_failed=False)
             if why:
                 reasons.append(
                     f"{name}: {'; '.join(why)}"
@@ -992,7 +1090,7 @@ def loss_contrasts(
                 )
             if not isinstance(r["worst"], str):
                 reasons.append(f"{name}: no pair of groups to compare")
-        le_a, le_b = errors.get(loss), errors.get(reference_loss)
+        le_a, le_b = by_loss.get(loss), by_loss.get(reference_loss)
         if le_a is not None and le_b is not None and isinstance(a["worst"], str) and isinstance(b["worst"], str):
             if not np.array_equal(le_a.index, le_b.index):
                 raise UserError(f"losses {loss} and {reference_loss} were not scored on the same test images")
@@ -1017,7 +1115,10 @@ def loss_contrasts(
                     le_a.codes,
                     len(names),
                 )
-                row.update(_contrast_numbers(pm, names, a, b, tail, m, policy, ratio_scale))
+                numbers = _contrast_numbers(pm, names, a, b, tail, m, policy, ratio_scale)
+                if not numbers:
+                    reasons.append("a group's mean error is not above 0 under one of the losses: no ratio of ratios")
+                row.update(numbers)
                 if row["pair"] != row["reference_pair"]:
                     notes.append(
                         f"the two losses' gaps are between different groups ({loss}: {row['pair']}, {reference_loss}: "
@@ -1091,10 +1192,10 @@ def _contrast_verdict(row: dict, reasons: list[str], ratio: bool) -> str:
 # ---------------------------------------------------------------- why a verdict cannot be given, and notes
 
 
-def gap_drift(result, loss: str, worst: str, best: str) -> float:
+def gap_drift(result: AuditResult, loss: str, worst: str, best: str) -> float:
     """How far the answer still moved at the end of training: per ok cell of `loss`, the change of its
     worst/best held-out MSE ratio over the last CONVERGED_WINDOW of training, as a fitted log-linear trend
-    (train.last_drop, negated: > 0 the ratio was rising) on the curve points before the cell's final one
+    (convergence.last_drop, negated: > 0 the ratio was rising) on the curve points before the cell's final one
     (the fixed test subset, so every point sees the same images), then the mean over seeds.
     NaN without curves (a model of yours) or with too few points to fit."""
     curves = getattr(result, "curves", None)
@@ -1112,7 +1213,7 @@ def gap_drift(result, loss: str, worst: str, best: str) -> float:
 
 
 def insufficient(
-    result,
+    result: AuditResult,
     loss: str,
     le: LossErrors | None,
     *,
@@ -1157,7 +1258,7 @@ def insufficient(
     return reasons
 
 
-def unconverged(result, loss: str) -> list[str]:
+def unconverged(result: AuditResult, loss: str) -> list[str]:
     """A note (not a reason) when some cells' errors were still changing: the verdict is about this
     training length; whether the answer itself still moved is `gap_drift`'s question."""
     cells = result.cells[(result.cells["loss"] == loss) & (result.cells["status"] == "ok")]
@@ -1174,7 +1275,7 @@ def unconverged(result, loss: str) -> list[str]:
     ]
 
 
-def _notes(row: dict, decisive: tuple[str, str] | None, external: bool, spec) -> list[str]:
+def _notes(row: dict, decisive: tuple[str, str] | None, external: bool, spec: AuditSpec) -> list[str]:
     """Warnings that do not change the verdict: one trained model, the deciding pair, low power, a heavy tail."""
     notes = []
     if external:
@@ -1202,7 +1303,7 @@ def _low_power(row: dict) -> bool:
     return bool(row.get("mde", np.nan) > abs(row.get("gap", np.nan)))
 
 
-def tail_warning(row) -> str:
+def tail_warning(row: dict | pd.Series) -> str:
     """The heavy-tail warning of a disparity row, with its sensitivity line (the ratio without the top images)."""
     k, share = int(row["tail_images"]), float(row["tail_share"])
     text = (
@@ -1225,7 +1326,7 @@ def format_bound(v: float, digits: int = 3) -> str:
     return "no upper bound" if v == np.inf else f"{v:.{digits}g}"
 
 
-def more_test_images(spec) -> str:
+def more_test_images(spec: AuditSpec | None) -> str:
     """What can be done about too few test images, for this dataset: add images where the test split is a
     share of them (folder), a bigger dataset (digits), nothing but balance and the limit where it is fixed."""
     dataset = getattr(spec, "dataset", None)
@@ -1253,7 +1354,7 @@ def pca_reconstruct(train: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
     return mean + (x - mean) @ v.T @ v
 
 
-def pca_errors(data, k: int) -> pd.DataFrame:
+def pca_errors(data: GroupedData, k: int) -> pd.DataFrame:
     """Per test image: MSE, MAE and PSNR of its own group's rank-k PCA (fitted on that group's training images).
 
     Each group's best achievable linear reconstruction at capacity k (Samadi et al. 2018): the
@@ -1281,35 +1382,16 @@ def pca_errors(data, k: int) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def pca_reference(data, k: int) -> pd.DataFrame:
+def pca_reference(data: GroupedData, k: int) -> pd.DataFrame:
     """One row per group: the mean of `pca_errors` over the group's test images."""
-    return pca_errors(data, k).groupby("group", sort=False)[list(METRICS)].mean().reset_index()
+    errors = pca_errors(data, k)
+    return errors.groupby("group", sort=False)[[m for m in metrics.NAMES if m in errors]].mean().reset_index()
 
 
-def grouped_data(result):
-    """Recompute the result's images and groups from its spec (deterministic), checked against its samples."""
-    from .data import load_images
-    from .groups import make_groups
-
-    spec = result.spec
-    data = make_groups(load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed), spec)
-    seen = result.samples.drop_duplicates("index")
-    if (
-        tuple(data.names) != group_order(result)
-        or len(seen) != len(data.test_index)
-        or set(seen["index"]) != set(data.test_index.tolist())
-    ):
-        raise UserError(
-            "the images recomputed from this result's spec do not match its samples "
-            "(dataset files changed?); pass a PCA table explicitly"
-        )
-    return data
-
-
-def _baseline_lookup(result, metric: str, pca: pd.DataFrame | None):
+def _baseline_lookup(result: AuditResult, metric: str, pca: pd.DataFrame | None) -> Callable[[LossErrors], np.ndarray]:
     """A function LossErrors -> per-image PCA baseline (N,) in the loss's image order."""
     if pca is None:
-        pca = pca_errors(grouped_data(result), result.spec.latent)
+        pca = pca_errors(result.grouped_data(), result.spec.latent)  # results.AuditResult.grouped_data
     if "index" in pca.columns:
         per_image = pca.set_index("index")[metric]
         return lambda le: per_image.reindex(le.index).to_numpy(dtype=float)

@@ -12,8 +12,8 @@ import torch
 from conftest import REPO
 from scipy import stats as sps
 
-from fairrecon import stats
-from fairrecon.errors import UserError
+from fairrecon import metrics, stats
+from fairrecon.errors import ExitCode, UserError
 from fairrecon.groups import GroupedData
 from fairrecon.results import AuditResult
 from fairrecon.spec import AuditSpec
@@ -91,7 +91,7 @@ def test_metric_frame_and_group_means_match_pandas():
     rng = np.random.default_rng(1)
     values, codes = simulate(rng, seeds=3)
     result = synthetic_result({"l1": values, "l2": values * 2}, codes)
-    for metric in stats.METRICS:
+    for metric in result.metrics:  # the verdict metrics it has: mse, mae, psnr
         mf = stats.to_metric_frame(result, "l2", metric=metric)
         by_pandas = result.samples.query("loss == 'l2'").groupby("group", observed=True)[metric].mean()
         np.testing.assert_allclose(mf.by_group[metric].reindex(by_pandas.index.astype(str)), by_pandas)
@@ -184,6 +184,7 @@ def test_fieller_ratio_interval_matches_the_closed_form():
     np.testing.assert_allclose(mom.ratio_interval(1, 0, 0.025), roots, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_ratio_gap_test_and_verdict_decide_alike():
     """Duality, on many random audits and policies: ratio interval excludes 1 <=> gap interval excludes 0
     <=> p_corrected < alpha <=> the verdict is "clear gap"."""
@@ -213,6 +214,7 @@ def test_ratio_gap_test_and_verdict_decide_alike():
     assert seen == {True, False}  # both verdicts occurred
 
 
+@pytest.mark.slow
 def test_intervals_cover_with_three_seeds_when_seeds_dominate():
     """The quick version of benchmarks/coverage.py: the regime where the old bootstrap covered 77%."""
     rng = np.random.default_rng(7)
@@ -305,6 +307,7 @@ def test_disparities_difficulty_adjusted_by_hand():
         stats.disparities(result, pca=per_image.iloc[:-1])
 
 
+@pytest.mark.slow
 def test_small_or_broken_data_is_insufficient_never_clear():
     """A huge gap, but data that cannot support a verdict: "insufficient data", with the reason."""
     rng = np.random.default_rng(11)
@@ -517,6 +520,66 @@ def test_means_of_errors_get_positive_log_scale_intervals():
     assert psnr.loc["a", "ci_low"] == pytest.approx(c.low(0.025), rel=1e-12)
 
 
+def test_positive_metric_is_the_registry_ratio_scale():
+    """One list of metrics: which errors are ratio-scale (ratios, log-scale means) is the registry's `ratio`."""
+    for name, m in metrics.METRICS.items():
+        assert stats.positive_metric(name) == m.ratio
+    assert stats.positive_metric("ssim_error") and not stats.positive_metric("psnr")
+
+
+def _with_ssim_error(values: dict[str, np.ndarray], codes: np.ndarray, perfect: np.ndarray) -> AuditResult:
+    """A synthetic result whose ssim_error is its mse, except on `perfect` images (a boolean per image): 0 or,
+    on every other one, -1.2e-7, what float32 rounding leaves of 1 - SSIM for a near-perfect reconstruction."""
+    result = synthetic_result(values, codes)
+    samples = result.samples
+    position = (samples["index"].to_numpy() - 7) // 3  # synthetic_result's image index is 3 i + 7
+    below = np.where(position % 2 == 1, -1.2e-7, 0.0)
+    samples["ssim_error"] = np.where(perfect[position], below, samples["mse"].to_numpy())
+    return result
+
+
+def test_ssim_error_at_and_just_below_zero():
+    """ssim_error = 1 - SSIM is >= 0 exactly (SSIM <= 1), 0 for a perfect reconstruction, and float32 rounding
+    leaves it a little below 0 for a near-perfect one (measured with measure.ssim_per_image on 28x28 noise
+    images: exactly 0 for x against itself, -1.19e-7 with 1e-4 noise added). Decided: it is a ratio-scale error
+    (the registry's `ratio`): what needs a positive number is a group's mean, not each image. Zeros and tiny
+    negatives among positive images: the log-scale interval (its ends' geometric mean is the mean), a finite
+    ratio and the paired contrast. A group with every image perfect (mean not above 0): the plain interval
+    (its ends' arithmetic mean is the mean), no ratio and no ratio of ratios, each said in words, never NaN or
+    the log of a negative number."""
+    from fairrecon import gate
+    from fairrecon.report import headline
+
+    rng = np.random.default_rng(31)
+    l2, codes = simulate(rng, seeds=4, n=(80, 60), means=(0.05, 0.08), image_sd=0.01)
+    l1, _ = simulate(rng, seeds=4, n=(80, 60), means=(0.05, 0.12), image_sd=0.01)
+    some = (codes == 0) & (np.arange(len(codes)) % 3 == 0)  # a third of group a perfect
+    analysis = stats.analyse(_with_ssim_error({"l2": l2, "l1": l1}, codes, some), metric="ssim_error")
+    assert analysis.metric == "ssim_error" and (analysis.intervals["mean"] > 0).all()
+    ends = analysis.intervals[["ci_low", "ci_high"]].to_numpy()
+    assert (ends > 0).all() and np.isfinite(ends).all()
+    np.testing.assert_allclose(np.sqrt(ends[:, 0] * ends[:, 1]), analysis.intervals["mean"], rtol=1e-12)
+    d = analysis.disparities.set_index("loss")
+    assert (d["verdict"] == stats.CLEAR).all() and np.isfinite(d[["ratio", "ratio_low", "ratio_high"]]).all().all()
+    (c,) = analysis.contrasts.itertuples(index=False)
+    assert c.loss == "l1" and c.verdict == stats.LESS_FAIR and 1 < c.low < c.ratio < c.high < np.inf
+    assert "by ssim_error" in headline(analysis).split(". ")[0]
+
+    every = codes == 0  # group a reconstructed perfectly under both losses
+    analysis = stats.analyse(_with_ssim_error({"l2": l2, "l1": l1}, codes, every), metric="ssim_error")
+    a = analysis.intervals[analysis.intervals["group"] == "a"]
+    assert (a["mean"] <= 0).all() and np.isfinite(a[["ci_low", "ci_high"]]).all().all()
+    np.testing.assert_allclose((a["ci_low"] + a["ci_high"]) / 2, a["mean"], rtol=1e-9)
+    d = analysis.disparities
+    assert (d["verdict"] == stats.INSUFFICIENT).all() and d["ratio"].isna().all() and (d["gap"] > 0).all()
+    assert d["warnings"].str.contains("a group's mean error is not above 0: no ratio").all()
+    (c,) = analysis.contrasts.itertuples(index=False)
+    assert c.verdict == stats.INSUFFICIENT and "no ratio of ratios" in c.warnings
+    outcome = gate.check(analysis, metric="ssim_error", max_ratio=1.5)
+    assert outcome.code == ExitCode.INSUFFICIENT and "not above 0" in outcome.message
+    assert gate.check(analysis, metric="ssim_error", max_gap=0.01).code == ExitCode.INSUFFICIENT
+
+
 def test_coverage_of_the_log_scale_means_when_seeds_disagree():
     """The quick version of benchmarks/coverage.py's "unstable" regime (3 seeds; the plain t interval of a
     group mean went below 0 in about half the audits): the log-scale intervals still cover."""
@@ -578,7 +641,7 @@ def test_an_unbounded_ratio_reads_as_no_upper_bound():
     from fairrecon import gate
 
     outcome = gate.check(analysis, max_ratio=2.0)
-    assert outcome.code == gate.INSUFFICIENT and "to no upper bound contain max-ratio 2" in outcome.message
+    assert outcome.code == ExitCode.INSUFFICIENT and "to no upper bound contain max-ratio 2" in outcome.message
     assert "n/a" not in headline(analysis)
 
 
@@ -695,8 +758,18 @@ def test_loss_contrasts_by_hand_and_their_words():
         rtol=1e-10,
     )
     sentence = contrast_sentence(analysis.contrasts.itertuples().__next__())
-    assert sentence.startswith("l1 is clearly less fair than l2: its worst/best error ratio is")
+    assert sentence.startswith("l1 is clearly less fair than l2 by mse: its worst/best mse ratio is")
     assert headline(analysis).startswith(sentence)
+    # the contrasts are about the verdicts' metric, and say which: mae here (synthetic mae = sqrt(mse))
+    pair = synthetic_result({"l1": worse, "l2": l2}, codes)
+    by_mae = stats.analyse(pair, metric="mae")
+    mae = {
+        loss: pair.samples.query("loss == @loss").groupby("group", observed=True)["mae"].mean() for loss in ("l1", "l2")
+    }
+    expected = (mae["l1"]["b"] / mae["l1"]["a"]) / (mae["l2"]["b"] / mae["l2"]["a"])
+    (c_mae,) = by_mae.contrasts.itertuples(index=False)
+    assert c_mae.metric == "mae" and c_mae.ratio == pytest.approx(expected, rel=1e-12)
+    assert headline(by_mae).startswith("l1 is clearly less fair than l2 by mae: its worst/best mae ratio is")
     # a failed seed of either loss: paired on the seeds ok under both, and said; the verdict still given
     failed = synthetic_result({"l1": worse, "l2": l2}, codes, status={("l1", 2): "failed: nan"})
     row = stats.analyse(failed).contrasts.iloc[0]
