@@ -63,7 +63,7 @@ def planted(result: AuditResult, f: float) -> AuditResult:
     """The same audit with the second group's per-image MSE scaled by (1 + f): its expected MSE is
     exactly (1 + f) times the first group's (the null groups are equal in distribution)."""
     samples = result.samples.copy()
-    second = samples["group"].astype(str) == stats.group_names(result)[1]
+    second = samples["group"].astype(str) == stats.group_order(result)[1]
     samples.loc[second, "mse"] *= 1 + f
     return AuditResult(result.spec, samples, result.cells, result.groups, result.history, result.info)
 

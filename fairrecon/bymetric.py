@@ -64,8 +64,9 @@ class ByMetric:
 
 
 def by_metric(result, analysis: stats.Analysis) -> ByMetric:
-    """Each verdict metric's verdicts on `result`, decided as `analysis` decided its own (same policy, reference
-    and losses); the analysis itself stands for its metric. Metrics the result has no values of are `missing`."""
+    """Each verdict metric's verdicts on `result`, decided as `analysis` decided its own (same policy, reference,
+    losses and reference loss); the analysis itself stands for its metric. Metrics the result has no values of
+    are `missing`."""
     rows, missing = [], []
     for metric in VERDICT_METRICS:
         if metric not in result.metrics:
@@ -79,6 +80,7 @@ def by_metric(result, analysis: stats.Analysis) -> ByMetric:
                 policy=analysis.policy,
                 reference=analysis.reference,
                 losses=list(analysis.losses),
+                reference_loss=analysis.reference_loss,
             )
         shown = own.disparities[["loss", *SHOWN]].assign(metric=metric)
         shown["worse"] = shown["worst"].where(~(shown["gap"] < 0), shown["reference"])

@@ -2,9 +2,10 @@
 
 Exit status, the same for every command:
   0  pass (or done)
-  1  the gate failed: a group gap exceeds the threshold (`check` only)
+  1  the gate failed: a group gap is above the threshold with confidence (`check` only)
   2  usage or input error: one line on stderr (UserError, click usage errors)
-  3  insufficient data to judge (`check`: a failed cell, a group under 30 test images)
+  3  insufficient data to judge (`check`: an interval contains the threshold, a failed cell, a group
+     under 30 test images)
   4  internal error, a bug in fairrecon: the traceback goes to a log file (in the results folder
      when there is one), and one line on stderr says where
 
@@ -84,6 +85,15 @@ def json_option(command):
     )(command)
 
 
+def reference_loss_option(command):
+    return click.option(
+        "--reference-loss",
+        metavar="LOSS",
+        help="The loss every other loss is compared with, paired by seed and test image.  "
+        "[default: the one the audit recorded, else l2 when audited, else the first loss]",
+    )(command)
+
+
 def metric_option(default: str | None, help_text: str):
     """--metric: the metrics a verdict may use, from the registry (metrics.py imports no torch, so --help
     stays fast)."""
@@ -140,6 +150,7 @@ def cli() -> None:
 )
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines: only the final table.")
 @metric_option(metrics.DEFAULT, "Metric of the verdicts (every metric is measured and compared).")
+@reference_loss_option
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
@@ -149,7 +160,7 @@ def cli() -> None:
     "quota). Changes speed, not results.",
 )
 @json_option
-def audit(spec_file, quiet, force, as_json, threads, metric, **flags) -> int:
+def audit(spec_file, quiet, force, as_json, threads, metric, reference_loss, **flags) -> int:
     """Train autoencoders under each loss and measure per-group error on held-out images.
 
     With no arguments: the {dataset} dataset, groups at mean brightness {targets}, the
@@ -168,7 +179,7 @@ def audit(spec_file, quiet, force, as_json, threads, metric, **flags) -> int:
     from .bymetric import by_metric
     from .outputs import save_results
     from .progress import Progress
-    from .report import metric_caveat, terminal_summary, vae_terminal
+    from .report import headline, metric_caveat, terminal_summary, vae_terminal
     from .stats import analyse
 
     global _results_folder
@@ -186,7 +197,9 @@ def audit(spec_file, quiet, force, as_json, threads, metric, **flags) -> int:
             threads=threads,
         )
         start = time.perf_counter()
-        analysis = analyse(result, metric=metric)
+        if reference_loss:
+            result.info["reference_loss"] = reference_loss  # recorded, so `report` compares with it too
+        analysis = analyse(result, metric=metric, reference_loss=reference_loss)
         compared = by_metric(result, analysis)
         result.info["timings"]["stats_s"] = time.perf_counter() - start
         if spec.out:
@@ -201,7 +214,9 @@ def audit(spec_file, quiet, force, as_json, threads, metric, **flags) -> int:
                 "command": "audit",
                 "out": spec.out,
                 "metric_caveat": metric_caveat(compared),
+                "verdict": headline(analysis),
                 "disparities": verdict_records(analysis.disparities),
+                "loss_contrasts": verdict_records(analysis.contrasts),
                 "warnings": _warnings(result),
             }
         )
@@ -229,8 +244,9 @@ def audit(spec_file, quiet, force, as_json, threads, metric, **flags) -> int:
 @click.argument("result_dir", type=click.Path(file_okay=False))
 @click.option("--out", help="Folder for report.md and report.html (default: RESULT_DIR).")
 @metric_option(None, "Metric of the verdicts.  [default: the one RESULT_DIR's verdicts are by, else mse]")
+@reference_loss_option
 @json_option
-def report(result_dir, out, metric, as_json) -> int:
+def report(result_dir, out, metric, reference_loss, as_json) -> int:
     """Re-render report.html and report.md from a saved results folder, without retraining.
 
     \b
@@ -242,14 +258,22 @@ def report(result_dir, out, metric, as_json) -> int:
     """
     from .bymetric import by_metric
     from .outputs import write_reports
-    from .report import metric_caveat, terminal_summary, vae_terminal
+    from .report import headline, metric_caveat, terminal_summary, vae_terminal
     from .results import AuditResult, saved_verdict_metric
-    from .stats import analyse
+    from .stats import analyse, choose_reference_loss
 
     global _results_folder
     _results_folder = Path(result_dir)
     result = AuditResult.load(result_dir)
-    analysis = analyse(result, metric=metric or saved_verdict_metric(result_dir) or metrics.DEFAULT)
+    analysis = analyse(
+        result, metric=metric or saved_verdict_metric(result_dir) or metrics.DEFAULT, reference_loss=reference_loss
+    )
+    recorded = choose_reference_loss(result, analysis.losses, None)
+    if analysis.reference_loss != recorded and Path(out or result_dir).resolve() == Path(result_dir).resolve():
+        raise UserError(
+            f"--reference-loss {reference_loss}: the reports in {result_dir} would compare with {reference_loss} while "
+            f"its summary.json compares with {recorded}; write them elsewhere with --out"
+        )
     compared = by_metric(result, analysis)
     paths = write_reports(result, analysis, out or result_dir, compared, source=result_dir)
     if as_json:
@@ -258,7 +282,9 @@ def report(result_dir, out, metric, as_json) -> int:
                 "command": "report",
                 "results": result_dir,
                 "metric_caveat": metric_caveat(compared),
+                "verdict": headline(analysis),
                 "disparities": verdict_records(analysis.disparities),
+                "loss_contrasts": verdict_records(analysis.contrasts),
                 "warnings": _warnings(result),
             }
         )
@@ -273,17 +299,29 @@ def report(result_dir, out, metric, as_json) -> int:
 @cli.command()
 @click.argument("result_dir", required=False, type=click.Path(file_okay=False))
 @metric_option(metrics.DEFAULT, "Metric to gate on.")
-@click.option("--max-ratio", type=float, help="Fail if worst/reference error exceeds this (with confidence 1 - alpha).")
-@click.option("--max-gap", type=float, help="Fail if worst - reference error exceeds this (metric units; dB for psnr).")
+@click.option(
+    "--max-ratio",
+    type=float,
+    help="Threshold on worst/reference error: pass only if every interval's upper end is below it, "
+    "fail if a lower end is above it, else exit 3.",
+)
+@click.option("--max-gap", type=float, help="The same on worst - reference error (metric units; dB for psnr).")
+@click.option(
+    "--max-contrast",
+    type=float,
+    help="Threshold on each loss's worst/best ratio over the reference loss's (1: as fair as it): pass only "
+    "if the upper end is below it, fail if the lower end is above it.",
+)
 @click.option("--adjusted", is_flag=True, help="Gate the gap in excess of each group's own rank-k PCA error.")
 @click.option(
     "--alpha",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     default=0.05,
     show_default=True,
-    help="1 - confidence of the lower bound.",
+    help="1 - confidence of all the gate's intervals together.",
 )
 @click.option("--reference", default="best", show_default=True, help="Reference group name, or 'best'.")
+@reference_loss_option
 @click.option("--losses", metavar="L,L,...", help="Only these losses (comma-separated).  [default: all]")
 @click.option(
     "--weights",
@@ -298,7 +336,12 @@ def report(result_dir, out, metric, as_json) -> int:
     "--trained-on",
     metavar="all|CSV",
     help="With --weights: what the model was trained on, 'all' images or a CSV with a file column "
-    "(e.g. split.csv: only its train rows count); warns when test images are among them.",
+    "(e.g. split.csv: only its train rows count); the gate refuses when test images are among them.",
+)
+@click.option(
+    "--allow-trained-on-test",
+    is_flag=True,
+    help="Gate a model scored on test images it was trained on (--trained-on all or an overlap) anyway.",
 )
 @click.option(
     "--spec", "spec_file", type=click.Path(dir_okay=False), help="Spec TOML for the test images (with --weights)."
@@ -310,18 +353,22 @@ def check(
     metric,
     max_ratio,
     max_gap,
+    max_contrast,
     adjusted,
     alpha,
     reference,
+    reference_loss,
     losses,
     weights,
     model_factory,
     trained_on,
+    allow_trained_on_test,
     spec_file,
     as_json,
     **data_flags,
 ) -> int:
-    """Gate: exit 1 if a group gap exceeds a threshold with confidence, 0 if not, 3 if data are insufficient.
+    """Gate: exit 0 only if every gap is shown to be below its threshold, 1 if one is shown to be above,
+    3 if the data cannot tell (an interval contains the threshold, or the data are insufficient).
 
     Checks a results folder (from `fairrecon audit --out`), or with --weights a trained
     autoencoder on the spec's grouped test images, without training.
@@ -329,6 +376,7 @@ def check(
     \b
     Examples:
       fairrecon check results/default --max-ratio 1.2
+      fairrecon check results/default --max-contrast 1.0 --reference-loss l2
       fairrecon check results/default --max-gap 0.002 --adjusted --json
       fairrecon check --weights ae.pt --model-factory mymodels:build --dataset folder \\
           --data-root faces/images --labels faces/groups.csv --trained-on split.csv --max-ratio 1.2
@@ -346,6 +394,7 @@ def check(
             + ["model-factory"] * bool(model_factory)
             + ["spec"] * bool(spec_file)
             + ["trained-on"] * bool(trained_on)
+            + ["allow-trained-on-test"] * bool(allow_trained_on_test)
         )
         if extra:
             raise UserError(f"--{extra[0]} applies only with --weights")
@@ -370,19 +419,23 @@ def check(
         metric=metric,
         max_ratio=max_ratio,
         max_gap=max_gap,
+        max_contrast=max_contrast,
         adjusted=adjusted,
         alpha=alpha,
         reference=reference,
+        reference_loss=reference_loss,
         losses=list(parse_losses(losses)) if losses else None,
+        allow_trained_on_test=allow_trained_on_test,
     )
     if as_json:
         print_json(
             {
                 "command": "check",
-                "exit_code": outcome.code,
+                **outcome.record(),
                 "passed": outcome.passed,
                 "message": outcome.message,
                 "disparities": verdict_records(outcome.table),
+                "loss_contrasts": verdict_records(outcome.contrasts),
                 "warnings": _warnings(result),
             }
         )

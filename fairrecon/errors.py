@@ -35,8 +35,8 @@ class ExitCode(IntEnum):
     """
 
     PASS = 0  # pass (or done)
-    FAIL = 1  # the gate failed: a group gap exceeds the threshold (`check` only)
+    FAIL = 1  # the gate failed: a group gap is above the threshold with confidence (`check` only)
     USAGE = 2  # usage or input error (UserError, click usage errors): one line on stderr
-    INSUFFICIENT = 3  # insufficient data to judge (`check`: a failed cell, a group under 30 test images, ...)
+    INSUFFICIENT = 3  # insufficient data to judge (`check`: an interval contains the threshold, a failed cell, ...)
     INTERNAL = 4  # a bug in fairrecon: the traceback goes to a log file
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)

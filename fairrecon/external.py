@@ -328,15 +328,21 @@ def audit_model(
         "device": str(dev),
         "inputs": input_fingerprint(spec),
         "warnings": _seen_warnings(test_keys, trained_on),
+        "test_images_trained_on": len(_seen(test_keys, trained_on)),  # the gate refuses these (gate.check)
     }
     return AuditResult(spec, samples, cells, data.describe(), history, info, split=split_table(images, data))
 
 
+def _seen(test_keys: list[str], trained_on: str | Iterable[str] | None) -> set[str]:
+    """The test images the model was trained on, as far as `trained_on` says."""
+    if trained_on is None:
+        return set()
+    return set(test_keys) if trained_on == "all" else set(test_keys) & {str(k) for k in trained_on}
+
+
 def _seen_warnings(test_keys: list[str], trained_on: str | Iterable[str] | None) -> list[str]:
     """A warning when the model saw some of the test images it is scored on."""
-    if trained_on is None:
-        return []
-    seen = set(test_keys) if trained_on == "all" else set(test_keys) & {str(k) for k in trained_on}
+    seen = _seen(test_keys, trained_on)
     if not seen:
         return []
     example = sorted(seen)[0]

@@ -384,15 +384,26 @@ def over_training_figure(curves: pd.DataFrame, gaps: pd.DataFrame, metric: str =
 
 def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> Figure:
     """The fairness-accuracy frontier: each loss at (overall held-out error, worst/best ratio), with both
-    intervals as bars; Pareto-optimal losses filled and joined by a line, the others hollow; labelled by loss."""
+    intervals as bars; Pareto-optimal losses filled and joined by a line, the others hollow; labelled by loss.
+
+    The axes span the points and the finite ends of their intervals (an error's interval is positive, made
+    on the log scale); a ratio interval with no upper bound is drawn to the top of the axis and ends in an
+    arrow, labelled "no upper bound", so one unbounded interval never squashes the others."""
     df = frontier[np.isfinite(frontier["overall"].astype(float)) & np.isfinite(frontier["ratio"].astype(float))]
     metric = str(frontier["metric"].iloc[0]) if len(frontier) else metrics.DEFAULT
     fig = _figure(4.6)
     ax = fig.subplots()
     dark = sns.color_palette("colorblind")[0]
-    for row in df.itertuples(index=False):
+    ys = np.concatenate([df["ratio"], df["ratio_low"], df["ratio_high"], [1.0]]).astype(float)
+    ys = ys[np.isfinite(ys)]
+    low_y, high_y = (ys.min(), ys.max()) if len(ys) else (0.9, 1.1)
+    unbounded = ~np.isfinite(df["ratio_high"].astype(float))
+    pad = 0.08 * max(high_y - low_y, 0.05 * high_y)
+    top = high_y + (3 if unbounded.any() else 1) * pad
+    for row, open_top in zip(df.itertuples(index=False), unbounded):
+        high = top if open_top else row.ratio_high
         xerr = [[row.overall - row.overall_low], [row.overall_high - row.overall]]
-        yerr = [[row.ratio - row.ratio_low], [min(row.ratio_high, 1e6) - row.ratio]]
+        yerr = [[row.ratio - row.ratio_low], [high - row.ratio]]
         ax.errorbar(
             [row.overall],
             [row.ratio],
@@ -404,6 +415,16 @@ def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> 
             linestyle="none",
             zorder=1,
         )
+        if open_top:
+            ax.plot([row.overall], [top], marker="^", color="0.45", markersize=7, zorder=1)
+            ax.annotate(
+                "no upper bound",
+                (row.overall, top),
+                xytext=(6, -4),
+                textcoords="offset points",
+                fontsize=8,
+                color="0.3",
+            )
     pareto = df[df["pareto"].astype(bool)].sort_values("overall")
     others = df[~df["pareto"].astype(bool)]
     sns.scatterplot(
@@ -434,6 +455,12 @@ def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> 
     if len(pareto) > 1:
         ax.plot(pareto["overall"], pareto["ratio"], color=dark, linewidth=1.2, linestyle="--", zorder=2)
     ax.axhline(1.0, color="0.35", linestyle=":", linewidth=1.2)
+    ax.set_ylim(max(low_y - pad, 0.0), top + pad)
+    xs = np.concatenate([df["overall"], df["overall_low"], df["overall_high"]]).astype(float)
+    xs = xs[np.isfinite(xs)]
+    if len(xs):
+        span = max(xs.max() - xs.min(), 0.05 * xs.max())
+        ax.set_xlim(max(xs.min() - 0.12 * span, 0.0), xs.max() + 0.25 * span)  # room for the labels on the right
     level = f"{100 * confidence:.4g}% " if confidence is not None else ""
     ax.set_xlabel(f"overall held-out {metrics.label(metric)} (lower is more accurate)")
     ax.set_ylabel("worst / best group (lower is fairer; 1: equal)")

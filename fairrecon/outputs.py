@@ -70,6 +70,7 @@ def summary_json(result: AuditResult, analysis: Analysis, compared: ByMetric | N
         "verdict": headline(analysis),
         "policy": analysis.policy_record(),
         "disparities": records(analysis.disparities),
+        "loss_contrasts": records(analysis.contrasts),
         "frontier": records(analysis.frontier),
         "metrics": compared.record(caveat),
         **extra,

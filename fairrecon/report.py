@@ -18,15 +18,16 @@ from .bymetric import ByMetric
 from .dynamics import markdown_section
 from .gradshare import kl_weight_over_training
 from .losses import LOSSES
-from .stats import CLEAR, NO_CLEAR, Analysis
+from .stats import CLEAR, FAIRER, INSUFFICIENT, LESS_FAIR, NO_CLEAR, Analysis, format_bound, positive_metric
 
 if TYPE_CHECKING:
     from .results import AuditResult
 
 
 def verdict_table(analysis: Analysis) -> pd.DataFrame:
-    """One row per loss: the group it favours, the worse group, the gap (relative, with the interval
-    the verdict is decided on), the corrected p-value and the verdict.
+    """One row per loss: the group it favours, the worse group, how much worse (the relative gap, worst /
+    favoured - 1, with the ratio's interval: the one the verdict is decided on; in dB for psnr), the
+    corrected p-value and the verdict.
 
     Columns are display strings: this is what the first screen of report.html and report.md show.
 
@@ -36,7 +37,7 @@ def verdict_table(analysis: Analysis) -> pd.DataFrame:
     >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
     >>> table = verdict_table(analyse(result))
     >>> table.columns.tolist()
-    ['loss', 'favours', 'worse group', 'mse: favoured → worse', 'gap', '97.5% interval of gap',
+    ['loss', 'favours', 'worse group', 'mse: favoured → worse', 'worse by', '97.5% interval',
      'p (corrected)', 'how sure']
     >>> table[["loss", "favours", "worse group"]]
       loss favours worse group
@@ -46,14 +47,15 @@ def verdict_table(analysis: Analysis) -> pd.DataFrame:
     metric = analysis.metric
     rows = []
     for d in analysis.disparities.itertuples(index=False):
+        point, interval = relative_gap(d)
         rows.append(
             {
                 "loss": d.loss,
                 "favours": _text(d.reference),
                 "worse group": _text(d.worst),
                 f"{metric}: favoured → worse": f"{_num(d.reference_mean)} → {_num(d.worst_mean)}",
-                "gap": _gap(d, d.gap),
-                f"{_level(analysis)} interval of gap": f"{_gap(d, d.gap_low)} to {_gap(d, d.gap_high)}",
+                "worse by": point,
+                f"{_level(analysis)} interval": interval,
                 "p (corrected)": _p(d.p_corrected),
                 "how sure": d.verdict,
             }
@@ -61,24 +63,91 @@ def verdict_table(analysis: Analysis) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def relative_gap(d: Any) -> tuple[str, str]:
+    """How much worse the worse group is, and its interval, as text: for a positive metric the ratio's
+    (Fieller) interval minus 1, in percent ('no upper bound' where it has none); for psnr the gap in dB."""
+    if not positive_metric(d.metric):
+        if not np.isfinite(d.gap):
+            return "n/a", "n/a"
+        unit = _unit(d.metric)
+        return f"{d.gap:+.3g}{unit}", f"{d.gap_low:+.3g} to {d.gap_high:+.3g}{unit}"
+    if not np.isfinite(d.ratio):
+        return "n/a", "n/a"
+    low = _pct(d.ratio_low - 1)
+    if d.ratio_high == np.inf:
+        if d.ratio_low == 0:
+            return _pct(d.ratio - 1), "unbounded (no lower or upper bound: the group means are not clearly above 0)"
+        return _pct(d.ratio - 1), f"{low} or more (no upper bound)"
+    return _pct(d.ratio - 1), f"{low} to {_pct(d.ratio_high - 1)}"
+
+
+def contrast_sentence(c: Any) -> str:
+    """One loss against the reference loss, in words: the answer to "is it fairer?" first, by which metric,
+    then the number."""
+    if c.verdict == INSUFFICIENT:
+        return f"{c.loss} against {c.reference} by {c.metric}: insufficient data to compare (see the warnings)."
+    if positive_metric(c.metric):
+        number = f"its worst/best {c.metric} ratio is {c.ratio:.3g}x {c.reference}'s [{c.low:.3g}, {c.high:.3g}]"
+        above = c.ratio > 1
+    else:
+        unit = _unit(c.metric)
+        number = (
+            f"its {c.metric} gap is {c.difference:+.3g}{unit} against {c.reference}'s [{c.low:+.3g}, {c.high:+.3g}]"
+        )
+        above = c.difference > 0
+    if c.verdict == LESS_FAIR:
+        words = f"{c.loss} is clearly less fair than {c.reference}"
+    elif c.verdict == FAIRER:
+        words = f"{c.loss} is clearly fairer than {c.reference}"
+    else:
+        words = f"{c.loss} is not clearly {'less fair' if above else 'fairer'} than {c.reference}"
+    return f"{words} by {c.metric}: {number}."
+
+
+def contrast_table(analysis: Analysis) -> pd.DataFrame:
+    """One row per loss against the reference loss: both ratios, their ratio with its interval, p, verdict
+    (psnr: the difference of the two gaps, in dB). Display strings, as `verdict_table`'s."""
+    rows = []
+    for c in analysis.contrasts.itertuples(index=False):
+        positive = positive_metric(c.metric)
+        rows.append(
+            {
+                "loss": c.loss,
+                "against": c.reference,
+                "its worst/best": _num(c.loss_ratio) if positive else "",
+                f"{c.reference}'s worst/best": _num(c.reference_ratio) if positive else "",
+                "ratio of ratios" if positive else f"difference of gaps ({_unit(c.metric).strip() or c.metric})": _num(
+                    c.ratio if positive else c.difference
+                ),
+                f"{100 * analysis.contrast_confidence:.4g}% interval": f"{_num(c.low)} to {_num(c.high)}",
+                "p (corrected)": _p(c.p_corrected),
+                "how sure": c.verdict,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def headline(analysis: Analysis) -> str:
-    """The verdict in words: which losses show a clear gap (against which group, by how much), which do
-    not, which have insufficient data, and at what confidence. Every surface prints this sentence.
+    """The answer in words. First each loss against the reference loss (is it fairer? by which metric), then
+    which losses show a clear gap between groups (against which group, by how much), which do not, which have
+    insufficient data, and at what confidence. Every surface prints this sentence (after the metric caveat,
+    when there is one: `metric_caveat`).
 
     Examples
     --------
     >>> from fairrecon import analyse, headline, run_audit
     >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
     >>> print(headline(analyse(result)))
+    l1 is ... than l2 by mse: its worst/best mse ratio is ...x l2's [...].
     Clear gap: l1 (group 0.9 worse than 0.3 by ...%, interval ...); l2 (...).
-    Decided by mse (MSE per pixel) at 95% confidence for all 2 losses together.
+    Decided by mse (MSE per pixel) at 95% confidence for all 2 losses together, and for the comparison with l2.
     """
     clear, unclear, short = [], [], []
     for d in analysis.disparities.itertuples(index=False):
         if d.verdict == CLEAR:
+            point, interval = relative_gap(d)
             clear.append(
-                f"{d.loss} (group {d.worst} worse than {d.reference} by {_gap(d, d.gap).lstrip('+')}, "
-                f"interval {_gap(d, d.gap_low)} to {_gap(d, d.gap_high)})"
+                f"{d.loss} (group {d.worst} worse than {d.reference} by {point.lstrip('+')}, interval {interval})"
             )
         elif d.verdict == NO_CLEAR:
             unclear.append(str(d.loss))
@@ -86,7 +155,7 @@ def headline(analysis: Analysis) -> str:
             short.append(str(d.loss))
     if not len(analysis.disparities):
         return "No loss to compare (see Cells)."
-    parts = []
+    parts = [contrast_sentence(c) for c in analysis.contrasts.itertuples(index=False)]
     if clear:
         parts.append("Clear gap: " + "; ".join(clear) + ".")
     if unclear:
@@ -101,15 +170,24 @@ def headline(analysis: Analysis) -> str:
     pairs = " and every pair of groups" if analysis.pairs > 1 and analysis.reference == "best" else ""
     n = len(analysis.losses)
     losses = "the one loss" if n == 1 else f"all {n} losses"
-    parts.append(
+    confidence = (
         f"Decided {verdicts_by(analysis.metric)} at {1 - analysis.policy.alpha:.0%} confidence for {losses}{pairs} "
-        "together."
+        "together"
     )
+    if len(analysis.contrasts):
+        k = len(analysis.contrasts)
+        confidence += (
+            f", and for the comparison with {analysis.reference_loss}"
+            if k == 1
+            else f", and for the {k} comparisons with {analysis.reference_loss} together"
+        )
+    parts.append(confidence + ".")
     return " ".join(parts)
 
 
 def error_table(analysis: Analysis) -> pd.DataFrame:
-    """Rows: losses; columns: each group's 'mean [interval]', then the worst group, worst/best and the verdict."""
+    """Rows: losses; columns: each group's 'mean [interval]', then the worst group, worst/best (dB below the
+    best for psnr) and the verdict."""
     rows = []
     gaps = analysis.disparities.set_index("loss")
     for loss, part in analysis.intervals.groupby("loss", sort=False):
@@ -119,7 +197,7 @@ def error_table(analysis: Analysis) -> pd.DataFrame:
         if loss in gaps.index:
             d = gaps.loc[loss]
             row["worst group"] = _text(d["worst"])
-            row["worst/best"] = _num(d["ratio"]) if metrics.get(analysis.metric).ratio else _gap_text(d)
+            row["worst/best"] = _num(d["ratio"]) if positive_metric(analysis.metric) else _gap_text(d)
             row["verdict"] = d["verdict"]
         rows.append(row)
     return pd.DataFrame(rows)
@@ -140,7 +218,7 @@ def frontier_table(analysis: Analysis) -> pd.DataFrame:
                 f"overall {analysis.metric}": _num(f.overall),
                 f"{level} interval": f"{_num(f.overall_low)} to {_num(f.overall_high)}",
                 "worst/best": _num(f.ratio),
-                f"{level} interval of worst/best": f"{_num(f.ratio_low)} to {_num(f.ratio_high)}",
+                f"{level} interval of worst/best": f"{_num(f.ratio_low)} to {format_bound(f.ratio_high)}",
                 "how sure": f.verdict,
                 "Pareto-optimal": "yes" if f.pareto else "no",
             }
@@ -168,13 +246,18 @@ def frontier_sentence(analysis: Analysis) -> str:
 
 def terminal_summary(analysis: Analysis, by_metric: ByMetric | None = None) -> str:
     """What `fairrecon audit` and `fairrecon report` print: the metric caveat (when `by_metric` has one), the
-    headline, per-group error with intervals and each loss's verdict, the warnings, and how it was decided."""
+    headline, each loss against the reference loss, per-group error with intervals and each loss's verdict,
+    the warnings, and how it was decided."""
     label = metrics.label(analysis.metric)
     caveat = metric_caveat(by_metric) if by_metric is not None else None
-    lines = [
-        *([caveat, ""] if caveat else []),
-        headline(analysis),
-        "",
+    lines = [*([caveat, ""] if caveat else []), headline(analysis), ""]
+    if len(analysis.contrasts):
+        lines += [
+            f"Each loss against {analysis.reference_loss} by {analysis.metric} (paired by seed and test image)",
+            contrast_table(analysis).to_string(index=False),
+            "",
+        ]
+    lines += [
         f"Held-out {label} by group: mean [{1 - analysis.policy.alpha:.0%} interval of each group's mean]",
         error_table(analysis).to_string(index=False),
     ]
@@ -184,19 +267,31 @@ def terminal_summary(analysis: Analysis, by_metric: ByMetric | None = None) -> s
 
 
 def markdown_report(result: AuditResult, analysis: Analysis, by_metric: ByMetric | None = None) -> str:
-    """report.md: the metric caveat (when `by_metric` has one), which group each loss favours and how sure,
-    per-group error, every metric side by side, the groups, cell status."""
+    """report.md: the metric caveat (when `by_metric` has one), the headline, each loss against the reference
+    loss, which group each loss favours and how sure, per-group error, every metric side by side, the groups,
+    cell status."""
     spec = result.spec
     caveat = metric_caveat(by_metric) if by_metric is not None else None
     lines = [
         "# fairrecon audit",
         "",
-        describe_audit(result),
-        "",
-        f"## Which group does each loss favour? ({_held_out(analysis.metric)})",
-        "",
         *([f"**{caveat}**", ""] if caveat else []),
         headline(analysis),
+        "",
+        describe_audit(result),
+        "",
+        f"## The answer in numbers ({_held_out(analysis.metric)})",
+        "",
+    ]
+    if len(analysis.contrasts):
+        lines += [
+            f"### Each loss against {analysis.reference_loss} by {analysis.metric} (paired by seed and test image)",
+            "",
+            _markdown(contrast_table(analysis)),
+            "",
+        ]
+    lines += [
+        "### Which group does each loss favour?",
         "",
         _markdown(verdict_table(analysis)),
         "",
@@ -375,9 +470,8 @@ def _and(given: Sequence[object]) -> str:
 def _gap_text(d: Any) -> str:
     """worst - best in the metric's own units (psnr: '-0.48 dB', the worst group's PSNR below the best's), for
     metrics without a ratio."""
-    metric = metrics.get(d.metric)
-    value = d.gap if metric.higher_is_worse else -d.gap
-    return "n/a" if not np.isfinite(value) else f"{_num(value)}{' ' + metric.unit if metric.unit else ''}"
+    value = d.gap if metrics.get(d.metric).higher_is_worse else -d.gap
+    return "n/a" if not np.isfinite(value) else f"{_num(value)}{_unit(d.metric)}"
 
 
 def _held_out(metric: str) -> str:
@@ -403,20 +497,24 @@ def describe_audit(result: AuditResult) -> str:
 
 
 def loss_warnings(analysis: Analysis) -> list[tuple[str, str]]:
-    """(loss, warning text) for every loss whose statistics carry warnings, in table order."""
-    d = analysis.disparities
-    if "warnings" not in d:
-        return []
-    return [(str(loss), str(w)) for loss, w in zip(d["loss"], d["warnings"]) if isinstance(w, str) and w]
+    """(loss, warning text) for every loss whose statistics carry warnings, in table order, then
+    ("loss vs reference loss", text) for every loss contrast that does."""
+    out = []
+    d, c = analysis.disparities, analysis.contrasts
+    if "warnings" in d:
+        out += [(str(loss), str(w)) for loss, w in zip(d["loss"], d["warnings"]) if isinstance(w, str) and w]
+    out += [
+        (f"{r.loss} vs {r.reference}", str(r.warnings))
+        for r in c.itertuples(index=False)
+        if isinstance(r.warnings, str) and r.warnings
+    ]
+    return out
 
 
-def _gap(d: Any, value: float) -> str:
-    """A gap (or one end of its interval) relative to the favoured group's mean; in dB for psnr."""
-    metric = metrics.get(d.metric)
-    if not metric.ratio:
-        return "n/a" if not np.isfinite(value) else f"{value:+.3g}{' ' + metric.unit if metric.unit else ''}"
-    ok = np.isfinite(d.reference_mean) and d.reference_mean
-    return _pct(value / abs(d.reference_mean) if ok else np.nan)
+def _unit(metric: str) -> str:
+    """' dB' for psnr: the metric's unit with its space, '' for a pure number."""
+    unit = metrics.get(metric).unit
+    return f" {unit}" if unit else ""
 
 
 def _level(analysis: Analysis) -> str:

@@ -303,5 +303,8 @@ def test_check_with_labels_uses_them_and_warns_about_seen_test_images(tmp_path, 
     assert "warning" not in err  # trained on the train rows only: nothing seen
     (tmp_path / "mine.csv").write_text("file\n" + "\n".join(test_files[:3]) + "\n")
     for trained_on, seen in ((tmp_path / "mine.csv", 3), ("all", 60)):
-        code, out, err = _main(capsys, "check", "--weights", path, *data, "--max-gap", "1", "--trained-on", trained_on)
+        args = ["check", "--weights", path, *data, "--max-gap", "1", "--trained-on", trained_on]
+        code, out, err = _main(capsys, *args)  # the gate refuses to judge on images the model trained on
+        assert code == 2 and f"trained on {seen} of the test images" in err and "--allow-trained-on-test" in err
+        code, out, err = _main(capsys, *args, "--allow-trained-on-test")
         assert f"warning: the model was trained on {seen} of the 60 test images it is scored on" in err

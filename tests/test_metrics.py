@@ -25,7 +25,7 @@ from fairrecon.groups import make_groups
 from fairrecon.html_report import html_report
 from fairrecon.measure import ssim_per_image
 from fairrecon.outputs import save_results, summary_json
-from fairrecon.report import markdown_report, metric_caveat, terminal_summary
+from fairrecon.report import headline, markdown_report, metric_caveat, terminal_summary
 from fairrecon.results import AuditResult
 from fairrecon.spec import AuditSpec
 
@@ -312,7 +312,10 @@ def test_no_caveat_when_the_metrics_agree(audited):
     analysis = stats.analyse(result, metric="rel_mse")  # the verdicts' metric is the user's choice
     compared = by_metric(result, analysis)
     assert compared.splits() == {} and metric_caveat(compared) is None
-    assert terminal_summary(analysis, compared).splitlines()[0].startswith("Clear gap")
+    first = terminal_summary(analysis, compared).splitlines()[0]  # no caveat: the headline is first
+    assert first == headline(analysis) and "Clear gap" in first
+    assert first.split(". ")[0].startswith(f"{analysis.contrasts['loss'].iloc[0]} is ")  # each loss against l2,
+    assert f" than {analysis.reference_loss} by rel_mse: its worst/best rel_mse ratio is " in first  # in its metric
     assert "depends on the metric" not in markdown_report(result, analysis, compared)
     assert "metric-caveat" not in html_report(result, analysis, compared)
     record = summary_json(result, analysis, compared)

@@ -259,5 +259,6 @@ def test_terminal_prints_the_headline_the_table_and_the_warnings():
     text = terminal_summary(analysis)
     assert text.startswith(headline(analysis)) and "Insufficient data, no verdict: l1, l2" in text
     assert "Clear gap" not in text and "  clear gap" not in text  # a 3x gap, but 12 test images: not "clear"
-    assert text.count("warning: l") == 2 and "b (n=12): fewer than 30 test images" in text
+    assert text.count("warning: l1: ") == text.count("warning: l2: ") == 1 and "warning: l1 vs l2: " in text
+    assert "b (n=12): fewer than 30 test images" in text
     assert analysis.method in text
