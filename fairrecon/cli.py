@@ -6,7 +6,9 @@ Exit status, the same for every command:
   2  usage or input error: one line on stderr (UserError, click usage errors)
   3  insufficient data to judge (`check`: a failed cell, a group under 30 test images)
   4  internal error, a bug in fairrecon: the traceback goes to a log file (in the results folder
-     when there is one), and one line on stderr says where
+     when there is one), and one line on stderr says where; or training tasks that failed on Ray after
+     their retries (`--executor ray`): one line names the cells not trained, the finished ones are
+     saved, and the same command trains the rest
 
 With --json, `audit`, `check` and `report` print only JSON on stdout (the verdict per loss);
 progress, notes and warnings go to stderr.
@@ -20,11 +22,12 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import ExitStack
 from pathlib import Path
 
 import click
 
-from .errors import UserError
+from .errors import TasksFailed, UserError
 from .spec import DATASETS, AuditSpec, field_type, load_spec, parse_losses
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INSUFFICIENT, EXIT_INTERNAL = 0, 1, 2, 3, 4
@@ -66,6 +69,84 @@ def json_option(command):
         is_flag=True,
         help="Print only JSON on stdout (the verdict per loss); progress and notes go to stderr.",
     )(command)
+
+
+EXECUTORS = ("in-process", "ray")
+# --executor ray's options, their defaults (None = not given: refused with --executor in-process)
+RAY_DEFAULTS = {
+    "ray_address": None,
+    "cpus_per_task": 1,
+    "gpus_per_task": 0.0,
+    "task_retries": 2,
+    "ray_dashboard": False,
+}
+
+
+def executor_options(command):
+    """--executor and the options of --executor ray (docs/scale.md)."""
+    options = [
+        click.option(
+            "--executor",
+            type=click.Choice(EXECUTORS),
+            default="in-process",
+            show_default=True,
+            help='Where the cells train: in this process, or as tasks (one per seed) on Ray (pip install "fairrecon[ray]").',
+        ),
+        click.option(
+            "--ray-address",
+            metavar="auto|HOST:PORT",
+            help="With --executor ray: join this Ray cluster (auto: the one `ray start` began on this machine).  "
+            "[default: start a local Ray that listens on 127.0.0.1 only]",
+        ),
+        click.option(
+            "--cpus-per-task",
+            type=click.IntRange(min=1),
+            metavar="N",
+            help="With --executor ray: CPUs each task asks Ray for.  [default: 1]",
+        ),
+        click.option(
+            "--gpus-per-task",
+            type=click.FloatRange(min=0),
+            metavar="G",
+            help="With --executor ray: GPUs each task asks Ray for (a fraction shares one).  [default: 0]",
+        ),
+        click.option(
+            "--task-retries",
+            type=click.IntRange(min=0),
+            metavar="N",
+            help="With --executor ray: how often Ray retries a task whose worker died.  [default: 2]",
+        ),
+        click.option(
+            "--ray-dashboard",
+            is_flag=True,
+            default=None,
+            help="With --executor ray and no --ray-address: start the local Ray's dashboard (on 127.0.0.1).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def make_executor(executor: str, threads: int | None, quiet: bool, **given):
+    """The executor the options ask for: None for in-process (an option of Ray's with it is refused)."""
+    if executor == "in-process":
+        extra = [name for name, value in given.items() if value is not None]
+        if extra:
+            raise UserError(f"--{extra[0].replace('_', '-')} applies only with --executor ray")
+        return None
+    from .executor import RayExecutor
+
+    o = {name: RAY_DEFAULTS[name] if value is None else value for name, value in given.items()}
+    return RayExecutor(
+        o["ray_address"],
+        cpus_per_task=o["cpus_per_task"],
+        gpus_per_task=o["gpus_per_task"],
+        threads=threads,
+        retries=o["task_retries"],
+        dashboard=o["ray_dashboard"],
+        quiet=quiet,
+    )
 
 
 def spec_from(spec_file: str | None, flags: dict) -> AuditSpec:
@@ -116,10 +197,24 @@ def cli() -> None:
     default=None,
     metavar="N",
     help="CPU threads for torch (default: every CPU this process may use: its affinity, capped by a cgroup "
-    "quota). Changes speed, not results.",
+    "quota); with --executor ray, in each task (default: its CPUs). Changes speed, not results.",
 )
+@executor_options
 @json_option
-def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
+def audit(
+    spec_file,
+    quiet,
+    force,
+    as_json,
+    threads,
+    executor,
+    ray_address,
+    cpus_per_task,
+    gpus_per_task,
+    task_retries,
+    ray_dashboard,
+    **flags,
+) -> int:
     """Train autoencoders under each loss and measure per-group error on held-out images.
 
     With no arguments: the bundled digits, groups at mean brightness 0.3 and 0.9,
@@ -132,17 +227,34 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
       fairrecon audit audits/fashion-mnist-minority.toml --data-root ../shared/datasets --out results/fm
       fairrecon audit --dataset folder --data-root faces/images --labels faces/groups.csv --out results/faces
       fairrecon audit --epochs 5 --seeds 2 --json > verdict.json
+      fairrecon audit --executor ray --seeds 10 --out results/ten-seeds
+      fairrecon audit --executor ray --ray-address auto --cpus-per-task 4 --out results/cluster
     """
     from .audit import run_audit
     from .outputs import save_results
     from .progress import Progress
     from .report import terminal_summary, vae_terminal
+    from .resultsdir import writing
     from .stats import analyse
 
     global _results_folder
     spec = spec_from(spec_file, flags)
     _results_folder = Path(spec.out) if spec.out else None
-    with Progress(quiet=quiet or as_json) as progress:
+    runner = make_executor(
+        executor,
+        threads,
+        quiet or as_json,
+        ray_address=ray_address,
+        cpus_per_task=cpus_per_task,
+        gpus_per_task=gpus_per_task,
+        task_retries=task_retries,
+        ray_dashboard=ray_dashboard,
+    )
+    with ExitStack() as held, Progress(quiet=quiet or as_json) as progress:
+        if spec.out:
+            held.enter_context(writing(spec.out))  # one run at a time in OUT, from training to the last file
+        if runner is not None:
+            held.enter_context(runner)
         result = run_audit(
             spec,
             log=progress.log,
@@ -150,7 +262,8 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
             force=force,
             save=False,
             inputs=[spec_file] if spec_file else [],
-            threads=threads,
+            threads=threads if runner is None else None,
+            executor=runner,
         )
         start = time.perf_counter()
         analysis = analyse(result)
@@ -458,6 +571,9 @@ def main(argv: list[str] | None = None) -> None:
         message = e.format_message() if isinstance(e, click.ClickException) else str(e)
         click.echo(f"fairrecon: error: {message}", err=True)
         sys.exit(EXIT_USAGE)
+    except TasksFailed as e:  # work lost on the cluster, not a bug: the finished cells are saved
+        click.echo(f"fairrecon: error: {e}; each failure in full: {_save_log(e.details)}", err=True)
+        sys.exit(EXIT_INTERNAL)
     except (click.Abort, KeyboardInterrupt):
         click.echo("fairrecon: interrupted; with --out, run the same command again to resume", err=True)
         sys.exit(130)
@@ -475,7 +591,11 @@ def main(argv: list[str] | None = None) -> None:
 def _save_traceback() -> Path:
     """Write the current exception's traceback to ERROR_LOG in the results folder when it is fairrecon's,
     else to a temporary file; return its path."""
-    text = traceback.format_exc()
+    return _save_log(traceback.format_exc())
+
+
+def _save_log(text: str) -> Path:
+    """Write `text` to ERROR_LOG in the results folder when it is fairrecon's, else to a temporary file."""
     folder = _results_folder
     if folder is not None and ((folder / "fairrecon.json").is_file() or (folder / "summary.json").is_file()):
         try:
