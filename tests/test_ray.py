@@ -28,7 +28,7 @@ from fairrecon.errors import UserError
 from fairrecon.results import AuditResult
 from fairrecon.resultsdir import Identity
 from fairrecon.resume import CellStore
-from fairrecon.train import Cell
+from fairrecon.train import Cell, TrainConfig
 
 # Ray is imported by fairrecon only (never here at import time: a local Ray started after an earlier
 # `import ray` would listen on the network, and fairrecon refuses that). CI installs the test extra, which
@@ -37,7 +37,9 @@ if importlib.util.find_spec("ray") is None and not os.environ.get("CI"):
     pytest.skip("Ray is not installed (pip install -e '.[test]' brings it)", allow_module_level=True)
 
 from fairrecon import executor as executor_module  # noqa: E402
-from fairrecon.executor import RayExecutor, start_local_ray  # noqa: E402
+from fairrecon.data import load_images  # noqa: E402
+from fairrecon.executor import Job, RayExecutor, Task, start_local_ray  # noqa: E402
+from fairrecon.groups import make_groups  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -292,3 +294,17 @@ def test_a_killed_worker_is_retried_and_the_audit_is_unchanged(local_ray, shared
         os.kill(killed, 0)  # it was a real worker, and it is dead
     assert not [line for line in lines if line.startswith("failed")]
     assert_same(outcome["result"], reference)
+
+
+def test_a_worker_s_refusal_reaches_the_driver_as_one_line(local_ray):
+    """A task whose identity differs where it runs (here: the driver's says cuda, the worker has a CPU) refuses;
+    the driver raises the worker's UserError, not Ray's wrapped traceback."""
+    spec = AuditSpec(dataset="digits", seeds=1, epochs=1, losses=("l1",), device="auto")
+    data = make_groups(load_images("digits"), spec)
+    job = Job("results/gpu", spec, Identity.of(spec, "cuda"), TrainConfig.from_spec(spec), None, data)
+    done: list = []
+    with RayExecutor() as runner, pytest.raises(UserError) as refused:
+        runner.run([Task(job, [Cell("l1", 0)], done.append)], log=lambda line: None)
+    assert str(refused.value).startswith("results/gpu: on the worker on ")
+    assert "identity differs from the driver's (device_type 'cuda' -> 'cpu')" in str(refused.value)
+    assert "\n" not in str(refused.value) and not done
