@@ -299,6 +299,101 @@ def audit(
 
 
 @cli.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("--out", metavar="DIR", help="The sweep folder.  [default: the file's [sweep] out, else results/NAME]")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A spec field for every setting, over the file's [audit] (not a [grid] axis); repeatable.",
+)
+@click.option("--force", is_flag=True, help="Replace a setting's folder that holds an audit of another spec or inputs.")
+@click.option("--quiet", is_flag=True, help="No log lines: only the summary and the table.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="CPU threads for torch in each task (default: in-process every usable CPU; with --executor ray its CPUs).",
+)
+@executor_options
+@json_option
+def sweep(
+    sweep_file,
+    out,
+    sets,
+    force,
+    quiet,
+    threads,
+    executor,
+    ray_address,
+    cpus_per_task,
+    gpus_per_task,
+    task_retries,
+    ray_dashboard,
+    as_json,
+) -> int:
+    """Run one audit per setting of a grid (all their tasks through one queue) and report whether the
+    verdict holds across settings.
+
+    Each setting's audit goes to OUT/SETTING/ (a results folder like any other); OUT/sweep.md, sweep.csv,
+    sweep.png and sweep.json hold, per loss and setting, the ratio with its interval and the audit's own
+    verdict, and one line per loss. Run the same command again to resume. The file's format: docs/scale.md.
+
+    \b
+    Examples:
+      fairrecon sweep audits/sweeps/findings.toml --set data_root=../shared/datasets
+      fairrecon sweep audits/sweeps/findings.toml --executor ray --ray-address auto --cpus-per-task 2
+    """
+    from .progress import Progress
+    from .sweep import load_sweep, run_sweep, terminal
+
+    global _results_folder
+    given = {}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--set {item}: write KEY=VALUE, e.g. --set data_root=../shared/datasets")
+        given[key.strip().replace("-", "_")] = _flag_value(key.strip().replace("-", "_"), value.strip())
+    folder = load_sweep(sweep_file, out=out, sets=given).out  # a bad file or setting: refused before Ray starts
+    _results_folder = folder
+    runner = make_executor(
+        executor,
+        threads,
+        quiet or as_json,
+        ray_address=ray_address,
+        cpus_per_task=cpus_per_task,
+        gpus_per_task=gpus_per_task,
+        task_retries=task_retries,
+        ray_dashboard=ray_dashboard,
+    )
+    with ExitStack() as held, Progress(quiet=quiet or as_json) as progress:
+        if runner is not None:
+            held.enter_context(runner)
+        report = run_sweep(
+            sweep_file, executor=runner, threads=threads, out=out, sets=given, force=force, log=progress.log
+        )
+    if as_json:
+        print_json({"command": "sweep", **report.record()})
+    else:
+        click.echo(terminal(report))
+    note(f"results in {folder}/ (open {folder}/sweep.md; each setting's audit in {folder}/SETTING/)")
+    return EXIT_PASS
+
+
+def _flag_value(key: str, text: str):
+    """A --set value as the field wants it: true/false for a yes/no field, else the text (the spec parses it)."""
+    from .spec import FIELDS
+
+    if key in FIELDS and field_type(key) is bool:
+        if text.lower() not in ("true", "false"):
+            raise UserError(f"--set {key}={text}: {key} is true or false")
+        return text.lower() == "true"
+    return text
+
+
+@cli.command()
 @click.argument("result_dir", type=click.Path(file_okay=False))
 @click.option("--out", help="Folder for report.md and report.html (default: RESULT_DIR).")
 @json_option
