@@ -234,9 +234,12 @@ def start_local_ray(
     (ray.init resolves 127.0.0.1 to the machine's network address otherwise), so the switch is set around
     the import; every Ray process then binds its ports to 127.0.0.1 (checked: tests/test_ray.py connects
     to the GCS port through the network address and is refused). If ray was imported earlier with the switch
-    on, the node would listen on the network: then it is shut down again and this refuses.
+    on, the node would listen on the network: then it is shut down again and this refuses. A token that Ray
+    generates here (token authentication, ~/.ray/auth_token) is made readable by this user only.
     Returns ray's context (address_info: the node's address, GCS address, session folder).
     """
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    token_existed = token.exists()
     if "ray" not in sys.modules:
         before = os.environ.get(RAY_LOCAL_ONLY_ENV)
         os.environ[RAY_LOCAL_ONLY_ENV] = "0"
@@ -249,16 +252,24 @@ def start_local_ray(
                 os.environ[RAY_LOCAL_ONLY_ENV] = before
     else:
         ray = ray_module()
-    context = ray.init(
-        address="local",  # a new Ray: never RAY_ADDRESS's or one that `ray start` left on this machine
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        object_store_memory=object_store_memory,
-        include_dashboard=dashboard,
-        dashboard_host="127.0.0.1",
-        logging_level=logging.WARNING,
-        log_to_driver=log_to_driver,
-    )
+    try:
+        context = ray.init(
+            address="local",  # a new Ray: never RAY_ADDRESS's or one that `ray start` left on this machine
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            object_store_memory=object_store_memory,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            logging_level=logging.WARNING,
+            log_to_driver=log_to_driver,
+        )
+    except Exception as e:  # ray raises a bare Exception when the dashboard's packages are missing
+        if not (dashboard and "missing packages" in str(e)):
+            raise
+        ray.shutdown()
+        raise UserError('--ray-dashboard needs the dashboard\'s packages: pip install "ray[default]"') from None
+    if not token_existed and token.exists() and token.stat().st_mode & 0o077:
+        token.chmod(0o600)  # Ray writes the token it generates with the umask's mode (0644: readable by all users)
     node = context.address_info["node_ip_address"]
     if not ipaddress.ip_address(node).is_loopback:
         ray.shutdown()
@@ -341,6 +352,11 @@ class RayExecutor:
         if self._ray is not None:
             return self._ray
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            if self.address is not None or self.dashboard or self.local_cpus or self.object_store_memory:
+                raise UserError(
+                    "this process is already connected to a Ray (ray.init), which fairrecon would use as it is: "
+                    "drop the address and local Ray settings, or call ray.shutdown() first"
+                )
             log("using the Ray this process is already connected to")
         elif self.address is None:
             start = time.perf_counter()
