@@ -238,7 +238,7 @@ def start_local_ray(
     generates here (token authentication, ~/.ray/auth_token) is made readable by this user only.
     Returns ray's context (address_info: the node's address, GCS address, session folder).
     """
-    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    token = Path.home() / ".ray" / "auth_token"  # where Ray writes a token it generates
     token_existed = token.exists()
     if "ray" not in sys.modules:
         before = os.environ.get(RAY_LOCAL_ONLY_ENV)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -135,7 +137,8 @@ def test_failed_tasks_exit_4_name_their_cells_and_the_same_command_finishes(shar
     out = tmp_path / "out"
     command = [sys.executable, "-m", "fairrecon", "audit", str(spec_file(tmp_path, shared_datasets)), "--out", str(out)]
     command += ["--executor", "ray", "--task-retries", "0", "--threads", "1"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    home = tmp_path / "home"  # a user without a Ray token yet: the local Ray generates one
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(home)}
     run = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         killed, title = kill_first_worker(run.pid)
@@ -146,6 +149,7 @@ def test_failed_tasks_exit_4_name_their_cells_and_the_same_command_finishes(shar
             run.communicate()
     seed = int(title.rsplit(" ", 1)[1])
     assert run.returncode == 4, stderr
+    assert (home / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600  # Ray wrote it 0644
     error = [line for line in stderr.splitlines() if line.startswith("fairrecon: error:")]
     assert len(error) == 1, stderr
     missing = [f"{loss}/seed{seed}" for loss in SMALL["losses"]]
@@ -188,6 +192,74 @@ def test_devices_the_tasks_cannot_have_are_refused():
         RayExecutor(gpus_per_task=0).device_type(AuditSpec(device="cuda"))
     with pytest.raises(UserError, match="the GPUs would sit idle"):
         RayExecutor(gpus_per_task=1).device_type(AuditSpec(device="cpu"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_joining_a_cluster_by_address_needs_its_token(tmp_path):
+    """A head started the way docs/scale.md says (a token first, RAY_AUTH_MODE=token; here on 127.0.0.1):
+    a driver without the token is refused in one line (exit 2); with it, the audit runs there, fairrecon's
+    code shipped to the workers, and gives the in-process numbers."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    home, stranger = tmp_path / "home", tmp_path / "stranger"
+    stranger.mkdir()
+    base = {**os.environ, "PYTHONPATH": str(REPO), executor_module.RAY_LOCAL_ONLY_ENV: "0"}
+    subprocess.run([ray_cli, "get-auth-token", "--generate"], env={**base, "HOME": str(home)}, capture_output=True)
+    assert (home / ".ray" / "auth_token").is_file()
+    port, temp = free_port(), tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's sockets want a short path
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--port", str(port), "--num-cpus", "2", "--temp-dir", temp]
+        + ["--include-dashboard", "false", "--disable-usage-stats"],
+        env={**base, "HOME": str(home), "RAY_AUTH_MODE": "token"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and head.poll() is None, "the head did not start"
+                time.sleep(0.5)
+        spec = ["--seeds", "2", "--epochs", "1", "--losses", "l1", "--latent", "8", "--device", "cpu"]
+        join = ["--executor", "ray", "--ray-address", f"127.0.0.1:{port}", "--threads", "1"]
+        command = [sys.executable, "-m", "fairrecon", "audit", *spec, *join]
+        refused = subprocess.run(
+            [*command, "--out", str(tmp_path / "refused")],
+            env={**base, "HOME": str(stranger), "RAY_AUTH_MODE": "token"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        error = [line for line in refused.stderr.splitlines() if line.startswith("fairrecon: error:")]
+        assert refused.returncode == 2 and len(error) == 1, refused.stderr
+        assert f"cannot join the Ray cluster at 127.0.0.1:{port}: Token authentication is enabled" in error[0]
+        joined = subprocess.run(
+            [*command, "--out", str(tmp_path / "joined")],
+            env={**base, "HOME": str(home), "RAY_AUTH_MODE": "token"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert joined.returncode == 0, joined.stderr
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+    spec = dict(dataset="digits", seeds=2, epochs=1, losses=("l1",), latent=8, device="cpu")
+    here = run_audit(**spec, threads=1, out=str(tmp_path / "here"))
+    assert here.cells["status"].eq("ok").all()
+    for name in ("samples.csv", "cells.csv", "history.csv", "curves.csv"):
+        assert (tmp_path / "joined" / name).read_bytes() == (tmp_path / "here" / name).read_bytes(), name
+    info = AuditResult.load(tmp_path / "joined").info
+    assert info["executor"]["address"] == f"127.0.0.1:{port}"
+    assert {row["executor"] for row in info["provenance"]} == {"ray"}
 
 
 # ---------------------------------------------------------------- a local Ray in this process
