@@ -692,7 +692,8 @@ def _save_traceback() -> Path:
 def _save_log(text: str) -> Path:
     """Write `text` to ERROR_LOG in the results folder when it is fairrecon's, else to a temporary file."""
     folder = _results_folder
-    if folder is not None and ((folder / "fairrecon.json").is_file() or (folder / "summary.json").is_file()):
+    markers = ("fairrecon.json", "summary.json", "fairrecon-sweep.json")  # an audit's or a sweep's folder
+    if folder is not None and any((folder / name).is_file() for name in markers):
         try:
             path = folder / ERROR_LOG
             path.write_text(text)
