@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -42,8 +42,23 @@ from .resume import CellStore
 from .spec import AuditSpec, load_spec
 from .train import CONVERGED_DROP, CONVERGED_WINDOW, Cell, TrainConfig, resolve_device, train_cells
 
-if TYPE_CHECKING:
-    from .executor import Executor, TaskOutput
+
+class Executor(Protocol):
+    """The seam: what run_audit (and a sweep) needs of an executor; executor.py has LocalExecutor and
+    RayExecutor. `run` trains the seeds each AuditRun still has to train, handing each finished seed to
+    `AuditRun.accept`, and raises errors.TasksFailed after the others when some fail."""
+
+    name: str
+    threads: int  # torch threads in each task
+    threads_chosen: str  # why that many
+
+    def device_type(self, spec: AuditSpec) -> str: ...  # where the tasks train: the identity's device type
+
+    def describe(self) -> str: ...
+
+    def record(self) -> dict[str, Any]: ...  # info["executor"]
+
+    def run(self, runs: list[AuditRun], log: Callable[[str], None]) -> None: ...
 
 
 def run_audit(
@@ -153,6 +168,7 @@ class AuditRun:
     warnings: list[str]
     t0: float
     timings: dict[str, float]
+    name: str  # in messages (a task's label): its results folder, or its setting in a sweep
     examples: dict[str, Any] = field(default_factory=dict)
 
     def keep_examples(self, examples: dict[str, Any]) -> None:
@@ -168,12 +184,14 @@ class AuditRun:
                 self.store.save(cell, cell_tables)
             self.tables[cell] = cell_tables
 
-    def accept(self, output: TaskOutput) -> None:
+    def accept(
+        self, tables: dict[Cell, dict[str, pd.DataFrame]], timings: dict[str, float], examples: dict[str, Any]
+    ) -> None:
         """What an executor's task returns for this audit: its cells, timings and (seed 0) examples."""
-        if output.examples:
-            self.keep_examples(output.examples)
-        self.keep(output.tables)
-        for key, seconds in output.timings.items():
+        if examples:
+            self.keep_examples(examples)
+        self.keep(tables)
+        for key, seconds in timings.items():
             self.timings[key] = self.timings.get(key, 0.0) + seconds
 
 
@@ -198,7 +216,7 @@ def _run_audit(
             run.keep_examples(example_reconstructions(stacked, data, device=device))
 
     if executor is not None:
-        executor.run(run_tasks(run), log=log)
+        executor.run([run], log=log)
     for k, seed_cells in enumerate(todo if executor is None else []):
         epoch_hook = (lambda e, n, k=k: on_epoch(e, n, k + 1, len(todo))) if on_epoch else None
         trained = train_and_measure(
@@ -295,16 +313,8 @@ def prepare_audit(
         warnings=warnings,
         t0=t0,
         timings=timings,
+        name=str(spec.out) if spec.out else "audit",
     )
-
-
-def run_tasks(run: AuditRun, key: str | None = None) -> list:
-    """The audit's seeds to train as executor tasks (executor.Task), each handing its output to `run.accept`."""
-    from .executor import Job, Task
-
-    name = key or (str(run.spec.out) if run.spec.out else "audit")
-    job = Job(name, run.spec, run.identity, run.config, run.generation, run.data)
-    return [Task(job, cells, run.accept) for cells in run.todo]
 
 
 def finish_audit(run: AuditRun, log: Callable[[str], None]) -> AuditResult:

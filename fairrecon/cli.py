@@ -72,14 +72,6 @@ def json_option(command):
 
 
 EXECUTORS = ("in-process", "ray")
-# --executor ray's options, their defaults (None = not given: refused with --executor in-process)
-RAY_DEFAULTS = {
-    "ray_address": None,
-    "cpus_per_task": 1,
-    "gpus_per_task": 0.0,
-    "task_retries": 2,
-    "ray_dashboard": False,
-}
 
 
 def executor_options(command):
@@ -137,15 +129,10 @@ def make_executor(executor: str, threads: int | None, quiet: bool, **given):
         return None
     from .executor import RayExecutor
 
-    o = {name: RAY_DEFAULTS[name] if value is None else value for name, value in given.items()}
+    names = {"cpus_per_task": "cpus_per_task", "gpus_per_task": "gpus_per_task", "task_retries": "retries"}
+    chosen = {names[k]: v for k, v in given.items() if k in names and v is not None}  # else RayExecutor's defaults
     return RayExecutor(
-        o["ray_address"],
-        cpus_per_task=o["cpus_per_task"],
-        gpus_per_task=o["gpus_per_task"],
-        threads=threads,
-        retries=o["task_retries"],
-        dashboard=o["ray_dashboard"],
-        quiet=quiet,
+        given.get("ray_address"), threads=threads, dashboard=bool(given.get("ray_dashboard")), quiet=quiet, **chosen
     )
 
 
@@ -372,7 +359,13 @@ def sweep(
         if runner is not None:
             held.enter_context(runner)
         report = run_sweep(
-            sweep_file, executor=runner, threads=threads, out=out, sets=given, force=force, log=progress.log
+            sweep_file,
+            executor=runner,
+            threads=threads if runner is None else None,
+            out=out,
+            sets=given,
+            force=force,
+            log=progress.log,
         )
     if as_json:
         print_json({"command": "sweep", **report.record()})

@@ -1,9 +1,10 @@
 """Where an audit's seeds train: here, one after another, or as tasks on a Ray cluster.
 
 The unit of work is the audit's unit of checkpointing (`audit.by_seed`): one seed's cells, which share
-their initial weights and batch order. A `Task` is that seed of one audit (`Job`); an executor runs a
-list of tasks (from one audit, or from every audit of a sweep: one queue) and hands each finished task's
-`TaskOutput` to the task's `on_done`, in this process, which alone writes results folders.
+their initial weights and batch order. An executor (the seam: `audit.Executor`) takes prepared audits
+(`audit.AuditRun`: one, or every audit of a sweep, in one queue), makes a `Task` of each seed they still
+have to train (`tasks_of`; a `Job` holds what all tasks of one audit share) and hands each finished task's
+`TaskOutput` to its audit (`AuditRun.accept`), in this process, which alone writes results folders.
 
   LocalExecutor  tasks in this process, one after another, at its threads (a sweep without Ray)
   RayExecutor    tasks on Ray (`pip install "fairrecon[ray]"`): a local Ray on this machine only, or a
@@ -11,7 +12,7 @@ list of tasks (from one audit, or from every audit of a sweep: one queue) and ha
 
 A task (`run_task`) resolves its device where it runs, refuses when its audit's identity there differs
 from the driver's (another fairrecon version, or a device type the identity does not say), sets torch's
-threads explicitly (never the load-based default), trains and measures, and returns the cells' tables,
+threads explicitly (never a default guessed where it runs), trains and measures, and returns the cells' tables,
 with each cell's provenance (provenance.py). Ray retries a task whose worker died, `retries` times; after
 that the finished tasks' cells are kept and `TasksFailed` names the cells still missing (exit 4: the same
 command trains them). This module imports Ray only inside RayExecutor.
@@ -30,13 +31,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pandas as pd
 import torch
 
 from . import __version__, provenance
-from .audit import default_threads, train_and_measure, usable_cpus
+from .audit import AuditRun, default_threads, train_and_measure, usable_cpus
 from .errors import TasksFailed, UserError
 from .generate import Assigner
 from .groups import GroupedData
@@ -153,20 +154,6 @@ class TaskProgress:
         )
 
 
-class Executor(Protocol):
-    """Runs tasks; `run_audit(executor=...)` and `run_sweep(executor=...)` take any of these."""
-
-    name: str
-    threads: int
-    threads_chosen: str
-
-    def device_type(self, spec: AuditSpec) -> str: ...
-    def describe(self) -> str: ...
-    def record(self) -> dict[str, Any]: ...
-    def run(self, tasks: list[Task], log: Callable[[str], None]) -> None: ...
-    def close(self) -> None: ...
-
-
 class LocalExecutor:
     """Tasks in this process, one after another, at `threads` intra-op threads (default: every usable CPU)."""
 
@@ -184,7 +171,8 @@ class LocalExecutor:
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "threads": self.threads}
 
-    def run(self, tasks: list[Task], log: Callable[[str], None]) -> None:
+    def run(self, runs: list[AuditRun], log: Callable[[str], None]) -> None:
+        tasks = tasks_of(runs)
         progress = TaskProgress(len(tasks), log)
         for task in tasks:
             output = run_task(task.job, task.job.data, task.cells, self.threads, self.name)
@@ -199,6 +187,16 @@ class LocalExecutor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def tasks_of(runs: list[AuditRun]) -> list[Task]:
+    """Every seed the audits still have to train, as tasks, each handing its output to its audit."""
+    tasks = []
+    for run in runs:
+        job = Job(run.name, run.spec, run.identity, run.config, run.generation, run.data)
+        done = lambda output, run=run: run.accept(output.tables, output.timings, output.examples)  # noqa: E731
+        tasks += [Task(job, cells, done) for cells in run.todo]
+    return tasks
 
 
 def _ray_task(job: Job, data: GroupedData, cells: list[Cell], threads: int) -> TaskOutput:
@@ -395,9 +393,14 @@ class RayExecutor:
         self._ray = ray
         return ray
 
-    def run(self, tasks: list[Task], log: Callable[[str], None]) -> None:
-        """Submit every task, collect them as they finish (each handed to its on_done here), then raise
-        for the ones that failed: UserError when a worker refused, TasksFailed otherwise."""
+    def run(self, runs: list[AuditRun], log: Callable[[str], None]) -> None:
+        """Submit every seed still to train as a task, collect them as they finish (each handed to its
+        audit here), then raise for the ones that failed: UserError when a worker refused, TasksFailed
+        otherwise."""
+        self.run_tasks(tasks_of(runs), log)
+
+    def run_tasks(self, tasks: list[Task], log: Callable[[str], None]) -> None:
+        """`run` for tasks already made (`tasks_of`)."""
         if not tasks:
             return
         ray = self.connect(log)

@@ -47,9 +47,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from . import __version__
-from .audit import finish_audit, prepare_audit, run_tasks
+from .audit import Executor, finish_audit, prepare_audit
 from .errors import TasksFailed, UserError
-from .executor import Executor, LocalExecutor
+from .executor import LocalExecutor
 from .figures import DPI, WIDTH
 from .fileio import atomic_write, write_files
 from .groups import group_names
@@ -201,6 +201,8 @@ def run_sweep(
     at `threads`), save each audit's results folder, and write the report. Raises TasksFailed after saving
     every audit that finished when some tasks failed (the same call then trains the rest)."""
     log = log or (lambda message: None)
+    if executor is not None and threads is not None:
+        raise UserError("threads are the executor's when one is given (LocalExecutor(threads), RayExecutor(threads=))")
     sweep = load_sweep(path, out=out, sets=sets)
     runner = executor if executor is not None else LocalExecutor(threads)
     for s in sweep.settings:  # every folder is checked (reads only) before any is written
@@ -216,11 +218,12 @@ def run_sweep(
             say = lambda message, name=s.name: log(f"{name}: {message}")  # noqa: E731
             inputs = [sweep.path, *([s.spec_file] if s.spec_file else [])]
             runs.append(prepare_audit(s.spec, log=say, force=force, inputs=inputs, executor=runner, held=held))
-        tasks = [task for s, run in zip(sweep.settings, runs) for task in run_tasks(run, key=s.name)]
-        log(f"{len(sweep.settings)} settings, {len(tasks)} tasks (one per seed to train) on {runner.describe()}")
+            runs[-1].name = s.name
+        tasks = sum(len(run.todo) for run in runs)
+        log(f"{len(sweep.settings)} settings, {tasks} tasks (one per seed to train) on {runner.describe()}")
         failed = None
         try:
-            runner.run(tasks, log=log)
+            runner.run(runs, log=log)
         except TasksFailed as e:
             failed = e
         results = {}

@@ -140,3 +140,16 @@ def test_a_finished_folder_keeps_its_lock_file_and_reads_as_before(tmp_path):
     again = run_audit(**SPEC, out=str(out), threads=1)
     assert again.info["resumed_cells"] == 4
     assert Path(out / "summary.json").is_file()
+
+
+def test_an_audit_in_process_never_imports_ray():
+    code = (
+        "import sys\n"
+        "from fairrecon import run_audit\n"
+        "run_audit(dataset='digits', seeds=1, epochs=1, losses=('l1',), latent=4, hidden=16, limit=200, threads=1)\n"
+        "import fairrecon.executor, fairrecon.sweep\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+    )
+    env = {"PYTHONPATH": str(REPO), "PATH": ""}
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, text=True, capture_output=True)
+    assert run.returncode == 0, run.stderr

@@ -377,7 +377,7 @@ def test_a_worker_s_refusal_reaches_the_driver_as_one_line(local_ray):
     job = Job("results/gpu", spec, Identity.of(spec, "cuda"), TrainConfig.from_spec(spec), None, data)
     done: list = []
     with RayExecutor() as runner, pytest.raises(UserError) as refused:
-        runner.run([Task(job, [Cell("l1", 0)], done.append)], log=lambda line: None)
+        runner.run_tasks([Task(job, [Cell("l1", 0)], done.append)], log=lambda line: None)
     assert str(refused.value).startswith("results/gpu: on the worker on ")
     assert "identity differs from the driver's (device_type 'cuda' -> 'cpu')" in str(refused.value)
     assert "\n" not in str(refused.value) and not done
@@ -407,7 +407,7 @@ def test_a_sweep_through_ray_equals_the_sweep_in_process(local_ray, tmp_path):
         path = tmp_path / f"{name}.toml"
         path.write_text(SWEEP.format(out=tmp_path / name))
         lines: list[str] = []
-        report = run_sweep(path, executor=runner, threads=1, log=lines.append)
+        report = run_sweep(path, executor=runner, threads=None if runner else 1, log=lines.append)
         folders[name] = tmp_path / name
         assert any(line.startswith("2 settings, 4 tasks (one per seed to train) on ") for line in lines)
     assert [line for line in lines if line.startswith("done:")][-1].endswith("ETA 0.0 s")

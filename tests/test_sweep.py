@@ -139,9 +139,9 @@ class FailingAfter(LocalExecutor):
         super().__init__(threads=1)
         self.failing = failing
 
-    def run(self, tasks, log):
-        super().run([t for t in tasks if t.job.key != self.failing], log)
-        if any(t.job.key == self.failing for t in tasks):
+    def run(self, runs, log):
+        super().run([run for run in runs if run.name != self.failing], log)
+        if any(run.name == self.failing and run.todo for run in runs):
             raise TasksFailed(f"{self.failing}: its tasks failed", "details")
 
 
