@@ -215,9 +215,10 @@ def _run_audit(
         if min(c.seed for c in stacked.cells) == 0:
             run.keep_examples(example_reconstructions(stacked, data, device=device))
 
-    if executor is not None:
+    if executor is not None:  # the seeds as tasks; each comes back through run.accept
         executor.run([run], log=log)
-    for k, seed_cells in enumerate(todo if executor is None else []):
+        return finish_audit(run, log)
+    for k, seed_cells in enumerate(todo):
         epoch_hook = (lambda e, n, k=k: on_epoch(e, n, k + 1, len(todo))) if on_epoch else None
         trained = train_and_measure(
             data, seed_cells, config, device, log, run.timings, epoch_hook, keep_examples, generation=generation
