@@ -45,11 +45,13 @@ sys.path.insert(0, str(REPO))
 
 from fairrecon.audit import default_threads  # noqa: E402
 from fairrecon.data import load_images  # noqa: E402
+from fairrecon.grid import Cell, TrainConfig  # noqa: E402
 from fairrecon.groups import make_groups  # noqa: E402
 from fairrecon.losses import get_loss  # noqa: E402
+from fairrecon.memory import cell_bytes  # noqa: E402
 from fairrecon.models import build_model  # noqa: E402
 from fairrecon.spec import AuditSpec  # noqa: E402
-from fairrecon.train import Cell, TrainConfig, cell_bytes, train_cells  # noqa: E402
+from fairrecon.train import train_cells  # noqa: E402
 
 LOSSES = ("l1", "l2", "log-mse", "learned-sigma")
 
@@ -197,7 +199,9 @@ def plain_recipe(
         torch.manual_seed(cell.seed)
         model = build_model(config.model, shape, config.latent, config.hidden).to(device)
         loss = get_loss(cell.loss)
-        learned = torch.zeros(1, len(loss.params), device=device, requires_grad=True)  # one cell's row, as in train.py
+        learned = torch.zeros(
+            1, len(loss.params), device=device, requires_grad=True
+        )  # one cell's row, as in stacked.py
         opt = torch.optim.Adam(
             [{"params": model.parameters(), "lr": config.lr}, {"params": [learned], "lr": config.sigma_lr}]
         )

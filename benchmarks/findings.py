@@ -1,4 +1,4 @@
-"""Tables and the figure of the README's findings, from saved results folders (no training).
+"""Tables and the figure of the findings (README.md, docs/findings.md), from saved results folders (no training).
 
     python benchmarks/findings.py verdicts NAME=DIR ...        # per audit and loss: the verdict at the end
     python benchmarks/findings.py controls NAME=DIR ...        # per control and loss: the gap, its change vs the first
@@ -6,7 +6,7 @@
 
 Every number comes from the folders' files through fairrecon itself (`AuditResult.load`,
 `fairrecon.stats.analyse`, `fairrecon.dynamics`), so re-running this after a change to the
-statistics re-derives the README's tables from the same trained models.
+statistics re-derives the findings' tables from the same trained models.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from fairrecon import gate, run_audit, stats
+from fairrecon.errors import ExitCode
 from fairrecon.results import AuditResult
 
 NULL = dict(dataset="digits", targets=(0.5, 0.5), device="cpu", grad_points=0)
@@ -84,7 +85,7 @@ def analyse(folder: Path, seed_counts: list[int], gaps: list[float]) -> pd.DataF
                             "set": k,
                             "seeds": seeds,
                             "gap": f,
-                            "detected": outcome.code == gate.FAIL,
+                            "detected": outcome.code == ExitCode.FAIL,
                             "code": outcome.code,
                             **{f"clear {r.loss}": r.verdict == stats.CLEAR for r in d.itertuples()},
                             "seed_share": d["seed_share"].median(),

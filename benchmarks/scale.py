@@ -1,9 +1,15 @@
 """Benchmark for docs/scale.md: Ray against in-process on a conv grid, Ray's scaling with workers, the cost of
 one cell-step, and from it a projection of the findings sweep and a 64x64 conv face sweep on N workers.
 
-    python benchmarks/scale.py --small             # a minute or two: proves the script (numbers mean nothing)
-    python benchmarks/scale.py --repeats 3         # the docs' numbers: run it on a quiet machine
-    python benchmarks/scale.py --device cuda       # on a GPU machine: the cell-step cost on the GPU too
+The commands for docs/scale.md's tables (each prints the Markdown tables to paste there):
+
+    python benchmarks/scale.py --repeats 3 --json scale-cpu.json
+        on a quiet CPU machine: "In-process vs Ray", "Scaling with workers", "Cost of one cell-step"
+        (MLP 28x28 and conv 64x64 on the CPU) and "Projection" on N CPU workers
+    python benchmarks/scale.py --parts cost --device cuda --repeats 3 --json scale-gpu.json
+        on a GPU machine: "Cost of one cell-step" on the GPU and "Projection" on N GPUs
+    python benchmarks/scale.py --small
+        a minute or two: proves the script, measures nothing
 
 What each part runs (every run a fresh `python -m fairrecon audit ...` process, timed from outside, the
 configurations interleaved over --repeats and the median reported):
@@ -23,7 +29,7 @@ configurations interleaved over --repeats and the median reported):
   their 100-epoch cap: an upper bound). The face sweep: 6 settings (latent 8/16/32 x output linear/sigmoid)
   x 4 losses x 5 seeds, 50 epochs, 131 training images (80% of 164).
 
-It reports; it never asserts timings.
+It reports; it never asserts timings. Report the machine, its load and the repeats beside the numbers.
 """
 
 from __future__ import annotations
@@ -116,17 +122,47 @@ def faces_64(tmp: Path, data_root: Path) -> tuple[Path, Path]:
     return images.parent, labels
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+PARTS = ("vs", "scaling", "cost")
+
+
+def commands() -> str:
+    """The docstring's commands for docs/scale.md's tables (tests/test_docs.py checks the page names these)."""
+    return "commands" + __doc__.split("The commands", 1)[1].split("\n\nWhat each part runs", 1)[0]
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] + " " + __doc__.splitlines()[1],
+        epilog=commands(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--small", action="store_true", help="tiny sizes, 1 repeat: proves the script, measures nothing")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--limit", type=int, default=2000, help="training images of the conv grid")
-    ap.add_argument("--seeds", type=int, default=4, help="seeds of the conv grid (= tasks)")
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--device", default="cpu", help="cpu, or cuda for the cell-step cost on a GPU")
-    ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets"))
+    ap.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help="which parts, comma-separated: vs (in-process vs Ray), scaling (Ray with 1, 2, 4, ... workers), "
+        "cost (cell-step cost and the projection)  [default: %(default)s]",
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="runs per configuration, interleaved  [default: 3]")
+    ap.add_argument("--limit", type=int, default=2000, help="training images of the conv grid  [default: 2000]")
+    ap.add_argument("--seeds", type=int, default=4, help="seeds of the conv grid (= tasks)  [default: 4]")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of the conv grid and the MLP  [default: 2]")
+    ap.add_argument("--device", default="cpu", help="the cell-step cost's device: cpu, or cuda  [default: cpu]")
+    ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets"), help="[default: %(default)s]")
     ap.add_argument("--json", help="also write every measurement to this file")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser()
     args = ap.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if not parts or any(p not in PARTS for p in parts):
+        ap.error(f"--parts {args.parts}: choose from {', '.join(PARTS)}")
+    if args.device != "cpu" and parts != ["cost"]:
+        ap.error(
+            f"--device {args.device} is the cell-step cost's; give --parts cost with it (the grids run on the CPU)"
+        )
     if args.small:
         args.repeats, args.limit, args.seeds, args.epochs = 1, 256, 2, 1
     cpus = usable_cpus()[0]
@@ -137,67 +173,83 @@ def main(argv: list[str] | None = None) -> None:
     ray = ["--executor", "ray", "--threads", "1"]
     report: dict = {"usable_cpus": cpus, "args": vars(args)}
 
+    vs: dict[str, list[dict]] = {}
+    scaling: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        print("1. in-process vs Ray (conv grid)", file=sys.stderr)
-        vs = interleaved(
-            {
-                "in-process, 1 thread": [*grid, "--threads", "1"],
-                "in-process, 2 threads": [*grid, "--threads", "2"],
-                "ray, 2 workers x 1 thread": [*grid, *ray, "--cpus-per-task", str(max(cpus // 2, 1))],
-            },
-            args.repeats,
-            tmp / "vs",
-        )
-        report["in_process_vs_ray"] = vs
+        if "vs" in parts:
+            print("1. in-process vs Ray (conv grid)", file=sys.stderr)
+            vs = interleaved(
+                {
+                    "in-process, 1 thread": [*grid, "--threads", "1"],
+                    "in-process, 2 threads": [*grid, "--threads", "2"],
+                    "ray, 2 workers x 1 thread": [*grid, *ray, "--cpus-per-task", str(max(cpus // 2, 1))],
+                },
+                args.repeats,
+                tmp / "vs",
+            )
+            report["in_process_vs_ray"] = vs
 
-        print("2. scaling with workers (local Ray)", file=sys.stderr)
-        workers = [w for w in (1, 2, 4, 8, 16, 32, 64) if w <= cpus and cpus % w == 0]
-        scaling = interleaved(
-            {f"{w} worker(s)": [*grid, *ray, "--cpus-per-task", str(cpus // w)] for w in workers},
-            args.repeats,
-            tmp / "scaling",
-        )
-        report["scaling"] = scaling
+        if "scaling" in parts:
+            print("2. scaling with workers (local Ray)", file=sys.stderr)
+            workers = [w for w in (1, 2, 4, 8, 16, 32, 64) if w <= cpus and cpus % w == 0]
+            scaling = interleaved(
+                {f"{w} worker(s)": [*grid, *ray, "--cpus-per-task", str(cpus // w)] for w in workers},
+                args.repeats,
+                tmp / "scaling",
+            )
+            report["scaling"] = scaling
 
-        print("3. cell-step cost (in-process, 1 thread, one seed's 4 cells)", file=sys.stderr)
-        one = ["--seeds", "1", "--threads", "1", "--losses", LOSSES, "--device", args.device]
-        mlp = ["--dataset", "fashion-mnist", "--data-root", args.data_root, "--model", "mlp", "--latent", "16"]
-        mlp += ["--limit", str(args.limit), "--test-limit", "1000", "--epochs", str(args.epochs)]
-        folder, labels = faces_64(tmp, Path(args.data_root))
-        face = ["--dataset", "folder", "--data-root", str(folder / "images"), "--labels", str(labels)]
-        face += ["--model", "conv", "--epochs", "1" if args.small else "5"]
-        costs = interleaved({"mlp 28x28": [*mlp, *one], "conv 64x64 faces": [*face, *one]}, args.repeats, tmp / "cost")
-        report["cell_step_cost"] = {k: statistics.median(map(cell_step_cost, v)) for k, v in costs.items()}
+        if "cost" in parts:
+            print(f"3. cell-step cost (in-process on {args.device}, 1 thread, one seed's 4 cells)", file=sys.stderr)
+            one = ["--seeds", "1", "--threads", "1", "--losses", LOSSES, "--device", args.device]
+            mlp = ["--dataset", "fashion-mnist", "--data-root", args.data_root, "--model", "mlp", "--latent", "16"]
+            mlp += ["--limit", str(args.limit), "--test-limit", "1000", "--epochs", str(args.epochs)]
+            folder, labels = faces_64(tmp, Path(args.data_root))
+            face = ["--dataset", "folder", "--data-root", str(folder / "images"), "--labels", str(labels)]
+            face += ["--model", "conv", "--epochs", "1" if args.small else "5"]
+            costs = interleaved(
+                {"mlp 28x28": [*mlp, *one], "conv 64x64 faces": [*face, *one]}, args.repeats, tmp / "cost"
+            )
+            report["cell_step_cost"] = {k: statistics.median(map(cell_step_cost, v)) for k, v in costs.items()}
 
-    ray_start = median(vs["ray, 2 workers x 1 thread"], "ray_start_s")
-    print("\n## In-process vs Ray: conv grid, whole process (median of", args.repeats, "interleaved runs)\n")
-    print("| run | wall s | Ray start s | train s (sum over tasks) |\n|---|---|---|---|")
-    for name, runs in vs.items():
+    print(f"usable CPUs: {cpus}; {args.repeats} interleaved run(s) per configuration, medians")
+    if vs:
+        print("\n## In-process vs Ray: conv grid, whole process (median of", args.repeats, "interleaved runs)\n")
+        print("| run | wall s | Ray start s | train s (sum over tasks) |\n|---|---|---|---|")
+        for name, runs in vs.items():
+            print(
+                f"| {name} | {median(runs, 'wall_s'):.1f} | {median(runs, 'ray_start_s'):.1f} | "
+                f"{median(runs, 'train_s'):.1f} |"
+            )
+    if scaling:
+        print("\n## Scaling with workers (local Ray, 1 thread per task)\n")
+        print("| workers | wall s | cells per second after Ray's start |\n|---|---|---|")
+        for name, runs in scaling.items():
+            rate = statistics.median(r["cells"] / max(r["wall_s"] - r["ray_start_s"], 1e-9) for r in runs)
+            print(f"| {name} | {median(runs, 'wall_s'):.1f} | {rate:.3f} |")
+    if "cost" in parts:
+        cost = report["cell_step_cost"]
+        print(f"\n## Cell-step cost on {args.device} (1 thread, 4 cells trained together)\n")
+        for name, seconds in cost.items():
+            print(f"- {name}: {1000 * seconds:.2f} ms per cell-step")
+        steps_per_epoch = math.ceil(10000 / 128)
+        findings = 4 * 12 * 20 * steps_per_epoch + 4 * 12 * 100 * math.ceil(9000 / 128)  # auto: 10% for validation
+        faces = 6 * 4 * 5 * 50 * math.ceil(131 / 128)
+        ray_start = median(vs["ray, 2 workers x 1 thread"], "ray_start_s") if vs else 0.0
+        report["projection"] = {"findings_cell_steps": findings, "faces_cell_steps": faces, "ray_start_s": ray_start}
+        started = f"plus Ray's start, {ray_start:.1f} s" if vs else "Ray's start not included (part vs not run)"
         print(
-            f"| {name} | {median(runs, 'wall_s'):.1f} | {median(runs, 'ray_start_s'):.1f} | {median(runs, 'train_s'):.1f} |"
+            f"\n## Projection on N {args.device} workers (arithmetic from the costs above, perfect scaling assumed, "
+            f"{started}; not a measurement)\n"
         )
-    print("\n## Scaling with workers (local Ray, 1 thread per task)\n")
-    print("| workers | wall s | cells per second after Ray's start |\n|---|---|---|")
-    for name, runs in scaling.items():
-        rate = statistics.median(r["cells"] / max(r["wall_s"] - r["ray_start_s"], 1e-9) for r in runs)
-        print(f"| {name} | {median(runs, 'wall_s'):.1f} | {rate:.3f} |")
-    cost = report["cell_step_cost"]
-    print(f"\n## Cell-step cost on {args.device} (1 thread, 4 cells trained together)\n")
-    for name, seconds in cost.items():
-        print(f"- {name}: {1000 * seconds:.2f} ms per cell-step")
-    steps_per_epoch = math.ceil(10000 / 128)
-    findings = 4 * 12 * 20 * steps_per_epoch + 4 * 12 * 100 * math.ceil(9000 / 128)  # auto: 10% held for validation
-    faces = 6 * 4 * 5 * 50 * math.ceil(131 / 128)
-    report["projection"] = {"findings_cell_steps": findings, "faces_cell_steps": faces}
-    print("\n## Projection (arithmetic from the costs above, perfect scaling assumed; not a measurement)\n")
-    print("| sweep | cell-steps | 1 worker | 4 workers | 16 workers | 64 workers |\n|---|---|---|---|---|---|")
-    for name, steps, each in (
-        ("findings (MLP 28x28, auto at its 100-epoch cap)", findings, cost["mlp 28x28"]),
-        ("faces (conv 64x64, 50 epochs)", faces, cost["conv 64x64 faces"]),
-    ):
-        hours = [(steps * each / n + ray_start) / 3600 for n in (1, 4, 16, 64)]
-        print(f"| {name} | {steps:,} | " + " | ".join(f"{h:.2f} h" for h in hours) + " |")
+        print("| sweep | cell-steps | 1 worker | 4 workers | 16 workers | 64 workers |\n|---|---|---|---|---|---|")
+        for name, steps, each in (
+            ("findings (MLP 28x28, auto at its 100-epoch cap)", findings, cost["mlp 28x28"]),
+            ("faces (conv 64x64, 50 epochs)", faces, cost["conv 64x64 faces"]),
+        ):
+            hours = [(steps * each / n + ray_start) / 3600 for n in (1, 4, 16, 64)]
+            print(f"| {name} | {steps:,} | " + " | ".join(f"{h:.2f} h" for h in hours) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
 

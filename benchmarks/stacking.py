@@ -1,4 +1,4 @@
-"""How to run stacked cells on the CPU: under vmap, or each cell on its own (train.StackedCells.looped).
+"""How to run stacked cells on the CPU: under vmap, or each cell on its own (stacked.StackedCells.looped).
 
     python benchmarks/stacking.py                       # conv and mlp, 1, 4 and 12 cells, 1 thread
     python benchmarks/stacking.py --models conv --cells 12 48 --threads 2
@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fairrecon.grid import Cell, TrainConfig  # noqa: E402
 from fairrecon.spec import AuditSpec  # noqa: E402
-from fairrecon.train import Cell, StackedCells, TrainConfig, init_cells  # noqa: E402
+from fairrecon.stacked import StackedCells, init_cells  # noqa: E402
 
 LOSSES = ("l1", "l2", "log-mse", "learned-sigma")
 
@@ -50,9 +51,8 @@ def measure(model: str, n_cells: int, looped: bool, repeats: int) -> tuple[float
         stacked = init_cells(cells, (1, 28, 28), config, torch.device("cpu"))
 
         def step():
-            graph: list = []
-            objective = stacked.objective(x, keep=graph)[0]
-            stacked.backward(objective.mean(1).sum(), graph)
+            objective = stacked.objective(x)
+            stacked.backward(objective.value.mean(1).sum(), objective.graph)
 
         step_ms, _ = timed(step, repeats)
         infer_ms, out = timed(lambda: stacked.reconstruct(held_out), repeats)

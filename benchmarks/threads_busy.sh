@@ -1,5 +1,5 @@
 #!/bin/bash
-# The thread-count default under load (README "Speed"): two busy-loop processes keep both cores of a
+# The thread-count default under load (docs/performance.md, "Threads"): two busy-loop processes keep both cores of a
 # 2-core machine busy, then the same audit runs with the default thread count, --threads 1 and
 # --threads 2, interleaved, twice, each into a fresh results folder; the whole process is timed.
 #   bash benchmarks/threads_busy.sh [DATA_ROOT]      (default ../shared/datasets; python on PATH)

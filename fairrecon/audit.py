@@ -1,12 +1,8 @@
 """Run an audit: data -> groups -> train every (loss, seed) cell -> per-sample errors -> (with
 `out`) statistics and the results folder. The orchestrator, at the top of the layers.
 
-`run_audit` is the one call behind `fairrecon audit`; notebooks use it directly:
-
-    >>> from fairrecon import run_audit, analyse
-    >>> result = run_audit(dataset="digits", seeds=3)
-    >>> result.by_group()          # one row per (loss, group)
-    >>> analyse(result).disparities  # one row per loss: gap, ratio, intervals
+`run_audit` is the one call behind `fairrecon audit`; notebooks use it directly (its docstring has
+an example).
 """
 
 from __future__ import annotations
@@ -19,28 +15,31 @@ from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import pandas as pd
 import torch
 
-from . import __version__, provenance
-from .data import ImageSet, load_images
-from .dynamics import convergence_warnings
+from . import provenance
+from .convergence import CONVERGED_DROP, CONVERGED_WINDOW
+from .data import ImageSet, load_images_for
 from .errors import UserError
 from .fileio import atomic_write, npz_bytes
 from .generate import Assigner, generated_shares
 from .gradshare import GradShareRecorder
+from .grid import Cell, TrainConfig
 from .groups import GroupedData, make_groups, split_table
-from .losses import get_loss
+from .losses import check_settings
 from .measure import CurveRecorder, convergence, curve_table, example_reconstructions, sample_errors, train_mse
+from .memory import resolve_device
 from .outputs import save_results
-from .results import EXAMPLES_FILE, METRICS, AuditResult, load_examples
+from .results import EXAMPLES_FILE, AuditResult, load_examples
 from .resultsdir import Identity, check_out, input_paths, writing
 from .resume import CellStore
 from .spec import AuditSpec, load_spec
-from .train import CONVERGED_DROP, CONVERGED_WINDOW, Cell, TrainConfig, resolve_device, train_cells
+from .train import train_cells
+from .version import __version__
 
 
 class Executor(Protocol):
@@ -73,30 +72,66 @@ def run_audit(
     executor: Executor | None = None,
     **overrides: Any,
 ) -> AuditResult:
-    """Run the audit a spec (object or TOML path) describes, with keyword overrides.
-
-    `log` gets one line per stage; `on_epoch(epoch, epochs, seed_number, seed_count)` is called after
-    each training epoch of a seed's cells (progress bars: see progress.py); without it, each epoch is
-    a `log` line.
+    """Run the audit a spec describes: train every (loss, seed) cell, measure every held-out image.
 
     With `spec.out` set, every finished cell is checkpointed in OUT/cells, and a run
     into a folder that holds some of this audit's cells trains only the others.
-    A folder holding an audit of a different spec or different inputs (its identity: see
-    resultsdir.py) is refused unless `force`; a folder that is not fairrecon's, or that holds the
-    inputs (the labels CSV, the images, the spec file and any other path in `inputs`), always is.
-    Nothing is written before the data and groups are built. At the end the whole results folder
-    is written (`outputs.save_results`), unless `save` is False: callers that compute the
-    statistics themselves (the CLI) then save with them.
+    A folder holding an audit of a different spec, different inputs or another results version (its
+    identity: see resultsdir.py) is refused unless `force`; a folder that is not fairrecon's, or that
+    holds the inputs (the labels CSV, the images, the spec file and any other path in `inputs`),
+    always is. Nothing is written before the data and groups are built. At the end the whole results
+    folder is written (`outputs.save_results`), unless `save` is False: callers that compute the
+    statistics themselves (the CLI) then save with them. While it writes OUT, the audit holds OUT's
+    lock (`resultsdir.writing`): a second run there is refused.
 
-    `threads`: torch's intra-op threads for this audit (default `default_threads()`), put back
-    afterwards; conv models on the CPU use them as worker threads, a cell each (train.cell_workers).
-    Recorded in info["threads"]. Not part of the audit's identity: it changes speed only.
+    Parameters
+    ----------
+    spec : AuditSpec, str or Path, optional
+        The audit, or the path of a TOML spec file (default: `AuditSpec()`, the teaching question:
+        digits, groups at mean brightness 0.3 and 0.9, four losses, five seeds).
+    log : callable, optional
+        Gets one line per stage.
+    on_epoch : callable, optional
+        ``on_epoch(epoch, epochs, seed_number, seed_count)`` after each training epoch of a seed's
+        cells (progress bars: see progress.py); without it, each epoch is a `log` line.
+    force : bool
+        Replace an `out` folder that holds another audit (never one that is not fairrecon's).
+    save : bool
+        Write the results folder at the end (when `spec.out` is set).
+    inputs : iterable of str or Path
+        More paths the audit reads, which `out` must not hold.
+    threads : int, optional
+        torch's intra-op threads for this audit (default `default_threads()`), put back afterwards;
+        conv models on the CPU use them as worker threads, a cell each (runners.LoopedRunner).
+        Recorded in ``info["threads"]``. Not part of the audit's identity: it changes speed only.
+    executor : Executor, optional
+        Where the seeds train. None (the default) trains them here, one after another. An executor
+        (executor.py: `LocalExecutor`, `RayExecutor`) runs each seed's cells as a task; this process
+        alone writes OUT, as each task finishes. The threads of its tasks are the executor's (`threads`
+        then sets this process's only; ``info["threads"]`` and ``info["executor"]`` record the tasks').
+        When tasks fail after the executor's retries, the finished cells are kept and
+        `errors.TasksFailed` names the others (the CLI exits 4; the same command trains the rest).
+    **overrides
+        Any `AuditSpec` field, applied over `spec` (e.g. ``seeds=3``).
 
-    `executor`: None trains the seeds here, one after another. An executor (executor.py: `RayExecutor`,
-    `LocalExecutor`) runs each seed's cells as a task; this process alone writes OUT, as each task finishes.
-    The threads of its tasks are the executor's (`threads` then sets this process's only). When tasks fail
-    (after the executor's retries), the finished cells are kept and `errors.TasksFailed` names the others.
-    While it writes OUT, the audit holds OUT's lock (`resultsdir.writing`): a second run there is refused.
+    Returns
+    -------
+    AuditResult
+        One row per (loss, seed, test image) in `samples`, with the tables beside it; where each
+        cell trained is in ``info["provenance"]``.
+
+    Examples
+    --------
+    >>> from fairrecon import run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> result.spec.losses, len(result.samples)  # 2 losses x 2 seeds x 80 test images
+    (('l1', 'l2'), 320)
+    >>> result.by_group()[["loss", "group", "n", "seeds"]]
+      loss group   n  seeds
+    0   l1   0.3  40      2
+    1   l1   0.9  40      2
+    2   l2   0.3  40      2
+    3   l2   0.9  40      2
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise UserError(f"threads must be a whole number >= 1, got {threads!r}")
@@ -109,6 +144,7 @@ def run_audit(
                 spec, log=log, on_epoch=on_epoch, force=force, inputs=inputs, executor=executor, held=held, **overrides
             )
             result.info["threads"], result.info["threads_chosen"] = chosen, why
+            result.info["executor"] = {"name": "in-process", "threads": chosen}  # as LocalExecutor records it
             if executor is not None:
                 result.info["threads"], result.info["threads_chosen"] = executor.threads, executor.threads_chosen
                 result.info["executor"] = executor.record()
@@ -198,8 +234,8 @@ class AuditRun:
 def _run_audit(
     spec: AuditSpec | str | Path | None,
     *,
-    log,
-    on_epoch,
+    log: Callable[[str], None] | None,
+    on_epoch: Callable[..., None] | None,
     force: bool,
     inputs: Iterable[str | Path],
     executor: Executor | None = None,
@@ -209,15 +245,16 @@ def _run_audit(
     """run_audit at the threads it chose; saves nothing (run_audit saves once info is complete)."""
     log = log or (lambda message: None)
     run = prepare_audit(spec, log=log, force=force, inputs=inputs, executor=executor, held=held, **overrides)
-    device, data, config, generation, todo = run.device, run.data, run.config, run.generation, run.todo
-
-    def keep_examples(stacked) -> None:  # seed 0: a few test images and each loss's reconstruction
-        if min(c.seed for c in stacked.cells) == 0:
-            run.keep_examples(example_reconstructions(stacked, data, device=device))
-
     if executor is not None:  # the seeds as tasks; each comes back through run.accept
         executor.run([run], log=log)
         return finish_audit(run, log)
+    device, data, config, generation, todo = run.device, run.data, run.config, run.generation, run.todo
+    assert device is not None  # resolved by prepare_audit when there is no executor
+
+    def keep_examples(stacked: Any) -> None:  # seed 0: a few test images and each loss's reconstruction
+        if min(c.seed for c in stacked.cells) == 0:
+            run.keep_examples(example_reconstructions(stacked, data, device=device))
+
     for k, seed_cells in enumerate(todo):
         epoch_hook = (lambda e, n, k=k: on_epoch(e, n, k + 1, len(todo))) if on_epoch else None
         trained = train_and_measure(
@@ -252,23 +289,22 @@ def prepare_audit(
         inputs = [*inputs, spec]
         spec = load_spec(spec)
     spec = spec.replace(**overrides)
-    for name in spec.losses:
-        get_loss(name)  # unknown names fail here, before any work
-    device = resolve_device(spec.device) if executor is None else None
-    device_type = device.type if device is not None else executor.device_type(spec)
+    check_settings(spec)  # unknown losses, and settings no loss uses, fail here, before any work
+    device = resolve_device(spec.device) if executor is None else None  # else resolved where each task runs
+    device_type = device.type if device is not None else cast(Executor, executor).device_type(spec)
     identity = Identity.of(spec, device_type)
     store = CellStore(spec.out, identity) if spec.out else None
     if store is not None:  # reads only; nothing is written before the data and groups are good
         files, folders = input_paths(spec)
         paths = [*files, *map(Path, inputs)]
-        check_out(spec.out, identity, files=paths, folders=folders, force=force)
+        check_out(store.out, identity, files=paths, folders=folders, force=force)
         if held is not None:
-            held.enter_context(writing(spec.out))
-            check_out(spec.out, identity, files=paths, folders=folders, force=force)  # as it is now we hold it
+            held.enter_context(writing(store.out))
+            check_out(store.out, identity, files=paths, folders=folders, force=force)  # as it is now we hold it
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    images = load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
+    images = load_images_for(spec)
     timings["load_s"] = time.perf_counter() - t0
     data = make_groups(images, spec)
     timings["groups_s"] = time.perf_counter() - t0 - timings["load_s"]
@@ -284,9 +320,9 @@ def prepare_audit(
     if config.vae and spec.generate > 0:  # how generated images get a group (a classifier for labelled groups)
         assign = Assigner.for_data(data)
         generation = (assign, spec.generate)
-        if assign.warning():
-            warnings.append(assign.warning())
-            log(f"warning: {assign.warning()}")
+        if caveat := assign.warning():
+            warnings.append(caveat)
+            log(f"warning: {caveat}")
     tables: dict[Cell, dict[str, pd.DataFrame]] = {}
     if store is not None:
         store.open()
@@ -336,6 +372,7 @@ def finish_audit(run: AuditRun, log: Callable[[str], None]) -> AuditResult:
     device = run.device
     info = {
         "fairrecon_version": __version__,
+        "results_version": run.identity.results_version,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "device": str(device) if device is not None else run.device_type,
@@ -369,9 +406,7 @@ def finish_audit(run: AuditRun, log: Callable[[str], None]) -> AuditResult:
         curves=_concat(curves) if len(curves) == len(cells) else None,
         generated=_concat(generated) if run.generation and len(generated) == len(cells) else None,
     )
-    for line in convergence_warnings(result):
-        log(f"warning: {line}")
-    return result
+    return result  # cells not converged: in the statistics' warnings, one line per loss (stats.unconverged)
 
 
 def data_warnings(images: ImageSet) -> list[str]:
@@ -414,7 +449,10 @@ def train_and_measure(
     recorder = GradShareRecorder(data.names) if config.grad_points > 0 else None
     epochs_per_point = 1.0 if config.auto else config.epoch_cap / config.eval_points
     curves = CurveRecorder(data, epochs_per_point=epochs_per_point, device=device)
-    validation = (data.val_x, data.val_g) if config.auto else None
+    validation = None
+    if config.auto:  # make_groups holds out a validation split under epochs=auto
+        assert data.val_x is not None and data.val_g is not None
+        validation = (data.val_x, data.val_g)
     trained = train_cells(
         data.train_x,
         data.train_g,
@@ -449,7 +487,9 @@ def train_and_measure(
         own = lambda df, cell=cell: df[(df["loss"] == cell.loss) & (df["seed"] == cell.seed)].reset_index(drop=True)
         own_history, own_samples = own(history), own(samples)
         status = trained.status[c]
-        if status == "ok" and not np.isfinite(own_samples[list(METRICS)].to_numpy()).all():
+        # a non-finite reconstruction makes its mse non-finite; the other metrics follow mse (floors, SSIM's
+        # constants), except ssim_error, which is NaN by definition on images too small for its window
+        if status == "ok" and not np.isfinite(own_samples["mse"].to_numpy()).all():
             status = "failed: non-finite reconstruction error on held-out images"  # trained, but blew up
         conv = converged.loc[(cell.loss, cell.seed)]
         out[cell] = {

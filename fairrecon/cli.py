@@ -22,28 +22,31 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
 import click
 
-from .errors import TasksFailed, UserError
-from .spec import DATASETS, AuditSpec, field_type, load_spec, parse_losses
+from . import metrics
+from .errors import ExitCode, TasksFailed, UserError
+from .fileio import json_default
+from .spec import DATASETS, SCOPE_COMMANDS, AuditSpec, field_type, load_spec, parse_losses
+from .version import __version__
 
-EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INSUFFICIENT, EXIT_INTERNAL = 0, 1, 2, 3, 4
-METRICS = ("mse", "mae", "psnr")  # = stats.METRICS (tests/test_cli.py checks); here so --help needs no torch
 ERROR_LOG = "fairrecon-error.log"
 _results_folder: Path | None = None  # where a command writes or reads results: its internal-error log goes there
 
 
-def spec_options(*scopes: str):
-    """Click options for the AuditSpec fields of the given scopes, built from the spec itself:
-    help text, allowed values (click.Choice) and the default all come from spec.py. Every option
-    defaults to None, meaning "not given": the spec file's value (or the spec default) stands."""
+def spec_options(command_name: str) -> Callable[[Callable], Callable]:
+    """Click options for the AuditSpec fields that `command_name` uses (their scope, spec.SCOPE_COMMANDS),
+    built from the spec itself: help text, allowed values (click.Choice) and the default all come from
+    spec.py. Every option defaults to None, meaning "not given": the spec file's value (or the spec
+    default) stands."""
 
     def decorate(command):
         for f in reversed(dataclasses.fields(AuditSpec)):
-            if f.metadata["scope"] not in scopes:
+            if command_name not in SCOPE_COMMANDS[f.metadata["scope"]]:
                 continue
             flag, kind, choices = "--" + f.name.replace("_", "-"), field_type(f.name), f.metadata["choices"]
             shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
@@ -62,6 +65,19 @@ def spec_options(*scopes: str):
     return decorate
 
 
+def with_defaults(command: Callable) -> Callable:
+    """Fill a command's help with the spec's defaults ({seeds}, {losses}, ...): numbers in help come from
+    spec.py, never from prose that can fall behind it."""
+    defaults = AuditSpec()
+    command.__doc__ = command.__doc__.format(
+        **{
+            f.name: ", ".join(map(str, v)) if isinstance(v := getattr(defaults, f.name), tuple) else v
+            for f in dataclasses.fields(AuditSpec)
+        }
+    )
+    return command
+
+
 def json_option(command):
     return click.option(
         "--json",
@@ -69,6 +85,18 @@ def json_option(command):
         is_flag=True,
         help="Print only JSON on stdout (the verdict per loss); progress and notes go to stderr.",
     )(command)
+
+
+def metric_option(default: str | None, help_text: str):
+    """--metric: the metrics a verdict may use, from the registry (metrics.py imports no torch, so --help
+    stays fast)."""
+    return click.option(
+        "--metric",
+        type=click.Choice(metrics.VERDICT_METRICS),
+        default=default,
+        show_default=default is not None,
+        help=help_text + " Definitions: `fairrecon metrics`.",
+    )
 
 
 EXECUTORS = ("in-process", "ray")
@@ -147,7 +175,7 @@ def note(message: str) -> None:
 
 
 def print_json(payload: dict) -> None:
-    click.echo(json.dumps(payload, indent=2, default=_json_default))
+    click.echo(json.dumps(payload, indent=2, default=json_default))
 
 
 def verdict_records(disparities) -> list[dict]:
@@ -158,19 +186,21 @@ def verdict_records(disparities) -> list[dict]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="fairrecon")
+@click.version_option(__version__, prog_name="fairrecon")
 def cli() -> None:
     """Audit reconstruction losses for per-group fairness.
 
     \b
     Exit status: 0 pass, 1 the gate failed (check), 2 usage or input error,
-    3 insufficient data, 4 internal error (traceback saved to a log file).
+    3 insufficient data, 4 internal error (traceback saved to a log file) or
+    training tasks that failed on Ray after their retries (the same command resumes).
     """
 
 
 @cli.command()
+@with_defaults
 @click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
-@spec_options("data", "audit")
+@spec_options("audit")
 @click.option(
     "--force",
     is_flag=True,
@@ -178,6 +208,7 @@ def cli() -> None:
     "different inputs (never a folder that is not fairrecon's).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines: only the final table.")
+@metric_option(metrics.DEFAULT, "Metric of the verdicts (every metric is measured and compared).")
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
@@ -194,6 +225,7 @@ def audit(
     force,
     as_json,
     threads,
+    metric,
     executor,
     ray_address,
     cpus_per_task,
@@ -204,9 +236,9 @@ def audit(
 ) -> int:
     """Train autoencoders under each loss and measure per-group error on held-out images.
 
-    With no arguments: the bundled digits, groups at mean brightness 0.3 and 0.9,
-    four losses, three seeds. Flags override SPEC_FILE. With --out, finished cells are
-    kept in OUT/cells: run the same command again after an interruption to resume.
+    With no arguments: the {dataset} dataset, groups at mean brightness {targets}, the
+    losses {losses}, {seeds} seeds of {epochs} epochs each. Flags override SPEC_FILE. With --out,
+    finished cells are kept in OUT/cells: run the same command again after an interruption to resume.
 
     \b
     Examples:
@@ -214,17 +246,20 @@ def audit(
       fairrecon audit audits/fashion-mnist-minority.toml --data-root ../shared/datasets --out results/fm
       fairrecon audit --dataset folder --data-root faces/images --labels faces/groups.csv --out results/faces
       fairrecon audit --epochs 5 --seeds 2 --json > verdict.json
-      fairrecon audit --executor ray --seeds 10 --out results/ten-seeds
+      fairrecon audit --metric rel_mse --out results/relative
+      fairrecon audit --executor ray --seeds 10 --out results/seeds-10
       fairrecon audit --executor ray --ray-address auto --cpus-per-task 4 --out results/cluster
     """
     from .audit import run_audit
+    from .bymetric import by_metric
     from .outputs import save_results
     from .progress import Progress
-    from .report import terminal_summary, vae_terminal
+    from .report import metric_caveat, terminal_summary, vae_terminal
     from .resultsdir import writing
     from .stats import analyse
 
     global _results_folder
+    begun = time.perf_counter()  # the command's own clock: the total it prints includes statistics and writing
     spec = spec_from(spec_file, flags)
     _results_folder = Path(spec.out) if spec.out else None
     runner = make_executor(
@@ -253,23 +288,27 @@ def audit(
             executor=runner,
         )
         start = time.perf_counter()
-        analysis = analyse(result)
+        analysis = analyse(result, metric=metric)
+        compared = by_metric(result, analysis)
         result.info["timings"]["stats_s"] = time.perf_counter() - start
         if spec.out:
             progress.log(f"writing {spec.out}/ (tables, summary.json, report.md, report.html)")
-            save_results(result, spec.out, analysis)
+            start = time.perf_counter()
+            save_results(result, spec.out, analysis, compared)
+            written = time.perf_counter() - start
     failed = result.cells[result.cells["status"] != "ok"]
     if as_json:
         print_json(
             {
                 "command": "audit",
                 "out": spec.out,
+                "metric_caveat": metric_caveat(compared),
                 "disparities": verdict_records(analysis.disparities),
                 "warnings": _warnings(result),
             }
         )
     else:
-        click.echo("\n" + terminal_summary(analysis))
+        click.echo("\n" + terminal_summary(analysis, compared))
         if result.vae:
             click.echo("\n" + vae_terminal(result))
     for row in failed.itertuples():
@@ -278,11 +317,14 @@ def audit(
         note("warning: every cell failed; the table above is empty (see the cells' status in summary.json)")
     for warning in result.info.get("warnings", []):
         note(f"warning: {warning}")
+    timings = result.info["timings"]
     note(
-        f"total {result.info['timings']['total_s']:.1f} s on {result.info['device']}, {result.info['threads']} thread(s)"
+        f"total {time.perf_counter() - begun:.1f} s (audit {timings['total_s']:.1f} s, statistics "
+        f"{timings['stats_s']:.1f} s" + (f", writing results {written:.1f} s" if spec.out else "") + ") on "
+        f"{result.info['device']}, {result.info['threads']} thread(s)"
         + (f"; results in {spec.out}/ (open {spec.out}/report.html)" if spec.out else "")
     )
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 @cli.command()
@@ -372,7 +414,7 @@ def sweep(
     else:
         click.echo(terminal(report))
     note(f"results in {folder}/ (open {folder}/sweep.md; each setting's audit in {folder}/SETTING/)")
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 def _flag_value(key: str, text: str):
@@ -389,46 +431,51 @@ def _flag_value(key: str, text: str):
 @cli.command()
 @click.argument("result_dir", type=click.Path(file_okay=False))
 @click.option("--out", help="Folder for report.md and report.html (default: RESULT_DIR).")
+@metric_option(None, "Metric of the verdicts.  [default: the one RESULT_DIR's verdicts are by, else mse]")
 @json_option
-def report(result_dir, out, as_json) -> int:
+def report(result_dir, out, metric, as_json) -> int:
     """Re-render report.html and report.md from a saved results folder, without retraining.
 
     \b
     Examples:
       fairrecon report results/fm
       fairrecon report results/fm --out reports/fm
+      fairrecon report results/fm --metric ssim_error --out reports/fm-ssim
       fairrecon report results/fm --json
     """
+    from .bymetric import by_metric
     from .outputs import write_reports
-    from .report import terminal_summary, vae_terminal
-    from .results import AuditResult
+    from .report import metric_caveat, terminal_summary, vae_terminal
+    from .results import AuditResult, saved_verdict_metric
     from .stats import analyse
 
     global _results_folder
     _results_folder = Path(result_dir)
     result = AuditResult.load(result_dir)
-    analysis = analyse(result)
-    paths = write_reports(result, analysis, out or result_dir)
+    analysis = analyse(result, metric=metric or saved_verdict_metric(result_dir) or metrics.DEFAULT)
+    compared = by_metric(result, analysis)
+    paths = write_reports(result, analysis, out or result_dir, compared, source=result_dir)
     if as_json:
         print_json(
             {
                 "command": "report",
                 "results": result_dir,
+                "metric_caveat": metric_caveat(compared),
                 "disparities": verdict_records(analysis.disparities),
                 "warnings": _warnings(result),
             }
         )
     else:
-        click.echo(terminal_summary(analysis))
+        click.echo(terminal_summary(analysis, compared))
         if result.vae:
             click.echo("\n" + vae_terminal(result))
     note(f"wrote {paths['html']} and {paths['md']}")
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 @cli.command()
 @click.argument("result_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--metric", type=click.Choice(METRICS), default="mse", show_default=True, help="Error to compare.")
+@metric_option(metrics.DEFAULT, "Metric to gate on.")
 @click.option("--max-ratio", type=float, help="Fail if worst/reference error exceeds this (with confidence 1 - alpha).")
 @click.option("--max-gap", type=float, help="Fail if worst - reference error exceeds this (metric units; dB for psnr).")
 @click.option("--adjusted", is_flag=True, help="Gate the gap in excess of each group's own rank-k PCA error.")
@@ -459,7 +506,7 @@ def report(result_dir, out, as_json) -> int:
 @click.option(
     "--spec", "spec_file", type=click.Path(dir_okay=False), help="Spec TOML for the test images (with --weights)."
 )
-@spec_options("data")
+@spec_options("check")
 @json_option
 def check(
     result_dir,
@@ -551,7 +598,7 @@ def check(
 
 @cli.command()
 @click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
-@spec_options("data")
+@spec_options("split")
 def split(spec_file, **flags) -> int:
     """Print the train/test split as CSV (file, group, split), without training.
 
@@ -563,11 +610,11 @@ def split(spec_file, **flags) -> int:
     Examples:
       fairrecon split --dataset folder --data-root faces/images --labels faces/groups.csv > split.csv
     """
-    from .data import load_images
+    from .data import load_images_for
     from .groups import make_groups, split_table
 
     spec = spec_from(spec_file, flags)
-    images = load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
+    images = load_images_for(spec)
     table = split_table(images, make_groups(images, spec))
     if table is None:
         raise UserError(
@@ -577,7 +624,7 @@ def split(spec_file, **flags) -> int:
     click.echo(table.to_csv(index=False), nl=False)
     counts = table["split"].value_counts()
     note(f"{counts.get('train', 0)} train, {counts.get('test', 0)} test, {counts.get('unused', 0)} unused images")
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 @cli.command()
@@ -603,7 +650,39 @@ def losses(as_json) -> int:
         width = max(len(r["name"]) for r in rows)
         for r in rows:
             click.echo(f"{r['name']:<{width}}  {r['likelihood']}")
-    return EXIT_PASS
+    return ExitCode.PASS
+
+
+@cli.command(name="metrics")
+@json_option
+def list_metrics(as_json) -> int:
+    """List the per-image metrics: direction, whether a verdict may use them (--metric), and definition.
+
+    \b
+    Examples:
+      fairrecon metrics
+      fairrecon metrics --json
+    """
+    rows = [
+        {
+            "name": m.name,
+            "label": m.label,
+            "direction": m.direction,
+            "ratio": m.ratio,
+            "verdicts": m.verdicts,
+            "definition": m.definition,
+            **({"why_not": m.why_not} if not m.verdicts else {}),
+        }
+        for m in metrics.METRICS.values()
+    ]
+    if as_json:
+        print_json({"command": "metrics", "metrics": rows})
+    else:
+        for r in rows:
+            use = "--metric" if r["verdicts"] else f"no verdicts: {r['why_not']}"
+            ratio = "" if r["ratio"] else ", no ratio"
+            click.echo(f"{r['name']:<11} {r['label']}: {r['direction']}{ratio}; {use}\n{'':<12}{r['definition']}")
+    return ExitCode.PASS
 
 
 @cli.command()
@@ -633,20 +712,12 @@ def datasets(data_root, as_json) -> int:
         width = max(len(r["name"]) for r in rows)
         for r in rows:
             click.echo(f"{r['name']:<{width}}  {'found  ' if r['found'] else 'missing'}  {r['files']}")
-    return EXIT_PASS
+    return ExitCode.PASS
 
 
 def _warnings(result) -> list[str]:
     """The data warnings of a result (skipped images, a model scored on its own training images)."""
     return list(result.info.get("warnings", []))
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    return str(o)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -658,13 +729,13 @@ def main(argv: list[str] | None = None) -> None:
     except (UserError, click.ClickException) as e:  # a usage error, a bad option value, a missing file
         message = e.format_message() if isinstance(e, click.ClickException) else str(e)
         click.echo(f"fairrecon: error: {message}", err=True)
-        sys.exit(EXIT_USAGE)
-    except TasksFailed as e:  # work lost on the cluster, not a bug: the finished cells are saved
-        click.echo(f"fairrecon: error: {e}; each failure in full: {_save_log(e.details)}", err=True)
-        sys.exit(EXIT_INTERNAL)
+        sys.exit(ExitCode.USAGE)
     except (click.Abort, KeyboardInterrupt):
         click.echo("fairrecon: interrupted; with --out, run the same command again to resume", err=True)
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
+    except TasksFailed as e:  # work lost on the cluster, not a bug: the finished cells are saved
+        click.echo(f"fairrecon: error: {e}; each failure in full: {_save_log(e.details)}", err=True)
+        sys.exit(ExitCode.INTERNAL)
     except Exception as e:  # a bug in fairrecon: keep the traceback, say one line
         log = _save_traceback()
         click.echo(
@@ -672,8 +743,8 @@ def main(argv: list[str] | None = None) -> None:
             f"traceback saved to {log}; please report it with that file",
             err=True,
         )
-        sys.exit(EXIT_INTERNAL)
-    sys.exit(code if isinstance(code, int) else EXIT_PASS)
+        sys.exit(ExitCode.INTERNAL)
+    sys.exit(code if isinstance(code, int) else ExitCode.PASS)
 
 
 def _save_traceback() -> Path:

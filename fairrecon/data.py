@@ -17,9 +17,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-TEST_FRACTION = 0.2  # held out where a dataset ships no split (digits, folder)
+from .spec import IMAGE_SUFFIXES, TEST_FRACTION, AuditSpec
 
 # name -> (torchvision class name, files torchvision needs, how to get them)
 _TORCHVISION = {
@@ -54,6 +52,12 @@ def load_images(
     if name not in _TORCHVISION:
         raise UserError(f"unknown dataset '{name}'")
     return _torchvision(name, Path(root), download)
+
+
+def load_images_for(spec: AuditSpec) -> ImageSet:
+    """The images an audit of `spec` reads: every caller (the audit, `fairrecon split`, a model scored by
+    `check --weights`, the PCA baseline of `check --adjusted`) reads them this one way."""
+    return load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
 
 
 def where_files_are(name: str, root: str | Path = "datasets") -> str:
@@ -119,7 +123,7 @@ def _digits(split_seed: int) -> ImageSet:
     from sklearn.datasets import load_digits
 
     images = torch.from_numpy(load_digits().images.astype(np.float32) / 16.0).unsqueeze(1)  # (1797, 1, 8, 8)
-    train, test = split_indices(len(images), 0.2, split_seed)
+    train, test = split_indices(len(images), TEST_FRACTION, split_seed)
     return ImageSet("digits", images[train], images[test], torch.from_numpy(train), torch.from_numpy(test))
 
 
@@ -204,13 +208,18 @@ def _to_float(data) -> torch.Tensor:
     return t.contiguous().float().div_(255.0)
 
 
+# Image files that are not read (decode_image cannot): found all the same, so that each is refused by name
+# (or skipped with --skip-bad-images, and counted), never silently left out of the audit.
+UNREAD_SUFFIXES = (".bmp", ".tif", ".tiff")
+
+
 def image_files(root: Path) -> list[Path]:
     """Every image under `root`, in subfolders too (hidden files and folders skipped), sorted by relative path."""
     found = [
         p
         for p in root.rglob("*")
         if p.is_file()
-        and p.suffix.lower() in IMAGE_SUFFIXES
+        and p.suffix.lower() in IMAGE_SUFFIXES + UNREAD_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     ]
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
@@ -238,6 +247,8 @@ def load_folder(
     for path in files:
         name = path.relative_to(root).as_posix()
         try:
+            if path.suffix.lower() in UNREAD_SUFFIXES:
+                raise ValueError(f"{path.suffix[1:].upper()} is not read, only {', '.join(IMAGE_SUFFIXES)}")
             img = decode_image(str(path))  # (C, H, W) uint8, or uint16 for 16-bit PNGs
         except (RuntimeError, OSError, ValueError) as e:
             if skip_bad:

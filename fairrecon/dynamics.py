@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from .convergence import CONVERGED_DROP, CONVERGED_WINDOW
 from .results import records
-from .train import CONVERGED_DROP, CONVERGED_WINDOW
 
 GAP_COLUMNS = ["loss", "step", "epoch", "worst", "best", "seeds", "n", "gap", "gap_low", "gap_high", "worse_now"]
 
@@ -89,6 +89,13 @@ def gap_over_training(result, *, metric: str = "mse", alpha: float = 0.05) -> pd
     return pd.DataFrame(rows, columns=GAP_COLUMNS)
 
 
+def epoch_text(epoch: float) -> str:
+    """An epoch as a sentence shows it: curve points fall at steps, so a point's epoch is often fractional
+    (step 22 of 3 per epoch: 7.333...); one decimal places it ('7.3', '2.5', '12'), two digits below 1 ('0.05')."""
+    epoch = float(epoch)
+    return f"{epoch:.2g}" if abs(epoch) < 1 else f"{epoch:.1f}".removesuffix(".0")
+
+
 def worse_group_changes(gaps: pd.DataFrame, *, spelled_out: int = 4) -> dict[str, str]:
     """Per loss whose worse group (by the mean gap over seeds) changes during training, one sentence saying when:
     each stretch with its epochs when there are at most `spelled_out` stretches, else the count and the last one."""
@@ -101,18 +108,22 @@ def worse_group_changes(gaps: pd.DataFrame, *, spelled_out: int = 4) -> dict[str
             continue
         if len(starts) <= spelled_out:
             ends = [s - 1 for s in starts[1:]]
-            stretches = [f"the {worse[starts[0]]} group was worse until epoch {epochs[ends[0]]:g}"]
+            stretches = [f"the {worse[starts[0]]} group was worse until epoch {epoch_text(epochs[ends[0]])}"]
             stretches += [
                 f"the {worse[s]} group "
-                + (f"from epoch {epochs[s]:g} to {epochs[e]:g}" if e > s else f"at epoch {epochs[s]:g}")
+                + (
+                    f"from epoch {epoch_text(epochs[s])} to {epoch_text(epochs[e])}"
+                    if e > s
+                    else f"at epoch {epoch_text(epochs[s])}"
+                )
                 for s, e in zip(starts[1:-1], ends[1:])
             ]
-            stretches.append(f"the {worse[starts[-1]]} group from epoch {epochs[starts[-1]]:g} on")
+            stretches.append(f"the {worse[starts[-1]]} group from epoch {epoch_text(epochs[starts[-1]])} on")
             out[loss] = f"{loss}: " + ", ".join(stretches)
         else:
             out[loss] = (
                 f"{loss}: the worse group changed {len(starts) - 1} times during training; the "
-                f"{worse[starts[-1]]} group from epoch {epochs[starts[-1]]:g} on (the {worse[starts[-1] - 1]} "
+                f"{worse[starts[-1]]} group from epoch {epoch_text(epochs[starts[-1]])} on (the {worse[starts[-1] - 1]} "
                 "group before)"
             )
     return out
@@ -136,7 +147,7 @@ def convergence_warnings(result) -> list[str]:
     return out
 
 
-def summary(result) -> dict[str, Any]:
+def over_training_record(result) -> dict[str, Any]:
     """summary.json's "over_training": the convergence rule and its warnings, the worse-group changes,
     and the gap at every curve point."""
     conv = (result.info or {}).get("convergence") or {}
@@ -170,7 +181,7 @@ def markdown_section(result) -> list[str]:
             at = [part.iloc[i] for i in (0, len(part) // 2, len(part) - 1)]
             lines.append(
                 f"| {loss} | {at[0]['worst']} over {at[0]['best']} | "
-                + " | ".join(f"{r['gap']:+.1%} (epoch {r['epoch']:g})" for r in at)
+                + " | ".join(f"{r['gap']:+.1%} (epoch {epoch_text(r['epoch'])})" for r in at)
                 + " |"
             )
     if warnings:

@@ -11,7 +11,7 @@ have to train (`tasks_of`; a `Job` holds what all tasks of one audit share) and 
                  cluster joined by address; the grouped tensors go into Ray's object store once per audit
 
 A task (`run_task`) resolves its device where it runs, refuses when its audit's identity there differs
-from the driver's (another fairrecon version, or a device type the identity does not say), sets torch's
+from the driver's (another fairrecon or results version, or a device type the identity does not say), sets torch's
 threads explicitly (never a default guessed where it runs), trains and measures, and returns the cells' tables,
 with each cell's provenance (provenance.py). Ray retries a task whose worker died, `retries` times; after
 that the finished tasks' cells are kept and `TasksFailed` names the cells still missing (exit 4: the same
@@ -36,16 +36,18 @@ from typing import Any
 import pandas as pd
 import torch
 
-from . import __version__, provenance
+from . import provenance
 from .audit import AuditRun, default_threads, train_and_measure, usable_cpus
 from .errors import TasksFailed, UserError
 from .generate import Assigner
+from .grid import Cell, TrainConfig
 from .groups import GroupedData
 from .measure import example_reconstructions
+from .memory import resolve_device
 from .progress import _clock
 from .resultsdir import Identity, result_fields
 from .spec import AuditSpec
-from .train import Cell, TrainConfig, resolve_device
+from .version import RESULTS_VERSION, __version__
 
 INSTALL = 'pip install "fairrecon[ray]"'
 DEFAULT_RETRIES = 2  # Ray retries a task whose worker died this many times before it counts as failed
@@ -101,6 +103,11 @@ def check_identity(job: Job, device: torch.device) -> None:
         raise UserError(
             f"{job.key}: the worker on {here} runs fairrecon {__version__}, the driver {job.version}; "
             "install the same version on every node"
+        )
+    if job.identity.results_version != RESULTS_VERSION:  # the same version, edited: its numbers would differ
+        raise UserError(
+            f"{job.key}: the worker on {here} computes results version {RESULTS_VERSION}, the driver's audit "
+            f"{job.identity.results_version}; run the same fairrecon on every node"
         )
     fields = result_fields(job.spec, device.type)
     if fields != job.identity.fields:

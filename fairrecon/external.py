@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import pickletools
 import sys
 import warnings
 import zipfile
@@ -31,11 +32,12 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .grid import Cell
 from .measure import sample_errors
+from .memory import resolve_device
 from .results import AuditResult
 from .resultsdir import input_fingerprint
 from .spec import AuditSpec
-from .train import Cell, resolve_device
 
 
 def load_factory(target: str):
@@ -55,9 +57,75 @@ def load_factory(target: str):
         raise UserError(f"--model-factory: module '{module_name}' has no attribute '{attr}'") from None
 
 
+SAVE_HOW = (
+    "save its weights with torch.save(model.state_dict(), FILE) and pass --model-factory package.module:function "
+    "that builds the model, or save the whole model as a graph: torch.export.save(torch.export.export(model, "
+    "(images,)), FILE) or TorchScript"
+)
+# What a state_dict's pickle refers to: containers and torch's tensor rebuilders. Anything else it names
+# (a class such as mymodels.AE or torch.nn.Linear) is an object pickled whole.
+_STATE_DICT_GLOBALS = ("collections.", "builtins.", "__builtin__.", "torch._utils.", "torch.serialization.")
+
+
+def pickled_class(path: str | Path) -> str | None:
+    """The class a torch.save file pickles whole (e.g. '__main__.AE' for torch.save(model)), read from the
+    pickle's opcodes without running them; None for a state_dict, a file that is not a torch.save zip,
+    or one that cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            if _graph_archive(names):
+                return None
+            name = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            data = z.read(name) if name else b""
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return None
+    strings: list[str] = []
+    named: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if op.name == "GLOBAL":
+                named.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                named.append(f"{strings[-2]}.{strings[-1]}")
+    except (ValueError, EOFError):
+        return None
+    classes = [g for g in named if not g.startswith(_STATE_DICT_GLOBALS) and not _is_storage(g)]
+    own = [g for g in classes if not g.startswith("torch.")]  # the user's class, not its torch.nn parts
+    return (own or classes or [None])[0]
+
+
+def _graph_archive(names: list[str]) -> bool:
+    """A zip's member names are those of a TorchScript or torch.export file (a graph, not a pickled object)."""
+    return any(n.endswith(("constants.pkl", "/archive_format")) or "/code/" in n for n in names)
+
+
+def _is_graph(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return _graph_archive(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _is_storage(name: str) -> bool:
+    module, _, attr = name.rpartition(".")
+    return module == "torch" and (attr.endswith("Storage") or attr in ("device", "Size") or attr in _DTYPES)
+
+
+_DTYPES = {str(t).removeprefix("torch.") for t in vars(torch).values() if isinstance(t, torch.dtype)}
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state_dict (name -> tensor) read with weights_only=True; anything else is a one-line UserError."""
     path = Path(path)
+    if _is_graph(path):
+        raise UserError(f"{path}: a TorchScript or torch.export file, which holds its own model: drop --model-factory")
+    whole = pickled_class(path)
+    if whole is not None:
+        raise UserError(_pickled_object(path, whole))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -65,18 +133,36 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, OSError) as e:
         raise UserError(
             f"{path}: refused to load (not a plain state_dict of tensors; "
-            f"torch.load weights_only=True says: {_brief(e)})"
+            f"torch.load weights_only=True says: {_brief(e)}); {SAVE_HOW}"
         ) from None
-    if (
-        not isinstance(state, Mapping)
-        or not state
-        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
-    ):
+    if isinstance(state, Mapping) and state and all(isinstance(k, str) for k in state):
+        nested = [k for k, v in state.items() if isinstance(v, Mapping) and _is_state_dict(v)]
+        if nested and not _is_state_dict(state):
+            raise UserError(
+                f"{path}: a checkpoint dict (keys {', '.join(map(str, list(state)[:5]))}), not a state_dict; "
+                f"its '{nested[0]}' entry looks like one: save it alone, torch.save(checkpoint['{nested[0]}'], FILE)"
+            )
+    if not _is_state_dict(state):
         raise UserError(
             f"{path}: not a state_dict (expected a dict of parameter name -> tensor, "
             f"got {type(state).__name__}); save with torch.save(model.state_dict(), FILE)"
         )
     return dict(state)
+
+
+def _pickled_object(path: Path, cls: str) -> str:
+    return (
+        f"{path}: refused, it pickles a {cls} object, not only tensors (torch.save(model) pickles the whole model); fairrecon "
+        f"does not unpickle objects, since loading one runs the pickle's code: {SAVE_HOW}"
+    )
+
+
+def _is_state_dict(state: object) -> bool:
+    return (
+        isinstance(state, Mapping)
+        and bool(state)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    )
 
 
 def load_model(weights: str | Path, factory: str | None = None) -> nn.Module:
@@ -121,9 +207,10 @@ def _from_archive(weights: Path) -> nn.Module:
         )
     with zipfile.ZipFile(weights) as z:
         names = z.namelist()
-    if any(n.endswith("/data.pkl") for n in names) and not any(
-        n.endswith("constants.pkl") or "/code/" in n for n in names
-    ):
+    if any(n.endswith("/data.pkl") for n in names) and not _graph_archive(names):
+        whole = pickled_class(weights)
+        if whole is not None:
+            raise UserError(_pickled_object(weights, whole))
         raise UserError(
             f"{weights}: a torch.save file (a state_dict?), not TorchScript or torch.export; for a "
             "state_dict also pass --model-factory package.module:function that builds its model"
@@ -185,7 +272,7 @@ def _brief(e: BaseException, width: int = 160) -> str:
 
 
 class _OneModel:
-    """Duck-types train.StackedCells for measure.sample_errors: one cell, the user's model."""
+    """Duck-types stacked.StackedCells for measure.sample_errors: one cell, the user's model."""
 
     def __init__(self, model: nn.Module, name: str):
         self.model, self.cells = model, [Cell(name, 0)]
@@ -225,12 +312,12 @@ def audit_model(
     dataset) or the files (image folders) or indices it saw. Test images among them are scored on
     their own training images, and `result.info["warnings"]` says so.
     """
-    from .data import load_images
+    from .data import load_images_for
     from .groups import make_groups, split_table
 
     dev = resolve_device(device)
     spec = spec.replace(losses=(name,), seeds=1)
-    images = load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
+    images = load_images_for(spec)
     data = make_groups(images, spec)
     samples = sample_errors(_OneModel(model.to(dev), name), data, dev)
     cells = pd.DataFrame({"loss": [name], "seed": [0], "status": ["ok"]})

@@ -7,40 +7,55 @@ built on `matplotlib.figure.Figure` (no pyplot state), so they work headless and
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.artist import Artist
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
+from matplotlib.transforms import Bbox
+from matplotlib.typing import LineStyleType
 
+from . import metrics
 from .dynamics import gap_over_training, group_curves
 
+if TYPE_CHECKING:
+    from .results import AuditResult
+    from .stats import Analysis
+
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 1, 1, 1, 1)))
+LINESTYLES: tuple[LineStyleType, ...] = (
+    "-",
+    "--",
+    ":",
+    "-.",
+    (0, (5, 1, 1, 1)),
+    (0, (1, 3)),
+    (0, (8, 2)),
+    (0, (3, 1, 1, 1, 1, 1)),
+)
 HATCHES = ("", "///", "...", "xx", "\\\\", "++", "oo", "--")
 WIDTH = 11.0  # inches; at DPI 110 about 1200 px, the report's content width
 DPI = 110
-METRIC_LABELS = {
-    "mse": "held-out MSE per pixel",
-    "mae": "held-out MAE per pixel",
-    "psnr": "held-out PSNR (dB)",
-    "nmse": "held-out nMSE (MSE / the image's pixel variance)",
-}
 
 
 @dataclass(frozen=True)
 class GroupStyle:
     color: tuple[float, float, float]
     marker: str
-    linestyle: object
+    linestyle: LineStyleType
     hatch: str
 
 
-def group_styles(groups) -> dict[str, GroupStyle]:
+def group_styles(groups: Iterable[object]) -> dict[str, GroupStyle]:
     """One colour (colorblind palette), marker, line style and hatch per group, in the given order."""
     names = [str(g) for g in groups]
     colors = sns.color_palette("colorblind", max(len(names), 1))
@@ -55,17 +70,23 @@ def group_styles(groups) -> dict[str, GroupStyle]:
     }
 
 
-def _dashes(linestyle) -> tuple | str:
+def _dashes(linestyle: LineStyleType) -> tuple[float, ...] | str:
     """A matplotlib line style as the dash tuple seaborn's `dashes=` wants ("" = solid)."""
-    named = {"-": "", "--": (4, 1.5), ":": (1, 1.5), "-.": (4, 1.5, 1, 1.5)}
+    named: dict[str, tuple[float, ...] | str] = {"-": "", "--": (4, 1.5), ":": (1, 1.5), "-.": (4, 1.5, 1, 1.5)}
     return named[linestyle] if isinstance(linestyle, str) else tuple(linestyle[1])
+
+
+def _renderer(fig: Figure) -> RendererAgg:
+    """A renderer to measure text with (a Figure built without pyplot has no canvas that draws)."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    return canvas.get_renderer()
 
 
 def _figure(height: float, width: float = WIDTH) -> Figure:
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def _style(ax) -> None:
+def _style(ax: Axes) -> None:
     ax.grid(True, axis="y", color="0.88", linewidth=0.8)
     ax.set_axisbelow(True)
     for side in ("top", "right"):
@@ -113,17 +134,18 @@ def group_error_figure(intervals: pd.DataFrame, metric: str = "mse", method: str
         ax.set_xlabel("group")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
         _style(ax)
-    axes[0].set_ylabel(
-        METRIC_LABELS.get(metric, metric) + ("\n(lower is better)" if metric != "psnr" else "\n(higher is better)")
-    )
+    better = "lower" if metrics.get(metric).higher_is_worse else "higher"
+    axes[0].set_ylabel(f"held-out {metrics.label(metric)}\n({better} is better)")
     fig.suptitle(
-        f"Per-group {METRIC_LABELS.get(metric, metric)} with 95% intervals" + (f"  ({method})" if method else ""),
+        f"Per-group held-out {metrics.label(metric)} with 95% intervals" + (f"  ({method})" if method else ""),
         fontsize=11,
     )
     return fig
 
 
-def _loss_panels(df: pd.DataFrame, height: float):
+def _loss_panels(
+    df: pd.DataFrame, height: float
+) -> tuple[Figure, np.ndarray, list[str], list[str], dict[str, GroupStyle]]:
     """A figure with one panel per loss (shared y), and the groups in order with their styles."""
     losses = list(dict.fromkeys(df["loss"]))
     groups = list(dict.fromkeys(df["group"]))
@@ -215,14 +237,14 @@ def error_distribution_figure(samples: pd.DataFrame, metric: str = "mse") -> Fig
             patch.set(facecolor=(*styles[g].color, 0.85), edgecolor="0.15", hatch=styles[g].hatch)
         ax.set_xticks(range(len(groups)), groups)
         ax.set_xlabel("group")
-        if metric != "psnr":
+        if metrics.get(metric).ratio:  # a positive error on a linear scale (not psnr, a log scale already)
             ax.set_yscale("log")
         ax.set_title(loss, fontweight="bold")
         ax.set_ylabel("")
         _style(ax)
     axes[0].set_ylabel(f"per-image {metric} (mean over seeds)")
     fig.suptitle(
-        f"Distribution of per-image {METRIC_LABELS.get(metric, metric)} by group (box: quartiles, line: median)",
+        f"Distribution of per-image held-out {metrics.label(metric)} by group (box: quartiles, line: median)",
         fontsize=11,
     )
     return fig
@@ -339,7 +361,7 @@ def over_training_figure(curves: pd.DataFrame, gaps: pd.DataFrame, metric: str =
         _style(bottom)
     axes[0, 0].set_ylabel(f"held-out {metric}\n(mean over seeds)")
     axes[1, 0].set_ylabel("relative gap (%)\n(> 0: worse group at the end is worse)")
-    handles = [
+    handles: list[Artist] = [
         Line2D(
             [],
             [],
@@ -364,7 +386,7 @@ def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> 
     """The fairness-accuracy frontier: each loss at (overall held-out error, worst/best ratio), with both
     intervals as bars; Pareto-optimal losses filled and joined by a line, the others hollow; labelled by loss."""
     df = frontier[np.isfinite(frontier["overall"].astype(float)) & np.isfinite(frontier["ratio"].astype(float))]
-    metric = str(frontier["metric"].iloc[0]) if len(frontier) else "mse"
+    metric = str(frontier["metric"].iloc[0]) if len(frontier) else metrics.DEFAULT
     fig = _figure(4.6)
     ax = fig.subplots()
     dark = sns.color_palette("colorblind")[0]
@@ -382,7 +404,6 @@ def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> 
             linestyle="none",
             zorder=1,
         )
-        ax.annotate(row.loss, (row.overall, row.ratio), xytext=(6, 5), textcoords="offset points", fontsize=9)
     pareto = df[df["pareto"].astype(bool)].sort_values("overall")
     others = df[~df["pareto"].astype(bool)]
     sns.scatterplot(
@@ -414,19 +435,147 @@ def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> 
         ax.plot(pareto["overall"], pareto["ratio"], color=dark, linewidth=1.2, linestyle="--", zorder=2)
     ax.axhline(1.0, color="0.35", linestyle=":", linewidth=1.2)
     level = f"{100 * confidence:.4g}% " if confidence is not None else ""
-    ax.set_xlabel(f"overall {METRIC_LABELS.get(metric, metric)} (lower is more accurate)")
+    ax.set_xlabel(f"overall held-out {metrics.label(metric)} (lower is more accurate)")
     ax.set_ylabel("worst / best group (lower is fairer; 1: equal)")
     ax.legend(frameon=False, loc="best")
     _style(ax)
     fig.suptitle(
         f"Fairness-accuracy frontier: each loss's overall error and worst/best ratio ({level}intervals)", fontsize=11
     )
+    label_points(ax, df["overall"], df["ratio"], df["loss"])
     return fig
 
 
-def audit_figures(result, analysis) -> dict[str, Figure]:
+# Where a point's label may go, in points from the point: right, left, above, below, then the diagonals.
+_LABEL_DIRECTIONS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1))
+
+
+def label_points(
+    ax: Axes,
+    xs: Sequence[float],
+    ys: Sequence[float],
+    labels: Sequence[str],
+    *,
+    fontsize: float = 9,
+    gap: float = 7.0,
+    rings: int = 6,
+) -> list:
+    """Label each point (data coordinates) so that no two labels overlap and no label covers a point, the
+    legend or the axes' edge, and, where there is room, no drawn line (error bars, the frontier, y = 1)
+    either. Each label takes the first free place among eight directions around its point, at distances
+    gap, 2 gap, ... (rings, in points); past the first ring a thin line joins it to its point. Placed once
+    the figure's layout is solved (the points' pixel positions are final), and left out of the layout.
+
+    Returns the labels (matplotlib Annotations), in the order given.
+    """
+    fig = ax.get_figure(root=True)
+    assert isinstance(fig, Figure)  # an Axes drawn here always belongs to a Figure
+    engine = fig.get_layout_engine()
+    if engine is not None:
+        engine.execute(fig)
+    renderer = _renderer(fig)
+    to_pixels = fig.dpi / 72.0
+    box = ax.get_window_extent(renderer)
+    data = np.column_stack([np.asarray(xs, float), np.asarray(ys, float)])
+    points = ax.transData.transform(data)
+    radius = 6 * to_pixels  # a scatter marker of size s=70 is about 8.4 points across
+    taken = [Bbox.from_extents(x - radius, y - radius, x + radius, y + radius) for x, y in points]
+    legend = ax.get_legend()
+    if legend is not None:
+        taken.append(legend.get_window_extent(renderer))
+    lines = _drawn_segments(ax)
+    placed = []
+    for (x, y), (px, py), label in zip(data, points, labels):
+        probe = fig.text(0, 0, str(label), fontsize=fontsize)  # only to measure the text
+        extent = probe.get_window_extent(renderer)
+        probe.remove()
+        w, h = extent.width, extent.height
+        candidates = [
+            (ring, Bbox.from_bounds(x0, y0, w, h))
+            for ring in range(1, rings + 1)
+            for dx, dy in _LABEL_DIRECTIONS
+            for x0, y0 in [
+                (
+                    px + dx * ring * gap * to_pixels - (w if dx < 0 else w / 2 if dx == 0 else 0),
+                    py + dy * ring * gap * to_pixels - (h if dy < 0 else h / 2 if dy == 0 else 0),
+                )
+            ]
+        ]
+        free = [
+            (ring, c)
+            for ring, c in candidates
+            if box.x0 <= c.x0
+            and c.x1 <= box.x1
+            and box.y0 <= c.y0
+            and c.y1 <= box.y1
+            and not any(c.overlaps(t) for t in taken)
+        ]
+        clear = [(ring, c) for ring, c in free if not _crosses(c, lines)]
+        ring, where = (clear or free or candidates)[0]  # no room at all: right of the point, overlapping
+        taken.append(where)
+        annotation = ax.annotate(
+            str(label),
+            (x, y),
+            xytext=((where.x0 - px) / to_pixels, (where.y0 - py) / to_pixels),
+            textcoords="offset points",
+            fontsize=fontsize,
+            ha="left",
+            va="bottom",
+            arrowprops=dict(arrowstyle="-", color="0.5", linewidth=0.6, shrinkA=0, shrinkB=5) if ring > 1 else None,
+        )
+        annotation.set_in_layout(False)
+        placed.append(annotation)
+    return placed
+
+
+def _drawn_segments(ax: Axes) -> np.ndarray:
+    """Every straight segment the axes draw (lines, error bars, their caps), as rows x0, y0, x1, y1 in pixels."""
+    segments = []
+    for line in ax.lines:
+        xy = line.get_transform().transform(np.asarray(line.get_xydata(), float))
+        xy = xy[np.isfinite(xy).all(axis=1)]
+        if len(xy):
+            segments.append(np.column_stack([xy[:-1], xy[1:]]) if len(xy) > 1 else np.hstack([xy, xy]))
+    for collection in ax.collections:
+        if hasattr(collection, "get_segments"):
+            for seg in collection.get_segments():
+                xy = collection.get_transform().transform(np.asarray(seg, float))
+                if len(xy) > 1:
+                    segments.append(np.column_stack([xy[:-1], xy[1:]]))
+    return np.vstack(segments) if segments else np.empty((0, 4))
+
+
+def _crosses(box: Bbox, segments: np.ndarray) -> bool:
+    """Whether any segment meets the box (Liang-Barsky clipping, all segments at once)."""
+    if not len(segments):
+        return False
+    x0, y0 = segments[:, 0], segments[:, 1]
+    dx, dy = segments[:, 2] - x0, segments[:, 3] - y0
+    low, high = np.zeros(len(segments)), np.ones(len(segments))
+    inside = np.ones(len(segments), dtype=bool)
+    for p, q in ((-dx, x0 - box.x0), (dx, box.x1 - x0), (-dy, y0 - box.y0), (dy, box.y1 - y0)):
+        parallel = p == 0
+        inside &= ~(parallel & (q < 0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = q / np.where(parallel, 1.0, p)
+        low = np.where(~parallel & (p < 0), np.maximum(low, r), low)
+        high = np.where(~parallel & (p > 0), np.minimum(high, r), high)
+    return bool((inside & (low <= high)).any())
+
+
+def audit_figures(result: AuditResult, analysis: Analysis) -> dict[str, Figure]:
     """Every figure the result supports, by name (those needing absent data are left out); the
-    intervals come from `analysis` (a stats.Analysis), computed once by the caller."""
+    intervals come from `analysis` (a stats.Analysis), computed once by the caller.
+
+    Examples
+    --------
+    >>> from fairrecon import analyse, audit_figures, run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> figures = audit_figures(result, analyse(result))  # matplotlib Figures: a notebook shows them
+    >>> list(figures)
+    ['group_error', 'frontier', 'grad_shares', 'over_training', 'error_distribution', 'reconstructions',
+     'brightness_contrast']
+    """
     figs = {"group_error": group_error_figure(analysis.intervals, analysis.metric)}
     if analysis.frontier["pareto"].astype(bool).any():  # at least one loss has a place on it
         figs["frontier"] = frontier_figure(analysis.frontier, analysis.confidence)

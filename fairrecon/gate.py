@@ -17,29 +17,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from . import stats
-from .errors import UserError
+from . import metrics, stats
+from .errors import ExitCode, UserError
 from .results import AuditResult
-
-PASS, FAIL, USAGE, INSUFFICIENT = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
 class Outcome:
-    code: int
+    """The gate's answer: the exit status `fairrecon check` ends with, the message it prints, and the table
+    it decided on.
+
+    Examples
+    --------
+    >>> from fairrecon import ExitCode, Outcome
+    >>> Outcome(ExitCode.PASS, "pass: no loss exceeds the threshold with 95% confidence").passed
+    True
+    """
+
+    code: ExitCode
     message: str
     table: pd.DataFrame | None = None  # the analysis' disparities, one row per loss
 
     @property
     def passed(self) -> bool:
-        return self.code == PASS
+        return self.code == ExitCode.PASS
 
 
 def check(
-    source,
+    source: stats.Analysis | AuditResult | str | Path,
     *,
     metric: str = "mse",
     max_ratio: float | None = None,
@@ -51,8 +60,41 @@ def check(
     pca: pd.DataFrame | None = None,
     policy: stats.Policy | None = None,
 ) -> Outcome:
-    """Apply the gate to an Analysis (decided already), an AuditResult or a results folder (analysed
-    here with `policy`, or the default policy at `alpha`). Raises UserError on a usage mistake."""
+    """Apply the gate: does some loss's group gap exceed a threshold, with confidence?
+
+    The lower end of each covered group pair's interval (the one the reports show) is compared with
+    the threshold: `max_ratio` (worst over reference) or `max_gap` (in metric units). Raises
+    `UserError` on a usage mistake (no threshold, a ratio for psnr, an Analysis made differently).
+
+    Parameters
+    ----------
+    source : Analysis, AuditResult, str or Path
+        An Analysis (decided already: used as it is), or a result or results folder (analysed here
+        with `policy`, or the default policy at `alpha`).
+    metric, reference, losses, adjusted, pca
+        As for `analyse`.
+    max_ratio, max_gap : float, optional
+        The thresholds; give one or both.
+    alpha : float, optional
+        1 - confidence for all losses together (default 0.05).
+    policy : Policy, optional
+        The whole decision policy instead of `alpha`.
+
+    Returns
+    -------
+    Outcome
+        `code` is `ExitCode.PASS`, `FAIL` or `INSUFFICIENT` (no loss fails, some has no verdict).
+
+    Examples
+    --------
+    >>> from fairrecon import check, run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> outcome = check(result, max_ratio=1.1)  # at most 10% worse, with 95% confidence
+    >>> outcome.code, outcome.passed
+    (<ExitCode.FAIL: 1>, False)
+    >>> print(outcome.message.splitlines()[0])
+    fail: 2 loss(es) exceed the threshold with 95% confidence: l1, l2
+    """
     _validate(metric, max_ratio, max_gap, adjusted)
     policy = _policy(policy, alpha)
     if isinstance(source, stats.Analysis):
@@ -76,7 +118,7 @@ def check(
         )
     table = analysis.disparities
     if table.empty:
-        return Outcome(INSUFFICIENT, "insufficient data: no loss to check")
+        return Outcome(ExitCode.INSUFFICIENT, "insufficient data: no loss to check")
     prefix = "adjusted_" if adjusted else ""
     what = f"{metric}{' in excess of per-group PCA' if adjusted else ''}"
     failures, short, lines = [], [], []
@@ -109,18 +151,33 @@ def check(
     lines.append(analysis.method)
     if failures:
         head = f"fail: {len(failures)} loss(es) exceed the threshold with {confidence}: {', '.join(failures)}"
-        code = FAIL
+        code = ExitCode.FAIL
     elif short:
         others = " (the others pass)" if len(short) < len(table) else ""
         head = f"insufficient data for {', '.join(short)}: no verdict{others}"
-        code = INSUFFICIENT
+        code = ExitCode.INSUFFICIENT
     else:
-        head, code = f"pass: no loss exceeds the threshold with {confidence}", PASS
+        head, code = f"pass: no loss exceeds the threshold with {confidence}", ExitCode.PASS
     return Outcome(code, "\n".join([head, *lines]), table)
 
 
-def assert_fair(source, **kwargs) -> Outcome:
-    """pytest helper: the gate's policy as an assertion. Raises AssertionError unless it passes."""
+def assert_fair(source: stats.Analysis | AuditResult | str | Path, **kwargs: Any) -> Outcome:
+    """pytest helper: the gate's policy as an assertion. Raises AssertionError unless it passes.
+
+    Takes `check`'s arguments; returns its `Outcome` when it passes.
+
+    Examples
+    --------
+    >>> from fairrecon import assert_fair, run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> assert_fair(result, max_ratio=100).passed  # in a test: fails the test unless it passes
+    True
+    >>> assert_fair(result, max_ratio=1.1)
+    Traceback (most recent call last):
+    ...
+    AssertionError: fail: 2 loss(es) exceed the threshold with 95% confidence: l1, l2
+    ...
+    """
     outcome = check(source, **kwargs)
     if not outcome.passed:
         raise AssertionError(outcome.message)
@@ -157,7 +214,7 @@ def _matching(
     return analysis
 
 
-def _as_result(result):
+def _as_result(result: object) -> AuditResult:
     if isinstance(result, (str, Path)):
         return AuditResult.load(result)
     if not isinstance(result, AuditResult):
@@ -165,14 +222,16 @@ def _as_result(result):
     return result
 
 
-def _validate(metric: str, max_ratio, max_gap, adjusted: bool) -> None:
-    if metric not in stats.METRICS:
-        raise UserError(f"unknown metric '{metric}'; allowed: {', '.join(stats.METRICS)}")
+def _validate(metric: str, max_ratio: float | None, max_gap: float | None, adjusted: bool) -> None:
+    known = metrics.for_verdicts(metric)
     if max_ratio is None and max_gap is None:
         raise UserError("give a threshold: --max-ratio R (worst/best, e.g. 1.1) or --max-gap D (in metric units)")
     if max_ratio is not None:
-        if metric == "psnr":
-            raise UserError("--max-ratio is not defined for psnr (a log scale); use --max-gap in dB")
+        if not known.ratio:
+            raise UserError(
+                f"--max-ratio is not defined for {metric} (no ratio: see `fairrecon metrics`); use --max-gap"
+                + (f" in {known.unit}" if known.unit else "")
+            )
         if adjusted:
             raise UserError("--adjusted compares excess errors, which may be near zero; use --max-gap, not --max-ratio")
         if not max_ratio >= 1.0:

@@ -29,10 +29,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .groups import GroupedData
-from .measure import HELDOUT_EPS_STREAM
-from .train import StackedCells, draw_eps, eps_generators
+from .noise import PRIOR_STREAM, draw_eps, eps_generators
+from .stacked import StackedCells
 
-PRIOR_STREAM = HELDOUT_EPS_STREAM + 1  # the prior codes: a noise stream of their own per seed
 CLASSIFIER_COMPONENTS = 32  # PCA components the labelled-group classifier sees (fewer when the data has fewer)
 NEAR_CHANCE = 0.1  # held-out accuracy less than this above chance: the classifier cannot tell the groups apart
 COLUMNS = ["loss", "seed", "group", "n", "generated_share", "brightness"]

@@ -40,7 +40,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .train import Snapshot, StackedCells, one_thread
+from .hooks import Snapshot
+from .runners import one_thread
+from .stacked import StackedCells
 
 SHARES = ("sample_share", "projection_share", "norm_share", "output_share")
 COLUMNS = ["loss", "seed", "step", "epoch", "group", *SHARES, "kl_weight"]

@@ -40,7 +40,7 @@ import torch
 
 from .data import TEST_FRACTION, ImageSet
 from .errors import UserError
-from .spec import AuditSpec
+from .spec import POLARITIES, AuditSpec
 
 MATCHED_QUANTILE = 0.05  # share of each group's images allowed to clip under contrast="matched"
 VALIDATION_FRACTION = 0.1  # of each group's training images, held out for epochs="auto"
@@ -115,7 +115,7 @@ class GroupedData:
         return pd.DataFrame(rows)
 
 
-def group_names(targets: tuple[float, ...]) -> tuple[str, ...]:
+def names_for_targets(targets: tuple[float, ...]) -> tuple[str, ...]:
     """'0.3', '0.9'; a repeated target (a null audit) gets '#2', '#3'."""
     names: list[str] = []
     for t in targets:
@@ -209,7 +209,7 @@ def transformed_groups(images: ImageSet, spec: AuditSpec) -> GroupedData:
         out, c, negative, clipped = matched.y, matched.c, matched.negative, matched.clipped
     n = len(split["train"][0])
     return GroupedData(
-        group_names(spec.targets),
+        names_for_targets(spec.targets),
         out[:n],
         split["train"][1],
         split["train"][2],
@@ -232,9 +232,6 @@ def squeeze_to(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     down = x * (t / mu.clamp_min(1e-12))
     up = 1 - (1 - x) * ((1 - t) / (1 - mu).clamp_min(1e-12))
     return torch.where(t <= mu, down, up).clamp_(0, 1)
-
-
-POLARITIES = ("auto", "keep", "invert")
 
 
 @dataclass(frozen=True)
@@ -367,7 +364,7 @@ def selected_groups(images: ImageSet, spec: AuditSpec) -> GroupedData:
             codes.append(torch.full((size,), code))
         pick = torch.cat(chosen)
         parts[split] = (x[pick], torch.cat(codes), index[pick])
-    return GroupedData(group_names(spec.targets), *parts["train"], *parts["test"], targets=tuple(spec.targets))
+    return GroupedData(names_for_targets(spec.targets), *parts["train"], *parts["test"], targets=tuple(spec.targets))
 
 
 LABEL_DELIMITERS = (",", ";", "\t")
@@ -382,6 +379,25 @@ class Label:
     group: str
     split: str | None  # 'train' / 'test' from a split column, else None
     line: int
+
+    def said(self) -> str:
+        """What the row says, in a message: "group 'a'" or "group 'a', split test"."""
+        return f"group '{self.group}'" + (f", split {self.split}" if self.split is not None else "")
+
+
+def _twice(path: Path | str, label: Label, first: Label, key: str) -> UserError:
+    """A file labelled on two rows: one line naming both. An exact duplicate is refused too: every row of a
+    labels CSV names one image, so a repeated row means the file is not what its author thinks (two exports
+    pasted together, a row copied instead of edited), and group sizes counted from the CSV would be wrong."""
+    if (first.group, first.split) == (label.group, label.split):
+        return UserError(
+            f"{path}:{label.line}: {key} '{label.key}' is listed twice, the same way on line {first.line} "
+            f"({label.said()}); each image takes one row: delete one of the two"
+        )
+    return UserError(
+        f"{path}:{label.line}: {key} '{label.key}' is labelled twice (line {first.line}: {first.said()}; "
+        f"here: {label.said()})"
+    )
 
 
 def read_labels(path: str | Path) -> list[Label]:
@@ -412,11 +428,8 @@ def read_labels(path: str | Path) -> list[Label]:
                 raise UserError(f"{path}:{line}: split '{cells['split']}' is not train or test")
         label = Label(cells[key], cells["group"], split, line)
         first = seen.setdefault(label.key, label)
-        if (first.group, first.split) != (label.group, label.split):
-            raise UserError(
-                f"{path}:{line}: {key} '{label.key}' is labelled twice (line {first.line}: group "
-                f"'{first.group}', split {first.split}; here: '{label.group}', split {label.split})"
-            )
+        if first is not label:
+            raise _twice(path, label, first, key)
         labels.append(label)
     if not labels:
         raise UserError(f"{path}: labels CSV has a header but no rows")
@@ -492,12 +505,8 @@ def resolve_labels(
         if name not in known:
             unknown.append(label)
             continue
-        if name in by_file and (by_file[name].group, by_file[name].split) != (label.group, label.split):
-            raise UserError(
-                f"{csv_path}:{label.line}: '{label.key}' is labelled twice (line {by_file[name].line} "
-                f"says group '{by_file[name].group}', split {by_file[name].split}; this line "
-                f"'{label.group}', split {label.split})"
-            )
+        if name in by_file:  # the same image named two ways ('a.png', 'images/a.png', its index)
+            raise _twice(csv_path, label, by_file[name], "image")
         by_file[name] = label
     if unknown:
         raise UserError(

@@ -10,19 +10,26 @@ import base64
 import datetime as dt
 import html
 import io
+from collections.abc import Callable
 
 import pandas as pd
 
+from . import metrics
+from .bymetric import ByMetric
 from .dynamics import convergence_warnings, gap_over_training, worse_group_changes
-from .figures import METRIC_LABELS, audit_figures
+from .figures import audit_figures
 from .report import (
+    BY_METRIC_TITLE,
     FRONTIER_TITLE,
+    by_metric_note,
+    by_metric_table,
     describe_audit,
     error_table,
     frontier_sentence,
     frontier_table,
     headline,
     loss_warnings,
+    metric_caveat,
     vae_tables,
     verdict_table,
 )
@@ -30,6 +37,7 @@ from .stats import CLEAR, INSUFFICIENT, NO_CLEAR, Analysis
 
 CSS = """
 *{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%;text-size-adjust:100%}
 body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#1d2329;background:#fff}
 main{max-width:1240px;margin:0 auto;padding:14px 20px 40px}
 header{border-bottom:2px solid #1d2329;padding-bottom:6px;margin-bottom:10px}
@@ -38,28 +46,48 @@ h2{font-size:18px;margin:26px 0 6px;border-bottom:1px solid #d0d7de;padding-bott
 h2.first{margin-top:8px}
 .meta{color:#57606a;font-size:13px;margin:0}
 .headline{font-size:16px;margin:4px 0 6px}
-table{border-collapse:collapse;font-size:13.5px;margin:6px 0 4px;font-variant-numeric:tabular-nums}
-th,td{padding:4px 10px;white-space:nowrap;border-bottom:1px solid #d8dee4;text-align:left;vertical-align:top}
-th{background:#f3f5f7;font-weight:600}
+.scroll{overflow:auto;max-width:100%;max-height:85vh;width:max-content;margin:6px 0 4px;border:1px solid #d8dee4;border-radius:4px}
+table{border-collapse:separate;border-spacing:0;font-size:13.5px;font-variant-numeric:tabular-nums}
+th,td{padding:4px 10px;white-space:nowrap;border-bottom:1px solid #d8dee4;text-align:left;vertical-align:top;background:#fff}
+tr:last-child td{border-bottom:0}
+th{background:#f3f5f7;font-weight:600;position:sticky;top:0;z-index:1}
 tr:nth-child(even) td{background:#fafbfc}
-.sure{font-weight:600;white-space:nowrap}
+th:first-child,td:first-child{position:sticky;left:0;z-index:1;box-shadow:inset -1px 0 0 #d8dee4}
+th:first-child{z-index:2}
+td.num{text-align:right}
+td.long{white-space:normal;min-width:18em;max-width:40em}
+.sure{font-weight:600}
 .sure.clear{color:#0b5394}.sure.unclear{color:#7a4b00}.sure.insufficient{color:#9a3412}
 .note{color:#57606a;font-size:12.5px;margin:2px 0 8px}
 .warn{background:#fdeceb;border:1px solid #d1242f;padding:6px 10px;font-size:13px;margin:6px 0}
 figure{margin:8px 0 4px}
-figure img{display:block;max-width:100%;height:auto}
+.fig{overflow-x:auto}
+.fig img{display:block;max-width:100%;height:auto}
+figure:target .fig img{max-width:none}
 figcaption{color:#57606a;font-size:13px;margin-top:2px}
+.size{font-size:12.5px;margin-left:6px;white-space:nowrap}
+.size .fit,figure:target .size .full{display:none}
+figure:target .size .fit{display:inline}
 details{margin:8px 0}summary{cursor:pointer;font-weight:600}
 .warnings summary{color:#9a3412;font-size:13.5px}.warnings li{font-size:13px}
-.scroll{overflow-x:auto}
 code{background:#f3f5f7;padding:0 3px;border-radius:3px}
+@media (min-width:1250px){.size{display:none}}
+@media (max-width:640px){
+main{padding:10px 10px 30px}
+h1{font-size:19px}
+figure{margin-left:-10px;margin-right:-10px}
+figcaption{padding:0 10px}
+th,td{padding:4px 7px}
+}
 """
 
 
-def html_report(result, analysis: Analysis) -> str:
-    """The whole page as a string."""
+def html_report(result, analysis: Analysis, by_metric: ByMetric | None = None) -> str:
+    """The whole page as a string; with `by_metric`, the metric caveat first and every metric side by side."""
     figs = {name: _png(fig) for name, fig in audit_figures(result, analysis).items()}
     verdict = verdict_table(analysis)
+    metric = metrics.get(analysis.metric)
+    caveat = metric_caveat(by_metric) if by_metric is not None else None
     spec = result.spec
     when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts = [
@@ -69,9 +97,11 @@ def html_report(result, analysis: Analysis) -> str:
         f"<title>fairrecon audit: {_e(spec.dataset)}</title>",
         f"<style>{CSS}</style></head><body><main>",
         "<header><h1>fairrecon audit: which group does each loss favour?</h1>",
-        f'<p class="meta">{_e(describe_audit(result).replace("`", ""))} Numbers are {METRIC_LABELS["mse"]}, lower is better. '
+        f'<p class="meta">{_e(describe_audit(result).replace("`", ""))} Numbers are {_e(metric.label)} ({metric.name}), '
+        f"{'lower' if metric.higher_is_worse else 'higher'} is better. "
         f"{_e(_run_line(result))} Generated {when}.</p></header>",
         '<h2 class="first" id="answer">Answer</h2>',
+        f'<p class="warn" id="metric-caveat">{_e(caveat)}</p>' if caveat else "",
         f'<p class="headline">{_e(headline(analysis))}</p>',
         _verdict_html(verdict),
         f'<p class="note">{_e(analysis.method)}</p>',
@@ -87,6 +117,12 @@ def html_report(result, analysis: Analysis) -> str:
             "own interval in the table.",
         ),
     ]
+    if by_metric is not None and len(by_metric.compared) > 1:
+        parts += [
+            f"<h2 id='metrics'>{BY_METRIC_TITLE}</h2>",
+            f'<p class="note">{_e(by_metric_note(by_metric).replace("`", ""))}</p>',
+            _table(by_metric_table(by_metric)),
+        ]
     if len(analysis.frontier) > 1:
         parts += [
             f"<h2 id='frontier'>{FRONTIER_TITLE}</h2>",
@@ -150,7 +186,7 @@ def html_report(result, analysis: Analysis) -> str:
     parts += [
         _table(result.groups, digits=4),
         "<h2 id='tables'>Tables</h2>",
-        f"<h3>Per-group MSE per pixel: mean [{1 - analysis.policy.alpha:.0%} interval]</h3>",
+        f"<h3>Per-group {_e(metric.label)}: mean [{1 - analysis.policy.alpha:.0%} interval]</h3>",
         _table(error_table(analysis)),
         "<h3>Gap of the worst group, all columns</h3>",
         _table(analysis.disparities, digits=4),
@@ -238,12 +274,9 @@ def _over_training_html(result, figs: dict[str, str]) -> list[str]:
 
 
 def _verdict_html(verdict: pd.DataFrame) -> str:
-    df = verdict.copy()
-    body = _table(df)
+    """A table with a "how sure" column: in colour and in words (never colour alone), beside the loss."""
     classes = {CLEAR: "clear", NO_CLEAR: "unclear", INSUFFICIENT: "insufficient"}
-    for text in df.get("how sure", pd.Series(dtype=str)).unique():  # colour + words, never colour alone
-        body = body.replace(f"<td>{_e(text)}</td>", f'<td class="sure {classes.get(text, "unclear")}">{_e(text)}</td>')
-    return body
+    return _table(verdict, cell_class={"how sure": lambda text: f"sure {classes.get(text, 'unclear')}"})
 
 
 def _warnings_html(analysis: Analysis) -> str:
@@ -279,21 +312,56 @@ def _run_line(result) -> str:
 
 
 def _figure(figs: dict[str, str], name: str, caption: str) -> str:
+    """A figure at the page's width (the whole screen's on a phone) with a link to its full size: the same
+    image at its own pixels, scrolling sideways in its box (CSS :target, no script, no second copy)."""
     if name not in figs:
         return ""
     return (
-        f'<figure id="fig-{name}"><img alt="{_e(name.replace("_", " "))}" src="data:image/png;base64,{figs[name]}">'
-        f"<figcaption>{_e(caption)}</figcaption></figure>"
+        f'<span id="fit-{name}"></span>'  # "fit to width" leads here: the figure is no longer the :target
+        f'<figure id="fig-{name}"><div class="fig"><img alt="{_e(name.replace("_", " "))}" '
+        f'src="data:image/png;base64,{figs[name]}"></div>'
+        f'<figcaption>{_e(caption)}<span class="size"><a class="full" href="#fig-{name}">full size</a>'
+        f'<a class="fit" href="#fit-{name}">fit to width</a></span></figcaption></figure>'
     )
 
 
-def _table(df: pd.DataFrame, digits: int | None = None) -> str:
-    if digits is not None:
-        df = df.copy()
-        for c in df.columns:
-            if pd.api.types.is_float_dtype(df[c]):
-                df[c] = df[c].map(lambda v: "" if pd.isna(v) else f"{v:.{digits}g}")
-    return '<div class="scroll">' + df.to_html(index=False, border=0, escape=True, na_rep="") + "</div>"
+# Columns that say the verdict: shown right after the first column (the loss), so that the answer is in view
+# on a narrow screen without scrolling the table sideways.
+VERDICT_COLUMNS = ("how sure", "verdict")
+LONG_TEXT = 40  # characters: a text cell longer than this wraps instead of widening its table
+
+
+def _table(
+    df: pd.DataFrame, digits: int | None = None, *, cell_class: dict[str, Callable[[str], str]] | None = None
+) -> str:
+    """A DataFrame as a table in its own box, which scrolls sideways (and down, for a long table) with the
+    header row and the first column held in view; the verdict column second; numbers right-aligned; long
+    text wrapped. `digits`: significant digits of float columns. `cell_class`: column -> each cell's class."""
+    first, rest = list(df.columns[:1]), list(df.columns[1:])
+    df = df[first + [c for c in rest if c in VERDICT_COLUMNS] + [c for c in rest if c not in VERDICT_COLUMNS]]
+    numeric = {c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])}
+    classes = cell_class or {}
+
+    def shown(value, column) -> str:
+        if value is None or (not isinstance(value, str) and pd.isna(value)):
+            return ""
+        if digits is not None and pd.api.types.is_float_dtype(df[column]):
+            return f"{value:.{digits}g}"
+        return str(value)
+
+    head = "".join(f'<th scope="col">{_e(c).replace("_", "_<wbr>")}</th>' for c in df.columns)
+    rows = []
+    for values in df.itertuples(index=False):
+        cells = []
+        for column, value in zip(df.columns, values):
+            text = shown(value, column)
+            if column in classes:
+                kind = classes[column](text)
+            else:
+                kind = "num" if column in numeric else "long" if len(text) > LONG_TEXT else ""
+            cells.append(f'<td class="{kind}">{_e(text)}</td>' if kind else f"<td>{_e(text)}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
 def _png(fig) -> str:

@@ -57,7 +57,7 @@ from scipy import integrate, special
 from torch.distributions import Laplace, Normal
 
 from .errors import UserError
-from .spec import canonical_number
+from .spec import AuditSpec, canonical_number
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor], float], torch.Tensor]
 
@@ -345,6 +345,11 @@ def get_loss(name: str) -> Loss:
 def _member(name: str) -> Loss:
     family_name, colon, text = name.partition(":")
     family = FAMILIES.get(family_name)
+    if family is not None and not colon:
+        raise UserError(
+            f"loss '{name}' is a family, not one loss: name a member as {family.pattern} with {family.symbol} in "
+            f"{family.allowed}, e.g. {family.name}:{canonical_number(_example(family.allowed))}"
+        )
     if not colon or family is None:
         raise UserError(
             f"unknown loss '{name}'; allowed: {', '.join(dict.keys(LOSSES))}, "
@@ -357,6 +362,36 @@ def _member(name: str) -> Loss:
     if not math.isfinite(value) or value not in family.allowed:
         raise UserError(f"loss '{name}': {family.symbol} must be a number in {family.allowed}, got '{text}'")
     return family.make(f"{family.name}:{canonical_number(value)}", value)
+
+
+def _example(allowed: Interval) -> float:
+    """A value inside `allowed`, for messages: its midpoint, or a point past its open or infinite end."""
+    if math.isfinite(allowed.high):
+        return (allowed.low + allowed.high) / 2
+    return allowed.low + 1
+
+
+def check_settings(spec: AuditSpec) -> list[Loss]:
+    """The spec's losses (a one-line UserError for an unknown one), after refusing the settings that act
+    only on learned parameters when no loss has any: they would be ignored yet counted in the audit's
+    identity (as spec.APPLIES_ONLY refuses the settings that depend on other fields)."""
+    losses = [get_loss(name) for name in spec.losses]
+    default = AuditSpec()
+    uses = {
+        "sigma_lr": (any(loss.params for loss in losses), "losses with learned parameters"),
+        "sigma_floor": (
+            any(loss.params or loss.pixel_scale for loss in losses),
+            "losses with a learned or predicted scale",
+        ),
+    }
+    for name, (applies, where) in uses.items():
+        value = getattr(spec, name)
+        if value != getattr(default, name) and not applies:
+            raise UserError(
+                f"{name} {value:g} applies only to {where} (e.g. learned-sigma), not losses "
+                f"{','.join(spec.losses)}; drop it"
+            )
+    return losses
 
 
 for _loss in (

@@ -25,7 +25,7 @@ VAEs (`vae`, `conv-vae`): the same encoders with twice the latent outputs, read 
 log-variance of a Gaussian q(z|x), and the same decoders. `forward(x)` decodes the posterior mean
 (so reconstructions, held-out errors and curves treat a VAE like an autoencoder);
 `forward(x, eps)` decodes z = mu + sigma * eps and also returns each sample's
-KL(q(z|x) || N(0, I)). eps comes from outside (train.py draws it per seed), so the model holds
+KL(q(z|x) || N(0, I)). eps comes from outside (noise.py, one generator per seed), so the model holds
 no randomness of its own and a cell trained in a batch equals the cell trained alone.
 """
 
@@ -39,11 +39,11 @@ from torch import nn
 
 from .errors import UserError
 
-MODELS = ("mlp", "conv", "vae", "conv-vae")
-VAE_MODELS = ("vae", "conv-vae")
-CONV_MODELS = ("conv", "conv-vae")
-OUTPUTS = ("linear", "sigmoid")
-INPUT_NORMS = ("none", "standardize")
+# The choices' one home is spec.py; the model families are re-exported here (`as`) for train.py.
+from .spec import CONV_MODELS as CONV_MODELS
+from .spec import INPUT_NORMS, MODELS, OUTPUTS
+from .spec import VAE_MODELS as VAE_MODELS
+
 STD_EPS = 1e-8  # a pixel whose training std is below this is "constant": scale 1 (as sklearn's StandardScaler)
 
 
@@ -245,7 +245,7 @@ def build_model(
     `scale_head`: a second decoder head predicting a per-pixel log-scale (output (B, 2C, H, W)).
 
     With input_norm='standardize' the input statistics start as mean 0, std 1: set them with
-    `set_input_stats` (train.init_cells does, from the training images).
+    `set_input_stats` (stacked.init_cells does, from the training images).
     """
     if output not in OUTPUTS:
         raise UserError(f"unknown output '{output}'; allowed: {', '.join(OUTPUTS)}")

@@ -15,8 +15,8 @@ import socket
 import pandas as pd
 import torch
 
-from . import __version__
-from .train import Cell
+from .grid import Cell
+from .version import __version__
 
 COLUMNS = ("loss", "seed", "host", "device", "device_name", "torch", "fairrecon", "python", "threads", "executor")
 

@@ -7,15 +7,21 @@ module only arranges them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import pandas as pd
 
+from . import metrics
+from .bymetric import ByMetric
 from .dynamics import markdown_section
 from .gradshare import kl_weight_over_training
 from .losses import LOSSES
 from .stats import CLEAR, NO_CLEAR, Analysis
 
-METRIC_LABELS = {"mse": "MSE per pixel", "mae": "MAE per pixel", "psnr": "PSNR (dB)"}
+if TYPE_CHECKING:
+    from .results import AuditResult
 
 
 def verdict_table(analysis: Analysis) -> pd.DataFrame:
@@ -23,6 +29,19 @@ def verdict_table(analysis: Analysis) -> pd.DataFrame:
     the verdict is decided on), the corrected p-value and the verdict.
 
     Columns are display strings: this is what the first screen of report.html and report.md show.
+
+    Examples
+    --------
+    >>> from fairrecon import analyse, run_audit, verdict_table
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> table = verdict_table(analyse(result))
+    >>> table.columns.tolist()
+    ['loss', 'favours', 'worse group', 'mse: favoured → worse', 'gap', '97.5% interval of gap',
+     'p (corrected)', 'how sure']
+    >>> table[["loss", "favours", "worse group"]]
+      loss favours worse group
+    0   l1     0.3         0.9
+    1   l2     0.3         0.9
     """
     metric = analysis.metric
     rows = []
@@ -44,7 +63,16 @@ def verdict_table(analysis: Analysis) -> pd.DataFrame:
 
 def headline(analysis: Analysis) -> str:
     """The verdict in words: which losses show a clear gap (against which group, by how much), which do
-    not, which have insufficient data, and at what confidence. Every surface prints this sentence."""
+    not, which have insufficient data, and at what confidence. Every surface prints this sentence.
+
+    Examples
+    --------
+    >>> from fairrecon import analyse, headline, run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> print(headline(analyse(result)))
+    Clear gap: l1 (group 0.9 worse than 0.3 by ...%, interval ...); l2 (...).
+    Decided by mse (MSE per pixel) at 95% confidence for all 2 losses together.
+    """
     clear, unclear, short = [], [], []
     for d in analysis.disparities.itertuples(index=False):
         if d.verdict == CLEAR:
@@ -73,7 +101,10 @@ def headline(analysis: Analysis) -> str:
     pairs = " and every pair of groups" if analysis.pairs > 1 and analysis.reference == "best" else ""
     n = len(analysis.losses)
     losses = "the one loss" if n == 1 else f"all {n} losses"
-    parts.append(f"Decided at {1 - analysis.policy.alpha:.0%} confidence for {losses}{pairs} together.")
+    parts.append(
+        f"Decided {verdicts_by(analysis.metric)} at {1 - analysis.policy.alpha:.0%} confidence for {losses}{pairs} "
+        "together."
+    )
     return " ".join(parts)
 
 
@@ -88,7 +119,7 @@ def error_table(analysis: Analysis) -> pd.DataFrame:
         if loss in gaps.index:
             d = gaps.loc[loss]
             row["worst group"] = _text(d["worst"])
-            row["worst/best"] = _num(d["ratio"]) if np.isfinite(d["ratio"]) else f"-{_num(d['gap'])} dB"
+            row["worst/best"] = _num(d["ratio"]) if metrics.get(analysis.metric).ratio else _gap_text(d)
             row["verdict"] = d["verdict"]
         rows.append(row)
     return pd.DataFrame(rows)
@@ -123,7 +154,7 @@ def frontier_sentence(analysis: Analysis) -> str:
     if not f["pareto"].astype(bool).any():
         return (
             "No loss has both an overall error and a worst/best ratio"
-            + (" (psnr has no ratio)" if analysis.metric == "psnr" else "")
+            + ("" if metrics.get(analysis.metric).ratio else f" ({analysis.metric} has no ratio)")
             + ", so there is no frontier."
         )
     on = ", ".join(str(n) for n in f.loc[f["pareto"].astype(bool), "loss"])
@@ -135,11 +166,13 @@ def frontier_sentence(analysis: Analysis) -> str:
     )
 
 
-def terminal_summary(analysis: Analysis) -> str:
-    """What `fairrecon audit` and `fairrecon report` print: the headline, per-group error with
-    intervals and each loss's verdict, the warnings, and how it was decided."""
-    label = METRIC_LABELS.get(analysis.metric, analysis.metric)
+def terminal_summary(analysis: Analysis, by_metric: ByMetric | None = None) -> str:
+    """What `fairrecon audit` and `fairrecon report` print: the metric caveat (when `by_metric` has one), the
+    headline, per-group error with intervals and each loss's verdict, the warnings, and how it was decided."""
+    label = metrics.label(analysis.metric)
+    caveat = metric_caveat(by_metric) if by_metric is not None else None
     lines = [
+        *([caveat, ""] if caveat else []),
         headline(analysis),
         "",
         f"Held-out {label} by group: mean [{1 - analysis.policy.alpha:.0%} interval of each group's mean]",
@@ -150,27 +183,32 @@ def terminal_summary(analysis: Analysis) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(result, analysis: Analysis) -> str:
-    """report.md: which group each loss favours and how sure, per-group error, the groups, cell status."""
+def markdown_report(result: AuditResult, analysis: Analysis, by_metric: ByMetric | None = None) -> str:
+    """report.md: the metric caveat (when `by_metric` has one), which group each loss favours and how sure,
+    per-group error, every metric side by side, the groups, cell status."""
     spec = result.spec
+    caveat = metric_caveat(by_metric) if by_metric is not None else None
     lines = [
         "# fairrecon audit",
         "",
         describe_audit(result),
         "",
-        "## Which group does each loss favour? (held-out MSE per pixel, lower is better)",
+        f"## Which group does each loss favour? ({_held_out(analysis.metric)})",
         "",
+        *([f"**{caveat}**", ""] if caveat else []),
         headline(analysis),
         "",
         _markdown(verdict_table(analysis)),
         "",
         f"_{analysis.method}_",
         "",
-        f"## Per-group MSE per pixel: mean [{1 - analysis.policy.alpha:.0%} interval]",
+        f"## Per-group {metrics.label(analysis.metric)}: mean [{1 - analysis.policy.alpha:.0%} interval]",
         "",
         _markdown(error_table(analysis)),
         "",
     ]
+    if by_metric is not None and len(by_metric.compared) > 1:
+        lines += [f"## {BY_METRIC_TITLE}", "", by_metric_note(by_metric), "", _markdown(by_metric_table(by_metric)), ""]
     if len(analysis.frontier) > 1:
         lines += [f"## {FRONTIER_TITLE}", "", frontier_sentence(analysis), "", _markdown(frontier_table(analysis)), ""]
     warnings = loss_warnings(analysis)
@@ -197,7 +235,7 @@ def markdown_report(result, analysis: Analysis) -> str:
     return "\n".join(lines)
 
 
-def vae_tables(result) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+def vae_tables(result: AuditResult) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """VAEs: (per loss and group: mean KL, NLL, training share, generated_share; per loss and group: the effective
     KL weight over training), each None when absent. The one source of the VAE numbers in every report."""
     if not result.vae:
@@ -206,7 +244,7 @@ def vae_tables(result) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     return result.vae_by_group(), kl_weight
 
 
-def vae_terminal(result) -> str:
+def vae_terminal(result: AuditResult) -> str:
     """What `fairrecon audit` and `fairrecon report` print for VAEs (empty for autoencoders): per group, the mean
     KL and generated_share beside the training share (the numbers of report.md and summary.json)."""
     by_group, kl_weight = vae_tables(result)
@@ -224,7 +262,7 @@ def vae_terminal(result) -> str:
     return "\n".join(lines)
 
 
-def vae_markdown(result) -> list[str]:
+def vae_markdown(result: AuditResult) -> list[str]:
     """report.md's VAE section (empty for autoencoders)."""
     by_group, kl_weight = vae_tables(result)
     if by_group is None:
@@ -259,7 +297,96 @@ def vae_markdown(result) -> list[str]:
     return lines
 
 
-def describe_audit(result) -> str:
+# ---------------------------------------------------------------- every metric side by side, and the caveat
+
+BY_METRIC_TITLE = "Every metric side by side"
+
+
+def verdicts_by(metric: str) -> str:
+    """How a sentence names the metric its verdicts are about: 'by mse (MSE per pixel)'."""
+    return f"by {metric} ({metrics.label(metric)})"
+
+
+def metric_caveat(by_metric: ByMetric) -> str | None:
+    """One sentence when the metrics name different worse groups for some loss (None when they agree): which
+    group each metric calls worse, the losses where the gap is clear each way, and which metric the verdicts
+    are by. Every surface shows it first, before the verdicts (terminal, report.md, report.html, summary.json).
+
+    Losses that split the metrics the same way share a clause; the verdicts' metric's group comes first.
+    """
+    splits = by_metric.splits()
+    if not splits:
+        return None
+    order = {m: i for i, m in enumerate(dict.fromkeys((by_metric.metric, *by_metric.compared)))}
+    patterns: dict[tuple, list[str]] = {}
+    for loss, sides in splits.items():
+        ranked = sorted(sides.items(), key=lambda side: min(order[m] for m in side[1]))
+        patterns.setdefault(tuple((g, tuple(ms)) for g, ms in ranked), []).append(loss)
+    clauses = []
+    for pattern, losses in patterns.items():
+        said = [
+            f"group {g} is worse by {_and(ms)}" if i == 0 else f"group {g} by {_and(ms)}"
+            for i, (g, ms) in enumerate(pattern)
+        ]
+        clauses.append(f"for {_and(losses)}, {said[0]} but {_and(said[1:])}")
+    both = [loss for loss in splits if by_metric.clear_both_ways(loss)]
+    sure = f" (a clear gap each way for {_and(both)})" if both else " (for no loss is the gap clear in both directions)"
+    return (
+        "Which group is worse depends on the metric: "
+        + "; ".join(clauses)
+        + sure
+        + f"; the verdicts here are {verdicts_by(by_metric.metric)}."
+    )
+
+
+def by_metric_table(by_metric: ByMetric) -> pd.DataFrame:
+    """Rows: losses; columns: each compared metric's worse group, worst/best (psnr: the gap, in dB) and verdict.
+    Display strings, for report.md and report.html."""
+    out: dict[str, dict[str, str]] = {}
+    for d in by_metric.table.itertuples(index=False):
+        unit = metrics.get(d.metric).unit
+        size = f"{_num(d.ratio)}x" if metrics.get(d.metric).ratio else f"gap {_num(d.gap)}{' ' + unit if unit else ''}"
+        worse = f"{_text(d.worse)} worse" if isinstance(d.worse, str) else "n/a"
+        out.setdefault(str(d.loss), {"loss": str(d.loss)})[d.metric] = f"{worse}, {size}: {d.verdict}"
+    return pd.DataFrame(list(out.values()))
+
+
+def by_metric_note(by_metric: ByMetric) -> str:
+    """What the side-by-side table shows, and which metrics it could not compare."""
+    labels = "; ".join(f"{m}: {metrics.label(m)}" for m in by_metric.compared)
+    missing = (
+        f" This result has no values of {_and(list(by_metric.missing))} (saved by an older fairrecon, or not defined "
+        "for its images)."
+        if by_metric.missing
+        else ""
+    )
+    return (
+        "The worse group of each loss under every metric a verdict may use, with worst/best (psnr: the gap in dB) "
+        f"and the verdict `--metric M` gives, decided as the verdicts above ({labels}). Definitions: docs/metrics.md."
+        + missing
+    )
+
+
+def _and(given: Sequence[object]) -> str:
+    items = [str(i) for i in given]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _gap_text(d: Any) -> str:
+    """worst - best in the metric's own units (psnr: '-0.48 dB', the worst group's PSNR below the best's), for
+    metrics without a ratio."""
+    metric = metrics.get(d.metric)
+    value = d.gap if metric.higher_is_worse else -d.gap
+    return "n/a" if not np.isfinite(value) else f"{_num(value)}{' ' + metric.unit if metric.unit else ''}"
+
+
+def _held_out(metric: str) -> str:
+    """'held-out MSE per pixel, lower is better' for a heading."""
+    m = metrics.get(metric)
+    return f"held-out {m.label}, {'lower' if m.higher_is_worse else 'higher'} is better"
+
+
+def describe_audit(result: AuditResult) -> str:
     """One sentence: dataset, groups, model, seeds, epochs."""
     spec = result.spec
     ablations = [
@@ -283,10 +410,11 @@ def loss_warnings(analysis: Analysis) -> list[tuple[str, str]]:
     return [(str(loss), str(w)) for loss, w in zip(d["loss"], d["warnings"]) if isinstance(w, str) and w]
 
 
-def _gap(d, value: float) -> str:
+def _gap(d: Any, value: float) -> str:
     """A gap (or one end of its interval) relative to the favoured group's mean; in dB for psnr."""
-    if d.metric == "psnr":
-        return "n/a" if not np.isfinite(value) else f"{value:+.3g} dB"
+    metric = metrics.get(d.metric)
+    if not metric.ratio:
+        return "n/a" if not np.isfinite(value) else f"{value:+.3g}{' ' + metric.unit if metric.unit else ''}"
     ok = np.isfinite(d.reference_mean) and d.reference_mean
     return _pct(value / abs(d.reference_mean) if ok else np.nan)
 
@@ -295,7 +423,7 @@ def _level(analysis: Analysis) -> str:
     return f"{100 * analysis.confidence:.4g}%"
 
 
-def _text(v) -> str:
+def _text(v: object) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else str(v)
 
 
@@ -306,7 +434,7 @@ def _markdown(df: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
-def _cell(v) -> str:
+def _cell(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 

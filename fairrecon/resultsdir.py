@@ -1,20 +1,23 @@
 """A results folder is fairrecon's own: marked, never mixed with the run's inputs, never stale.
 
 An audit's identity is what decides its numbers: the spec fields that change results (plus the
-device type) and a fingerprint of its inputs (the labels CSV's content; the listing, with sizes and
-modification times, of the image folder or dataset files; scikit-learn's version for digits).
+device type), a fingerprint of its inputs (the labels CSV's content; the listing, with sizes and
+modification times, of the image folder or dataset files; scikit-learn's version for digits), and
+the version of the numbers fairrecon computes (version.RESULTS_VERSION).
 
   OUT/fairrecon.json  the marker, written before any other file:
-                      {"written_by": "fairrecon", "version", "identity": {spec_hash, fields, inputs},
+                      {"written_by": "fairrecon", "version",
+                       "identity": {spec_hash, fields, inputs, results_version},
                        "complete": true once every result file of that identity is written}
 
 Before anything is written, `check_out` refuses (one line): a non-empty folder without the marker
 (not fairrecon's, so its files may be the user's), a folder that holds the run's inputs or lies
 inside its image folder, and (unless forced) a folder whose audit had another identity, naming what
-changed. While a run writes a folder it holds OUT/.fairrecon.lock (`writing`): a second run on the
-same folder is refused, whichever machine it runs on (where the file system has locks). Folders written before the marker existed (summary.json or cells/audit.json, no marker) are
-still read, and written into when their spec matches (their cells lack an input fingerprint, so
-they are trained again).
+changed: first a folder whose numbers another results version computed (both versions named). While a run
+writes a folder it holds OUT/.fairrecon.lock (`writing`): a second run on the same folder is refused, whichever
+machine it runs on (where the file system has locks). Folders written before the marker existed (summary.json
+or cells/audit.json, no marker) are still read, and written into when their spec matches (their cells lack an
+input fingerprint, so they are trained again).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .data import file_sha256, fingerprint
 from .errors import UserError
 from .fileio import atomic_write
 from .spec import AuditSpec
+from .version import RESULTS_VERSION, __version__
 
 MARKER = "fairrecon.json"
 LOCK = ".fairrecon.lock"  # held by the one run writing the folder; not a result (see `writing`)
@@ -38,6 +42,9 @@ LOCK = ".fairrecon.lock"  # held by the one run writing the folder; not a result
 # and the device *name* ("auto" and "cpu" on a CPU-only machine are the same run;
 # the resolved device type is hashed instead).
 NOT_HASHED = ("out", "download", "device")
+# The results version of folders written before it was recorded (fairrecon 0.1.0). Their identity hash
+# leaves it out, as theirs did, so they resume as before; any later results version is hashed.
+FIRST_RESULTS_VERSION = 1
 
 
 def result_fields(spec: AuditSpec, device_type: str) -> dict[str, Any]:
@@ -65,17 +72,27 @@ class Identity:
 
     fields: dict[str, Any]
     inputs: dict[str, Any] | None  # None: not recorded (a folder from before input fingerprints)
+    results_version: int  # of the fairrecon that computed the numbers (version.RESULTS_VERSION)
 
     @property
     def hash(self) -> str:
-        return spec_hash({"fields": self.fields, "inputs": self.inputs})
+        hashed: dict[str, Any] = {"fields": self.fields, "inputs": self.inputs}
+        if self.results_version != FIRST_RESULTS_VERSION:
+            hashed["results_version"] = self.results_version
+        return spec_hash(hashed)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spec_hash": self.hash, "fields": self.fields, "inputs": self.inputs}
+        return {
+            "spec_hash": self.hash,
+            "fields": self.fields,
+            "inputs": self.inputs,
+            "results_version": self.results_version,
+        }
 
     @classmethod
     def of(cls, spec: AuditSpec, device_type: str) -> Identity:
-        return cls(result_fields(spec, device_type), input_fingerprint(spec))
+        """The identity of an audit of `spec` run now, by this fairrecon."""
+        return cls(result_fields(spec, device_type), input_fingerprint(spec), RESULTS_VERSION)
 
 
 def input_paths(spec: AuditSpec) -> tuple[list[Path], list[Path]]:
@@ -96,11 +113,13 @@ def check_out(
     files: Iterable[Path] = (),
     folders: Iterable[Path] = (),
     force: bool = False,
+    remedy: str = "pass another --out folder, or --force to replace it (and retrain)",
 ) -> None:
     """Refuse (UserError, one line) to write `identity`'s results into `out`; reads only.
 
     `files` and `folders` are the run's inputs. `force` lets a folder of another audit be replaced,
-    never a folder that is not fairrecon's or that holds the inputs.
+    never a folder that is not fairrecon's or that holds the inputs. `remedy`: what the refusal of a
+    folder of another audit tells the user to do.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -126,6 +145,14 @@ def check_out(
             f"output folder {out} is not empty and was not written by fairrecon (no {MARKER}); "
             "pass a new or empty folder as --out (fairrecon will not overwrite files it does not own)"
         )
+    if old.results_version != identity.results_version and not force:
+        written_by = (read_marker(out) or {}).get("version")
+        raise UserError(
+            f"{out} holds results version {old.results_version} (written by "
+            f"{f'fairrecon {written_by}' if written_by else 'an older fairrecon'}); this "
+            f"fairrecon {__version__} computes results version {identity.results_version}, whose numbers differ: "
+            "pass another --out folder, or --force to replace it (and retrain)"
+        )
     if force or old.hash == identity.hash:
         return
     if old.fields != identity.fields:
@@ -140,7 +167,7 @@ def check_out(
         return  # a folder from before input fingerprints: its cells do not match the new hash and are retrained
     else:
         what = "holds an audit of other inputs: " + "; ".join(_input_changes(old.inputs, identity.inputs or {}, out))
-    raise UserError(f"{out} {what}; pass another --out folder, or --force to replace it (and retrain)")
+    raise UserError(f"{out} {what}; {remedy}")
 
 
 def _input_changes(old: dict[str, Any], new: dict[str, Any], out: Path) -> list[str]:
@@ -182,8 +209,8 @@ def writing(out: str | Path) -> Iterator[None]:
 
     Re-entrant within a process (the CLI holds it around `run_audit`, which takes it too). OUT is created
     if needed; when the run leaves OUT without fairrecon's marker (it failed or was refused before writing),
-    the lock file and a folder made here (if empty) are removed again. The lock is an OS file lock (filelock: fcntl on POSIX), so it
-    reaches other machines only where the shared file system supports locks.
+    the lock file and a folder made here (if empty) are removed again. The lock is an OS file lock (filelock:
+    fcntl on POSIX), so it reaches other machines only where the shared file system supports locks.
     """
     from filelock import FileLock, Timeout
 
@@ -235,18 +262,20 @@ def previous_identity(out: str | Path) -> Identity | None:
     marker = read_marker(out)
     if marker is not None:
         ident = marker.get("identity") or {}
-        return Identity(ident.get("fields") or {}, ident.get("inputs"))
+        version = ident.get("results_version", FIRST_RESULTS_VERSION)
+        return Identity(ident.get("fields") or {}, ident.get("inputs"), version)
     try:
         legacy = out / "cells" / "audit.json"
         if legacy.is_file():
-            return Identity(json.loads(legacy.read_text())["fields"], None)
+            return Identity(json.loads(legacy.read_text())["fields"], None, FIRST_RESULTS_VERSION)
         summary = out / "summary.json"
         if summary.is_file():
             data = json.loads(summary.read_text())
             if "fairrecon_version" not in data:
                 return None
             spec = AuditSpec.from_dict(data["spec"], str(summary))
-            return Identity(result_fields(spec, str(data.get("info", {}).get("device", "cpu")).split(":")[0]), None)
+            fields = result_fields(spec, str(data.get("info", {}).get("device", "cpu")).split(":")[0])
+            return Identity(fields, None, FIRST_RESULTS_VERSION)
     except (OSError, ValueError, KeyError, TypeError, UserError) as e:
         raise UserError(f"{out}: cannot read the audit already there ({e}); pass another --out folder") from None
     return None
@@ -281,8 +310,6 @@ def require_complete(folder: str | Path) -> None:
 
 
 def _write_marker(out: Path, identity: Identity, complete: bool) -> None:
-    from . import __version__
-
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(

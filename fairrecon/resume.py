@@ -24,8 +24,8 @@ import pandas as pd
 
 from .errors import UserError
 from .fileio import atomic_write
+from .grid import Cell
 from .resultsdir import Identity, claim, result_fields, spec_hash  # noqa: F401  (result_fields: re-exported)
-from .train import Cell
 
 # Columns read back as text whatever they hold (a loss named "1", a host named "42", torch "2.10")
 TEXT_COLUMNS = {

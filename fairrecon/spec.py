@@ -14,7 +14,7 @@ import math
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,8 +22,14 @@ from typing import Any, Literal
 from .errors import UserError
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "kmnist", "cifar10", "folder")
+DOWNLOADABLE = ("mnist", "fashion-mnist", "kmnist", "cifar10")  # torchvision's: files it can fetch
+# The image files a folder dataset reads (any case; those torchvision.io.decode_image decodes): the one list behind
+# loading, help and `fairrecon datasets`.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+TEST_FRACTION = 0.2  # held out where a dataset ships no split (digits, folder)
 MODELS = ("mlp", "conv", "vae", "conv-vae")
 VAE_MODELS = ("vae", "conv-vae")
+CONV_MODELS = ("conv", "conv-vae")
 GROUP_METHODS = ("transform", "select", "labels")
 CONTRASTS = ("matched", "squeeze")
 POLARITIES = ("auto", "keep", "invert")
@@ -32,9 +38,18 @@ INPUT_NORMS = ("none", "standardize")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_LOSSES = ("l1", "l2", "log-mse", "learned-sigma")
 
-# Where a field's flag appears: "data" fields say which images and groups (used by `audit` and by
-# `check --weights`); "audit" fields only by `audit`; "spec" fields are set in a spec file only.
-Scope = Literal["data", "audit", "spec"]
+# Where a field's flag appears, so that every command's options are exactly the fields it uses:
+#   "split" fields decide which images are in which group and split: `split`, `check --weights` and `audit`;
+#   "data"  fields decide how those images look and how a model is scored: `check --weights` and `audit`;
+#   "audit" fields only `audit` (training and where results go); "spec" fields are set in a spec file only.
+Scope = Literal["split", "data", "audit", "spec"]
+# The commands whose options each scope's fields are (cli.spec_options reads this).
+SCOPE_COMMANDS: dict[str, tuple[str, ...]] = {
+    "split": ("audit", "check", "split"),
+    "data": ("audit", "check"),
+    "audit": ("audit",),
+    "spec": (),
+}
 
 
 def setting(
@@ -57,30 +72,50 @@ def setting(
 
 @dataclass(frozen=True)
 class AuditSpec:
-    """Everything an audit needs; any field can be set in TOML or by a CLI flag."""
+    """Everything an audit needs; any field can be set in TOML or by a CLI flag.
+
+    Frozen and validated when made: a bad value is a one-line `UserError`. Each field's help text and
+    allowed values are in its metadata (`fairrecon audit --help` lists them).
+
+    Examples
+    --------
+    >>> from fairrecon import AuditSpec
+    >>> spec = AuditSpec(losses="l1, mix:0,0.5", seeds=3)
+    >>> spec.losses  # one spelling, family members expanded
+    ('l1', 'mix:0', 'mix:0.5')
+    >>> spec.replace(epochs="auto").epochs, spec.group_proportions
+    ('auto', (0.5, 0.5))
+    >>> AuditSpec(targets=(0.3, 1.5))
+    Traceback (most recent call last):
+    ...
+    fairrecon.errors.UserError: target 1.5 is outside (0, 1); targets are mean pixel values
+    """
 
     # data
     dataset: str = setting(
         "digits",
-        "Dataset: digits ships with scikit-learn (no download); folder is your own images.",
+        "Dataset: digits ships with scikit-learn (no download); folder is your own images "
+        f"({', '.join(x[1:] for x in IMAGE_SUFFIXES)}; subfolders included).",
         choices=DATASETS,
-        scope="data",
+        scope="split",
     )
     data_root: str = setting(
-        "datasets", "Folder holding the dataset files (for folder: the image folder).", scope="data", metavar="DIR"
+        "datasets", "Folder holding the dataset files (for folder: the image folder).", scope="split", metavar="DIR"
     )
     download: bool = setting(False, "Let torchvision download missing dataset files.", scope="audit")
-    limit: int | None = setting(None, "Cap on training images (default: all).", scope="data", metavar="N")
-    test_limit: int | None = setting(None, "Cap on held-out images (default: all).", scope="data", metavar="N")
+    limit: int | None = setting(None, "Cap on training images (default: all).", scope="split", metavar="N")
+    test_limit: int | None = setting(None, "Cap on held-out images (default: all).", scope="split", metavar="N")
     split_seed: int = setting(
         0,
         "Seed of the group assignment and, where a dataset has none (digits, folder), the "
-        "train/test split (20% held out; with --labels stratified by group).",
-        scope="data",
+        f"train/test split ({TEST_FRACTION:.0%} held out; with --labels stratified by group).",
+        scope="split",
         metavar="N",
     )
     skip_bad_images: bool = setting(
-        False, "folder: skip images that cannot be read (with a warning and a count) instead of stopping.", scope="data"
+        False,
+        "folder: skip images that cannot be read (with a warning and a count) instead of stopping.",
+        scope="split",
     )
     # groups
     group_method: str = setting(
@@ -88,13 +123,13 @@ class AuditSpec:
         "transform: map images to target brightness; select: pick real "
         "images by brightness; labels: groups from --labels.",
         choices=GROUP_METHODS,
-        scope="data",
+        scope="split",
     )
     targets: tuple[float, ...] = setting(
-        (0.3, 0.9), "Target mean pixel value per group.", scope="data", metavar="T,T,..."
+        (0.3, 0.9), "Target mean pixel value per group.", scope="split", metavar="T,T,..."
     )
     proportions: tuple[float, ...] | None = setting(
-        None, "Share of images per group, e.g. 0.9,0.1 (default: balanced).", scope="data", metavar="P,P,..."
+        None, "Share of images per group, e.g. 0.9,0.1 (default: balanced).", scope="split", metavar="P,P,..."
     )
     contrast: str = setting(
         "matched",
@@ -115,7 +150,7 @@ class AuditSpec:
         None,
         "CSV mapping image files to groups (columns file,group and optionally "
         "split = train/test); implies --group-method labels (needs --dataset folder).",
-        scope="data",
+        scope="split",
         metavar="CSV",
     )
     # models, losses, training
@@ -266,7 +301,29 @@ def _is_union(hint: Any) -> bool:
 
 
 def load_spec(path: str | Path, **flags: Any) -> AuditSpec:
-    """Read a TOML spec (flat keys, or under an [audit] table) and apply CLI-style flags (None = not given)."""
+    """Read a TOML spec (flat keys, or under an [audit] table) and apply CLI-style flags (None = not given).
+
+    Parameters
+    ----------
+    path : str or Path
+        The spec file, e.g. one of the repository's ``audits/*.toml``.
+    **flags
+        `AuditSpec` fields to override; a flag left at None was not given.
+
+    Returns
+    -------
+    AuditSpec
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> from fairrecon import load_spec
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "audit.toml"
+    >>> _ = path.write_text("seeds = 3")  # TOML: flat keys, or under [audit]
+    >>> spec = load_spec(path, epochs=5, limit=None)
+    >>> spec.seeds, spec.epochs, spec.limit
+    (3, 5, None)
+    """
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -309,10 +366,10 @@ def parse_losses(items: str | Sequence[Any]) -> tuple[str, ...]:
             family = name
             number = _number(value)
             out.append(f"{name}:{canonical_number(number) if number is not None else value}")
-        elif _number(token) is not None:
+        elif (number := _number(token)) is not None:
             if family is None:
                 raise UserError(f"losses: '{token}' has no family to extend; write NAME:VALUE first, e.g. mix:0,0.5,1")
-            out.append(f"{family}:{canonical_number(_number(token))}")
+            out.append(f"{family}:{canonical_number(number)}")
         elif token:
             family = None
             out.append(token)
@@ -396,14 +453,72 @@ def _labels_imply_grouping(given: dict[str, Any]) -> dict[str, Any]:
     return given
 
 
-# Flags of brightness groups, with the methods they apply to: with any other method they would be
-# silently ignored, so they are refused. (`tolerance`, set in spec files only, is a bound for select.)
-_BRIGHTNESS_ONLY = {
-    "targets": ("transform", "select"),
-    "proportions": ("transform", "select"),
-    "contrast": ("transform",),
-    "polarity": ("transform",),
+@dataclass(frozen=True)
+class AppliesOnly:
+    """A setting that acts only under another one: `applies(spec)` says whether it does, `where` in words
+    (for the message), `instead(spec)` the setting that rules it out (and why, where that helps)."""
+
+    applies: Callable[[AuditSpec], bool]
+    where: str
+    instead: Callable[[AuditSpec], str]
+    also_allowed: tuple[Any, ...] = ()  # values that mean the same under either setting (grad_points 0: off)
+
+
+def _method(s: AuditSpec) -> str:
+    return f"'{s.group_method}'" + (" (with --labels the CSV gives the groups)" if s.group_method == "labels" else "")
+
+
+def _dataset(s: AuditSpec) -> str:
+    return f"dataset '{s.dataset}'" + (" (bundled with scikit-learn: no files)" if s.dataset == "digits" else "")
+
+
+_FILE_DATASETS = tuple(d for d in DATASETS if d != "digits")
+# Settings that act only under another setting. Given (not at their default) where they do not act, they
+# would be ignored yet counted in the audit's identity (a re-run with or without them would ask for --force):
+# each is refused, one line, by the same rule. (Settings that depend on the losses: losses.check_settings.)
+APPLIES_ONLY: dict[str, AppliesOnly] = {
+    "data_root": AppliesOnly(lambda s: s.dataset in _FILE_DATASETS, "datasets read from files", _dataset),
+    "download": AppliesOnly(
+        lambda s: s.dataset in DOWNLOADABLE, f"datasets torchvision fetches ({', '.join(DOWNLOADABLE)})", _dataset
+    ),
+    "skip_bad_images": AppliesOnly(lambda s: s.dataset == "folder", "dataset folder", _dataset),
+    "targets": AppliesOnly(
+        lambda s: s.group_method in ("transform", "select"), "group method transform or select", _method
+    ),
+    "proportions": AppliesOnly(
+        lambda s: s.group_method in ("transform", "select"), "group method transform or select", _method
+    ),
+    "contrast": AppliesOnly(lambda s: s.group_method == "transform", "group method transform", _method),
+    "polarity": AppliesOnly(lambda s: s.group_method == "transform", "group method transform", _method),
+    "tolerance": AppliesOnly(lambda s: s.group_method == "select", "group method select", _method),
+    "beta": AppliesOnly(
+        lambda s: s.model in VAE_MODELS, f"a VAE (--model {' or '.join(VAE_MODELS)})", lambda s: f"model '{s.model}'"
+    ),
+    "generate": AppliesOnly(
+        lambda s: s.model in VAE_MODELS, f"a VAE (--model {' or '.join(VAE_MODELS)})", lambda s: f"model '{s.model}'"
+    ),
+    "max_epochs": AppliesOnly(lambda s: s.epochs == "auto", "--epochs auto", lambda s: f"epochs {s.epochs}"),
+    "eval_points": AppliesOnly(
+        lambda s: s.epochs != "auto",
+        "a fixed number of epochs",
+        lambda s: "epochs 'auto' (its curve points are at every epoch end)",
+    ),
+    "grad_points": AppliesOnly(
+        lambda s: s.epochs != "auto",
+        "a fixed number of epochs (with --epochs auto, only 0 = off)",
+        lambda s: "epochs 'auto' (its snapshots are at epoch starts)",
+        also_allowed=(0,),
+    ),
 }
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as a message shows it after its name ('' for a flag that is on)."""
+    if isinstance(value, bool):
+        return ""
+    if isinstance(value, tuple):
+        return " " + ",".join(f"{v:g}" for v in value)
+    return f" {value:g}" if isinstance(value, float) else f" {value}"
 
 
 def _validate(s: AuditSpec) -> None:
@@ -438,13 +553,11 @@ def _validate(s: AuditSpec) -> None:
         f"--labels {s.labels} gives the groups from a CSV, which contradicts group method '{s.group_method}'; "
         "drop one of the two",
     )
-    for name, methods in _BRIGHTNESS_ONLY.items():
-        value, default = getattr(s, name), _DEFAULTS[name]
-        shown = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
+    for name, rule in APPLIES_ONLY.items():
+        value = getattr(s, name)
         need(
-            s.group_method in methods or value == default,
-            f"{name} {shown} applies only to group method {' or '.join(methods)}, not '{s.group_method}'; "
-            f"drop it" + (" (with --labels the CSV gives the groups)" if s.group_method == "labels" else ""),
+            value == _DEFAULTS[name] or value in rule.also_allowed or rule.applies(s),
+            f"{name}{_shown(value)} applies only to {rule.where}, not {rule.instead(s)}; drop it",
         )
     for name in ("latent", "hidden", "seeds", "max_epochs", "batch_size"):
         need(getattr(s, name) >= 1, f"{name} must be >= 1, got {getattr(s, name)}")
@@ -453,14 +566,7 @@ def _validate(s: AuditSpec) -> None:
             isinstance(s.epochs, int) and not isinstance(s.epochs, bool),
             f"epochs must be a whole number or 'auto', got {s.epochs!r}",
         )
-        need(s.epochs >= 1, f"epochs must be >= 1, got {s.epochs} (or 'auto')")
-    if s.model not in VAE_MODELS:  # VAE settings would be silently ignored by an autoencoder
-        for name in ("beta", "generate"):
-            need(
-                getattr(s, name) == _DEFAULTS[name],
-                f"{name} {getattr(s, name):g} applies only to a VAE "
-                f"(--model {' or '.join(VAE_MODELS)}), not model '{s.model}'; drop it",
-            )
+        need(isinstance(s.epochs, int) and s.epochs >= 1, f"epochs must be >= 1, got {s.epochs} (or 'auto')")
     need(math.isfinite(s.beta) and s.beta >= 0, f"beta must be a number >= 0, got {s.beta}")
     need(s.generate >= 0, f"generate must be >= 0, got {s.generate}")
     need(s.eval_points >= 2, f"eval_points must be >= 2 (the last is the trained model), got {s.eval_points}")

@@ -30,16 +30,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import permutations
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from scipy import optimize, special
 
+from . import metrics
+from .convergence import CONVERGED_DROP, CONVERGED_WINDOW, last_drop
 from .errors import UserError
-from .measure import PSNR_FLOOR_MSE
-from .train import CONVERGED_DROP, CONVERGED_WINDOW, last_drop
+from .metrics import PSNR_FLOOR_MSE
 
-METRICS = ("mse", "mae", "psnr")
+if TYPE_CHECKING:  # types only: stats imports nothing that imports torch at run time
+    from fairlearn.metrics import MetricFrame
+
+    from .groups import GroupedData
+    from .results import AuditResult
+
+METRICS = metrics.VERDICT_METRICS  # the metrics a verdict may use (metrics.py says which, and why not the others)
 CORRECTIONS = ("bonferroni", "none")
 MIN_GROUP_N = 30  # fewer test (or training) images in a group: "insufficient data"
 POWER = 0.8  # power at which the minimum detectable gap is stated
@@ -47,7 +55,12 @@ CLEAR, NO_CLEAR, INSUFFICIENT = "clear gap", "no clear gap", "insufficient data"
 
 
 def higher_is_worse(metric: str) -> bool:
-    return metric != "psnr"
+    return metrics.get(metric).higher_is_worse
+
+
+def has_ratio(metric: str) -> bool:
+    """Whether worst/best is defined for the metric (not on a log scale)."""
+    return metrics.get(metric).ratio
 
 
 # ---------------------------------------------------------------- the decision policy
@@ -81,9 +94,11 @@ class Policy:
 POLICY = Policy()  # the defaults, used by `fairrecon audit`, `report` and `check`
 
 
-def _check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise UserError(f"unknown metric '{metric}'; allowed: {', '.join(METRICS)}")
+def _check_metric(metric: str, result: AuditResult | None = None, *, adjusted: bool = False) -> None:
+    """A one-line UserError unless a verdict may use `metric` (adjusted, when asked), and `result` has its values."""
+    metrics.for_verdicts(metric, adjusted=adjusted)
+    if result is not None:
+        result.require_metric(metric)
 
 
 # ---------------------------------------------------------------- per-image errors
@@ -105,14 +120,14 @@ class LossErrors:
         return [np.flatnonzero(self.codes == g) for g in range(len(self.names))]
 
 
-def group_names(result) -> tuple[str, ...]:
+def group_names(result: AuditResult) -> tuple[str, ...]:
     """The result's groups in their own order (categories of samples.group, else first appearance)."""
     g = result.samples["group"]
     names = g.cat.categories if isinstance(g.dtype, pd.CategoricalDtype) else pd.unique(g)
     return tuple(str(n) for n in names)
 
 
-def family_losses(result, losses: list[str] | None = None) -> list[str]:
+def family_losses(result: AuditResult, losses: list[str] | None = None) -> list[str]:
     """The losses a decision covers: every loss of the result (or the named ones), in cell order."""
     order = list(dict.fromkeys(result.cells["loss"]))
     if losses is None:
@@ -123,9 +138,9 @@ def family_losses(result, losses: list[str] | None = None) -> list[str]:
     return [name for name in order if name in losses]
 
 
-def loss_errors(result, *, metric: str = "mse", losses: list[str] | None = None) -> list[LossErrors]:
+def loss_errors(result: AuditResult, *, metric: str = "mse", losses: list[str] | None = None) -> list[LossErrors]:
     """Per-loss seed x image matrices of the ok cells (losses without any ok cell are left out)."""
-    _check_metric(metric)
+    _check_metric(metric, result)
     names = group_names(result)
     code_of = {n: i for i, n in enumerate(names)}
     df = result.ok_samples
@@ -151,11 +166,11 @@ def loss_errors(result, *, metric: str = "mse", losses: list[str] | None = None)
     return out
 
 
-def to_metric_frame(result, loss: str, *, metric: str = "mse", seed: int | None = None):
+def to_metric_frame(result: AuditResult, loss: str, *, metric: str = "mse", seed: int | None = None) -> MetricFrame:
     """fairlearn MetricFrame of the mean per-image `metric` by group, for one loss (all ok seeds, or one)."""
     from fairlearn.metrics import MetricFrame
 
-    _check_metric(metric)
+    _check_metric(metric, result)
     df = result.ok_samples
     part = df[(df["loss"] == loss) & ((df["seed"] == seed) if seed is not None else True)]
     if part.empty:
@@ -359,8 +374,23 @@ def hypotheses_per_loss(n_groups: int, ref: int | None, two_sided: bool) -> int:
 # ---------------------------------------------------------------- the analysis
 
 
-def group_intervals(result, *, metric: str = "mse", policy: Policy = POLICY) -> pd.DataFrame:
-    """One row per (loss, group): mean error and its (1 - alpha) two-sided interval (one group alone: no correction)."""
+def group_intervals(result: AuditResult, *, metric: str = "mse", policy: Policy = POLICY) -> pd.DataFrame:
+    """One row per (loss, group): mean error and its (1 - alpha) two-sided interval (one group alone: no correction).
+
+    For reading, not deciding: the verdicts compare groups (`analyse`), with the family's correction.
+
+    Examples
+    --------
+    >>> from fairrecon import group_intervals, run_audit
+    >>> result = run_audit(dataset="digits", losses="l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> table = group_intervals(result)
+    >>> table[["loss", "group", "metric", "n", "seeds"]]
+      loss group metric   n  seeds
+    0   l2   0.3    mse  40      2
+    1   l2   0.9    mse  40      2
+    >>> bool(((table["ci_low"] < table["mean"]) & (table["mean"] < table["ci_high"])).all())
+    True
+    """
     rows = []
     for le in loss_errors(result, metric=metric):
         mom = Moments.of(le.values, le.codes, len(le.names), seed_part=not _external(result))
@@ -419,7 +449,18 @@ COLUMNS = [
 class Analysis:
     """An audit's statistics for one metric, computed once by `analyse` and passed to every surface
     (terminal, report.md, report.html, summary.json, the gate): per-group intervals, one decided row
-    per loss, and the policy and family (losses x group pairs) that decided them."""
+    per loss, and the policy and family (losses x group pairs) that decided them.
+
+    Examples
+    --------
+    >>> from fairrecon import analyse, run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> analysis = analyse(result)
+    >>> analysis.metric, analysis.losses, analysis.pairs, analysis.m
+    ('mse', ('l1', 'l2'), 1, 2)
+    >>> analysis.confidence  # each interval's level: 1 - alpha / m
+    0.975
+    """
 
     metric: str
     intervals: pd.DataFrame  # loss, group, metric, mean, ci_low, ci_high, n, seeds
@@ -456,8 +497,8 @@ class Analysis:
             if p.correction == "bonferroni"
             else f"no correction over {family}"
         )
-        check = "fairrecon check" + ("" if self.metric == "mse" else f" --metric {self.metric}")
-        check += " --max-gap 0" if self.metric == "psnr" else " --max-ratio 1"
+        check = "fairrecon check" + ("" if self.metric == metrics.DEFAULT else f" --metric {self.metric}")
+        check += " --max-ratio 1" if has_ratio(self.metric) else " --max-gap 0"
         return (
             f"Intervals over training seeds and test images (t quantiles, Cochran-Cox; ratios: Fieller); "
             f"{1 - p.alpha:.0%} confidence for all verdicts together "
@@ -481,7 +522,7 @@ class Analysis:
 
 
 def analyse(
-    result,
+    result: AuditResult,
     *,
     metric: str = "mse",
     policy: Policy = POLICY,
@@ -490,7 +531,42 @@ def analyse(
     adjusted: bool = False,
     pca: pd.DataFrame | None = None,
 ) -> Analysis:
-    """The statistics of a result, once: per-group intervals and one decided row per loss."""
+    """The statistics of a result, once: per-group intervals and one decided row per loss.
+
+    Parameters
+    ----------
+    result : AuditResult
+        From `run_audit` or `AuditResult.load`.
+    metric : str
+        The error compared: mse, mae or psnr.
+    policy : Policy
+        alpha, correction and sidedness (default `POLICY`, the one every surface uses).
+    reference : str
+        "best" (every pair of groups) or a group name (every group against it).
+    losses : list of str, optional
+        Decide for these losses only (a smaller family, so narrower intervals).
+    adjusted : bool
+        Also decide on each image's error in excess of its own group's rank-k PCA error.
+    pca : DataFrame, optional
+        That PCA baseline, per image or per group (default: recomputed from the result's spec).
+
+    Returns
+    -------
+    Analysis
+        Its `disparities` has one row per loss (see `disparities` for the columns).
+
+    Examples
+    --------
+    >>> from fairrecon import analyse, run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> analysis = analyse(result)
+    >>> analysis.disparities[["loss", "worst", "reference", "seeds", "n_min"]]
+      loss worst reference  seeds  n_min
+    0   l1   0.9       0.3      2     40
+    1   l2   0.9       0.3      2     40
+    >>> sorted(set(analysis.disparities["verdict"]) - {"clear gap", "no clear gap", "insufficient data"})
+    []
+    """
     table = disparities(
         result, metric=metric, policy=policy, reference=reference, losses=losses, adjusted=adjusted, pca=pca
     )
@@ -511,7 +587,7 @@ def analyse(
 
 # ---------------------------------------------------------------- the fairness-accuracy frontier
 
-FRONTIER_COLUMNS = [
+FRONTIER_COLUMNS: list[str] = [
     "loss",
     "metric",
     "overall",
@@ -527,7 +603,7 @@ FRONTIER_COLUMNS = [
 ]
 
 
-def frontier(result, analysis: Analysis) -> pd.DataFrame:
+def frontier(result: AuditResult, analysis: Analysis) -> pd.DataFrame:
     """The fairness-accuracy frontier: one row per loss of the analysis, its overall held-out error (the mean
     over seeds and every test image) against its worst/best ratio.
 
@@ -570,7 +646,7 @@ def pareto_flags(error: np.ndarray, ratio: np.ndarray) -> np.ndarray:
 
 
 def disparities(
-    result,
+    result: AuditResult,
     *,
     metric: str = "mse",
     policy: Policy = POLICY,
@@ -596,7 +672,7 @@ def disparities(
     (k = spec.latent), filled when adjusted=True or `pca` is given (per image from `pca_errors`, or
     per group from `pca_reference`).
     """
-    _check_metric(metric)
+    _check_metric(metric, result, adjusted=adjusted or pca is not None)
     family = family_losses(result, losses)
     errors = {le.loss: le for le in loss_errors(result, metric=metric, losses=losses)}
     names = group_names(result)
@@ -609,17 +685,20 @@ def disparities(
         if any(np.isnan(baseline_of(le)).any() for le in errors.values()):
             raise UserError("the PCA table does not cover every test image (or group) of this result")
     m = len(family) * hypotheses_per_loss(len(names), ref, policy.two_sided)
-    decide = dict(names=names, ref=ref, tail=policy.tail(m), scale=policy.divisor(m) * (2 if policy.two_sided else 1))
+    decide: dict[str, Any] = dict(
+        names=names, ref=ref, tail=policy.tail(m), scale=policy.divisor(m) * (2 if policy.two_sided else 1)
+    )
     sign = 1.0 if higher_is_worse(metric) else -1.0
     external = _external(result)
     rows = []
     for loss in family:
-        row, le, decisive = {"loss": loss, "metric": metric}, errors.get(loss), None
+        row: dict[str, Any] = {"loss": loss, "metric": metric}
+        le, decisive = errors.get(loss), None
         if le is not None:
             mom = Moments.of(sign * le.values, le.codes, len(names), seed_part=not external)
             row.update(n_min=int(mom.n.min()), seeds=len(le.seeds))
             if mom.n.min() >= 2:  # a group needs two images for an image variance
-                decisive = _decide(row, mom, ratio=metric != "psnr", **decide)
+                decisive = _decide(row, mom, ratio=has_ratio(metric), **decide)
                 row.update(
                     reference_mean=sign * mom.mean[names.index(row["reference"])],
                     worst_mean=sign * mom.mean[names.index(row["worst"])],
@@ -638,7 +717,7 @@ def disparities(
                     )
         pair = (row["worst"], row["reference"]) if "worst" in row else None
         reasons = insufficient(result, loss, le, pair=pair, external=external)
-        if metric != "psnr" and np.isfinite(row.get("gap_lcb", np.nan)) and not np.isfinite(row["ratio_lcb"]):
+        if has_ratio(metric) and np.isfinite(row.get("gap_lcb", np.nan)) and not np.isfinite(row["ratio_lcb"]):
             reasons.append("a group's mean error is not above 0: no ratio")
         row["verdict"] = verdict(gap_lcb=row.get("gap_lcb", np.nan), reasons=reasons)
         row["warnings"] = "; ".join(reasons + unconverged(result, loss) + _notes(row, decisive, external))
@@ -657,7 +736,7 @@ def verdict(*, gap_lcb: float, reasons: list[str]) -> str:
 
 def _decide(
     row: dict, mom: Moments, *, names: tuple[str, ...], ref: int | None, tail: float, scale: int, ratio: bool
-) -> tuple[str, str]:
+) -> tuple[str, str] | None:
     """Fill `row` with the row pair's gap, ratio and test and the decision over the covered pairs;
     return the covered pair with the largest lower end (the one that decides)."""
     worst, r = _pick(mom.mean, ref)
@@ -698,14 +777,14 @@ def _pick(mu: np.ndarray, ref: int | None) -> tuple[int, int]:
     return others[int(np.argmax(mu[others]))], r
 
 
-def _external(result) -> bool:
+def _external(result: AuditResult) -> bool:
     return bool((result.info or {}).get("external_model"))
 
 
-def gap_drift(result, loss: str, worst: str, best: str) -> float:
+def gap_drift(result: AuditResult, loss: str, worst: str, best: str) -> float:
     """How far the answer still moved at the end of training: per ok cell of `loss`, the change of its
     worst/best held-out MSE ratio over the last CONVERGED_WINDOW of training, as a fitted log-linear trend
-    (train.last_drop, negated: > 0 the ratio was rising) on the curve points before the cell's final one
+    (convergence.last_drop, negated: > 0 the ratio was rising) on the curve points before the cell's final one
     (the fixed test subset, so every point sees the same images), then the mean over seeds.
     NaN without curves (a model of yours) or with too few points to fit."""
     curves = getattr(result, "curves", None)
@@ -723,7 +802,12 @@ def gap_drift(result, loss: str, worst: str, best: str) -> float:
 
 
 def insufficient(
-    result, loss: str, le: LossErrors | None, *, pair: tuple[str, str] | None = None, external: bool = False
+    result: AuditResult,
+    loss: str,
+    le: LossErrors | None,
+    *,
+    pair: tuple[str, str] | None = None,
+    external: bool = False,
 ) -> list[str]:
     """Why a loss's data cannot support a verdict (empty when they can): failed cells, an answer still
     moving at the end of training (`gap_drift` of the shown pair beyond CONVERGED_DROP), fewer than 2
@@ -761,7 +845,7 @@ def insufficient(
     return reasons
 
 
-def unconverged(result, loss: str) -> list[str]:
+def unconverged(result: AuditResult, loss: str) -> list[str]:
     """A note (not a reason) when some cells' errors were still changing: the verdict is about this
     training length; whether the answer itself still moved is `gap_drift`'s question."""
     cells = result.cells[(result.cells["loss"] == loss) & (result.cells["status"] == "ok")]
@@ -809,7 +893,7 @@ def pca_reconstruct(train: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
     return mean + (x - mean) @ v.T @ v
 
 
-def pca_errors(data, k: int) -> pd.DataFrame:
+def pca_errors(data: GroupedData, k: int) -> pd.DataFrame:
     """Per test image: MSE, MAE and PSNR of its own group's rank-k PCA (fitted on that group's training images).
 
     Each group's best achievable linear reconstruction at capacity k (Samadi et al. 2018): the
@@ -837,35 +921,16 @@ def pca_errors(data, k: int) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def pca_reference(data, k: int) -> pd.DataFrame:
+def pca_reference(data: GroupedData, k: int) -> pd.DataFrame:
     """One row per group: the mean of `pca_errors` over the group's test images."""
-    return pca_errors(data, k).groupby("group", sort=False)[list(METRICS)].mean().reset_index()
+    errors = pca_errors(data, k)
+    return errors.groupby("group", sort=False)[[m for m in metrics.NAMES if m in errors]].mean().reset_index()
 
 
-def grouped_data(result):
-    """Recompute the result's images and groups from its spec (deterministic), checked against its samples."""
-    from .data import load_images
-    from .groups import make_groups
-
-    spec = result.spec
-    data = make_groups(load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed), spec)
-    seen = result.samples.drop_duplicates("index")
-    if (
-        tuple(data.names) != group_names(result)
-        or len(seen) != len(data.test_index)
-        or set(seen["index"]) != set(data.test_index.tolist())
-    ):
-        raise UserError(
-            "the images recomputed from this result's spec do not match its samples "
-            "(dataset files changed?); pass a PCA table explicitly"
-        )
-    return data
-
-
-def _baseline_lookup(result, metric: str, pca: pd.DataFrame | None):
+def _baseline_lookup(result: AuditResult, metric: str, pca: pd.DataFrame | None) -> Callable[[LossErrors], np.ndarray]:
     """A function LossErrors -> per-image PCA baseline (N,) in the loss's image order."""
     if pca is None:
-        pca = pca_errors(grouped_data(result), result.spec.latent)
+        pca = pca_errors(result.grouped_data(), result.spec.latent)  # results.AuditResult.grouped_data
     if "index" in pca.columns:
         per_image = pca.set_index("index")[metric]
         return lambda le: per_image.reindex(le.index).to_numpy(dtype=float)

@@ -1,7 +1,7 @@
 """`fairrecon sweep SWEEP.toml`: one audit per setting of a grid, every task through one executor queue, and a
 report that answers "does the verdict hold across settings?".
 
-A sweep file (audits/sweeps/findings.toml is the README's findings grid):
+A sweep file (audits/sweeps/findings.toml is the findings grid of the README and docs/findings.md):
 
     [sweep]
     out = "results/findings"     # the sweep folder (default: results/<the file's name>)
@@ -13,9 +13,11 @@ A sweep file (audits/sweeps/findings.toml is the README's findings grid):
     [grid]                       # every combination of these values, in this order
     spec = ["../mnist-balanced.toml", "../mnist-minority.toml"]   # spec files, as an axis
     epochs = [20, "auto"]
+    # or, an axis of tables: fields set together (max_epochs applies only to epochs = "auto")
+    # training = [{epochs = 20}, {epochs = "auto", max_epochs = 100}]
 
 A setting's spec is its spec file (paths relative to the sweep file), then [audit], then `--set KEY=VALUE`,
-then its grid values; a field may be an axis or a common value, not both. Every setting is built and checked
+then its grid values; a field may be an axis (or in an axis's tables) or a common value, not both. Every setting is built and checked
 before anything runs, and a bad one is refused naming it. Its audit goes to OUT/<setting>/, a results folder
 like any other (`fairrecon report`, `fairrecon check` read it); the setting's name says its grid values
 ("mnist-minority_epochs-auto"). Running the sweep again resumes every audit from its checkpoints.
@@ -32,6 +34,7 @@ import io
 import itertools
 import json
 import re
+import time
 import tomllib
 from collections import Counter
 from collections.abc import Callable
@@ -46,18 +49,18 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from . import __version__
 from .audit import Executor, finish_audit, prepare_audit
 from .errors import TasksFailed, UserError
 from .executor import LocalExecutor
 from .figures import DPI, WIDTH
-from .fileio import atomic_write, write_files
-from .groups import group_names
-from .losses import get_loss
+from .fileio import atomic_write, json_default, write_files
+from .groups import names_for_targets
+from .losses import check_settings
 from .outputs import save_results
 from .resultsdir import LOCK, MARKER, Identity, check_out, input_paths, writing
 from .spec import FIELDS, AuditSpec, load_spec
 from .stats import CLEAR, INSUFFICIENT, NO_CLEAR, Analysis, analyse
+from .version import __version__
 
 SWEEP_MARKER = "fairrecon-sweep.json"  # marks a sweep folder (an audit's folder has resultsdir.MARKER)
 SECTIONS = ("sweep", "audit", "grid")
@@ -100,25 +103,37 @@ def load_sweep(path: str | Path, *, out: str | Path | None = None, sets: dict[st
     head, common, grid = (dict(raw.get(s, {})) for s in SECTIONS)
     for key in sorted(set(head) - set(SWEEP_KEYS)):
         raise UserError(f"{where}: unknown key '{key}' in [sweep]; allowed: {', '.join(SWEEP_KEYS)}")
-    for key in (*common, *grid, *(sets or {})):
-        if key == "out":
-            raise UserError(
-                f"{where}: 'out' is the sweep's ([sweep] out or --out); each setting's audit goes to OUT/<setting>"
-            )
-        if key not in FIELDS and key != "spec":
-            raise UserError(f"{where}: unknown spec field '{key}'; allowed: {', '.join(FIELDS)}")
-    if "spec" in common or (sets and "spec" in sets):
-        raise UserError(f"{where}: a spec file for every setting goes in [sweep] spec; in [grid] spec, one per setting")
-    if "spec" in grid and "spec" in head:
-        raise UserError(f"{where}: 'spec' is both in [sweep] and an axis of [grid]; keep one")
     if not grid:
         raise UserError(f'{where}: [grid] is empty; give at least one field and its values, e.g. epochs = [20, "auto"]')
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise UserError(f"{where}: [grid] {key} must be a non-empty list of values, got {values!r}")
+    together = [key for key, values in grid.items() if key not in FIELDS and all(isinstance(v, dict) for v in values)]
+    named = [(key, "") for key in (*common, *(sets or {}))] + [(key, "") for key in grid if key not in together]
+    named += [(field, key) for key in together for table in grid[key] for field in table]
+    for key, axis in named:
+        if key == "out":
+            raise UserError(
+                f"{where}: 'out' is the sweep's ([sweep] out or --out); each setting's audit goes to OUT/<setting>"
+            )
+        if key not in FIELDS and (key != "spec" or axis):
+            raise UserError(
+                f"{where}: unknown spec field '{key}'" + (f" in [grid] {axis}" if axis else "") + f"; allowed: "
+                f"{', '.join(FIELDS)} (or an axis of tables of fields set together, e.g. "
+                'training = [{epochs = 20}, {epochs = "auto", max_epochs = 100}])'
+            )
+    if "spec" in common or (sets and "spec" in sets):
+        raise UserError(f"{where}: a spec file for every setting goes in [sweep] spec; in [grid] spec, one per setting")
+    if "spec" in grid and "spec" in head:
+        raise UserError(f"{where}: 'spec' is both in [sweep] and an axis of [grid]; keep one")
     for key in sorted(set(grid) & (set(common) | set(sets or {}))):
         given = "[audit]" if key in common else "--set"
         raise UserError(f"{where}: '{key}' is an axis of [grid] and also given in {given}; keep one")
+    given = {key: "[audit]" for key in common} | {key: "--set" for key in sets or {}}
+    given |= {key: "an axis of [grid]" for key in grid if key not in together}
+    for field, axis in named:
+        if axis and (said := given.setdefault(field, f"[grid] {axis}")) != f"[grid] {axis}":
+            raise UserError(f"{where}: '{field}' is set by [grid] {axis} and also by {said}; keep one")
     base = dict(common)
     for key, text in (sets or {}).items():
         base[key] = text
@@ -129,12 +144,13 @@ def load_sweep(path: str | Path, *, out: str | Path | None = None, sets: dict[st
         name = setting_name(values)
         spec_file = values.get("spec", head.get("spec"))
         spec_path = (path.parent / spec_file) if spec_file is not None else None
-        changes = {k: v for k, v in {**base, **values}.items() if k != "spec"}
+        changes = {k: v for k, v in {**base, **values}.items() if k != "spec" and k not in together}
+        for key in together:  # an axis of tables: each table's fields set together
+            changes.update(values[key])
         try:
             start = load_spec(spec_path) if spec_path is not None else AuditSpec()
             spec = start.replace(**changes, out=str(out / name))
-            for loss in spec.losses:
-                get_loss(loss)
+            check_settings(spec)
         except UserError as e:
             raise UserError(f"{where}: setting {name}: {e}") from None
         settings.append(Setting(name, values, spec, spec_path))
@@ -146,14 +162,22 @@ def load_sweep(path: str | Path, *, out: str | Path | None = None, sets: dict[st
 
 
 def setting_name(values: dict[str, Any]) -> str:
-    """'mnist-minority_epochs-auto': a spec file by its name, another field as field-value (lists joined by +)."""
+    """'mnist-minority_epochs-auto': a spec file by its name, another field as field-value (lists joined by +),
+    a table of fields set together as its fields ('epochs-auto_max_epochs-100')."""
 
     def text(value: Any) -> str:
         if isinstance(value, (list, tuple)):
             return "+".join(map(text, value))
         return f"{value:g}" if isinstance(value, float) else str(value)
 
-    parts = [Path(str(v)).stem if k == "spec" else f"{k}-{text(v)}" for k, v in values.items()]
+    def part(key: str, value: Any) -> str:
+        if key == "spec":
+            return Path(str(value)).stem
+        if isinstance(value, dict):
+            return "_".join(f"{k}-{text(v)}" for k, v in value.items())
+        return f"{key}-{text(value)}"
+
+    parts = [part(k, v) for k, v in values.items()]
     return re.sub(r"[^A-Za-z0-9._+-]", "-", "_".join(parts)).lstrip(".") or "setting"
 
 
@@ -172,7 +196,7 @@ class SweepReport:
             "sweep.csv": self.table.to_csv(index=False).encode(),
             "sweep.png": png(sweep_figure(self.table)),
             "sweep.md": markdown(self).encode(),
-            "sweep.json": (json.dumps(self.record(), indent=2, default=str) + "\n").encode(),
+            "sweep.json": (json.dumps(self.record(), indent=2, default=json_default) + "\n").encode(),
         }
 
     def record(self) -> dict[str, Any]:
@@ -233,7 +257,9 @@ def run_sweep(
             result = finish_audit(run, lambda message, name=s.name: log(f"{name}: {message}"))
             result.info["threads"], result.info["threads_chosen"] = runner.threads, runner.threads_chosen
             result.info["executor"] = runner.record()
-            analysis = analyse(result)
+            start = time.perf_counter()
+            analysis = analyse(result)  # by the default metric, as `fairrecon audit` without --metric
+            result.info["timings"]["stats_s"] = time.perf_counter() - start
             save_results(result, s.spec.out, analysis)
             results[s.name] = analysis
         if failed is not None:
@@ -263,7 +289,7 @@ def claim_sweep(sweep: Sweep, complete: bool = False) -> None:
         "settings": {s.name: s.spec.to_dict() for s in sweep.settings},
         "complete": complete,
     }
-    atomic_write(out / SWEEP_MARKER, json.dumps(marker, indent=2, default=str) + "\n")
+    atomic_write(out / SWEEP_MARKER, json.dumps(marker, indent=2, default=json_default) + "\n")
 
 
 # ---------------------------------------------------------------- the answer
@@ -275,7 +301,7 @@ def worse_group(spec: AuditSpec, group: Any) -> str:
     if not isinstance(group, str):
         return "no result"
     if spec.group_method in ("transform", "select") and len(set(spec.targets)) == len(spec.targets):
-        names = group_names(spec.targets)
+        names = names_for_targets(spec.targets)
         if group in names:
             target = spec.targets[names.index(group)]
             if target == max(spec.targets):
@@ -310,6 +336,9 @@ def sweep_report(sweep: Sweep, analyses: dict[str, Analysis]) -> SweepReport:
 
 
 def _shown(value: Any) -> Any:
+    """An axis value in the report's table: a list joined by +, a table of fields as 'epochs=auto max_epochs=100'."""
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_shown(v)}" for k, v in value.items())
     return "+".join(map(str, value)) if isinstance(value, (list, tuple)) else value
 
 

@@ -12,6 +12,8 @@ from fairrecon import AuditResult, run_audit
 from fairrecon.data import load_images
 from fairrecon.groups import make_groups
 
+pytestmark = pytest.mark.slow  # Fashion-MNIST audits, and a default-length digits audit
+
 
 @pytest.fixture(scope="module")
 def fashion(shared_datasets, tmp_path_factory):
@@ -59,7 +61,9 @@ def test_per_sample_errors_match_the_cell_model_run_by_hand(fashion, shared_data
     assert np.array_equal(
         rerun.samples["mse"].to_numpy(), result.samples.query("loss == 'l2' and seed == 0")["mse"].to_numpy()
     )  # bit-identical on CPU
-    from fairrecon.train import Cell, TrainConfig, one_thread, train_cells
+    from fairrecon.grid import Cell, TrainConfig
+    from fairrecon.runners import one_thread
+    from fairrecon.train import train_cells
 
     with one_thread():
         trained = train_cells(data.train_x, data.train_g, [Cell("l2", 0)], TrainConfig.from_spec(result.spec))

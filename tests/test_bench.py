@@ -7,7 +7,10 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # the benchmarks on real Fashion-MNIST
 
 BENCH = REPO / "benchmarks" / "bench.py"
 
@@ -65,7 +68,7 @@ def test_scaling_point_resizes_images(shared_datasets):
 
 
 def test_stacking_benchmark_runs_both_ways_to_the_same_outputs():
-    """benchmarks/stacking.py times vmap against the loop over cells (train.StackedCells.looped); the two ways
+    """benchmarks/stacking.py times vmap against the loop over cells (stacked.StackedCells.looped); the two ways
     must compute the same reconstructions (float32 rounding apart), or its timings compare different work."""
     cmd = [
         sys.executable,

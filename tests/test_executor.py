@@ -6,24 +6,24 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from conftest import FAST, REPO, run_cli
+from conftest import FAST, REPO, TINY_AUDIT, run_cli
 
-from fairrecon import AuditSpec, run_audit
+from fairrecon import RESULTS_VERSION, AuditSpec, run_audit
 from fairrecon.errors import UserError
 from fairrecon.executor import Job, LocalExecutor, check_identity
+from fairrecon.grid import TrainConfig
 from fairrecon.provenance import mixed_warning
 from fairrecon.resultsdir import LOCK, Identity
-from fairrecon.train import TrainConfig
 
 SPEC = dict(FAST, dataset="digits", losses=("l1", "l2"), limit=300, test_limit=120)
 TABLES = ("samples", "cells", "history", "curves", "grad_shares")
 
 
+@pytest.mark.slow  # two audits
 def test_the_in_process_executor_gives_the_loop_s_numbers():
     """A task (executor.run_task) trains a seed exactly as run_audit's own loop does."""
     loop = run_audit(**SPEC, threads=1)
@@ -31,7 +31,7 @@ def test_the_in_process_executor_gives_the_loop_s_numbers():
     for name in TABLES:
         pd.testing.assert_frame_equal(getattr(loop, name), getattr(tasks, name), check_exact=True, obj=name)
     assert loop.examples.keys() == tasks.examples.keys()
-    assert tasks.info["executor"] == {"name": "in-process", "threads": 1} and "executor" not in loop.info
+    assert tasks.info["executor"] == loop.info["executor"] == {"name": "in-process", "threads": 1}
     assert [row["executor"] for row in tasks.info["provenance"]] == ["in-process"] * 4
 
 
@@ -47,8 +47,14 @@ def test_a_task_refuses_an_identity_that_differs_where_it_runs():
         check_identity(job("cuda"), torch.device("cpu"))  # a GPU audit on a worker without one
     with pytest.raises(UserError, match="runs fairrecon .*, the driver 0.0.1; install the same version"):
         check_identity(job(version="0.0.1"), torch.device("cpu"))
+    other = job()
+    other = dataclasses.replace(other, identity=dataclasses.replace(other.identity, results_version=0))
+    said = f"computes results version {RESULTS_VERSION}, the driver's audit 0; run the same fairrecon"
+    with pytest.raises(UserError, match=said):
+        check_identity(other, torch.device("cpu"))  # the same version number, edited code: other numbers
 
 
+@pytest.mark.slow  # two audits
 def test_cells_resumed_on_another_machine_give_a_warning(tmp_path):
     """Seed 0 'trained on a laptop' (its checkpointed provenance says so), seed 1 trained here: warned."""
     out = tmp_path / "out"
@@ -88,6 +94,7 @@ with writing(sys.argv[1]):
 """
 
 
+@pytest.mark.slow  # a second Python process that imports torch
 def test_a_second_run_on_one_results_folder_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
     holder = subprocess.Popen(
@@ -133,15 +140,14 @@ def test_a_run_inside_its_image_folder_leaves_nothing_there(tmp_path, capsys):
     assert list(images.iterdir()) == []
 
 
-def test_a_finished_folder_keeps_its_lock_file_and_reads_as_before(tmp_path):
-    out = tmp_path / "out"
-    run_audit(**SPEC, out=str(out), threads=1)
+def test_a_finished_folder_keeps_its_lock_file_and_reads_as_before(trained, tmp_path):
+    out = trained(**TINY_AUDIT).copy_to(tmp_path / "out")  # a folder run_audit wrote
     assert (out / LOCK).is_file()  # free again: the next run takes it
-    again = run_audit(**SPEC, out=str(out), threads=1)
-    assert again.info["resumed_cells"] == 4
-    assert Path(out / "summary.json").is_file()
+    again = run_audit(**TINY_AUDIT, out=str(out), threads=1, save=False)  # the lock file is no foreign file
+    assert again.info["resumed_cells"] == 2
 
 
+@pytest.mark.slow  # an audit in a fresh Python process
 def test_an_audit_in_process_never_imports_ray():
     code = (
         "import sys\n"
@@ -153,3 +159,22 @@ def test_an_audit_in_process_never_imports_ray():
     env = {"PYTHONPATH": str(REPO), "PATH": ""}
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, text=True, capture_output=True)
     assert run.returncode == 0, run.stderr
+
+
+def test_the_help_of_the_ray_options_states_the_executor_s_defaults():
+    """--cpus-per-task, --gpus-per-task and --task-retries are unset unless given (so that without --executor
+    ray they can be refused): the default their help states is RayExecutor's own."""
+    import inspect
+    import re
+
+    from fairrecon.cli import cli
+    from fairrecon.executor import RayExecutor
+
+    defaults = inspect.signature(RayExecutor.__init__).parameters
+    for command in ("audit", "sweep"):
+        options = {p.name: p for p in cli.commands[command].params}
+        for option, parameter in (("cpus_per_task", "cpus_per_task"), ("gpus_per_task", "gpus_per_task")) + (
+            ("task_retries", "retries"),
+        ):
+            said = re.search(r"\[default: ([0-9.]+)\]", options[option].help).group(1)
+            assert float(said) == defaults[parameter].default, (command, option)

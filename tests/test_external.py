@@ -81,6 +81,8 @@ def test_state_dict_with_factory_gives_the_same_per_sample_errors(factory_module
         "mae",
         "psnr",
         "nmse",
+        "ssim_error",
+        "rel_mse",
         "pred_scale",
         "nll",
         "kl",
@@ -162,6 +164,7 @@ def test_torch_export_model_loads_and_reconstructs(tmp_path):
     torch.testing.assert_close(model(x), torch.full_like(x, 0.5))
 
 
+@pytest.mark.slow
 def test_factory_through_the_real_cli(factory_module, tmp_path):
     weights = tmp_path / "dim.pt"
     torch.save({"scale": torch.tensor(0.5)}, weights)

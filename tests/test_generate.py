@@ -14,10 +14,11 @@ import torch
 from fairrecon.audit import run_audit
 from fairrecon.data import load_images
 from fairrecon.generate import Assigner, GroupClassifier, generated_shares, nearest_target
+from fairrecon.grid import Cell, TrainConfig
 from fairrecon.groups import make_groups
 from fairrecon.report import vae_terminal
 from fairrecon.spec import AuditSpec
-from fairrecon.train import Cell, TrainConfig, train_cells
+from fairrecon.train import train_cells
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one intra-op thread
 
@@ -31,6 +32,7 @@ def test_nearest_target_matches_brute_force():
     assert got.tolist() == want
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("labelled", [False, True], ids=["nearest-target", "classifier"])
 @pytest.mark.parametrize("only", [0, 1])
 def test_a_vae_trained_on_one_group_only_generates_that_group(only, labelled):

@@ -15,10 +15,12 @@ from torch.func import functional_call, grad, vmap
 from fairrecon import analyse, outputs
 from fairrecon.audit import run_audit
 from fairrecon.gradshare import SHARES, GradShareRecorder, group_gradients
+from fairrecon.grid import Cell, TrainConfig
 from fairrecon.losses import get_loss
 from fairrecon.results import AuditResult
 from fairrecon.spec import AuditSpec
-from fairrecon.train import SNAPSHOT_SPACING, Cell, TrainConfig, init_cells, snapshot_count, train_cells
+from fairrecon.stacked import init_cells
+from fairrecon.train import SNAPSHOT_SPACING, snapshot_count, train_cells
 
 CONFIG = TrainConfig.from_spec(AuditSpec(latent=4, hidden=16, sigma_floor=1e-3))
 SHAPE = (1, 6, 6)
@@ -195,6 +197,7 @@ def test_recorder_leaves_training_unchanged():
     assert (sums - 1).abs().to_numpy().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_audit_records_saves_and_summarises_grad_shares(tmp_path):
     result = run_audit(dataset="digits", limit=300, test_limit=100, grad_points=4, out=str(tmp_path), **FAST)
     frame = result.grad_shares
@@ -213,7 +216,7 @@ def test_audit_records_saves_and_summarises_grad_shares(tmp_path):
     )
     pd.testing.assert_series_equal(summary.set_index(["loss", "group"])["projection_ratio"], ratio, check_names=False)
     off = run_audit(dataset="digits", limit=300, test_limit=100, grad_points=0, **FAST)
-    assert off.grad_shares is None and "grad_shares" not in outputs.summary(off, analyse(off))
+    assert off.grad_shares is None and "grad_shares" not in outputs.summary_json(off, analyse(off))
 
 
 def test_snapshots_are_spaced_so_that_they_cost_little():

@@ -24,6 +24,7 @@ from scipy import integrate, optimize, special, stats
 from fairrecon.audit import run_audit
 from fairrecon.cli import main
 from fairrecon.errors import UserError
+from fairrecon.grid import Cell
 from fairrecon.losses import (
     FAMILIES,
     LOSSES,
@@ -38,10 +39,11 @@ from fairrecon.losses import (
 )
 from fairrecon.resume import cell_name
 from fairrecon.spec import AuditSpec, canonical_number, parse_losses
-from fairrecon.train import Cell
 
 M = 50
 FLOOR = 1e-3
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, one intra-op thread
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +125,7 @@ def test_leading_cell_dimensions_are_independent(pair):
     x_hat = x_hat.detach()
     stacked = get_loss("log-mse").per_sample(torch.stack([x, x]), torch.stack([x_hat, x]), {}, FLOOR)
     torch.testing.assert_close(stacked[0], get_loss("log-mse").per_sample(x, x_hat, {}, FLOOR))
-    logs = torch.tensor([-1.0, 0.5])[:, None, None]  # (cells, 1, 1), as train.StackedCells passes them
+    logs = torch.tensor([-1.0, 0.5])[:, None, None]  # (cells, 1, 1), as stacked.StackedCells passes them
     both = get_loss("student-t").per_sample(
         torch.stack([x, x]), torch.stack([x_hat, x_hat]), {"scale": logs, "dof": logs}, FLOOR
     )
@@ -445,7 +447,8 @@ def test_canonical_names_read_back_to_the_same_values(values):
         ("huber:0", r"^loss 'huber:0': delta must be a number in \(0, inf\), got '0'$"),
         ("barron:2.5", r"^loss 'barron:2.5': alpha must be a number in \[0, 2\], got '2.5'$"),
         ("barron:x", r"alpha must be a number in \[0, 2\], got 'x'"),
-        ("huber", r"^unknown loss 'huber'; allowed: l1, l2, .*huber:DELTA with delta in \(0, inf\)"),
+        ("huber", r"^loss 'huber' is a family, not one loss: name a member as huber:DELTA with delta in \(0, inf\)"),
+        ("barron", r"^loss 'barron' is a family, not one loss: .* barron:ALPHA with alpha in \[0, 2\], e.g. barron:1$"),
         ("gauss:1", r"^unknown loss 'gauss:1'; allowed: .*mix:A with a in \[0, 1\]"),
     ],
 )
@@ -493,6 +496,7 @@ def decode_cell_name(name: str) -> tuple[str, int]:
     return out.decode(), int(seed)
 
 
+@pytest.mark.slow
 @given(st.text(max_size=12), st.integers(0, 10**6))
 @settings(max_examples=300, deadline=None)
 def test_checkpoint_names_decode_back_to_their_cell(loss, seed):
@@ -516,6 +520,7 @@ def test_checkpoint_names_of_loss_families():
     assert cell_name(Cell("mix_0.5", 2)) == "mix+5f0.5-seed2"  # an underscore cannot pose as the colon
 
 
+@pytest.mark.slow
 def test_family_audit_end_to_end(tmp_path):
     """`--losses l1,l2,mix:0,1,student-t` through the CLI: the family expands, mix:1 and mix:0 train exactly as l1 and l2
     (same seed, identical losses and gradients: bit-identical errors), checkpoints are written under
@@ -695,6 +700,7 @@ def test_free_pixel_scales_fit_each_residual(name):
     torch.testing.assert_close(pixel_log_scale(raw.detach(), floor).exp(), r.abs(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow
 def test_pixel_audit_end_to_end(tmp_path):
     """`--losses l2,gaussian-pixel,laplace-pixel,gaussian-pixel:0.5` through the CLI: samples.csv gets each held-out
     image's mean predicted scale (`pred_scale`, NaN for l2), l2 trains exactly as it does alone (its chunk has no

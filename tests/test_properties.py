@@ -91,6 +91,12 @@ def spec_values(draw) -> dict:
     values = {k: draw(candidates[k]) for k in keys}
     if "proportions" in values and "targets" not in values:
         values["targets"] = targets  # proportions must match the number of targets
+    # settings that act only under another (spec.APPLIES_ONLY) come with it
+    if values.get("download") or "data_root" in values:
+        values["dataset"] = draw(st.sampled_from(["mnist", "fashion-mnist"]))
+    if "tolerance" in values:
+        values.pop("contrast", None)
+        values["group_method"] = "select"
     return values
 
 
@@ -190,6 +196,7 @@ def groupings(draw) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return targets, tuple(w / sum(weights) for w in weights)
 
 
+@pytest.mark.slow
 @FEW
 @given(grouping=groupings(), contrast=st.sampled_from(["matched", "squeeze"]))
 def test_transform_gives_asked_sizes_and_brightness(grouping, contrast, small_digits):

@@ -27,10 +27,10 @@ from conftest import REPO, run_cli
 
 from fairrecon import AuditSpec, run_audit
 from fairrecon.errors import UserError
+from fairrecon.grid import Cell, TrainConfig
 from fairrecon.results import AuditResult
 from fairrecon.resultsdir import Identity
 from fairrecon.resume import CellStore
-from fairrecon.train import Cell, TrainConfig
 
 # Ray is imported by fairrecon only (never here at import time: a local Ray started after an earlier
 # `import ray` would listen on the network, and fairrecon refuses that). CI installs the test extra, which
@@ -43,8 +43,6 @@ from fairrecon.data import load_images  # noqa: E402
 from fairrecon.executor import Job, RayExecutor, Task, start_local_ray  # noqa: E402
 from fairrecon.groups import make_groups  # noqa: E402
 from fairrecon.sweep import run_sweep  # noqa: E402
-
-pytestmark = pytest.mark.slow
 
 # Fashion-MNIST at the default width (digits at 8x8 would not exercise threads or the conv model);
 # three seeds = three tasks, two at a time on the two CPUs of the local Ray.
@@ -131,6 +129,7 @@ def reference(shared_datasets):
 # ---------------------------------------------------------------- the command line (each its own local Ray)
 
 
+@pytest.mark.slow  # starts Ray (seconds)
 def test_failed_tasks_exit_4_name_their_cells_and_the_same_command_finishes(shared_datasets, reference, tmp_path):
     """--task-retries 0 and a worker killed mid-task: the other seeds are saved, one line names the killed
     seed's cells, exit 4; the same command then trains only those and ends exactly as the in-process audit."""
@@ -200,6 +199,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # starts Ray (seconds)
 def test_joining_a_cluster_by_address_needs_its_token(tmp_path):
     """A head started the way docs/scale.md says (a token first, RAY_AUTH_MODE=token; here on 127.0.0.1):
     a driver without the token is refused in one line (exit 2); with it, the audit runs there, fairrecon's
@@ -310,6 +310,7 @@ def listening(pids: set[int]) -> list[str]:
     return found
 
 
+@pytest.mark.slow  # starts Ray (seconds)
 def test_the_local_ray_listens_on_this_machine_only(local_ray):
     assert ipaddress.ip_address(local_ray.address_info["node_ip_address"]).is_loopback
     assert not local_ray.dashboard_url  # no dashboard unless asked for
@@ -324,6 +325,7 @@ def test_the_local_ray_listens_on_this_machine_only(local_ray):
         pass
 
 
+@pytest.mark.slow  # starts Ray (seconds)
 @pytest.mark.parametrize("model", ["mlp", "conv"])
 def test_ray_gives_exactly_the_in_process_audit(local_ray, shared_datasets, reference, model):
     """samples, cells, history, curves, grad_shares and the example reconstructions, to the bit."""
@@ -345,6 +347,7 @@ def test_ray_gives_exactly_the_in_process_audit(local_ray, shared_datasets, refe
     assert on_ray.info["threads"] == 1 and on_ray.info["device"] == "cpu"
 
 
+@pytest.mark.slow  # starts Ray (seconds)
 def test_a_killed_worker_is_retried_and_the_audit_is_unchanged(local_ray, shared_datasets, reference, tmp_path):
     lines: list[str] = []
     outcome: dict = {}
@@ -369,6 +372,7 @@ def test_a_killed_worker_is_retried_and_the_audit_is_unchanged(local_ray, shared
     assert_same(outcome["result"], reference)
 
 
+@pytest.mark.slow  # starts Ray (seconds)
 def test_a_worker_s_refusal_reaches_the_driver_as_one_line(local_ray):
     """A task whose identity differs where it runs (here: the driver's says cuda, the worker has a CPU) refuses;
     the driver raises the worker's UserError, not Ray's wrapped traceback."""
@@ -400,6 +404,7 @@ proportions = [[0.5, 0.5], [0.8, 0.2]]
 """
 
 
+@pytest.mark.slow  # starts Ray (seconds)
 def test_a_sweep_through_ray_equals_the_sweep_in_process(local_ray, tmp_path):
     """Both settings' seeds (4 tasks) go through one Ray queue; every file equals the in-process sweep's."""
     folders = {}

@@ -91,7 +91,7 @@ def test_metric_frame_and_group_means_match_pandas():
     rng = np.random.default_rng(1)
     values, codes = simulate(rng, seeds=3)
     result = synthetic_result({"l1": values, "l2": values * 2}, codes)
-    for metric in stats.METRICS:
+    for metric in result.metrics:  # the verdict metrics it has: mse, mae, psnr
         mf = stats.to_metric_frame(result, "l2", metric=metric)
         by_pandas = result.samples.query("loss == 'l2'").groupby("group", observed=True)[metric].mean()
         np.testing.assert_allclose(mf.by_group[metric].reindex(by_pandas.index.astype(str)), by_pandas)
@@ -184,6 +184,7 @@ def test_fieller_ratio_interval_matches_the_closed_form():
     np.testing.assert_allclose(mom.ratio_interval(1, 0, 0.025), roots, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_ratio_gap_test_and_verdict_decide_alike():
     """Duality, on many random audits and policies: ratio interval excludes 1 <=> gap interval excludes 0
     <=> p_corrected < alpha <=> the verdict is "clear gap"."""
@@ -211,6 +212,7 @@ def test_ratio_gap_test_and_verdict_decide_alike():
     assert seen == {True, False}  # both verdicts occurred
 
 
+@pytest.mark.slow
 def test_intervals_cover_with_three_seeds_when_seeds_dominate():
     """The quick version of benchmarks/coverage.py: the regime where the old bootstrap covered 77%."""
     rng = np.random.default_rng(7)
@@ -303,6 +305,7 @@ def test_disparities_difficulty_adjusted_by_hand():
         stats.disparities(result, pca=per_image.iloc[:-1])
 
 
+@pytest.mark.slow
 def test_small_or_broken_data_is_insufficient_never_clear():
     """A huge gap, but data that cannot support a verdict: "insufficient data", with the reason."""
     rng = np.random.default_rng(11)

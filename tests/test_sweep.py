@@ -62,6 +62,7 @@ def swept(tmp_path_factory):
     return path, folder / "out", report, lines
 
 
+@pytest.mark.slow  # the sweep: 4 audits
 def test_every_setting_is_an_audit_and_its_verdict_is_that_audit_s_own(swept):
     path, out, report, lines = swept
     assert [s.name for s in report.sweep.settings] == NAMES
@@ -84,6 +85,7 @@ def test_every_setting_is_an_audit_and_its_verdict_is_that_audit_s_own(swept):
     assert pd.read_csv(out / "sweep.csv")["setting"].unique().tolist() == NAMES
 
 
+@pytest.mark.slow  # the sweep, and an audit
 def test_one_queue_changes_no_number(swept, tmp_path):
     """A setting's audit through the sweep's queue equals the same spec run alone, file for file."""
     path, out, report, lines = swept
@@ -93,6 +95,7 @@ def test_one_queue_changes_no_number(swept, tmp_path):
         assert (tmp_path / "alone" / name).read_bytes() == (out / setting.name / name).read_bytes(), name
 
 
+@pytest.mark.slow  # the sweep: 4 audits
 def test_the_summary_line_counts_the_table(swept):
     path, out, report, lines = swept
     table = report.table
@@ -109,6 +112,7 @@ def test_the_summary_line_counts_the_table(swept):
     assert (bright["worse"] == "bright group").all()
 
 
+@pytest.mark.slow  # the sweep, twice
 def test_running_it_again_resumes_and_trains_nothing(swept):
     path, out, report, lines = swept
     before = (out / "sweep.csv").read_bytes()
@@ -145,6 +149,7 @@ class FailingAfter(LocalExecutor):
             raise TasksFailed(f"{self.failing}: its tasks failed", "details")
 
 
+@pytest.mark.slow  # a sweep, twice
 def test_failed_tasks_keep_the_finished_audits_and_the_next_run_finishes(tmp_path):
     path = write(tmp_path, SWEEP.format(out=tmp_path / "out"))
     with pytest.raises(TasksFailed):
@@ -196,15 +201,59 @@ def test_a_set_value_may_not_be_an_axis_and_a_folder_not_a_sweep_s_is_refused(tm
 
 def test_the_findings_example_is_the_readme_grid():
     """audits/sweeps/findings.toml: MNIST and Fashion-MNIST, balanced and minority (the four audits/*.toml),
-    at 20 epochs and auto (max 100), each setting exactly its spec file with those two changes."""
+    at 20 epochs and at auto capped at 100 (an axis of tables: max_epochs is refused beside a fixed number of
+    epochs), each setting exactly its spec file with those changes."""
     sweep = load_sweep(REPO / "audits" / "sweeps" / "findings.toml")
     assert [s.name for s in sweep.settings] == [
-        f"{data}-{mix}_epochs-{epochs}"
+        f"{data}-{mix}_{training}"
         for data in ("mnist", "fashion-mnist")
         for mix in ("balanced", "minority")
-        for epochs in ("20", "auto")
+        for training in ("epochs-20", "epochs-auto_max_epochs-100")
     ]
     for s in sweep.settings:
         base = load_spec(REPO / "audits" / f"{s.name.split('_')[0]}.toml")
-        assert s.spec == base.replace(epochs=s.values["epochs"], max_epochs=100, out=f"results/findings/{s.name}")
+        changes = {"epochs": 20} if s.name.endswith("epochs-20") else {"epochs": "auto", "max_epochs": 100}
+        assert s.values["training"] == changes
+        assert s.spec == base.replace(**changes, out=f"results/findings/{s.name}")
         assert s.spec.losses == ("l1", "l2", "log-mse", "learned-sigma") and s.spec.seeds == 3
+
+
+@pytest.mark.parametrize(
+    "grid, common, message",
+    [
+        (
+            'training = [{epochs = 2}, {epochs = "auto", max_epoch = 9}]',
+            "",
+            "unknown spec field 'max_epoch' in [grid] training",
+        ),
+        (
+            'training = [{epochs = 2}, {epochs = "auto"}]',
+            "epochs = 3",
+            "'epochs' is set by [grid] training and also by [audit]",
+        ),
+        (
+            "training = [{epochs = 2}]\nmore = [{epochs = 3}]",
+            "",
+            "'epochs' is set by [grid] more and also by [grid] training",
+        ),
+        (
+            'training = [{epochs = 2}, {epochs = "auto", max_epochs = 9}]\nmax_epochs = [5]',
+            "",
+            "'max_epochs' is set by [grid] training and also by an axis of [grid]",
+        ),
+        ("training = [{epochs = 2}, 3]", "", "unknown spec field 'training'"),
+    ],
+)
+def test_an_axis_of_tables_sets_its_fields_together_and_nowhere_else(tmp_path, grid, common, message):
+    out = tmp_path / "out"
+    path = write(tmp_path, f'[sweep]\nout = "{out}"\n[audit]\ndataset = "digits"\n{common}\n[grid]\n{grid}\n')
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_sweep(path)
+
+
+def test_without_an_axis_of_tables_max_epochs_beside_fixed_epochs_is_refused(tmp_path):
+    """Why the findings grid needs one: a common max_epochs would not act in the 20-epoch settings (spec.py's
+    APPLIES_ONLY refuses it there), so the grid is refused, naming the setting."""
+    path = write(tmp_path, '[audit]\ndataset = "digits"\nmax_epochs = 100\n[grid]\nepochs = [20, "auto"]\n')
+    with pytest.raises(UserError, match=re.escape("setting epochs-20: max_epochs 100 applies only to --epochs auto")):
+        load_sweep(path)

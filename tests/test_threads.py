@@ -18,8 +18,8 @@ from fairrecon.errors import UserError
 
 # Fashion-MNIST at the default width: matrices large enough that torch splits them across threads
 # (digits at 8x8 would pass this test without ever running a second thread). Conv models run their cells
-# on oneDNN's ordinary kernels, at 2 threads a cell per worker thread (train.StackedCells.looped,
-# train.cell_workers), forward and backward: the test covers their gradients too.
+# on oneDNN's ordinary kernels, at 2 threads a cell per worker thread (stacked.StackedCells.looped,
+# runners.LoopedRunner), forward and backward: the test covers their gradients too.
 SMALL = dict(
     dataset="fashion-mnist",
     limit=256,
@@ -32,6 +32,7 @@ SMALL = dict(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["mlp", "conv", "conv-vae"])
 def test_thread_count_changes_no_bit(shared_datasets, model):
     before = torch.get_num_threads()
@@ -80,6 +81,7 @@ def test_bad_thread_count_is_refused(bad):
         run_audit(dataset="digits", threads=bad)
 
 
+@pytest.mark.slow
 def test_cli_threads_flag_is_checked():
     out = subprocess.run(
         [sys.executable, "-m", "fairrecon", "audit", "--threads", "0"],

@@ -13,16 +13,23 @@ wrong batch, a shared optimizer state, another cell's loss) cannot hide under it
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import REPO
 
-from fairrecon import train as train_mod
+from fairrecon import memory
 from fairrecon.data import load_images
-from fairrecon.losses import get_loss
+from fairrecon.grid import Cell, TrainConfig
+from fairrecon.losses import get_loss, pixel_log_scale
+from fairrecon.memory import cell_bytes, cells_per_chunk
 from fairrecon.models import build_model
+from fairrecon.noise import EPS_STREAM
 from fairrecon.spec import AuditSpec
-from fairrecon.train import Cell, TrainConfig, cell_bytes, cells_per_chunk, train_cells
+from fairrecon.stacked import init_cells
+from fairrecon.train import train_cells
 
 ATOL = 1e-5
 CONFIG = TrainConfig.from_spec(AuditSpec(latent=8, hidden=32, epochs=2, batch_size=64, grad_points=0))
@@ -202,7 +209,7 @@ def test_pixel_losses_train_apart_and_match_the_plain_loop(digits):
             assert stacked.params["scale_head.weight"][c].abs().max() > 100 * ATOL
             with torch.no_grad():
                 scales = (
-                    train_mod.pixel_log_scale(model(test_x)[:, 1:].flatten(1), CONFIG.sigma_floor).exp().mean(1)
+                    pixel_log_scale(model(test_x)[:, 1:].flatten(1), CONFIG.sigma_floor).exp().mean(1)
                 )  # the floored scale
             torch.testing.assert_close(stacked.pixel_scales(test_x)[c], scales, rtol=1e-4, atol=0)  # float32 rounding
         else:
@@ -229,7 +236,7 @@ def test_chunks_give_the_same_result(digits, monkeypatch):
     whole = train_cells(x, group, CELLS, CONFIG, max_cells=len(CELLS))
     # too little memory for more than two cells -> the automatic split must chunk
     two = 2 * cell_bytes(CONFIG, tuple(x.shape[1:])) + 4 * x.numel()
-    monkeypatch.setattr(train_mod, "available_bytes", lambda device: int(two / 0.5))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(two / 0.5))
     assert cells_per_chunk(CONFIG, tuple(x.shape[1:]), len(x)) == 2
     chunked = train_cells(x, group, CELLS, CONFIG)
     assert [c.key for c in chunked.stacked.cells] == [c.key for c in CELLS]
@@ -299,7 +306,7 @@ def test_any_learned_scale_at_its_floor_fails_its_cell_only(digits):
 
 
 def plain_vae_train(x: torch.Tensor, cell: Cell, config: TrainConfig):
-    """One VAE cell, the textbook way: its own noise generator (seeded as train.py documents),
+    """One VAE cell, the textbook way: its own noise generator (seeded as noise.py documents),
     one draw of eps per step, objective NLL(x | decode(mu + sigma eps)) + beta * KL, written out here."""
     torch.manual_seed(cell.seed)
     model = build_model(config.model, tuple(x.shape[1:]), config.latent, config.hidden)
@@ -310,7 +317,7 @@ def plain_vae_train(x: torch.Tensor, cell: Cell, config: TrainConfig):
         foreach=False,
     )
     order = torch.Generator().manual_seed(cell.seed)
-    noise = torch.Generator().manual_seed(cell.seed * 2**16 + train_mod.EPS_STREAM)
+    noise = torch.Generator().manual_seed(cell.seed * 2**16 + EPS_STREAM)
     for _ in range(config.epochs):
         perm = torch.randperm(len(x), generator=order)
         for lo in range(0, len(x), config.batch_size):
@@ -326,6 +333,7 @@ def plain_vae_train(x: torch.Tensor, cell: Cell, config: TrainConfig):
     return model, raw
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["vae", "conv-vae"])
 def test_vae_cells_batched_match_plain_loop_and_alone(digits, model):
     """VAE cells (noise drawn per seed outside vmap) trained together equal the textbook loop and each cell
@@ -352,7 +360,7 @@ def test_looped_backward_in_workers_equals_one_backward_pass(model):
     intra-op thread) gives exactly the gradients of loss.backward() at one thread: the same sums, not close."""
     config = TrainConfig.from_spec(AuditSpec(model=model, latent=8, hidden=64))
     cells = [Cell("l2", 0), Cell("learned-sigma", 1), Cell("log-mse", 0), Cell("l1", 2)]
-    stacked = train_mod.init_cells(cells, (1, 28, 28), config, torch.device("cpu"))
+    stacked = init_cells(cells, (1, 28, 28), config, torch.device("cpu"))
     assert stacked.looped
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(len(cells), 32, 1, 28, 28, generator=generator)
@@ -361,12 +369,12 @@ def test_looped_backward_in_workers_equals_one_backward_pass(model):
     def gradients(workers: int | None) -> list[torch.Tensor]:
         for t in [*stacked.params.values(), stacked.loss_params]:
             t.grad = None
-        graph: list = []
-        loss = stacked.objective(x, eps, keep=graph if workers else None)[0].mean(1).sum()
+        objective = stacked.objective(x, eps)
+        loss = objective.value.mean(1).sum()
         if workers:
             torch.set_num_threads(workers)
             try:
-                stacked.backward(loss, graph)
+                stacked.backward(loss, objective.graph)
             finally:
                 torch.set_num_threads(1)
         else:
@@ -378,3 +386,15 @@ def test_looped_backward_in_workers_equals_one_backward_pass(model):
     for workers in (1, 2):
         for got, want in zip(gradients(workers), reference):
             assert torch.equal(got, want)
+
+
+def test_the_convergence_rule_imports_no_torch():
+    """convergence.py is numpy only, so the statistics can use the rule without importing training."""
+    code = (
+        "import importlib.util, sys; "
+        f"spec = importlib.util.spec_from_file_location('convergence', {str(REPO / 'fairrecon' / 'convergence.py')!r}); "
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+        "print('torch' in sys.modules, 'numpy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]

@@ -13,11 +13,14 @@ from torch.func import grad, vmap
 
 from fairrecon.data import load_images
 from fairrecon.gradshare import GradShareRecorder, group_gradients
+from fairrecon.grid import Cell, TrainConfig
 from fairrecon.groups import make_groups
+from fairrecon.hooks import Snapshot
 from fairrecon.losses import get_loss
-from fairrecon.measure import HELDOUT_EPS_STREAM, sample_errors
+from fairrecon.measure import sample_errors
+from fairrecon.noise import HELDOUT_EPS_STREAM
 from fairrecon.spec import AuditSpec
-from fairrecon.train import Cell, Snapshot, TrainConfig, init_cells
+from fairrecon.stacked import init_cells
 
 LATENT = 3
 
