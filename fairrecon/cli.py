@@ -7,7 +7,9 @@ Exit status, the same for every command:
   3  insufficient data to judge (`check`: an interval contains the threshold, a failed cell, a group
      under 30 test images)
   4  internal error, a bug in fairrecon: the traceback goes to a log file (in the results folder
-     when there is one), and one line on stderr says where
+     when there is one), and one line on stderr says where; or training tasks that failed on Ray after
+     their retries (`--executor ray`): one line names the cells not trained, the finished ones are
+     saved, and the same command trains the rest
 
 With --json, `audit`, `check` and `report` print only JSON on stdout (the verdict per loss);
 progress, notes and warnings go to stderr.
@@ -22,12 +24,13 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import click
 
 from . import metrics
-from .errors import ExitCode, UserError
+from .errors import ExitCode, TasksFailed, UserError
 from .fileio import json_default
 from .spec import DATASETS, SCOPE_COMMANDS, AuditSpec, field_type, load_spec, parse_losses
 from .version import __version__
@@ -106,6 +109,71 @@ def metric_option(default: str | None, help_text: str):
     )
 
 
+EXECUTORS = ("in-process", "ray")
+
+
+def executor_options(command):
+    """--executor and the options of --executor ray (docs/scale.md)."""
+    options = [
+        click.option(
+            "--executor",
+            type=click.Choice(EXECUTORS),
+            default="in-process",
+            show_default=True,
+            help='Where the cells train: in this process, or as tasks (one per seed) on Ray (pip install "fairrecon[ray]").',
+        ),
+        click.option(
+            "--ray-address",
+            metavar="auto|HOST:PORT",
+            help="With --executor ray: join this Ray cluster (auto: the one `ray start` began on this machine).  "
+            "[default: start a local Ray that listens on 127.0.0.1 only]",
+        ),
+        click.option(
+            "--cpus-per-task",
+            type=click.IntRange(min=1),
+            metavar="N",
+            help="With --executor ray: CPUs each task asks Ray for.  [default: 1]",
+        ),
+        click.option(
+            "--gpus-per-task",
+            type=click.FloatRange(min=0),
+            metavar="G",
+            help="With --executor ray: GPUs each task asks Ray for (a fraction shares one).  [default: 0]",
+        ),
+        click.option(
+            "--task-retries",
+            type=click.IntRange(min=0),
+            metavar="N",
+            help="With --executor ray: how often Ray retries a task whose worker died.  [default: 2]",
+        ),
+        click.option(
+            "--ray-dashboard",
+            is_flag=True,
+            default=None,
+            help="With --executor ray and no --ray-address: start the local Ray's dashboard (on 127.0.0.1).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def make_executor(executor: str, threads: int | None, quiet: bool, **given):
+    """The executor the options ask for: None for in-process (an option of Ray's with it is refused)."""
+    if executor == "in-process":
+        extra = [name for name, value in given.items() if value is not None]
+        if extra:
+            raise UserError(f"--{extra[0].replace('_', '-')} applies only with --executor ray")
+        return None
+    from .executor import RayExecutor
+
+    names = {"cpus_per_task": "cpus_per_task", "gpus_per_task": "gpus_per_task", "task_retries": "retries"}
+    chosen = {names[k]: v for k, v in given.items() if k in names and v is not None}  # else RayExecutor's defaults
+    return RayExecutor(
+        given.get("ray_address"), threads=threads, dashboard=bool(given.get("ray_dashboard")), quiet=quiet, **chosen
+    )
+
+
 def spec_from(spec_file: str | None, flags: dict) -> AuditSpec:
     """The spec file (or the defaults) with the flags that were given (lists arrive as 'a,b')."""
     return load_spec(spec_file, **flags) if spec_file else AuditSpec().override(**flags)
@@ -134,7 +202,8 @@ def cli() -> None:
 
     \b
     Exit status: 0 pass, 1 the gate failed (check), 2 usage or input error,
-    3 insufficient data, 4 internal error (traceback saved to a log file).
+    3 insufficient data, 4 internal error (traceback saved to a log file) or
+    training tasks that failed on Ray after their retries (the same command resumes).
     """
 
 
@@ -157,10 +226,26 @@ def cli() -> None:
     default=None,
     metavar="N",
     help="CPU threads for torch (default: every CPU this process may use: its affinity, capped by a cgroup "
-    "quota). Changes speed, not results.",
+    "quota); with --executor ray, in each task (default: its CPUs). Changes speed, not results.",
 )
+@executor_options
 @json_option
-def audit(spec_file, quiet, force, as_json, threads, metric, reference_loss, **flags) -> int:
+def audit(
+    spec_file,
+    quiet,
+    force,
+    as_json,
+    threads,
+    metric,
+    reference_loss,
+    executor,
+    ray_address,
+    cpus_per_task,
+    gpus_per_task,
+    task_retries,
+    ray_dashboard,
+    **flags,
+) -> int:
     """Train autoencoders under each loss and measure per-group error on held-out images.
 
     With no arguments: the {dataset} dataset, groups at mean brightness {targets}, the
@@ -174,19 +259,36 @@ def audit(spec_file, quiet, force, as_json, threads, metric, reference_loss, **f
       fairrecon audit --dataset folder --data-root faces/images --labels faces/groups.csv --out results/faces
       fairrecon audit --epochs 5 --seeds 2 --json > verdict.json
       fairrecon audit --metric rel_mse --out results/relative
+      fairrecon audit --executor ray --seeds 10 --out results/seeds-10
+      fairrecon audit --executor ray --ray-address auto --cpus-per-task 4 --out results/cluster
     """
     from .audit import run_audit
     from .bymetric import by_metric
     from .outputs import save_results
     from .progress import Progress
     from .report import headline, metric_caveat, terminal_summary, vae_terminal
+    from .resultsdir import writing
     from .stats import analyse
 
     global _results_folder
     begun = time.perf_counter()  # the command's own clock: the total it prints includes statistics and writing
     spec = spec_from(spec_file, flags)
     _results_folder = Path(spec.out) if spec.out else None
-    with Progress(quiet=quiet or as_json) as progress:
+    runner = make_executor(
+        executor,
+        threads,
+        quiet or as_json,
+        ray_address=ray_address,
+        cpus_per_task=cpus_per_task,
+        gpus_per_task=gpus_per_task,
+        task_retries=task_retries,
+        ray_dashboard=ray_dashboard,
+    )
+    with ExitStack() as held, Progress(quiet=quiet or as_json) as progress:
+        if spec.out:
+            held.enter_context(writing(spec.out))  # one run at a time in OUT, from training to the last file
+        if runner is not None:
+            held.enter_context(runner)
         result = run_audit(
             spec,
             log=progress.log,
@@ -194,7 +296,8 @@ def audit(spec_file, quiet, force, as_json, threads, metric, reference_loss, **f
             force=force,
             save=False,
             inputs=[spec_file] if spec_file else [],
-            threads=threads,
+            threads=threads if runner is None else None,
+            executor=runner,
         )
         start = time.perf_counter()
         if reference_loss:
@@ -238,6 +341,107 @@ def audit(spec_file, quiet, force, as_json, threads, metric, reference_loss, **f
         + (f"; results in {spec.out}/ (open {spec.out}/report.html)" if spec.out else "")
     )
     return ExitCode.PASS
+
+
+@cli.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("--out", metavar="DIR", help="The sweep folder.  [default: the file's [sweep] out, else results/NAME]")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A spec field for every setting, over the file's [audit] (not a [grid] axis); repeatable.",
+)
+@click.option("--force", is_flag=True, help="Replace a setting's folder that holds an audit of another spec or inputs.")
+@click.option("--quiet", is_flag=True, help="No log lines: only the summary and the table.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="CPU threads for torch in each task (default: in-process every usable CPU; with --executor ray its CPUs).",
+)
+@executor_options
+@json_option
+def sweep(
+    sweep_file,
+    out,
+    sets,
+    force,
+    quiet,
+    threads,
+    executor,
+    ray_address,
+    cpus_per_task,
+    gpus_per_task,
+    task_retries,
+    ray_dashboard,
+    as_json,
+) -> int:
+    """Run one audit per setting of a grid (all their tasks through one queue) and report whether the
+    verdict holds across settings.
+
+    Each setting's audit goes to OUT/SETTING/ (a results folder like any other); OUT/sweep.md, sweep.csv,
+    sweep.png and sweep.json hold, per loss and setting, the ratio with its interval and the audit's own
+    verdict, and one line per loss. Run the same command again to resume. The file's format: docs/scale.md.
+
+    \b
+    Examples:
+      fairrecon sweep audits/sweeps/findings.toml --set data_root=../shared/datasets
+      fairrecon sweep audits/sweeps/findings.toml --executor ray --ray-address auto --cpus-per-task 2
+    """
+    from .progress import Progress
+    from .sweep import load_sweep, run_sweep, terminal
+
+    global _results_folder
+    given = {}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--set {item}: write KEY=VALUE, e.g. --set data_root=../shared/datasets")
+        given[key.strip().replace("-", "_")] = _flag_value(key.strip().replace("-", "_"), value.strip())
+    folder = load_sweep(sweep_file, out=out, sets=given).out  # a bad file or setting: refused before Ray starts
+    _results_folder = folder
+    runner = make_executor(
+        executor,
+        threads,
+        quiet or as_json,
+        ray_address=ray_address,
+        cpus_per_task=cpus_per_task,
+        gpus_per_task=gpus_per_task,
+        task_retries=task_retries,
+        ray_dashboard=ray_dashboard,
+    )
+    with ExitStack() as held, Progress(quiet=quiet or as_json) as progress:
+        if runner is not None:
+            held.enter_context(runner)
+        report = run_sweep(
+            sweep_file,
+            executor=runner,
+            threads=threads if runner is None else None,
+            out=out,
+            sets=given,
+            force=force,
+            log=progress.log,
+        )
+    if as_json:
+        print_json({"command": "sweep", **report.record()})
+    else:
+        click.echo(terminal(report))
+    note(f"results in {folder}/ (open {folder}/sweep.md; each setting's audit in {folder}/SETTING/)")
+    return ExitCode.PASS
+
+
+def _flag_value(key: str, text: str):
+    """A --set value as the field wants it: true/false for a yes/no field, else the text (the spec parses it)."""
+    from .spec import FIELDS
+
+    if key in FIELDS and field_type(key) is bool:
+        if text.lower() not in ("true", "false"):
+            raise UserError(f"--set {key}={text}: {key} is true or false")
+        return text.lower() == "true"
+    return text
 
 
 @cli.command()
@@ -583,6 +787,9 @@ def main(argv: list[str] | None = None) -> None:
     except (click.Abort, KeyboardInterrupt):
         click.echo("fairrecon: interrupted; with --out, run the same command again to resume", err=True)
         sys.exit(ExitCode.INTERRUPTED)
+    except TasksFailed as e:  # work lost on the cluster, not a bug: the finished cells are saved
+        click.echo(f"fairrecon: error: {e}; each failure in full: {_save_log(e.details)}", err=True)
+        sys.exit(ExitCode.INTERNAL)
     except Exception as e:  # a bug in fairrecon: keep the traceback, say one line
         log = _save_traceback()
         click.echo(
@@ -597,9 +804,14 @@ def main(argv: list[str] | None = None) -> None:
 def _save_traceback() -> Path:
     """Write the current exception's traceback to ERROR_LOG in the results folder when it is fairrecon's,
     else to a temporary file; return its path."""
-    text = traceback.format_exc()
+    return _save_log(traceback.format_exc())
+
+
+def _save_log(text: str) -> Path:
+    """Write `text` to ERROR_LOG in the results folder when it is fairrecon's, else to a temporary file."""
     folder = _results_folder
-    if folder is not None and ((folder / "fairrecon.json").is_file() or (folder / "summary.json").is_file()):
+    markers = ("fairrecon.json", "summary.json", "fairrecon-sweep.json")  # an audit's or a sweep's folder
+    if folder is not None and any((folder / name).is_file() for name in markers):
         try:
             path = folder / ERROR_LOG
             path.write_text(text)

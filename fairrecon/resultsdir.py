@@ -13,16 +13,19 @@ the version of the numbers fairrecon computes (version.RESULTS_VERSION).
 Before anything is written, `check_out` refuses (one line): a non-empty folder without the marker
 (not fairrecon's, so its files may be the user's), a folder that holds the run's inputs or lies
 inside its image folder, and (unless forced) a folder whose audit had another identity, naming what
-changed: first a folder whose numbers another results version computed (both versions named). Folders written before the marker existed (summary.json or cells/audit.json, no marker) are
-still read, and written into when their spec matches (their cells lack an input fingerprint, so
-they are trained again).
+changed: first a folder whose numbers another results version computed (both versions named). While a run
+writes a folder it holds OUT/.fairrecon.lock (`writing`): a second run on the same folder is refused, whichever
+machine it runs on (where the file system has locks). Folders written before the marker existed (summary.json
+or cells/audit.json, no marker) are still read, and written into when their spec matches (their cells lack an
+input fingerprint, so they are trained again).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from .spec import AuditSpec
 from .version import RESULTS_VERSION, __version__
 
 MARKER = "fairrecon.json"
+LOCK = ".fairrecon.lock"  # held by the one run writing the folder; not a result (see `writing`)
 # Spec fields that do not change the numbers: where results go, whether to download,
 # and the device *name* ("auto" and "cpu" on a CPU-only machine are the same run;
 # the resolved device type is hashed instead).
@@ -133,7 +137,7 @@ def check_out(
                 f"output folder {out} is inside the image folder {folder}; results must not be written "
                 "among the images they measure: pass an --out outside it"
             )
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or not _entries(out):
         return
     old = previous_identity(out)
     if old is None:
@@ -192,6 +196,49 @@ def _input_changes(old: dict[str, Any], new: dict[str, Any], out: Path) -> list[
                 )
             said.append(f"{where} changed since {out} was written ({detail})")
     return said
+
+
+def _entries(folder: Path) -> list[Path]:
+    """What a folder holds besides a run's lock file."""
+    return [p for p in folder.iterdir() if p.name != LOCK]
+
+
+@contextmanager
+def writing(out: str | Path) -> Iterator[None]:
+    """Hold OUT's lock while this process writes OUT: another process that tries is refused in one line.
+
+    Re-entrant within a process (the CLI holds it around `run_audit`, which takes it too). OUT is created
+    if needed; when the run leaves OUT without fairrecon's marker (it failed or was refused before writing),
+    the lock file and a folder made here (if empty) are removed again. The lock is an OS file lock (filelock:
+    fcntl on POSIX), so it reaches other machines only where the shared file system supports locks.
+    """
+    from filelock import FileLock, Timeout
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output folder {out} is an existing file, not a folder; pass another --out")
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {out}: {e.strerror or e}") from None
+    lock = FileLock(out / LOCK, timeout=0, is_singleton=True)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(
+            f"{out} is being written by another fairrecon run (it holds {out / LOCK}); wait for that run to "
+            "finish, or pass another --out"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+        if not lock.is_locked and not (out / MARKER).exists():  # nothing of fairrecon's written: leave no trace
+            with suppress(OSError):
+                (out / LOCK).unlink(missing_ok=True)
+                if made:
+                    out.rmdir()
 
 
 def read_marker(out: str | Path) -> dict[str, Any] | None:

@@ -108,7 +108,18 @@ INTERNAL = {  # command -> (where the bug is planted, the arguments)
     "losses": ("fairrecon.losses.LOSSES", lambda r, t: ["losses"]),
     "metrics": ("fairrecon.metrics.METRICS", lambda r, t: ["metrics"]),
     "datasets": ("fairrecon.data.where_files_are", lambda r, t: ["datasets"]),
+    "sweep": ("fairrecon.sweep.analyse", lambda r, t: ["sweep", _sweep_file(t), "--quiet"]),
 }
+
+
+def _sweep_file(folder: Path) -> Path:
+    """A one-setting sweep of the TINY audit."""
+    path = folder / "tiny-sweep.toml"
+    path.write_text(
+        f'[sweep]\nout = "{folder / "sweep"}"\n[audit]\nseeds = 2\nepochs = 1\nlatent = 4\nhidden = 16\n'
+        'device = "cpu"\nlimit = 200\n[grid]\nlosses = [["l1", "l2"]]\n'
+    )
+    return path
 
 
 def test_every_command_is_covered_by_the_internal_error_test():
@@ -132,6 +143,8 @@ def test_an_internal_error_is_exit_4_with_one_line_and_the_traceback_in_a_log(
         log.unlink()
     elif command == "audit":
         assert log == tmp_path / "a" / ERROR_LOG
+    elif command == "sweep":
+        assert log == tmp_path / "sweep" / ERROR_LOG  # in the sweep folder
     else:  # no results folder: a temporary file (never the folder of an earlier command in this process)
         import tempfile
 
