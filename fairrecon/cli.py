@@ -177,7 +177,7 @@ def audit(spec_file, quiet, force, as_json, threads, **flags) -> int:
             start = time.perf_counter()
             save_results(result, spec.out, analysis)
             written = time.perf_counter() - start
-    failed = result.cells[result.cells["status"] != "ok"]
+    failed = result.arms().cells.query("status != 'ok'")  # named by arm: loss, with its objective unless erm
     if as_json:
         print_json(
             {

@@ -1,8 +1,11 @@
 """Gradient shares: which group's samples drive the weight updates, measured during training.
 
-Every loss here is a per-sample NLL and the batch loss of a cell is L = sum_i nll_i / B,
+Every loss here is a per-sample NLL and the batch loss of a cell is L = sum_i w_i nll_i / B,
 so L splits exactly into one additive part per group, L = sum_g L_g (for log-mse the batch
-MSE is held fixed inside each sample's term, see losses.py). Three views of who drives
+MSE is held fixed inside each sample's term, see losses.py). w_i is the sample's weight in the
+cell's training objective (objectives.py): 1 for erm; for dro and relative, the group weights q as
+they stand before the snapshot's step (that step's own update moves each q_g by a factor of at
+most exp(ETA * |push|), see objectives.dro_update). Three views of who drives
 an update, each a share that sums to 1 over the groups:
 
   projection  <grad L_g, grad L> / ||grad L||^2   how much of the actual step comes from g

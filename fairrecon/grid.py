@@ -15,7 +15,7 @@ import pandas as pd
 from torch import nn
 
 from .models import VAE_MODELS, build_model
-from .spec import AuditSpec
+from .spec import AuditSpec, arm_name
 
 ERM = "erm"  # the plain objective: every cell's before objectives existed, and every audit's by default
 CELL_KEY = ["loss", "objective", "seed"]  # the columns that name a cell in training's and measurement's tables
@@ -30,9 +30,8 @@ class Cell:
 
     @property
     def arm(self) -> str:
-        """The (loss, objective) pair as one name, what the statistics compare: the loss for erm, else
-        'loss+objective' (no loss name has a '+')."""
-        return self.loss if self.objective == ERM else f"{self.loss}+{self.objective}"
+        """The (loss, objective) pair as one name, what the statistics compare (spec.arm_name): 'l2', 'l2+dro:0.1'."""
+        return arm_name(self.loss, self.objective)
 
     @property
     def key(self) -> str:

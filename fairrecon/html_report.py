@@ -77,7 +77,8 @@ th,td{padding:4px 7px}
 
 
 def html_report(result, analysis: Analysis) -> str:
-    """The whole page as a string."""
+    """The whole page as a string (arms in place of losses, where cells differ by objective: AuditResult.arms)."""
+    result = result.arms()
     figs = {name: _png(fig) for name, fig in audit_figures(result, analysis).items()}
     verdict = verdict_table(analysis)
     spec = result.spec

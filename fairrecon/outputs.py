@@ -35,9 +35,11 @@ from .stats import Analysis, analyse
 
 def summary(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
     """summary.json's content (schema in the README): the verdicts come from `analysis`, with the
-    policy that decided them, so a reader can re-derive each one."""
-    extra = {"grad_shares": records(share_summary(result.grad_shares))} if result.grad_shares is not None else {}
-    by_group, kl_weight = vae_tables(result)
+    policy that decided them, so a reader can re-derive each one. Cells and per-group means name each cell's
+    objective, where cells differ by it; the summaries computed per loss are per arm (AuditResult.arms)."""
+    arms = result.arms()
+    extra = {"grad_shares": records(share_summary(arms.grad_shares))} if arms.grad_shares is not None else {}
+    by_group, kl_weight = vae_tables(arms)
     if by_group is not None:
         extra["vae"] = {
             "beta": result.spec.beta,
@@ -58,7 +60,7 @@ def summary(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
         "disparities": records(analysis.disparities),
         "frontier": records(analysis.frontier),
         **extra,
-        "over_training": dynamics.summary(result),
+        "over_training": dynamics.summary(arms),
     }
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 from .dynamics import markdown_section
 from .gradshare import kl_weight_over_training
 from .losses import LOSSES
+from .spec import split_arm
 from .stats import CLEAR, NO_CLEAR, Analysis
 
 METRIC_LABELS = {"mse": "MSE per pixel", "mae": "MAE per pixel", "psnr": "PSNR (dB)"}
@@ -151,7 +152,9 @@ def terminal_summary(analysis: Analysis) -> str:
 
 
 def markdown_report(result, analysis: Analysis) -> str:
-    """report.md: which group each loss favours and how sure, per-group error, the groups, cell status."""
+    """report.md: which group each loss favours and how sure, per-group error, the groups, cell status (arms in
+    place of losses, where cells differ by objective: AuditResult.arms)."""
+    result = result.arms()
     spec = result.spec
     lines = [
         "# fairrecon audit",
@@ -187,7 +190,10 @@ def markdown_report(result, analysis: Analysis) -> str:
         "",
         _markdown(
             result.cells.assign(
-                likelihood=[LOSSES[n].likelihood if n in LOSSES else "(external model)" for n in result.cells["loss"]]
+                likelihood=[
+                    LOSSES[loss].likelihood if loss in LOSSES else "(external model)"
+                    for loss, _ in map(split_arm, result.cells["loss"])
+                ]
             ).round(6)
         ),
         "",
@@ -260,7 +266,7 @@ def vae_markdown(result) -> list[str]:
 
 
 def describe_audit(result) -> str:
-    """One sentence: dataset, groups, model, seeds, epochs."""
+    """One sentence: dataset, groups, model, seeds, objectives (where not only erm), epochs."""
     spec = result.spec
     ablations = [
         f"`{v}` {name}"
@@ -271,6 +277,11 @@ def describe_audit(result) -> str:
         f"Dataset `{spec.dataset}`, groups by `{spec.group_method}`"
         + (f" (contrast `{spec.contrast}`, polarity `{spec.polarity}`)" if spec.group_method == "transform" else "")
         + f", model `{spec.model}` (latent {spec.latent}{''.join(', ' + a for a in ablations)}), {spec.seeds} seed(s), "
+        + (
+            f"objectives {', '.join(f'`{o}`' for o in spec.objectives)} (each crossed with every loss), "
+            if spec.objectives != ("erm",)
+            else ""
+        )
         + (f"epochs `auto` (at most {spec.max_epochs})." if spec.epochs == "auto" else f"{spec.epochs} epoch(s).")
     )
 

@@ -400,6 +400,18 @@ def parse_objectives(items: str | Sequence[Any]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def arm_name(loss: str, objective: str) -> str:
+    """A (loss, objective) pair as one name, the unit the statistics compare: the loss for erm, else
+    'loss+objective' ('l2+dro:0.1'); no loss or objective name has a '+'."""
+    return loss if objective == "erm" else f"{loss}+{objective}"
+
+
+def split_arm(name: str) -> tuple[str, str]:
+    """`arm_name` undone: 'l2+dro:0.1' -> ('l2', 'dro:0.1'), 'l2' -> ('l2', 'erm')."""
+    loss, plus, objective = name.partition("+")
+    return loss, objective if plus else "erm"
+
+
 def canonical_number(value: float) -> str:
     """The one spelling of a family's value: the shortest repr that reads back to the same float,
     without a trailing '.0' or an exponent's '+' ('.50' and '0.5' -> '0.5', '1.0' -> '1', 1e16 -> '1e16')."""

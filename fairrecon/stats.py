@@ -490,7 +490,9 @@ def analyse(
     adjusted: bool = False,
     pca: pd.DataFrame | None = None,
 ) -> Analysis:
-    """The statistics of a result, once: per-group intervals and one decided row per loss."""
+    """The statistics of a result, once: per-group intervals and one decided row per loss (per arm, where cells
+    differ by objective: AuditResult.arms)."""
+    result = result.arms()
     table = disparities(
         result, metric=metric, policy=policy, reference=reference, losses=losses, adjusted=adjusted, pca=pca
     )

@@ -5,19 +5,24 @@ objective's cells trained together equal to a textbook loop of their own, the re
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from conftest import FAST
 from test_train import ATOL, CONFIG, assert_same_cell
 
+from fairrecon import run_audit
 from fairrecon.data import load_images
 from fairrecon.errors import UserError
 from fairrecon.grid import Cell, TrainConfig
 from fairrecon.losses import get_loss
 from fairrecon.models import build_model
 from fairrecon.objectives import GroupWeights, dro_update, group_means, pca_reference
+from fairrecon.resultsdir import Identity
 from fairrecon.spec import AuditSpec, parse_objectives
 from fairrecon.stacked import group_errors
 from fairrecon.stats import pca_reconstruct
@@ -306,3 +311,42 @@ def test_group_dro_lowers_the_worse_groups_error_on_a_planted_case():
     assert (dro[:, 1] < erm[:, 1]).all()  # lower on every seed (paired: same initial weights and batches)
     assert np.mean(dro[:, 1] / erm[:, 1]) < 0.95
     assert (dro[:, 0] > erm[:, 0]).all()  # at a cost to the majority
+
+
+def test_audit_tables_name_the_objective_only_where_cells_differ(tmp_path):
+    """An erm-only audit's tables are as before objectives (no objective column, the same identity fields); a mixed
+    audit's erm cells equal them to the bit (one thread), its tables name each cell's objective after its loss,
+    curves.csv carries each group's weight (erm: its training share; dro: q, summing to 1), the statistics and
+    summary.json compare arms, and a second run resumes every cell from its checkpoint."""
+    settings = dict(FAST, dataset="digits", losses=("l2",), threads=1)
+    plain = run_audit(**settings)
+    mixed = run_audit(**settings, objectives="erm,dro:0.5", out=str(tmp_path / "mixed"))
+    tables = ("samples", "cells", "history", "curves", "grad_shares")
+    for name in tables:
+        assert not {"objective", "group_weight"} & set(getattr(plain, name).columns), name
+        columns = list(getattr(mixed, name).columns)
+        assert columns[:2] == ["loss", "objective"], name
+        erm = (
+            getattr(mixed, name)
+            .query("objective == 'erm'")
+            .drop(columns=["objective", "group_weight"], errors="ignore")
+        )
+        pd.testing.assert_frame_equal(erm.reset_index(drop=True), getattr(plain, name), check_exact=True, obj=name)
+    assert "objectives" not in Identity.of(plain.spec, "cpu").fields
+    assert Identity.of(mixed.spec, "cpu").fields["objectives"] == ["erm", "dro:0.5"]
+    curves = mixed.curves
+    train = mixed.groups.query("split == 'train'").set_index("group")["share"]
+    erm = curves.query("objective == 'erm'")
+    np.testing.assert_allclose(erm["group_weight"], erm["group"].map(train), rtol=1e-6)
+    dro = curves.query("objective == 'dro:0.5'")
+    np.testing.assert_allclose(dro.groupby(["seed", "step"])["group_weight"].sum(), 1.0, rtol=1e-6)
+    assert dro["group_weight"].std() > 0.01  # q moved
+    assert list(dict.fromkeys(mixed.arms().cells["loss"])) == ["l2", "l2+dro:0.5"]
+    summary = json.loads((tmp_path / "mixed" / "summary.json").read_text())
+    assert [d["loss"] for d in summary["disparities"]] == ["l2", "l2+dro:0.5"]
+    assert {c["objective"] for c in summary["cells"]} == {"erm", "dro:0.5"}
+    logged = []
+    again = run_audit(**settings, objectives="erm,dro:0.5", out=str(tmp_path / "mixed"), log=logged.append)
+    assert "resuming: 4 of 4 cells already done" in " ".join(logged)
+    for name in tables:
+        pd.testing.assert_frame_equal(getattr(again, name), getattr(mixed, name), check_exact=True, obj=name)
