@@ -543,6 +543,7 @@ def _crosses(box: Bbox, segments: np.ndarray) -> bool:
 def audit_figures(result, analysis) -> dict[str, Figure]:
     """Every figure the result supports, by name (those needing absent data are left out); the
     intervals come from `analysis` (a stats.Analysis), computed once by the caller."""
+    result = result.arms()  # one arm per (loss, objective), named in the loss column (AuditResult.arms)
     figs = {"group_error": group_error_figure(analysis.intervals, analysis.metric)}
     if analysis.frontier["pareto"].astype(bool).any():  # at least one loss has a place on it
         figs["frontier"] = frontier_figure(analysis.frontier, analysis.confidence)

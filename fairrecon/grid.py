@@ -89,6 +89,11 @@ class TrainConfig:
         return cls(**{f.name: getattr(spec, f.name) for f in fields(cls)})
 
 
+def cell_key(df: pd.DataFrame) -> list[str]:
+    """The CELL_KEY columns a table has: loss and seed, with objective where the table names it."""
+    return [c for c in CELL_KEY if c in df.columns]
+
+
 def plain(cells: list[Cell]) -> bool:
     """Whether every cell trains with erm: then the tables carry no OBJECTIVE_COLUMNS, as before objectives."""
     return all(c.objective == ERM for c in cells)

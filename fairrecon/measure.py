@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from .convergence import last_drop, settled
-from .grid import CELL_KEY, Cell
+from .grid import CELL_KEY, Cell, cell_key
 from .groups import GroupedData
 from .hooks import EvalPoint
 from .noise import HELDOUT_EPS_STREAM, draw_eps, eps_generators
@@ -184,12 +184,12 @@ def curve_table(points: pd.DataFrame, samples: pd.DataFrame, final_steps: dict[C
 
 
 def convergence(points: pd.DataFrame) -> pd.DataFrame:
-    """Per cell: `last_drop`, the relative change over the last quarter of training (a fitted trend, > 0 falling)
+    """Per cell (loss, [objective,] seed): `last_drop`, the relative change over the last quarter of training (a fitted trend, > 0 falling)
     with the largest size among each group's held-out MSE (on the fixed subset: the same images at both ends)
     and training MSE; `last_drop_of`, which one; `converged`: every one `settled` (|change| <= CONVERGED_DROP;
     False when training was too short to judge)."""
     rows = []
-    for (loss, objective, seed), part in points.groupby(CELL_KEY, sort=False):
+    for key, part in points.groupby(cell_key(points), sort=False):
         wide = part.pivot(index="step", columns="group")
         drops = {
             f"{kind} MSE of group {group}": d
@@ -200,15 +200,13 @@ def convergence(points: pd.DataFrame) -> pd.DataFrame:
         drop = drops[worst]
         rows.append(
             {
-                "loss": loss,
-                "objective": objective,
-                "seed": seed,
+                **dict(zip(cell_key(points), key)),
                 "converged": bool(settled(list(drops.values())).all()),
                 "last_drop": drop,
                 "last_drop_of": worst if np.isfinite(drop) else "too few points to judge",
             }
         )
-    return pd.DataFrame(rows, columns=[*CELL_KEY, "converged", "last_drop", "last_drop_of"])
+    return pd.DataFrame(rows, columns=[*cell_key(points), "converged", "last_drop", "last_drop_of"])
 
 
 @torch.no_grad()

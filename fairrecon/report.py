@@ -206,6 +206,7 @@ def markdown_report(result, analysis: Analysis) -> str:
 def vae_tables(result) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """VAEs: (per loss and group: mean KL, NLL, training share, generated_share; per loss and group: the effective
     KL weight over training), each None when absent. The one source of the VAE numbers in every report."""
+    result = result.arms()  # one arm per (loss, objective), named in the loss column (AuditResult.arms)
     if not result.vae:
         return None, None
     kl_weight = kl_weight_over_training(result.grad_shares) if result.grad_shares is not None else None

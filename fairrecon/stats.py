@@ -125,6 +125,7 @@ def family_losses(result, losses: list[str] | None = None) -> list[str]:
 
 def loss_errors(result, *, metric: str = "mse", losses: list[str] | None = None) -> list[LossErrors]:
     """Per-loss seed x image matrices of the ok cells (losses without any ok cell are left out)."""
+    result = result.arms()  # one arm per (loss, objective), named in the loss column (AuditResult.arms)
     _check_metric(metric)
     names = group_names(result)
     code_of = {n: i for i, n in enumerate(names)}
@@ -361,6 +362,7 @@ def hypotheses_per_loss(n_groups: int, ref: int | None, two_sided: bool) -> int:
 
 def group_intervals(result, *, metric: str = "mse", policy: Policy = POLICY) -> pd.DataFrame:
     """One row per (loss, group): mean error and its (1 - alpha) two-sided interval (one group alone: no correction)."""
+    result = result.arms()  # one arm per (loss, objective), named in the loss column (AuditResult.arms)
     rows = []
     for le in loss_errors(result, metric=metric):
         mom = Moments.of(le.values, le.codes, len(le.names), seed_part=not _external(result))
@@ -540,6 +542,7 @@ def frontier(result, analysis: Analysis) -> pd.DataFrame:
     lower overall error and a lower ratio, by point estimates (False where either is missing). Ratios of
     psnr are not defined, so for psnr every pareto is False.
     """
+    result = result.arms()  # one arm per (loss, objective), named in the loss column (AuditResult.arms)
     d = analysis.disparities.set_index("loss")
     errors = {le.loss: le for le in loss_errors(result, metric=analysis.metric, losses=list(analysis.losses))}
     external = _external(result)
@@ -598,6 +601,7 @@ def disparities(
     (k = spec.latent), filled when adjusted=True or `pca` is given (per image from `pca_errors`, or
     per group from `pca_reference`).
     """
+    result = result.arms()  # one arm per (loss, objective), named in the loss column (AuditResult.arms)
     _check_metric(metric)
     family = family_losses(result, losses)
     errors = {le.loss: le for le in loss_errors(result, metric=metric, losses=losses)}
