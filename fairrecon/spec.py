@@ -150,7 +150,7 @@ class AuditSpec:
     )
     objectives: tuple[str, ...] = setting(
         ("erm",),
-        "Training objectives, each crossed with every loss (docs/objectives.md): erm (the batch mean), "
+        "Training objectives, each crossed with every loss (docs/method/objectives.md): erm (the batch mean), "
         "balanced (each group weighted by the inverse of its training share), dro:ETA (GroupDRO: weight moves "
         "to the group with the higher error, step ETA), relative:ETA (the same on each group's error in excess "
         f"of its own PCA reference). Must include erm, the twin every objective is compared with; dro alone is "
