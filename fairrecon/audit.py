@@ -1,12 +1,8 @@
 """Run an audit: data -> groups -> train every (loss, objective, seed) cell -> per-sample errors -> (with
 `out`) statistics and the results folder. The orchestrator, at the top of the layers.
 
-`run_audit` is the one call behind `fairrecon audit`; notebooks use it directly:
-
-    >>> from fairrecon import run_audit, analyse
-    >>> result = run_audit(dataset="digits", seeds=3)
-    >>> result.by_group()          # one row per (loss, group)
-    >>> analyse(result).disparities  # one row per loss: gap, ratio, intervals
+`run_audit` is the one call behind `fairrecon audit`; notebooks use it directly (its docstring has
+an example).
 """
 
 from __future__ import annotations
@@ -23,9 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import __version__
 from .convergence import CONVERGED_DROP, CONVERGED_WINDOW
-from .data import ImageSet, load_images
+from .data import ImageSet, load_images_for
 from .errors import UserError
 from .fileio import atomic_write, npz_bytes
 from .generate import Assigner, generated_shares
@@ -36,11 +31,12 @@ from .losses import check_settings
 from .measure import CurveRecorder, convergence, curve_table, example_reconstructions, sample_errors, train_mse
 from .memory import resolve_device
 from .outputs import save_results
-from .results import EXAMPLES_FILE, METRICS, AuditResult, load_examples
+from .results import EXAMPLES_FILE, AuditResult, load_examples
 from .resultsdir import Identity, check_out, input_paths
 from .resume import CellStore
 from .spec import AuditSpec, load_spec
 from .train import train_cells
+from .version import __version__
 
 
 def run_audit(
@@ -54,24 +50,57 @@ def run_audit(
     threads: int | None = None,
     **overrides: Any,
 ) -> AuditResult:
-    """Run the audit a spec (object or TOML path) describes, with keyword overrides.
-
-    `log` gets one line per stage; `on_epoch(epoch, epochs, seed_number, seed_count)` is called after
-    each training epoch of a seed's cells (progress bars: see progress.py); without it, each epoch is
-    a `log` line.
+    """Run the audit a spec describes: train every (loss, seed) cell, measure every held-out image.
 
     With `spec.out` set, every finished cell is checkpointed in OUT/cells, and a run
     into a folder that holds some of this audit's cells trains only the others.
-    A folder holding an audit of a different spec or different inputs (its identity: see
-    resultsdir.py) is refused unless `force`; a folder that is not fairrecon's, or that holds the
-    inputs (the labels CSV, the images, the spec file and any other path in `inputs`), always is.
-    Nothing is written before the data and groups are built. At the end the whole results folder
-    is written (`outputs.save_results`), unless `save` is False: callers that compute the
+    A folder holding an audit of a different spec, different inputs or another results version (its
+    identity: see resultsdir.py) is refused unless `force`; a folder that is not fairrecon's, or that
+    holds the inputs (the labels CSV, the images, the spec file and any other path in `inputs`),
+    always is. Nothing is written before the data and groups are built. At the end the whole results
+    folder is written (`outputs.save_results`), unless `save` is False: callers that compute the
     statistics themselves (the CLI) then save with them.
 
-    `threads`: torch's intra-op threads for this audit (default `default_threads()`), put back
-    afterwards; conv models on the CPU use them as worker threads, a cell each (runners.LoopedRunner).
-    Recorded in info["threads"]. Not part of the audit's identity: it changes speed only.
+    Parameters
+    ----------
+    spec : AuditSpec, str or Path, optional
+        The audit, or the path of a TOML spec file (default: `AuditSpec()`, the teaching question:
+        digits, groups at mean brightness 0.3 and 0.9, four losses, five seeds).
+    log : callable, optional
+        Gets one line per stage.
+    on_epoch : callable, optional
+        ``on_epoch(epoch, epochs, seed_number, seed_count)`` after each training epoch of a seed's
+        cells (progress bars: see progress.py); without it, each epoch is a `log` line.
+    force : bool
+        Replace an `out` folder that holds another audit (never one that is not fairrecon's).
+    save : bool
+        Write the results folder at the end (when `spec.out` is set).
+    inputs : iterable of str or Path
+        More paths the audit reads, which `out` must not hold.
+    threads : int, optional
+        torch's intra-op threads for this audit (default `default_threads()`), put back afterwards;
+        conv models on the CPU use them as worker threads, a cell each (runners.LoopedRunner).
+        Recorded in ``info["threads"]``. Not part of the audit's identity: it changes speed only.
+    **overrides
+        Any `AuditSpec` field, applied over `spec` (e.g. ``seeds=3``).
+
+    Returns
+    -------
+    AuditResult
+        One row per (loss, seed, test image) in `samples`, with the tables beside it.
+
+    Examples
+    --------
+    >>> from fairrecon import run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> result.spec.losses, len(result.samples)  # 2 losses x 2 seeds x 80 test images
+    (('l1', 'l2'), 320)
+    >>> result.by_group()[["loss", "group", "n", "seeds"]]
+      loss group   n  seeds
+    0   l1   0.3  40      2
+    1   l1   0.9  40      2
+    2   l2   0.3  40      2
+    3   l2   0.9  40      2
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise UserError(f"threads must be a whole number >= 1, got {threads!r}")
@@ -117,7 +146,13 @@ def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> tuple[int, str]:
 
 
 def _run_audit(
-    spec: AuditSpec | str | Path | None, *, log, on_epoch, force: bool, inputs: Iterable[str | Path], **overrides: Any
+    spec: AuditSpec | str | Path | None,
+    *,
+    log: Callable[[str], None] | None,
+    on_epoch: Callable[..., None] | None,
+    force: bool,
+    inputs: Iterable[str | Path],
+    **overrides: Any,
 ) -> AuditResult:
     """run_audit at the threads it chose; saves nothing (run_audit saves once info is complete)."""
     if spec is None:
@@ -133,11 +168,11 @@ def _run_audit(
     store = CellStore(spec.out, identity) if spec.out else None
     if store is not None:  # reads only; nothing is written before the data and groups are good
         files, folders = input_paths(spec)
-        check_out(spec.out, identity, files=[*files, *map(Path, inputs)], folders=folders, force=force)
+        check_out(store.out, identity, files=[*files, *map(Path, inputs)], folders=folders, force=force)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    images = load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
+    images = load_images_for(spec)
     timings["load_s"] = time.perf_counter() - t0
     data = make_groups(images, spec)
     timings["groups_s"] = time.perf_counter() - t0 - timings["load_s"]
@@ -153,9 +188,9 @@ def _run_audit(
     if config.vae and spec.generate > 0:  # how generated images get a group (a classifier for labelled groups)
         assign = Assigner.for_data(data)
         generation = (assign, spec.generate)
-        if assign.warning():
-            warnings.append(assign.warning())
-            log(f"warning: {assign.warning()}")
+        if caveat := assign.warning():
+            warnings.append(caveat)
+            log(f"warning: {caveat}")
     tables: dict[Cell, dict[str, pd.DataFrame]] = {}
     if store is not None:
         store.open()
@@ -170,7 +205,7 @@ def _run_audit(
     timings["train_s"] = timings["measure_s"] = timings["curves_s"] = 0.0
     examples: dict[str, Any] = {}
 
-    def keep_examples(stacked) -> None:  # seed 0: a few test images and each loss's reconstruction
+    def keep_examples(stacked: Any) -> None:  # seed 0: a few test images and each loss's reconstruction
         if min(c.seed for c in stacked.cells) == 0:
             examples.update(example_reconstructions(stacked, data, device=device))
             if store is not None:  # kept with the checkpoints, so a resumed audit still has them
@@ -193,6 +228,7 @@ def _run_audit(
     timings["total_s"] = time.perf_counter() - t0
     info = {
         "fairrecon_version": __version__,
+        "results_version": identity.results_version,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
@@ -269,7 +305,10 @@ def train_and_measure(
     recorder = GradShareRecorder(data.names) if config.grad_points > 0 else None
     epochs_per_point = 1.0 if config.auto else config.epoch_cap / config.eval_points
     curves = CurveRecorder(data, epochs_per_point=epochs_per_point, device=device)
-    validation = (data.val_x, data.val_g) if config.auto else None
+    validation = None
+    if config.auto:  # make_groups holds out a validation split under epochs=auto
+        assert data.val_x is not None and data.val_g is not None
+        validation = (data.val_x, data.val_g)
     trained = train_cells(
         data.train_x,
         data.train_g,
@@ -309,7 +348,9 @@ def train_and_measure(
     for c, cell in enumerate(cells):
         own_history, own_samples = own(history, cell), own(samples, cell)
         status = trained.status[c]
-        if status == "ok" and not np.isfinite(own_samples[list(METRICS)].to_numpy()).all():
+        # a non-finite reconstruction makes its mse non-finite; the other metrics follow mse (floors, SSIM's
+        # constants), except ssim_error, which is NaN by definition on images too small for its window
+        if status == "ok" and not np.isfinite(own_samples["mse"].to_numpy()).all():
             status = "failed: non-finite reconstruction error on held-out images"  # trained, but blew up
         conv = converged.loc[(cell.loss, cell.objective, cell.seed)]
         out[cell] = {
