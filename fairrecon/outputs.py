@@ -73,6 +73,7 @@ def summary_json(result: AuditResult, analysis: Analysis, compared: ByMetric | N
         "policy": analysis.policy_record(),
         "disparities": records(analysis.disparities),
         "loss_contrasts": records(analysis.contrasts),
+        "objective_effects": records(analysis.effects),
         "frontier": records(analysis.frontier),
         "metrics": compared.record(caveat),
         **extra,

@@ -5,8 +5,10 @@ objective's cells trained together equal to a textbook loop of their own, the re
 
 from __future__ import annotations
 
+import html
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -16,13 +18,14 @@ from conftest import FAST
 from test_docs import documented
 from test_train import ATOL, CONFIG, assert_same_cell
 
-from fairrecon import run_audit
+from fairrecon import analyse, run_audit
 from fairrecon.data import load_images
 from fairrecon.errors import UserError
 from fairrecon.grid import Cell, TrainConfig
 from fairrecon.losses import get_loss
 from fairrecon.models import build_model
 from fairrecon.objectives import GroupWeights, dro_update, group_means, pca_reference
+from fairrecon.report import effects_sentence, terminal_summary
 from fairrecon.resultsdir import Identity
 from fairrecon.spec import AuditSpec, parse_objectives
 from fairrecon.stacked import group_errors
@@ -353,3 +356,155 @@ def test_audit_tables_name_the_objective_only_where_cells_differ(tmp_path):
     assert "resuming: 4 of 4 cells already done" in " ".join(logged)
     for name in tables:
         pd.testing.assert_frame_equal(getattr(again, name), getattr(mixed, name), check_exact=True, obj=name)
+
+
+# ---------------------------------------------------------------- each objective against erm (objective_effects)
+
+EFFECT_AUDIT = dict(FAST, dataset="digits", losses=("l1", "l2"), seeds=3, limit=300, threads=1)
+
+
+@pytest.fixture(scope="module")
+def effect_audits(tmp_path_factory):
+    """An erm-only audit and the same audit with dro:0.5 beside erm (erm cells bit-identical, one thread)."""
+    root = tmp_path_factory.mktemp("effects")
+    plain = run_audit(**EFFECT_AUDIT, out=str(root / "plain"))
+    mixed = run_audit(**EFFECT_AUDIT, objectives="erm,dro:0.5", out=str(root / "mixed"))
+    return root, plain, mixed
+
+
+def paired_by_hand(samples: pd.DataFrame, arm: str, twin: str, metric: str, tail: float) -> dict:
+    """The documented paired comparison of arm against twin, written out from samples.csv's rows with pandas and
+    scipy.stats.t (independent of stats.PairedMoments/Contrast): ratio_change (its worst/best over its twin's) and
+    error_change (overall means), each with a two-sided interval at `tail`, Cochran-Cox t over a seed part
+    (S - 1 df) and per group an image part (n_g - 1 df), on the log scale for a positive metric."""
+    from scipy import stats as st
+
+    sign = -1.0 if metric == "psnr" else 1.0  # the comparison is made on "higher is worse" values
+    cols = {}
+    for name in (arm, twin):
+        part = samples[samples["loss"] == name]
+        cols[name] = sign * part.pivot(index="index", columns="seed", values=metric)  # images x seeds
+    group = samples.drop_duplicates("index").set_index("index")["group"].astype(str).loc[cols[arm].index]
+    groups = sorted(set(group))
+    seed_mean = {n: c.groupby(group).mean() for n, c in cols.items()}  # groups x seeds
+    mean = {n: m.mean(axis=1) for n, m in seed_mean.items()}  # by group
+
+    def pick(n):  # worst, best by the point means (2 groups)
+        worst = mean[n].idxmax()
+        return worst, next(g for g in groups if g != worst)
+
+    def interval(w: dict, estimate: float, log: bool):
+        per_seed = sum(w[(n, g)] * seed_mean[n].loc[g] for (n, g) in w)  # by seed
+        s = len(per_seed)
+        parts, dfs = [per_seed.var(ddof=1) / s], [s - 1]
+        for g in groups:
+            z = sum(w.get((n, g), 0.0) * cols[n].mean(axis=1)[group == g] for n in (arm, twin))
+            parts.append(z.var(ddof=1) / (group == g).sum())
+            dfs.append((group == g).sum() - 1)
+        parts, dfs = np.array(parts), np.array(dfs)
+        q = (parts * st.t.ppf(1 - tail, dfs)).sum() / parts.sum()
+        lo, hi = estimate - q * np.sqrt(parts.sum()), estimate + q * np.sqrt(parts.sum())
+        return (np.exp(lo), np.exp(hi)) if log else (lo, hi)
+
+    (wa, ra), (wb, rb) = pick(arm), pick(twin)
+    n_g = group.value_counts().loc[groups]
+    share = n_g / n_g.sum()
+    overall = {n: float((mean[n] * share).sum()) for n in (arm, twin)}
+    if metric == "psnr":
+        gap = (mean[arm][wa] - mean[arm][ra]) - (mean[twin][wb] - mean[twin][rb])
+        w = {(arm, wa): 1.0, (arm, ra): -1.0, (twin, wb): -1.0, (twin, rb): 1.0}
+        lo, hi = interval(w, gap, log=False)
+        wo = {**{(arm, g): share[g] for g in groups}, **{(twin, g): -share[g] for g in groups}}
+        elo, ehi = interval(wo, overall[arm] - overall[twin], log=False)
+        return dict(
+            gap_change=gap, low=lo, high=hi, error_change=sign * (overall[arm] - overall[twin]),
+            error_low=min(sign * elo, sign * ehi), error_high=max(sign * elo, sign * ehi), pair=f"{wa}/{ra}",
+        )  # fmt: skip
+    change = (mean[arm][wa] / mean[arm][ra]) / (mean[twin][wb] / mean[twin][rb])
+    w = {(arm, wa): 1 / mean[arm][wa], (arm, ra): -1 / mean[arm][ra]}
+    w.update({(twin, wb): -1 / mean[twin][wb], (twin, rb): 1 / mean[twin][rb]})
+    lo, hi = interval(w, np.log(change), log=True)
+    wo = {
+        **{(arm, g): share[g] / overall[arm] for g in groups},
+        **{(twin, g): -share[g] / overall[twin] for g in groups},
+    }
+    elo, ehi = interval(wo, np.log(overall[arm] / overall[twin]), log=True)
+    return dict(
+        ratio_change=change, low=lo, high=hi, error_change=overall[arm] / overall[twin], error_low=elo,
+        error_high=ehi, pair=f"{wa}/{ra}",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("metric", ["mse", "psnr"])
+def test_objective_effects_equal_an_independent_paired_computation(effect_audits, metric):
+    """Each (loss, dro) arm against its erm twin, on a real audit: the change in worst/best (psnr: in the dB gap)
+    and in overall error with their intervals equal the paired comparison written out from samples.csv by hand,
+    in their own Bonferroni family (two arms, two-sided: alpha / 2 / 2 in each tail); the verdict
+    reads the interval as the loss contrasts do; summary.json carries the documented keys."""
+    root, _, mixed = effect_audits
+    analysis = analyse(mixed, metric=metric)
+    effects = analysis.effects
+    assert list(zip(effects["loss"], effects["objective"])) == [("l1", "dro:0.5"), ("l2", "dro:0.5")]
+    assert analysis.effect_m == 2 and analysis.effect_confidence == pytest.approx(0.975)
+    samples = mixed.arms().ok_samples
+    for r in effects.itertuples(index=False):
+        hand = paired_by_hand(samples, r.arm, r.loss, metric, tail=0.05 / 2 / 2)
+        for key, value in hand.items():
+            if key == "pair":
+                assert r.pair == value
+            else:
+                assert getattr(r, key) == pytest.approx(value, rel=1e-9, abs=1e-12), (r.arm, key)
+        assert r.p_corrected == pytest.approx(min(1.0, 2 * r.p_value))
+        equal = 0.0 if metric == "psnr" else 1.0
+        expected = (
+            "clearly fairer" if r.high < equal else "clearly less fair" if r.low > equal else "not clearly different"
+        )
+        assert r.verdict == expected
+        assert r.seeds == 3 and r.warnings == ""
+    summary = json.loads((root / "mixed" / "summary.json").read_text())
+    if metric == "mse":  # the audit's verdicts are by mse
+        assert [list(e) for e in summary["objective_effects"]] == [
+            documented("results-format.md")["`objective_effects`"]
+        ] * 2
+        assert [e["ratio_change"] for e in summary["objective_effects"]] == pytest.approx(list(effects["ratio_change"]))
+        assert summary["policy"]["effects_m"] == 2
+
+
+def test_erm_statistics_unchanged_beside_objectives(effect_audits):
+    """The loss contrasts compare the plain losses only (no arm twice, in two families): the mixed audit's
+    contrasts equal the erm-only audit's to the bit (its erm cells are the same bits). The erm-only audit has no
+    objective effects anywhere (summary.json: an empty list, no sentence)."""
+    root, plain, mixed = effect_audits
+    a_plain, a_mixed = analyse(plain), analyse(mixed)
+    assert a_mixed.contrasts["loss"].tolist() == ["l1"]
+    pd.testing.assert_frame_equal(a_mixed.contrasts, a_plain.contrasts, check_exact=True)
+    assert a_plain.effects.empty and effects_sentence(a_plain) is None
+    summary = json.loads((root / "plain" / "summary.json").read_text())
+    assert summary["objective_effects"] == [] and summary["policy"]["effects_m"] == 0
+    assert "against erm" not in summary["verdict"]
+
+
+def test_the_report_says_which_objective_shrinks_the_gap_and_its_cost(effect_audits):
+    """One sentence in the headline, so on every surface (terminal, report.md, report.html, summary.json): none
+    clearly shrinks it here (dro:0.5 on 3 epochs of digits), and where an arm's interval lies below 1 the sentence
+    names the objective, the loss and both changes with their intervals."""
+    root, _, mixed = effect_audits
+    analysis = analyse(mixed)
+    said = effects_sentence(analysis)
+    effects = analysis.effects
+    if (effects["verdict"] == "clearly fairer").any():
+        assert said.startswith("Against erm by mse")
+    else:
+        assert said.startswith("No objective clearly shrinks the gap against erm by mse (dro:0.5")
+    for surface in ("report.md", "summary.json"):
+        assert said in (root / "mixed" / surface).read_text()
+    assert html.escape(said) in (root / "mixed" / "report.html").read_text()
+    assert said in terminal_summary(analysis)
+    shrunk = effects.assign(verdict=["clearly fairer", "not clearly different"], ratio_change=[0.8, 1.0],
+                            low=[0.7, 0.9], high=[0.9, 1.1], error_change=[1.05, 1.0], error_low=[1.01, 0.99],
+                            error_high=[1.1, 1.01])  # fmt: skip
+    text = effects_sentence(replace(analysis, effects=shrunk))
+    assert text == (
+        "Against erm by mse (paired by seed and test image, 97.5% intervals): dro:0.5 clearly shrinks l1's gap "
+        "(worst/best x0.8 erm's [0.7, 0.9]) at x1.05 erm's overall mse [1.01, 1.1]."
+    )
