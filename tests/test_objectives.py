@@ -508,3 +508,16 @@ def test_the_report_says_which_objective_shrinks_the_gap_and_its_cost(effect_aud
         "Against erm by mse (paired by seed and test image, 97.5% intervals): dro:0.5 clearly shrinks l1's gap "
         "(worst/best x0.8 erm's [0.7, 0.9]) at x1.05 erm's overall mse [1.01, 1.1]."
     )
+
+
+def test_the_frontier_shows_the_mitigated_arms_beside_the_losses(effect_audits):
+    """The frontier table and figure have one point per arm, each labelled with its name (loss+objective)."""
+    from fairrecon.figures import frontier_figure
+    from fairrecon.report import frontier_table
+
+    _, _, mixed = effect_audits
+    analysis = analyse(mixed)
+    arms = ["l1", "l1+dro:0.5", "l2", "l2+dro:0.5"]
+    assert frontier_table(analysis)["loss"].tolist() == arms
+    fig = frontier_figure(analysis.frontier, analysis.confidence)
+    assert sorted(t.get_text() for t in fig.axes[0].texts if t.get_text() in arms) == arms
