@@ -217,6 +217,7 @@ def audit(spec_file, quiet, force, as_json, threads, metric, reference_loss, **f
                 "verdict": headline(analysis),
                 "disparities": verdict_records(analysis.disparities),
                 "loss_contrasts": verdict_records(analysis.contrasts),
+                "objective_effects": verdict_records(analysis.effects),
                 "warnings": _warnings(result),
             }
         )
@@ -285,6 +286,7 @@ def report(result_dir, out, metric, reference_loss, as_json) -> int:
                 "verdict": headline(analysis),
                 "disparities": verdict_records(analysis.disparities),
                 "loss_contrasts": verdict_records(analysis.contrasts),
+                "objective_effects": verdict_records(analysis.effects),
                 "warnings": _warnings(result),
             }
         )
