@@ -3,6 +3,7 @@
     python benchmarks/findings.py verdicts NAME=DIR ...        # per audit and loss: the verdict at the end
     python benchmarks/findings.py controls NAME=DIR ...        # per control and loss: the gap, its change vs the first
     python benchmarks/findings.py figure OUT.png NAME=DIR ...  # the gap over training: a row per audit, a column per loss
+    python benchmarks/findings.py objectives NAME=DIR ...      # per audit and (loss, objective) arm: ratio, error
 
 Every number comes from the folders' files through fairrecon itself (`AuditResult.load`,
 `fairrecon.stats.analyse`, `fairrecon.dynamics`), so re-running this after a change to the
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fairrecon.dynamics import gap_over_training  # noqa: E402
 from fairrecon.figures import _figure, _style  # noqa: E402
 from fairrecon.results import AuditResult  # noqa: E402
+from fairrecon.spec import split_arm  # noqa: E402
 from fairrecon.stats import analyse  # noqa: E402
 
 
@@ -81,6 +83,25 @@ def controls(audits) -> str:
     return "\n".join(rows)
 
 
+def objectives(audits) -> str:
+    """Per audit and arm (a loss under a training objective; docs/method/objectives.md): the worst/best ratio
+    and the overall held-out MSE, each with its interval at the verdicts' level, and the verdict (the frontier
+    table's numbers)."""
+    rows = [
+        "| audit | loss | objective | worse group | worst/best [interval] | overall MSE [interval] | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, result in audits:
+        analysis = analyse(result)
+        for f in analysis.frontier.itertuples():
+            loss, objective = split_arm(f.loss)
+            rows.append(
+                f"| {name} | {loss} | {objective} | {f.worst} | {f.ratio:.2f} [{f.ratio_low:.2f}, {f.ratio_high:.2f}] "
+                f"| {f.overall:.4g} [{f.overall_low:.4g}, {f.overall_high:.4g}] | {f.verdict} |"
+            )
+    return "\n".join(rows)
+
+
 def figure(out: str, audits) -> None:
     """Rows: audits; columns: losses; the relative gap of group 0.9 over group 0.3 over training. A row's y axis
     spans the 2nd to 98th percentile of its curves (and 0): Adam's rare one-point spikes (a 2-3x jump of one
@@ -133,4 +154,4 @@ if __name__ == "__main__":
     if command == "figure":
         figure(args[0], load(args[1:]))
     else:
-        print({"verdicts": verdicts, "controls": controls}[command](load(args)))
+        print({"verdicts": verdicts, "controls": controls, "objectives": objectives}[command](load(args)))

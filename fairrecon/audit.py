@@ -1,4 +1,4 @@
-"""Run an audit: data -> groups -> train every (loss, seed) cell -> per-sample errors -> (with
+"""Run an audit: data -> groups -> train every (loss, objective, seed) cell -> per-sample errors -> (with
 `out`) statistics and the results folder. The orchestrator, at the top of the layers.
 
 `run_audit` is the one call behind `fairrecon audit`; notebooks use it directly (its docstring has
@@ -28,7 +28,7 @@ from .errors import UserError
 from .fileio import atomic_write, npz_bytes
 from .generate import Assigner, generated_shares
 from .gradshare import GradShareRecorder
-from .grid import Cell, TrainConfig
+from .grid import CELL_KEY, Cell, TrainConfig, plain, without_objectives
 from .groups import GroupedData, make_groups, split_table
 from .losses import check_settings
 from .measure import CurveRecorder, convergence, curve_table, example_reconstructions, sample_errors, train_mse
@@ -262,7 +262,7 @@ def _run_audit(
         )
         where = provenance.here(device, torch.get_num_threads(), "in-process")
         for cell in seed_cells:
-            trained[cell]["provenance"] = provenance.table(cell, where)
+            trained[cell]["provenance"] = provenance.table(cell, where, objective=not plain(seed_cells))
         run.keep(trained)  # checkpointed the moment this seed's cells are done
         log(f"done: {', '.join(c.key for c in seed_cells)}")
     return finish_audit(run, log)
@@ -314,7 +314,7 @@ def prepare_audit(
     for warning in warnings:
         log(f"warning: {warning}")
 
-    cells = [Cell(loss, seed) for loss in spec.losses for seed in range(spec.seeds)]
+    cells = [Cell(loss, seed, o) for loss in spec.losses for o in spec.objectives for seed in range(spec.seeds)]
     config = TrainConfig.from_spec(spec)
     generation = None
     if config.vae and spec.generate > 0:  # how generated images get a group (a classifier for labelled groups)
@@ -331,7 +331,8 @@ def prepare_audit(
             log(f"resuming: {len(tables)} of {len(cells)} cells already done in {store.folder}")
     todo = [group for group in by_seed(cells) if any(cell not in tables for cell in group)]
     where = device if executor is None else executor.describe()
-    log(f"training {sum(map(len, todo))} cells ({len(spec.losses)} losses x {spec.seeds} seeds) on {where}")
+    objectives = f" x {len(spec.objectives)} objectives" if not plain(cells) else ""
+    log(f"training {sum(map(len, todo))} cells ({len(spec.losses)} losses{objectives} x {spec.seeds} seeds) on {where}")
     timings["train_s"] = timings["measure_s"] = timings["curves_s"] = 0.0
     return AuditRun(
         spec=spec,
@@ -418,7 +419,7 @@ def data_warnings(images: ImageSet) -> list[str]:
 
 
 def by_seed(cells: list[Cell]) -> list[list[Cell]]:
-    """The unit of training and checkpointing in an audit: a seed's cells (all its losses).
+    """The unit of training and checkpointing in an audit: a seed's cells (all its losses and objectives).
 
     Cells of a seed share initial weights and batch order, and seeds are independent, so a
     resumed audit trains exactly the seeds an uninterrupted one would.
@@ -442,7 +443,8 @@ def train_and_measure(
     generation: tuple[Assigner, int] | None = None,
 ) -> dict[Cell, dict[str, pd.DataFrame]]:
     """Train cells together and measure them: per cell, its samples, cells (one row), history and curves tables
-    (and, with `generation` = (assigner, n) for a VAE, its generated table: generate.generated_shares).
+    (and, with `generation` = (assigner, n) for a VAE, its generated table: generate.generated_shares). Each table
+    names the cell by loss, objective and seed, and by loss and seed alone when every cell is erm (grid.plain).
 
     `on_trained(stacked)` sees the trained cells before they are dropped (to keep example reconstructions).
     """
@@ -480,43 +482,51 @@ def train_and_measure(
     fit_mse = train_mse(trained.stacked, data.train_x, device).double()
     history = _float64(trained.history)
     points = curves.frame()
-    converged = convergence(points).set_index(["loss", "seed"])
+    converged = convergence(points).set_index(CELL_KEY)
     curve = curve_table(points, samples, dict(zip(cells, trained.steps)))
+    tidy = without_objectives if plain(cells) else (lambda df: df)
+
+    def own(df: pd.DataFrame, cell: Cell) -> pd.DataFrame:
+        mine = (df["loss"] == cell.loss) & (df["objective"] == cell.objective) & (df["seed"] == cell.seed)
+        return tidy(df[mine].reset_index(drop=True))
+
     out = {}
     for c, cell in enumerate(cells):
-        own = lambda df, cell=cell: df[(df["loss"] == cell.loss) & (df["seed"] == cell.seed)].reset_index(drop=True)
-        own_history, own_samples = own(history), own(samples)
+        own_history, own_samples = own(history, cell), own(samples, cell)
         status = trained.status[c]
         # a non-finite reconstruction makes its mse non-finite; the other metrics follow mse (floors, SSIM's
         # constants), except ssim_error, which is NaN by definition on images too small for its window
         if status == "ok" and not np.isfinite(own_samples["mse"].to_numpy()).all():
             status = "failed: non-finite reconstruction error on held-out images"  # trained, but blew up
-        conv = converged.loc[(cell.loss, cell.seed)]
+        conv = converged.loc[(cell.loss, cell.objective, cell.seed)]
         out[cell] = {
             "samples": own_samples,
-            "cells": pd.DataFrame(
-                {
-                    "loss": [cell.loss],
-                    "seed": [cell.seed],
-                    "status": [status],
-                    "sigma": [sigma[c].item()],
-                    "sigma_squared": [sigma[c].item() ** 2],
-                    **{name: [value[c].item()] for name, value in learned.items()},
-                    "train_mse": [fit_mse[c].item()],
-                    "train_nll": [own_history["train_nll"].iloc[-1]],
-                    "epochs": [trained.epochs[c]],
-                    "converged": [bool(conv["converged"])],
-                    "last_drop": [float(conv["last_drop"])],
-                    "last_drop_of": [conv["last_drop_of"]],
-                }
+            "cells": tidy(
+                pd.DataFrame(
+                    {
+                        "loss": [cell.loss],
+                        "objective": [cell.objective],
+                        "seed": [cell.seed],
+                        "status": [status],
+                        "sigma": [sigma[c].item()],
+                        "sigma_squared": [sigma[c].item() ** 2],
+                        **{name: [value[c].item()] for name, value in learned.items()},
+                        "train_mse": [fit_mse[c].item()],
+                        "train_nll": [own_history["train_nll"].iloc[-1]],
+                        "epochs": [trained.epochs[c]],
+                        "converged": [bool(conv["converged"])],
+                        "last_drop": [float(conv["last_drop"])],
+                        "last_drop_of": [conv["last_drop_of"]],
+                    }
+                )
             ),
             "history": own_history,
-            "curves": own(curve),
+            "curves": own(curve, cell),
         }
         if generated is not None:
-            out[cell]["generated"] = own(generated)
+            out[cell]["generated"] = own(generated, cell)
         if shares is not None:  # checkpointed with the cell like its other tables; only steps of its own result
-            out[cell]["grad_shares"] = own(shares[shares["step"] < trained.steps[c]])
+            out[cell]["grad_shares"] = own(shares[shares["step"] < trained.steps[c]], cell)
     timings["measure_s"] += time.perf_counter() - t1
     return out
 

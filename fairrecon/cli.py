@@ -310,7 +310,7 @@ def audit(
             start = time.perf_counter()
             save_results(result, spec.out, analysis, compared)
             written = time.perf_counter() - start
-    failed = result.cells[result.cells["status"] != "ok"]
+    failed = result.arms().cells.query("status != 'ok'")  # named by arm: loss, with its objective unless erm
     if as_json:
         print_json(
             {
@@ -320,6 +320,7 @@ def audit(
                 "verdict": headline(analysis),
                 "disparities": verdict_records(analysis.disparities),
                 "loss_contrasts": verdict_records(analysis.contrasts),
+                "objective_effects": verdict_records(analysis.effects),
                 "warnings": _warnings(result),
             }
         )
@@ -489,6 +490,7 @@ def report(result_dir, out, metric, reference_loss, as_json) -> int:
                 "verdict": headline(analysis),
                 "disparities": verdict_records(analysis.disparities),
                 "loss_contrasts": verdict_records(analysis.contrasts),
+                "objective_effects": verdict_records(analysis.effects),
                 "warnings": _warnings(result),
             }
         )

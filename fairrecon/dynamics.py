@@ -38,6 +38,7 @@ def _ok_curves(result) -> pd.DataFrame | None:
 
 def group_curves(result, *, metric: str = "mse") -> pd.DataFrame | None:
     """Per loss, group and step: the mean over ok seeds of the group's held-out `metric` (and the epoch)."""
+    result = result.arms()  # one arm per (loss, objective), named in the loss column (AuditResult.arms)
     df = _ok_curves(result)
     if df is None:
         return None
@@ -51,6 +52,7 @@ def group_curves(result, *, metric: str = "mse") -> pd.DataFrame | None:
 def gap_over_training(result, *, metric: str = "mse", alpha: float = 0.05) -> pd.DataFrame:
     """One row per (loss, curve step): the relative gap of the final worst group over the final best one,
     its mean over seeds with a seed-level t interval, and the group that is worse at that point."""
+    result = result.arms()  # one arm per (loss, objective), named in the loss column (AuditResult.arms)
     df = _ok_curves(result)
     if df is None:
         return pd.DataFrame(columns=GAP_COLUMNS)
@@ -131,6 +133,7 @@ def worse_group_changes(gaps: pd.DataFrame, *, spelled_out: int = 4) -> dict[str
 
 def convergence_warnings(result) -> list[str]:
     """One line per ok cell whose per-group error was still falling at the end of training."""
+    result = result.arms()  # one arm per (loss, objective), named in the loss column (AuditResult.arms)
     cells = result.cells
     if "converged" not in cells:
         return []

@@ -40,7 +40,7 @@ from . import provenance
 from .audit import AuditRun, default_threads, train_and_measure, usable_cpus
 from .errors import TasksFailed, UserError
 from .generate import Assigner
-from .grid import Cell, TrainConfig
+from .grid import Cell, TrainConfig, plain
 from .groups import GroupedData
 from .measure import example_reconstructions
 from .memory import resolve_device
@@ -141,7 +141,7 @@ def run_task(job: Job, data: GroupedData, cells: list[Cell], threads: int, execu
     finally:
         torch.set_num_threads(before)
     for cell in cells:
-        tables[cell]["provenance"] = provenance.table(cell, where)
+        tables[cell]["provenance"] = provenance.table(cell, where, objective=not plain(cells))
     return TaskOutput(tables, timings, examples, time.perf_counter() - start, where)
 
 

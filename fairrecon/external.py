@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .grid import Cell
+from .grid import Cell, without_objectives
 from .measure import sample_errors
 from .memory import resolve_device
 from .results import AuditResult
@@ -319,7 +319,7 @@ def audit_model(
     spec = spec.replace(losses=(name,), seeds=1)
     images = load_images_for(spec)
     data = make_groups(images, spec)
-    samples = sample_errors(_OneModel(model.to(dev), name), data, dev)
+    samples = without_objectives(sample_errors(_OneModel(model.to(dev), name), data, dev))  # one model: no objective
     cells = pd.DataFrame({"loss": [name], "seed": [0], "status": ["ok"]})
     history = pd.DataFrame(columns=["loss", "seed", "epoch", "train_nll", "train_mse"])
     test_keys = [images.files[i] if images.files else str(i) for i in data.test_index.tolist()]

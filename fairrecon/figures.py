@@ -603,6 +603,7 @@ def audit_figures(result: AuditResult, analysis: Analysis) -> dict[str, Figure]:
     ['group_error', 'frontier', 'grad_shares', 'over_training', 'error_distribution', 'reconstructions',
      'brightness_contrast']
     """
+    result = result.arms()  # one arm per (loss, objective), named in the loss column (AuditResult.arms)
     figs = {"group_error": group_error_figure(analysis.intervals, analysis.metric)}
     if analysis.frontier["pareto"].astype(bool).any():  # at least one loss has a place on it
         figs["frontier"] = frontier_figure(analysis.frontier, analysis.confidence)

@@ -34,7 +34,7 @@ from .stacked import StackedCells
 
 CLASSIFIER_COMPONENTS = 32  # PCA components the labelled-group classifier sees (fewer when the data has fewer)
 NEAR_CHANCE = 0.1  # held-out accuracy less than this above chance: the classifier cannot tell the groups apart
-COLUMNS = ["loss", "seed", "group", "n", "generated_share", "brightness"]
+COLUMNS = ["loss", "objective", "seed", "group", "n", "generated_share", "brightness"]
 
 
 def nearest_target(brightness: torch.Tensor, targets: tuple[float, ...]) -> torch.Tensor:
@@ -132,6 +132,7 @@ def generated_shares(
     rows = [
         {
             "loss": cell.loss,
+            "objective": cell.objective,
             "seed": cell.seed,
             "group": name,
             "n": int(counts[c, g]),

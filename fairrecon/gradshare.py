@@ -1,8 +1,11 @@
 """Gradient shares: which group's samples drive the weight updates, measured during training.
 
-Every loss here is a per-sample NLL and the batch loss of a cell is L = sum_i nll_i / B,
+Every loss here is a per-sample NLL and the batch loss of a cell is L = sum_i w_i nll_i / B,
 so L splits exactly into one additive part per group, L = sum_g L_g (for log-mse the batch
-MSE is held fixed inside each sample's term, see losses.py). Three views of who drives
+MSE is held fixed inside each sample's term, see losses.py). w_i is the sample's weight in the
+cell's training objective (objectives.py): 1 for erm; for dro and relative, the group weights q as
+they stand before the snapshot's step (that step's own update moves each q_g by a factor of at
+most exp(ETA * |push|), see objectives.dro_update). Three views of who drives
 an update, each a share that sums to 1 over the groups:
 
   projection  <grad L_g, grad L> / ||grad L||^2   how much of the actual step comes from g
@@ -45,7 +48,7 @@ from .runners import one_thread
 from .stacked import StackedCells
 
 SHARES = ("sample_share", "projection_share", "norm_share", "output_share")
-COLUMNS = ["loss", "seed", "step", "epoch", "group", *SHARES, "kl_weight"]
+COLUMNS = ["loss", "objective", "seed", "step", "epoch", "group", *SHARES, "kl_weight"]
 
 
 @dataclass
@@ -82,10 +85,16 @@ class GroupGradients:
 
 
 def group_gradients(
-    stacked: StackedCells, x: torch.Tensor, group: torch.Tensor, n_groups: int, eps: torch.Tensor | None = None
+    stacked: StackedCells,
+    x: torch.Tensor,
+    group: torch.Tensor,
+    n_groups: int,
+    eps: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> GroupGradients:
     """Per-group gradients of each cell's batch loss on its batch x (C, B, ...), group codes (C, B)
-    (VAEs: with the step's noise eps (C, B, latent), the objective NLL + beta KL, and the KL weight).
+    (VAEs: with the step's noise eps (C, B, latent), the objective NLL + beta KL, and the KL weight), each
+    sample weighted by its cell's objective (`weights` (C, B), objectives.GroupWeights; None: erm, the mean).
 
     One forward and one backward for all groups: each cell's batch is split into G
     sub-batches (padded to a common size K), sub-batch g runs through its own copy of the
@@ -114,33 +123,34 @@ def group_gradients(
             kl = kl_sub.unflatten(0, (n_cells, n_groups))[cell[:, None], group, rank]  # (C, B), in batch order
         x_hat = x_hat_sub.unflatten(0, (n_cells, n_groups))[cell[:, None], group, rank]  # (C, B, ...), batch order
         nll = stacked.per_sample_nll(x, x_hat)  # (C, B)
-        out_grad, *weights = torch.autograd.grad(nll.sum() / b, [x_hat, *copies.values()], retain_graph=True)
+        weighted = (lambda v: v) if weights is None else (lambda v: v * weights)
+        out_grad, *grads = torch.autograd.grad(weighted(nll).sum() / b, [x_hat, *copies.values()], retain_graph=True)
         kl_weight = None
         if eps is not None:  # the KL term's own gradient (zero for the decoder), then the objective's
             kl_grads = torch.autograd.grad(
-                stacked.config.beta * kl.sum() / b,
+                stacked.config.beta * weighted(kl).sum() / b,
                 list(copies.values()),
                 retain_graph=True,
                 allow_unused=True,
                 materialize_grads=True,
             )
-            kl_weight = _group_norms(kl_grads, n_cells, n_groups) / _group_norms(weights, n_cells, n_groups)
-            weights = [w + k for w, k in zip(weights, kl_grads)]
+            kl_weight = _group_norms(kl_grads, n_cells, n_groups) / _group_norms(grads, n_cells, n_groups)
+            grads = [w + k for w, k in zip(grads, kl_grads)]
         loss_params = torch.zeros(n_cells, n_groups, stacked.loss_params.shape[1], dtype=nll.dtype, device=device)
         if loss_params.numel():
             for g in range(n_groups):  # through the loss only: cheap
                 (lp,) = torch.autograd.grad(
                     nll,
                     stacked.loss_params,
-                    grad_outputs=masks[:, g].to(nll.dtype) / b,
+                    grad_outputs=weighted(masks[:, g].to(nll.dtype)) / b,
                     retain_graph=g < n_groups - 1,
                     allow_unused=True,
                 )
                 if lp is not None:
                     loss_params[:, g] = lp
     output = (masks * stacked.mean(out_grad).flatten(2).pow(2).sum(-1)[:, None]).sum(-1)
-    weights = [w.unflatten(0, (n_cells, n_groups)) for w in weights]
-    return GroupGradients(dict(zip(copies, weights)), loss_params, output, count.to(nll.dtype), kl_weight)
+    grads = [w.unflatten(0, (n_cells, n_groups)) for w in grads]
+    return GroupGradients(dict(zip(copies, grads)), loss_params, output, count.to(nll.dtype), kl_weight)
 
 
 def _group_norms(grads: Sequence[torch.Tensor], n_cells: int, n_groups: int) -> torch.Tensor:
@@ -160,13 +170,14 @@ class GradShareRecorder:
 
     def __call__(self, snap: Snapshot) -> None:
         with one_thread():  # the gradients' and Gram matrices' sums then round the same at any --threads
-            grads = group_gradients(snap.stacked, snap.x, snap.group, len(self.group_names), snap.eps)
+            grads = group_gradients(snap.stacked, snap.x, snap.group, len(self.group_names), snap.eps, snap.weights)
             kl_weight = grads.kl_weight if grads.kl_weight is not None else torch.full_like(grads.count, torch.nan)
             shares = torch.cat([grads.shares(), kl_weight[None]])
         self._records.append((snap.step, snap.epoch, list(snap.stacked.cells), shares))
 
     def frame(self) -> pd.DataFrame:
-        """One row per (snapshot, cell, group): loss, seed, step, epoch, group, the four shares and kl_weight."""
+        """One row per (snapshot, cell, group): loss, objective, seed, step, epoch, group, the four shares and
+        kl_weight."""
         rows = []
         for step, epoch, cells, shares in self._records:
             values = shares.cpu().tolist()  # [share or kl_weight][cell][group]
@@ -175,6 +186,7 @@ class GradShareRecorder:
                     rows.append(
                         {
                             "loss": cell.loss,
+                            "objective": cell.objective,
                             "seed": cell.seed,
                             "step": step,
                             "epoch": epoch + 1,

@@ -1,7 +1,9 @@
-"""An audit's grid: its cells (one loss x one seed each) and the one training configuration they share.
+"""An audit's grid: its cells (one loss x one objective x one seed each) and the one training configuration
+they share.
 
 A cell's seed fixes its initial weights and its batch order (and, for a VAE, its noise: noise.py); cells that
-share a seed differ only in their loss. Training (train.py), measurement (measure.py), generation
+share a seed differ only in their loss and their training objective (objectives.py), so a cell and its erm twin
+are a paired comparison. Training (train.py), measurement (measure.py), generation
 (generate.py) and checkpoints (resume.py) all name cells this way.
 """
 
@@ -9,20 +11,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import pandas as pd
 from torch import nn
 
 from .models import VAE_MODELS, build_model
-from .spec import AuditSpec
+from .spec import AuditSpec, arm_name
+
+ERM = "erm"  # the plain objective: every cell's before objectives existed, and every audit's by default
+CELL_KEY = ["loss", "objective", "seed"]  # the columns that name a cell in training's and measurement's tables
+OBJECTIVE_COLUMNS = ("objective", "group_weight")  # in an audit's tables only where its cells differ by objective
 
 
 @dataclass(frozen=True)
 class Cell:
     loss: str
     seed: int
+    objective: str = ERM  # spec.parse_objectives' canonical name
+
+    @property
+    def arm(self) -> str:
+        """The (loss, objective) pair as one name, what the statistics compare (spec.arm_name): 'l2', 'l2+dro:0.1'."""
+        return arm_name(self.loss, self.objective)
 
     @property
     def key(self) -> str:
-        return f"{self.loss}/seed{self.seed}"
+        return f"{self.arm}/seed{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -74,3 +87,18 @@ class TrainConfig:
         """The training settings of a spec (with `changes` applied to the spec first, checked)."""
         spec = spec.replace(**changes) if changes else spec
         return cls(**{f.name: getattr(spec, f.name) for f in fields(cls)})
+
+
+def cell_key(df: pd.DataFrame) -> list[str]:
+    """The CELL_KEY columns a table has: loss and seed, with objective where the table names it."""
+    return [c for c in CELL_KEY if c in df.columns]
+
+
+def plain(cells: list[Cell]) -> bool:
+    """Whether every cell trains with erm: then the tables carry no OBJECTIVE_COLUMNS, as before objectives."""
+    return all(c.objective == ERM for c in cells)
+
+
+def without_objectives(df: pd.DataFrame) -> pd.DataFrame:
+    """A table with its OBJECTIVE_COLUMNS dropped (for an audit whose cells are all erm: `plain`)."""
+    return df.drop(columns=[c for c in OBJECTIVE_COLUMNS if c in df.columns])

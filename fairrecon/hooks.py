@@ -20,6 +20,7 @@ class Snapshot:
     x: torch.Tensor  # (C, B, ...)
     group: torch.Tensor  # (C, B) group code of each sample
     eps: torch.Tensor | None = None  # VAEs: (C, B, latent), the noise this step's update uses
+    weights: torch.Tensor | None = None  # (C, B): each sample's weight in its cell's objective (None: all erm)
 
 
 @dataclass
@@ -32,3 +33,4 @@ class EvalPoint:
     active: torch.Tensor  # (C,) bool: cells this point belongs to (with epochs="auto", stopped cells do not)
     train_mse: torch.Tensor  # (C, G): each group's mean per-sample training MSE over the batches since the last point
     val_mse: torch.Tensor | None = None  # (C, G): each group's validation MSE (epochs="auto"), else None
+    weights: torch.Tensor | None = None  # (C, G): each group's weight in the cell's objective (GroupWeights)

@@ -20,11 +20,13 @@ from .dynamics import convergence_warnings, gap_over_training, worse_group_chang
 from .figures import audit_figures
 from .report import (
     BY_METRIC_TITLE,
+    EFFECTS_TITLE,
     FRONTIER_TITLE,
     by_metric_note,
     by_metric_table,
     contrast_table,
     describe_audit,
+    effects_table,
     error_table,
     frontier_sentence,
     frontier_table,
@@ -84,7 +86,9 @@ th,td{padding:4px 7px}
 
 
 def html_report(result, analysis: Analysis, by_metric: ByMetric | None = None) -> str:
-    """The whole page as a string; with `by_metric`, the metric caveat first and every metric side by side."""
+    """The whole page as a string; with `by_metric`, the metric caveat first and every metric side by side (arms in
+    place of losses, where cells differ by objective: AuditResult.arms)."""
+    result = result.arms()
     figs = {name: _png(fig) for name, fig in audit_figures(result, analysis).items()}
     verdict = verdict_table(analysis)
     metric = metrics.get(analysis.metric)
@@ -198,6 +202,11 @@ def html_report(result, analysis: Analysis, by_metric: ByMetric | None = None) -
             if len(analysis.contrasts)
             else []
         ),
+        *(
+            ["<h3>Each objective against erm, all columns</h3>", _table(analysis.effects, digits=4)]
+            if len(analysis.effects)
+            else []
+        ),
         "<h3>All metrics: mean over seeds (± std across seeds)</h3>",
         _table(result.by_group(), digits=4),
         "<h3>Cells (one model per loss and seed)</h3>",
@@ -282,13 +291,19 @@ def _over_training_html(result, figs: dict[str, str]) -> list[str]:
 
 
 def _contrast_html(analysis: Analysis) -> str:
-    """Each loss against the reference loss (empty with one loss)."""
-    if not len(analysis.contrasts):
-        return ""
-    return (
-        f"<h3>Each loss against {_e(analysis.reference_loss)} by {_e(analysis.metric)} (paired by seed and test "
-        "image)</h3>" + _verdict_html(contrast_table(analysis)) + "<h3>Which group does each loss favour?</h3>"
-    )
+    """Each loss against the reference loss, then each objective against erm (empty with one loss and only erm)."""
+    parts = []
+    if len(analysis.contrasts):
+        parts.append(
+            f"<h3>Each loss against {_e(analysis.reference_loss)} by {_e(analysis.metric)} (paired by seed and test "
+            "image)</h3>" + _verdict_html(contrast_table(analysis))
+        )
+    if len(analysis.effects):
+        parts.append(
+            f"<h3>{EFFECTS_TITLE} by {_e(analysis.metric)} (paired by seed and test image)</h3>"
+            + _verdict_html(effects_table(analysis))
+        )
+    return "".join(parts) + ("<h3>Which group does each loss favour?</h3>" if parts else "")
 
 
 def _verdict_html(verdict: pd.DataFrame) -> str:

@@ -1,6 +1,6 @@
 """Held-out reconstruction errors: per sample at the end of training, and per group during it.
 
-`sample_errors`: one row per (loss, seed, test image), the unit every later statistic resamples.
+`sample_errors`: one row per (loss, objective, seed, test image), the unit every later statistic resamples.
 `CurveRecorder`: each group's held-out MSE and MAE at the training loop's curve points
 (hooks.EvalPoint), on a fixed stratified subset of the test images sized so that the points cost
 at most CURVE_BUDGET of training, but never fewer than MIN_CURVE_IMAGES (`curve_subset_size`), so
@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from .convergence import last_drop, settled
-from .grid import Cell
+from .grid import CELL_KEY, Cell, cell_key
 from .groups import GroupedData
 from .hooks import EvalPoint
 from .metrics import PSNR_FLOOR_MSE, QUANTISATION_VAR, SSIM_MIN_SIDE, SSIM_SIGMA
@@ -68,6 +68,7 @@ def sample_errors(stacked: StackedCells, data: GroupedData, device: torch.device
         pd.DataFrame(
             {
                 "loss": cell.loss,
+                "objective": cell.objective,
                 "seed": cell.seed,
                 "group": names,
                 "index": data.test_index.numpy(),
@@ -122,7 +123,10 @@ def ssim_per_image(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 CURVE_BUDGET = 0.05  # curve points may cost at most 5% of training's forward passes (a step is ~3: forward + backward)
 MIN_CURVE_IMAGES = 256  # ... but never fewer test images than this (or the whole test set, if smaller)
-CURVE_COLUMNS = ["loss", "seed", "step", "epoch", "group", "n", "mse", "mae", "train_mse", "val_mse"]
+CURVE_COLUMNS = [
+    *("loss", "objective", "seed", "step", "epoch", "group", "n"),
+    *("mse", "mae", "train_mse", "val_mse", "group_weight"),
+]
 
 
 def curve_subset_size(n_test: int, n_train: int, epochs_per_point: float) -> int:
@@ -147,7 +151,8 @@ def stratified_subset(groups: torch.Tensor, size: int, seed: int = 0) -> torch.T
 
 class CurveRecorder:
     """An `on_eval` hook for train.train_cells: each active cell's per-group held-out MSE and MAE at every curve
-    point, on a fixed stratified subset of the test images; `seconds` is the time spent inside the hook."""
+    point, on a fixed stratified subset of the test images, with its training MSE, validation MSE (epochs="auto")
+    and the group's weight in its objective there; `seconds` is the time spent inside the hook."""
 
     def __init__(self, data: GroupedData, *, epochs_per_point: float, device: torch.device | str = "cpu"):
         size = curve_subset_size(len(data.test_x), len(data.train_x), epochs_per_point)
@@ -164,6 +169,7 @@ class CurveRecorder:
         mse, mae = (v.cpu().numpy() for v in group_errors(point.stacked, self.x, self.g, len(self.names)))
         train = point.train_mse.double().cpu().numpy()
         val = point.val_mse.double().cpu().numpy() if point.val_mse is not None else None
+        weight = point.weights.double().cpu().numpy() if point.weights is not None else None
         for c, cell in enumerate(point.stacked.cells):
             if not point.active[c]:
                 continue
@@ -171,6 +177,7 @@ class CurveRecorder:
                 self.rows.append(
                     {
                         "loss": cell.loss,
+                        "objective": cell.objective,
                         "seed": cell.seed,
                         "step": point.step,
                         "epoch": point.epoch,
@@ -180,6 +187,7 @@ class CurveRecorder:
                         "mae": mae[c, g],
                         "train_mse": train[c, g],
                         "val_mse": val[c, g] if val is not None else np.nan,
+                        "group_weight": weight[c, g] if weight is not None else np.nan,
                     }
                 )
         self.seconds += time.perf_counter() - start
@@ -193,10 +201,10 @@ def curve_table(points: pd.DataFrame, samples: pd.DataFrame, final_steps: dict[C
     """curves.csv: the recorded points, with each cell's last point measured on the full test set instead
     (the group means of `samples`, so it equals the final per-group numbers) and n the group's test images."""
     parts = []
-    for (loss, seed), part in points.groupby(["loss", "seed"], sort=False):
-        final = final_steps[Cell(loss, seed)]
+    for (loss, objective, seed), part in points.groupby(CELL_KEY, sort=False):
+        final = final_steps[Cell(loss, seed, objective)]
         last = part[part["step"] == final].set_index("group")
-        own = samples[(samples["loss"] == loss) & (samples["seed"] == seed)]
+        own = samples[(samples["loss"] == loss) & (samples["objective"] == objective) & (samples["seed"] == seed)]
         full = own.groupby(own["group"].astype(str), sort=False)[["mse", "mae"]].agg(["mean", "size"])
         last = last.assign(
             n=full[("mse", "size")].reindex(last.index).to_numpy(),
@@ -208,12 +216,12 @@ def curve_table(points: pd.DataFrame, samples: pd.DataFrame, final_steps: dict[C
 
 
 def convergence(points: pd.DataFrame) -> pd.DataFrame:
-    """Per cell: `last_drop`, the relative change over the last quarter of training (a fitted trend, > 0 falling)
+    """Per cell (loss, [objective,] seed): `last_drop`, the relative change over the last quarter of training (a fitted trend, > 0 falling)
     with the largest size among each group's held-out MSE (on the fixed subset: the same images at both ends)
     and training MSE; `last_drop_of`, which one; `converged`: every one `settled` (|change| <= CONVERGED_DROP;
     False when training was too short to judge)."""
     rows = []
-    for (loss, seed), part in points.groupby(["loss", "seed"], sort=False):
+    for key, part in points.groupby(cell_key(points), sort=False):
         wide = part.pivot(index="step", columns="group")
         drops = {
             f"{kind} MSE of group {group}": d
@@ -224,14 +232,13 @@ def convergence(points: pd.DataFrame) -> pd.DataFrame:
         drop = drops[worst]
         rows.append(
             {
-                "loss": loss,
-                "seed": seed,
+                **dict(zip(cell_key(points), key)),
                 "converged": bool(settled(list(drops.values())).all()),
                 "last_drop": drop,
                 "last_drop_of": worst if np.isfinite(drop) else "too few points to judge",
             }
         )
-    return pd.DataFrame(rows, columns=["loss", "seed", "converged", "last_drop", "last_drop_of"])
+    return pd.DataFrame(rows, columns=[*cell_key(points), "converged", "last_drop", "last_drop_of"])
 
 
 @torch.no_grad()
@@ -251,14 +258,15 @@ EXAMPLES_PER_GROUP = 8  # test images per group kept, with their reconstructions
 def example_reconstructions(
     stacked: StackedCells, data: GroupedData, per_group: int = EXAMPLES_PER_GROUP, device: torch.device | str = "cpu"
 ) -> dict[str, np.ndarray]:
-    """A few test images per group and each loss's reconstruction of them (lowest seed), for a results folder.
+    """A few test images per group and each arm's reconstruction of them (lowest seed), for a results folder:
+    `losses` names each arm (Cell.arm: the loss, with its objective unless erm).
 
     Images are stored as uint8 (display only: the errors live in samples.csv), so a results folder stays
     small; each held-out image's brightness and contrast (float16) come along for the report's histograms.
     """
     pick = torch.cat([torch.nonzero(data.test_g == g).flatten()[:per_group] for g in range(len(data.names))])
     seed = min(c.seed for c in stacked.cells)
-    chosen = [i for i, c in enumerate(stacked.cells) if c.seed == seed]  # one cell per loss
+    chosen = [i for i, c in enumerate(stacked.cells) if c.seed == seed]  # one cell per arm
     recon = stacked.reconstruct(data.test_x[pick].to(device))[chosen].clamp(0, 1).cpu()
     flat = data.test_x.flatten(1)
 
@@ -270,7 +278,7 @@ def example_reconstructions(
         "group": data.test_g[pick].numpy(),
         "index": data.test_index[pick].numpy(),
         "recon": to_uint8(recon),
-        "losses": np.array([stacked.cells[i].loss for i in chosen]),
+        "losses": np.array([stacked.cells[i].arm for i in chosen]),
         "seed": np.array(seed),
         "group_names": np.array([str(n) for n in data.names]),
         "test_group": data.test_g.numpy().astype(np.int16),

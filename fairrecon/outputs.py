@@ -44,13 +44,15 @@ from .stats import Analysis, analyse
 def summary_json(result: AuditResult, analysis: Analysis, compared: ByMetric | None = None) -> dict[str, Any]:
     """summary.json's content (schema in the README): the verdicts come from `analysis`, with the
     policy that decided them, so a reader can re-derive each one; `compared` (bymetric.by_metric, computed
-    here when not given) gives the metric caveat and every metric's verdicts."""
+    here when not given) gives the metric caveat and every metric's verdicts. Cells and per-group means name each
+    cell's objective, where cells differ by it; the summaries computed per loss are per arm (AuditResult.arms)."""
+    arms = result.arms()
     compared = compared if compared is not None else by_metric(result, analysis)
     caveat = metric_caveat(compared)
     extra: dict[str, Any] = {}
-    if result.grad_shares is not None:
-        extra["grad_shares"] = records(share_summary(result.grad_shares))
-    by_group, kl_weight = vae_tables(result)
+    if arms.grad_shares is not None:
+        extra["grad_shares"] = records(share_summary(arms.grad_shares))
+    by_group, kl_weight = vae_tables(arms)
     if by_group is not None:
         extra["vae"] = {
             "beta": result.spec.beta,
@@ -71,10 +73,11 @@ def summary_json(result: AuditResult, analysis: Analysis, compared: ByMetric | N
         "policy": analysis.policy_record(),
         "disparities": records(analysis.disparities),
         "loss_contrasts": records(analysis.contrasts),
+        "objective_effects": records(analysis.effects),
         "frontier": records(analysis.frontier),
         "metrics": compared.record(caveat),
         **extra,
-        "over_training": dynamics.over_training_record(result),
+        "over_training": dynamics.over_training_record(arms),
     }
 
 

@@ -42,9 +42,13 @@ def here(device: torch.device, threads: int, executor: str) -> dict[str, object]
     }
 
 
-def table(cell: Cell, where: dict[str, object]) -> pd.DataFrame:
-    """A cell's one-row provenance table, as checkpointed with its other tables."""
-    return pd.DataFrame([{"loss": cell.loss, "seed": cell.seed, **where}], columns=list(COLUMNS))
+def table(cell: Cell, where: dict[str, object], objective: bool = False) -> pd.DataFrame:
+    """A cell's one-row provenance table, as checkpointed with its other tables; with `objective` (an audit with
+    objectives beyond erm: not grid.plain) it names the cell's objective too, as the other tables then do."""
+    row = pd.DataFrame([{"loss": cell.loss, "seed": cell.seed, **where}], columns=list(COLUMNS))
+    if objective:
+        row.insert(1, "objective", cell.objective)
+    return row
 
 
 def mixed_warning(rows: pd.DataFrame) -> str | None:

@@ -18,6 +18,7 @@ from .bymetric import ByMetric
 from .dynamics import markdown_section
 from .gradshare import kl_weight_over_training
 from .losses import LOSSES
+from .spec import split_arm
 from .stats import CLEAR, FAIRER, INSUFFICIENT, LESS_FAIR, NO_CLEAR, Analysis, format_bound, positive_metric
 
 if TYPE_CHECKING:
@@ -127,6 +128,70 @@ def contrast_table(analysis: Analysis) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+EFFECTS_TITLE = "Each objective against erm"
+
+
+def effects_sentence(analysis: Analysis) -> str | None:
+    """One sentence: which objective, if any, clearly shrinks the gap against its erm twin (the verdict
+    "clearly fairer" of `stats.objective_effects`), by how much and at what cost in overall error, with both
+    intervals; None without objectives other than erm. Every surface prints it in the headline."""
+    e = analysis.effects
+    if not len(e):
+        return None
+    level = f"{100 * analysis.effect_confidence:.4g}%"
+    shrinks = [_effect_words(r) for r in e.itertuples(index=False) if r.verdict == FAIRER]
+    if not shrinks:
+        tried = ", ".join(dict.fromkeys(str(o) for o in e["objective"]))
+        widens = [f"{r.objective} under {r.loss}" for r in e.itertuples(index=False) if r.verdict == LESS_FAIR]
+        return (
+            f"No objective clearly shrinks the gap against erm by {analysis.metric} ({tried}, paired by seed and "
+            f"test image, {level} intervals)" + (f"; clearly widened: {', '.join(widens)}" if widens else "") + "."
+        )
+    return (
+        f"Against erm by {analysis.metric} (paired by seed and test image, {level} intervals): "
+        + "; ".join(shrinks)
+        + "."
+    )
+
+
+def _effect_words(r: Any) -> str:
+    """'dro:0.01 clearly shrinks l2's gap (its worst/best x0.85 erm's [0.78, 0.93]) at x1.04 erm's overall mse
+    [1.01, 1.07]' (psnr: the changes in dB)."""
+    if positive_metric(r.metric):
+        gap = f"worst/best x{r.ratio_change:.3g} erm's [{r.low:.3g}, {r.high:.3g}]"
+        cost = f"x{r.error_change:.3g} erm's overall {r.metric} [{r.error_low:.3g}, {r.error_high:.3g}]"
+    else:
+        unit = _unit(r.metric)
+        gap = f"gap {r.gap_change:+.3g}{unit} against erm's [{r.low:+.3g}, {r.high:+.3g}]"
+        cost = f"{r.error_change:+.3g}{unit} overall {r.metric} against erm [{r.error_low:+.3g}, {r.error_high:+.3g}]"
+    return f"{r.objective} clearly shrinks {r.loss}'s gap ({gap}) at {cost}"
+
+
+def effects_table(analysis: Analysis) -> pd.DataFrame:
+    """One row per (loss, objective other than erm) against its erm twin: the change in worst/best (psnr: in
+    the dB gap) with its interval, the change in overall error with its interval, p, verdict. Display strings."""
+    level = f"{100 * analysis.effect_confidence:.4g}%"
+    rows = []
+    for r in analysis.effects.itertuples(index=False):
+        positive = positive_metric(r.metric)
+        change = r.ratio_change if positive else r.gap_change
+        rows.append(
+            {
+                "loss": r.loss,
+                "objective": r.objective,
+                "worst/best, x erm's" if positive else f"gap change ({_unit(r.metric).strip() or r.metric})": _num(
+                    change
+                ),
+                f"{level} interval": f"{_num(r.low)} to {_num(r.high)}",
+                f"overall {r.metric}, {'x erm' if positive else 'change'}": _num(r.error_change),
+                f"{level} interval of overall": f"{_num(r.error_low)} to {_num(r.error_high)}",
+                "p (corrected)": _p(r.p_corrected),
+                "how sure": r.verdict,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def headline(analysis: Analysis) -> str:
     """The answer in words. First each loss against the reference loss (is it fairer? by which metric), then
     which losses show a clear gap between groups (against which group, by how much), which do not, which have
@@ -156,6 +221,8 @@ def headline(analysis: Analysis) -> str:
     if not len(analysis.disparities):
         return "No loss to compare (see Cells)."
     parts = [contrast_sentence(c) for c in analysis.contrasts.itertuples(index=False)]
+    effects = effects_sentence(analysis)
+    parts += [effects] if effects else []
     if clear:
         parts.append("Clear gap: " + "; ".join(clear) + ".")
     if unclear:
@@ -180,6 +247,11 @@ def headline(analysis: Analysis) -> str:
             f", and for the comparison with {analysis.reference_loss}"
             if k == 1
             else f", and for the {k} comparisons with {analysis.reference_loss} together"
+        )
+    if len(analysis.effects):
+        k = len(analysis.effects)
+        confidence += (
+            ", and for the objective against erm" if k == 1 else f", and for the {k} objectives against erm together"
         )
     parts.append(confidence + ".")
     return " ".join(parts)
@@ -257,6 +329,12 @@ def terminal_summary(analysis: Analysis, by_metric: ByMetric | None = None) -> s
             contrast_table(analysis).to_string(index=False),
             "",
         ]
+    if len(analysis.effects):
+        lines += [
+            f"{EFFECTS_TITLE} by {analysis.metric} (paired by seed and test image)",
+            effects_table(analysis).to_string(index=False),
+            "",
+        ]
     lines += [
         f"Held-out {label} by group: mean [{1 - analysis.policy.alpha:.0%} interval of each group's mean]",
         error_table(analysis).to_string(index=False),
@@ -269,7 +347,8 @@ def terminal_summary(analysis: Analysis, by_metric: ByMetric | None = None) -> s
 def markdown_report(result: AuditResult, analysis: Analysis, by_metric: ByMetric | None = None) -> str:
     """report.md: the metric caveat (when `by_metric` has one), the headline, each loss against the reference
     loss, which group each loss favours and how sure, per-group error, every metric side by side, the groups,
-    cell status."""
+    cell status (arms in place of losses, where cells differ by objective: AuditResult.arms)."""
+    result = result.arms()
     spec = result.spec
     caveat = metric_caveat(by_metric) if by_metric is not None else None
     lines = [
@@ -288,6 +367,13 @@ def markdown_report(result: AuditResult, analysis: Analysis, by_metric: ByMetric
             f"### Each loss against {analysis.reference_loss} by {analysis.metric} (paired by seed and test image)",
             "",
             _markdown(contrast_table(analysis)),
+            "",
+        ]
+    if len(analysis.effects):
+        lines += [
+            f"### {EFFECTS_TITLE} by {analysis.metric} (paired by seed and test image)",
+            "",
+            _markdown(effects_table(analysis)),
             "",
         ]
     lines += [
@@ -320,7 +406,10 @@ def markdown_report(result: AuditResult, analysis: Analysis, by_metric: ByMetric
         "",
         _markdown(
             result.cells.assign(
-                likelihood=[LOSSES[n].likelihood if n in LOSSES else "(external model)" for n in result.cells["loss"]]
+                likelihood=[
+                    LOSSES[loss].likelihood if loss in LOSSES else "(external model)"
+                    for loss, _ in map(split_arm, result.cells["loss"])
+                ]
             ).round(6)
         ),
         "",
@@ -333,6 +422,7 @@ def markdown_report(result: AuditResult, analysis: Analysis, by_metric: ByMetric
 def vae_tables(result: AuditResult) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """VAEs: (per loss and group: mean KL, NLL, training share, generated_share; per loss and group: the effective
     KL weight over training), each None when absent. The one source of the VAE numbers in every report."""
+    result = result.arms()  # one arm per (loss, objective), named in the loss column (AuditResult.arms)
     if not result.vae:
         return None, None
     kl_weight = kl_weight_over_training(result.grad_shares) if result.grad_shares is not None else None
@@ -481,7 +571,7 @@ def _held_out(metric: str) -> str:
 
 
 def describe_audit(result: AuditResult) -> str:
-    """One sentence: dataset, groups, model, seeds, epochs."""
+    """One sentence: dataset, groups, model, seeds, objectives (where not only erm), epochs."""
     spec = result.spec
     ablations = [
         f"`{v}` {name}"
@@ -492,13 +582,19 @@ def describe_audit(result: AuditResult) -> str:
         f"Dataset `{spec.dataset}`, groups by `{spec.group_method}`"
         + (f" (contrast `{spec.contrast}`, polarity `{spec.polarity}`)" if spec.group_method == "transform" else "")
         + f", model `{spec.model}` (latent {spec.latent}{''.join(', ' + a for a in ablations)}), {spec.seeds} seed(s), "
+        + (
+            f"objectives {', '.join(f'`{o}`' for o in spec.objectives)} (each crossed with every loss), "
+            if spec.objectives != ("erm",)
+            else ""
+        )
         + (f"epochs `auto` (at most {spec.max_epochs})." if spec.epochs == "auto" else f"{spec.epochs} epoch(s).")
     )
 
 
 def loss_warnings(analysis: Analysis) -> list[tuple[str, str]]:
     """(loss, warning text) for every loss whose statistics carry warnings, in table order, then
-    ("loss vs reference loss", text) for every loss contrast that does."""
+    ("loss vs reference loss", text) for every loss contrast that does, then ("arm vs its erm twin", text) for every
+    objective effect that does."""
     out = []
     d, c = analysis.disparities, analysis.contrasts
     if "warnings" in d:
@@ -506,6 +602,11 @@ def loss_warnings(analysis: Analysis) -> list[tuple[str, str]]:
     out += [
         (f"{r.loss} vs {r.reference}", str(r.warnings))
         for r in c.itertuples(index=False)
+        if isinstance(r.warnings, str) and r.warnings
+    ]
+    out += [
+        (f"{r.arm} vs {r.loss}", str(r.warnings))
+        for r in analysis.effects.itertuples(index=False)
         if isinstance(r.warnings, str) and r.warnings
     ]
     return out

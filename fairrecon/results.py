@@ -16,12 +16,16 @@ Data files in a results folder:
                 their mean brightness
   examples.npz  a few test images per group with each loss's reconstruction (uint8), for the report
   split.csv     (written by outputs.py for image folders) every file's group and split
+
+Where an audit's cells differ by training objective (spec.objectives beyond erm), every per-cell table also has an
+`objective` column after `loss` (a cell is then (loss, objective, seed)), and curves.csv a `group_weight` column:
+the group's weight in the cell's objective at that point (objectives.py).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,7 @@ from .fileio import npz_bytes
 from .groups import GroupedData, make_groups
 from .metrics import METRICS, VERDICT_METRICS
 from .resultsdir import require_complete
-from .spec import AuditSpec
+from .spec import AuditSpec, arm_name
 
 TABLES = ("samples", "cells", "groups", "history")
 EXAMPLES_FILE = "examples.npz"
@@ -79,10 +83,33 @@ class AuditResult:
     folder: Path | None = None  # the results folder it was loaded from (AuditResult.load), for messages
 
     @property
+    def arm_key(self) -> list[str]:
+        """The columns that name an arm (what the statistics compare): loss, and objective where cells differ by it."""
+        return ["loss", "objective"] if "objective" in self.cells.columns else ["loss"]
+
+    @property
     def ok_samples(self) -> pd.DataFrame:
         """Per-sample rows of the cells that trained without failing."""
-        ok = self.cells.loc[self.cells["status"] == "ok", ["loss", "seed"]]
-        return self.samples.merge(ok, on=["loss", "seed"])
+        key = [*self.arm_key, "seed"]
+        return self.samples.merge(self.cells.loc[self.cells["status"] == "ok", key], on=key)
+
+    def arms(self) -> AuditResult:
+        """The result with each (loss, objective) arm named in the `loss` column (spec.arm_name: 'l2',
+        'l2+dro:0.1') of every table, and no objective column: what the statistics, reports and figures compare,
+        arm by arm as they compare losses, the mitigated arms beside the plain losses. A result whose cells are all
+        erm is returned as it is."""
+        if "objective" not in self.cells.columns:
+            return self
+
+        def named(df: pd.DataFrame | None) -> pd.DataFrame | None:
+            if df is None or "objective" not in df.columns:
+                return df
+            loss = [arm_name(loss, o) for loss, o in zip(df["loss"], df["objective"])]
+            return df.assign(loss=loss).drop(columns="objective")
+
+        tables = ("samples", "cells", "history", "grad_shares", "curves", "generated")
+        renamed: dict[str, Any] = {name: named(getattr(self, name)) for name in tables}
+        return replace(self, **renamed)
 
     @property
     def metrics(self) -> list[str]:
@@ -104,16 +131,17 @@ class AuditResult:
         raise UserError(f"{samples} has no '{name}' values: {METRICS[name].undefined}; metrics it has: {here}")
 
     def by_cell_group(self) -> pd.DataFrame:
-        """One row per (loss, seed, group): n and mean of each metric over the group's test images."""
-        df = self.ok_samples
-        out = df.groupby(["loss", "seed", "group"], observed=True, sort=False)[self.metrics].mean()
-        out.insert(0, "n", df.groupby(["loss", "seed", "group"], observed=True, sort=False).size())
+        """One row per (loss, [objective,] seed, group): n and mean of each metric over the group's test images."""
+        df, key = self.ok_samples, [*self.arm_key, "seed", "group"]
+        out = df.groupby(key, observed=True, sort=False)[self.metrics].mean()
+        out.insert(0, "n", df.groupby(key, observed=True, sort=False).size())
         return out.reset_index()
 
     def by_group(self) -> pd.DataFrame:
-        """One row per (loss, group): each metric's mean over seeds of the per-seed group means, and its spread."""
+        """One row per (loss, [objective,] group): each metric's mean over seeds of the per-seed group means, and
+        its spread."""
         cg = self.by_cell_group()
-        agg = cg.groupby(["loss", "group"], observed=True, sort=False).agg(
+        agg = cg.groupby([*self.arm_key, "group"], observed=True, sort=False).agg(
             n=("n", "first"),
             seeds=("seed", "nunique"),
             **{m: (m, "mean") for m in self.metrics},
@@ -127,25 +155,26 @@ class AuditResult:
         return "kl" in self.samples.columns and bool(self.samples["kl"].notna().any())
 
     def vae_by_group(self) -> pd.DataFrame | None:
-        """VAEs: one row per (loss, group): mean held-out KL and NLL (means over seeds of per-seed group means),
+        """VAEs: one row per (loss, [objective,] group): mean held-out KL and NLL (means over seeds of per-seed group
+        means),
         the group's share of the training images, and (with generated.csv) its mean generated_share over seeds
         and the mean brightness of the images generated in it."""
         if not self.vae:
             return None
-        df = self.ok_samples
-        per_seed = df.groupby(["loss", "seed", "group"], observed=True, sort=False)[["kl", "nll"]].mean()
-        out = per_seed.groupby(["loss", "group"], observed=True, sort=False).mean().reset_index()
+        df, arm = self.ok_samples, self.arm_key
+        per_seed = df.groupby([*arm, "seed", "group"], observed=True, sort=False)[["kl", "nll"]].mean()
+        out = per_seed.groupby([*arm, "group"], observed=True, sort=False).mean().reset_index()
         out["group"] = out["group"].astype(str)
         train = self.groups[self.groups["split"] == "train"].set_index("group")["share"]
         out["train_share"] = out["group"].map(train)
         if self.generated is not None:
-            ok = self.cells.loc[self.cells["status"] == "ok", ["loss", "seed"]]
-            gen = self.generated.assign(group=self.generated["group"].astype(str)).merge(ok, on=["loss", "seed"])
-            shares = gen.groupby(["loss", "group"], sort=False)["generated_share"].agg(["mean", "std"])
+            ok = self.cells.loc[self.cells["status"] == "ok", [*arm, "seed"]]
+            gen = self.generated.assign(group=self.generated["group"].astype(str)).merge(ok, on=[*arm, "seed"])
+            shares = gen.groupby([*arm, "group"], sort=False)["generated_share"].agg(["mean", "std"])
             shares = shares.rename(columns={"mean": "generated_share", "std": "generated_share_seed_std"})
             if "brightness" in gen:  # mean over seeds of the group's generated images' mean pixel
-                shares["generated_brightness"] = gen.groupby(["loss", "group"], sort=False)["brightness"].mean()
-            out = out.merge(shares.reset_index(), on=["loss", "group"], how="left")
+                shares["generated_brightness"] = gen.groupby([*arm, "group"], sort=False)["brightness"].mean()
+            out = out.merge(shares.reset_index(), on=[*arm, "group"], how="left")
         return out
 
     def grouped_data(self) -> GroupedData:

@@ -42,6 +42,9 @@ LOCK = ".fairrecon.lock"  # held by the one run writing the folder; not a result
 # and the device *name* ("auto" and "cpu" on a CPU-only machine are the same run;
 # the resolved device type is hashed instead).
 NOT_HASHED = ("out", "download", "device")
+# Fields added after results folders existed, with the value every earlier audit had: at that value they are left
+# out of the identity, so a folder of the earlier version keeps its hash and its cells resume.
+HASHED_UNLESS = {"objectives": ["erm"]}
 # The results version of folders written before it was recorded (fairrecon 0.1.0). Their identity hash
 # leaves it out, as theirs did, so they resume as before; any later results version is hashed.
 FIRST_RESULTS_VERSION = 1
@@ -49,7 +52,7 @@ FIRST_RESULTS_VERSION = 1
 
 def result_fields(spec: AuditSpec, device_type: str) -> dict[str, Any]:
     """The spec fields that decide an audit's numbers, plus the device type they ran on."""
-    fields = {k: v for k, v in spec.to_dict().items() if k not in NOT_HASHED}
+    fields = {k: v for k, v in spec.to_dict().items() if k not in NOT_HASHED and HASHED_UNLESS.get(k, object()) != v}
     fields["device_type"] = device_type
     return fields
 

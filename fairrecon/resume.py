@@ -24,33 +24,52 @@ import pandas as pd
 
 from .errors import UserError
 from .fileio import atomic_write
-from .grid import Cell
+from .grid import ERM, Cell
 from .resultsdir import Identity, claim, result_fields, spec_hash  # noqa: F401  (result_fields: re-exported)
 
 # Columns read back as text whatever they hold (a loss named "1", a host named "42", torch "2.10")
 TEXT_COLUMNS = {
     name: str
-    for name in ("loss", "group", "status", "host", "device", "device_name", "torch", "fairrecon", "python", "executor")
+    for name in (
+        "loss",
+        "objective",
+        "group",
+        "status",
+        "host",
+        "device",
+        "device_name",
+        "torch",
+        "fairrecon",
+        "python",
+        "executor",
+    )
 }
 LEGACY_SPEC_FILE = "audit.json"  # an older fairrecon's record of the spec; the marker OUT/fairrecon.json replaced it
 
 
 def cell_name(cell: Cell) -> str:
-    """'learned-sigma-seed2', 'mix_0.5-seed0': a file name, one per cell, whatever the loss is called.
+    """'learned-sigma-seed2', 'mix_0.5-seed0', 'l2@dro_0.1-seed0': a file name, one per cell, whatever the loss
+    is called.
 
     Lowercase letters, digits, '.' and '-' are kept, the family colon becomes '_', and any other
     character becomes '+' and its UTF-8 bytes in hex ('A' -> '+41', '_' -> '+5f'). Each code starts
     with a different character, so two loss names never share a file name, not even on a
-    case-insensitive file system (the result has no capitals); the seed is the digits after the
-    last '-seed'.
+    case-insensitive file system (the result has no capitals); an objective other than erm follows
+    the loss after '@', which no code produces; the seed is the digits after the last '-seed'.
     """
 
-    def code(ch: str) -> str:
-        if ch.isascii() and (ch.islower() or ch.isdigit() or ch in ".-"):
-            return ch
-        return "_" if ch == ":" else "".join(f"+{byte:02x}" for byte in ch.encode())
+    def code(text: str) -> str:
+        return "".join(
+            ch
+            if ch.isascii() and (ch.islower() or ch.isdigit() or ch in ".-")
+            else "_"
+            if ch == ":"
+            else "".join(f"+{byte:02x}" for byte in ch.encode())
+            for ch in text
+        )
 
-    return f"{''.join(map(code, cell.loss))}-seed{cell.seed}"
+    objective = f"@{code(cell.objective)}" if cell.objective != ERM else ""
+    return f"{code(cell.loss)}{objective}-seed{cell.seed}"
 
 
 class CellStore:
@@ -91,6 +110,8 @@ class CellStore:
             for table, df in tables.items():
                 atomic_write(self.folder / f"{name}.{table}.csv", df.to_csv(index=False))
             marker = {"loss": cell.loss, "seed": cell.seed, "spec_hash": self.hash, "tables": sorted(tables)}
+            if cell.objective != ERM:
+                marker["objective"] = cell.objective
             atomic_write(self.folder / f"{name}.json", json.dumps(marker) + "\n")
         except OSError as e:
             raise UserError(f"cannot write to output folder {self.out}: {e.strerror or e}") from None

@@ -37,6 +37,11 @@ OUTPUTS = ("linear", "sigmoid")
 INPUT_NORMS = ("none", "standardize")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_LOSSES = ("l1", "l2", "log-mse", "learned-sigma")
+# Training objectives (objectives.py: each one's equation and source). erm and balanced take no value; dro and
+# relative take a step size ETA (NAME:ETA, or NAME alone for DRO_STEP, the reference implementation's default).
+OBJECTIVES = ("erm", "balanced", "dro", "relative")
+STEPPED_OBJECTIVES = ("dro", "relative")
+DRO_STEP = 0.01  # GroupDRO's --robust_step_size default (kohpangwei/group_DRO, run_expt.py)
 
 # Where a field's flag appears, so that every command's options are exactly the fields it uses:
 #   "split" fields decide which images are in which group and split: `split`, `check --weights` and `audit`;
@@ -161,6 +166,15 @@ class AuditSpec:
         "mix:0, mix:0.5, mix:1.",
         metavar="L,L,...",
     )
+    objectives: tuple[str, ...] = setting(
+        ("erm",),
+        "Training objectives, each crossed with every loss (docs/method/objectives.md): erm (the batch mean), "
+        "balanced (each group weighted by the inverse of its training share), dro:ETA (GroupDRO: weight moves "
+        "to the group with the higher error, step ETA), relative:ETA (the same on each group's error in excess "
+        f"of its own PCA reference). Must include erm, the twin every objective is compared with; dro alone is "
+        f"dro:{DRO_STEP:g}, and bare numbers add members: dro:0.01,0.1.",
+        metavar="O,O,...",
+    )
     model: str = setting(
         "mlp",
         "Autoencoder: mlp or conv; vae and conv-vae are the same networks as variational "
@@ -230,6 +244,7 @@ class AuditSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "losses", parse_losses(self.losses))  # one spelling, however it was given
+        object.__setattr__(self, "objectives", parse_objectives(self.objectives))
         _validate(self)
 
     @classmethod
@@ -374,6 +389,67 @@ def parse_losses(items: str | Sequence[Any]) -> tuple[str, ...]:
             family = None
             out.append(token)
     return tuple(out)
+
+
+def parse_objectives(items: str | Sequence[Any]) -> tuple[str, ...]:
+    """Objective names as given (a comma-separated string or a list) -> their canonical form, checked.
+
+    'erm, dro, .1, relative:0.50' -> ('erm', 'dro:0.01', 'dro:0.1', 'relative:0.5'): a stepped objective
+    (STEPPED_OBJECTIVES) alone takes DRO_STEP, a bare number adds a member to the stepped objective before it,
+    and steps are spelled one way (`canonical_number`), so duplicates are caught and checkpoint names are
+    stable. Every name is one of OBJECTIVES; a step is a finite number > 0; erm must be among them.
+    """
+    if isinstance(items, str):
+        items = items.split(",")
+    out: list[str] = []
+    family = None  # the last stepped objective's name
+    for item in items:
+        token = str(item).strip()
+        if not token:
+            continue
+        name, colon, value = (part.strip() for part in token.partition(":"))
+        if _number(token) is not None:
+            if family is None:
+                raise UserError(f"objectives: '{token}' has no objective to extend; write NAME:ETA first, e.g. dro:0.1")
+            name, value, colon = family, token, ":"
+        if name not in OBJECTIVES:
+            hint = difflib.get_close_matches(name, OBJECTIVES, n=1)
+            raise UserError(
+                f"objectives: unknown objective '{name}'"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                + f"; allowed: {', '.join(OBJECTIVES)}"
+            )
+        if name not in STEPPED_OBJECTIVES:
+            if colon:
+                raise UserError(f"objectives: '{token}': {name} takes no value; write {name}")
+            family = None
+            out.append(name)
+            continue
+        step = _number(value) if colon else DRO_STEP
+        if step is None or step <= 0:
+            raise UserError(f"objectives: '{token}': the step {name}:ETA must be a number > 0, e.g. {name}:0.1")
+        family = name
+        out.append(f"{name}:{canonical_number(step)}")
+    if len(set(out)) != len(out):
+        raise UserError(f"objectives: {out} has duplicates")
+    if "erm" not in out:
+        raise UserError(
+            f"objectives: {out or [str(i) for i in items]} lacks erm; every objective's effect is measured "
+            "against its erm twin (same seeds, same test images): add erm"
+        )
+    return tuple(out)
+
+
+def arm_name(loss: str, objective: str) -> str:
+    """A (loss, objective) pair as one name, the unit the statistics compare: the loss for erm, else
+    'loss+objective' ('l2+dro:0.1'); no loss or objective name has a '+'."""
+    return loss if objective == "erm" else f"{loss}+{objective}"
+
+
+def split_arm(name: str) -> tuple[str, str]:
+    """`arm_name` undone: 'l2+dro:0.1' -> ('l2', 'dro:0.1'), 'l2' -> ('l2', 'erm')."""
+    loss, plus, objective = name.partition("+")
+    return loss, objective if plus else "erm"
 
 
 def canonical_number(value: float) -> str:

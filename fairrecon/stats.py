@@ -29,13 +29,15 @@ A log-scale (delta method) ratio interval, always bounded, was measured beside i
 with heavy-tailed images (docs/method/statistics.md), so Fieller's stays.
 
 Loss against loss (paired). Each loss's worst/reference ratio over the reference loss's, on the log
-scale, with the seeds and the images paired across the two losses (`PairedMoments`).
+scale, with the seeds and the images paired across the two losses (`PairedMoments`). Objective against
+erm (`objective_effects`): the same comparison (`paired_contrasts`) of each mitigated arm with its erm twin,
+plus the change in overall error.
 
 Policy. One `Policy` (alpha, correction, sidedness) decides everywhere. With the Bonferroni
 correction over the family (losses x group pairs), each interval has level 1 - alpha/m and the
 corrected p-value min(1, m p) < alpha exactly when that interval excludes "no gap" (its test is
 the one the interval inverts). The loss contrasts are their own family (one hypothesis per loss
-against the reference loss). The estimands, methods and their measured coverage: docs/method/statistics.md.
+against the reference loss), and so are the objective effects (one per arm against its erm twin). The estimands, methods and their measured coverage: docs/method/statistics.md.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from . import metrics
 from .convergence import CONVERGED_DROP, CONVERGED_WINDOW, last_drop
 from .errors import UserError
 from .metrics import PSNR_FLOOR_MSE
+from .spec import split_arm
 
 if TYPE_CHECKING:  # types only: stats imports nothing that imports torch at run time
     from fairlearn.metrics import MetricFrame
@@ -156,6 +159,7 @@ def family_losses(result: AuditResult, losses: list[str] | None = None) -> list[
 
 def loss_errors(result: AuditResult, *, metric: str = "mse", losses: list[str] | None = None) -> list[LossErrors]:
     """Per-loss seed x image matrices of the ok cells (losses without any ok cell are left out)."""
+    result = result.arms()  # one arm per (loss, objective), named in the loss column (AuditResult.arms)
     _check_metric(metric, result)
     names = group_order(result)
     code_of = {n: i for i, n in enumerate(names)}
@@ -468,6 +472,7 @@ def group_intervals(
     >>> bool(((0 < table["ci_low"]) & (table["ci_low"] < table["mean"]) & (table["mean"] < table["ci_high"])).all())
     True
     """
+    result = result.arms()  # one arm per (loss, objective), named in the loss column (AuditResult.arms)
     rows = []
     for le in errors if errors is not None else loss_errors(result, metric=metric):
         mom = Moments.of(le.values, le.codes, len(le.names), seed_part=not _external(result))
@@ -559,6 +564,30 @@ CONTRAST_COLUMNS = [
 ]
 
 
+EFFECT_COLUMNS = [
+    "loss",
+    "objective",
+    "arm",
+    "metric",
+    "pair",
+    "erm_pair",
+    "ratio",
+    "erm_ratio",
+    "ratio_change",
+    "gap_change",
+    "low",
+    "high",
+    "error_change",
+    "error_low",
+    "error_high",
+    "p_value",
+    "p_corrected",
+    "seeds",
+    "verdict",
+    "warnings",
+]
+
+
 @dataclass(frozen=True)
 class Analysis:
     """An audit's statistics for one metric, computed once by `analyse` and passed to every surface
@@ -589,6 +618,7 @@ class Analysis:
     frontier: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=FRONTIER_COLUMNS))  # see `frontier`
     contrasts: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=CONTRAST_COLUMNS))  # see below
     reference_loss: str | None = None  # the loss every other is compared with (`loss_contrasts`); None: one loss
+    effects: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=EFFECT_COLUMNS))  # `objective_effects`
     external: bool = False  # one already-trained model: intervals over test images only
     trained_on_test: int = 0  # test images the model was trained on, as its user said (`external.audit_model`)
 
@@ -616,6 +646,16 @@ class Analysis:
     def contrast_confidence(self) -> float:
         """Each loss contrast interval's confidence level (always two-sided: "fairer" and "less fair" are both claims)."""
         return 1 - self.policy.alpha / self.contrast_m
+
+    @property
+    def effect_m(self) -> int:
+        """The objective effects' own Bonferroni divisor: one hypothesis per arm compared with its erm twin."""
+        return self.policy.divisor(max(len(self.effects), 1))
+
+    @property
+    def effect_confidence(self) -> float:
+        """Each objective effect interval's confidence level (two-sided, as the loss contrasts')."""
+        return 1 - self.policy.alpha / self.effect_m
 
     @property
     def method(self) -> str:
@@ -653,6 +693,16 @@ class Analysis:
                 + ("for the comparison" if len(self.contrasts) == 1 else f"for the {len(self.contrasts)} together")
                 + (f" (Bonferroni, each at {100 * self.contrast_confidence:.4g}%)." if self.contrast_m > 1 else ".")
             )
+        if len(self.effects):
+            k = len(self.effects)
+            changed = "worst/best ratio over its erm twin's" if positive_metric(self.metric) else "gap minus erm's"
+            text += (
+                f" Objective against erm: each arm's {changed}, paired by seed and test image, "
+                f"{1 - p.alpha:.0%} confidence "
+                + ("for the comparison" if k == 1 else f"for the {k} together")
+                + (f" (Bonferroni, each at {100 * self.effect_confidence:.4g}%)" if self.effect_m > 1 else "")
+                + "; the change in overall error at the same level."
+            )
         return text
 
     def policy_record(self) -> dict:
@@ -669,6 +719,8 @@ class Analysis:
             "reference_loss": self.reference_loss,
             "contrasts_m": self.contrast_m if len(self.contrasts) else 0,
             "contrast_interval_confidence": self.contrast_confidence if len(self.contrasts) else None,
+            "effects_m": self.effect_m if len(self.effects) else 0,
+            "effect_interval_confidence": self.effect_confidence if len(self.effects) else None,
             "test_images_trained_on": self.trained_on_test,
             "min_group_n": MIN_GROUP_N,
             "tail_share": TAIL_SHARE,
@@ -688,7 +740,8 @@ def analyse(
     reference_loss: str | None = None,
 ) -> Analysis:
     """The statistics of a result, once: per-group intervals, one decided row per loss, and each loss
-    against the reference loss, paired by seed and test image.
+    against the reference loss, paired by seed and test image (per arm, where cells differ by objective:
+    AuditResult.arms).
 
     Parameters
     ----------
@@ -731,6 +784,7 @@ def analyse(
       loss reference metric     pair reference_pair  seeds
     0   l1        l2    mse  0.9/0.3        0.9/0.3      2
     """
+    result = result.arms()
     errors = loss_errors(result, metric=metric)  # once, for every table below
     table = disparities(
         result,
@@ -763,6 +817,7 @@ def analyse(
         frontier=frontier(result, analysis, errors=errors),
         contrasts=loss_contrasts(result, table, metric=metric, policy=policy, reference_loss=chosen, errors=errors),
         reference_loss=chosen,
+        effects=objective_effects(result, table, metric=metric, policy=policy, errors=errors),
     )
 
 
@@ -807,6 +862,7 @@ def frontier(result: AuditResult, analysis: Analysis, *, errors: list[LossErrors
     ratio, by point estimates (False where either is missing). Ratios of psnr are not defined, so for psnr
     every pareto is False.
     """
+    result = result.arms()  # one arm per (loss, objective), named in the loss column (AuditResult.arms)
     d = analysis.disparities.set_index("loss")
     by_loss = _by_loss(result, analysis.metric, list(analysis.losses), errors)
     external = _external(result)
@@ -872,6 +928,7 @@ def disparities(
     (k = spec.latent), filled when adjusted=True or `pca` is given (per image from `pca_errors`, or
     per group from `pca_reference`).
     """
+    result = result.arms()  # one arm per (loss, objective), named in the loss column (AuditResult.arms)
     _check_metric(metric, result, adjusted=adjusted or pca is not None)
     family = family_losses(result, losses)
     by_loss = _by_loss(result, metric, family, errors)
@@ -1064,19 +1121,50 @@ def loss_contrasts(
     over them), two-sided at the policy's alpha. verdict: "clearly less fair" (low > 1), "clearly fairer"
     (high < 1), "not clearly different", or "insufficient data" (a reason from either loss's verdict other
     than failed cells, fewer than 2 paired seeds, no pair of groups).
+
+    Where cells differ by objective (`table` has arms, AuditResult.arms), the losses compared are those
+    trained under the reference loss's objective (the plain losses, for a plain reference loss); each
+    objective against erm is `objective_effects`.
     """
     if reference_loss is None or table.empty:
         return pd.DataFrame(columns=CONTRAST_COLUMNS)
-    by_loss = _by_loss(result, metric, list(table["loss"]), errors)
+    objective = split_arm(reference_loss)[1]
+    others = [a for a in table["loss"] if a != reference_loss and split_arm(a)[1] == objective]
+    rows = paired_contrasts(
+        result, table, [(a, reference_loss) for a in others], metric=metric, policy=policy, errors=errors
+    )
+    return pd.DataFrame(rows, columns=CONTRAST_COLUMNS)
+
+
+def paired_contrasts(
+    result: AuditResult,
+    table: pd.DataFrame,
+    compared: list[tuple[str, str]],
+    *,
+    metric: str = "mse",
+    policy: Policy = POLICY,
+    errors: list[LossErrors] | None = None,
+    overall: bool = False,
+    kind: str = "loss",
+) -> list[dict]:
+    """The one paired comparison of two arms of `table` (a `disparities` table), for each (arm, reference) in
+    `compared`, all one Bonferroni family (two-sided): rows with CONTRAST_COLUMNS (see `loss_contrasts`);
+    `kind` names what is compared in the warnings ("loss" or "arm"). With
+    `overall`, each row also has the change in overall error from the same `PairedMoments` at the same level
+    (`_overall_change`): error_change, error_low, error_high."""
+    if not compared:
+        return []
+    names_in = list(dict.fromkeys(n for pair in compared for n in pair))
+    by_loss = _by_loss(result, metric, names_in, errors)
     rows_of = table.set_index("loss")
-    others = [loss for loss in table["loss"] if loss != reference_loss]
-    m = len(others)
+    m = len(compared)
     tail = replace(policy, two_sided=True).tail(m)
     ratio_scale = positive_metric(metric)
     sign = 1.0 if higher_is_worse(metric) else -1.0
     external = _external(result)
+    kinds = {"loss": "losses", "arm": "arms"}[kind]
     out = []
-    for loss in others:
+    for loss, reference_loss in compared:
         a, b = rows_of.loc[loss], rows_of.loc[reference_loss]
         row: dict = {"loss": loss, "reference": reference_loss, "metric": metric}
         reasons, notes = [], []
@@ -1086,19 +1174,19 @@ def loss_contrasts(
                 reasons.append(
                     f"{name}: {'; '.join(why)}"
                     if name == loss
-                    else f"the reference loss {name} has insufficient data (see its warning)"
+                    else f"the reference {kind} {name} has insufficient data (see its warning)"
                 )
             if not isinstance(r["worst"], str):
                 reasons.append(f"{name}: no pair of groups to compare")
         le_a, le_b = by_loss.get(loss), by_loss.get(reference_loss)
         if le_a is not None and le_b is not None and isinstance(a["worst"], str) and isinstance(b["worst"], str):
             if not np.array_equal(le_a.index, le_b.index):
-                raise UserError(f"losses {loss} and {reference_loss} were not scored on the same test images")
+                raise UserError(f"{kinds} {loss} and {reference_loss} were not scored on the same test images")
             common = np.intersect1d(le_a.seeds, le_b.seeds)
             left_out = sorted(set(le_a.seeds) ^ set(le_b.seeds))
             if left_out:
                 notes.append(
-                    f"paired on the {len(common)} seed(s) ok under both losses "
+                    f"paired on the {len(common)} seed(s) ok under both {kinds} "
                     f"(seed(s) {', '.join(map(str, left_out))} left out of both)"
                 )
             row.update(
@@ -1107,7 +1195,7 @@ def loss_contrasts(
                 reference_pair=f"{b['worst']}/{b['reference']}",
             )
             if len(common) < 2:
-                reasons.append(f"only {len(common)} seed(s) ok under both losses: pairing needs at least 2")
+                reasons.append(f"only {len(common)} seed(s) ok under both {kinds}: pairing needs at least 2")
             else:
                 names = le_a.names
                 pm = PairedMoments.of(
@@ -1117,17 +1205,93 @@ def loss_contrasts(
                 )
                 numbers = _contrast_numbers(pm, names, a, b, tail, m, policy, ratio_scale)
                 if not numbers:
-                    reasons.append("a group's mean error is not above 0 under one of the losses: no ratio of ratios")
+                    reasons.append(f"a group's mean error is not above 0 under one of the {kinds}: no ratio of ratios")
                 row.update(numbers)
+                if overall:
+                    row.update(_overall_change(pm, tail, ratio_scale, sign))
                 if row["pair"] != row["reference_pair"]:
                     notes.append(
-                        f"the two losses' gaps are between different groups ({loss}: {row['pair']}, {reference_loss}: "
+                        f"the two {kinds}' gaps are between different groups ({loss}: {row['pair']}, {reference_loss}: "
                         f"{row['reference_pair']}): the comparison is of their sizes, not their direction"
                     )
         row["verdict"] = _contrast_verdict(row, reasons, ratio_scale)
         row["warnings"] = "; ".join(reasons + notes)
         out.append(row)
-    return pd.DataFrame(out, columns=CONTRAST_COLUMNS)
+    return out
+
+
+def _overall_change(pm: PairedMoments, tail: float, ratio: bool, sign: float) -> dict:
+    """Arm 0's overall mean error against arm 1's (the overall mean: the contrast with weights n_g / N, as in
+    the frontier), paired: for a positive metric their ratio, its interval on the log scale (delta method);
+    for psnr the difference of the overall means in the metric's own units (dB; `pm` holds the signed values,
+    so the sign is undone)."""
+    n = np.array([len(idx) for idx in pm.members], dtype=float)
+    share = n / n.sum()
+    mean = pm.mean
+    w = np.zeros_like(mean)
+    if ratio:
+        level = mean @ share  # (2,) overall means
+        if not (level > 0).all():
+            return {}
+        w[0], w[1] = share / level[0], -share / level[1]
+        c = replace(pm.contrast(w), estimate=float(np.log(level[0]) - np.log(level[1])))
+        return {
+            "error_change": float(np.exp(c.estimate)),
+            "error_low": float(np.exp(c.low(tail))),
+            "error_high": float(np.exp(c.high(tail))),
+        }
+    w[0], w[1] = share, -share
+    c = pm.contrast(w)
+    ends = sorted((sign * c.low(tail), sign * c.high(tail)))
+    return {"error_change": sign * c.estimate, "error_low": ends[0], "error_high": ends[1]}
+
+
+def objective_effects(
+    result: AuditResult,
+    table: pd.DataFrame,
+    *,
+    metric: str = "mse",
+    policy: Policy = POLICY,
+    errors: list[LossErrors] | None = None,
+) -> pd.DataFrame:
+    """Each training objective against erm, loss by loss: every arm of `table` (a `disparities` table of arms,
+    AuditResult.arms) trained under an objective other than erm, against its erm twin (the same loss, the
+    same seeds' initial weights and batch order, the same test images), by `paired_contrasts`, the machinery
+    of `loss_contrasts`, as their own Bonferroni family (two-sided) with the same verdict words.
+
+    ratio_change: the arm's worst/reference ratio over its erm twin's (< 1: the objective shrinks the gap),
+    each on its own row pair (psnr: gap_change, the arm's dB gap minus erm's); low, high: its interval.
+    error_change: the arm's overall mean error over erm's (psnr: the difference of the overall means, dB), with
+    error_low, error_high at the same level; it does not enter the verdict. Arms whose erm twin is not in
+    `table` are left out. Empty where every cell is erm."""
+    arms = [a for a in table["loss"] if split_arm(a)[1] != "erm" and split_arm(a)[0] in set(table["loss"])]
+    rows = paired_contrasts(
+        result,
+        table,
+        [(a, split_arm(a)[0]) for a in arms],
+        metric=metric,
+        policy=policy,
+        errors=errors,
+        overall=True,
+        kind="arm",
+    )
+    out = []
+    for r in rows:
+        loss, objective = split_arm(r["loss"])
+        out.append(
+            {
+                **r,
+                "loss": loss,
+                "objective": objective,
+                "arm": r["loss"],
+                "erm_pair": r.get("reference_pair"),
+                "ratio": r.get("loss_ratio", np.nan),
+                "erm_ratio": r.get("reference_ratio", np.nan),
+                "ratio_change": r.get("ratio", np.nan),
+                "gap_change": r.get("difference", np.nan),
+            }
+        )
+    return pd.DataFrame(out, columns=EFFECT_COLUMNS)
 
 
 def _pair(row: pd.Series) -> tuple[str, str] | None:

@@ -1,27 +1,30 @@
-"""Training a grid of (loss, seed) cells together, as stacked models (stacked.py). No file I/O.
+"""Training a grid of (loss, objective, seed) cells together, as stacked models (stacked.py). No file I/O.
 
 `train_cells` cuts the grid into chunks that fit in memory (memory.cells_per_chunk; cells of per-pixel
 losses, whose models have a scale head, in chunks of their own), trains each chunk with a `ChunkTraining`
 and puts the chunks back together in cell order. A ChunkTraining is the epoch loop in named stages over
 one `ChunkState`:
 
-    setup         __init__: seeded initial weights, Adam, each seed's generators, the `Schedule`
+    setup         __init__: seeded initial weights, Adam, each seed's generators, the objectives' group
+                  weights (objectives.GroupWeights), the `Schedule`
     per epoch     `start_epoch`: each seed's batch order
-      per batch   `step`: one update of every cell on its own batch (a gradient-share snapshot first,
-                  where the schedule has one); `curve_point` where the schedule has one
+      per batch   `step`: one update of every cell on its own batch, each sample weighted by its cell's
+                  objective (a gradient-share snapshot first, where the schedule has one); `curve_point`
+                  where the schedule has one
     epoch end     `end_epoch`: failed cells, history rows, and (epochs="auto") `stopping_check`
     finish        `finish`: stopped cells' weights back, each cell's status -> a TrainResult
 
-Each cell sees only its own loss, and Adam is elementwise, so every cell keeps its own gradient and
-optimizer state and the result equals training the cells one by one (see tests/test_train.py).
+Each cell sees only its own loss and its own objective's weights (updated from its own batch only), and Adam
+is elementwise, so every cell keeps its own gradient and optimizer state and the result equals training the
+cells one by one (see tests/test_train.py).
 
 Randomness: a cell's seed fixes its initial weights and its batch order (and, for a VAE, its noise
 eps: noise.py, drawn per step and seed on the CPU, outside vmap); cells that share a seed differ only
-in their loss. Every cell trains on the same split.
+in their loss and objective. Every cell trains on the same split.
 
 Curves and convergence: at `eval_points` evenly spaced steps (with epochs="auto": at every epoch end)
-`on_eval` gets an EvalPoint (hooks.py): the cells, and each group's mean training MSE over the batches
-since the previous point (free: the step computes it anyway). measure.CurveRecorder adds each group's
+`on_eval` gets an EvalPoint (hooks.py): the cells, each group's mean training MSE over the batches
+since the previous point (free: the step computes it anyway) and each group's weight in the cells' objectives. measure.CurveRecorder adds each group's
 held-out error there. Whether a cell has converged is convergence.py's rule.
 
 epochs="auto": after every epoch each cell's per-group error on a validation split (carved from
@@ -55,6 +58,7 @@ from .grid import Cell, TrainConfig
 from .hooks import EvalPoint, Snapshot
 from .memory import cells_per_chunk
 from .noise import draw_eps, eps_generators
+from .objectives import GroupWeights, ObjectiveKind, pca_reference
 from .stacked import (
     StackedCells,
     concat_stacked,
@@ -111,7 +115,16 @@ def train_cells(
         raise ValueError("epochs='auto' needs a validation split (groups.with_validation)")
     if max_cells is not None and max_cells < 1:
         raise ValueError(f"max_cells must be >= 1, got {max_cells}")
-    data = TrainData.on(device, x, group, validation, n_groups, standardize=config.input_norm == "standardize")
+    relative = any(ObjectiveKind.of(c.objective).name == "relative" for c in cells)
+    data = TrainData.on(
+        device,
+        x,
+        group,
+        validation,
+        n_groups,
+        standardize=config.input_norm == "standardize",
+        reference_rank=config.latent if relative else None,
+    )
     hooks = TrainHooks(on_snapshot, on_epoch, on_eval)
     fused = device.type in ("cpu", "cuda") if fused is None else fused
     parts = [ChunkTraining(chunk, config, data, hooks, fused).run() for chunk in chunks(cells, config, data, max_cells)]
@@ -130,7 +143,9 @@ def in_cell_order(parts: list[TrainResult], cells: list[Cell], seconds: float) -
     if len(parts) > 1:  # one row per cell and epoch, epoch-major as for a single chunk
         order = {cell: i for i, cell in enumerate(cells)}
         history = (
-            history.assign(_c=[order[Cell(loss, s)] for loss, s in zip(history["loss"], history["seed"])])
+            history.assign(
+                _c=[order[Cell(*key)] for key in zip(history["loss"], history["seed"], history["objective"])]
+            )
             .sort_values(["epoch", "_c"], kind="stable")
             .drop(columns="_c")
             .reset_index(drop=True)
@@ -166,6 +181,7 @@ class TrainData:
     n_groups: int
     validation: tuple[torch.Tensor, torch.Tensor] | None  # epochs="auto": the validation split's (x, group)
     stats: tuple[torch.Tensor, torch.Tensor] | None  # input_norm="standardize": the images' per-pixel (mean, std)
+    reference: torch.Tensor | None = None  # relative objectives: each group's own PCA error (objectives.pca_reference)
 
     @classmethod
     def on(
@@ -177,13 +193,16 @@ class TrainData:
         n_groups: int | None,
         *,
         standardize: bool,
+        reference_rank: int | None = None,
     ) -> TrainData:
-        """The data moved to `device`; n_groups defaults to max(group) + 1."""
+        """The data moved to `device`; n_groups defaults to max(group) + 1. With `reference_rank` k, each group's
+        rank-k PCA error on these images (for relative objectives)."""
+        n_groups = int(group.max()) + 1 if n_groups is None else n_groups
+        reference = pca_reference(x, group, n_groups, reference_rank) if reference_rank is not None else None
         x, group = x.to(device), group.to(device)
         if validation is not None:
             validation = (validation[0].to(device), validation[1].to(device))
-        n_groups = int(group.max()) + 1 if n_groups is None else n_groups
-        return cls(device, x, group, n_groups, validation, input_stats(x) if standardize else None)
+        return cls(device, x, group, n_groups, validation, input_stats(x) if standardize else None, reference)
 
 
 @dataclass(frozen=True)
@@ -276,6 +295,7 @@ class ChunkTraining:
         )
         self.orders = {s: torch.Generator().manual_seed(s) for s in sorted({c.seed for c in cells})}
         self.noise = eps_generators(cells) if config.vae else None
+        self.weights = GroupWeights(cells, data.group, data.n_groups, data.reference)
         self.schedule = Schedule.plan(config, len(data.x), curves=hooks.on_eval is not None)
         self.state = ChunkState.start(len(cells), data.n_groups, data.device)
 
@@ -300,8 +320,10 @@ class ChunkTraining:
         return list(order.split(self.config.batch_size, dim=1))
 
     def step(self, idx: torch.Tensor) -> None:
-        """One update of every cell on its own batch idx (C, B), the snapshot hook first where scheduled: the
-        objective, one backward pass of the summed loss of the cells still finite (cells are independent), Adam;
+        """One update of every cell on its own batch idx (C, B), the snapshot hook first where scheduled (with the
+        objectives' weights as they stand before this step): the objective per sample, the stepped objectives'
+        group weights updated from this batch's per-sample MSE, each cell's weighted batch mean (a plain mean
+        for erm), one backward pass of the summed loss of the cells still finite (cells are independent), Adam;
         then the sums behind the history and the curve points."""
         s, stacked = self.state, self.stacked
         xb, gb = self.data.x[idx], self.data.group[idx]  # (C, B, C_img, H, W), (C, B)
@@ -309,9 +331,14 @@ class ChunkTraining:
         if self.noise is not None:
             eps = draw_eps(self.noise, self.cells, idx.shape[1], self.config.latent, self.data.device)
         if s.step in self.schedule.snapshots and self.hooks.on_snapshot is not None:
-            self.hooks.on_snapshot(Snapshot(s.step, s.epoch, stacked, xb, gb, eps))
+            weights = self.weights.sample_weights(gb)
+            self.hooks.on_snapshot(Snapshot(s.step, s.epoch, stacked, xb, gb, eps, weights))
         objective = stacked.objective(xb, eps)  # (C, B) each
-        per_cell = objective.value.mean(1)
+        with torch.no_grad():
+            sample_mse = (stacked.mean(objective.out.detach()) - xb).pow(2).flatten(2).mean(2)  # (C, B)
+        self.weights.update(gb, sample_mse)
+        weights = self.weights.sample_weights(gb)
+        per_cell = objective.value.mean(1) if weights is None else (objective.value * weights).mean(1)
         finite = torch.isfinite(per_cell) & s.alive
         loss = torch.where(finite, per_cell, torch.zeros_like(per_cell)).sum()
         self.opt.zero_grad(set_to_none=True)
@@ -319,7 +346,6 @@ class ChunkTraining:
         self.opt.step()
         with torch.no_grad():
             s.alive &= finite
-            sample_mse = (stacked.mean(objective.out.detach()) - xb).pow(2).flatten(2).mean(2)  # (C, B)
             s.epoch_sums[0] += torch.nan_to_num(objective.nll.detach(), nan=0.0, posinf=0.0).sum(1)
             s.epoch_sums[1] += sample_mse.sum(1)
             s.epoch_sums[2] += idx.shape[1]
@@ -336,7 +362,11 @@ class ChunkTraining:
         s.group_sums.zero_()
         if self.hooks.on_eval is not None:
             epoch = s.step / self.schedule.steps_per_epoch
-            self.hooks.on_eval(EvalPoint(s.step, epoch, self.stacked, s.active.clone(), train_mse, val_mse))
+            self.hooks.on_eval(
+                EvalPoint(
+                    s.step, epoch, self.stacked, s.active.clone(), train_mse, val_mse, self.weights.group_weights()
+                )
+            )
         return train_mse
 
     def end_epoch(self) -> bool:
@@ -353,6 +383,7 @@ class ChunkTraining:
                 s.history.append(
                     {
                         "loss": cell.loss,
+                        "objective": cell.objective,
                         "seed": cell.seed,
                         "epoch": epoch,
                         "train_nll": means[0, c].item(),

@@ -105,6 +105,7 @@ def test_split_options_are_exactly_the_fields_that_decide_the_split(folder):
         "tolerance": ({"group_method": "select"}, 1e-6),
         "labels": ({}, str(folder / "labels.csv")),
         "losses": ({}, ("l1",)),
+        "objectives": ({}, ("erm", "dro:0.1")),
         "model": ({}, "conv"),
         "beta": ({"model": "vae"}, 2.0),
         "generate": ({"model": "vae"}, 10),
