@@ -385,7 +385,9 @@ def sweep(
 
     Each setting's audit goes to OUT/SETTING/ (a results folder like any other); OUT/sweep.md, sweep.csv,
     sweep.png and sweep.json hold, per loss and setting, the ratio with its interval and the audit's own
-    verdict, and one line per loss. Run the same command again to resume. The file's format: docs/scale.md.
+    verdict; sweep-contrasts.csv (and sweep.json's contrasts) each loss against the reference loss, as
+    each audit compared them ("is l1 fairer than l2?"); and one line per loss for each. Run the same
+    command again to resume. The file's format: docs/scale.md.
 
     \b
     Examples:

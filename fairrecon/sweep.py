@@ -25,7 +25,10 @@ like any other (`fairrecon report`, `fairrecon check` read it); the setting's na
 The report (OUT/sweep.md, sweep.csv, sweep.png, sweep.json) gives, per loss and setting, the worst/best
 ratio, its interval and the verdict exactly as that setting's audit decides them (`stats.analyse` on its
 result: the one in its summary.json), a figure, and one line per loss: "l2: bright group worse in 7 of 8
-settings, clear in 5". Nothing is corrected across settings: each verdict is its own audit's.
+settings, clear in 5". Beside it, "is L1 fairer than L2?": per setting, each loss against the audit's
+reference loss (its `loss_contrasts`: the paired ratio of worst/best ratios, interval, verdict), and one
+line per loss: "l1 vs l2: less fair (its gap larger) in 5 of 7 settings, clearly less fair in 2; clearly
+fairer in 0". Nothing is recomputed or corrected across settings: each verdict is its own audit's.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ from .losses import check_settings
 from .outputs import save_results
 from .resultsdir import LOCK, MARKER, Identity, check_out, input_paths, writing
 from .spec import FIELDS, AuditSpec, load_spec
-from .stats import CLEAR, INSUFFICIENT, NO_CLEAR, Analysis, analyse
+from .stats import CLEAR, FAIRER, INSUFFICIENT, LESS_FAIR, NO_CLEAR, Analysis, analyse
 from .version import __version__
 
 SWEEP_MARKER = "fairrecon-sweep.json"  # marks a sweep folder (an audit's folder has resultsdir.MARKER)
@@ -183,17 +186,21 @@ def setting_name(values: dict[str, Any]) -> str:
 
 @dataclass
 class SweepReport:
-    """The sweep's answer: a row per (setting, loss), the one-line summary per loss, and where it was written."""
+    """The sweep's answer: a row per (setting, loss), a row per (setting, loss against the reference loss), the
+    one-line summaries per loss (the verdicts', then the contrasts'), and the interval levels they were made at."""
 
     sweep: Sweep
     table: pd.DataFrame
     summary: list[str]
     confidence: list[float]
+    contrasts: pd.DataFrame
+    contrast_confidence: list[float]
 
     def files(self) -> dict[str, bytes]:
-        """sweep.csv, sweep.png, sweep.md, then sweep.json (the last: the report is complete)."""
+        """sweep.csv, sweep-contrasts.csv, sweep.png, sweep.md, then sweep.json (the last: the report is complete)."""
         return {
             "sweep.csv": self.table.to_csv(index=False).encode(),
+            "sweep-contrasts.csv": self.contrasts.to_csv(index=False).encode(),
             "sweep.png": png(sweep_figure(self.table)),
             "sweep.md": markdown(self).encode(),
             "sweep.json": (json.dumps(self.record(), indent=2, default=json_default) + "\n").encode(),
@@ -208,6 +215,7 @@ class SweepReport:
             "settings": [{"name": s.name, "values": s.values, "out": s.spec.out} for s in self.sweep.settings],
             "summary": self.summary,
             "rows": json.loads(self.table.to_json(orient="records")),
+            "contrasts": json.loads(self.contrasts.to_json(orient="records")),
         }
 
 
@@ -312,19 +320,26 @@ def worse_group(spec: AuditSpec, group: Any) -> str:
 
 
 COLUMNS = ["setting", "loss", "worse", "worst", "reference", "ratio", "ratio_low", "ratio_high", "gap", "verdict"]
+# a loss against the reference loss, as the setting's audit has it (stats.CONTRAST_COLUMNS; by mse: a ratio)
+CONTRAST_COLUMNS = ["loss", "reference", "metric", "loss_ratio", "reference_ratio", "ratio", "low", "high"]
+CONTRAST_COLUMNS += ["p_corrected", "seeds", "verdict", "warnings"]
 
 
 def sweep_report(sweep: Sweep, analyses: dict[str, Analysis]) -> SweepReport:
-    """Per (setting, loss): the audit's own decided row; per loss: the one-line summary."""
-    rows = []
+    """Per (setting, loss): the audit's own decided row; per (setting, loss against the reference loss): the
+    audit's own loss contrast; per loss: the one-line summaries."""
+    rows, contrasts = [], []
     for s in sweep.settings:
         analysis = analyses[s.name]
+        axes = {f"axis_{k}": Path(v).stem if k == "spec" else _shown(v) for k, v in s.values.items()}
+        for c in analysis.contrasts.to_dict("records"):
+            contrasts.append({"setting": s.name, **axes, **{k: c.get(k) for k in CONTRAST_COLUMNS}})
         for d in analysis.disparities.to_dict("records"):
             worst = d.get("worst")
             rows.append(
                 {
                     "setting": s.name,
-                    **{f"axis_{k}": Path(v).stem if k == "spec" else _shown(v) for k, v in s.values.items()},
+                    **axes,
                     "loss": d["loss"],
                     "worse": worse_group(s.spec, worst if isinstance(worst, str) else None),
                     **{k: d.get(k) for k in COLUMNS[3:]},
@@ -332,7 +347,10 @@ def sweep_report(sweep: Sweep, analyses: dict[str, Analysis]) -> SweepReport:
             )
     table = pd.DataFrame(rows)
     confidence = sorted({round(a.confidence, 6) for a in analyses.values()})
-    return SweepReport(sweep, table, summary_lines(sweep, table), confidence)
+    contrast_table = pd.DataFrame(contrasts, columns=["setting", *[f"axis_{k}" for k in sweep.axes], *CONTRAST_COLUMNS])
+    contrast_confidence = sorted({round(a.contrast_confidence, 6) for a in analyses.values() if len(a.contrasts)})
+    summary = summary_lines(sweep, table) + contrast_lines(contrast_table)
+    return SweepReport(sweep, table, summary, confidence, contrast_table, contrast_confidence)
 
 
 def _shown(value: Any) -> Any:
@@ -370,6 +388,41 @@ def summary_lines(sweep: Sweep, table: pd.DataFrame) -> list[str]:
     return lines
 
 
+def contrast_lines(contrasts: pd.DataFrame) -> list[str]:
+    """Per loss against its reference loss: "l1 vs l2: less fair (its gap larger) in 5 of 7 settings, clearly
+    less fair in 2; clearly fairer in 0", the direction most settings' ratios point first (a tie: both),
+    in the audits' own verdict words; then verdicts withheld (insufficient data). "of N": the settings whose
+    audit compared the two."""
+    lines = []
+    pairs = contrasts[["loss", "reference"]].drop_duplicates().itertuples(index=False)
+    for loss, reference in pairs:
+        part = contrasts[(contrasts["loss"] == loss) & (contrasts["reference"] == reference)]
+        ratio = part["ratio"].to_numpy(dtype=float)
+        above, below = int((ratio > 1).sum()), int((ratio < 1).sum())
+        less, fairer = int((part["verdict"] == LESS_FAIR).sum()), int((part["verdict"] == FAIRER).sum())
+        head = f"{loss} vs {reference}: "
+        if not np.isfinite(ratio).any():
+            line = head + f"no ratio in any of {len(part)} settings"
+        elif above >= below:
+            tie = f" and fairer (its gap smaller) in {below}" if above == below else ""
+            line = head + f"less fair (its gap larger) in {above} of {len(part)} settings{tie}, {LESS_FAIR} in {less}"
+            line += f"; {FAIRER} in {fairer}"
+        else:
+            line = head + f"fairer (its gap smaller) in {below} of {len(part)} settings, {FAIRER} in {fairer}"
+            line += f"; {LESS_FAIR} in {less}"
+        withheld = int((part["verdict"] == INSUFFICIENT).sum())
+        if withheld:
+            line += f"; insufficient data (no verdict) in {withheld}"
+        lines.append(line)
+    return lines
+
+
+def _contrast_text(row: pd.Series) -> str:
+    if not np.isfinite(row["ratio"]):
+        return f"{row['verdict']}"
+    return f"{row['ratio']:.2f} [{row['low']:.2f}, {row['high']:.2f}] {row['verdict']}"
+
+
 def _ratio_text(row: pd.Series) -> str:
     if not np.isfinite(row["ratio"]):
         return f"{row['verdict']}"
@@ -402,6 +455,29 @@ def markdown(report: SweepReport) -> str:
         values = [str(part[a].iloc[0]) for a in axes] if len(part) else [""] * len(axes)
         lines.append(f"| [{s.name}]({s.name}/report.md) | " + " | ".join([*values, *cells]) + " |")
     lines += ["", "![Ratio per setting and loss](sweep.png)", ""]
+    contrasts = report.contrasts
+    if len(contrasts):
+        levels = ", ".join(f"{100 * c:.4g}%" for c in report.contrast_confidence)
+        pairs = list(dict.fromkeys(zip(contrasts["loss"], contrasts["reference"])))
+        header = ["setting", *[a.removeprefix("axis_") for a in axes], *[f"{a} vs {b}" for a, b in pairs]]
+        lines += [
+            "## Loss against loss: is it fairer?",
+            "",
+            "Per setting, each loss against that audit's reference loss, paired by seed and test image: its "
+            "worst/best ratio over the reference loss's (above 1: less fair, its gap larger), the interval and the "
+            f"verdict, each exactly as that setting's audit decides it (its summary.json `loss_contrasts`; "
+            f"intervals simultaneous over its comparisons, each at {levels}). Nothing is recomputed or corrected "
+            "across settings.",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        for s in sweep.settings:
+            part = contrasts[contrasts["setting"] == s.name].set_index(["loss", "reference"])
+            cells = [_contrast_text(part.loc[p]) if p in part.index else "" for p in pairs]
+            values = [str(part[a].iloc[0]) for a in axes] if len(part) else [""] * len(axes)
+            lines.append(f"| [{s.name}]({s.name}/report.md) | " + " | ".join([*values, *cells]) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 

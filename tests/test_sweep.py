@@ -16,7 +16,7 @@ from fairrecon.errors import TasksFailed, UserError
 from fairrecon.executor import LocalExecutor
 from fairrecon.results import AuditResult
 from fairrecon.stats import analyse
-from fairrecon.sweep import SWEEP_MARKER, load_sweep, run_sweep, summary_lines
+from fairrecon.sweep import SWEEP_MARKER, contrast_lines, load_sweep, run_sweep, summary_lines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,6 +133,77 @@ def test_the_summary_words():
     sweep = type("S", (), {"settings": [type("X", (), {"spec": spec})() for _ in rows]})()
     assert summary_lines(sweep, table) == [
         "l2: bright group worse in 7 of 8 settings, clear in 5; dark group clearly worse in 1"
+    ]
+
+
+@pytest.mark.slow  # the sweep: 4 audits
+def test_the_contrast_rows_are_each_setting_s_own_loss_contrasts(swept):
+    """ "Is l1 fairer than l2?" per setting: each row is that audit's summary.json loss_contrasts entry, read
+    back independently, in the report's table, sweep-contrasts.csv and sweep.json alike."""
+    path, out, report, lines = swept
+    rows = report.contrasts
+    saved_json = pd.DataFrame(json.loads((out / "sweep.json").read_text())["contrasts"])
+    saved_csv = pd.read_csv(out / "sweep-contrasts.csv")
+    assert len(rows) == len(saved_json) == len(saved_csv) == 4  # l1 against l2 in each of the 4 settings
+    for name in NAMES:
+        own = json.loads((out / name / "summary.json").read_text())["loss_contrasts"]
+        assert [(c["loss"], c["reference"]) for c in own] == [("l1", "l2")]
+        for table in (rows, saved_json, saved_csv):
+            mine = table[table["setting"] == name]
+            assert mine["loss"].tolist() == ["l1"] and mine["reference"].tolist() == ["l2"]
+            assert mine["verdict"].tolist() == [own[0]["verdict"]], name
+            for column in ("loss_ratio", "reference_ratio", "ratio", "low", "high"):  # JSON: 10 decimals
+                saved = pytest.approx([own[0][column]], rel=1e-9, abs=1e-10)
+                assert mine[column].tolist() == saved, (name, column)
+    markdown = (out / "sweep.md").read_text()
+    assert "| setting | proportions | targets | l1 vs l2 |" in markdown
+    first = rows.iloc[0]
+    assert f"{first['ratio']:.2f} [{first['low']:.2f}, {first['high']:.2f}] {first['verdict']}" in markdown
+
+
+@pytest.mark.slow  # the sweep: 4 audits
+def test_the_contrast_summary_line_is_a_hand_count_of_the_audits(swept):
+    path, out, report, lines = swept
+    own = [json.loads((out / name / "summary.json").read_text())["loss_contrasts"][0] for name in NAMES]
+    above = sum(c["ratio"] > 1 for c in own)
+    below = sum(c["ratio"] < 1 for c in own)
+    less = sum(c["verdict"] == "clearly less fair" for c in own)
+    fairer = sum(c["verdict"] == "clearly fairer" for c in own)
+    withheld = sum(c["verdict"] == "insufficient data" for c in own)
+    if above >= below:
+        tie = f" and fairer (its gap smaller) in {below}" if above == below else ""
+        line = f"l1 vs l2: less fair (its gap larger) in {above} of 4 settings{tie}, clearly less fair in {less}"
+        line += f"; clearly fairer in {fairer}"
+    else:
+        line = f"l1 vs l2: fairer (its gap smaller) in {below} of 4 settings, clearly fairer in {fairer}"
+        line += f"; clearly less fair in {less}"
+    line += f"; insufficient data (no verdict) in {withheld}" if withheld else ""
+    assert report.summary[2:] == [line]
+    assert f"- {line}" in (out / "sweep.md").read_text()
+    assert json.loads((out / "sweep.json").read_text())["summary"][2:] == [line]
+
+
+def test_the_contrast_summary_words():
+    """The line the users' question asks for, from a table whose counts are known: the direction most ratios
+    point first, in the audits' own verdict words, then the verdicts withheld."""
+    rows = [(1.3, "clearly less fair"), (1.2, "clearly less fair"), (1.1, "not clearly different")]
+    rows += [(1.05, "not clearly different"), (1.4, "insufficient data"), (0.9, "not clearly different")]
+    rows += [(0.7, "clearly fairer"), (0.8, "clearly fairer"), (0.6, "clearly fairer"), (0.95, "insufficient data")]
+    rows += [(1.1, "not clearly different"), (0.9, "clearly fairer")]
+    pairs = [("l1", "l2")] * 6 + [("log-mse", "l2")] * 4 + [("learned-sigma", "l2")] * 2
+    table = pd.DataFrame(
+        [
+            {"setting": f"s{i}", "loss": loss, "reference": ref, "ratio": r, "verdict": v}
+            for i, ((loss, ref), (r, v)) in enumerate(zip(pairs, rows))
+        ]
+    )
+    assert contrast_lines(table) == [
+        "l1 vs l2: less fair (its gap larger) in 5 of 6 settings, clearly less fair in 2; clearly fairer in 0; "
+        "insufficient data (no verdict) in 1",
+        "log-mse vs l2: fairer (its gap smaller) in 4 of 4 settings, clearly fairer in 3; clearly less fair in 0; "
+        "insufficient data (no verdict) in 1",
+        "learned-sigma vs l2: less fair (its gap larger) in 1 of 2 settings and fairer (its gap smaller) in 1, "
+        "clearly less fair in 0; clearly fairer in 1",
     ]
 
 
