@@ -45,7 +45,8 @@ def main() -> None:
         for threads in args.threads:
             folder = args.out / f"{name}-t{threads}"
             start = time.perf_counter()
-            run_audit(data_root=args.data_root, out=str(folder), threads=threads, device="cpu", **AUDITS[name])
+            files = {} if AUDITS[name]["dataset"] == "digits" else {"data_root": args.data_root}  # digits: bundled
+            run_audit(out=str(folder), threads=threads, device="cpu", **files, **AUDITS[name])
             print(f"{folder}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
