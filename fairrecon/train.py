@@ -319,7 +319,7 @@ class ChunkTraining:
         self.opt.step()
         with torch.no_grad():
             s.alive &= finite
-            sample_mse = (stacked.mean(objective.out.detach()) - xb).pow(2).flatten(2).mean(2)  # (C, B)
+            sample_mse = objective.mse  # (C, B)
             s.epoch_sums[0] += torch.nan_to_num(objective.nll.detach(), nan=0.0, posinf=0.0).sum(1)
             s.epoch_sums[1] += sample_mse.sum(1)
             s.epoch_sums[2] += idx.shape[1]

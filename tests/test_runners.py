@@ -84,6 +84,6 @@ def test_each_runner_takes_only_its_own_forwards_graph():
     base = stacked_cells("mlp").base
     loss, loss_params = torch.zeros((), requires_grad=True), torch.zeros(1, requires_grad=True)
     with pytest.raises(TypeError, match="VmapRunner.backward needs the VmapGraph"):
-        VmapRunner(base).backward(loss, LoopedGraph({}, [], []), loss_params)
+        VmapRunner(base).backward(loss, LoopedGraph({}, [], [], []), loss_params)
     with pytest.raises(TypeError, match="LoopedRunner.backward needs the LoopedGraph"):
         LoopedRunner(base).backward(loss, VmapGraph(), loss_params)
