@@ -43,7 +43,6 @@ from torchvision import transforms
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fairrecon.audit import default_threads  # noqa: E402
 from fairrecon.data import load_images  # noqa: E402
 from fairrecon.grid import Cell, TrainConfig  # noqa: E402
 from fairrecon.groups import make_groups  # noqa: E402
@@ -51,6 +50,7 @@ from fairrecon.losses import get_loss  # noqa: E402
 from fairrecon.memory import cell_bytes  # noqa: E402
 from fairrecon.models import build_model  # noqa: E402
 from fairrecon.spec import AuditSpec  # noqa: E402
+from fairrecon.threads import default_threads  # noqa: E402
 from fairrecon.train import train_cells  # noqa: E402
 
 LOSSES = ("l1", "l2", "log-mse", "learned-sigma")
