@@ -70,7 +70,8 @@ def run_audit(
     statistics themselves (the CLI) then save with them.
 
     `threads`: torch's intra-op threads for this audit (default `default_threads()`), put back
-    afterwards; conv models on the CPU use them as worker threads, a cell each (runners.LoopedRunner).
+    afterwards; on the CPU the cells use them as worker threads, each cell on one (runners.LoopedRunner: conv a
+    cell at a time, MLP a part of the cells per worker under one vmap).
     Recorded in info["threads"]. Not part of the audit's identity: it changes speed only.
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):

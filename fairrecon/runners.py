@@ -8,8 +8,10 @@ Two runners with one interface; stacked.StackedCells picks one (`StackedCells.lo
   threads there are or on which rows run beside it (threads.py says why torch's kernels would otherwise round
   differently; tests/test_threads.py). Rows run with the ordinary kernels through functional_call (conv models:
   under vmap a convolution of stacked weights becomes a grouped convolution, which torch's CPU backend runs on a
-  slow path; benchmarks/stacking.py), or, with `batched_rows` (MLPs), each as a batch of one under vmap: the
-  arithmetic of VmapRunner, bit for bit.
+  slow path; benchmarks/stacking.py), or, with `batched_rows` (MLPs), a contiguous part of the rows per worker
+  under one vmap: at one thread a batched matrix product computes each matrix as it would alone, so this is the
+  arithmetic of VmapRunner at one thread, bit for bit, whatever the part's size (one vmap per worker, not one per
+  row: fewer Python round trips per step).
 * `VmapRunner` (any model on a GPU): every row at once under torch.func.vmap.
 
 Each row computes only with its own weights. Calling a runner (`runner(params, buffers, args)`) gives the outputs
@@ -74,13 +76,9 @@ def _pad(shared: Sequence[bool], n: int) -> tuple[bool, ...]:
     return tuple(shared) + (False,) * (n - len(shared))
 
 
-def _rows(stacked: Weights) -> list[Weights]:
-    """Stacked weights (k, ...) each -> k rows of views, one dict per row ([] for no weights)."""
-    return [dict(zip(stacked, vs)) for vs in zip(*(v.unbind(0) for v in stacked.values()))]
-
-
-def _stack(outs: list[Any]) -> Outputs:
-    return tuple(map(torch.stack, zip(*outs))) if isinstance(outs[0], tuple) else torch.stack(outs)
+def _cat(outs: list[Any]) -> Outputs:
+    """Parts' outputs (k, ...) each -> all rows' (sum of k, ...)."""
+    return tuple(map(torch.cat, zip(*outs))) if isinstance(outs[0], tuple) else torch.cat(outs)
 
 
 @dataclass(frozen=True)
@@ -90,11 +88,13 @@ class VmapGraph:
 
 @dataclass(frozen=True)
 class LoopedGraph:
-    """What LoopedRunner.backward needs: the stacked params the forward ran, and per row its params (views of
-    them), its loss-parameter row (a view of loss_params) and its objective per sample (the first score)."""
+    """What LoopedRunner.backward needs: the stacked params the forward ran; per part (a worker's rows lo:hi) its
+    range and its params (views of those rows, (hi - lo, ...) each); per row its loss-parameter row (a view of
+    loss_params) and its objective per sample (the first score)."""
 
     params: Weights
-    rows: list[Weights]
+    ranges: list[tuple[int, int]]
+    parts: list[Weights]
     loss_params: list[torch.Tensor]
     values: list[torch.Tensor]
 
@@ -145,11 +145,12 @@ class VmapRunner:
 
 
 class LoopedRunner:
-    """Each row on its own, on one thread, the rows side by side in worker threads, forward and backward."""
+    """Each row on one thread, the rows side by side in worker threads, forward and backward."""
 
     def __init__(self, base: nn.Module, *, batched_rows: bool = False):
-        """`batched_rows`: run each row as a batch of one under vmap (the arithmetic of VmapRunner, bit for bit)
-        rather than with the module's ordinary kernels."""
+        """`batched_rows`: each worker runs its rows (a contiguous part, one per worker) as one batch under vmap
+        (the arithmetic of VmapRunner at one thread, bit for bit, whatever the part's size), rather than one row
+        at a time with the module's ordinary kernels."""
         self._templates = [copy.deepcopy(base)]  # one per worker thread, made as needed
         self._lock = threading.Lock()
         self.batched_rows = batched_rows
@@ -163,12 +164,12 @@ class LoopedRunner:
         then: Then | None = None,
         **kwargs,
     ) -> Outputs:
-        """As VmapRunner.__call__, each row in a worker thread (as many as torch's intra-op threads), `then`
-        applied to each row's outputs in the thread that ran it."""
+        """As VmapRunner.__call__, the rows shared out between worker threads (as many as torch's intra-op
+        threads), `then` applied to each part's outputs (k, ...) in the thread that ran it."""
         shared = _pad(shared, len(args))
         run = self._model(shared, kwargs)
-        fn = run if then is None else (lambda w, c, p, b, *a: then(run(w, c, p, b, *a)))
-        return _stack(self._side_by_side(fn, params, buffers, args, shared)[1])
+        fn = run if then is None else (lambda w, p, b, *a: then(run(w, p, b, *a)))
+        return _cat(self._side_by_side(fn, params, buffers, args, shared)[2])
 
     def forward(
         self, params: Weights, buffers: Weights, args: Sequence[torch.Tensor], score: Score, loss_params: torch.Tensor
@@ -179,62 +180,89 @@ class LoopedRunner:
         run = self._model(shared, {})
         lp_rows = loss_params.unbind(0)
 
-        def one(w, c, p, b, *a):
-            return tuple(score(c, run(w, c, p, b, *a), a, lp_rows[c]))
+        def part(w, lo, p, b, *a):
+            out = run(w, p, b, *a)
+            row = lambda i: tuple(o[i] for o in out) if isinstance(out, tuple) else out[i]
+            return [tuple(score(lo + i, row(i), [x[i] for x in a], lp_rows[lo + i])) for i in range(len(a[0]))]
 
-        rows, scores = self._side_by_side(one, params, buffers, args, shared)
-        graph = LoopedGraph(params, rows, list(lp_rows), [s[0] for s in scores])
+        ranges, parts, scores = self._side_by_side(part, params, buffers, args, shared, start=True)
+        scores = [s for part_scores in scores for s in part_scores]
+        graph = LoopedGraph(params, ranges, parts, list(lp_rows), [s[0] for s in scores])
         return tuple(map(torch.stack, zip(*scores))), graph
 
     def backward(self, loss: torch.Tensor, graph: Graph, loss_params: torch.Tensor) -> None:
         """loss.backward() into the .grad of graph.params and loss_params: through the loss to each row's objective
-        at one thread (a few small sums), then through each row's own graph (its loss, its model) in
+        at one thread (a few small sums), then through each part's own graph (its rows' losses, their model) in
         `side_by_side`. Per row it is the same arithmetic as one backward pass at one thread, so the gradients are
-        the same to the bit; the cores share the rows."""
+        the same to the bit; the cores share the parts."""
         if not isinstance(graph, LoopedGraph):
             raise TypeError(f"LoopedRunner.backward needs the LoopedGraph of its forward, got {type(graph).__name__}")
         with one_thread():
             value_grads = torch.autograd.grad(loss, graph.values)
 
-        def one(w, p, lp, value, grad):
-            *weights, lp_grad = torch.autograd.grad(value, [*p.values(), lp], grad, allow_unused=True)
-            return weights, lp_grad
+        def one(w, lo, hi, p):
+            lps = graph.loss_params[lo:hi]
+            grads = torch.autograd.grad(graph.values[lo:hi], [*p.values(), *lps], value_grads[lo:hi], allow_unused=True)
+            return grads[: len(p)], grads[len(p) :]
 
-        jobs = list(zip(graph.rows, graph.loss_params, graph.values, value_grads))
+        jobs = [(lo, hi, p) for (lo, hi), p in zip(graph.ranges, graph.parts)]
         grads = side_by_side(one, jobs, min(torch.get_num_threads(), len(jobs)))
-        for k, name in enumerate(graph.rows[0]):
-            graph.params[name].grad = torch.stack([g[0][k] for g in grads])
-        if any(g[1] is not None for g in grads):
+        for k, name in enumerate(graph.parts[0]):
+            graph.params[name].grad = torch.cat([g[0][k] for g in grads])
+        lp_grads = [lp for g in grads for lp in g[1]]
+        if any(g is not None for g in lp_grads):
             loss_params.grad = torch.stack(
-                [g[1] if g[1] is not None else torch.zeros_like(lp) for g, lp in zip(grads, graph.loss_params)]
+                [g if g is not None else torch.zeros_like(lp) for g, lp in zip(lp_grads, graph.loss_params)]
             )
 
     def _model(self, shared: tuple[bool, ...], kwargs: dict) -> Callable[..., Outputs]:
-        """(worker, row, its params, its buffers, its args) -> its outputs, on the worker's template module."""
+        """(worker, a part's params and buffers (k, ...), its args) -> its outputs (k, ...), on the worker's
+        template module: under vmap (`batched_rows`), or row by row (a part of one row: conv models)."""
         if not self.batched_rows:
-            return lambda w, c, p, b, *a: functional_call(self._templates[w], (p, b), a, kwargs)
+
+            def row(w, p, b, *a):
+                first = lambda d: {k: v[0] for k, v in d.items()}
+                out = functional_call(
+                    self._templates[w], (first(p), first(b)), tuple(x if s else x[0] for x, s in zip(a, shared)), kwargs
+                )
+                return tuple(o[None] for o in out) if isinstance(out, tuple) else out[None]
+
+            return row
         in_dims = (0, 0, *(None if s else 0 for s in shared))
 
-        def run(w, c, p, b, *a):
+        def run(w, p, b, *a):
             one = lambda p, b, *a: functional_call(self._templates[w], (p, b), a, kwargs)
-            batch = lambda d: {k: v[None] for k, v in d.items()}
-            args = (x if s else x[None] for x, s in zip(a, shared))
-            out = vmap(one, in_dims=in_dims)(batch(p), batch(b), *args)
-            return tuple(o[0] for o in out) if isinstance(out, tuple) else out[0]
+            return vmap(one, in_dims=in_dims)(p, b, *a)
 
         return run
 
     def _side_by_side(
-        self, fn: Callable[..., Any], params: Weights, buffers: Weights, args: Sequence[torch.Tensor], shared
-    ) -> tuple[list[Weights], list]:
-        """(each row's params, [fn(worker, row, its params, its buffers, *its args) for each row]) in `side_by_side`:
-        an arg marked True in `shared` goes to every row as it is, the others are split along dim 0."""
-        p_rows = _rows(params)
-        b_rows = _rows(buffers) or [{}] * len(p_rows)
-        split = [[a] * len(p_rows) if s else a.unbind(0) for a, s in zip(args, shared)]
-        jobs = list(zip(range(len(p_rows)), p_rows, b_rows, *split))
+        self,
+        fn: Callable[..., Any],
+        params: Weights,
+        buffers: Weights,
+        args: Sequence[torch.Tensor],
+        shared,
+        start: bool = False,
+    ) -> tuple[list[tuple[int, int]], list[Weights], list]:
+        """(the parts' ranges, their params, [fn(worker, [lo,] its params, its buffers, *its args) for each part]) in
+        `side_by_side` (`start`: with lo, the part's first row): the rows cut into parts, one row each, or
+        (`batched_rows`) one contiguous part per worker; an arg marked True in `shared` goes to every part as it
+        is, the others are cut along dim 0."""
+        n = len(next(iter(params.values())))
+        workers = min(torch.get_num_threads(), n)
+        if self.batched_rows:
+            bounds = [n * w // workers for w in range(workers + 1)]
+            ranges = list(zip(bounds, bounds[1:]))
+        else:
+            ranges = [(c, c + 1) for c in range(n)]
+        cut = lambda d, lo, hi: {k: v[lo:hi] for k, v in d.items()}
+        parts = [cut(params, lo, hi) for lo, hi in ranges]
+        jobs = [
+            ((lo,) if start else ()) + (p, cut(buffers, lo, hi), *(a if s else a[lo:hi] for a, s in zip(args, shared)))
+            for (lo, hi), p in zip(ranges, parts)
+        ]
         with self._lock:
-            workers = min(torch.get_num_threads(), len(jobs))
             while len(self._templates) < workers:
                 self._templates.append(copy.deepcopy(self._templates[0]))
-            return p_rows, side_by_side(fn, jobs, workers)
+            return ranges, parts, side_by_side(fn, jobs, workers)

@@ -179,7 +179,7 @@ class StackedCells:
     @cached_property
     def runner(self) -> VmapRunner | LoopedRunner:
         """How these cells run (runners.py): with its own copy of `base`, since other StackedCells may share it.
-        Looped MLP cells run as batches of one under vmap: the same arithmetic as all at once."""
+        Looped MLP cells run a part per worker under one vmap: the same arithmetic as all at once."""
         if self.looped:
             return LoopedRunner(self.base, batched_rows=self.config.model not in CONV_MODELS)
         return VmapRunner(self.base)
