@@ -44,8 +44,9 @@ Outputs = torch.Tensor | tuple[torch.Tensor, ...]  # a model's output: a tensor,
 Weights = dict[str, torch.Tensor]
 # score(row, outputs, args, loss_params) -> per-sample tensors, the first the objective (differentiated), the rest
 # measured alongside without gradient; row is None for all rows at once (stacked outputs, args and loss_params)
-# or a row's index (its own outputs, args and loss_params row)
-Score = Callable[[int | None, Outputs, Sequence[torch.Tensor], torch.Tensor], tuple[torch.Tensor, ...]]
+# or a row's index (its own outputs, args and loss_params row), or a slice of rows (a part: their outputs, args and
+# loss_params rows, stacked)
+Score = Callable[[int | slice | None, Outputs, Sequence[torch.Tensor], torch.Tensor], tuple[torch.Tensor, ...]]
 Then = Callable[[Outputs], Outputs]  # a function of a row's outputs (or of all rows' at once, under vmap)
 
 
@@ -181,7 +182,10 @@ class LoopedRunner:
         lp_rows = loss_params.unbind(0)
 
         def part(w, lo, p, b, *a):
-            out = run(w, p, b, *a)
+            out, hi = run(w, p, b, *a), lo + len(a[0])
+            if self.batched_rows:  # the part's scores at once: one call per part, not per row
+                lps = torch.stack(lp_rows[lo:hi])  # from the rows' views, through which backward takes their grads
+                return list(zip(*score(slice(lo, hi), out, list(a), lps)))
             row = lambda i: tuple(o[i] for o in out) if isinstance(out, tuple) else out[i]
             return [tuple(score(lo + i, row(i), [x[i] for x in a], lp_rows[lo + i])) for i in range(len(a[0]))]
 

@@ -122,13 +122,18 @@ class StackedCells:
         return Objective(value, nll, mse, graph)
 
     def _score(
-        self, c: int | None, out: Outputs, args: list[torch.Tensor], loss_params: torch.Tensor
+        self, c: int | slice | None, out: Outputs, args: list[torch.Tensor], loss_params: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """runners.Score for `objective`: (objective, NLL, MSE per pixel) per sample of cell c on its batch (every
-        cell's at once when c is None)."""
+        cell's at once when c is None, a part's when c is a slice)."""
         x = args[0]
         x_hat, kl = (out, None) if len(args) == 1 else out
-        nll = self.per_sample_nll(x, x_hat) if c is None else self.cell_nll(c, x, x_hat, loss_params)
+        if c is None:
+            nll = self.per_sample_nll(x, x_hat)
+        elif isinstance(c, slice):
+            nll = self.part_nll(c, x, x_hat, loss_params)
+        else:
+            nll = self.cell_nll(c, x, x_hat, loss_params)
         with torch.no_grad():
             mse = (self.mean(x_hat.detach()) - x).pow(2).flatten(-3).mean(-1)
         return (nll if kl is None else nll + self.config.beta * kl), nll, mse
@@ -192,6 +197,25 @@ class StackedCells:
         raw = {p.name: loss_params[self.loss_param_names.index(p.name), None, None] for p in loss.params}  # (1, 1)
         scale = raw_scale.flatten(1) if loss.pixel_scale and raw_scale is not None else None
         return loss.per_sample(x.flatten(1), x_hat.flatten(1), raw, self.config.sigma_floor, raw_scale=scale)
+
+    def part_nll(self, rows: slice, x: torch.Tensor, out: torch.Tensor, loss_params: torch.Tensor) -> torch.Tensor:
+        """Cells rows.start .. rows.stop - 1's own losses on their batches x (k, B, ...) and forward outputs (k, B,
+        ...), with their learned parameters `loss_params` (k, K; those rows of self.loss_params) -> (k, B): each
+        loss once over its cells in the part (contiguous runs), as `per_sample_nll` does over all cells."""
+        x_hat, raw_scale = self.split(out)
+        x, x_hat = x.flatten(2), x_hat.flatten(2)
+        raw_scale = raw_scale.flatten(2) if raw_scale is not None else None
+        cells, parts, lo = self.cells[rows], [], 0
+        while lo < len(cells):
+            hi = lo + 1
+            while hi < len(cells) and cells[hi].loss == cells[lo].loss:
+                hi += 1
+            loss, i = get_loss(cells[lo].loss), slice(lo, hi)
+            raw = {p.name: loss_params[i, self.loss_param_names.index(p.name), None, None] for p in loss.params}
+            scale = raw_scale[i] if loss.pixel_scale and raw_scale is not None else None
+            parts.append(loss.per_sample(x[i], x_hat[i], raw, self.config.sigma_floor, raw_scale=scale))
+            lo = hi
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def per_sample_nll(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Each cell's own loss, with its own learned parameters, on its own batch: x (C, B, ...) and the
