@@ -1,21 +1,25 @@
-"""Benchmark: the whole `fairrecon audit` process against the plain PyTorch recipe, same grid, data and epochs.
+"""Benchmark: the whole `fairrecon audit` process against a competent plain PyTorch loop, same grid, data and epochs.
 
     python benchmarks/bench.py --limit 5000 --model conv --repeats 3   # 4 losses x 3 seeds, 1 epoch
     python benchmarks/bench.py --limit 60000 --model mlp               # full Fashion-MNIST
+    python benchmarks/bench.py --check-competent --limit 512 --test-limit 128 --epochs 2   # same training?
     python benchmarks/bench.py --scaling-only                          # time, memory vs cells, images, image size
     python benchmarks/bench.py --small                                 # seconds; what CI runs
 
-Each side is a fresh process, timed from the outside, interleaved (plain, fairrecon, plain, ...):
+Each side is a fresh process, timed from the outside, interleaved (competent, [transform,] fairrecon, ...):
 
 * fairrecon: `python -m fairrecon audit ... --out TMP`: load, groups, training (with its gradient
   shares and curves), measurement, statistics, report.md/report.html/summary.json. Its breakdown
   comes from summary.json's info.timings; "other" is the rest of the process (start-up, imports,
   writing files).
-* plain: what one would write by hand: torchvision's FashionMNIST behind a DataLoader, ToTensor and
-  the per-image brightness map as transforms, one model at a time with its own Adam, then each model
-  over the held-out images (the same transform) for every image's error. It trains the same models:
-  the same seeded initial weights, batch order and fairrecon.losses. Which images go to which group
-  (fairrecon's assignment) is worked out first and left out of its time ("setup").
+* competent plain loop (the main row): the grouped images built once as tensors (fairrecon's vectorised
+  grouping, timed as its "images"), batches taken by index from memory, one model at a time with its own Adam
+  at torch's default threads, then every held-out image's error. The same images, seeded initial weights, batch
+  order and fairrecon.losses as fairrecon (`--check-competent` compares the trained weights and errors).
+* per-image-transform recipe (`--transform-row`, a second labelled row): torchvision's FashionMNIST behind a
+  DataLoader, ToTensor and the per-image brightness map (a 50-step bisection) as transforms, one model at a time
+  with its own Adam, then each model over the held-out images (the same transform) for every image's error.
+  Which images go to which group (fairrecon's assignment) is worked out first and left out of its time ("setup").
 
 It reports; it never asserts timings. On a shared machine use the median ratio of interleaved
 --repeats and say so.
@@ -24,6 +28,7 @@ It reports; it never asserts timings. On a shared machine use the median ratio o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -43,14 +48,15 @@ from torchvision import transforms
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fairrecon.audit import default_threads  # noqa: E402
 from fairrecon.data import load_images  # noqa: E402
 from fairrecon.grid import Cell, TrainConfig  # noqa: E402
 from fairrecon.groups import make_groups  # noqa: E402
 from fairrecon.losses import get_loss  # noqa: E402
 from fairrecon.memory import cell_bytes  # noqa: E402
-from fairrecon.models import build_model  # noqa: E402
+from fairrecon.models import build_model, split_output  # noqa: E402
 from fairrecon.spec import AuditSpec  # noqa: E402
+from fairrecon.stacked import init_cells  # noqa: E402
+from fairrecon.threads import default_threads  # noqa: E402
 from fairrecon.train import train_cells  # noqa: E402
 
 LOSSES = ("l1", "l2", "log-mse", "learned-sigma")
@@ -267,6 +273,111 @@ def plain_main(args) -> None:
     )
 
 
+# ---------------------------------------------------------------- the competent plain loop
+
+
+def competent_recipe(
+    x: torch.Tensor, test_x: torch.Tensor, cells: list[Cell], config: TrainConfig, device: torch.device
+) -> tuple[dict[str, float], torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """What a competent user writes: the grouped images as tensors in memory, batches taken by index, one model at
+    a time with its own Adam (torch's defaults), then every held-out image's error. The same images, seeded
+    initial weights (stacked.init_cells), batch order (one torch.randperm per epoch from the seed's generator,
+    train.ChunkTraining) and losses (stacked.StackedCells.cell_nll) as fairrecon's training; fixed epochs, no
+    VAEs. -> (seconds per part, each cell's held-out MSE per pixel (C, N_test), each cell's trained weights)."""
+    if config.vae or config.auto:
+        raise ValueError("the competent plain loop trains autoencoders for a fixed number of epochs")
+    x, test_x = x.to(device), test_x.to(device)
+    shape = tuple(x.shape[1:])
+    stats = (x.mean(0), x.std(0, correction=0)) if config.input_norm == "standardize" else None
+    seconds = {"train_s": 0.0, "eval_s": 0.0}
+    errors, weights = [], []
+    for cell in cells:
+        start = time.perf_counter()
+        loss = get_loss(cell.loss)
+        torch.manual_seed(cell.seed)
+        model = config.build(shape, scale_head=loss.pixel_scale)
+        if stats is not None:
+            model.set_input_stats(*stats)
+        model = model.to(device)
+        learned = torch.zeros(len(loss.params), device=device, requires_grad=True)
+        opt = torch.optim.Adam(
+            [{"params": list(model.parameters()), "lr": config.lr}, {"params": [learned], "lr": config.sigma_lr}]
+        )
+        order = torch.Generator().manual_seed(cell.seed)
+        for _ in range(int(config.epochs)):
+            for idx in torch.randperm(len(x), generator=order).to(device).split(config.batch_size):
+                xb = x[idx]
+                x_hat, raw_scale = split_output(model(xb), shape[0])
+                raw = {p.name: learned[k, None, None] for k, p in enumerate(loss.params)}
+                scale = raw_scale.flatten(1) if raw_scale is not None else None
+                nll = loss.per_sample(xb.flatten(1), x_hat.flatten(1), raw, config.sigma_floor, raw_scale=scale)
+                opt.zero_grad()
+                nll.mean().backward()
+                opt.step()
+        middle = time.perf_counter()
+        with torch.no_grad():
+            errors.append(
+                torch.cat(
+                    [
+                        (split_output(model(xb), shape[0])[0] - xb).pow(2).flatten(1).mean(1).cpu()
+                        for xb in test_x.split(1024)
+                    ]
+                )
+            )
+        weights.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        seconds["train_s"] += middle - start
+        seconds["eval_s"] += time.perf_counter() - middle
+    return seconds, torch.stack(errors), weights
+
+
+def competent_main(args) -> None:
+    """--_competent: one competent-plain-loop process at torch's default threads; prints its timings as one JSON
+    line. Building the grouped images (fairrecon's vectorised groups.make_groups, as any reasonable vectorised
+    code would) counts as its load_s."""
+    spec = spec_for(args)
+    t = time.perf_counter()
+    data = make_groups(load_images(spec.dataset, spec.data_root), spec)
+    seconds = {"load_s": time.perf_counter() - t}
+    cells = [Cell(loss, seed) for loss in spec.losses for seed in range(spec.seeds)]
+    part, errors, _ = competent_recipe(
+        data.train_x, data.test_x, cells, TrainConfig.from_spec(spec), torch.device(args.device)
+    )
+    seconds.update(part)
+    print(json.dumps({**seconds, "threads": torch.get_num_threads(), "errors": list(errors.shape)}))
+
+
+def check_competent(args) -> None:
+    """--check-competent: in one process, the competent plain loop and fairrecon's train_cells (Adam's default,
+    not fused, kernel on both sides) on the same small data: every cell's initial weights, trained weights and
+    held-out errors compared. Equal initial weights and trained weights equal to rounding mean the same images,
+    batch order and losses (another order or loss would move the weights by far more)."""
+    spec = spec_for(args)
+    data = make_groups(load_images(spec.dataset, spec.data_root), spec)
+    config = TrainConfig.from_spec(spec)
+    cells = [Cell(loss, seed) for loss in spec.losses for seed in range(spec.seeds)]
+    device = torch.device(args.device)
+    zero = dataclasses.replace(config, epochs=0)  # the initial weights
+    _, _, init_plain = competent_recipe(data.train_x[:1], data.test_x[:1], cells, zero, device)
+    init_fair = [init_cells([cell], tuple(data.train_x.shape[1:]), config, device).module(0) for cell in cells]
+    _, errors, trained = competent_recipe(data.train_x, data.test_x, cells, config, device)
+    result = train_cells(data.train_x, data.train_g, cells, config, device, fused=False)
+    fair_errors = (result.stacked.reconstruct(data.test_x.to(device)) - data.test_x.to(device)).pow(2)
+    fair_errors = fair_errors.flatten(2).mean(2).cpu()
+    print(f"competent plain loop vs fairrecon: {len(cells)} cells, {len(data.train_x)} images, {spec.epochs} epoch(s)")
+    for c, cell in enumerate(cells):
+        module = result.stacked.module(c)
+        init_equal = all(torch.equal(init_plain[c][k], init_fair[c].state_dict()[k]) for k in init_plain[c])
+        moved = max((trained[c][k] - init_plain[c][k]).abs().max().item() for k in trained[c])
+        fair = module.state_dict()  # a cell without a scale head has a zero one here (concat_stacked)
+        diff = max((v - fair[k]).abs().max().item() for k, v in trained[c].items())
+        err = ((errors[c] - fair_errors[c]).abs() / fair_errors[c]).max().item()
+        print(
+            f"  {cell.loss} seed {cell.seed}: initial weights equal {init_equal}; trained weights max |diff| "
+            f"{diff:.1e} (training moved them up to {moved:.1e}); held-out errors max relative diff {err:.1e} "
+            f"over {len(fair_errors[c])} images"
+        )
+
+
 # ---------------------------------------------------------------- fairrecon, as a user runs it
 
 
@@ -345,12 +456,16 @@ def compare(args) -> None:
         "--threads",
         str(args.threads),
     ] + (["--test-limit", str(args.test_limit)] if args.test_limit else [])
-    ratios, parts = [], []
+    competent_cmd = [a for a in plain_cmd if a != "--_plain"] + ["--_competent"]
+    ratios, transform_ratios, parts = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            wall_p, mem_p, out = run_process(plain_cmd)
-            plain = json.loads(out.strip().splitlines()[-1])
-            t_plain = wall_p - plain["setup_s"]
+            wall_c, mem_c, out = run_process(competent_cmd)
+            competent = json.loads(out.strip().splitlines()[-1])
+            if args.transform_row:
+                wall_p, mem_p, out = run_process(plain_cmd)
+                plain = json.loads(out.strip().splitlines()[-1])
+                t_plain = wall_p - plain["setup_s"]
             out_dir = Path(tmp) / f"out{r}"  # a fresh folder each run: the same spec in one folder would resume
             wall_f, mem_f, _ = run_process(fairrecon_cmd(args, str(out_dir)))
             summary = json.loads((out_dir / "summary.json").read_text())
@@ -358,26 +473,35 @@ def compare(args) -> None:
                 raise RuntimeError(f"run {r + 1} resumed {summary['info']['resumed_cells']} cell(s): not a timing")
             part = breakdown(summary, wall_f)
             parts.append(part)
-            ratios.append(t_plain / wall_f)
+            ratios.append(wall_c / wall_f)
             print(
-                f"run {r + 1}: plain {t_plain:.2f} s (train {plain['train_s']:.2f} s of which waiting for data "
-                f"{plain['waited_s']:.2f} s, held-out errors {plain['eval_s']:.2f} s; peak {mem_p:.0f} MB) | "
-                f"fairrecon {wall_f:.2f} s (peak {mem_f:.0f} MB; {summary['info']['threads']} thread(s)) | "
-                f"ratio {ratios[-1]:.2f}x"
+                f"run {r + 1}: competent plain loop {wall_c:.2f} s (images {competent['load_s']:.2f} s, train "
+                f"{competent['train_s']:.2f} s, held-out errors {competent['eval_s']:.2f} s; "
+                f"{competent['threads']} thread(s); peak {mem_c:.0f} MB) | fairrecon {wall_f:.2f} s (peak {mem_f:.0f} "
+                f"MB; {summary['info']['threads']} thread(s)) | ratio {ratios[-1]:.2f}x"
             )
+            if args.transform_row:
+                transform_ratios.append(t_plain / wall_f)
+                print(
+                    f"  per-image-transform recipe: {t_plain:.2f} s (train {plain['train_s']:.2f} s of which waiting "
+                    f"for data {plain['waited_s']:.2f} s, held-out errors {plain['eval_s']:.2f} s; peak {mem_p:.0f} "
+                    f"MB) | ratio {transform_ratios[-1]:.2f}x"
+                )
             print("  fairrecon breakdown: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in part.items()))
     median = {k: statistics.median(p[k] for p in parts) for k in PARTS}
-    print(f"same data: max |plain image - fairrecon image| = {plain['data_diff']:.1e} (first 64 images)")
-    print(f"cell-steps: plain {plain['cell_steps']}, fairrecon {plain['fairrecon_cell_steps']}")
-    print(f"images: {plain['train_images']} train, {plain['test_images']} held out")
+    if args.transform_row:
+        print(f"same data: max |plain image - fairrecon image| = {plain['data_diff']:.1e} (first 64 images)")
+        print(f"cell-steps: plain {plain['cell_steps']}, fairrecon {plain['fairrecon_cell_steps']}")
     print("fairrecon median breakdown: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in median.items()))
     trained = median["train_s"]
     print(
         f"measurement (measure + curves) / training: {(median['measure_s'] + median['curves_s']) / trained:.2f}; "
         f"statistics + reports: {median['stats_s'] + median['report_s']:.2f} s"
     )
-    spread = f" (min {min(ratios):.2f}x, max {max(ratios):.2f}x, {len(ratios)} runs)" if len(ratios) > 1 else ""
-    print(f"ratio plain/fairrecon: {statistics.median(ratios):.2f}x median{spread}")
+    for label, rs in (("competent plain loop", ratios), ("per-image-transform recipe", transform_ratios)):
+        if rs:
+            spread = f" (min {min(rs):.2f}x, max {max(rs):.2f}x, {len(rs)} runs)" if len(rs) > 1 else ""
+            print(f"ratio {label} / fairrecon: {statistics.median(rs):.2f}x median{spread}")
 
 
 # ---------------------------------------------------------------- scaling
@@ -493,19 +617,34 @@ def main(argv: list[str] | None = None) -> None:
         help="torch threads on both sides (default: what `fairrecon audit` would choose now)",
     )
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument(
+        "--transform-row",
+        action="store_true",
+        help="also the per-image-transform recipe (DataLoader, a brightness bisection per image) as a second row",
+    )
     ap.add_argument("--scaling", action="store_true", help="also the scaling table")
     ap.add_argument("--scaling-only", action="store_true", help="only the scaling table")
     ap.add_argument(
         "--small", action="store_true", help="CI preset: 256 images, 64 held out, 1 epoch, 2 losses x 1 seed"
     )
+    ap.add_argument(
+        "--check-competent",
+        action="store_true",
+        help="check that the competent plain loop trains what fairrecon trains (weights, errors), then stop",
+    )
     ap.add_argument("--_plain", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--_competent", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_point", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--size", choices=tuple(SIZES), default="28", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.small:
         args.limit, args.test_limit, args.epochs, args.seeds, args.losses = 256, 64, 1, 1, ["l2", "learned-sigma"]
+    if args._competent:
+        return competent_main(args)  # at torch's default threads
     args.threads = args.threads or default_threads()[0]
     torch.set_num_threads(args.threads)
+    if args.check_competent:
+        return check_competent(args)
     if args._plain:
         return plain_main(args)
     if args._point is not None:

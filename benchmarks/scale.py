@@ -48,7 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fairrecon.audit import usable_cpus  # noqa: E402
+from fairrecon.threads import usable_cpus  # noqa: E402
 
 LOSSES = "l1,l2,log-mse,learned-sigma"
 STARTED = re.compile(r"started a local Ray on 127\.0\.0\.1 in ([0-9.]+) s")

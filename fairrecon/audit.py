@@ -8,7 +8,6 @@ an example).
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from collections.abc import Callable, Iterable
@@ -38,6 +37,7 @@ from .results import EXAMPLES_FILE, AuditResult, load_examples
 from .resultsdir import Identity, check_out, input_paths, writing
 from .resume import CellStore
 from .spec import AuditSpec, load_spec
+from .threads import default_threads
 from .train import train_cells
 from .version import __version__
 
@@ -102,7 +102,9 @@ def run_audit(
         More paths the audit reads, which `out` must not hold.
     threads : int, optional
         torch's intra-op threads for this audit (default `default_threads()`), put back afterwards;
-        conv models on the CPU use them as worker threads, a cell each (runners.LoopedRunner).
+        on the CPU the cells use them as worker threads, each cell on one thread (runners.LoopedRunner:
+        conv a cell at a time, MLP a part of the cells per worker under one vmap), so results do not
+        depend on it.
         Recorded in ``info["threads"]``. Not part of the audit's identity: it changes speed only.
     executor : Executor, optional
         Where the seeds train. None (the default) trains them here, one after another. An executor
@@ -153,34 +155,6 @@ def run_audit(
     finally:
         torch.set_num_threads(before)
     return result
-
-
-def default_threads() -> tuple[int, str]:
-    """Intra-op threads for an audit, and why: every CPU this process may use (`usable_cpus`).
-
-    Not the CPUs left idle by the 1-minute load average (the rule before 0.2): that average still counts
-    work that has just finished (a previous audit, a pip install), so an audit started right after one
-    ran at half speed on an idle machine (issue 22). Pass `threads` to choose yourself.
-    """
-    n, why = usable_cpus()
-    return n, f"auto: {why}"
-
-
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
-
-
-def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> tuple[int, str]:
-    """The CPUs this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (rounded down, at
-    least 1), and the words that say which limit decided."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    why = f"{cores} CPUs in this process's affinity"
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-    except (OSError, ValueError):
-        return cores, why
-    if quota != "max" and int(period) > 0 and int(quota) // int(period) < cores:
-        return max(1, int(quota) // int(period)), f"{why}, cgroup quota {int(quota) / int(period):g} CPUs"
-    return cores, why
 
 
 @dataclass

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from . import provenance
-from .audit import AuditRun, default_threads, train_and_measure, usable_cpus
+from .audit import AuditRun, train_and_measure
 from .errors import TasksFailed, UserError
 from .generate import Assigner
 from .grid import Cell, TrainConfig, plain
@@ -47,6 +47,7 @@ from .memory import resolve_device
 from .progress import _clock
 from .resultsdir import Identity, result_fields
 from .spec import AuditSpec
+from .threads import default_threads, usable_cpus
 from .version import RESULTS_VERSION, __version__
 
 INSTALL = 'pip install "fairrecon[ray]"'

@@ -44,8 +44,8 @@ import pandas as pd
 import torch
 
 from .hooks import Snapshot
-from .runners import one_thread
 from .stacked import StackedCells
+from .threads import one_thread
 
 SHARES = ("sample_share", "projection_share", "norm_share", "output_share")
 COLUMNS = ["loss", "objective", "seed", "step", "epoch", "group", *SHARES, "kl_weight"]

@@ -41,6 +41,7 @@ import torch
 from .data import TEST_FRACTION, ImageSet
 from .errors import UserError
 from .spec import POLARITIES, AuditSpec
+from .threads import one_thread
 
 MATCHED_QUANTILE = 0.05  # share of each group's images allowed to clip under contrast="matched"
 VALIDATION_FRACTION = 0.1  # of each group's training images, held out for epochs="auto"
@@ -83,9 +84,11 @@ class GroupedData:
             return None
         return x, getattr(self, f"{prefix}_g"), getattr(self, f"{prefix}_negative"), getattr(self, f"{prefix}_clipped")
 
+    @one_thread()
     def describe(self) -> pd.DataFrame:
         """Per split and group, as measured: brightness (mean pixel), contrast (mean per-image pixel std),
-        negative_share (images flipped to their negative) and clipped_share (pixels clipped by the transform)."""
+        negative_share (images flipped to their negative) and clipped_share (pixels clipped by the transform).
+        At one thread: a group's mean pixel is one sum, which torch would otherwise cut into a piece per thread."""
         rows = []
         for split in SPLITS:
             parts = self.split(split)

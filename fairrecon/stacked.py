@@ -2,8 +2,9 @@
 training (train.py), measurement (measure.py, gradshare.py) and generation (generate.py) all use.
 
 Why stacked: the models are small, so one model at a time leaves most of the machine idle. The cells' weights
-are stacked (`torch.func.stack_module_state`) and run by a runner (runners.py): under vmap, or, for conv models
-on the CPU, each cell on its own in worker threads (`StackedCells.looped`). Each cell sees only its own loss, so
+are stacked (`torch.func.stack_module_state`) and run by a runner (runners.py): on the CPU each cell on one
+thread, the cells side by side in worker threads, its loss computed there too (`StackedCells.looped`), so no
+number depends on the thread count; on a GPU every cell at once under vmap. Each cell sees only its own loss, so
 the gradient of the summed loss with respect to cell c's weights is exactly cell c's own gradient.
 
 Per-pixel likelihoods (losses.Loss.pixel_scale): their cells' models have the decoder's scale head (models.py),
@@ -31,7 +32,7 @@ from .grid import Cell, TrainConfig
 from .losses import get_loss, pixel_log_scale
 from .memory import inference_batch
 from .models import CONV_MODELS, split_output
-from .runners import Graph, LoopedRunner, Outputs, VmapRunner
+from .runners import Graph, LoopedRunner, Outputs, VmapRunner, side_by_side
 
 SIGMA_COLLAPSE_FACTOR = 1.01  # a learned scale within 1% of its floor counts as collapsed
 
@@ -39,12 +40,12 @@ SIGMA_COLLAPSE_FACTOR = 1.01  # a learned scale within 1% of its floor counts as
 @dataclass
 class Objective:
     """A training forward pass of every cell on its own batch: the objective per sample (C, B), its likelihood
-    part (C, B), the raw forward output it scored (the reconstructions, then any log-scale channels), and what
-    `StackedCells.backward` needs."""
+    part (C, B), each sample's reconstruction MSE per pixel (C, B; no gradient), and what `StackedCells.backward`
+    needs."""
 
     value: torch.Tensor
     nll: torch.Tensor
-    out: torch.Tensor
+    mse: torch.Tensor
     graph: Graph
 
 
@@ -116,13 +117,26 @@ class StackedCells:
     def objective(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> Objective:
         """The training objective per sample on batches x (C, B, ...) (VAEs: at noise eps (C, B, latent)): NLL
         for an autoencoder, NLL + beta * KL for a VAE, from a forward pass whose graph `backward` takes."""
-        out, graph = self.runner.forward(self.params, self.buffers, [x] if eps is None else [x, eps])
-        if eps is None:
-            nll = self.per_sample_nll(x, out)
-            return Objective(nll, nll, out, graph)
-        x_hat, kl = out
-        nll = self.per_sample_nll(x, x_hat)
-        return Objective(nll + self.config.beta * kl, nll, x_hat, graph)
+        args = [x] if eps is None else [x, eps]
+        (value, nll, mse), graph = self.runner.forward(self.params, self.buffers, args, self._score, self.loss_params)
+        return Objective(value, nll, mse, graph)
+
+    def _score(
+        self, c: int | slice | None, out: Outputs, args: list[torch.Tensor], loss_params: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """runners.Score for `objective`: (objective, NLL, MSE per pixel) per sample of cell c on its batch (every
+        cell's at once when c is None, a part's when c is a slice)."""
+        x = args[0]
+        x_hat, kl = (out, None) if len(args) == 1 else out
+        if c is None:
+            nll = self.per_sample_nll(x, x_hat)
+        elif isinstance(c, slice):
+            nll = self.part_nll(c, x, x_hat, loss_params)
+        else:
+            nll = self.cell_nll(c, x, x_hat, loss_params)
+        with torch.no_grad():
+            mse = (self.mean(x_hat.detach()) - x).pow(2).flatten(-3).mean(-1)
+        return (nll if kl is None else nll + self.config.beta * kl), nll, mse
 
     def backward(self, loss: torch.Tensor, graph: Graph) -> None:
         """loss.backward() into the .grad of params and loss_params, by the runner whose forward made `graph`
@@ -151,29 +165,68 @@ class StackedCells:
         if not self.scale_head or not pixel.any():
             return torch.full((len(self.cells), len(x)), torch.nan, device=x.device)
         batch = batch or self.inference_batch
-        parts = []
-        for i in range(0, len(x), batch):
-            raw = self.split(self._run_all(x[i : i + batch]))[1]
-            parts.append(pixel_log_scale(raw, self.config.sigma_floor).exp().flatten(2).mean(2))
+        floor = self.config.sigma_floor
+        scale = lambda out: pixel_log_scale(self.split(out)[1], floor).exp().flatten(-3).mean(-1)  # where it ran
+        parts = [self._run_all(x[i : i + batch], then=scale) for i in range(0, len(x), batch)]
         return torch.where(pixel[:, None], torch.cat(parts, dim=1), torch.nan)
 
-    def _run_all(self, x: torch.Tensor) -> torch.Tensor:
-        """The same images x (n, ...) through every cell's model -> (C, n, ...) raw outputs."""
-        return self.runner(self.params, self.buffers, [x], shared=(True,))
+    def _run_all(self, x: torch.Tensor, then=None) -> torch.Tensor:
+        """The same images x (n, ...) through every cell's model -> (C, n, ...) raw outputs (or what `then` makes
+        of each cell's, runners.Then)."""
+        return self.runner(self.params, self.buffers, [x], shared=(True,), then=then)
 
     @cached_property
     def looped(self) -> bool:
-        """Whether the cells run each on its own rather than under vmap: conv models on the CPU (runners.py)."""
-        return self.config.model in CONV_MODELS and self.loss_params.device.type == "cpu"
+        """Whether the cells run each on one thread, side by side, rather than all at once under vmap: on the CPU
+        (runners.py)."""
+        return self.loss_params.device.type == "cpu"
 
     @cached_property
     def runner(self) -> VmapRunner | LoopedRunner:
-        """How these cells run (runners.py): with its own copy of `base`, since other StackedCells may share it."""
-        return (LoopedRunner if self.looped else VmapRunner)(self.base)
+        """How these cells run (runners.py): with its own copy of `base`, since other StackedCells may share it.
+        Looped MLP cells run a part per worker under one vmap: the same arithmetic as all at once."""
+        if self.looped:
+            return LoopedRunner(self.base, batched_rows=self.config.model not in CONV_MODELS)
+        return VmapRunner(self.base)
+
+    def cell_nll(self, c: int, x: torch.Tensor, out: torch.Tensor, loss_params: torch.Tensor) -> torch.Tensor:
+        """Cell c's own loss on its batch x (B, ...) and forward output (B, ...; with the log-scale channels for a
+        per-pixel loss), with its learned parameters `loss_params` (K,; a row of self.loss_params) -> (B,)."""
+        x_hat, raw_scale = self.split(out)
+        loss = get_loss(self.cells[c].loss)
+        raw = {p.name: loss_params[self.loss_param_names.index(p.name), None, None] for p in loss.params}  # (1, 1)
+        scale = raw_scale.flatten(1) if loss.pixel_scale and raw_scale is not None else None
+        return loss.per_sample(x.flatten(1), x_hat.flatten(1), raw, self.config.sigma_floor, raw_scale=scale)
+
+    def part_nll(self, rows: slice, x: torch.Tensor, out: torch.Tensor, loss_params: torch.Tensor) -> torch.Tensor:
+        """Cells rows.start .. rows.stop - 1's own losses on their batches x (k, B, ...) and forward outputs (k, B,
+        ...), with their learned parameters `loss_params` (k, K; those rows of self.loss_params) -> (k, B): each
+        loss once over its cells in the part (contiguous runs), as `per_sample_nll` does over all cells."""
+        x_hat, raw_scale = self.split(out)
+        x, x_hat = x.flatten(2), x_hat.flatten(2)
+        raw_scale = raw_scale.flatten(2) if raw_scale is not None else None
+        cells, parts, lo = self.cells[rows], [], 0
+        while lo < len(cells):
+            hi = lo + 1
+            while hi < len(cells) and cells[hi].loss == cells[lo].loss:
+                hi += 1
+            loss, i = get_loss(cells[lo].loss), slice(lo, hi)
+            raw = {p.name: loss_params[i, self.loss_param_names.index(p.name), None, None] for p in loss.params}
+            scale = raw_scale[i] if loss.pixel_scale and raw_scale is not None else None
+            parts.append(loss.per_sample(x[i], x_hat[i], raw, self.config.sigma_floor, raw_scale=scale))
+            lo = hi
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def per_sample_nll(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Each cell's own loss, with its own learned parameters, on its own batch: x (C, B, ...) and the
-        forward output (with the log-scale channels, for a per-pixel loss) -> (C, B)."""
+        forward output (with the log-scale channels, for a per-pixel loss) -> (C, B). Looped: each cell's in a
+        worker thread (`cell_nll`)."""
+        if self.looped:
+            rows = self.loss_params.unbind(0)
+            jobs = [(c, x[c], out[c], rows[c]) for c in range(len(self.cells))]
+            return torch.stack(
+                side_by_side(lambda w, *job: self.cell_nll(*job), jobs, min(torch.get_num_threads(), len(jobs)))
+            )
         x_hat, raw_scale = self.split(out)
         x, x_hat = x.flatten(2), x_hat.flatten(2)  # (C, B, M)
         raw_scale = raw_scale.flatten(2) if raw_scale is not None else None

@@ -335,7 +335,7 @@ class ChunkTraining:
             self.hooks.on_snapshot(Snapshot(s.step, s.epoch, stacked, xb, gb, eps, weights))
         objective = stacked.objective(xb, eps)  # (C, B) each
         with torch.no_grad():
-            sample_mse = (stacked.mean(objective.out.detach()) - xb).pow(2).flatten(2).mean(2)  # (C, B)
+            sample_mse = objective.mse  # (C, B): each cell's, computed where its forward ran (one thread)
         self.weights.update(gb, sample_mse)
         weights = self.weights.sample_weights(gb)
         per_cell = objective.value.mean(1) if weights is None else (objective.value * weights).mean(1)

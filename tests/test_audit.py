@@ -62,7 +62,7 @@ def test_per_sample_errors_match_the_cell_model_run_by_hand(fashion, shared_data
         rerun.samples["mse"].to_numpy(), result.samples.query("loss == 'l2' and seed == 0")["mse"].to_numpy()
     )  # bit-identical on CPU
     from fairrecon.grid import Cell, TrainConfig
-    from fairrecon.runners import one_thread
+    from fairrecon.threads import one_thread
     from fairrecon.train import train_cells
 
     with one_thread():

@@ -84,6 +84,24 @@ def test_each_runner_takes_only_its_own_forwards_graph():
     base = stacked_cells("mlp").base
     loss, loss_params = torch.zeros((), requires_grad=True), torch.zeros(1, requires_grad=True)
     with pytest.raises(TypeError, match="VmapRunner.backward needs the VmapGraph"):
-        VmapRunner(base).backward(loss, LoopedGraph({}, [], []), loss_params)
+        VmapRunner(base).backward(loss, LoopedGraph({}, [], [], [], []), loss_params)
     with pytest.raises(TypeError, match="LoopedRunner.backward needs the LoopedGraph"):
         LoopedRunner(base).backward(loss, VmapGraph(), loss_params)
+
+
+@pytest.mark.parametrize("model, ranges", [("mlp", [(0, 1), (1, 3)]), ("conv", [(0, 1), (1, 2), (2, 3)])])
+def test_mlp_rows_run_as_one_part_per_worker_conv_rows_one_by_one(two_threads, model, ranges):
+    """MLP cells: a contiguous part of the rows per worker under one vmap (one Python round trip per worker, not per
+    row); conv cells one row at a time. Either way each row's gradient equals the row's alone at one thread."""
+    stacked = stacked_cells(model)
+    x = torch.rand(len(CELLS), 8, *SHAPE, generator=torch.Generator().manual_seed(2))
+    objective = stacked.objective(x)
+    assert objective.graph.ranges == ranges
+    stacked.backward(objective.value.mean(1).sum(), objective.graph)
+    for c in range(len(CELLS)):
+        torch.set_num_threads(1)
+        alone = init_cells([CELLS[c]], SHAPE, stacked.config, torch.device("cpu"))
+        one = alone.objective(x[c : c + 1])
+        alone.backward(one.value.mean(1).sum(), one.graph)
+        for name, p in alone.params.items():
+            assert torch.equal(stacked.params[name].grad[c], p.grad[0]), (model, c, name)
