@@ -241,7 +241,7 @@ def test_a_bad_input_on_a_new_folder_creates_nothing(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_an_older_folder_is_still_read_and_written_only_for_the_same_spec(finished, tmp_path, capsys):
+def test_an_older_folder_is_still_read_and_not_resumed_by_other_numbers(finished, tmp_path, capsys):
     old = tmp_path / "old"
     shutil.copytree(finished, old)
     (old / MARKER).unlink()  # as an older fairrecon left it: summary.json and cells/, no marker
@@ -252,10 +252,13 @@ def test_an_older_folder_is_still_read_and_written_only_for_the_same_spec(finish
     assert code == 3 and "only 1 trained seed" in out, out + err  # read: the verdict of a 1-seed audit
     code, _, err = run(capsys, "report", old)
     assert code == 0, err
-    code, _, err = run(capsys, "audit", *SAME, "--epochs", "2", "--out", old)
-    assert code == 2 and "different spec (epochs 1 -> 2)" in err
+    # a folder without a marker holds results version 1 (FIRST_RESULTS_VERSION); since RESULTS_VERSION 2 an
+    # audit of the same spec computes other numbers, so it is refused by name, and --force retrains it
+    assert FIRST_RESULTS_VERSION < RESULTS_VERSION
     code, _, err = run(capsys, "audit", *SAME, "--out", old)
-    assert code == 0, err  # the same spec: retrained (the old cells carry no input fingerprint) and marked
+    assert code == 2 and f"holds results version {FIRST_RESULTS_VERSION}" in err, err
+    code, _, err = run(capsys, "audit", *SAME, "--out", old, "--force")
+    assert code == 0, err
     assert read_marker(old)["complete"] is True
 
 
