@@ -24,7 +24,6 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .convergence import CONVERGED_DROP, CONVERGED_WINDOW
 from .data import ImageSet, load_images
 from .errors import UserError
 from .fileio import atomic_write, npz_bytes
@@ -39,6 +38,7 @@ from .outputs import save_results
 from .results import EXAMPLES_FILE, METRICS, AuditResult, load_examples
 from .resultsdir import Identity, check_out, input_paths
 from .resume import CellStore
+from .settled import rule as settled_rule
 from .spec import AuditSpec, load_spec
 from .train import train_cells
 
@@ -203,7 +203,7 @@ def _run_audit(
         "timings": timings,
         "inputs": identity.inputs,
         "warnings": warnings,
-        "convergence": {"drop": CONVERGED_DROP, "window": CONVERGED_WINDOW},
+        "convergence": settled_rule(),
         **({"generation": {**generation[0].record(), "n": spec.generate}} if generation else {}),
     }
     shares = [tables[c]["grad_shares"] for c in cells if "grad_shares" in tables[c]]

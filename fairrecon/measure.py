@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .convergence import last_drop, settled
 from .grid import Cell
 from .groups import GroupedData
 from .hooks import EvalPoint
 from .noise import HELDOUT_EPS_STREAM, draw_eps, eps_generators
+from .settled import DROP, fall_bound, projected_fall
 from .stacked import StackedCells, group_errors, residual_chunks
 
 PSNR_FLOOR_MSE = 1e-10  # a perfect reconstruction reads as 100 dB rather than infinity
@@ -176,27 +176,29 @@ def curve_table(points: pd.DataFrame, samples: pd.DataFrame, final_steps: dict[C
 
 
 def convergence(points: pd.DataFrame) -> pd.DataFrame:
-    """Per cell: `last_drop`, the relative change over the last quarter of training (a fitted trend, > 0 falling)
-    with the largest size among each group's held-out MSE (on the fixed subset: the same images at both ends)
-    and training MSE; `last_drop_of`, which one; `converged`: every one `settled` (|change| <= CONVERGED_DROP;
-    False when training was too short to judge)."""
+    """Per cell, whether its held-out error had settled at the end of training (settled.py, the notion that
+    stops --epochs auto): each group's validation MSE where the points have one (--epochs auto, so `converged`
+    is exactly "stopped before the cap"), else its held-out MSE on the fixed curve subset (the same images at
+    every point). `converged`: in every group, with 95% confidence, as much training again would not lower it
+    by more than 5% (False when training was too short to judge); `last_drop`: the projected fall over as much
+    training again (> 0 falling, < 0 rising) of the group whose bound is highest, `last_drop_of` which one."""
     rows = []
     for (loss, seed), part in points.groupby(["loss", "seed"], sort=False):
-        wide = part.pivot(index="step", columns="group")
-        drops = {
-            f"{kind} MSE of group {group}": d
-            for kind, column in (("held-out", "mse"), ("training", "train_mse"))
-            for group, d in zip(wide[column].columns, last_drop(wide.index, wide[column].to_numpy()))
-        }
-        worst = max(drops, key=lambda k: np.inf if np.isnan(drops[k]) else abs(drops[k]))
-        drop = drops[worst]
+        column, kind = ("val_mse", "validation") if part["val_mse"].notna().all() else ("mse", "held-out")
+        wide = part.pivot(index="step", columns="group", values=column)
+        bound = fall_bound(wide.index, wide.to_numpy())
+        fall = projected_fall(wide.index, wide.to_numpy())
+        judged = np.isfinite(bound)
+        at = int(np.argmax(np.where(judged, bound, -np.inf))) if judged.any() else 0
         rows.append(
             {
                 "loss": loss,
                 "seed": seed,
-                "converged": bool(settled(list(drops.values())).all()),
-                "last_drop": drop,
-                "last_drop_of": worst if np.isfinite(drop) else "too few points to judge",
+                "converged": bool(judged.all() and (bound <= DROP).all()),
+                "last_drop": float(fall[at]) if judged.all() else float("nan"),
+                "last_drop_of": f"{kind} MSE of group {wide.columns[at]}"
+                if judged.all()
+                else "too few points to judge",
             }
         )
     return pd.DataFrame(rows, columns=["loss", "seed", "converged", "last_drop", "last_drop_of"])
