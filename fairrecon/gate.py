@@ -9,8 +9,10 @@ of each covered group pair's interval (the same intervals the reports show) with
                   (`--max-ratio 1` fails exactly for the losses the reports call "clear gap")
   2  usage error  UserError (bad option or file), raised, mapped to 2 by the CLI
   3  insufficient no loss fails, and some loss's verdict is "insufficient data" (a failed cell, an
-                  answer still moving at the end of training (stats.gap_drift), fewer than 2 seeds, a
-                  group under stats.MIN_GROUP_N images)
+                  answer that had not settled (stats.gap_drift), fewer than 2 seeds, a group under
+                  stats.MIN_GROUP_N images), or its --max-ratio decision had not settled: the ratio's drift
+                  (the row's drift_low / drift_high) could carry its lower end across the threshold in as much
+                  training again (settled.could_change, the rule the verdicts use at ratio 1)
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import stats
 from .errors import UserError
 from .results import AuditResult
+from .settled import could_change
 
 PASS, FAIL, USAGE, INSUFFICIENT = 0, 1, 2, 3
 
@@ -95,6 +99,11 @@ def check(
             said += (
                 f"; ratio {row.ratio:.4g} [{row.ratio_low:.4g}, {row.ratio_high:.4g}], lower end {row.ratio_lcb:.4g}"
             )
+        moving = _ratio_unsettled(row, max_ratio)
+        if moving:
+            short.append(row.loss)
+            lines.append(f"INSUFFICIENT {said}: {moving}")
+            continue
         over = []
         if max_gap is not None and lcb > max_gap:
             over.append(f"gap bound {lcb:.4g} > max-gap {max_gap:g}")
@@ -117,6 +126,24 @@ def check(
     else:
         head, code = f"pass: no loss exceeds the threshold with {confidence}", PASS
     return Outcome(code, "\n".join([head, *lines]), table)
+
+
+def _ratio_unsettled(row, max_ratio: float | None) -> str | None:
+    """Why the --max-ratio decision on `row` had not settled, or None: its ratio lower end (the number the gate
+    compares), moved by the ratio's drift bound toward the threshold, could reach it in as much training again
+    (at max_ratio 1 the verdict's own rule has decided this already)."""
+    if max_ratio is None or not np.isfinite(row.ratio_lcb) or row.ratio_lcb <= 0:
+        return None
+    lcb, threshold = np.log(row.ratio_lcb), np.log(max_ratio)
+    shift = np.log([row.drift_low, row.drift_high])
+    if not could_change(lcb, lcb, threshold, *shift):
+        return None
+    toward = row.ratio_lcb * (row.drift_low if lcb > threshold else row.drift_high)
+    return (
+        f"the decision at --max-ratio {max_ratio:g} had not settled: in as much training again the ratio would move "
+        f"x{row.drift_low:.3f} to x{row.drift_high:.3f} (one-sided 95% bounds), so its lower end "
+        f"{row.ratio_lcb:.4g} could {'fall' if lcb > threshold else 'rise'} to {toward:.4g}"
+    )
 
 
 def assert_fair(source, **kwargs) -> Outcome:

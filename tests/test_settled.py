@@ -151,3 +151,26 @@ def test_settled_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+@pytest.mark.parametrize("per_doubling, code", [(0.10, 1), (-0.25, 3), (0.0, 1)])
+def test_the_gate_refuses_a_ratio_decision_that_more_training_could_reverse(per_doubling, code):
+    """`check --max-ratio R` fails a loss whose ratio lower end is above R, unless the ratio's drift could take
+    that lower end back to R within as much training again (then: insufficient data, exit 3); a gap growing
+    away from R fails as before. The verdict (at ratio 1) is a clear gap in every case."""
+    from test_stats import _curves, simulate, synthetic_result
+
+    from fairrecon import gate, stats
+
+    rng = np.random.default_rng(21)
+    values, codes = simulate(rng, seeds=4, n=(80, 80), means=(0.010, 0.016), seed_sd=0.0003)
+    result = synthetic_result({"l1": values}, codes)
+    result.curves = _curves(result, per_doubling / np.log(2) + np.array([-0.01, 0.005, 0.01, -0.005]), noise=0.004)
+    row = stats.analyse(result).disparities.iloc[0]
+    assert row.verdict == stats.CLEAR and row.ratio_lcb > 1.3
+    outcome = gate.check(result, max_ratio=1.3)
+    assert outcome.code == code, outcome.message
+    expected = row.ratio_lcb * row.drift_low <= 1.3
+    assert (code == gate.INSUFFICIENT) == expected
+    if code == gate.INSUFFICIENT:
+        assert "the decision at --max-ratio 1.3 had not settled" in outcome.message
