@@ -1,8 +1,9 @@
 """Measure the notion of "settled" (fairrecon/settled.py): the stopping rule of --epochs auto, and the verdicts.
 
     python benchmarks/settled.py stopping NAME --dir D [--epochs K] --set key=value ...  # spec settings
-    python benchmarks/settled.py verdicts DIR ...            # saved audits (e.g. 10 seeds each)
-    python benchmarks/settled.py halves DIR ...              # the same audits, as two disjoint seed halves
+    python benchmarks/settled.py subset NAME --dir D [--ends 20 50]  # the drift's image-sampling error, from `stopping`
+    python benchmarks/settled.py verdicts DIR ... [--factors 1 1.1] [--csv F]  # saved audits of 10 seeds: two halves
+    python benchmarks/settled.py verdicts --table F  # the table of a saved --csv
 
 `stopping` trains every cell of a spec (with --epochs auto's validation split) for a fixed K epochs,
 recording after every epoch each group's validation and training MSE and every test image's MSE; it saves
@@ -15,13 +16,18 @@ stop to K, with a paired 95% t interval over the test images ("clearly lower": b
 below 0). It also compares how well the two trend shapes (a power law in steps, fitted on [T/2, T]; a
 log-linear trend in steps, fitted on the same points) predict the held-out error at 2T.
 
-`verdicts` and `halves` read saved audits and apply the verdict rule of this version (stats.disparities)
-and the one before (`old_refusal`: the mean over seeds of the ratio's signed last-quarter change beyond 5%).
+`verdicts` reads saved audits, cuts each into two disjoint halves of its seeds, optionally plants a gap (the
+second group's errors, per image and at every curve point, times a factor: the drift is unchanged), and
+applies the verdict rule of this version (stats.disparities) and the one before (`old_refusal`: refused when
+the mean over seeds of the ratio's signed last-quarter change exceeds 5%) to the same intervals: refusal
+rates, how often the two halves of one audit differ in refusing, and how often they contradict each other
+(one half "clear gap", the other "no clear gap"; "no rule": the intervals' words with no refusal at all).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -33,10 +39,11 @@ from scipy import stats as sps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fairrecon import settled  # noqa: E402
+from fairrecon import settled, stats  # noqa: E402
 from fairrecon.data import load_images  # noqa: E402
 from fairrecon.grid import Cell, TrainConfig  # noqa: E402
 from fairrecon.groups import make_groups  # noqa: E402
+from fairrecon.results import AuditResult  # noqa: E402
 from fairrecon.spec import AuditSpec  # noqa: E402
 from fairrecon.stacked import group_errors, residual_chunks  # noqa: E402
 from fairrecon.train import train_cells  # noqa: E402
@@ -210,7 +217,166 @@ def stopping(args) -> None:
         print(summary.to_string(float_format=lambda v: f"{v:+.3f}"))
 
 
+def drift_sampling(rec: dict[str, np.ndarray], T: int, sizes, draws: int = 200, seed: int = 0) -> pd.DataFrame:
+    """How many test images the curve points need: per loss, a fixed T-epoch run's drift of log(worst/best) over
+    [T/2, T] (settled.seed_drift over seeds) on the whole test set, its seed standard error, and the image-sampling
+    standard deviation of the same drift on a random stratified subset of n images per group (as the curve
+    subset is: the same images for every seed and point, so this error is shared by the seeds and does not show
+    in their spread)."""
+    rng = np.random.default_rng(seed)
+    codes = rec["test_g"]
+    steps = rec["steps"][:T]
+    rows = []
+    for loss in dict.fromkeys(rec["loss"]):
+        cells = np.flatnonzero(rec["loss"] == loss)
+        test = rec["test"][cells, :T].astype(float)  # (S, T, N)
+        final = np.array([test[:, -1, codes == g].mean() for g in range(codes.max() + 1)])
+        worst, best = int(np.argmax(final)), int(np.argmin(final))
+
+        def drift(members_w, members_b) -> settled.Drift:
+            ratio = test[:, :, members_w].mean(2) / test[:, :, members_b].mean(2)  # (S, T)
+            return settled.seed_drift([(steps, r) for r in ratio])
+
+        whole = drift(codes == worst, codes == best)
+        row = {"loss": loss, "T": T, "seeds": len(cells), "drift": whole.estimate}
+        row["seed_se"] = (whole.high - whole.estimate) / sps.t.ppf(settled.CONFIDENCE, len(cells) - 1)
+        w_all, b_all = np.flatnonzero(codes == worst), np.flatnonzero(codes == best)
+        for n in sizes:
+            if n > min(len(w_all), len(b_all)):
+                continue
+            est = [
+                drift(rng.choice(w_all, n, replace=False), rng.choice(b_all, n, replace=False)).estimate
+                for _ in range(draws)
+            ]
+            row[f"image_sd_{n}"] = float(np.std(est, ddof=1))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def subset(args) -> None:
+    rec = dict(np.load(Path(args.dir) / f"{args.name}.npz", allow_pickle=False))
+    table = pd.concat([drift_sampling(rec, T, args.sizes) for T in args.ends], ignore_index=True)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
 # ---------------------------------------------------------------- verdicts
+
+
+def seed_subset(result, seeds) -> AuditResult:
+    """The same audit restricted to some of its seeds (as if it had been run with only those)."""
+    keep = lambda df: None if df is None else df[df["seed"].isin(seeds)].reset_index(drop=True)  # noqa: E731
+    out = copy.copy(result)
+    out.samples, out.cells, out.history = keep(result.samples), keep(result.cells), keep(result.history)
+    out.curves = keep(result.curves)
+    return out
+
+
+def planted(result, factor: float) -> AuditResult:
+    """A gap of known size: the second group's errors (per image and at every curve point) times `factor`."""
+    if factor == 1.0:
+        return result
+    out = copy.copy(result)
+    second = str(result.samples["group"].cat.categories[1])
+    out.samples = result.samples.copy()
+    out.samples.loc[out.samples["group"].astype(str) == second, ["mse", "mae"]] *= factor
+    out.samples["psnr"] = -10 * np.log10(out.samples["mse"])
+    out.curves = result.curves.copy()
+    out.curves.loc[out.curves["group"].astype(str) == second, ["mse", "mae"]] *= factor
+    return out
+
+
+def old_refusal(result, row) -> float:
+    """0.1.0's drift of the row's pair: the mean over seeds of the signed last-quarter change of worst/best."""
+    curves = result.curves.assign(group=result.curves["group"].astype(str))
+    drifts = []
+    for _, cell in curves[curves["loss"] == row.loss].groupby("seed"):
+        wide = cell[cell["step"] < cell["step"].max()].pivot(index="step", columns="group", values="mse")
+        drifts.append(
+            -float(old_last_drop(wide.index.to_numpy(float), (wide[row.worst] / wide[row.reference]).to_numpy()))
+        )
+    return float(np.mean(drifts))
+
+
+def verdict_rows(result, name: str, half: str) -> list[dict]:
+    """Per loss: the verdict under this version's rule and under 0.1.0's (the same intervals)."""
+    rows = []
+    for row in stats.analyse(result).disparities.itertuples():
+        drift = old_refusal(result, row)
+        decided = stats.CLEAR if row.ratio_lcb > 1 else stats.NO_CLEAR
+        rows.append(
+            {
+                "audit": name,
+                "half": half,
+                "loss": row.loss,
+                "ratio": row.ratio,
+                "ratio_lcb": row.ratio_lcb,
+                "ratio_high": row.ratio_high,
+                "drift": row.drift,
+                "drift_low": row.drift_low,
+                "drift_high": row.drift_high,
+                "new": row.verdict,
+                "old_drift": drift,
+                "old": stats.INSUFFICIENT if abs(drift) > OLD_DROP else decided,
+                "decided": decided,
+            }
+        )
+    return rows
+
+
+def verdicts(args) -> None:
+    """Per audit folder (an even number of seeds): all its seeds, and halves A (the first half) and B (the rest),
+    at each planted factor. Rates with a standard error clustered by audit (the rows of one audit share its
+    test images and training data)."""
+    if args.table:  # the table of a saved --csv, without recomputing
+        verdict_table(pd.read_csv(args.table))
+        return
+    rows = []
+    for folder in args.audits:
+        full = AuditResult.load(folder)
+        seeds = sorted(full.cells["seed"].unique())
+        halves = {"all": seeds, "A": seeds[: len(seeds) // 2], "B": seeds[len(seeds) // 2 :]}
+        for factor in args.factors:
+            for half, chosen in halves.items():
+                found = verdict_rows(planted(seed_subset(full, chosen), factor), Path(folder).name, half)
+                rows += [{**r, "factor": factor} for r in found]
+    df = pd.DataFrame(rows)
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+    verdict_table(df)
+
+
+def verdict_table(df: pd.DataFrame) -> None:
+    """Print the verdicts table (markdown) from `verdicts`' rows."""
+    df = df.copy()
+    df["kind"] = df["audit"].str.replace(r"-s\d+$", "", regex=True)
+
+    def rate(flags: pd.Series, audits: pd.Series) -> str:
+        per_audit = flags.groupby(audits.to_numpy()).mean()
+        se = per_audit.std(ddof=1) / np.sqrt(len(per_audit)) if len(per_audit) > 1 else np.nan
+        return f"{int(flags.sum())}/{len(flags)} = {flags.mean():.2f} ± {se:.2f}"
+
+    print(
+        "| audits | planted | refused, 5 seeds: new | old | refused, all seeds: new | old | "
+        "halves differ, refusal: new | old | halves contradict: new | old | no rule |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (kind, factor), part in df.groupby(["kind", "factor"], sort=False):
+        half = part[part["half"] != "all"]
+        every = part[part["half"] == "all"]
+        wide = half.pivot_table(
+            index=["audit", "loss"], columns="half", values=["new", "old", "decided"], aggfunc="first"
+        )
+        audits = wide.index.get_level_values("audit").to_series()
+        refused = {k: (wide[k] == stats.INSUFFICIENT) for k in ("new", "old")}
+        cells = [rate(half[k] == stats.INSUFFICIENT, half["audit"]) for k in ("new", "old")] + [
+            rate(every[k] == stats.INSUFFICIENT, every["audit"]) for k in ("new", "old")
+        ]
+        cells += [rate(pd.Series((r["A"] != r["B"]).to_numpy()), audits) for r in refused.values()]
+        for k in ("new", "old", "decided"):  # one half "clear gap", the other "no clear gap"
+            a, b = wide[(k, "A")].to_numpy(), wide[(k, "B")].to_numpy()
+            contra = ((a == stats.CLEAR) & (b == stats.NO_CLEAR)) | ((a == stats.NO_CLEAR) & (b == stats.CLEAR))
+            cells.append(rate(pd.Series(contra), audits))
+        print(f"| {kind} | x{factor:g} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -222,8 +388,18 @@ def main() -> None:
     p.add_argument("--dir", required=True)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
+    p = sub.add_parser("subset")
+    p.add_argument("name")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--ends", type=int, nargs="+", default=[20, 50])
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    p = sub.add_parser("verdicts")
+    p.add_argument("audits", nargs="*", help="saved audit folders (an even number of seeds each)")
+    p.add_argument("--table", help="print the table of a CSV saved by --csv instead")
+    p.add_argument("--factors", type=float, nargs="+", default=[1.0], help="planted gaps: second group x factor")
+    p.add_argument("--csv")
     args = parser.parse_args()
-    {"stopping": stopping}[args.command](args)
+    {"stopping": stopping, "subset": subset, "verdicts": verdicts}[args.command](args)
 
 
 if __name__ == "__main__":
