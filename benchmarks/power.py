@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from fairrecon import gate, run_audit, stats
+from fairrecon.errors import ExitCode
 from fairrecon.results import AuditResult
 
 NULL = dict(dataset="digits", targets=(0.5, 0.5), device="cpu", grad_points=0)
@@ -62,7 +63,7 @@ def planted(result: AuditResult, f: float) -> AuditResult:
     """The same audit with the second group's per-image MSE scaled by (1 + f): its expected MSE is
     exactly (1 + f) times the first group's (the null groups are equal in distribution)."""
     samples = result.samples.copy()
-    second = samples["group"].astype(str) == stats.group_names(result)[1]
+    second = samples["group"].astype(str) == stats.group_order(result)[1]
     samples.loc[second, "mse"] *= 1 + f
     return AuditResult(result.spec, samples, result.cells, result.groups, result.history, result.info)
 
@@ -84,7 +85,7 @@ def analyse(folder: Path, seed_counts: list[int], gaps: list[float]) -> pd.DataF
                             "set": k,
                             "seeds": seeds,
                             "gap": f,
-                            "detected": outcome.code == gate.FAIL,
+                            "detected": outcome.code == ExitCode.FAIL,
                             "code": outcome.code,
                             **{f"clear {r.loss}": r.verdict == stats.CLEAR for r in d.itertuples()},
                             "seed_share": d["seed_share"].median(),

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .spec import IMAGE_SUFFIXES, TEST_FRACTION
+from .spec import IMAGE_SUFFIXES, TEST_FRACTION, AuditSpec
 
 # name -> (torchvision class name, files torchvision needs, how to get them)
 _TORCHVISION = {
@@ -52,6 +52,12 @@ def load_images(
     if name not in _TORCHVISION:
         raise UserError(f"unknown dataset '{name}'")
     return _torchvision(name, Path(root), download)
+
+
+def load_images_for(spec: AuditSpec) -> ImageSet:
+    """The images an audit of `spec` reads: every caller (the audit, `fairrecon split`, a model scored by
+    `check --weights`, the PCA baseline of `check --adjusted`) reads them this one way."""
+    return load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
 
 
 def where_files_are(name: str, root: str | Path = "datasets") -> str:

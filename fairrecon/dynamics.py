@@ -156,7 +156,7 @@ def convergence_warnings(result) -> list[str]:
     return out
 
 
-def summary(result) -> dict[str, Any]:
+def over_training_record(result) -> dict[str, Any]:
     """summary.json's "over_training": the convergence rule and its warnings, the worse-group changes,
     and the gap at every curve point."""
     conv = (result.info or {}).get("convergence") or rule()

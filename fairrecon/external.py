@@ -312,12 +312,12 @@ def audit_model(
     dataset) or the files (image folders) or indices it saw. Test images among them are scored on
     their own training images, and `result.info["warnings"]` says so.
     """
-    from .data import load_images
+    from .data import load_images_for
     from .groups import make_groups, split_table
 
     dev = resolve_device(device)
     spec = spec.replace(losses=(name,), seeds=1)
-    images = load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed, skip_bad=spec.skip_bad_images)
+    images = load_images_for(spec)
     data = make_groups(images, spec)
     samples = sample_errors(_OneModel(model.to(dev), name), data, dev)
     cells = pd.DataFrame({"loss": [name], "seed": [0], "status": ["ok"]})
@@ -328,15 +328,21 @@ def audit_model(
         "device": str(dev),
         "inputs": input_fingerprint(spec),
         "warnings": _seen_warnings(test_keys, trained_on),
+        "test_images_trained_on": len(_seen(test_keys, trained_on)),  # the gate refuses these (gate.check)
     }
     return AuditResult(spec, samples, cells, data.describe(), history, info, split=split_table(images, data))
 
 
+def _seen(test_keys: list[str], trained_on: str | Iterable[str] | None) -> set[str]:
+    """The test images the model was trained on, as far as `trained_on` says."""
+    if trained_on is None:
+        return set()
+    return set(test_keys) if trained_on == "all" else set(test_keys) & {str(k) for k in trained_on}
+
+
 def _seen_warnings(test_keys: list[str], trained_on: str | Iterable[str] | None) -> list[str]:
     """A warning when the model saw some of the test images it is scored on."""
-    if trained_on is None:
-        return []
-    seen = set(test_keys) if trained_on == "all" else set(test_keys) & {str(k) for k in trained_on}
+    seen = _seen(test_keys, trained_on)
     if not seen:
         return []
     example = sorted(seen)[0]

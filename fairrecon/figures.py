@@ -7,41 +7,55 @@ built on `matplotlib.figure.Figure` (no pyplot state), so they work headless and
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.artist import Artist
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
 from matplotlib.transforms import Bbox
+from matplotlib.typing import LineStyleType
 
+from . import metrics
 from .dynamics import gap_over_training, group_curves
 
+if TYPE_CHECKING:
+    from .results import AuditResult
+    from .stats import Analysis
+
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 1, 1, 1, 1)))
+LINESTYLES: tuple[LineStyleType, ...] = (
+    "-",
+    "--",
+    ":",
+    "-.",
+    (0, (5, 1, 1, 1)),
+    (0, (1, 3)),
+    (0, (8, 2)),
+    (0, (3, 1, 1, 1, 1, 1)),
+)
 HATCHES = ("", "///", "...", "xx", "\\\\", "++", "oo", "--")
 WIDTH = 11.0  # inches; at DPI 110 about 1200 px, the report's content width
 DPI = 110
-METRIC_LABELS = {
-    "mse": "held-out MSE per pixel",
-    "mae": "held-out MAE per pixel",
-    "psnr": "held-out PSNR (dB)",
-    "nmse": "held-out nMSE (MSE / the image's pixel variance)",
-}
 
 
 @dataclass(frozen=True)
 class GroupStyle:
     color: tuple[float, float, float]
     marker: str
-    linestyle: object
+    linestyle: LineStyleType
     hatch: str
 
 
-def group_styles(groups) -> dict[str, GroupStyle]:
+def group_styles(groups: Iterable[object]) -> dict[str, GroupStyle]:
     """One colour (colorblind palette), marker, line style and hatch per group, in the given order."""
     names = [str(g) for g in groups]
     colors = sns.color_palette("colorblind", max(len(names), 1))
@@ -56,26 +70,23 @@ def group_styles(groups) -> dict[str, GroupStyle]:
     }
 
 
-def _dashes(linestyle) -> tuple | str:
+def _dashes(linestyle: LineStyleType) -> tuple[float, ...] | str:
     """A matplotlib line style as the dash tuple seaborn's `dashes=` wants ("" = solid)."""
-    named = {"-": "", "--": (4, 1.5), ":": (1, 1.5), "-.": (4, 1.5, 1, 1.5)}
+    named: dict[str, tuple[float, ...] | str] = {"-": "", "--": (4, 1.5), ":": (1, 1.5), "-.": (4, 1.5, 1, 1.5)}
     return named[linestyle] if isinstance(linestyle, str) else tuple(linestyle[1])
 
 
-def _renderer(fig: Figure):
+def _renderer(fig: Figure) -> RendererAgg:
     """A renderer to measure text with (a Figure built without pyplot has no canvas that draws)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    if not isinstance(fig.canvas, FigureCanvasAgg):
-        FigureCanvasAgg(fig)
-    return fig.canvas.get_renderer()
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    return canvas.get_renderer()
 
 
 def _figure(height: float, width: float = WIDTH) -> Figure:
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def _style(ax) -> None:
+def _style(ax: Axes) -> None:
     ax.grid(True, axis="y", color="0.88", linewidth=0.8)
     ax.set_axisbelow(True)
     for side in ("top", "right"):
@@ -123,17 +134,18 @@ def group_error_figure(intervals: pd.DataFrame, metric: str = "mse", method: str
         ax.set_xlabel("group")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
         _style(ax)
-    axes[0].set_ylabel(
-        METRIC_LABELS.get(metric, metric) + ("\n(lower is better)" if metric != "psnr" else "\n(higher is better)")
-    )
+    better = "lower" if metrics.get(metric).higher_is_worse else "higher"
+    axes[0].set_ylabel(f"held-out {metrics.label(metric)}\n({better} is better)")
     fig.suptitle(
-        f"Per-group {METRIC_LABELS.get(metric, metric)} with 95% intervals" + (f"  ({method})" if method else ""),
+        f"Per-group held-out {metrics.label(metric)} with 95% intervals" + (f"  ({method})" if method else ""),
         fontsize=11,
     )
     return fig
 
 
-def _loss_panels(df: pd.DataFrame, height: float):
+def _loss_panels(
+    df: pd.DataFrame, height: float
+) -> tuple[Figure, np.ndarray, list[str], list[str], dict[str, GroupStyle]]:
     """A figure with one panel per loss (shared y), and the groups in order with their styles."""
     losses = list(dict.fromkeys(df["loss"]))
     groups = list(dict.fromkeys(df["group"]))
@@ -225,14 +237,14 @@ def error_distribution_figure(samples: pd.DataFrame, metric: str = "mse") -> Fig
             patch.set(facecolor=(*styles[g].color, 0.85), edgecolor="0.15", hatch=styles[g].hatch)
         ax.set_xticks(range(len(groups)), groups)
         ax.set_xlabel("group")
-        if metric != "psnr":
+        if metrics.get(metric).ratio:  # a positive error on a linear scale (not psnr, a log scale already)
             ax.set_yscale("log")
         ax.set_title(loss, fontweight="bold")
         ax.set_ylabel("")
         _style(ax)
     axes[0].set_ylabel(f"per-image {metric} (mean over seeds)")
     fig.suptitle(
-        f"Distribution of per-image {METRIC_LABELS.get(metric, metric)} by group (box: quartiles, line: median)",
+        f"Distribution of per-image held-out {metrics.label(metric)} by group (box: quartiles, line: median)",
         fontsize=11,
     )
     return fig
@@ -349,7 +361,7 @@ def over_training_figure(curves: pd.DataFrame, gaps: pd.DataFrame, metric: str =
         _style(bottom)
     axes[0, 0].set_ylabel(f"held-out {metric}\n(mean over seeds)")
     axes[1, 0].set_ylabel("relative gap (%)\n(> 0: worse group at the end is worse)")
-    handles = [
+    handles: list[Artist] = [
         Line2D(
             [],
             [],
@@ -372,15 +384,26 @@ def over_training_figure(curves: pd.DataFrame, gaps: pd.DataFrame, metric: str =
 
 def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> Figure:
     """The fairness-accuracy frontier: each loss at (overall held-out error, worst/best ratio), with both
-    intervals as bars; Pareto-optimal losses filled and joined by a line, the others hollow; labelled by loss."""
+    intervals as bars; Pareto-optimal losses filled and joined by a line, the others hollow; labelled by loss.
+
+    The axes span the points and the finite ends of their intervals (an error's interval is positive, made
+    on the log scale); a ratio interval with no upper bound is drawn to the top of the axis and ends in an
+    arrow, labelled "no upper bound", so one unbounded interval never squashes the others."""
     df = frontier[np.isfinite(frontier["overall"].astype(float)) & np.isfinite(frontier["ratio"].astype(float))]
-    metric = str(frontier["metric"].iloc[0]) if len(frontier) else "mse"
+    metric = str(frontier["metric"].iloc[0]) if len(frontier) else metrics.DEFAULT
     fig = _figure(4.6)
     ax = fig.subplots()
     dark = sns.color_palette("colorblind")[0]
-    for row in df.itertuples(index=False):
+    ys = np.concatenate([df["ratio"], df["ratio_low"], df["ratio_high"], [1.0]]).astype(float)
+    ys = ys[np.isfinite(ys)]
+    low_y, high_y = (ys.min(), ys.max()) if len(ys) else (0.9, 1.1)
+    unbounded = ~np.isfinite(df["ratio_high"].astype(float))
+    pad = 0.08 * max(high_y - low_y, 0.05 * high_y)
+    top = high_y + (3 if unbounded.any() else 1) * pad
+    for row, open_top in zip(df.itertuples(index=False), unbounded):
+        high = top if open_top else row.ratio_high
         xerr = [[row.overall - row.overall_low], [row.overall_high - row.overall]]
-        yerr = [[row.ratio - row.ratio_low], [min(row.ratio_high, 1e6) - row.ratio]]
+        yerr = [[row.ratio - row.ratio_low], [high - row.ratio]]
         ax.errorbar(
             [row.overall],
             [row.ratio],
@@ -392,6 +415,16 @@ def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> 
             linestyle="none",
             zorder=1,
         )
+        if open_top:
+            ax.plot([row.overall], [top], marker="^", color="0.45", markersize=7, zorder=1)
+            ax.annotate(
+                "no upper bound",
+                (row.overall, top),
+                xytext=(6, -4),
+                textcoords="offset points",
+                fontsize=8,
+                color="0.3",
+            )
     pareto = df[df["pareto"].astype(bool)].sort_values("overall")
     others = df[~df["pareto"].astype(bool)]
     sns.scatterplot(
@@ -422,8 +455,14 @@ def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> 
     if len(pareto) > 1:
         ax.plot(pareto["overall"], pareto["ratio"], color=dark, linewidth=1.2, linestyle="--", zorder=2)
     ax.axhline(1.0, color="0.35", linestyle=":", linewidth=1.2)
+    ax.set_ylim(max(low_y - pad, 0.0), top + pad)
+    xs = np.concatenate([df["overall"], df["overall_low"], df["overall_high"]]).astype(float)
+    xs = xs[np.isfinite(xs)]
+    if len(xs):
+        span = max(xs.max() - xs.min(), 0.05 * xs.max())
+        ax.set_xlim(max(xs.min() - 0.12 * span, 0.0), xs.max() + 0.25 * span)  # room for the labels on the right
     level = f"{100 * confidence:.4g}% " if confidence is not None else ""
-    ax.set_xlabel(f"overall {METRIC_LABELS.get(metric, metric)} (lower is more accurate)")
+    ax.set_xlabel(f"overall held-out {metrics.label(metric)} (lower is more accurate)")
     ax.set_ylabel("worst / best group (lower is fairer; 1: equal)")
     ax.legend(frameon=False, loc="best")
     _style(ax)
@@ -438,7 +477,16 @@ def frontier_figure(frontier: pd.DataFrame, confidence: float | None = None) -> 
 _LABEL_DIRECTIONS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1))
 
 
-def label_points(ax, xs, ys, labels, *, fontsize: float = 9, gap: float = 7.0, rings: int = 6) -> list:
+def label_points(
+    ax: Axes,
+    xs: Sequence[float],
+    ys: Sequence[float],
+    labels: Sequence[str],
+    *,
+    fontsize: float = 9,
+    gap: float = 7.0,
+    rings: int = 6,
+) -> list:
     """Label each point (data coordinates) so that no two labels overlap and no label covers a point, the
     legend or the axes' edge, and, where there is room, no drawn line (error bars, the frontier, y = 1)
     either. Each label takes the first free place among eight directions around its point, at distances
@@ -447,9 +495,11 @@ def label_points(ax, xs, ys, labels, *, fontsize: float = 9, gap: float = 7.0, r
 
     Returns the labels (matplotlib Annotations), in the order given.
     """
-    fig = ax.figure
-    if fig.get_layout_engine() is not None:
-        fig.get_layout_engine().execute(fig)
+    fig = ax.get_figure(root=True)
+    assert isinstance(fig, Figure)  # an Axes drawn here always belongs to a Figure
+    engine = fig.get_layout_engine()
+    if engine is not None:
+        engine.execute(fig)
     renderer = _renderer(fig)
     to_pixels = fig.dpi / 72.0
     box = ax.get_window_extent(renderer)
@@ -505,7 +555,7 @@ def label_points(ax, xs, ys, labels, *, fontsize: float = 9, gap: float = 7.0, r
     return placed
 
 
-def _drawn_segments(ax) -> np.ndarray:
+def _drawn_segments(ax: Axes) -> np.ndarray:
     """Every straight segment the axes draw (lines, error bars, their caps), as rows x0, y0, x1, y1 in pixels."""
     segments = []
     for line in ax.lines:
@@ -540,9 +590,19 @@ def _crosses(box: Bbox, segments: np.ndarray) -> bool:
     return bool((inside & (low <= high)).any())
 
 
-def audit_figures(result, analysis) -> dict[str, Figure]:
+def audit_figures(result: AuditResult, analysis: Analysis) -> dict[str, Figure]:
     """Every figure the result supports, by name (those needing absent data are left out); the
-    intervals come from `analysis` (a stats.Analysis), computed once by the caller."""
+    intervals come from `analysis` (a stats.Analysis), computed once by the caller.
+
+    Examples
+    --------
+    >>> from fairrecon import analyse, audit_figures, run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> figures = audit_figures(result, analyse(result))  # matplotlib Figures: a notebook shows them
+    >>> list(figures)
+    ['group_error', 'frontier', 'grad_shares', 'over_training', 'error_distribution', 'reconstructions',
+     'brightness_contrast']
+    """
     figs = {"group_error": group_error_figure(analysis.intervals, analysis.metric)}
     if analysis.frontier["pareto"].astype(bool).any():  # at least one loss has a place on it
         figs["frontier"] = frontier_figure(analysis.frontier, analysis.confidence)

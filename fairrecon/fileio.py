@@ -1,5 +1,6 @@
 """Writing files so that a crash never leaves half of one: write a temporary file beside the
-target, flush it to disk, then rename it over the target (a rename is atomic on POSIX).
+target, flush it to disk, then rename it over the target (a rename is atomic on POSIX). And the
+one JSON encoding of fairrecon's records (summary.json, `--json` output).
 
 A leaf module: it imports nothing from fairrecon, so every layer may use it.
 """
@@ -9,7 +10,9 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +37,7 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
         raise
 
 
-def write_files(folder: str | Path, files: dict[str, str | bytes]) -> None:
+def write_files(folder: str | Path, files: Mapping[str, str | bytes]) -> None:
     """Write several files into `folder` (created if needed), each atomically, in the given order.
 
     Callers render every file in memory first, so an error while computing leaves the folder
@@ -51,3 +54,15 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return buf.getvalue()
+
+
+def json_default(o: Any) -> Any:
+    """`json.dumps(..., default=json_default)`: numpy scalars as Python numbers (or bools), paths as strings.
+
+    Anything else is not JSON and raises TypeError (a bug to fix, never a silent `str`).
+    """
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

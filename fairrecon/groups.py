@@ -40,7 +40,7 @@ import torch
 
 from .data import TEST_FRACTION, ImageSet
 from .errors import UserError
-from .spec import AuditSpec
+from .spec import POLARITIES, AuditSpec
 
 MATCHED_QUANTILE = 0.05  # share of each group's images allowed to clip under contrast="matched"
 VALIDATION_FRACTION = 0.1  # of each group's training images, held out for epochs="auto"
@@ -115,7 +115,7 @@ class GroupedData:
         return pd.DataFrame(rows)
 
 
-def group_names(targets: tuple[float, ...]) -> tuple[str, ...]:
+def names_for_targets(targets: tuple[float, ...]) -> tuple[str, ...]:
     """'0.3', '0.9'; a repeated target (a null audit) gets '#2', '#3'."""
     names: list[str] = []
     for t in targets:
@@ -209,7 +209,7 @@ def transformed_groups(images: ImageSet, spec: AuditSpec) -> GroupedData:
         out, c, negative, clipped = matched.y, matched.c, matched.negative, matched.clipped
     n = len(split["train"][0])
     return GroupedData(
-        group_names(spec.targets),
+        names_for_targets(spec.targets),
         out[:n],
         split["train"][1],
         split["train"][2],
@@ -232,9 +232,6 @@ def squeeze_to(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     down = x * (t / mu.clamp_min(1e-12))
     up = 1 - (1 - x) * ((1 - t) / (1 - mu).clamp_min(1e-12))
     return torch.where(t <= mu, down, up).clamp_(0, 1)
-
-
-POLARITIES = ("auto", "keep", "invert")
 
 
 @dataclass(frozen=True)
@@ -367,7 +364,7 @@ def selected_groups(images: ImageSet, spec: AuditSpec) -> GroupedData:
             codes.append(torch.full((size,), code))
         pick = torch.cat(chosen)
         parts[split] = (x[pick], torch.cat(codes), index[pick])
-    return GroupedData(group_names(spec.targets), *parts["train"], *parts["test"], targets=tuple(spec.targets))
+    return GroupedData(names_for_targets(spec.targets), *parts["train"], *parts["test"], targets=tuple(spec.targets))
 
 
 LABEL_DELIMITERS = (",", ";", "\t")

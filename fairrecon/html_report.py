@@ -14,20 +14,27 @@ from collections.abc import Callable
 
 import pandas as pd
 
+from . import metrics
+from .bymetric import ByMetric
 from .dynamics import convergence_warnings, gap_over_training, worse_group_changes
-from .figures import METRIC_LABELS, audit_figures
+from .figures import audit_figures
 from .report import (
+    BY_METRIC_TITLE,
     FRONTIER_TITLE,
+    by_metric_note,
+    by_metric_table,
+    contrast_table,
     describe_audit,
     error_table,
     frontier_sentence,
     frontier_table,
     headline,
     loss_warnings,
+    metric_caveat,
     vae_tables,
     verdict_table,
 )
-from .stats import CLEAR, INSUFFICIENT, NO_CLEAR, Analysis
+from .stats import CLEAR, FAIRER, INSUFFICIENT, LESS_FAIR, NO_CLEAR, NOT_DIFFERENT, Analysis, positive_metric
 
 CSS = """
 *{box-sizing:border-box}
@@ -76,10 +83,12 @@ th,td{padding:4px 7px}
 """
 
 
-def html_report(result, analysis: Analysis) -> str:
-    """The whole page as a string."""
+def html_report(result, analysis: Analysis, by_metric: ByMetric | None = None) -> str:
+    """The whole page as a string; with `by_metric`, the metric caveat first and every metric side by side."""
     figs = {name: _png(fig) for name, fig in audit_figures(result, analysis).items()}
     verdict = verdict_table(analysis)
+    metric = metrics.get(analysis.metric)
+    caveat = metric_caveat(by_metric) if by_metric is not None else None
     spec = result.spec
     when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts = [
@@ -89,10 +98,13 @@ def html_report(result, analysis: Analysis) -> str:
         f"<title>fairrecon audit: {_e(spec.dataset)}</title>",
         f"<style>{CSS}</style></head><body><main>",
         "<header><h1>fairrecon audit: which group does each loss favour?</h1>",
-        f'<p class="meta">{_e(describe_audit(result).replace("`", ""))} Numbers are {METRIC_LABELS["mse"]}, lower is better. '
-        f"{_e(_run_line(result))} Generated {when}.</p></header>",
-        '<h2 class="first" id="answer">Answer</h2>',
+        f'<p class="warn" id="metric-caveat">{_e(caveat)}</p>' if caveat else "",
         f'<p class="headline">{_e(headline(analysis))}</p>',
+        f'<p class="meta">{_e(describe_audit(result).replace("`", ""))} Numbers are {_e(metric.label)} ({metric.name}), '
+        f"{'lower' if metric.higher_is_worse else 'higher'} is better. "
+        f"{_e(_run_line(result))} Generated {when}.</p></header>",
+        '<h2 class="first" id="answer">The answer in numbers</h2>',
+        _contrast_html(analysis),
         _verdict_html(verdict),
         f'<p class="note">{_e(analysis.method)}</p>',
         _warnings_html(analysis),
@@ -100,13 +112,20 @@ def html_report(result, analysis: Analysis) -> str:
         _figure(
             figs,
             "group_error",
-            "Each point is a group's mean error over seeds and test images; bars: the interval of each group's mean "
-            f"({1 - analysis.policy.alpha:.0%}, one group at a time). "
-            "Panels have their own y scale so that the gap between groups is visible; compare losses in the table. "
+            f"Each point is a group's mean error over {'test images' if analysis.external else 'seeds and test images'}; "
+            f"bars: the interval of each group's mean ({1 - analysis.policy.alpha:.0%}, one group at a time"
+            + ("; on the log scale, as errors are positive). " if positive_metric(analysis.metric) else "). ")
+            + "Panels have their own y scale so that the gap between groups is visible; compare losses in the table. "
             "Overlapping bars do not rule out a gap: both groups share each seed's model, so read the gap's "
             "own interval in the table.",
         ),
     ]
+    if by_metric is not None and len(by_metric.compared) > 1:
+        parts += [
+            f"<h2 id='metrics'>{BY_METRIC_TITLE}</h2>",
+            f'<p class="note">{_e(by_metric_note(by_metric).replace("`", ""))}</p>',
+            _table(by_metric_table(by_metric)),
+        ]
     if len(analysis.frontier) > 1:
         parts += [
             f"<h2 id='frontier'>{FRONTIER_TITLE}</h2>",
@@ -170,10 +189,15 @@ def html_report(result, analysis: Analysis) -> str:
     parts += [
         _table(result.groups, digits=4),
         "<h2 id='tables'>Tables</h2>",
-        f"<h3>Per-group MSE per pixel: mean [{1 - analysis.policy.alpha:.0%} interval]</h3>",
+        f"<h3>Per-group {_e(metric.label)}: mean [{1 - analysis.policy.alpha:.0%} interval]</h3>",
         _table(error_table(analysis)),
         "<h3>Gap of the worst group, all columns</h3>",
         _table(analysis.disparities, digits=4),
+        *(
+            ["<h3>Each loss against the reference loss, all columns</h3>", _table(analysis.contrasts, digits=4)]
+            if len(analysis.contrasts)
+            else []
+        ),
         "<h3>All metrics: mean over seeds (± std across seeds)</h3>",
         _table(result.by_group(), digits=4),
         "<h3>Cells (one model per loss and seed)</h3>",
@@ -257,9 +281,27 @@ def _over_training_html(result, figs: dict[str, str]) -> list[str]:
     return out
 
 
+def _contrast_html(analysis: Analysis) -> str:
+    """Each loss against the reference loss (empty with one loss)."""
+    if not len(analysis.contrasts):
+        return ""
+    return (
+        f"<h3>Each loss against {_e(analysis.reference_loss)} by {_e(analysis.metric)} (paired by seed and test "
+        "image)</h3>" + _verdict_html(contrast_table(analysis)) + "<h3>Which group does each loss favour?</h3>"
+    )
+
+
 def _verdict_html(verdict: pd.DataFrame) -> str:
-    """A table with a "how sure" column: in colour and in words (never colour alone), beside the loss."""
-    classes = {CLEAR: "clear", NO_CLEAR: "unclear", INSUFFICIENT: "insufficient"}
+    """A table with a "how sure" column (verdicts, or loss contrasts): in colour and in words (never colour
+    alone), beside the loss."""
+    classes = {
+        CLEAR: "clear",
+        NO_CLEAR: "unclear",
+        INSUFFICIENT: "insufficient",
+        LESS_FAIR: "clear",
+        FAIRER: "clear",
+        NOT_DIFFERENT: "unclear",
+    }
     return _table(verdict, cell_class={"how sure": lambda text: f"sure {classes.get(text, 'unclear')}"})
 
 

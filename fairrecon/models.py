@@ -39,11 +39,11 @@ from torch import nn
 
 from .errors import UserError
 
-MODELS = ("mlp", "conv", "vae", "conv-vae")
-VAE_MODELS = ("vae", "conv-vae")
-CONV_MODELS = ("conv", "conv-vae")
-OUTPUTS = ("linear", "sigmoid")
-INPUT_NORMS = ("none", "standardize")
+# The choices' one home is spec.py; the model families are re-exported here (`as`) for train.py.
+from .spec import CONV_MODELS as CONV_MODELS
+from .spec import INPUT_NORMS, MODELS, OUTPUTS
+from .spec import VAE_MODELS as VAE_MODELS
+
 STD_EPS = 1e-8  # a pixel whose training std is below this is "constant": scale 1 (as sklearn's StandardScaler)
 
 

@@ -20,23 +20,36 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import dynamics
+from .bymetric import ByMetric, by_metric
 from .errors import UserError
-from .fileio import write_files
+from .fileio import json_default, write_files
 from .gradshare import share_summary
 from .html_report import html_report
-from .report import headline, markdown_report, vae_tables
+from .report import headline, markdown_report, metric_caveat, vae_tables
 from .results import AuditResult, records
-from .resultsdir import Identity, check_out, claim, input_fingerprint, input_paths, mark_complete, result_fields
+from .resultsdir import (
+    FIRST_RESULTS_VERSION,
+    Identity,
+    check_out,
+    claim,
+    input_fingerprint,
+    input_paths,
+    mark_complete,
+    result_fields,
+)
 from .stats import Analysis, analyse
 
 
-def summary(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
+def summary_json(result: AuditResult, analysis: Analysis, compared: ByMetric | None = None) -> dict[str, Any]:
     """summary.json's content (schema in the README): the verdicts come from `analysis`, with the
-    policy that decided them, so a reader can re-derive each one."""
-    extra = {"grad_shares": records(share_summary(result.grad_shares))} if result.grad_shares is not None else {}
+    policy that decided them, so a reader can re-derive each one; `compared` (bymetric.by_metric, computed
+    here when not given) gives the metric caveat and every metric's verdicts."""
+    compared = compared if compared is not None else by_metric(result, analysis)
+    caveat = metric_caveat(compared)
+    extra: dict[str, Any] = {}
+    if result.grad_shares is not None:
+        extra["grad_shares"] = records(share_summary(result.grad_shares))
     by_group, kl_weight = vae_tables(result)
     if by_group is not None:
         extra["vae"] = {
@@ -53,31 +66,54 @@ def summary(result: AuditResult, analysis: Analysis) -> dict[str, Any]:
         "groups": records(result.groups),
         "cells": records(result.cells),
         "by_group": records(result.by_group()),
+        "metric_caveat": caveat,
         "verdict": headline(analysis),
         "policy": analysis.policy_record(),
         "disparities": records(analysis.disparities),
+        "loss_contrasts": records(analysis.contrasts),
         "frontier": records(analysis.frontier),
+        "metrics": compared.record(caveat),
         **extra,
-        "over_training": dynamics.summary(result),
+        "over_training": dynamics.over_training_record(result),
     }
 
 
-def result_files(result: AuditResult, analysis: Analysis) -> dict[str, bytes]:
+def result_files(result: AuditResult, analysis: Analysis, compared: ByMetric | None = None) -> dict[str, bytes]:
     """Every file of a results folder, rendered in memory, summary.json last."""
     start = time.perf_counter()
+    compared = compared if compared is not None else by_metric(result, analysis)
     files = dict(result.data_files())
     if result.split is not None:
         files["split.csv"] = result.split.to_csv(index=False).encode()
-    files["report.md"] = markdown_report(result, analysis).encode()
-    files["report.html"] = html_report(result, analysis).encode()
+    files["report.md"] = markdown_report(result, analysis, compared).encode()
+    files["report.html"] = html_report(result, analysis, compared).encode()
     result.info.setdefault("timings", {})["report_s"] = time.perf_counter() - start  # tables and reports, rendered
-    files["summary.json"] = (json.dumps(summary(result, analysis), indent=2, default=_json_default) + "\n").encode()
+    record = summary_json(result, analysis, compared)
+    files["summary.json"] = (json.dumps(record, indent=2, default=json_default) + "\n").encode()
     return files
 
 
-def save_results(result: AuditResult, out: str | Path, analysis: Analysis | None = None) -> Path:
-    """Write the whole results folder `out` (created if needed); the statistics are computed here
-    unless the caller already has them."""
+def save_results(
+    result: AuditResult, out: str | Path, analysis: Analysis | None = None, compared: ByMetric | None = None
+) -> Path:
+    """Write the whole results folder `out` (created if needed); the statistics (and every metric's verdicts)
+    are computed here unless the caller already has them.
+
+    `out` must be new, empty or fairrecon's, and hold none of the audit's inputs (one-line `UserError`
+    otherwise). Returns `out` as a Path.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from fairrecon import AuditResult, run_audit, save_results
+    >>> result = run_audit(dataset="digits", losses="l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> out = save_results(result, tempfile.mkdtemp() + "/audit")
+    >>> sorted(p.name for p in out.iterdir())
+    ['cells.csv', 'curves.csv', 'examples.npz', 'fairrecon.json', 'grad_shares.csv', 'groups.csv',
+     'history.csv', 'report.html', 'report.md', 'samples.csv', 'summary.json']
+    >>> AuditResult.load(out).samples.equals(result.samples)  # read back exactly
+    True
+    """
     out = Path(out)
     identity = identity_of(result)
     files_in, folders_in = input_paths(result.spec)
@@ -86,7 +122,7 @@ def save_results(result: AuditResult, out: str | Path, analysis: Analysis | None
         start = time.perf_counter()
         analysis = analyse(result)
         result.info.setdefault("timings", {})["stats_s"] = time.perf_counter() - start
-    files = result_files(result, analysis)
+    files = result_files(result, analysis, compared)
     claim(out, identity)
     try:
         write_files(out, files)
@@ -97,13 +133,19 @@ def save_results(result: AuditResult, out: str | Path, analysis: Analysis | None
 
 
 def identity_of(result: AuditResult) -> Identity:
-    """The identity (spec fields, device type, inputs) a result was computed under."""
+    """The identity (spec fields, device type, inputs, results version) a result was computed under."""
     inputs = result.info["inputs"] if "inputs" in result.info else input_fingerprint(result.spec)
-    return Identity(result_fields(result.spec, str(result.info.get("device", "cpu")).split(":")[0]), inputs)
+    fields = result_fields(result.spec, str(result.info.get("device", "cpu")).split(":")[0])
+    return Identity(fields, inputs, result.info.get("results_version", FIRST_RESULTS_VERSION))
 
 
 def write_reports(
-    result: AuditResult, analysis: Analysis, folder: str | Path, *, source: str | Path | None = None
+    result: AuditResult,
+    analysis: Analysis,
+    folder: str | Path,
+    compared: ByMetric | None = None,
+    *,
+    source: str | Path | None = None,
 ) -> dict[str, Path]:
     """Only report.md and report.html (re-rendered from a saved result by `fairrecon report`).
 
@@ -125,7 +167,11 @@ def write_reports(
         remedy="reports of one audit are never written among another's files: pass a new or empty --out folder "
         "(or the audit's own)",
     )
-    files = {"report.md": markdown_report(result, analysis), "report.html": html_report(result, analysis)}
+    compared = compared if compared is not None else by_metric(result, analysis)
+    files = {
+        "report.md": markdown_report(result, analysis, compared),
+        "report.html": html_report(result, analysis, compared),
+    }
     new = not folder.is_dir() or not any(folder.iterdir())
     if new:
         claim(folder, identity)  # a folder of reports only is fairrecon's too
@@ -136,13 +182,3 @@ def write_reports(
     if new:
         mark_complete(folder, identity)
     return {"md": folder / "report.md", "html": folder / "report.html"}
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

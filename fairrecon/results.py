@@ -4,8 +4,9 @@ This module holds data only: statistics (stats.py) and reports (report.py, html_
 computed from a result at the top and written beside these files by outputs.py.
 
 Data files in a results folder:
-  samples.csv   one row per (loss, seed, test image): loss, seed, group, index, mse, mae, psnr, nmse, nll, kl
-                (nll, kl: VAEs only, empty for autoencoders)
+  samples.csv   one row per (loss, seed, test image): loss, seed, group, index, mse, mae, psnr, nmse,
+                ssim_error, rel_mse (the metrics of metrics.py; older results lack the later ones), pred_scale,
+                nll, kl (nll, kl: VAEs only, empty for autoencoders)
   cells.csv     one row per (loss, seed): status, learned sigma, training MSE and NLL, epochs, convergence
   groups.csv    measured brightness, contrast, negative and clipped shares per split and group
   history.csv   training NLL and MSE per cell and epoch
@@ -27,18 +28,43 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .data import load_images_for
 from .errors import UserError
 from .fileio import npz_bytes
+from .groups import GroupedData, make_groups
+from .metrics import METRICS, VERDICT_METRICS
 from .resultsdir import require_complete
 from .spec import AuditSpec
 
-METRICS = ("mse", "mae", "psnr", "nmse")
 TABLES = ("samples", "cells", "groups", "history")
 EXAMPLES_FILE = "examples.npz"
 
 
 @dataclass
 class AuditResult:
+    """An audit's results as tidy tables: what `run_audit` returns and `AuditResult.load` reads back.
+
+    `samples` has one row per (loss, seed, test image) with its errors (mse, mae, psnr, nmse, ...);
+    `cells` one per (loss, seed): status, learned parameters, training error, epochs, convergence;
+    `groups` the groups as measured per split; `history` the training loss per epoch; `info` the
+    versions, device, timings and warnings; the optional tables are None when the audit has none.
+
+    Examples
+    --------
+    >>> from fairrecon import run_audit
+    >>> result = run_audit(dataset="digits", losses="l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> result.cells[["loss", "seed", "status", "epochs"]]
+      loss  seed status  epochs
+    0   l2     0     ok       1
+    1   l2     1     ok       1
+    >>> result.by_cell_group()[["seed", "group", "n"]]  # one row per (loss, seed, group)
+       seed group   n
+    0     0   0.3  40
+    1     0   0.9  40
+    2     1   0.3  40
+    3     1   0.9  40
+    """
+
     spec: AuditSpec
     samples: pd.DataFrame
     cells: pd.DataFrame
@@ -50,6 +76,7 @@ class AuditResult:
     split: pd.DataFrame | None = None  # image folders: file, group, split (train / test / unused)
     curves: pd.DataFrame | None = None  # per-group held-out error over training (measure.curve_table; optional)
     generated: pd.DataFrame | None = None  # VAEs: per cell and group, its share of prior samples (generate.py)
+    folder: Path | None = None  # the results folder it was loaded from (AuditResult.load), for messages
 
     @property
     def ok_samples(self) -> pd.DataFrame:
@@ -59,8 +86,22 @@ class AuditResult:
 
     @property
     def metrics(self) -> list[str]:
-        """The METRICS this result has (results saved before nmse existed lack it)."""
-        return [m for m in METRICS if m in self.samples.columns]
+        """The metrics a verdict may use (metrics.py) that this result has values of: results saved before a
+        metric existed lack its column, and ssim_error is empty on images too small for its window."""
+        return [m for m in VERDICT_METRICS if m in self.samples.columns and self.samples[m].notna().any()]
+
+    def require_metric(self, name: str) -> None:
+        """A one-line UserError unless this result has values of metric `name` (a registry name)."""
+        if name in self.samples.columns and self.samples[name].notna().any():
+            return
+        here = ", ".join(self.metrics)
+        samples = f"{self.folder / 'samples.csv'}" if self.folder is not None else "this result's samples"
+        if name not in self.samples.columns:
+            raise UserError(
+                f"{samples} has no '{name}' column (written by a fairrecon from before {name} existed; run the "
+                f"audit again to get it); metrics it has: {here}"
+            )
+        raise UserError(f"{samples} has no '{name}' values: {METRICS[name].undefined}; metrics it has: {here}")
 
     def by_cell_group(self) -> pd.DataFrame:
         """One row per (loss, seed, group): n and mean of each metric over the group's test images."""
@@ -106,6 +147,22 @@ class AuditResult:
                 shares["generated_brightness"] = gen.groupby(["loss", "group"], sort=False)["brightness"].mean()
             out = out.merge(shares.reset_index(), on=["loss", "group"], how="left")
         return out
+
+    def grouped_data(self) -> GroupedData:
+        """The images and groups this result was measured on, recomputed from its spec (deterministic), and
+        checked against its samples: the same test images, each in the same group. For the PCA baseline of
+        difficulty-adjusted gaps (stats.analyse(adjusted=True)), which needs every group's training images."""
+        data = make_groups(load_images_for(self.spec), self.spec)
+        seen = self.samples.drop_duplicates("index")
+        recomputed = dict(zip(data.test_index.tolist(), (data.names[g] for g in data.test_g.tolist()), strict=True))
+        if len(seen) != len(recomputed) or any(
+            recomputed.get(int(i)) != str(g) for i, g in zip(seen["index"], seen["group"], strict=True)
+        ):
+            raise UserError(
+                "the images recomputed from this result's spec do not match its samples "
+                "(dataset files changed?); pass a PCA table explicitly"
+            )
+        return data
 
     def data_files(self) -> dict[str, bytes]:
         """The result's data files by name, rendered in memory (written by outputs.save_results)."""
@@ -165,7 +222,17 @@ class AuditResult:
         info = {"fairrecon_version": summary.get("fairrecon_version"), **summary.get("info", {})}
         if summary.get("inputs") is not None:
             info["inputs"] = summary["inputs"]
-        return cls(spec, info=info, examples=load_examples(folder), **tables)
+        return cls(spec, info=info, examples=load_examples(folder), folder=folder, **tables)
+
+
+def saved_verdict_metric(folder: str | Path) -> str | None:
+    """The metric a results folder's verdicts are by (summary.json "metrics"."verdicts_by"; None when its
+    summary.json predates that section)."""
+    try:
+        summary = json.loads((Path(folder) / "summary.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}: cannot read summary.json ({e})") from None
+    return (summary.get("metrics") or {}).get("verdicts_by")
 
 
 def load_examples(folder: str | Path) -> dict[str, np.ndarray] | None:

@@ -1,26 +1,31 @@
 """A results folder is fairrecon's own: marked, never mixed with the run's inputs, never stale.
 
 An audit's identity is what decides its numbers: the spec fields that change results (plus the
-device type) and a fingerprint of its inputs (the labels CSV's content; the listing, with sizes and
-modification times, of the image folder or dataset files; scikit-learn's version for digits).
+device type), a fingerprint of its inputs (the labels CSV's content; the listing, with sizes and
+modification times, of the image folder or dataset files; scikit-learn's version for digits), and
+the version of the numbers fairrecon computes (version.RESULTS_VERSION).
 
   OUT/fairrecon.json  the marker, written before any other file:
-                      {"written_by": "fairrecon", "version", "identity": {spec_hash, fields, inputs},
+                      {"written_by": "fairrecon", "version",
+                       "identity": {spec_hash, fields, inputs, results_version},
                        "complete": true once every result file of that identity is written}
 
 Before anything is written, `check_out` refuses (one line): a non-empty folder without the marker
 (not fairrecon's, so its files may be the user's), a folder that holds the run's inputs or lies
 inside its image folder, and (unless forced) a folder whose audit had another identity, naming what
-changed. Folders written before the marker existed (summary.json or cells/audit.json, no marker) are
-still read, and written into when their spec matches (their cells lack an input fingerprint, so
-they are trained again).
+changed: first a folder whose numbers another results version computed (both versions named). While a run
+writes a folder it holds OUT/.fairrecon.lock (`writing`): a second run on the same folder is refused, whichever
+machine it runs on (where the file system has locks). Folders written before the marker existed (summary.json
+or cells/audit.json, no marker) are still read, and written into when their spec matches (their cells lack an
+input fingerprint, so they are trained again).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +34,17 @@ from .data import file_sha256, fingerprint
 from .errors import UserError
 from .fileio import atomic_write
 from .spec import AuditSpec
+from .version import RESULTS_VERSION, __version__
 
 MARKER = "fairrecon.json"
+LOCK = ".fairrecon.lock"  # held by the one run writing the folder; not a result (see `writing`)
 # Spec fields that do not change the numbers: where results go, whether to download,
 # and the device *name* ("auto" and "cpu" on a CPU-only machine are the same run;
 # the resolved device type is hashed instead).
 NOT_HASHED = ("out", "download", "device")
+# The results version of folders written before it was recorded (fairrecon 0.1.0). Their identity hash
+# leaves it out, as theirs did, so they resume as before; any later results version is hashed.
+FIRST_RESULTS_VERSION = 1
 
 
 def result_fields(spec: AuditSpec, device_type: str) -> dict[str, Any]:
@@ -62,17 +72,27 @@ class Identity:
 
     fields: dict[str, Any]
     inputs: dict[str, Any] | None  # None: not recorded (a folder from before input fingerprints)
+    results_version: int  # of the fairrecon that computed the numbers (version.RESULTS_VERSION)
 
     @property
     def hash(self) -> str:
-        return spec_hash({"fields": self.fields, "inputs": self.inputs})
+        hashed: dict[str, Any] = {"fields": self.fields, "inputs": self.inputs}
+        if self.results_version != FIRST_RESULTS_VERSION:
+            hashed["results_version"] = self.results_version
+        return spec_hash(hashed)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spec_hash": self.hash, "fields": self.fields, "inputs": self.inputs}
+        return {
+            "spec_hash": self.hash,
+            "fields": self.fields,
+            "inputs": self.inputs,
+            "results_version": self.results_version,
+        }
 
     @classmethod
     def of(cls, spec: AuditSpec, device_type: str) -> Identity:
-        return cls(result_fields(spec, device_type), input_fingerprint(spec))
+        """The identity of an audit of `spec` run now, by this fairrecon."""
+        return cls(result_fields(spec, device_type), input_fingerprint(spec), RESULTS_VERSION)
 
 
 def input_paths(spec: AuditSpec) -> tuple[list[Path], list[Path]]:
@@ -117,13 +137,21 @@ def check_out(
                 f"output folder {out} is inside the image folder {folder}; results must not be written "
                 "among the images they measure: pass an --out outside it"
             )
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or not _entries(out):
         return
     old = previous_identity(out)
     if old is None:
         raise UserError(
             f"output folder {out} is not empty and was not written by fairrecon (no {MARKER}); "
             "pass a new or empty folder as --out (fairrecon will not overwrite files it does not own)"
+        )
+    if old.results_version != identity.results_version and not force:
+        written_by = (read_marker(out) or {}).get("version")
+        raise UserError(
+            f"{out} holds results version {old.results_version} (written by "
+            f"{f'fairrecon {written_by}' if written_by else 'an older fairrecon'}); this "
+            f"fairrecon {__version__} computes results version {identity.results_version}, whose numbers differ: "
+            "pass another --out folder, or --force to replace it (and retrain)"
         )
     if force or old.hash == identity.hash:
         return
@@ -170,6 +198,49 @@ def _input_changes(old: dict[str, Any], new: dict[str, Any], out: Path) -> list[
     return said
 
 
+def _entries(folder: Path) -> list[Path]:
+    """What a folder holds besides a run's lock file."""
+    return [p for p in folder.iterdir() if p.name != LOCK]
+
+
+@contextmanager
+def writing(out: str | Path) -> Iterator[None]:
+    """Hold OUT's lock while this process writes OUT: another process that tries is refused in one line.
+
+    Re-entrant within a process (the CLI holds it around `run_audit`, which takes it too). OUT is created
+    if needed; when the run leaves OUT without fairrecon's marker (it failed or was refused before writing),
+    the lock file and a folder made here (if empty) are removed again. The lock is an OS file lock (filelock:
+    fcntl on POSIX), so it reaches other machines only where the shared file system supports locks.
+    """
+    from filelock import FileLock, Timeout
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output folder {out} is an existing file, not a folder; pass another --out")
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {out}: {e.strerror or e}") from None
+    lock = FileLock(out / LOCK, timeout=0, is_singleton=True)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(
+            f"{out} is being written by another fairrecon run (it holds {out / LOCK}); wait for that run to "
+            "finish, or pass another --out"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+        if not lock.is_locked and not (out / MARKER).exists():  # nothing of fairrecon's written: leave no trace
+            with suppress(OSError):
+                (out / LOCK).unlink(missing_ok=True)
+                if made:
+                    out.rmdir()
+
+
 def read_marker(out: str | Path) -> dict[str, Any] | None:
     """The marker's content, or None when the folder has none."""
     path = Path(out) / MARKER
@@ -191,18 +262,20 @@ def previous_identity(out: str | Path) -> Identity | None:
     marker = read_marker(out)
     if marker is not None:
         ident = marker.get("identity") or {}
-        return Identity(ident.get("fields") or {}, ident.get("inputs"))
+        version = ident.get("results_version", FIRST_RESULTS_VERSION)
+        return Identity(ident.get("fields") or {}, ident.get("inputs"), version)
     try:
         legacy = out / "cells" / "audit.json"
         if legacy.is_file():
-            return Identity(json.loads(legacy.read_text())["fields"], None)
+            return Identity(json.loads(legacy.read_text())["fields"], None, FIRST_RESULTS_VERSION)
         summary = out / "summary.json"
         if summary.is_file():
             data = json.loads(summary.read_text())
             if "fairrecon_version" not in data:
                 return None
             spec = AuditSpec.from_dict(data["spec"], str(summary))
-            return Identity(result_fields(spec, str(data.get("info", {}).get("device", "cpu")).split(":")[0]), None)
+            fields = result_fields(spec, str(data.get("info", {}).get("device", "cpu")).split(":")[0])
+            return Identity(fields, None, FIRST_RESULTS_VERSION)
     except (OSError, ValueError, KeyError, TypeError, UserError) as e:
         raise UserError(f"{out}: cannot read the audit already there ({e}); pass another --out folder") from None
     return None
@@ -237,8 +310,6 @@ def require_complete(folder: str | Path) -> None:
 
 
 def _write_marker(out: Path, identity: Identity, complete: bool) -> None:
-    from . import __version__
-
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(

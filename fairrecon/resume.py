@@ -27,6 +27,11 @@ from .fileio import atomic_write
 from .grid import Cell
 from .resultsdir import Identity, claim, result_fields, spec_hash  # noqa: F401  (result_fields: re-exported)
 
+# Columns read back as text whatever they hold (a loss named "1", a host named "42", torch "2.10")
+TEXT_COLUMNS = {
+    name: str
+    for name in ("loss", "group", "status", "host", "device", "device_name", "torch", "fairrecon", "python", "executor")
+}
 LEGACY_SPEC_FILE = "audit.json"  # an older fairrecon's record of the spec; the marker OUT/fairrecon.json replaced it
 
 
@@ -97,9 +102,7 @@ class CellStore:
         for table in self._marker(self.folder / f"{name}.json")["tables"]:
             path = self.folder / f"{name}.{table}.csv"
             try:
-                tables[table] = pd.read_csv(
-                    path, keep_default_na=False, na_values=[""], dtype={"loss": str, "group": str, "status": str}
-                )
+                tables[table] = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=TEXT_COLUMNS)
             except (OSError, ValueError) as e:
                 raise UserError(f"{path}: cannot read checkpoint ({e}); delete it to train that cell again") from None
         return tables

@@ -29,6 +29,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 TEST_FRACTION = 0.2  # held out where a dataset ships no split (digits, folder)
 MODELS = ("mlp", "conv", "vae", "conv-vae")
 VAE_MODELS = ("vae", "conv-vae")
+CONV_MODELS = ("conv", "conv-vae")
 GROUP_METHODS = ("transform", "select", "labels")
 CONTRASTS = ("matched", "squeeze")
 POLARITIES = ("auto", "keep", "invert")
@@ -71,7 +72,24 @@ def setting(
 
 @dataclass(frozen=True)
 class AuditSpec:
-    """Everything an audit needs; any field can be set in TOML or by a CLI flag."""
+    """Everything an audit needs; any field can be set in TOML or by a CLI flag.
+
+    Frozen and validated when made: a bad value is a one-line `UserError`. Each field's help text and
+    allowed values are in its metadata (`fairrecon audit --help` lists them).
+
+    Examples
+    --------
+    >>> from fairrecon import AuditSpec
+    >>> spec = AuditSpec(losses="l1, mix:0,0.5", seeds=3)
+    >>> spec.losses  # one spelling, family members expanded
+    ('l1', 'mix:0', 'mix:0.5')
+    >>> spec.replace(epochs="auto").epochs, spec.group_proportions
+    ('auto', (0.5, 0.5))
+    >>> AuditSpec(targets=(0.3, 1.5))
+    Traceback (most recent call last):
+    ...
+    fairrecon.errors.UserError: target 1.5 is outside (0, 1); targets are mean pixel values
+    """
 
     # data
     dataset: str = setting(
@@ -283,7 +301,29 @@ def _is_union(hint: Any) -> bool:
 
 
 def load_spec(path: str | Path, **flags: Any) -> AuditSpec:
-    """Read a TOML spec (flat keys, or under an [audit] table) and apply CLI-style flags (None = not given)."""
+    """Read a TOML spec (flat keys, or under an [audit] table) and apply CLI-style flags (None = not given).
+
+    Parameters
+    ----------
+    path : str or Path
+        The spec file, e.g. one of the repository's ``audits/*.toml``.
+    **flags
+        `AuditSpec` fields to override; a flag left at None was not given.
+
+    Returns
+    -------
+    AuditSpec
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> from fairrecon import load_spec
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "audit.toml"
+    >>> _ = path.write_text("seeds = 3")  # TOML: flat keys, or under [audit]
+    >>> spec = load_spec(path, epochs=5, limit=None)
+    >>> spec.seeds, spec.epochs, spec.limit
+    (3, 5, None)
+    """
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -326,10 +366,10 @@ def parse_losses(items: str | Sequence[Any]) -> tuple[str, ...]:
             family = name
             number = _number(value)
             out.append(f"{name}:{canonical_number(number) if number is not None else value}")
-        elif _number(token) is not None:
+        elif (number := _number(token)) is not None:
             if family is None:
                 raise UserError(f"losses: '{token}' has no family to extend; write NAME:VALUE first, e.g. mix:0,0.5,1")
-            out.append(f"{family}:{canonical_number(_number(token))}")
+            out.append(f"{family}:{canonical_number(number)}")
         elif token:
             family = None
             out.append(token)
@@ -526,7 +566,7 @@ def _validate(s: AuditSpec) -> None:
             isinstance(s.epochs, int) and not isinstance(s.epochs, bool),
             f"epochs must be a whole number or 'auto', got {s.epochs!r}",
         )
-        need(s.epochs >= 1, f"epochs must be >= 1, got {s.epochs} (or 'auto')")
+        need(isinstance(s.epochs, int) and s.epochs >= 1, f"epochs must be >= 1, got {s.epochs} (or 'auto')")
     need(math.isfinite(s.beta) and s.beta >= 0, f"beta must be a number >= 0, got {s.beta}")
     need(s.generate >= 0, f"generate must be >= 0, got {s.generate}")
     need(s.eval_points >= 2, f"eval_points must be >= 2 (the last is the trained model), got {s.eval_points}")

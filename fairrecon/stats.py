@@ -16,13 +16,26 @@ for the seed part, n_g - 1 for each group's image part), so intervals hold with 
 benchmarks/coverage.py; Welch-Satterthwaite's df undercovered there, see `Contrast`). An external
 model (one trained model, no seeds) has the image part only.
 
-Ratios (Fieller). The ratio interval is the set of R for which the contrast mu_worst - R mu_ref is
+Means (log scale). Errors (MSE, MAE) are positive, so a group's mean and a loss's overall mean get
+their intervals on the log scale: log of the mean +- the critical value times its delta-method standard
+error (se / mean: the same two parts, the same degrees of freedom). Both ends are positive and finite.
+
+Ratios (Fieller). The ratio interval is the set of R >= 0 for which the contrast mu_worst - R mu_ref is
 not rejected, found by bisection. Its lower end exceeds R exactly when the contrast test at R
-rejects, so the ratio interval excludes 1 exactly when the gap interval excludes 0.
+rejects, so the ratio interval excludes 1 exactly when the gap interval excludes 0: one test decides.
+Its upper end is infinite when the reference mean is not clearly above 0 at the interval's level ("no
+upper bound"). The relative gap shown everywhere (worst / reference - 1) is this interval minus 1.
+A log-scale (delta method) ratio interval, always bounded, was measured beside it and covered less
+with heavy-tailed images (docs/method/statistics.md), so Fieller's stays.
+
+Loss against loss (paired). Each loss's worst/reference ratio over the reference loss's, on the log
+scale, with the seeds and the images paired across the two losses (`PairedMoments`).
 
 Policy. One `Policy` (alpha, correction, sidedness) decides everywhere. With the Bonferroni
 correction over the family (losses x group pairs), each interval has level 1 - alpha/m and the
-corrected p-value min(1, m p) < alpha exactly when that interval excludes "no gap".
+corrected p-value min(1, m p) < alpha exactly when that interval excludes "no gap" (its test is
+the one the interval inverts). The loss contrasts are their own family (one hypothesis per loss
+against the reference loss). The estimands, methods and their measured coverage: docs/method/statistics.md.
 """
 
 from __future__ import annotations
@@ -30,16 +43,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import permutations
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from scipy import optimize, special
 
+from . import metrics
 from .errors import UserError
-from .measure import PSNR_FLOOR_MSE
+from .metrics import PSNR_FLOOR_MSE
 from .settled import DROP, Drift, could_change, seed_drift
 
-METRICS = ("mse", "mae", "psnr")
+if TYPE_CHECKING:  # types only: stats imports nothing that imports torch at run time
+    from fairlearn.metrics import MetricFrame
+
+    from .groups import GroupedData
+    from .results import AuditResult
+    from .spec import AuditSpec
+
+METRICS = metrics.VERDICT_METRICS  # the metrics a verdict may use (metrics.py says which, and why not the others)
 CORRECTIONS = ("bonferroni", "none")
 MIN_GROUP_N = 30  # fewer test (or training) images in a group: "insufficient data"
 POWER = 0.8  # power at which the minimum detectable gap is stated
@@ -47,7 +69,14 @@ CLEAR, NO_CLEAR, INSUFFICIENT = "clear gap", "no clear gap", "insufficient data"
 
 
 def higher_is_worse(metric: str) -> bool:
-    return metric != "psnr"
+    return metrics.get(metric).higher_is_worse
+
+
+def positive_metric(metric: str) -> bool:
+    """Whether the metric is an error on a ratio scale (the registry's `ratio`: >= 0, 0 only for a perfect
+    reconstruction): groups are compared by worst/best ratios and a positive mean gets its interval on the log
+    scale. Not psnr (dB, a log scale already: plain intervals, gaps in dB)."""
+    return metrics.get(metric).ratio
 
 
 # ---------------------------------------------------------------- the decision policy
@@ -81,9 +110,11 @@ class Policy:
 POLICY = Policy()  # the defaults, used by `fairrecon audit`, `report` and `check`
 
 
-def _check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise UserError(f"unknown metric '{metric}'; allowed: {', '.join(METRICS)}")
+def _check_metric(metric: str, result: AuditResult | None = None, *, adjusted: bool = False) -> None:
+    """A one-line UserError unless a verdict may use `metric` (adjusted, when asked), and `result` has its values."""
+    metrics.for_verdicts(metric, adjusted=adjusted)
+    if result is not None:
+        result.require_metric(metric)
 
 
 # ---------------------------------------------------------------- per-image errors
@@ -105,14 +136,14 @@ class LossErrors:
         return [np.flatnonzero(self.codes == g) for g in range(len(self.names))]
 
 
-def group_names(result) -> tuple[str, ...]:
+def group_order(result: AuditResult) -> tuple[str, ...]:
     """The result's groups in their own order (categories of samples.group, else first appearance)."""
     g = result.samples["group"]
     names = g.cat.categories if isinstance(g.dtype, pd.CategoricalDtype) else pd.unique(g)
     return tuple(str(n) for n in names)
 
 
-def family_losses(result, losses: list[str] | None = None) -> list[str]:
+def family_losses(result: AuditResult, losses: list[str] | None = None) -> list[str]:
     """The losses a decision covers: every loss of the result (or the named ones), in cell order."""
     order = list(dict.fromkeys(result.cells["loss"]))
     if losses is None:
@@ -123,10 +154,10 @@ def family_losses(result, losses: list[str] | None = None) -> list[str]:
     return [name for name in order if name in losses]
 
 
-def loss_errors(result, *, metric: str = "mse", losses: list[str] | None = None) -> list[LossErrors]:
+def loss_errors(result: AuditResult, *, metric: str = "mse", losses: list[str] | None = None) -> list[LossErrors]:
     """Per-loss seed x image matrices of the ok cells (losses without any ok cell are left out)."""
-    _check_metric(metric)
-    names = group_names(result)
+    _check_metric(metric, result)
+    names = group_order(result)
     code_of = {n: i for i, n in enumerate(names)}
     df = result.ok_samples
     out = []
@@ -151,11 +182,20 @@ def loss_errors(result, *, metric: str = "mse", losses: list[str] | None = None)
     return out
 
 
-def to_metric_frame(result, loss: str, *, metric: str = "mse", seed: int | None = None):
+def _by_loss(
+    result: AuditResult, metric: str, losses: list[str], errors: list[LossErrors] | None
+) -> dict[str, LossErrors]:
+    """The named losses' LossErrors by loss: from `errors` when the caller has them (`analyse`), else computed."""
+    if errors is None:
+        errors = loss_errors(result, metric=metric, losses=losses)
+    return {le.loss: le for le in errors if le.loss in losses}
+
+
+def to_metric_frame(result: AuditResult, loss: str, *, metric: str = "mse", seed: int | None = None) -> MetricFrame:
     """fairlearn MetricFrame of the mean per-image `metric` by group, for one loss (all ok seeds, or one)."""
     from fairlearn.metrics import MetricFrame
 
-    _check_metric(metric)
+    _check_metric(metric, result)
     df = result.ok_samples
     part = df[(df["loss"] == loss) & ((df["seed"] == seed) if seed is not None else True)]
     if part.empty:
@@ -214,6 +254,15 @@ class Contrast:
 
     def high(self, tail: float) -> float:
         return self.estimate + self.quantile(tail) * self.se
+
+    def positive_interval(self, tail: float) -> tuple[float, float]:
+        """The interval of a positive quantity (a mean error), made on the log scale by the delta method:
+        exp(log estimate +- q se / estimate). Both ends are positive and finite, the upper one further from
+        the estimate than the lower (errors are right-skewed); NaN unless the estimate is above 0."""
+        if not (np.isfinite(self.estimate) and self.estimate > 0):
+            return np.nan, np.nan
+        half = self.quantile(tail) * self.se / self.estimate
+        return float(self.estimate * np.exp(-half)), float(self.estimate * np.exp(half))
 
     def p_greater(self) -> float:
         """One-sided p-value of "contrast <= 0": the tail at which low(tail) = 0, so p_greater() < tail
@@ -330,6 +379,43 @@ class Moments:
         return self.mean[g] / self.mean[h] if self.mean[h] > 0 and self.mean[g] >= 0 else np.nan
 
 
+@dataclass(frozen=True)
+class PairedMoments:
+    """`Moments` for several losses scored on the same seeds and the same test images (a paired design:
+    the cells of one seed share their initial weights and batch order, and every cell is scored on the
+    same images). A contrast sum_{l,g} W[l, g] mu_{l,g} gets the same two parts as one loss's: the
+    between-seed variance of the per-seed contrast / S (seed s of every loss together), and per group the
+    image variance of z_i = sum_l W[l, g] (image i's seed-averaged error under loss l) / n_g, which keeps
+    each image's errors under the losses together. With one loss it is `Moments.contrast` (tested)."""
+
+    per_seed: np.ndarray  # (S, L, G) per-seed group means
+    averaged: np.ndarray  # (L, N) seed-averaged per-image errors
+    members: tuple[np.ndarray, ...]  # (G,) image indices of each group
+
+    @classmethod
+    def of(cls, values: list[np.ndarray], codes: np.ndarray, n_groups: int) -> PairedMoments:
+        """From values[l] (S, N), the same seeds in the same order and the same images for every loss."""
+        stacked = np.stack(values, 1)  # (S, L, N)
+        members = tuple(np.flatnonzero(codes == g) for g in range(n_groups))
+        per_seed = np.stack([stacked[:, :, idx].mean(2) for idx in members], 2)
+        return cls(per_seed, stacked.mean(0), members)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """(L, G) group means over seeds and images."""
+        return self.per_seed.mean(0)
+
+    def contrast(self, w: np.ndarray) -> Contrast:
+        """sum W[l, g] mu_{l,g} for weights W (L, G)."""
+        s = self.per_seed.shape[0]
+        per_seed = (self.per_seed * w[None]).sum((1, 2))
+        on = [g for g in range(w.shape[1]) if (w[:, g] != 0).any()]
+        image_v = [(w[:, g] @ self.averaged[:, self.members[g]]).var(ddof=1) / len(self.members[g]) for g in on]
+        variances = np.array([per_seed.var(ddof=1) / s if s >= 2 else np.nan, *image_v])
+        dfs = np.array([max(s - 1, 1), *(len(self.members[g]) - 1.0 for g in on)])
+        return Contrast(float((w * self.mean).sum()), variances, dfs)
+
+
 def _bisect(pred: Callable[[float], bool], lo: float, hi: float) -> tuple[float, float]:
     """Shrink [lo, hi] to floating-point resolution keeping pred(lo) != pred(hi) as it was at the start."""
     at_lo = pred(lo)
@@ -344,9 +430,10 @@ def _bisect(pred: Callable[[float], bool], lo: float, hi: float) -> tuple[float,
     return lo, hi
 
 
-def covered_pairs(n_groups: int, ref: int | None) -> list[tuple[int, int]]:
-    """Ordered (worse, better) pairs a decision covers: every pair, or each group against the named reference."""
-    return list(permutations(range(n_groups), 2)) if ref is None else [(g, ref) for g in range(n_groups) if g != ref]
+def covered_pairs(groups: list[int], ref: int | None) -> list[tuple[int, int]]:
+    """Ordered (worse, better) pairs a decision covers among `groups` (those with an image variance):
+    every pair, or each group against the named reference."""
+    return list(permutations(groups, 2)) if ref is None else [(g, ref) for g in groups if g != ref]
 
 
 def hypotheses_per_loss(n_groups: int, ref: int | None, two_sided: bool) -> int:
@@ -359,21 +446,42 @@ def hypotheses_per_loss(n_groups: int, ref: int | None, two_sided: bool) -> int:
 # ---------------------------------------------------------------- the analysis
 
 
-def group_intervals(result, *, metric: str = "mse", policy: Policy = POLICY) -> pd.DataFrame:
-    """One row per (loss, group): mean error and its (1 - alpha) two-sided interval (one group alone: no correction)."""
+def group_intervals(
+    result: AuditResult, *, metric: str = "mse", policy: Policy = POLICY, errors: list[LossErrors] | None = None
+) -> pd.DataFrame:
+    """One row per (loss, group): mean error and its (1 - alpha) two-sided interval (one group alone: no correction).
+
+    For reading, not deciding: the verdicts compare groups (`analyse`), with the family's correction. A
+    positive metric's means get the log-scale interval (`Contrast.positive_interval`: positive, finite); psnr
+    (dB, already a log scale) the plain one. `errors`: the result's `loss_errors` for `metric`, when the
+    caller has them (`analyse`).
+
+    Examples
+    --------
+    >>> from fairrecon import group_intervals, run_audit
+    >>> result = run_audit(dataset="digits", losses="l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> table = group_intervals(result)
+    >>> table[["loss", "group", "metric", "n", "seeds"]]
+      loss group metric   n  seeds
+    0   l2   0.3    mse  40      2
+    1   l2   0.9    mse  40      2
+    >>> bool(((0 < table["ci_low"]) & (table["ci_low"] < table["mean"]) & (table["mean"] < table["ci_high"])).all())
+    True
+    """
     rows = []
-    for le in loss_errors(result, metric=metric):
+    for le in errors if errors is not None else loss_errors(result, metric=metric):
         mom = Moments.of(le.values, le.codes, len(le.names), seed_part=not _external(result))
         for g, name in enumerate(le.names):
             c = mom.contrast(np.eye(len(le.names))[g])
+            low, high = _mean_interval(c, policy.alpha / 2, metric)
             rows.append(
                 {
                     "loss": le.loss,
                     "group": name,
                     "metric": metric,
                     "mean": c.estimate,
-                    "ci_low": c.low(policy.alpha / 2),
-                    "ci_high": c.high(policy.alpha / 2),
+                    "ci_low": low,
+                    "ci_high": high,
                     "n": int(mom.n[g]),
                     "seeds": len(le.seeds),
                 }
@@ -381,7 +489,15 @@ def group_intervals(result, *, metric: str = "mse", policy: Policy = POLICY) -> 
     return pd.DataFrame(rows, columns=["loss", "group", "metric", "mean", "ci_low", "ci_high", "n", "seeds"])
 
 
-COLUMNS = [
+def _mean_interval(c: Contrast, tail: float, metric: str) -> tuple[float, float]:
+    """A mean's interval: on the log scale for a positive metric, else (psnr, or a mean not above 0: every image
+    reconstructed perfectly, up to float32 rounding, which can leave ssim_error a little below 0) the plain one."""
+    if positive_metric(metric) and np.isfinite(c.estimate) and c.estimate > 0:
+        return c.positive_interval(tail)
+    return c.low(tail), c.high(tail)
+
+
+DISPARITY_COLUMNS = [
     "loss",
     "metric",
     "reference",
@@ -395,7 +511,9 @@ COLUMNS = [
     "ratio_low",
     "ratio_high",
     "gap_lcb",
+    "gap_ucb",
     "ratio_lcb",
+    "ratio_ucb",
     "se",
     "seed_share",
     "p_value",
@@ -405,13 +523,39 @@ COLUMNS = [
     "drift",
     "drift_low",
     "drift_high",
+    "tail_group",
+    "tail_images",
+    "tail_share",
+    "trimmed_ratio",
+    "trimmed_ratio_low",
+    "trimmed_ratio_high",
     "adjusted_reference",
     "adjusted_worst",
     "adjusted_gap",
     "adjusted_gap_low",
     "adjusted_gap_high",
     "adjusted_gap_lcb",
+    "adjusted_gap_ucb",
     "n_min",
+    "seeds",
+    "verdict",
+    "warnings",
+]
+
+CONTRAST_COLUMNS = [
+    "loss",
+    "reference",
+    "metric",
+    "pair",
+    "reference_pair",
+    "loss_ratio",
+    "reference_ratio",
+    "ratio",
+    "difference",
+    "low",
+    "high",
+    "p_value",
+    "p_corrected",
     "seeds",
     "verdict",
     "warnings",
@@ -422,17 +566,34 @@ COLUMNS = [
 class Analysis:
     """An audit's statistics for one metric, computed once by `analyse` and passed to every surface
     (terminal, report.md, report.html, summary.json, the gate): per-group intervals, one decided row
-    per loss, and the policy and family (losses x group pairs) that decided them."""
+    per loss, each loss against the reference loss, and the policy and families that decided them.
+
+    Examples
+    --------
+    >>> from fairrecon import analyse, run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> analysis = analyse(result)
+    >>> analysis.metric, analysis.losses, analysis.pairs, analysis.m
+    ('mse', ('l1', 'l2'), 1, 2)
+    >>> analysis.confidence  # each interval's level: 1 - alpha / m
+    0.975
+    >>> analysis.reference_loss, analysis.contrasts["loss"].tolist()  # l1 against l2, paired
+    ('l2', ['l1'])
+    """
 
     metric: str
     intervals: pd.DataFrame  # loss, group, metric, mean, ci_low, ci_high, n, seeds
-    disparities: pd.DataFrame  # one row per loss of the family: COLUMNS, see `disparities`
+    disparities: pd.DataFrame  # one row per loss of the family: DISPARITY_COLUMNS, see `disparities`
     policy: Policy
     reference: str  # "best" or a group name
     losses: tuple[str, ...]  # the family's losses
     pairs: int  # hypotheses per loss (group pairs, or groups against the named reference)
     adjusted: bool  # whether the adjusted_* columns are filled
     frontier: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=FRONTIER_COLUMNS))  # see `frontier`
+    contrasts: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=CONTRAST_COLUMNS))  # see below
+    reference_loss: str | None = None  # the loss every other is compared with (`loss_contrasts`); None: one loss
+    external: bool = False  # one already-trained model: intervals over test images only
+    trained_on_test: int = 0  # test images the model was trained on, as its user said (`external.audit_model`)
 
     @property
     def m(self) -> int:
@@ -450,8 +611,18 @@ class Analysis:
         return 1 - self.policy.alpha / self.m
 
     @property
+    def contrast_m(self) -> int:
+        """The loss contrasts' own Bonferroni divisor: one hypothesis per loss compared with the reference loss."""
+        return self.policy.divisor(max(len(self.contrasts), 1))
+
+    @property
+    def contrast_confidence(self) -> float:
+        """Each loss contrast interval's confidence level (always two-sided: "fairer" and "less fair" are both claims)."""
+        return 1 - self.policy.alpha / self.contrast_m
+
+    @property
     def method(self) -> str:
-        """One sentence: how the intervals are made and how the verdicts are decided."""
+        """How the intervals are made and how the verdicts are decided (one or two sentences)."""
         p, family = self.policy, f"{len(self.losses)} loss(es) x {self.pairs} group pair(s)"
         each = (
             f"Bonferroni over {family}, so each {'interval' if p.two_sided else 'lower bound'} is at "
@@ -459,17 +630,36 @@ class Analysis:
             if p.correction == "bonferroni"
             else f"no correction over {family}"
         )
-        check = "fairrecon check" + ("" if self.metric == "mse" else f" --metric {self.metric}")
-        check += " --max-gap 0" if self.metric == "psnr" else " --max-ratio 1"
-        return (
-            f"Intervals over training seeds and test images (t quantiles, Cochran-Cox; ratios: Fieller); "
+        check = "fairrecon check" + ("" if self.metric == metrics.DEFAULT else f" --metric {self.metric}")
+        check += " --max-ratio 1" if positive_metric(self.metric) else " --max-gap 0"
+        over = (
+            "Intervals over test images only (one already-trained model: another training run of the same "
+            "recipe is not covered)"
+            if self.external
+            else "Intervals over training seeds and test images"
+        )
+        scale = "; means on the log scale; ratios: Fieller" if positive_metric(self.metric) else ""
+        text = (
+            f"{over} (t quantiles, Cochran-Cox{scale}); "
             f"{1 - p.alpha:.0%} confidence for all verdicts together "
             f"({'two-sided' if p.two_sided else 'one-sided'}, {each}). "
-            f"'clear gap' means `{check}` fails."
+            f"'clear gap' means `{check}` cannot pass."
         )
+        if len(self.contrasts):
+            compared = (
+                f"each loss's worst/best ratio over {self.reference_loss}'s (log scale, delta method)"
+                if positive_metric(self.metric)
+                else f"each loss's gap minus {self.reference_loss}'s"
+            )
+            text += (
+                f" Loss against loss: {compared}, paired by seed and test image, {1 - p.alpha:.0%} confidence "
+                + ("for the comparison" if len(self.contrasts) == 1 else f"for the {len(self.contrasts)} together")
+                + (f" (Bonferroni, each at {100 * self.contrast_confidence:.4g}%)." if self.contrast_m > 1 else ".")
+            )
+        return text
 
     def policy_record(self) -> dict:
-        """The policy and its family, enough to re-derive every decision (summary.json)."""
+        """The policy and its families, enough to re-derive every decision (summary.json)."""
         return {
             "alpha": self.policy.alpha,
             "correction": self.policy.correction,
@@ -479,12 +669,18 @@ class Analysis:
             "pairs_per_loss": self.pairs,
             "m": self.m,
             "interval_confidence": self.confidence,
+            "reference_loss": self.reference_loss,
+            "contrasts_m": self.contrast_m if len(self.contrasts) else 0,
+            "contrast_interval_confidence": self.contrast_confidence if len(self.contrasts) else None,
+            "test_images_trained_on": self.trained_on_test,
             "min_group_n": MIN_GROUP_N,
+            "tail_share": TAIL_SHARE,
+            "tail_fraction": TAIL_FRACTION,
         }
 
 
 def analyse(
-    result,
+    result: AuditResult,
     *,
     metric: str = "mse",
     policy: Policy = POLICY,
@@ -492,29 +688,101 @@ def analyse(
     losses: list[str] | None = None,
     adjusted: bool = False,
     pca: pd.DataFrame | None = None,
+    reference_loss: str | None = None,
 ) -> Analysis:
-    """The statistics of a result, once: per-group intervals and one decided row per loss."""
+    """The statistics of a result, once: per-group intervals, one decided row per loss, and each loss
+    against the reference loss, paired by seed and test image.
+
+    Parameters
+    ----------
+    result : AuditResult
+        From `run_audit` or `AuditResult.load`.
+    metric : str
+        The error compared: one a verdict may use (`fairrecon metrics`; default mse).
+    policy : Policy
+        alpha, correction and sidedness (default `POLICY`, the one every surface uses).
+    reference : str
+        "best" (every pair of groups) or a group name (every group against it).
+    losses : list of str, optional
+        Decide for these losses only (a smaller family, so narrower intervals).
+    adjusted : bool
+        Also decide on each image's error in excess of its own group's rank-k PCA error.
+    pca : DataFrame, optional
+        That PCA baseline, per image or per group (default: recomputed from the result's spec).
+    reference_loss : str, optional
+        The loss every other is compared with (default: the one the result records, else l2 when present,
+        else the first; none with one loss).
+
+    Returns
+    -------
+    Analysis
+        Its `disparities` has one row per loss (see `disparities` for the columns), its `contrasts` one row per
+        loss against the reference loss (see `loss_contrasts`).
+
+    Examples
+    --------
+    >>> from fairrecon import analyse, run_audit
+    >>> result = run_audit(dataset="digits", losses="l1,l2", seeds=2, epochs=1, hidden=32, limit=200, test_limit=80)
+    >>> analysis = analyse(result)
+    >>> analysis.disparities[["loss", "worst", "reference", "seeds", "n_min"]]
+      loss worst reference  seeds  n_min
+    0   l1   0.9       0.3      2     40
+    1   l2   0.9       0.3      2     40
+    >>> sorted(set(analysis.disparities["verdict"]) - {"clear gap", "no clear gap", "insufficient data"})
+    []
+    >>> analysis.contrasts[["loss", "reference", "metric", "pair", "reference_pair", "seeds"]]
+      loss reference metric     pair reference_pair  seeds
+    0   l1        l2    mse  0.9/0.3        0.9/0.3      2
+    """
+    errors = loss_errors(result, metric=metric)  # once, for every table below
     table = disparities(
-        result, metric=metric, policy=policy, reference=reference, losses=losses, adjusted=adjusted, pca=pca
+        result,
+        metric=metric,
+        policy=policy,
+        reference=reference,
+        losses=losses,
+        adjusted=adjusted,
+        pca=pca,
+        errors=errors,
     )
-    names = group_names(result)
+    names = group_order(result)
     ref = None if reference == "best" else names.index(reference)
+    family = tuple(family_losses(result, losses))
     analysis = Analysis(
         metric,
-        group_intervals(result, metric=metric, policy=policy),
+        group_intervals(result, metric=metric, policy=policy, errors=errors),
         table,
         policy,
         reference,
-        tuple(family_losses(result, losses)),
+        family,
         hypotheses_per_loss(len(names), ref, policy.two_sided),
         adjusted or pca is not None,
+        external=_external(result),
+        trained_on_test=int((result.info or {}).get("test_images_trained_on") or 0),
     )
-    return replace(analysis, frontier=frontier(result, analysis))
+    chosen = choose_reference_loss(result, family, reference_loss)
+    return replace(
+        analysis,
+        frontier=frontier(result, analysis, errors=errors),
+        contrasts=loss_contrasts(result, table, metric=metric, policy=policy, reference_loss=chosen, errors=errors),
+        reference_loss=chosen,
+    )
+
+
+def choose_reference_loss(result: AuditResult, family: tuple[str, ...], given: str | None) -> str | None:
+    """The loss every other loss is compared with: the one given, else the one the result records (an audit run
+    with --reference-loss), else l2 when it is in the family, else the family's first loss; None for one loss."""
+    chosen = given or (result.info or {}).get("reference_loss")
+    if chosen is not None and chosen not in family:
+        raise UserError(f"reference loss '{chosen}' is not among this analysis' losses: {', '.join(family)}")
+    if len(family) < 2:
+        return None
+    return chosen or ("l2" if "l2" in family else family[0])
 
 
 # ---------------------------------------------------------------- the fairness-accuracy frontier
 
-FRONTIER_COLUMNS = [
+FRONTIER_COLUMNS: list[str] = [
     "loss",
     "metric",
     "overall",
@@ -530,19 +798,20 @@ FRONTIER_COLUMNS = [
 ]
 
 
-def frontier(result, analysis: Analysis) -> pd.DataFrame:
+def frontier(result: AuditResult, analysis: Analysis, *, errors: list[LossErrors] | None = None) -> pd.DataFrame:
     """The fairness-accuracy frontier: one row per loss of the analysis, its overall held-out error (the mean
     over seeds and every test image) against its worst/best ratio.
 
     overall_low/high: the overall mean's interval, made as every interval here is (seed part plus each group's
-    image part, Cochran-Cox t; the overall mean is the contrast with weights n_g / N) at the same level as the
-    verdicts' intervals (1 - alpha/m). ratio, ratio_low, ratio_high, worst, reference and verdict are the
-    verdict table's own values (`analysis.disparities`), not recomputed. pareto: no other loss has both a
-    lower overall error and a lower ratio, by point estimates (False where either is missing). Ratios of
-    psnr are not defined, so for psnr every pareto is False.
+    image part, Cochran-Cox t; the overall mean is the contrast with weights n_g / N; on the log scale for a
+    positive metric, as the group means) at the same level as the verdicts' intervals (1 - alpha/m). ratio,
+    ratio_low, ratio_high, worst, reference and verdict are the verdict table's own values
+    (`analysis.disparities`), not recomputed. pareto: no other loss has both a lower overall error and a lower
+    ratio, by point estimates (False where either is missing). Ratios of psnr are not defined, so for psnr
+    every pareto is False.
     """
     d = analysis.disparities.set_index("loss")
-    errors = {le.loss: le for le in loss_errors(result, metric=analysis.metric, losses=list(analysis.losses))}
+    by_loss = _by_loss(result, analysis.metric, list(analysis.losses), errors)
     external = _external(result)
     rows = []
     for loss in analysis.losses:
@@ -553,11 +822,12 @@ def frontier(result, analysis: Analysis) -> pd.DataFrame:
             "overall_low": np.nan,
             "overall_high": np.nan,
         }
-        le = errors.get(loss)
+        le = by_loss.get(loss)
         if le is not None:
             mom = Moments.of(le.values, le.codes, len(le.names), seed_part=not external)
             c = mom.contrast(mom.n / mom.n.sum())
-            row.update(overall=c.estimate, overall_low=c.low(analysis.tail), overall_high=c.high(analysis.tail))
+            low, high = _mean_interval(c, analysis.tail, analysis.metric)
+            row.update(overall=c.estimate, overall_low=low, overall_high=high)
         row.update({k: d.loc[loss, k] for k in ("ratio", "ratio_low", "ratio_high", "worst", "reference", "verdict")})
         rows.append(row)
     out = pd.DataFrame(rows, columns=FRONTIER_COLUMNS[:-1])
@@ -573,7 +843,7 @@ def pareto_flags(error: np.ndarray, ratio: np.ndarray) -> np.ndarray:
 
 
 def disparities(
-    result,
+    result: AuditResult,
     *,
     metric: str = "mse",
     policy: Policy = POLICY,
@@ -581,74 +851,89 @@ def disparities(
     losses: list[str] | None = None,
     adjusted: bool = False,
     pca: pd.DataFrame | None = None,
+    errors: list[LossErrors] | None = None,
 ) -> pd.DataFrame:
     """One row per loss of the family: the worst group's gap and ratio against the reference, decided by `policy`.
 
     gap = worst - reference in the metric's bad direction (for psnr: reference dB - worst dB), so
-    gap >= 0 when reference="best"; ratio = worst / reference (not for psnr). gap_low/gap_high and
-    ratio_low/ratio_high: that pair's interval at the per-interval level 1 - alpha/m. The decision
-    covers every pair of groups (reference="best") or every group against the named reference:
-    gap_lcb / ratio_lcb are the largest lower ends over those (worse, better) pairs, the numbers the
-    gate compares with its thresholds (gap_lcb > 0 exactly when ratio_lcb > 1). se: the row pair's
-    standard error; seed_share: the part of its variance that training randomness contributes (near 1:
-    more seeds narrow the interval; near 0: only more test images do). p_value: the row pair's
-    two-sided test of "no gap" (the one its interval inverts); p_corrected: the family's, min over covered pairs of min(1, m p), < alpha exactly when
-    gap_lcb > 0. mde: the gap the row pair would detect with 80% power (mde_relative: over the
-    reference mean). verdict: see `verdict`; warnings: its reasons and other notes.
+    gap >= 0 when reference="best"; ratio = worst / reference (positive metrics only, not psnr), with
+    Fieller's interval, the one interval of the relative gap (ratio - 1) on every surface.
+    gap_low/gap_high and ratio_low/ratio_high: that pair's interval at the per-interval level 1 - alpha/m.
+    The decision covers every pair of groups (reference="best") or every group against the named reference,
+    among the groups with at least two test images: gap_lcb / ratio_lcb are the largest lower ends over
+    those (worse, better) pairs (gap_lcb > 0 exactly when ratio_lcb > 1), gap_ucb / ratio_ucb the largest
+    upper ends (ratio_ucb may be inf: no upper bound), the numbers the gate compares with its thresholds
+    (`gate.py`). se: the row pair's standard error; seed_share: the part of its variance that training
+    randomness contributes (near 1: more seeds narrow the interval; near 0: only more test images do).
+    p_value: the row pair's two-sided test of "no gap" (the one its interval inverts); p_corrected: the
+    family's, min over covered pairs of min(1, m p), < alpha exactly when gap_lcb > 0. mde: the gap the row
+    pair would detect with 80% power (mde_relative: over the reference mean). tail_*: the group whose top TAIL_FRACTION of images (tail_images of them)
+    carry the largest share of its summed error (tail_share); trimmed_ratio*: the row pair's ratio and
+    interval without each group's top TAIL_FRACTION of images (a sensitivity line, not the verdict).
+    verdict: see `verdict`; warnings: its reasons and other notes.
     adjusted_*: the same for each image's error in excess of its own group's rank-k PCA error
     (k = spec.latent), filled when adjusted=True or `pca` is given (per image from `pca_errors`, or
     per group from `pca_reference`).
     """
-    _check_metric(metric)
+    _check_metric(metric, result, adjusted=adjusted or pca is not None)
     family = family_losses(result, losses)
-    errors = {le.loss: le for le in loss_errors(result, metric=metric, losses=losses)}
-    names = group_names(result)
+    by_loss = _by_loss(result, metric, family, errors)
+    names = group_order(result)
     if reference != "best" and reference not in names:
         raise UserError(f"reference group '{reference}' not in this result; groups: {', '.join(names)} (or 'best')")
     ref = None if reference == "best" else names.index(reference)
     with_pca = adjusted or pca is not None
-    if with_pca and errors:
+    if with_pca and by_loss:
         baseline_of = _baseline_lookup(result, metric, pca)
-        if any(np.isnan(baseline_of(le)).any() for le in errors.values()):
+        if any(np.isnan(baseline_of(le)).any() for le in by_loss.values()):
             raise UserError("the PCA table does not cover every test image (or group) of this result")
     m = len(family) * hypotheses_per_loss(len(names), ref, policy.two_sided)
-    decide = dict(names=names, ref=ref, tail=policy.tail(m), scale=policy.divisor(m) * (2 if policy.two_sided else 1))
+    decide: dict[str, Any] = dict(
+        names=names, ref=ref, tail=policy.tail(m), scale=policy.divisor(m) * (2 if policy.two_sided else 1)
+    )
     sign = 1.0 if higher_is_worse(metric) else -1.0
+    ratio = positive_metric(metric)
     external = _external(result)
     rows = []
     for loss in family:
-        row, le, decisive = {"loss": loss, "metric": metric}, errors.get(loss), None
+        row: dict[str, Any] = {"loss": loss, "metric": metric}
+        le, decisive = by_loss.get(loss), None
         if le is not None:
             mom = Moments.of(sign * le.values, le.codes, len(names), seed_part=not external)
             row.update(n_min=int(mom.n.min()), seeds=len(le.seeds))
-            if mom.n.min() >= 2:  # a group needs two images for an image variance
-                decisive = _decide(row, mom, ratio=metric != "psnr", **decide)
+            valid = [g for g in range(len(names)) if mom.n[g] >= 2]  # a group needs two images for an image variance
+            if len(valid) >= 2 and (ref is None or ref in valid):
+                decisive = _decide(row, mom, valid=valid, ratio=ratio, **decide)
                 row.update(
                     reference_mean=sign * mom.mean[names.index(row["reference"])],
                     worst_mean=sign * mom.mean[names.index(row["worst"])],
                 )
+                if ratio and sign > 0:
+                    pair_codes = names.index(row["worst"]), names.index(row["reference"])
+                    row.update(_tails(le, *pair_codes, decide["tail"], external=external))
                 if with_pca:
                     excess = Moments.of(
                         sign * (le.values - baseline_of(le)[None, :]), le.codes, len(names), seed_part=not external
                     )
                     adj: dict = {}
-                    _decide(adj, excess, ratio=False, **decide)
+                    _decide(adj, excess, valid=valid, ratio=False, **decide)
                     row.update(
                         {
                             "adjusted_" + k: adj[k]
-                            for k in ("reference", "worst", "gap", "gap_low", "gap_high", "gap_lcb")
+                            for k in ("reference", "worst", "gap", "gap_low", "gap_high", "gap_lcb", "gap_ucb")
                         }
                     )
         pair = (row["worst"], row["reference"]) if "worst" in row else None
         drift = gap_drift(result, loss, *pair, metric=metric) if pair and pair[0] != pair[1] else None
         row.update(zip(("drift", "drift_low", "drift_high"), np.exp(_drift_logs(drift))))
         reasons = insufficient(result, loss, le, pair=pair, external=external, row=row)
-        if metric != "psnr" and np.isfinite(row.get("gap_lcb", np.nan)) and not np.isfinite(row["ratio_lcb"]):
+        if ratio and np.isfinite(row.get("gap_lcb", np.nan)) and not np.isfinite(row.get("ratio_lcb", np.nan)):
             reasons.append("a group's mean error is not above 0: no ratio")
         row["verdict"] = verdict(gap_lcb=row.get("gap_lcb", np.nan), reasons=reasons)
-        row["warnings"] = "; ".join(reasons + unconverged(result, loss) + _notes(row, decisive, external))
+        notes = _notes(row, decisive, external, result.spec)
+        row["warnings"] = "; ".join(reasons + unconverged(result, loss) + notes)
         rows.append(row)
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return pd.DataFrame(rows, columns=DISPARITY_COLUMNS)
 
 
 def verdict(*, gap_lcb: float, reasons: list[str]) -> str:
@@ -661,13 +946,21 @@ def verdict(*, gap_lcb: float, reasons: list[str]) -> str:
 
 
 def _decide(
-    row: dict, mom: Moments, *, names: tuple[str, ...], ref: int | None, tail: float, scale: int, ratio: bool
-) -> tuple[str, str]:
-    """Fill `row` with the row pair's gap, ratio and test and the decision over the covered pairs;
-    return the covered pair with the largest lower end (the one that decides)."""
-    worst, r = _pick(mom.mean, ref)
+    row: dict,
+    mom: Moments,
+    *,
+    names: tuple[str, ...],
+    valid: list[int],
+    ref: int | None,
+    tail: float,
+    scale: int,
+    ratio: bool,
+) -> tuple[str, str] | None:
+    """Fill `row` with the row pair's gap, ratio and test and the decision over the covered pairs (among the
+    `valid` groups); return the covered pair with the largest lower end (the one that decides)."""
+    worst, r = _pick(mom.mean, ref, valid)
     c = mom.pair(worst, r)
-    pairs = covered_pairs(len(names), ref)
+    pairs = covered_pairs(valid, ref)
     lows = np.array([mom.pair(g, h).low(tail) for g, h in pairs])
     row.update(
         reference=names[r],
@@ -676,6 +969,7 @@ def _decide(
         gap_low=c.low(tail),
         gap_high=c.high(tail),
         gap_lcb=float(lows.max()),
+        gap_ucb=float(np.max([mom.pair(g, h).high(tail) for g, h in pairs])),
         se=c.se,
         seed_share=c.seed_share,
         p_value=c.p_two_sided(),
@@ -689,6 +983,7 @@ def _decide(
             ratio_low=mom.ratio_low(worst, r, tail),
             ratio_high=mom.ratio_high(worst, r, tail),
             ratio_lcb=float(np.max([mom.ratio_low(g, h, tail) for g, h in pairs])),
+            ratio_ucb=float(np.max([mom.ratio_high(g, h, tail) for g, h in pairs])),
         )
     if np.isnan(lows).all():
         return None
@@ -696,18 +991,215 @@ def _decide(
     return names[g], names[h]
 
 
-def _pick(mu: np.ndarray, ref: int | None) -> tuple[int, int]:
-    """(worst, reference): the reference is the best group unless named; the worst is never the reference."""
-    r = int(np.argmin(mu)) if ref is None else ref
-    others = [g for g in range(len(mu)) if g != r]
+def _pick(mu: np.ndarray, ref: int | None, valid: list[int]) -> tuple[int, int]:
+    """(worst, reference) among the valid groups: the reference is the best one unless named; the worst is
+    never the reference."""
+    r = valid[int(np.argmin(mu[valid]))] if ref is None else ref
+    others = [g for g in valid if g != r]
     return others[int(np.argmax(mu[others]))], r
 
 
-def _external(result) -> bool:
+def _external(result: AuditResult) -> bool:
     return bool((result.info or {}).get("external_model"))
 
 
-def gap_drift(result, loss: str, worst: str, best: str, *, metric: str = "mse") -> Drift | None:
+# ---------------------------------------------------------------- a few images carrying the error (tails)
+
+TAIL_FRACTION = 0.01  # the share of a group's images whose share of the error is measured (the top 1%)
+TAIL_SHARE = (
+    0.10  # above this share, the verdict warns (chosen by benchmarks/coverage.py --tails; docs/method/statistics.md)
+)
+
+
+def _tails(le: LossErrors, worst: int, ref: int, tail: float, *, external: bool = False) -> dict:
+    """How much of each group's summed (seed-averaged) error its top TAIL_FRACTION of images carry (the group
+    where it is largest), and the row pair's ratio with its Fieller interval without each group's top images."""
+    averaged = le.values.mean(0)
+    keep = np.ones(len(averaged), dtype=bool)
+    best: dict[str, Any] = {"tail_group": None, "tail_images": 0, "tail_share": np.nan}
+    for g, idx in enumerate(le.members):
+        k = top_count(len(idx))
+        if not len(idx) or averaged[idx].sum() <= 0:
+            continue
+        top = idx[np.argsort(averaged[idx])[::-1][:k]]
+        keep[top] = False
+        share = float(averaged[top].sum() / averaged[idx].sum())
+        if not share <= best["tail_share"]:  # the first group, or a larger share
+            best = {"tail_group": le.names[g], "tail_images": k, "tail_share": share}
+    trimmed = Moments.of(le.values[:, keep], le.codes[keep], len(le.names), seed_part=not external)
+    if (not external and le.values.shape[0] < 2) or (trimmed.n < 2).any():
+        return {**best, "trimmed_ratio": np.nan, "trimmed_ratio_low": np.nan, "trimmed_ratio_high": np.nan}
+    low, high = trimmed.ratio_interval(worst, ref, tail)
+    return {
+        **best,
+        "trimmed_ratio": trimmed.ratio_point(worst, ref),
+        "trimmed_ratio_low": low,
+        "trimmed_ratio_high": high,
+    }
+
+
+def top_count(n: int) -> int:
+    """How many images are a group's top TAIL_FRACTION: at least one."""
+    return max(1, int(np.ceil(TAIL_FRACTION * n))) if n else 0
+
+
+# ---------------------------------------------------------------- loss against loss (paired contrasts)
+
+FAIRER, LESS_FAIR, NOT_DIFFERENT = "clearly fairer", "clearly less fair", "not clearly different"
+
+
+def loss_contrasts(
+    result: AuditResult,
+    table: pd.DataFrame,
+    *,
+    metric: str = "mse",
+    policy: Policy = POLICY,
+    reference_loss: str | None = None,
+    errors: list[LossErrors] | None = None,
+) -> pd.DataFrame:
+    """Each loss of `table` (a `disparities` table) against `reference_loss`, paired by seed and test image.
+
+    For a positive metric, ratio = (the loss's worst/reference ratio) / (the reference loss's), each loss
+    on its own row pair (its worst group over its reference group, as in `table`): > 1, the loss is less
+    fair. Its interval is made on the log scale: log ratio is a contrast of four group means' logs, whose
+    variance (delta method: weights 1 / mean) has the two parts of every interval here, with the seeds and
+    the images paired across the two losses (`PairedMoments`), and Cochran-Cox's t. For psnr: difference =
+    the loss's dB gap minus the reference loss's, on the plain scale. Only seeds ok under both losses are
+    paired (a failed seed of either is left out of both, and said). The family is the contrasts (Bonferroni
+    over them), two-sided at the policy's alpha. verdict: "clearly less fair" (low > 1), "clearly fairer"
+    (high < 1), "not clearly different", or "insufficient data" (a reason from either loss's verdict other
+    than failed cells, fewer than 2 paired seeds, no pair of groups).
+    """
+    if reference_loss is None or table.empty:
+        return pd.DataFrame(columns=CONTRAST_COLUMNS)
+    by_loss = _by_loss(result, metric, list(table["loss"]), errors)
+    rows_of = table.set_index("loss")
+    others = [loss for loss in table["loss"] if loss != reference_loss]
+    m = len(others)
+    tail = replace(policy, two_sided=True).tail(m)
+    ratio_scale = positive_metric(metric)
+    sign = 1.0 if higher_is_worse(metric) else -1.0
+    external = _external(result)
+    out = []
+    for loss in others:
+        a, b = rows_of.loc[loss], rows_of.loc[reference_loss]
+        row: dict = {"loss": loss, "reference": reference_loss, "metric": metric}
+        reasons, notes = [], []
+        for name, r in ((loss, a), (reference_loss, b)):
+            why = insufficient(
+                result, name, by_loss.get(name), pair=_pair(r), external=external, count_failed=False, row=r.to_dict()
+            )
+            if why:
+                reasons.append(
+                    f"{name}: {'; '.join(why)}"
+                    if name == loss
+                    else f"the reference loss {name} has insufficient data (see its warning)"
+                )
+            if not isinstance(r["worst"], str):
+                reasons.append(f"{name}: no pair of groups to compare")
+        le_a, le_b = by_loss.get(loss), by_loss.get(reference_loss)
+        if le_a is not None and le_b is not None and isinstance(a["worst"], str) and isinstance(b["worst"], str):
+            if not np.array_equal(le_a.index, le_b.index):
+                raise UserError(f"losses {loss} and {reference_loss} were not scored on the same test images")
+            common = np.intersect1d(le_a.seeds, le_b.seeds)
+            left_out = sorted(set(le_a.seeds) ^ set(le_b.seeds))
+            if left_out:
+                notes.append(
+                    f"paired on the {len(common)} seed(s) ok under both losses "
+                    f"(seed(s) {', '.join(map(str, left_out))} left out of both)"
+                )
+            row.update(
+                seeds=len(common),
+                pair=f"{a['worst']}/{a['reference']}",
+                reference_pair=f"{b['worst']}/{b['reference']}",
+            )
+            if len(common) < 2:
+                reasons.append(f"only {len(common)} seed(s) ok under both losses: pairing needs at least 2")
+            else:
+                names = le_a.names
+                pm = PairedMoments.of(
+                    [sign * le.values[np.searchsorted(le.seeds, common)] for le in (le_a, le_b)],
+                    le_a.codes,
+                    len(names),
+                )
+                numbers = _contrast_numbers(pm, names, a, b, tail, m, policy, ratio_scale)
+                if not numbers:
+                    reasons.append("a group's mean error is not above 0 under one of the losses: no ratio of ratios")
+                row.update(numbers)
+                if row["pair"] != row["reference_pair"]:
+                    notes.append(
+                        f"the two losses' gaps are between different groups ({loss}: {row['pair']}, {reference_loss}: "
+                        f"{row['reference_pair']}): the comparison is of their sizes, not their direction"
+                    )
+        row["verdict"] = _contrast_verdict(row, reasons, ratio_scale)
+        row["warnings"] = "; ".join(reasons + notes)
+        out.append(row)
+    return pd.DataFrame(out, columns=CONTRAST_COLUMNS)
+
+
+def _pair(row: pd.Series) -> tuple[str, str] | None:
+    return (row["worst"], row["reference"]) if isinstance(row["worst"], str) else None
+
+
+def _contrast_numbers(
+    pm: PairedMoments,
+    names: tuple[str, ...],
+    a: pd.Series,
+    b: pd.Series,
+    tail: float,
+    m: int,
+    policy: Policy,
+    ratio: bool,
+) -> dict:
+    """The contrast of loss a's row pair against loss b's: ratio of ratios (log scale) or difference of gaps."""
+    wa, ra, wb, rb = (
+        names.index(a["worst"]),
+        names.index(a["reference"]),
+        names.index(b["worst"]),
+        names.index(b["reference"]),
+    )
+    mean = pm.mean
+    w = np.zeros_like(mean)
+    if ratio:
+        if not (mean[0, [wa, ra]] > 0).all() or not (mean[1, [wb, rb]] > 0).all():
+            return {}
+        w[0, wa] += 1 / mean[0, wa]
+        w[0, ra] -= 1 / mean[0, ra]
+        w[1, wb] -= 1 / mean[1, wb]
+        w[1, rb] += 1 / mean[1, rb]
+        loss_ratio, reference_ratio = mean[0, wa] / mean[0, ra], mean[1, wb] / mean[1, rb]
+        c = replace(pm.contrast(w), estimate=float(np.log(loss_ratio) - np.log(reference_ratio)))
+        numbers = {
+            "loss_ratio": loss_ratio,
+            "reference_ratio": reference_ratio,
+            "ratio": float(np.exp(c.estimate)),
+            "low": float(np.exp(c.low(tail))),
+            "high": float(np.exp(c.high(tail))),
+        }
+    else:
+        w[0, wa] += 1
+        w[0, ra] -= 1
+        w[1, wb] -= 1
+        w[1, rb] += 1
+        c = pm.contrast(w)
+        numbers = {"difference": c.estimate, "low": c.low(tail), "high": c.high(tail)}
+    p = c.p_two_sided()
+    return {**numbers, "p_value": p, "p_corrected": float(min(1.0, policy.divisor(m) * p))}
+
+
+def _contrast_verdict(row: dict, reasons: list[str], ratio: bool) -> str:
+    """The words of one loss contrast: "clearly less fair" (its interval above "equal"), "clearly fairer"
+    (below), "not clearly different", or "insufficient data"."""
+    low, high, equal = row.get("low", np.nan), row.get("high", np.nan), 1.0 if ratio else 0.0
+    if reasons or not (np.isfinite(low) and np.isfinite(high)):
+        return INSUFFICIENT
+    return LESS_FAIR if low > equal else FAIRER if high < equal else NOT_DIFFERENT
+
+
+# ---------------------------------------------------------------- why a verdict cannot be given, and notes
+
+
+def gap_drift(result: AuditResult, loss: str, worst: str, best: str, *, metric: str = "mse") -> Drift | None:
     """How far the answer is projected to move in as much training again (settled.py): per ok cell of `loss`,
     the trend of log(worst / best held-out error) against log(step) over the last half of its training, on the
     curve points before its final one (the fixed test subset, so every point sees the same images; mae for
@@ -739,24 +1231,26 @@ def _drift_logs(drift: Drift | None) -> tuple[float, float, float]:
 
 
 def insufficient(
-    result,
+    result: AuditResult,
     loss: str,
     le: LossErrors | None,
     *,
     pair: tuple[str, str] | None = None,
     external: bool = False,
+    count_failed: bool = True,
     row: dict | None = None,
 ) -> list[str]:
-    """Why a loss's data cannot support a verdict (empty when they can): failed cells, an answer that had not
-    settled (the decided `row`'s interval, moved by its `drift_low` / `drift_high`, could cross the decision's
-    boundary in as much training again: settled.could_change), fewer than 2 trained seeds, a test or training
+    """Why a loss's data cannot support a verdict (empty when they can): failed cells (unless count_failed is
+    False: a paired contrast leaves them out of both losses), an answer that had not settled (the decided `row`'s
+    interval, moved by its `drift_low` / `drift_high`, could cross the decision's boundary in as much training
+    again: settled.could_change), fewer than 2 trained seeds, a test or training
     group under MIN_GROUP_N images."""
     reasons = []
     cells = result.cells[result.cells["loss"] == loss]
     failed = cells[cells["status"] != "ok"]
     if le is None:
         reasons.append("no cell trained without failing")
-    elif len(failed):
+    elif len(failed) and count_failed:
         reasons.append(
             f"{len(failed)} failed cell(s) left out: "
             + ", ".join(f"{loss}/seed{r.seed} ({r.status})" for r in failed.itertuples())
@@ -780,14 +1274,14 @@ def insufficient(
     return reasons
 
 
-def _unsettled(result, loss: str, pair: tuple[str, str], row) -> str | None:
+def _unsettled(result: AuditResult, loss: str, pair: tuple[str, str], row: dict[str, Any]) -> str | None:
     """The "had not settled" reason, or None. The decision is the row's: clear gap when the largest lower end
     over the covered pairs is above "no gap" (ratio_lcb > 1; psnr: gap_lcb > 0 dB), else no clear gap; the
     upper end is the row pair's. Both move with the shown pair's drift (exactly the decision for two groups)."""
     shift = np.log(np.array([row.get(k, np.nan) for k in ("drift", "drift_low", "drift_high")], dtype=float))
     if not np.isfinite(shift).all():
         return None
-    if row.get("metric") == "psnr":
+    if not positive_metric(row.get("metric", metrics.DEFAULT)):  # psnr: a gap in dB, moved in dB
         low, high, shift, show = row.get("gap_lcb", np.nan), row.get("gap_high", np.nan), shift * DB_PER_LOG, "dB"
     else:
         with np.errstate(divide="ignore", invalid="ignore"):  # a ratio end at 0 is -inf on the log scale
@@ -814,7 +1308,7 @@ def _unsettled(result, loss: str, pair: tuple[str, str], row) -> str | None:
     )
 
 
-def _longer(result, loss: str, *, more_seeds: bool) -> str:
+def _longer(result: AuditResult, loss: str, *, more_seeds: bool) -> str:
     """The advice for an answer that had not settled: twice the training (the horizon the rule looked at); more
     seeds too where only the drift's uncertainty, not its trend, reaches the boundary."""
     cells = result.cells[result.cells["loss"] == loss]
@@ -829,7 +1323,7 @@ def _longer(result, loss: str, *, more_seeds: bool) -> str:
     return advice + (f" or add seeds (--seeds {2 * len(cells)}): the trend's uncertainty decides" if more_seeds else "")
 
 
-def unconverged(result, loss: str) -> list[str]:
+def unconverged(result: AuditResult, loss: str) -> list[str]:
     """A note (not a reason) when some cells' errors had not settled (settled.py): the verdict is about this
     training length; whether the answer itself could still change is `gap_drift`'s question."""
     cells = result.cells[(result.cells["loss"] == loss) & (result.cells["status"] == "ok")]
@@ -846,8 +1340,8 @@ def unconverged(result, loss: str) -> list[str]:
     ]
 
 
-def _notes(row: dict, decisive: tuple[str, str] | None, external: bool) -> list[str]:
-    """Warnings that do not change the verdict."""
+def _notes(row: dict, decisive: tuple[str, str] | None, external: bool, spec: AuditSpec) -> list[str]:
+    """Warnings that do not change the verdict: one trained model, the deciding pair, low power, a heavy tail."""
     notes = []
     if external:
         notes.append(
@@ -856,14 +1350,62 @@ def _notes(row: dict, decisive: tuple[str, str] | None, external: bool) -> list[
         )
     if row["verdict"] == CLEAR and decisive and decisive != (row["worst"], row["reference"]):
         notes.append(f"decided by group {decisive[0]} vs {decisive[1]}, not the pair shown")
-    if row["verdict"] == NO_CLEAR and row["mde"] > abs(row["gap"]):
+    if row["verdict"] == NO_CLEAR and _low_power(row):
         size = f"{row['mde_relative']:.1%}" if np.isfinite(row["mde_relative"]) else f"{row['mde']:.3g}"
-        more = "seeds" if row["seed_share"] > 0.5 else "test images"
-        notes.append(
-            f"low power: a gap of {size} would be found {POWER:.0%} of the time; smaller ones may be "
-            f"missed (training randomness is {row['seed_share']:.0%} of the variance: add {more})"
-        )
+        found = f"low power: a gap of {size} would be found {POWER:.0%} of the time; smaller ones may be missed"
+        if external:
+            notes.append(f"{found} (the interval covers test images only: {more_test_images(spec)})")
+        else:
+            more = "add seeds" if row["seed_share"] > 0.5 else more_test_images(spec)
+            notes.append(f"{found} (training randomness is {row['seed_share']:.0%} of the variance: {more})")
+    if np.isfinite(row.get("tail_share", np.nan)) and row["tail_share"] > TAIL_SHARE:
+        notes.append(tail_warning(row))
     return notes
+
+
+def _low_power(row: dict) -> bool:
+    """The gap detectable with POWER is larger than the one estimated."""
+    return bool(row.get("mde", np.nan) > abs(row.get("gap", np.nan)))
+
+
+def tail_warning(row: dict | pd.Series) -> str:
+    """The heavy-tail warning of a disparity row, with its sensitivity line (the ratio without the top images)."""
+    k, share = int(row["tail_images"]), float(row["tail_share"])
+    text = (
+        f"heavy tail: in group {row['tail_group']} the top {k} image(s) ({TAIL_FRACTION:.0%} of the group) carry "
+        f"{share:.0%} of its summed error, so the mean and its interval rest on a few images"
+    )
+    if np.isfinite(row.get("trimmed_ratio", np.nan)):
+        text += (
+            f"; without each group's top {TAIL_FRACTION:.0%}: {row['worst']}/{row['reference']} ratio "
+            f"{row['trimmed_ratio']:.3g} [{format_bound(row['trimmed_ratio_low'])}, "
+            f"{format_bound(row['trimmed_ratio_high'])}] (a sensitivity line, not the verdict)"
+        )
+    return text
+
+
+def format_bound(v: float, digits: int = 3) -> str:
+    """One end of an interval as text: 'no upper bound' for +inf, 'n/a' for NaN."""
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "n/a"
+    return "no upper bound" if v == np.inf else f"{v:.{digits}g}"
+
+
+def more_test_images(spec: AuditSpec | None) -> str:
+    """What can be done about too few test images, for this dataset: add images where the test split is a
+    share of them (folder), a bigger dataset (digits), nothing but balance and the limit where it is fixed."""
+    dataset = getattr(spec, "dataset", None)
+    limit = getattr(spec, "test_limit", None)
+    if limit:
+        return f"raise --test-limit (now {limit})"
+    if dataset == "folder":
+        return "add images to the folder (a share of them is held out for testing)"
+    if dataset == "digits":
+        return "digits holds 1,797 images in all; a larger dataset (e.g. mnist) has more test images"
+    return (
+        f"{dataset}'s test set is fixed, and more seeds will not help: balanced group proportions give the "
+        "smaller group more test images; otherwise only larger gaps can be told apart here"
+    )
 
 
 # ---------------------------------------------------------------- difficulty adjustment (PCA)
@@ -877,7 +1419,7 @@ def pca_reconstruct(train: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
     return mean + (x - mean) @ v.T @ v
 
 
-def pca_errors(data, k: int) -> pd.DataFrame:
+def pca_errors(data: GroupedData, k: int) -> pd.DataFrame:
     """Per test image: MSE, MAE and PSNR of its own group's rank-k PCA (fitted on that group's training images).
 
     Each group's best achievable linear reconstruction at capacity k (Samadi et al. 2018): the
@@ -905,35 +1447,16 @@ def pca_errors(data, k: int) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def pca_reference(data, k: int) -> pd.DataFrame:
+def pca_reference(data: GroupedData, k: int) -> pd.DataFrame:
     """One row per group: the mean of `pca_errors` over the group's test images."""
-    return pca_errors(data, k).groupby("group", sort=False)[list(METRICS)].mean().reset_index()
+    errors = pca_errors(data, k)
+    return errors.groupby("group", sort=False)[[m for m in metrics.NAMES if m in errors]].mean().reset_index()
 
 
-def grouped_data(result):
-    """Recompute the result's images and groups from its spec (deterministic), checked against its samples."""
-    from .data import load_images
-    from .groups import make_groups
-
-    spec = result.spec
-    data = make_groups(load_images(spec.dataset, spec.data_root, spec.download, spec.split_seed), spec)
-    seen = result.samples.drop_duplicates("index")
-    if (
-        tuple(data.names) != group_names(result)
-        or len(seen) != len(data.test_index)
-        or set(seen["index"]) != set(data.test_index.tolist())
-    ):
-        raise UserError(
-            "the images recomputed from this result's spec do not match its samples "
-            "(dataset files changed?); pass a PCA table explicitly"
-        )
-    return data
-
-
-def _baseline_lookup(result, metric: str, pca: pd.DataFrame | None):
+def _baseline_lookup(result: AuditResult, metric: str, pca: pd.DataFrame | None) -> Callable[[LossErrors], np.ndarray]:
     """A function LossErrors -> per-image PCA baseline (N,) in the loss's image order."""
     if pca is None:
-        pca = pca_errors(grouped_data(result), result.spec.latent)
+        pca = pca_errors(result.grouped_data(), result.spec.latent)  # results.AuditResult.grouped_data
     if "index" in pca.columns:
         per_image = pca.set_index("index")[metric]
         return lambda le: per_image.reindex(le.index).to_numpy(dtype=float)

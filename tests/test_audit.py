@@ -12,6 +12,8 @@ from fairrecon import AuditResult, run_audit
 from fairrecon.data import load_images
 from fairrecon.groups import make_groups
 
+pytestmark = pytest.mark.slow  # Fashion-MNIST audits, and a default-length digits audit
+
 
 @pytest.fixture(scope="module")
 def fashion(shared_datasets, tmp_path_factory):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_AUDIT
 from PIL import Image
 
 from fairrecon import run_audit
@@ -317,22 +318,9 @@ GALLERY: dict[str, tuple[Callable[[Path], list[str]], str]] = {
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished audit's results folder: the thing a bad run must not damage."""
-    out = tmp_path_factory.mktemp("finished") / "results"
-    run_audit(
-        dataset="digits",
-        limit=64,
-        test_limit=32,
-        losses=("l2",),
-        seeds=1,
-        epochs=1,
-        latent=4,
-        hidden=16,
-        device="cpu",
-        out=str(out),
-    )
-    return out
+def finished(trained) -> Path:
+    """A finished audit's results folder: the thing a bad run must not damage (shared: each test copies it)."""
+    return trained(**TINY_AUDIT).folder
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -450,6 +438,7 @@ def test_sixteen_bit_images_are_scaled_to_unit_range(tmp_path):
 SUBPROCESS_SAMPLE = ("invalid TOML", "dataset file truncated", "cuda without a GPU")
 
 
+@pytest.mark.slow
 def test_gallery_as_subprocesses(finished, tmp_path):
     """A sample of the gallery through `python -m fairrecon`, as a user runs it, started side by side."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU visible, whatever this machine has
@@ -477,6 +466,7 @@ def test_gallery_as_subprocesses(finished, tmp_path):
         assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_skip_bad_images_goes_on_with_a_warning_and_a_count(tmp_path, capsys):
     args = _folder(
         tmp_path,
@@ -511,7 +501,7 @@ def test_report_never_writes_into_another_audits_folder(finished, tmp_path, caps
     before = snapshot(b)
     code, err = run_in_process(["report", str(a), "--out", str(b)], capsys)
     assert code == 2 and err.count("\n") == 1, err
-    assert f"{b} holds an audit with a different spec (epochs 2 -> 1)" in err and "pass a new or empty --out" in err
+    assert f"{b} holds an audit with a different spec (epochs 2 -> 1" in err and "pass a new or empty --out" in err
     assert snapshot(b) == before
     reports = tmp_path / "reports"
     for argv in (
@@ -522,7 +512,7 @@ def test_report_never_writes_into_another_audits_folder(finished, tmp_path, caps
         code, err = run_in_process(argv, capsys)
         assert code == 0, err
     code, err = run_in_process(["report", str(b), "--out", str(reports)], capsys)  # a folder of A's reports only
-    assert code == 2 and "holds an audit with a different spec (epochs 1 -> 2)" in err
+    assert code == 2 and "holds an audit with a different spec (epochs 1 -> 2" in err
 
 
 def test_check_and_report_on_a_folder_that_is_not_results(tmp_path, capsys):

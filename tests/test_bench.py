@@ -7,7 +7,10 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # the benchmarks on real Fashion-MNIST
 
 BENCH = REPO / "benchmarks" / "bench.py"
 

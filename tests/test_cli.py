@@ -19,6 +19,7 @@ def fairrecon(*args, cwd=REPO):
     )
 
 
+@pytest.mark.slow
 def test_default_audit_runs_and_prints_a_table_per_loss_and_group(tmp_path):
     run = fairrecon("audit", "--out", str(tmp_path / "r"), "--quiet", "--epochs", "5")
     assert run.returncode == 0, run.stderr
@@ -33,15 +34,18 @@ def test_default_audit_runs_and_prints_a_table_per_loss_and_group(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_flags_override_the_spec_file(tmp_path):
     spec = tmp_path / "s.toml"
     spec.write_text('losses = ["l1", "l2"]\nseeds = 1\nepochs = 1\n')
-    run = fairrecon("audit", str(spec), "--losses", "l2", "--out", str(tmp_path / "r"), "--quiet")
+    run = fairrecon("audit", str(spec), "--losses", "l2", "--out", str(tmp_path / "r"))
     assert run.returncode == 0, run.stderr
+    assert "\r" not in run.stderr and "[fairrecon] " in run.stderr and "epoch 1/1" in run.stderr  # plain lines, no bars
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["spec"]["losses"] == ["l2"] and summary["spec"]["seeds"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -58,6 +62,7 @@ def test_bad_arguments_give_one_line_and_exit_2(args, message):
     assert run.stderr.count("\n") == 1 and message in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_every_command_has_help_and_is_in_the_user_guide():
     """Each command answers --help and is shown in the user guide's list of commands (docs/guide/running.md);
     its full reference is generated from the command itself (tests/test_docs.py checks it)."""
@@ -72,37 +77,18 @@ def test_every_command_has_help_and_is_in_the_user_guide():
 # --- issue 10: exit codes, --json, listing commands, help conventions ---------------------------
 
 from click.testing import CliRunner  # noqa: E402
+from conftest import TINY_AUDIT, TINY_AUDIT_FLAGS  # noqa: E402
 from conftest import run_cli as run_main  # noqa: E402
 
-from fairrecon.cli import ERROR_LOG, METRICS, main  # noqa: E402
+from fairrecon.cli import ERROR_LOG  # noqa: E402
 
-TINY = [
-    "--seeds",
-    "1",
-    "--epochs",
-    "1",
-    "--latent",
-    "4",
-    "--hidden",
-    "16",
-    "--losses",
-    "l2,l1",
-    "--device",
-    "cpu",
-    "--limit",
-    "64",
-    "--test-limit",
-    "64",
-]
+TINY = TINY_AUDIT_FLAGS  # 64 digits, 1 seed, l2 and l1
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "results"
-    with pytest.raises(SystemExit) as exit_:
-        main(["audit", *TINY, "--quiet", "--out", str(out)])
-    assert exit_.value.code == 0
-    return out
+def results(trained, tmp_path_factory):
+    """A finished tiny audit's folder: a copy of the shared one, since these tests write reports and logs into it."""
+    return trained(**TINY_AUDIT).copy_to(tmp_path_factory.mktemp("cli") / "results")
 
 
 def _boom(*args, **kwargs):
@@ -120,8 +106,20 @@ INTERNAL = {  # command -> (where the bug is planted, the arguments)
     "check": ("fairrecon.gate.check", lambda r, t: ["check", r, "--max-ratio", "2"]),
     "split": ("fairrecon.groups.split_table", lambda r, t: ["split", "--dataset", "digits"]),
     "losses": ("fairrecon.losses.LOSSES", lambda r, t: ["losses"]),
+    "metrics": ("fairrecon.metrics.METRICS", lambda r, t: ["metrics"]),
     "datasets": ("fairrecon.data.where_files_are", lambda r, t: ["datasets"]),
+    "sweep": ("fairrecon.sweep.analyse", lambda r, t: ["sweep", _sweep_file(t), "--quiet"]),
 }
+
+
+def _sweep_file(folder: Path) -> Path:
+    """A one-setting sweep of the TINY audit."""
+    path = folder / "tiny-sweep.toml"
+    path.write_text(
+        f'[sweep]\nout = "{folder / "sweep"}"\n[audit]\nseeds = 2\nepochs = 1\nlatent = 4\nhidden = 16\n'
+        'device = "cpu"\nlimit = 200\n[grid]\nlosses = [["l1", "l2"]]\n'
+    )
+    return path
 
 
 def test_every_command_is_covered_by_the_internal_error_test():
@@ -133,7 +131,7 @@ def test_an_internal_error_is_exit_4_with_one_line_and_the_traceback_in_a_log(
     command, results, tmp_path, monkeypatch, capsys
 ):
     where, args = INTERNAL[command]
-    monkeypatch.setattr(where, _BrokenRegistry() if where.endswith("LOSSES") else _boom)
+    monkeypatch.setattr(where, _BrokenRegistry() if where.endswith(("LOSSES", "METRICS")) else _boom)
     code, out, err = run_main(capsys, *args(results, tmp_path))
     assert code == 4, err
     assert err.count("\n") == 1 and err.startswith("fairrecon: internal error (RuntimeError)"), err
@@ -145,6 +143,8 @@ def test_an_internal_error_is_exit_4_with_one_line_and_the_traceback_in_a_log(
         log.unlink()
     elif command == "audit":
         assert log == tmp_path / "a" / ERROR_LOG
+    elif command == "sweep":
+        assert log == tmp_path / "sweep" / ERROR_LOG  # in the sweep folder
     else:  # no results folder: a temporary file (never the folder of an earlier command in this process)
         import tempfile
 
@@ -195,15 +195,15 @@ def test_losses_and_datasets_list_what_is_registered(shared_datasets):
 
 
 def test_every_command_has_examples_and_shows_its_defaults():
-    from fairrecon import stats
+    from fairrecon import metrics
 
-    assert METRICS == stats.METRICS
     runner = CliRunner()
     for name in cli.commands:
         text = runner.invoke(cli, [name, "--help"], terminal_width=200).output
         assert "Examples:" in text and f"fairrecon {name}" in text.split("Examples:")[1], name
     check_help = " ".join(runner.invoke(cli, ["check", "--help"], terminal_width=200).output.split())
-    assert "--metric [mse|mae|psnr]" in check_help and "[default: mse]" in check_help and "[default: 0.05" in check_help
+    choices = "--metric [" + "|".join(metrics.VERDICT_METRICS) + "]"  # the registry's, not a copy
+    assert choices in check_help and "[default: mse]" in check_help and "[default: 0.05" in check_help
 
 
 def test_contradictory_group_flags_are_one_line_and_exit_2(tmp_path, capsys):
@@ -222,6 +222,7 @@ def test_contradictory_group_flags_are_one_line_and_exit_2(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "contradicts group method 'transform'" in err
 
 
+@pytest.mark.slow
 def test_check_losses_takes_family_shorthand(tmp_path):
     """`check --losses mix:0,1` means mix:0 and mix:1, as `audit --losses` does (it used to read '1' as a loss)."""
     from fairrecon import run_audit

@@ -1,5 +1,6 @@
 """Datasets as tensors, checked against the raw files read independently."""
 
+import json
 import os
 
 import numpy as np
@@ -92,3 +93,38 @@ def test_fingerprint_changes_with_any_file_and_names_the_files_read(tmp_path, sh
     assert fingerprint("folder", tmp_path)["listing_sha256"] != before["listing_sha256"]
     mnist = fingerprint("mnist", shared_datasets)
     assert mnist["files"] == 4 and mnist["bytes"] == 54_950_048  # the four raw files of the shared README
+
+
+def test_check_adjusted_reads_the_images_the_audit_read_with_skip_bad_images(tmp_path, capsys):
+    """`check --adjusted` recomputes each group's PCA baseline from the result's spec; an audit of a folder
+    with an unreadable image, run with --skip-bad-images, must be recomputed the same way (it used to stop
+    at the bad image, exit 2: the baseline read the folder without skip_bad)."""
+    from conftest import run_cli
+
+    from fairrecon import AuditResult, analyse, stats
+    from fairrecon.groups import make_groups
+
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    pixels = np.round(load_digits().images[:120] * (255 / 16)).astype(np.uint8)  # real images, as PNG files
+    for i, image in enumerate(pixels):
+        write_png(torch.from_numpy(image)[None], str(folder / f"{i:03d}.png"))
+    bad = folder / "007.png"
+    bad.write_bytes(bad.read_bytes()[:20])  # an interrupted copy
+    out = tmp_path / "results"
+    flags = ["--dataset", "folder", "--data-root", folder, "--skip-bad-images", "--losses", "l2", "--seeds", "2"]
+    flags += ["--epochs", "1", "--latent", "4", "--hidden", "16", "--device", "cpu", "--quiet", "--out", out]
+    code, _, err = run_cli(capsys, "audit", *flags)
+    assert code == 0 and "skipped 1 unreadable image(s)" in err, err
+
+    code, stdout, err = run_cli(capsys, "check", out, "--adjusted", "--max-gap", "1", "--json")
+    assert code in (0, 3), err  # a verdict (pass, or insufficient data for a 2-seed audit), not a usage error
+    row = json.loads(stdout)["disparities"][0]
+    # independently: the 119 readable images, their groups, and each group's own rank-k PCA error
+    result = AuditResult.load(out)
+    data = make_groups(load_folder(folder, skip_bad=True), result.spec)
+    assert len(data.train_x) + len(data.test_x) == 119
+    expected = analyse(result, pca=stats.pca_errors(data, result.spec.latent)).disparities.iloc[0]
+    assert np.isfinite(row["adjusted_gap"])
+    for column in ("adjusted_gap", "adjusted_gap_lcb"):  # JSON carries 10 significant digits
+        assert row[column] == pytest.approx(expected[column], rel=1e-9, abs=0), column

@@ -22,6 +22,7 @@ def twice():
     return [run_audit(**TINY, losses=ALL_LOSSES, seeds=2) for _ in range(2)]
 
 
+@pytest.mark.slow
 def test_same_spec_same_bits_on_cpu(twice):
     a, b = twice
     for name in ("samples", "cells", "history", "groups"):
@@ -33,6 +34,7 @@ def test_same_spec_same_bits_on_cpu_conv():
     pd.testing.assert_frame_equal(a.samples, b.samples, check_exact=True)
 
 
+@pytest.mark.slow
 def test_seeds_and_split_seed_change_the_numbers(twice):
     """The comparisons above can fail: another seed, or another split, gives other per-sample numbers."""
     samples = twice[0].samples

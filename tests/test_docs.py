@@ -108,11 +108,18 @@ def test_results_page_lists_every_column_of_each_table(written, table):
 
 
 def test_results_page_lists_every_key_of_the_json_files_and_arrays_of_examples(written):
+    from fairrecon.provenance import COLUMNS
+
     page = documented("results-format.md")
     summary = json.loads((written / "summary.json").read_text())
     assert list(summary) == page["`summary.json`"]
     assert sorted(summary["info"]) == sorted(page["`info`"])
     assert sorted(summary["info"]["timings"]) == sorted(page["`info.timings`"])
+    provenance = summary["info"]["provenance"]  # a record per cell, its keys the page's and the checkpoint's
+    assert len(provenance) == len(summary["cells"]) and all(
+        list(row) == page["`info.provenance`"] for row in provenance
+    )
+    assert list(COLUMNS) == page["`info.provenance`"]
     assert list(json.loads((written / "fairrecon.json").read_text())) == page["`fairrecon.json`"]
     with np.load(written / "examples.npz", allow_pickle=False) as npz:
         assert sorted(npz.files) == sorted(page["`examples.npz`"])
@@ -128,6 +135,8 @@ def test_results_page_lists_every_checkpoint_file(written):
         for p in (written / "cells").iterdir()
     }
     assert on_disk == set(documented("results-format.md")["`cells/`"])
+    for path in (written / "cells").glob("*.provenance.csv"):  # a cell's record of info.provenance
+        assert list(pd.read_csv(path, nrows=0).columns) == documented("results-format.md")["`info.provenance`"]
 
 
 def test_the_page_parser_sees_a_missing_column(written):
@@ -227,7 +236,25 @@ def test_ci_builds_the_docs_strictly_then_runs_the_readme_tests():
     lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert lines[-1] == TEST_COMMAND
     build = next(i for i, line in enumerate(lines) if "mkdocs build --strict" in line)
-    assert '.[docs]"' in lines[build] and build < len(lines) - 1
+    installs_docs = [
+        i for i, line in enumerate(lines) if "pip install" in line and "docs" in line.split("pip install")[1]
+    ]
+    assert installs_docs and installs_docs[0] < build < len(lines) - 1
+
+
+def test_the_scale_page_runs_exactly_the_benchmark_s_commands():
+    """docs/scale.md's measurements name the commands `python benchmarks/scale.py --help` lists, in order, and
+    each is a command the script takes."""
+    spec = importlib.util.spec_from_file_location("scale_benchmark", REPO / "benchmarks" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    listed = [c.strip() for c in re.findall(r"^\s+(python benchmarks/scale\.py .*)$", scale.commands(), re.M)]
+    assert len(listed) == 3 and scale.commands() in scale.parser().format_help()
+    measurements = (DOCS / "scale.md").read_text().split("## Measurements", 1)[1]
+    block = measurements.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert [line.split("#")[0].strip() for line in block.splitlines()] == listed
+    for command in listed:
+        scale.parser().parse_args(command.split()[2:])
 
 
 def test_contributing_names_the_quick_loop_and_the_docs_build():

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, SMALL_AUDIT
 from scipy import stats as sps
 
 from fairrecon import AuditResult, run_audit
@@ -42,12 +42,11 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def short(tmp_path_factory):
-    """A short digits audit (3 epochs: still learning fast) written to a folder, with its log lines."""
-    out = tmp_path_factory.mktemp("short")
-    lines: list[str] = []
-    result = run_audit(out=str(out), log=lines.append, **FAST)
-    return result, out, lines
+def short(trained):
+    """A short digits audit (3 epochs: still learning fast) written to a folder (shared: read only), with its
+    log lines."""
+    audit = trained(**SMALL_AUDIT)
+    return audit.result, audit.folder, audit.log
 
 
 def test_a_curve_point_is_the_model_at_that_step_and_the_last_is_the_final_model(digits):
@@ -93,10 +92,10 @@ def test_curves_file_ends_at_the_final_numbers_and_round_trips(short):
     final = curves[curves["step"] == curves.groupby(["loss", "seed"])["step"].transform("max")]
     by_cell = result.by_cell_group().assign(group=lambda d: d["group"].astype(str))
     merged = final.merge(by_cell, on=["loss", "seed", "group"], suffixes=("", "_final"))
-    assert len(merged) == len(by_cell) == 4 * FAST["seeds"] * 2
+    assert len(merged) == len(by_cell) == 4 * result.spec.seeds * 2
     np.testing.assert_allclose(merged["mse"], merged["mse_final"], rtol=1e-12)  # the same numbers, via CSV
     np.testing.assert_allclose(merged["mae"], merged["mae_final"], rtol=1e-12)
-    assert (merged["epoch"] == FAST["epochs"]).all()
+    assert (merged["epoch"] == result.spec.epochs).all()
     assert curves.groupby(["loss", "seed"])["step"].nunique().eq(20).all()  # eval_points = 20 by default
     again = AuditResult.load(out)
     pd.testing.assert_frame_equal(again.curves, result.curves, check_dtype=False)
@@ -166,6 +165,7 @@ def test_a_planted_non_converged_cell_is_flagged_everywhere(short):
         assert any(line.startswith(f"warning: {cell.split('/')[0]}:") and cell in line for line in said)
 
 
+@pytest.mark.slow
 def test_a_flat_cell_is_converged():
     """A learning rate too small to move anything leaves flat curves: converged, and no warning."""
     result = run_audit(**{**FAST, "lr": 1e-9, "losses": ("l2",)})
@@ -212,6 +212,7 @@ def test_the_switch_sentence_says_when_the_worse_group_changes():
     )
 
 
+@pytest.mark.slow
 def test_epochs_auto_stops_each_cell_where_its_curves_flatten_as_if_trained_alone(digits):
     spec = AuditSpec(epochs="auto", max_epochs=60, limit=600, latent=4, hidden=32, batch_size=64, grad_points=0)
     data = make_groups(digits, spec)

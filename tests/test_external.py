@@ -81,6 +81,8 @@ def test_state_dict_with_factory_gives_the_same_per_sample_errors(factory_module
         "mae",
         "psnr",
         "nmse",
+        "ssim_error",
+        "rel_mse",
         "pred_scale",
         "nll",
         "kl",
@@ -162,6 +164,7 @@ def test_torch_export_model_loads_and_reconstructs(tmp_path):
     torch.testing.assert_close(model(x), torch.full_like(x, 0.5))
 
 
+@pytest.mark.slow
 def test_factory_through_the_real_cli(factory_module, tmp_path):
     weights = tmp_path / "dim.pt"
     torch.save({"scale": torch.tensor(0.5)}, weights)
@@ -300,5 +303,8 @@ def test_check_with_labels_uses_them_and_warns_about_seen_test_images(tmp_path, 
     assert "warning" not in err  # trained on the train rows only: nothing seen
     (tmp_path / "mine.csv").write_text("file\n" + "\n".join(test_files[:3]) + "\n")
     for trained_on, seen in ((tmp_path / "mine.csv", 3), ("all", 60)):
-        code, out, err = _main(capsys, "check", "--weights", path, *data, "--max-gap", "1", "--trained-on", trained_on)
+        args = ["check", "--weights", path, *data, "--max-gap", "1", "--trained-on", trained_on]
+        code, out, err = _main(capsys, *args)  # the gate refuses to judge on images the model trained on
+        assert code == 2 and f"trained on {seen} of the test images" in err and "--allow-trained-on-test" in err
+        code, out, err = _main(capsys, *args, "--allow-trained-on-test")
         assert f"warning: the model was trained on {seen} of the 60 test images it is scored on" in err

@@ -32,6 +32,7 @@ def test_nearest_target_matches_brute_force():
     assert got.tolist() == want
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("labelled", [False, True], ids=["nearest-target", "classifier"])
 @pytest.mark.parametrize("only", [0, 1])
 def test_a_vae_trained_on_one_group_only_generates_that_group(only, labelled):

@@ -197,6 +197,7 @@ def test_recorder_leaves_training_unchanged():
     assert (sums - 1).abs().to_numpy().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_audit_records_saves_and_summarises_grad_shares(tmp_path):
     result = run_audit(dataset="digits", limit=300, test_limit=100, grad_points=4, out=str(tmp_path), **FAST)
     frame = result.grad_shares
@@ -215,7 +216,7 @@ def test_audit_records_saves_and_summarises_grad_shares(tmp_path):
     )
     pd.testing.assert_series_equal(summary.set_index(["loss", "group"])["projection_ratio"], ratio, check_names=False)
     off = run_audit(dataset="digits", limit=300, test_limit=100, grad_points=0, **FAST)
-    assert off.grad_shares is None and "grad_shares" not in outputs.summary(off, analyse(off))
+    assert off.grad_shares is None and "grad_shares" not in outputs.summary_json(off, analyse(off))
 
 
 def test_snapshots_are_spaced_so_that_they_cost_little():

@@ -8,7 +8,7 @@ from torchvision.io import write_png
 
 from fairrecon.data import load_folder, load_images
 from fairrecon.errors import UserError
-from fairrecon.groups import group_names, group_sizes, make_groups, match_to, squeeze_to, with_validation
+from fairrecon.groups import group_sizes, make_groups, match_to, names_for_targets, squeeze_to, with_validation
 from fairrecon.spec import AuditSpec
 
 
@@ -31,8 +31,8 @@ def test_group_sizes_follow_proportions_and_sum_to_n():
 
 
 def test_group_names_are_the_targets_and_stay_unique():
-    assert group_names((0.3, 0.9)) == ("0.3", "0.9")
-    assert group_names((0.5, 0.5, 0.5)) == ("0.5", "0.5#2", "0.5#3")
+    assert names_for_targets((0.3, 0.9)) == ("0.3", "0.9")
+    assert names_for_targets((0.5, 0.5, 0.5)) == ("0.5", "0.5#2", "0.5#3")
 
 
 def test_squeeze_hits_the_target_and_scales_contrast_by_the_closed_form(digits):

@@ -43,6 +43,8 @@ from fairrecon.spec import AuditSpec, canonical_number, parse_losses
 M = 50
 FLOOR = 1e-3
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, one intra-op thread
+
 
 @pytest.fixture(autouse=True)
 def float64():
@@ -494,6 +496,7 @@ def decode_cell_name(name: str) -> tuple[str, int]:
     return out.decode(), int(seed)
 
 
+@pytest.mark.slow
 @given(st.text(max_size=12), st.integers(0, 10**6))
 @settings(max_examples=300, deadline=None)
 def test_checkpoint_names_decode_back_to_their_cell(loss, seed):
@@ -517,6 +520,7 @@ def test_checkpoint_names_of_loss_families():
     assert cell_name(Cell("mix_0.5", 2)) == "mix+5f0.5-seed2"  # an underscore cannot pose as the colon
 
 
+@pytest.mark.slow
 def test_family_audit_end_to_end(tmp_path):
     """`--losses l1,l2,mix:0,1,student-t` through the CLI: the family expands, mix:1 and mix:0 train exactly as l1 and l2
     (same seed, identical losses and gradients: bit-identical errors), checkpoints are written under
@@ -696,6 +700,7 @@ def test_free_pixel_scales_fit_each_residual(name):
     torch.testing.assert_close(pixel_log_scale(raw.detach(), floor).exp(), r.abs(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow
 def test_pixel_audit_end_to_end(tmp_path):
     """`--losses l2,gaussian-pixel,laplace-pixel,gaussian-pixel:0.5` through the CLI: samples.csv gets each held-out
     image's mean predicted scale (`pred_scale`, NaN for l2), l2 trains exactly as it does alone (its chunk has no

@@ -7,6 +7,8 @@ import pytest
 from conftest import FAST, REPO
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # runs the example notebook in a kernel
+
 NOTEBOOK = REPO / "examples" / "audit.ipynb"
 
 

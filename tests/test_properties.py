@@ -196,6 +196,7 @@ def groupings(draw) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return targets, tuple(w / sum(weights) for w in weights)
 
 
+@pytest.mark.slow
 @FEW
 @given(grouping=groupings(), contrast=st.sampled_from(["matched", "squeeze"]))
 def test_transform_gives_asked_sizes_and_brightness(grouping, contrast, small_digits):

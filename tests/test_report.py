@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import re
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import FAST, REPO
+from conftest import FAST, REPO, SMALL_AUDIT
 from PIL import Image
 
 from fairrecon import run_audit
@@ -31,11 +33,10 @@ from fairrecon.train import train_cells
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A small real audit (digits, 3 seeds so the t interval exists), saved to a folder."""
-    out = tmp_path_factory.mktemp("audit")
-    result = run_audit(dataset="digits", **{**FAST, "seeds": 3}, out=str(out))
-    return result, out
+def saved(trained):
+    """A small real audit (digits, 3 seeds so the t interval exists), saved to a folder (shared: read only)."""
+    audit = trained(**SMALL_AUDIT)
+    return audit.result, audit.folder
 
 
 def test_examples_are_saved_small_and_round_trip(saved):
@@ -48,15 +49,17 @@ def test_examples_are_saved_small_and_round_trip(saved):
         np.testing.assert_array_equal(loaded[key], value)
 
 
-def test_a_resumed_audit_keeps_its_examples(saved):
+@pytest.mark.slow
+def test_a_resumed_audit_keeps_its_examples(saved, tmp_path):
     """Every cell is checkpointed in the folder: a rerun trains nothing and reads the examples back."""
     result, out = saved
-    again = run_audit(dataset="digits", **{**FAST, "seeds": 3}, out=str(out))
+    again = run_audit(**SMALL_AUDIT, out=str(shutil.copytree(out, tmp_path / "audit")))
     assert again.info["resumed_cells"] == len(again.cells)
     for key, value in result.examples.items():
         np.testing.assert_array_equal(again.examples[key], value)
 
 
+@pytest.mark.slow
 def test_example_reconstructions_match_an_ordinary_module():
     """uint8 originals and reconstructions equal each cell run as a plain nn.Module, to rounding."""
     spec = AuditSpec(dataset="digits", **FAST)
@@ -123,11 +126,8 @@ def test_html_is_self_contained_with_every_figure(saved):
             for g in ("0.3", "0.9")
         ]
     )
-    result.grad_shares = shares  # as the gradient-share measurement will attach them
-    try:
-        page = html_report(result, analyse(result))
-    finally:
-        del result.grad_shares
+    planted = dataclasses.replace(result, grad_shares=shares)
+    page = html_report(planted, analyse(planted))
     assert not re.search(r"<script|<link|@import|url\(|https?:", page, re.I)
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
     anchors = set(re.findall(r'id="([^"]*)"', page))  # links inside the page (each figure's full size) are fine
@@ -140,6 +140,7 @@ def test_html_is_self_contained_with_every_figure(saved):
     assert page.index('id="answer"') < page.index("<table") < page.index('id="fig-group_error"')
 
 
+@pytest.mark.slow
 def test_figures_render_the_same_pixels_with_their_layout_solved_once(saved):
     """html_report's _png solves each figure's constrained layout once and fixes it (speed): the same PNG
     bytes as matplotlib's own savefig, which solves it twice."""
@@ -153,6 +154,7 @@ def test_figures_render_the_same_pixels_with_their_layout_solved_once(saved):
         assert base64.b64decode(fast[name]) == buf.getvalue(), name
 
 
+@pytest.mark.slow
 def test_frontier_is_one_answer_in_every_surface(saved):
     """The frontier's ratio and its interval are the verdict table's numbers, in report.md, report.html and
     summary.json alike; its overall error is the mean of samples.csv over seeds and images."""
@@ -184,6 +186,7 @@ def test_frontier_is_one_answer_in_every_surface(saved):
     assert frontier_sentence(analysis) in md
 
 
+@pytest.mark.slow
 def test_cli_report_rerenders_from_saved_results(saved, tmp_path):
     _, out = saved
     proc = subprocess.run(
@@ -256,5 +259,6 @@ def test_terminal_prints_the_headline_the_table_and_the_warnings():
     text = terminal_summary(analysis)
     assert text.startswith(headline(analysis)) and "Insufficient data, no verdict: l1, l2" in text
     assert "Clear gap" not in text and "  clear gap" not in text  # a 3x gap, but 12 test images: not "clear"
-    assert text.count("warning: l") == 2 and "b (n=12): fewer than 30 test images" in text
+    assert text.count("warning: l1: ") == text.count("warning: l2: ") == 1 and "warning: l1 vs l2: " in text
+    assert "b (n=12): fewer than 30 test images" in text
     assert analysis.method in text

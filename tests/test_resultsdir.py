@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_AUDIT, TINY_AUDIT_FLAGS
 from conftest import run_cli as run
 from PIL import Image
 
-from fairrecon.cli import ERROR_LOG, main
-from fairrecon.resultsdir import MARKER, read_marker
+from fairrecon.cli import ERROR_LOG
+from fairrecon.resultsdir import FIRST_RESULTS_VERSION, MARKER, read_marker
+from fairrecon.version import RESULTS_VERSION, __version__
 
 TINY = [
     "--seeds",
@@ -67,6 +69,7 @@ def snapshot(folder: Path, leave_out: tuple[str, ...] = ()) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow
 def test_labels_edited_in_place_are_refused_then_retrained_with_force(tmp_path, capsys):
     """The issue's failure: labels edited in place, the same --out, and the old cells were reused."""
     root, out = faces(tmp_path), tmp_path / "results"
@@ -92,6 +95,7 @@ def test_labels_edited_in_place_are_refused_then_retrained_with_force(tmp_path, 
     assert any(line.startswith("face_000.png,brighter,") for line in split)
 
 
+@pytest.mark.slow
 def test_a_third_group_is_refused_without_touching_anything(tmp_path, capsys):
     """The issue's failure: a third group added gave a traceback after half the files were rewritten."""
     root, out = faces(tmp_path), tmp_path / "results"
@@ -111,6 +115,7 @@ def test_a_third_group_is_refused_without_touching_anything(tmp_path, capsys):
     }
 
 
+@pytest.mark.slow
 def test_an_image_added_to_the_folder_is_a_changed_input(tmp_path, capsys):
     root, out = faces(tmp_path), tmp_path / "results"
     assert run(capsys, "audit", *TINY, *folder_args(root), "--out", out)[0] == 0
@@ -170,21 +175,22 @@ def test_the_marker_is_written_first_and_says_complete_last(tmp_path, monkeypatc
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("finished") / "results"
-    with pytest.raises(SystemExit) as exit_:
-        main(["audit", *TINY, "--limit", "64", "--test-limit", "64", "--out", str(out)])
-    assert exit_.value.code == 0
-    return out
+def finished(trained) -> Path:
+    """A finished tiny audit's folder (shared: each test copies it); `SAME` runs the same audit again."""
+    return trained(**TINY_AUDIT).folder
 
 
+SAME = [*TINY_AUDIT_FLAGS, "--quiet"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "where",
     [
         "fairrecon.stats.analyse",
         "fairrecon.outputs.html_report",
         "fairrecon.outputs.markdown_report",
-        "fairrecon.outputs.summary",
+        "fairrecon.outputs.summary_json",
     ],
 )
 def test_a_crash_after_training_leaves_the_old_folder_byte_for_byte(where, finished, tmp_path, monkeypatch, capsys):
@@ -199,7 +205,7 @@ def test_a_crash_after_training_leaves_the_old_folder_byte_for_byte(where, finis
             raise RuntimeError("forced failure")
 
         monkeypatch.setattr(where, boom)
-        code, stdout, err = run(capsys, "audit", *TINY, "--limit", "64", "--test-limit", "64", "--out", out, *extra)
+        code, stdout, err = run(capsys, "audit", *SAME, "--out", out, *extra)
         monkeypatch.undo()
         assert code == 4 and err.count("\n") == 1 and f"traceback saved to {out / ERROR_LOG}" in err
         assert "forced failure" in (out / ERROR_LOG).read_text()
@@ -220,7 +226,7 @@ def test_a_crash_after_training_leaves_the_old_folder_byte_for_byte(where, finis
             assert read_marker(out)["complete"] is False
             code, _, err = run(capsys, "report", out)
             assert code == 2 and "did not finish" in err
-            code, _, err = run(capsys, "audit", *TINY, "--limit", "64", "--test-limit", "64", "--out", out, *extra[:2])
+            code, _, err = run(capsys, "audit", *SAME, "--out", out, *extra[:2])
             assert code == 0 and read_marker(out)["complete"] is True  # finishing it resumes the checkpoints
 
 
@@ -234,6 +240,7 @@ def test_a_bad_input_on_a_new_folder_creates_nothing(tmp_path, capsys):
 # --- folders written before the marker existed ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_older_folder_is_still_read_and_written_only_for_the_same_spec(finished, tmp_path, capsys):
     old = tmp_path / "old"
     shutil.copytree(finished, old)
@@ -245,8 +252,58 @@ def test_an_older_folder_is_still_read_and_written_only_for_the_same_spec(finish
     assert code == 3 and "only 1 trained seed" in out, out + err  # read: the verdict of a 1-seed audit
     code, _, err = run(capsys, "report", old)
     assert code == 0, err
-    code, _, err = run(capsys, "audit", *TINY, "--limit", "64", "--test-limit", "64", "--epochs", "2", "--out", old)
+    code, _, err = run(capsys, "audit", *SAME, "--epochs", "2", "--out", old)
     assert code == 2 and "different spec (epochs 1 -> 2)" in err
-    code, _, err = run(capsys, "audit", *TINY, "--limit", "64", "--test-limit", "64", "--out", old)
+    code, _, err = run(capsys, "audit", *SAME, "--out", old)
     assert code == 0, err  # the same spec: retrained (the old cells carry no input fingerprint) and marked
     assert read_marker(old)["complete"] is True
+
+
+# --- results versions: numbers computed by a fairrecon whose numbers differ are never resumed ------
+
+
+def test_a_folder_of_another_results_version_is_refused_naming_both_then_retrained_with_force(
+    finished, tmp_path, capsys, monkeypatch
+):
+    folder = tmp_path / "older"
+    shutil.copytree(finished, folder)
+    assert read_marker(folder)["identity"]["results_version"] == RESULTS_VERSION
+    assert json.loads((folder / "summary.json").read_text())["info"]["results_version"] == RESULTS_VERSION
+    monkeypatch.setattr("fairrecon.resultsdir.RESULTS_VERSION", RESULTS_VERSION + 1)  # a fairrecon whose numbers moved
+    before = snapshot(folder)
+    same = ["audit", *SAME, "--out", folder]
+    code, _, err = run(capsys, *same)
+    assert code == 2 and err.count("\n") == 1, err
+    assert (
+        f"{folder} holds results version {RESULTS_VERSION} (written by fairrecon {__version__}); this fairrecon "
+        f"{__version__} computes results version {RESULTS_VERSION + 1}, whose numbers differ: pass another --out "
+        "folder, or --force to replace it (and retrain)"
+    ) in err
+    assert snapshot(folder) == before
+    code, _, err = run(capsys, *same, "--force")
+    assert code == 0, err
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["info"]["resumed_cells"] == 0  # retrained: no checkpointed cell of the older numbers was reused
+    assert (
+        summary["info"]["results_version"] == read_marker(folder)["identity"]["results_version"] == RESULTS_VERSION + 1
+    )
+
+
+def test_a_folder_from_before_results_versions_is_version_1_and_resumes_as_before(finished, tmp_path, capsys):
+    """fairrecon 0.1.0 recorded no results version: its folders hold results version 1, and their identity
+    hash (which left the version out) is unchanged, so their checkpointed cells are resumed, not retrained."""
+    folder = tmp_path / "v0.1.0"
+    shutil.copytree(finished, folder)
+    marker = read_marker(folder)
+    marker["identity"].pop("results_version")
+    (folder / MARKER).write_text(json.dumps(marker))
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["info"].pop("results_version")
+    (folder / "summary.json").write_text(json.dumps(summary))
+    code, _, err = run(capsys, "audit", *SAME, "--out", folder)
+    if RESULTS_VERSION == FIRST_RESULTS_VERSION:
+        assert code == 0, err
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["info"]["resumed_cells"] == len(summary["cells"]) == 2  # none retrained
+    else:  # once the numbers have moved, such a folder is refused like any other of an older results version
+        assert code == 2 and f"holds results version {FIRST_RESULTS_VERSION} (written by" in err, err

@@ -85,6 +85,7 @@ def markers(out: Path) -> list[str]:
     return sorted(p.name for p in (out / "cells").glob("*-seed*.json")) if (out / "cells").is_dir() else []
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_gives_identical_results(reference, tmp_path):
     ref, ref_out = reference
     out = tmp_path / "killed"
@@ -119,6 +120,7 @@ def test_kill_9_mid_run_then_resume_gives_identical_results(reference, tmp_path)
         pd.testing.assert_frame_equal(getattr(result, name), getattr(ref, name), check_exact=True)
 
 
+@pytest.mark.slow
 def test_exception_mid_run_then_resume_trains_only_the_rest(reference, tmp_path):
     _, ref_out = reference
     out = tmp_path / "interrupted"
@@ -138,6 +140,7 @@ def test_exception_mid_run_then_resume_trains_only_the_rest(reference, tmp_path)
     assert_same_results(out, ref_out)
 
 
+@pytest.mark.slow
 def test_complete_folder_reruns_without_training(reference, tmp_path):
     _, ref_out = reference
     out = tmp_path / "copy"
@@ -148,6 +151,7 @@ def test_complete_folder_reruns_without_training(reference, tmp_path):
     assert_same_results(out, ref_out)
 
 
+@pytest.mark.slow
 def test_half_written_cell_is_trained_again(reference, tmp_path):
     """A cell whose tables exist but whose marker does not (killed between writes) is not trusted."""
     _, ref_out = reference
@@ -163,6 +167,7 @@ def test_half_written_cell_is_trained_again(reference, tmp_path):
     assert_same_results(out, ref_out)
 
 
+@pytest.mark.slow
 def test_different_spec_is_refused_in_one_line_unless_forced(reference, tmp_path, capsys):
     _, ref_out = reference
     out = tmp_path / "other"
@@ -239,6 +244,7 @@ TINY = dict(
 )
 
 
+@pytest.mark.slow
 def test_non_finite_loss_fails_that_cell_only(tmp_path):
     """At lr=5e3, l2's and log-mse's losses overflow in the first epoch; l1 (bounded gradients) trains on."""
     with_bad = run_audit(**TINY, losses=("l1", "l2", "log-mse"), lr=5e3, out=str(tmp_path))
@@ -256,6 +262,7 @@ def test_non_finite_loss_fails_that_cell_only(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5)  # trained beside diverging cells or alone: the same
 
 
+@pytest.mark.slow
 def test_sigma_collapse_fails_that_cell_and_resumes_as_failed(tmp_path):
     """A floor above the best sigma (0.5 vs ~0.1) with a fast sigma learning rate pins sigma to the floor."""
     collapsed = run_audit(**TINY, losses=("l1", "learned-sigma"), sigma_floor=0.5, sigma_lr=1.0, out=str(tmp_path))

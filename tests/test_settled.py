@@ -14,6 +14,7 @@ from conftest import REPO
 from scipy import stats as sps
 
 from fairrecon import settled
+from fairrecon.errors import ExitCode
 
 
 def _old_rules():
@@ -171,6 +172,30 @@ def test_the_gate_refuses_a_ratio_decision_that_more_training_could_reverse(per_
     outcome = gate.check(result, max_ratio=1.3)
     assert outcome.code == code, outcome.message
     expected = row.ratio_lcb * row.drift_low <= 1.3
-    assert (code == gate.INSUFFICIENT) == expected
-    if code == gate.INSUFFICIENT:
+    assert (code == ExitCode.INSUFFICIENT) == expected
+    if code == ExitCode.INSUFFICIENT:
         assert "the decision at --max-ratio 1.3 had not settled" in outcome.message
+
+
+@pytest.mark.parametrize("per_doubling, code", [(0.10, 3), (0.0, 0), (-0.10, 0)])
+def test_the_gate_refuses_a_pass_that_more_training_could_reverse(per_doubling, code):
+    """A pass (every upper end below R) that the ratio's drift could carry up to R within as much training again is
+    insufficient data (exit 3): U x drift_high >= R; a ratio steady or falling away from R passes. Closed form:
+    the outcome is exactly the computed projection of the row's upper end."""
+    from test_stats import _curves, simulate, synthetic_result
+
+    from fairrecon import gate, stats
+
+    rng = np.random.default_rng(21)
+    values, codes = simulate(rng, seeds=4, n=(80, 80), means=(0.010, 0.016), seed_sd=0.0003)
+    result = synthetic_result({"l1": values}, codes)
+    result.curves = _curves(result, per_doubling / np.log(2) + np.array([-0.01, 0.005, 0.01, -0.005]), noise=0.004)
+    row = stats.analyse(result).disparities.iloc[0]
+    assert row.verdict == stats.CLEAR
+    threshold = round(float(row.ratio_ucb) * 1.05, 3)  # the upper end is 5% below R: a drift of +10% reaches it
+    outcome = gate.check(result, max_ratio=threshold)
+    assert outcome.code == code, outcome.message
+    assert (code == ExitCode.INSUFFICIENT) == (row.ratio_ucb * row.drift_high >= threshold)
+    if code == ExitCode.INSUFFICIENT:
+        assert f"the decision at --max-ratio {threshold:g} had not settled" in outcome.message
+        assert "its upper end" in outcome.message

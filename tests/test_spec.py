@@ -191,3 +191,29 @@ def test_the_refused_settings_are_the_ignored_ones():
         check_settings(base.replace(sigma_floor=0.1))
     check_settings(base.replace(losses=("learned-sigma",), sigma_lr=0.5, sigma_floor=0.1))
     check_settings(base.replace(losses=("gaussian-pixel",), sigma_floor=0.1))
+
+
+def test_every_choice_tuple_has_one_home_in_spec():
+    """The allowed values of an enumerated field (MODELS, OUTPUTS, POLARITIES, ...) are defined in spec.py
+    only: any other module that needs them imports them, so they cannot drift apart."""
+    import ast
+
+    from fairrecon import spec
+
+    package = Path(spec.__file__).parent
+    choices = {
+        name
+        for name, value in vars(spec).items()
+        if name.isupper() and isinstance(value, tuple) and value and all(isinstance(v, str) for v in value)
+    }
+    assert {"DATASETS", "MODELS", "VAE_MODELS", "CONV_MODELS", "OUTPUTS", "INPUT_NORMS", "POLARITIES"} <= choices
+    defined_elsewhere = [
+        f"{path.name}: {target.id}"
+        for path in sorted(package.glob("*.py"))
+        if path.name != "spec.py"
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, ast.Assign | ast.AnnAssign)
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if isinstance(target, ast.Name) and target.id in choices
+    ]
+    assert not defined_elsewhere

@@ -12,8 +12,8 @@ import torch
 from conftest import REPO
 from scipy import stats as sps
 
-from fairrecon import stats
-from fairrecon.errors import UserError
+from fairrecon import metrics, stats
+from fairrecon.errors import ExitCode, UserError
 from fairrecon.groups import GroupedData
 from fairrecon.results import AuditResult
 from fairrecon.spec import AuditSpec
@@ -92,7 +92,7 @@ def test_metric_frame_and_group_means_match_pandas():
     rng = np.random.default_rng(1)
     values, codes = simulate(rng, seeds=3)
     result = synthetic_result({"l1": values, "l2": values * 2}, codes)
-    for metric in stats.METRICS:
+    for metric in result.metrics:  # the verdict metrics it has: mse, mae, psnr
         mf = stats.to_metric_frame(result, "l2", metric=metric)
         by_pandas = result.samples.query("loss == 'l2'").groupby("group", observed=True)[metric].mean()
         np.testing.assert_allclose(mf.by_group[metric].reindex(by_pandas.index.astype(str)), by_pandas)
@@ -185,6 +185,7 @@ def test_fieller_ratio_interval_matches_the_closed_form():
     np.testing.assert_allclose(mom.ratio_interval(1, 0, 0.025), roots, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_ratio_gap_test_and_verdict_decide_alike():
     """Duality, on many random audits and policies: ratio interval excludes 1 <=> gap interval excludes 0
     <=> p_corrected < alpha <=> the verdict is "clear gap"."""
@@ -208,10 +209,13 @@ def test_ratio_gap_test_and_verdict_decide_alike():
                 assert clear == (row.gap_lcb > 0) == (row.ratio_lcb > 1) == (row.p_corrected < policy.alpha)
                 assert (row.gap_low > 0) == (row.ratio_low > 1) and (row.gap_high < 0) == (row.ratio_high < 1)
                 assert row.ratio_low <= row.ratio <= row.ratio_high and row.gap_low <= row.gap <= row.gap_high
+                # the upper ends the gate passes on: the largest over the covered pairs, dual alike
+                assert (row.gap_ucb < 0) == (row.ratio_ucb < 1) and row.gap_lcb <= row.gap_ucb
                 seen.add(clear)
     assert seen == {True, False}  # both verdicts occurred
 
 
+@pytest.mark.slow
 def test_intervals_cover_with_three_seeds_when_seeds_dominate():
     """The quick version of benchmarks/coverage.py: the regime where the old bootstrap covered 77%."""
     rng = np.random.default_rng(7)
@@ -304,6 +308,7 @@ def test_disparities_difficulty_adjusted_by_hand():
         stats.disparities(result, pca=per_image.iloc[:-1])
 
 
+@pytest.mark.slow
 def test_small_or_broken_data_is_insufficient_never_clear():
     """A huge gap, but data that cannot support a verdict: "insufficient data", with the reason."""
     rng = np.random.default_rng(11)
@@ -539,3 +544,373 @@ def test_frontier_leaves_out_what_it_cannot_place():
     status = {("w", s): "failed: planted" for s in range(3)}
     f = stats.analyse(synthetic_result({"v": v, "w": w}, codes, status=status)).frontier
     assert f["pareto"].tolist() == [True, False] and np.isnan(f["overall"].iloc[1])
+
+
+# ---------------------------------------------------------------- positive errors, positive intervals
+
+
+def test_means_of_errors_get_positive_log_scale_intervals():
+    """Errors are positive: each group's mean and the overall mean get exp(log m +- q se / m) (closed form for
+    a seed part alone), where the plain t interval (what was reported) went below 0 with seeds that disagree."""
+    rng = np.random.default_rng(20)
+    per_seed = np.array([[0.004, 0.006], [0.012, 0.015], [0.020, 0.025]])  # three seeds that stopped far apart
+    codes = np.repeat([0, 1], [40, 40])
+    values = per_seed[:, codes] * rng.uniform(0.999, 1.001, (3, 80))
+    result = synthetic_result({"learned-sigma": values}, codes)
+    table = stats.group_intervals(result).set_index("group")
+    for g, name in enumerate("ab"):
+        m = values[:, codes == g].mean()
+        c = stats.Moments.of(values, codes, 2).contrast(np.eye(2)[g])
+        assert c.low(0.025) < 0  # the old interval: an impossible negative MSE
+        half = sps.t.isf(0.025, 2) * np.std(values[:, codes == g].mean(1), ddof=1) / np.sqrt(3) / m
+        np.testing.assert_allclose(table.loc[name, ["ci_low", "ci_high"]], m * np.exp([-half, half]), rtol=1e-4)
+        assert 0 < table.loc[name, "ci_low"] < table.loc[name, "mean"] < table.loc[name, "ci_high"] < np.inf
+    f = stats.analyse(result).frontier.iloc[0]
+    assert 0 < f.overall_low < f.overall < f.overall_high < np.inf
+    # psnr is in dB (either sign, a log scale already): its interval stays the plain one
+    psnr = stats.group_intervals(result, metric="psnr").set_index("group")
+    c = stats.Moments.of(-10 * np.log10(values), codes, 2).contrast(np.array([1.0, 0.0]))
+    assert psnr.loc["a", "ci_low"] == pytest.approx(c.low(0.025), rel=1e-12)
+
+
+def test_positive_metric_is_the_registry_ratio_scale():
+    """One list of metrics: which errors are ratio-scale (ratios, log-scale means) is the registry's `ratio`."""
+    for name, m in metrics.METRICS.items():
+        assert stats.positive_metric(name) == m.ratio
+    assert stats.positive_metric("ssim_error") and not stats.positive_metric("psnr")
+
+
+def _with_ssim_error(values: dict[str, np.ndarray], codes: np.ndarray, perfect: np.ndarray) -> AuditResult:
+    """A synthetic result whose ssim_error is its mse, except on `perfect` images (a boolean per image): 0 or,
+    on every other one, -1.2e-7, what float32 rounding leaves of 1 - SSIM for a near-perfect reconstruction."""
+    result = synthetic_result(values, codes)
+    samples = result.samples
+    position = (samples["index"].to_numpy() - 7) // 3  # synthetic_result's image index is 3 i + 7
+    below = np.where(position % 2 == 1, -1.2e-7, 0.0)
+    samples["ssim_error"] = np.where(perfect[position], below, samples["mse"].to_numpy())
+    return result
+
+
+def test_ssim_error_at_and_just_below_zero():
+    """ssim_error = 1 - SSIM is >= 0 exactly (SSIM <= 1), 0 for a perfect reconstruction, and float32 rounding
+    leaves it a little below 0 for a near-perfect one (measured with measure.ssim_per_image on 28x28 noise
+    images: exactly 0 for x against itself, -1.19e-7 with 1e-4 noise added). Decided: it is a ratio-scale error
+    (the registry's `ratio`): what needs a positive number is a group's mean, not each image. Zeros and tiny
+    negatives among positive images: the log-scale interval (its ends' geometric mean is the mean), a finite
+    ratio and the paired contrast. A group with every image perfect (mean not above 0): the plain interval
+    (its ends' arithmetic mean is the mean), no ratio and no ratio of ratios, each said in words, never NaN or
+    the log of a negative number."""
+    from fairrecon import gate
+    from fairrecon.report import headline
+
+    rng = np.random.default_rng(31)
+    l2, codes = simulate(rng, seeds=4, n=(80, 60), means=(0.05, 0.08), image_sd=0.01)
+    l1, _ = simulate(rng, seeds=4, n=(80, 60), means=(0.05, 0.12), image_sd=0.01)
+    some = (codes == 0) & (np.arange(len(codes)) % 3 == 0)  # a third of group a perfect
+    analysis = stats.analyse(_with_ssim_error({"l2": l2, "l1": l1}, codes, some), metric="ssim_error")
+    assert analysis.metric == "ssim_error" and (analysis.intervals["mean"] > 0).all()
+    ends = analysis.intervals[["ci_low", "ci_high"]].to_numpy()
+    assert (ends > 0).all() and np.isfinite(ends).all()
+    np.testing.assert_allclose(np.sqrt(ends[:, 0] * ends[:, 1]), analysis.intervals["mean"], rtol=1e-12)
+    d = analysis.disparities.set_index("loss")
+    assert (d["verdict"] == stats.CLEAR).all() and np.isfinite(d[["ratio", "ratio_low", "ratio_high"]]).all().all()
+    (c,) = analysis.contrasts.itertuples(index=False)
+    assert c.loss == "l1" and c.verdict == stats.LESS_FAIR and 1 < c.low < c.ratio < c.high < np.inf
+    assert "by ssim_error" in headline(analysis).split(". ")[0]
+
+    every = codes == 0  # group a reconstructed perfectly under both losses
+    analysis = stats.analyse(_with_ssim_error({"l2": l2, "l1": l1}, codes, every), metric="ssim_error")
+    a = analysis.intervals[analysis.intervals["group"] == "a"]
+    assert (a["mean"] <= 0).all() and np.isfinite(a[["ci_low", "ci_high"]]).all().all()
+    np.testing.assert_allclose((a["ci_low"] + a["ci_high"]) / 2, a["mean"], rtol=1e-9)
+    d = analysis.disparities
+    assert (d["verdict"] == stats.INSUFFICIENT).all() and d["ratio"].isna().all() and (d["gap"] > 0).all()
+    assert d["warnings"].str.contains("a group's mean error is not above 0: no ratio").all()
+    (c,) = analysis.contrasts.itertuples(index=False)
+    assert c.verdict == stats.INSUFFICIENT and "no ratio of ratios" in c.warnings
+    outcome = gate.check(analysis, metric="ssim_error", max_ratio=1.5)
+    assert outcome.code == ExitCode.INSUFFICIENT and "not above 0" in outcome.message
+    assert gate.check(analysis, metric="ssim_error", max_gap=0.01).code == ExitCode.INSUFFICIENT
+
+
+def test_coverage_of_the_log_scale_means_when_seeds_disagree():
+    """The quick version of benchmarks/coverage.py's "unstable" regime (3 seeds; the plain t interval of a
+    group mean went below 0 in about half the audits): the log-scale intervals still cover."""
+    rng = np.random.default_rng(21)
+    rows = pd.DataFrame(
+        [coverage.replicate(rng, seeds=3, groups=2, regime=coverage.REGIMES["unstable"]) for _ in range(400)]
+    )
+    assert rows.mean_plain_below_zero.mean() > 0.3  # the regime is what it says
+    # nominal 0.95; 0.92 is 2.8 binomial standard errors (0.011 at 400 replicates) below it
+    assert rows.mean_covered.mean() >= 0.92 and rows.overall_covered.mean() >= 0.92
+    truth = coverage.MEANS[2][1] / coverage.MEANS[2][0]
+    assert ((rows.ratio_low <= truth) & (truth <= rows.ratio_high)).mean() >= 0.92
+    assert (~np.isfinite(rows.ratio_high)).mean() > 0.2  # Fieller's ratio: often no upper bound with 3 such seeds
+
+
+def test_the_relative_gap_is_the_ratio_interval_on_every_surface():
+    """One gap, one interval: the verdict table, the headline, the frontier table and the gate all show the
+    ratio's interval (as ratio - 1 where relative), not the gap's interval over the reference's point mean."""
+    from fairrecon import gate
+    from fairrecon.report import frontier_table, headline, relative_gap, verdict_table
+
+    rng = np.random.default_rng(22)
+    values, codes = simulate(rng, seeds=5, n=(80, 60), means=(0.010, 0.013), seed_sd=0.0003)
+    other, _ = simulate(rng, seeds=5, n=(80, 60), means=(0.010, 0.010))
+    analysis = stats.analyse(synthetic_result({"l1": values, "l2": other}, codes))
+    d = analysis.disparities.set_index("loss").loc["l1"]
+    assert d.verdict == stats.CLEAR
+    pct = lambda v: f"{v:+.1%}"  # noqa: E731
+    ratio_text = f"{pct(d.ratio_low - 1)} to {pct(d.ratio_high - 1)}"
+    old_text = f"{pct(d.gap_low / d.reference_mean)} to {pct(d.gap_high / d.reference_mean)}"
+    assert ratio_text != old_text
+    row = verdict_table(analysis).set_index("loss").loc["l1"]
+    assert row["worse by"] == pct(d.ratio - 1) and row.iloc[4] == ratio_text
+    assert f"interval {ratio_text})" in headline(analysis) and old_text not in headline(analysis)
+    assert relative_gap(analysis.disparities.itertuples().__next__()) == (pct(d.ratio - 1), ratio_text)
+    frontier = frontier_table(analysis).set_index("loss").loc["l1"]
+    assert frontier.iloc[3] == f"{d.ratio_low:.3g} to {d.ratio_high:.3g}"
+    message = gate.check(analysis, max_ratio=1.0).message
+    assert f"ratio {d.ratio:.4g} [{d.ratio_low:.4g}, {d.ratio_high:.4g}]" in message
+
+
+def test_an_unbounded_ratio_reads_as_no_upper_bound():
+    """Three seeds that disagree tenfold on both groups' errors but not on their gap: the gap is clear, the
+    reference group's mean is not clearly above 0 at the interval's level, so Fieller's ratio interval has
+    a lower end above 1 and no upper end. Every surface says so in words (was "0 to n/a")."""
+    from fairrecon.report import frontier_table, headline, verdict_table
+
+    rng = np.random.default_rng(30)
+    per_seed = np.array([[0.002, 0.005], [0.020, 0.023], [0.011, 0.014]])
+    codes = np.repeat([0, 1], [60, 60])
+    values = per_seed[:, codes] + rng.normal(0, 0.0002, (3, 120))
+    analysis = stats.analyse(synthetic_result({"l1": values, "l2": values * 1.01}, codes))
+    d = analysis.disparities.iloc[0]
+    assert d.ratio_high == np.inf and d.ratio_ucb == np.inf and 1 < d.ratio_low < d.ratio
+    text = verdict_table(analysis).iloc[0, 5]
+    assert text == f"{d.ratio_low - 1:+.1%} or more (no upper bound)"
+    assert frontier_table(analysis).iloc[0, 4] == f"{d.ratio_low:.3g} to no upper bound"
+    assert "n/a" not in text and "n/a" not in frontier_table(analysis).to_string()
+    from fairrecon import gate
+
+    outcome = gate.check(analysis, max_ratio=2.0)
+    assert outcome.code == ExitCode.INSUFFICIENT and "to no upper bound contain max-ratio 2" in outcome.message
+    assert "n/a" not in headline(analysis)
+
+
+def test_a_tiny_group_leaves_the_valid_pair_shown():
+    """A group with one test image has no image variance: the other groups' pair is still shown (its ratio
+    and interval), the verdict is "insufficient data" naming the tiny group, and no table says "-n/a dB"."""
+    from fairrecon.report import error_table
+
+    rng = np.random.default_rng(23)
+    values, codes = simulate(rng, seeds=3, n=(50, 40, 1), means=(0.010, 0.013, 0.011))
+    analysis = stats.analyse(synthetic_result({"l1": values}, codes, names=("a", "b", "c")))
+    row = analysis.disparities.iloc[0]
+    assert (row.worst, row.reference) == ("b", "a") and np.isfinite(row.ratio) and np.isfinite(row.ratio_high)
+    assert row.verdict == stats.INSUFFICIENT and "c (n=1)" in row.warnings
+    table = error_table(analysis)
+    assert table["worst/best"].iloc[0] == f"{row.ratio:.3g}" and "n/a dB" not in table.to_string()
+    psnr = error_table(stats.analyse(synthetic_result({"l1": values}, codes, names=("a", "b", "c")), metric="psnr"))
+    assert psnr["worst/best"].iloc[0].endswith(" dB") and "n/a" not in psnr["worst/best"].iloc[0]
+
+
+def test_the_frontier_figure_stays_readable():
+    """Axes span the points and their intervals: no 1e6 y axis, no negative x axis (issue 20's figure)."""
+    from fairrecon.figures import frontier_figure
+
+    frontier = pd.DataFrame(
+        {
+            "loss": ["a", "b", "c"],
+            "metric": "mse",
+            "overall": [0.010, 0.012, 0.0095],
+            "overall_low": [0.009, 0.004, 0.009],
+            "overall_high": [0.011, 0.036, 0.0101],
+            "ratio": [1.1, 1.3, 1.05],
+            "ratio_low": [1.0, 0.5, 0.98],
+            "ratio_high": [1.2, np.inf, 1.12],
+            "pareto": [False, False, True],
+        }
+    )
+    ax = frontier_figure(frontier).axes[0]
+    low, high = ax.get_ylim()
+    assert 0 <= low < 0.5 and 1.3 < high < 2.5
+    assert ax.get_xlim()[0] >= 0 and ax.get_xlim()[1] < 0.05
+    assert any(t.get_text() == "no upper bound" for t in ax.texts)
+
+
+# ---------------------------------------------------------------- loss against loss
+
+
+def test_paired_moments_of_one_loss_are_the_moments():
+    rng = np.random.default_rng(24)
+    values, codes = simulate(rng, seeds=4, n=(50, 40), means=(0.010, 0.013))
+    w = np.array([1.0, -1.3])
+    one, paired = stats.Moments.of(values, codes, 2).contrast(w), stats.PairedMoments.of([values], codes, 2)
+    two = paired.contrast(w[None, :])
+    assert two.estimate == pytest.approx(one.estimate, rel=1e-12)
+    np.testing.assert_allclose(two.variances, one.variances, rtol=1e-12)
+    np.testing.assert_array_equal(two.dfs, one.dfs)
+
+
+def test_paired_variance_keeps_each_seed_and_image_together():
+    """Two losses on the same seeds and images: the variance of their difference, recomputed with pandas from
+    its two stated parts, is far smaller than the two losses' variances added (what unpaired intervals do)."""
+    rng = np.random.default_rng(25)
+    a, codes = simulate(rng, seeds=5, n=(60, 50), means=(0.010, 0.012))
+    b = a * rng.normal(1.0, 0.02, a.shape)  # the same seeds' models and the same images, nearly the same errors
+    w = np.array([[1.0, -1.0], [-1.0, 1.0]])  # (a's gap) - (b's gap)
+    c = stats.PairedMoments.of([a, b], codes, 2).contrast(w)
+    df = pd.DataFrame((a - b).T).assign(group=codes)
+    per_seed = df.groupby("group").mean().T
+    seed_part = (per_seed[1] - per_seed[0]).var(ddof=1) / 5
+    image_part = (df.drop(columns="group").mean(axis=1).groupby(df["group"]).var(ddof=1) / [60, 50]).sum()
+    assert c.se**2 == pytest.approx(seed_part + image_part, rel=1e-10)
+    unpaired = sum(stats.Moments.of(v, codes, 2).pair(1, 0).se ** 2 for v in (a, b))
+    assert c.se**2 < unpaired / 10
+
+
+def test_loss_contrasts_by_hand_and_their_words():
+    """The ratio of two losses' worst/best ratios with its paired log-scale interval, recomputed by hand; the
+    verdict words; a failed seed paired out of both; images that differ refused; the reference loss chosen."""
+    from fairrecon.report import contrast_sentence, headline
+
+    rng = np.random.default_rng(26)
+    l2, codes = simulate(rng, seeds=4, n=(60, 50), means=(0.010, 0.012), seed_sd=0.0003)
+    worse = l2 * np.where(codes == 1, 1.25, 1.0) * rng.normal(1, 0.01, l2.shape)
+    alike = l2 * rng.normal(1, 0.01, l2.shape)
+    analysis = stats.analyse(synthetic_result({"l1": worse, "l2": l2, "mix": alike}, codes))
+    assert analysis.reference_loss == "l2" and analysis.contrast_m == 2
+    c = analysis.contrasts.set_index("loss")
+    assert list(c.index) == ["l1", "mix"] and c.loc["l1", "verdict"] == stats.LESS_FAIR
+    assert c.loc["mix", "verdict"] == stats.NOT_DIFFERENT
+    d = analysis.disparities.set_index("loss")
+    assert c.loc["l1", "ratio"] == pytest.approx(d.loc["l1", "ratio"] / d.loc["l2", "ratio"], rel=1e-12)
+    # by hand: per seed, the log ratio of ratios linearised at the means; per image, the same with seed-averaged
+    # errors; the two parts, Cochran-Cox's critical value at the family's tail (2 contrasts, two-sided)
+    ma = [worse[:, codes == g].mean() for g in (0, 1)]
+    mb = [l2[:, codes == g].mean() for g in (0, 1)]
+    lin = lambda v, m, g: v / m[g]  # noqa: E731
+    seed_c = [
+        lin(worse[s, codes == 1].mean(), ma, 1)
+        - lin(worse[s, codes == 0].mean(), ma, 0)
+        - lin(l2[s, codes == 1].mean(), mb, 1)
+        + lin(l2[s, codes == 0].mean(), mb, 0)
+        for s in range(4)
+    ]
+    parts = [np.var(seed_c, ddof=1) / 4]
+    for g, sign in ((0, -1), (1, 1)):
+        z = sign * (worse.mean(0)[codes == g] / ma[g] - l2.mean(0)[codes == g] / mb[g])
+        parts.append(z.var(ddof=1) / (codes == g).sum())
+    dfs = [3, 59, 49]
+    q = np.dot(parts, sps.t.isf(0.05 / 2 / 2, dfs)) / np.sum(parts)
+    log_rr = np.log(ma[1] / ma[0]) - np.log(mb[1] / mb[0])
+    np.testing.assert_allclose(
+        c.loc["l1", ["low", "high"]].astype(float),
+        np.exp(log_rr + np.array([-1, 1]) * q * np.sqrt(np.sum(parts))),
+        rtol=1e-10,
+    )
+    sentence = contrast_sentence(analysis.contrasts.itertuples().__next__())
+    assert sentence.startswith("l1 is clearly less fair than l2 by mse: its worst/best mse ratio is")
+    assert headline(analysis).startswith(sentence)
+    # the contrasts are about the verdicts' metric, and say which: mae here (synthetic mae = sqrt(mse))
+    pair = synthetic_result({"l1": worse, "l2": l2}, codes)
+    by_mae = stats.analyse(pair, metric="mae")
+    mae = {
+        loss: pair.samples.query("loss == @loss").groupby("group", observed=True)["mae"].mean() for loss in ("l1", "l2")
+    }
+    expected = (mae["l1"]["b"] / mae["l1"]["a"]) / (mae["l2"]["b"] / mae["l2"]["a"])
+    (c_mae,) = by_mae.contrasts.itertuples(index=False)
+    assert c_mae.metric == "mae" and c_mae.ratio == pytest.approx(expected, rel=1e-12)
+    assert headline(by_mae).startswith("l1 is clearly less fair than l2 by mae: its worst/best mae ratio is")
+    # a failed seed of either loss: paired on the seeds ok under both, and said; the verdict still given
+    failed = synthetic_result({"l1": worse, "l2": l2}, codes, status={("l1", 2): "failed: nan"})
+    row = stats.analyse(failed).contrasts.iloc[0]
+    assert row.seeds == 3 and "paired on the 3 seed(s) ok under both losses (seed(s) 2 left out" in row.warnings
+    assert row.verdict == stats.LESS_FAIR
+    assert stats.analyse(failed).disparities.set_index("loss").loc["l1", "verdict"] == stats.INSUFFICIENT
+    # the reference loss: named, recorded, l2, else the first; one loss: none
+    named = stats.analyse(synthetic_result({"l1": worse, "l2": l2, "mix": alike}, codes), reference_loss="mix")
+    assert named.reference_loss == "mix" and list(named.contrasts["loss"]) == ["l1", "l2"]
+    assert stats.analyse(synthetic_result({"a": worse, "b": l2}, codes)).reference_loss == "a"
+    recorded = synthetic_result({"a": worse, "b": l2}, codes)
+    recorded.info["reference_loss"] = "b"
+    assert stats.analyse(recorded).reference_loss == "b"
+    assert stats.analyse(synthetic_result({"a": worse}, codes)).contrasts.empty
+    with pytest.raises(UserError, match="reference loss 'l9'"):
+        stats.analyse(synthetic_result({"a": worse, "b": l2}, codes), reference_loss="l9")
+    shifted = synthetic_result({"l1": worse, "l2": l2}, codes)
+    shifted.samples.loc[shifted.samples["loss"] == "l1", "index"] += 1
+    with pytest.raises(UserError, match="not scored on the same test images"):
+        stats.analyse(shifted)
+
+
+def test_paired_contrast_covers_under_a_shared_seed_and_image_null():
+    """The quick version of benchmarks/coverage.py's contrasts section: two losses with equal ratios on the
+    same seeds and images (seed luck correlated, images shared), 3 seeds; and the paired interval is narrower
+    than adding the two losses' variances."""
+    rng = np.random.default_rng(27)
+    rows = pd.DataFrame(
+        [
+            coverage.contrast_replicate(rng, seeds=3, scenario="null, both unfair", regime=coverage.REGIMES["mixed"])
+            for _ in range(400)
+        ]
+    )
+    assert rows.covered.mean() >= 0.92  # nominal 0.95; 2.8 binomial SE below it
+    assert (rows.width / rows.unpaired_width).median() < 0.9
+
+
+# ---------------------------------------------------------------- tails
+
+
+def test_a_heavy_tail_warns_with_a_sensitivity_line():
+    """2 of 180 images 50x worse in one group: the warning names the group, how many images and their share of
+    its summed error (computed here by hand), and the ratio without each group's top 1% (recomputed by hand);
+    a clean audit does not warn."""
+    rng = np.random.default_rng(28)
+    values, codes = coverage.simulate(rng, seeds=4, means=(0.010, 0.011), n=180, **coverage.REGIMES["mixed"])
+    clean = stats.analyse(synthetic_result({"l1": values}, codes)).disparities.iloc[0]
+    assert clean.tail_share < stats.TAIL_SHARE and "heavy tail" not in clean.warnings
+    hit = np.flatnonzero(codes == 1)[[3, 77]]
+    values[:, hit] *= 50
+    row = stats.analyse(synthetic_result({"l1": values}, codes)).disparities.iloc[0]
+    group = values.mean(0)[codes == 1]
+    share = np.sort(group)[-2:].sum() / group.sum()
+    assert (row.tail_group, row.tail_images) == ("b", 2) and row.tail_share == pytest.approx(share, rel=1e-12)
+    assert f"heavy tail: in group b the top 2 image(s) (1% of the group) carry {share:.0%}" in row.warnings
+    keep = np.ones(len(codes), dtype=bool)
+    for g in (0, 1):
+        idx = np.flatnonzero(codes == g)
+        keep[idx[np.argsort(values.mean(0)[idx])[-2:]]] = False
+    trimmed = values[:, keep][:, codes[keep] == 1].mean() / values[:, keep][:, codes[keep] == 0].mean()
+    assert row.trimmed_ratio == pytest.approx(trimmed, rel=1e-12) and row.trimmed_ratio < row.ratio
+    assert f"ratio {trimmed:.3g} [" in row.warnings and "(a sensitivity line, not the verdict)" in row.warnings
+
+
+# ---------------------------------------------------------------- what the texts say
+
+
+def test_texts_for_one_trained_model_and_fixed_test_sets():
+    """One trained model: "over test images only", no "training randomness"; low power advice that fits the
+    dataset: add images to a folder; a torchvision test set is fixed, so it says what can be done instead."""
+    rng = np.random.default_rng(29)
+    values, codes = simulate(rng, seeds=1, n=(60, 50), means=(0.010, 0.0102), image_sd=0.004)
+    result = synthetic_result({"model": values}, codes)
+    result.info["external_model"] = "model"
+    result.spec = result.spec.replace(dataset="folder")
+    analysis = stats.analyse(result)
+    row = analysis.disparities.iloc[0]
+    assert analysis.method.startswith("Intervals over test images only") and "training seeds" not in analysis.method
+    assert row.verdict == stats.NO_CLEAR and "low power" in row.warnings
+    assert "training randomness" not in row.warnings and "add images to the folder" in row.warnings
+    seeds, _ = simulate(rng, seeds=4, n=(60, 50), means=(0.010, 0.0102), image_sd=0.004, seed_sd=0.00001)
+    fixed = synthetic_result({"l1": seeds}, codes)
+    fixed.spec = fixed.spec.replace(dataset="fashion-mnist")
+    w = stats.analyse(fixed).disparities.iloc[0].warnings
+    assert "fashion-mnist's test set is fixed" in w and "add test images" not in w
+
+
+def test_renamed_helpers():
+    assert stats.group_order(synthetic_result({"l1": np.ones((2, 4))}, np.array([0, 0, 1, 1]))) == ("a", "b")
+    assert not hasattr(stats, "group_names") and not hasattr(stats, "COLUMNS")
+    assert stats.DISPARITY_COLUMNS[:4] == ["loss", "metric", "reference", "worst"]

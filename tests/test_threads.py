@@ -32,6 +32,7 @@ SMALL = dict(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["mlp", "conv", "conv-vae"])
 def test_thread_count_changes_no_bit(shared_datasets, model):
     before = torch.get_num_threads()
@@ -80,6 +81,7 @@ def test_bad_thread_count_is_refused(bad):
         run_audit(dataset="digits", threads=bad)
 
 
+@pytest.mark.slow
 def test_cli_threads_flag_is_checked():
     out = subprocess.run(
         [sys.executable, "-m", "fairrecon", "audit", "--threads", "0"],

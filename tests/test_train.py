@@ -330,6 +330,7 @@ def plain_vae_train(x: torch.Tensor, cell: Cell, config: TrainConfig):
     return model, raw
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["vae", "conv-vae"])
 def test_vae_cells_batched_match_plain_loop_and_alone(digits, model):
     """VAE cells (noise drawn per seed outside vmap) trained together equal the textbook loop and each cell

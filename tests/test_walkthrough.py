@@ -17,6 +17,8 @@ from conftest import REPO, SHARED_DATASETS
 from conftest import run_cli as fairrecon
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # the walkthrough on the real face photos
+
 YALE = SHARED_DATASETS / "yalefaces"
 FAST = [
     "--batch-size",
@@ -101,7 +103,9 @@ def test_the_walkthrough_on_the_real_photos(faces, capsys, monkeypatch):
     weights = ["check", "--weights", "ae.pt", "--model-factory", "mymodel:build", *DATA, "--max-ratio", "1.2"]
     code, out, err = fairrecon(capsys, *weights, "--trained-on", "faces/split.csv")
     assert code in (0, 1) and "model: group " in out and "warning: the model was trained on" not in err
-    code, out, err = fairrecon(capsys, *weights, "--trained-on", "all")
+    code, out, err = fairrecon(capsys, *weights, "--trained-on", "all")  # the gate will not judge on seen images
+    assert code == 2 and "trained on 60 of the test images" in err and "--allow-trained-on-test" in err
+    code, out, err = fairrecon(capsys, *weights, "--trained-on", "all", "--allow-trained-on-test")
     assert "warning: the model was trained on 60 of the 60 test images it is scored on" in err
 
     # 7. mistakes fairrecon refuses: results over the inputs, a changed labels file with the same --out
