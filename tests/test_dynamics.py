@@ -214,7 +214,7 @@ def test_the_switch_sentence_says_when_the_worse_group_changes():
 
 @pytest.mark.slow
 def test_epochs_auto_stops_each_cell_where_its_curves_flatten_as_if_trained_alone(digits):
-    spec = AuditSpec(epochs="auto", max_epochs=60, limit=600, latent=4, hidden=32, batch_size=64, grad_points=0)
+    spec = AuditSpec(epochs="auto", max_epochs=60, limit=600, latent=4, hidden=32, batch_size=16, grad_points=0)
     data = make_groups(digits, spec)
     assert data.val_x is not None and len(data.train_x) + len(data.val_x) == 600
     cells = [Cell("l1", 0), Cell("l2", 0), Cell("l2", 1)]

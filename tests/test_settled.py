@@ -82,7 +82,7 @@ def test_stopping_waits_out_a_plateau_when_the_fall_follows_within_the_horizon()
     though the fall followed within as much training again; the new rule never stops on this plateau, whose
     epochs never make up most of the last half of training. A plateau that lasts does stop it, once the last
     half of training holds at most a 5% fall (at epoch 35: 15 flat epochs)."""
-    steps = np.arange(1, 61) * 7.0  # 7 steps per epoch
+    steps = np.arange(1, 61) * 20.0  # 20 steps per epoch: the plateau is past AUTO_MIN_STEPS (500)
 
     def first_stop(val, old: bool = False) -> int | None:
         if old:
@@ -100,11 +100,21 @@ def test_stopping_waits_out_a_plateau_when_the_fall_follows_within_the_horizon()
 
 
 def test_stops_needs_every_group_settled_and_the_minimum_epochs():
-    steps = np.arange(1, 41) * 10.0
+    steps = np.arange(1, 41) * 20.0
     flat, falling = 0.01 * steps**-0.01, 0.01 * steps**-0.4
     val = np.stack([np.stack([flat, flat], 1), np.stack([flat, falling], 1)], 1)  # (T, 2 cells, 2 groups)
     assert settled.stops(steps, val, 40).tolist() == [True, False]
     assert settled.stops(steps[:10], val[:10], 10).tolist() == [False, False]  # before AUTO_MIN_EPOCHS
+
+
+def test_stopping_waits_for_the_minimum_steps():
+    """A settled flat curve does not stop a cell before AUTO_MIN_STEPS optimizer steps (the last point's step),
+    whatever the epoch: at 11 steps an epoch (digits) the first epoch that may stop is 46 (506 steps), not 16."""
+    assert settled.AUTO_MIN_STEPS == 500
+    steps = np.arange(1, 61) * 11.0
+    val = (0.01 * steps**-0.001)[:, None, None]  # one cell, one group, flat: settled from the start
+    first = next(e for e in range(1, 61) if settled.stops(steps[:e], val[:e], e)[0])
+    assert first == 46 and steps[first - 1] >= 500 > steps[first - 2]
 
 
 def test_seed_drift_is_the_t_interval_of_the_mean_slope():
