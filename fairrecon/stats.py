@@ -1202,13 +1202,13 @@ def _contrast_verdict(row: dict, reasons: list[str], ratio: bool) -> str:
 def gap_drift(result: AuditResult, loss: str, worst: str, best: str, *, metric: str = "mse") -> Drift | None:
     """How far the answer is projected to move in as much training again (settled.py): per ok cell of `loss`,
     the trend of log(worst / best held-out error) against log(step) over the last half of its training, on the
-    curve points before its final one (the fixed test subset, so every point sees the same images; mae for
-    metric "mae", else mse); `settled.Drift` holds the per-seed slopes, their mean and its t interval.
+    curve points before its final one (the fixed test subset, so every point sees the same images; in the
+    metric where the curves record it (mse, mae), else in mse); `settled.Drift` holds the per-seed slopes, their mean and its t interval.
     None without curves (a model of yours); a Drift of fewer than 2 seeds cannot be judged."""
     curves = getattr(result, "curves", None)
     if curves is None or curves.empty:
         return None
-    column = "mae" if metric == "mae" else "mse"
+    column = metric if metric in curves.columns else metrics.DEFAULT  # curves record mse and mae
     cells = result.cells
     ok = cells.loc[(cells["loss"] == loss) & (cells["status"] == "ok"), "seed"]
     part = curves[(curves["loss"] == loss) & curves["seed"].isin(ok)].assign(group=lambda d: d["group"].astype(str))
