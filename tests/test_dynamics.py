@@ -23,7 +23,14 @@ from fairrecon.data import load_images
 from fairrecon.dynamics import convergence_warnings, gap_over_training, worse_group_changes
 from fairrecon.grid import Cell, TrainConfig
 from fairrecon.groups import make_groups
-from fairrecon.measure import CURVE_BUDGET, CurveRecorder, convergence, curve_subset_size
+from fairrecon.measure import (
+    CURVE_BUDGET,
+    MIN_CURVE_IMAGES,
+    CurveRecorder,
+    convergence,
+    curve_subset,
+    curve_subset_size,
+)
 from fairrecon.report import terminal_summary
 from fairrecon.settled import DROP, stops
 from fairrecon.spec import AuditSpec
@@ -107,7 +114,19 @@ def test_curve_points_cost_at_most_the_budget():
     size = curve_subset_size(10_000, n_train, epochs / points)
     assert size * points <= CURVE_BUDGET * 3 * n_train * epochs
     assert curve_subset_size(300, 1438, 2.5) == 300  # small test sets are measured whole
-    assert curve_subset_size(10_000, 100, 0.1) == 256  # but never fewer than MIN_CURVE_IMAGES
+    assert curve_subset_size(10_000, 100, 0.1) == 1  # the budget alone; curve_subset adds each group's minimum
+
+
+def test_curve_subset_holds_at_least_min_curve_images_of_every_group():
+    """The curve points' images: the budget's stratified share, but never fewer than MIN_CURVE_IMAGES (256) of a
+    group, or the whole of a smaller group; a budget above the minimum draws the same images as before."""
+    groups = torch.from_numpy(np.repeat([0, 1, 2], [5000, 900, 100]))
+    tiny = curve_subset(groups, 100, 0.1).numpy()  # a budget of 1 image
+    assert np.bincount(groups.numpy()[tiny]).tolist() == [MIN_CURVE_IMAGES, MIN_CURVE_IMAGES, 100]
+    assert len(np.unique(tiny)) == len(tiny) and (np.diff(tiny) > 0).all()
+    big = curve_subset(groups, 20_000, 1.0).numpy()  # a budget of 3,000 images: 2,500 / 450 / 50 -> 256
+    assert np.bincount(groups.numpy()[big]).tolist() == [2500, 450, 100]
+    assert curve_subset(groups, 100_000, 1.0).tolist() == list(range(6000))  # the budget covers the test set
 
 
 def test_convergence_is_the_settled_rule_on_power_law_curves():
