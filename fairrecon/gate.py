@@ -17,7 +17,8 @@ reference), and puts the burden of proof on "pass":
                    (stats.gap_drift), fewer than 2 seeds, a group under stats.MIN_GROUP_N images), or its
                    --max-ratio pass or fail had not settled: the ratio's drift over seeds (the row's drift_low /
                    drift_high) could carry the end that decides across the threshold in as much training again
-                   (settled.could_change, the rule the verdicts use at ratio 1)
+                   (settled.could_change, the rule the verdicts use at ratio 1; a verdict refused only for
+                   that rule at ratio 1, the row's `unsettled`, is gated at the threshold by it alone)
 
 The same rule gates the loss contrasts (`--max-contrast R`): a loss passes when the upper end of its
 worst/best ratio over the reference loss's is below R, fails when the lower end is above R. The rule
@@ -229,7 +230,10 @@ def _loss_outcome(
         getattr(row, prefix + k) for k in ("worst", "reference", "gap", "gap_low", "gap_high")
     )
     base = {"kind": "loss", "loss": row.loss, "against": None}
-    if row.verdict == stats.INSUFFICIENT:
+    # a verdict refused only because it had not settled at ratio 1 (row.unsettled) leaves a --max-ratio decision to
+    # its own settledness at its threshold; any other refusal (and --max-gap, whose drift is not judged) stands
+    only_ratio = bool(row.unsettled) and max_gap is None
+    if row.verdict == stats.INSUFFICIENT and not only_ratio:
         asked = [("ratio", max_ratio), ("gap", max_gap)]
         out = [
             {

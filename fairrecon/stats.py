@@ -523,6 +523,7 @@ DISPARITY_COLUMNS = [
     "drift",
     "drift_low",
     "drift_high",
+    "unsettled",
     "tail_group",
     "tail_images",
     "tail_share",
@@ -926,9 +927,14 @@ def disparities(
         pair = (row["worst"], row["reference"]) if "worst" in row else None
         drift = gap_drift(result, loss, *pair, metric=metric) if pair and pair[0] != pair[1] else None
         row.update(zip(("drift", "drift_low", "drift_high"), np.exp(_drift_logs(drift))))
-        reasons = insufficient(result, loss, le, pair=pair, external=external, row=row)
+        reasons = insufficient(result, loss, le, pair=pair, external=external)  # the data checks
         if ratio and np.isfinite(row.get("gap_lcb", np.nan)) and not np.isfinite(row.get("ratio_lcb", np.nan)):
             reasons.append("a group's mean error is not above 0: no ratio")
+        # the verdict at ratio 1 had not settled (last of the reasons, so a gate at another threshold can tell a
+        # refusal for this alone and judge its own decision's settledness instead: gate._loss_outcome)
+        moving = _unsettled(result, loss, pair, row) if pair is not None and pair[0] != pair[1] else None
+        row["unsettled"] = bool(moving) and not reasons
+        reasons += [moving] if moving else []
         row["verdict"] = verdict(gap_lcb=row.get("gap_lcb", np.nan), reasons=reasons)
         notes = _notes(row, decisive, external, result.spec)
         row["warnings"] = "; ".join(reasons + unconverged(result, loss) + notes)

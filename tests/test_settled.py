@@ -209,3 +209,28 @@ def test_the_gate_refuses_a_pass_that_more_training_could_reverse(per_doubling, 
     if code == ExitCode.INSUFFICIENT:
         assert f"the decision at --max-ratio {threshold:g} had not settled" in outcome.message
         assert "its upper end" in outcome.message
+
+
+def test_a_verdict_unsettled_at_ratio_1_leaves_a_loose_threshold_to_its_own_rule():
+    """No clear gap whose ratio is rising: the verdict waits (its lower end could pass 1 in as much training again),
+    but `check --max-ratio R` with R well above the upper end, which that drift cannot reach (U x drift_high < R),
+    passes; a threshold the drift can reach (U x drift_high >= R) is insufficient data; --max-gap, whose drift is
+    not judged, keeps the verdict's refusal."""
+    from test_stats import _curves, simulate, synthetic_result
+
+    from fairrecon import gate, stats
+
+    rng = np.random.default_rng(5)
+    values, codes = simulate(rng, seeds=4, n=(80, 80), means=(0.010, 0.0101), seed_sd=0.0003)
+    result = synthetic_result({"l1": values}, codes)
+    result.curves = _curves(result, 0.10 / np.log(2) + np.array([-0.01, 0.005, 0.01, -0.005]), noise=0.004)
+    row = stats.analyse(result).disparities.iloc[0]
+    assert row.verdict == stats.INSUFFICIENT and row.unsettled and "had not settled" in row.warnings
+    assert row.ratio_lcb <= 1 < row.ratio_lcb * row.drift_high  # the verdict's own rule, by hand
+    loose = round(float(row.ratio_ucb * row.drift_high) * 1.05, 3)
+    assert gate.check(result, max_ratio=loose).code == ExitCode.PASS
+    reachable = round(float(row.ratio_ucb * row.drift_high) * 0.99, 3)
+    assert row.ratio_ucb < reachable
+    outcome = gate.check(result, max_ratio=reachable)
+    assert outcome.code == ExitCode.INSUFFICIENT and f"--max-ratio {reachable:g} had not settled" in outcome.message
+    assert gate.check(result, max_ratio=loose, max_gap=1.0).code == ExitCode.INSUFFICIENT
