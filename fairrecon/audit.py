@@ -21,7 +21,6 @@ import pandas as pd
 import torch
 
 from . import provenance
-from .convergence import CONVERGED_DROP, CONVERGED_WINDOW
 from .data import ImageSet, load_images_for
 from .errors import UserError
 from .fileio import atomic_write, npz_bytes
@@ -36,6 +35,7 @@ from .outputs import save_results
 from .results import EXAMPLES_FILE, AuditResult, load_examples
 from .resultsdir import Identity, check_out, input_paths, writing
 from .resume import CellStore
+from .settled import rule as settled_rule
 from .spec import AuditSpec, load_spec
 from .threads import default_threads
 from .train import train_cells
@@ -361,7 +361,7 @@ def finish_audit(run: AuditRun, log: Callable[[str], None]) -> AuditResult:
         "timings": timings,
         "inputs": run.identity.inputs,
         "warnings": warnings,
-        "convergence": {"drop": CONVERGED_DROP, "window": CONVERGED_WINDOW},
+        "convergence": settled_rule(),
         **({"generation": {**run.generation[0].record(), "n": spec.generate}} if run.generation else {}),
         "provenance": json.loads(trained_on.to_json(orient="records")),
     }

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from .convergence import CONVERGED_DROP, CONVERGED_WINDOW
 from .results import records
+from .settled import rule
 
 GAP_COLUMNS = ["loss", "step", "epoch", "worst", "best", "seeds", "n", "gap", "gap_low", "gap_high", "worse_now"]
 
@@ -132,20 +132,29 @@ def worse_group_changes(gaps: pd.DataFrame, *, spelled_out: int = 4) -> dict[str
 
 
 def convergence_warnings(result) -> list[str]:
-    """One line per ok cell whose per-group error was still falling at the end of training."""
+    """One line per ok cell whose held-out error had not settled at the end of training (settled.py)."""
     result = result.arms()  # one arm per (loss, objective), named in the loss column (AuditResult.arms)
     cells = result.cells
     if "converged" not in cells:
         return []
-    conv = (result.info or {}).get("convergence") or {}
-    drop, window = conv.get("drop", CONVERGED_DROP), conv.get("window", CONVERGED_WINDOW)
+    conv = (result.info or {}).get("convergence") or rule()  # the rule the cells were judged by
     out = []
     for row in cells[(cells["status"] == "ok") & ~cells["converged"].astype(bool)].itertuples():
-        if np.isfinite(row.last_drop):
-            moved = f"still fell {row.last_drop:.1%}" if row.last_drop > 0 else f"rose {-row.last_drop:.1%}"
-            why = f"{row.last_drop_of} {moved} over the last {window:.0%} of training (threshold {drop:.0%})"
-        else:
+        if not np.isfinite(row.last_drop):
             why = "too few curve points to judge"
+        elif "horizon" not in conv:  # a result of fairrecon 0.1.0: its cells were judged over the last quarter
+            moved = f"still fell {row.last_drop:.1%}" if row.last_drop > 0 else f"rose {-row.last_drop:.1%}"
+            why = f"{row.last_drop_of} {moved} over the last {conv['window']:.0%} of training (threshold {conv['drop']:.0%})"
+        elif row.last_drop > 0:
+            why = (
+                f"{row.last_drop_of} would fall {row.last_drop:.1%} more in as much training again, by its trend "
+                f"over the last half (settled: at most {conv['drop']:.0%}, with {conv['confidence']:.0%} confidence)"
+            )
+        else:
+            why = (
+                f"{row.last_drop_of} scattered too much over the last half of training to rule out a fall of more "
+                f"than {conv['drop']:.0%} in as much training again"
+            )
         out.append(f"{row.loss}/seed{row.seed} not converged after {row.epochs} epoch(s): {why}")
     return out
 
@@ -153,14 +162,10 @@ def convergence_warnings(result) -> list[str]:
 def over_training_record(result) -> dict[str, Any]:
     """summary.json's "over_training": the convergence rule and its warnings, the worse-group changes,
     and the gap at every curve point."""
-    conv = (result.info or {}).get("convergence") or {}
+    conv = (result.info or {}).get("convergence") or rule()
     gaps = gap_over_training(result)
     return {
-        "convergence": {
-            "drop": conv.get("drop", CONVERGED_DROP),
-            "window": conv.get("window", CONVERGED_WINDOW),
-            "warnings": convergence_warnings(result),
-        },
+        "convergence": {**conv, "warnings": convergence_warnings(result)},
         "worse_group_changes": list(worse_group_changes(gaps).values()),
         "gap": records(gaps),
     }
@@ -188,6 +193,11 @@ def markdown_section(result) -> list[str]:
                 + " |"
             )
     if warnings:
-        lines += ["", "Not converged (the verdict may move with more training; try `--epochs auto`):", ""]
+        lines += [
+            "",
+            "Not converged (the verdict holds for this training length; `--epochs auto` trains each cell until its "
+            "validation error has settled in the same sense, up to `--max-epochs`):",
+            "",
+        ]
         lines += [f"- {w}" for w in warnings]
     return lines + [""]

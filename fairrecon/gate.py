@@ -13,8 +13,12 @@ reference), and puts the burden of proof on "pass":
                    allowed), raised, mapped to 2 by the CLI
   3  insufficient  no loss fails, and some loss is undecided: its interval contains the threshold (the
                    audit cannot tell a gap this size from none: its detectable gap is larger), or its
-                   verdict is "insufficient data" (a failed cell, an answer still moving at the end of
-                   training, fewer than 2 seeds, a group under stats.MIN_GROUP_N images)
+                   verdict is "insufficient data" (a failed cell, an answer that had not settled
+                   (stats.gap_drift), fewer than 2 seeds, a group under stats.MIN_GROUP_N images), or its
+                   --max-ratio pass or fail had not settled: the ratio's drift over seeds (the row's drift_low /
+                   drift_high) could carry the end that decides across the threshold in as much training again
+                   (settled.could_change, the rule the verdicts use at ratio 1; a verdict refused only for
+                   that rule at ratio 1, the row's `unsettled`, is gated at the threshold by it alone)
 
 The same rule gates the loss contrasts (`--max-contrast R`): a loss passes when the upper end of its
 worst/best ratio over the reference loss's is below R, fails when the lower end is above R. The rule
@@ -33,11 +37,13 @@ import pandas as pd
 from . import metrics, stats
 from .errors import ExitCode, UserError
 from .results import AuditResult, records
+from .settled import could_change
 
 WORDS = {ExitCode.PASS: "pass", ExitCode.FAIL: "fail", ExitCode.INSUFFICIENT: "insufficient data"}
 RULE = (
     "pass: every upper end of the checked intervals is below its threshold; fail: some lower end is above "
-    "it; insufficient data: otherwise (an interval contains the threshold), or the verdict's data checks failed"
+    "it; insufficient data: otherwise (an interval contains the threshold), or the verdict's data checks failed, "
+    "or as much training again could carry the deciding end across the threshold (the ratio's drift over seeds)"
 )
 OUTCOME_COLUMNS = ["kind", "loss", "against", "quantity", "low", "high", "threshold", "outcome", "reason"]
 
@@ -224,7 +230,10 @@ def _loss_outcome(
         getattr(row, prefix + k) for k in ("worst", "reference", "gap", "gap_low", "gap_high")
     )
     base = {"kind": "loss", "loss": row.loss, "against": None}
-    if row.verdict == stats.INSUFFICIENT:
+    # a verdict refused only because it had not settled at ratio 1 (row.unsettled) leaves a --max-ratio decision to
+    # its own settledness at its threshold; any other refusal (and --max-gap, whose drift is not judged) stands
+    only_ratio = bool(row.unsettled) and max_gap is None
+    if row.verdict == stats.INSUFFICIENT and not only_ratio:
         asked = [("ratio", max_ratio), ("gap", max_gap)]
         out = [
             {
@@ -251,7 +260,12 @@ def _loss_outcome(
     reasons = []
     for quantity, lcb, ucb, threshold, flag in checks:
         outcome = _decide(lcb, ucb, threshold)
-        if outcome == "fail":
+        moving = (
+            _ratio_unsettled(row, lcb, ucb, threshold) if quantity == "ratio" and outcome != "insufficient" else None
+        )
+        if moving:
+            outcome, reason = "insufficient", moving
+        elif outcome == "fail":
             reason = f"{quantity} bound {lcb:.4g} > {flag} {threshold:g}"
         elif outcome == "pass":
             reason = f"{quantity} upper bound {ucb:.4g} < {flag} {threshold:g}"
@@ -280,6 +294,26 @@ def _loss_outcome(
     if row.warnings:
         lines.append(f"     warning: {row.warnings}")
     return out, lines
+
+
+def _ratio_unsettled(row: Any, lcb: float, ucb: float, max_ratio: float) -> str | None:
+    """Why a --max-ratio pass or fail on `row` had not settled, or None: the end that decides (the upper end for a
+    pass, the lower end for a fail), moved by the ratio's drift bound toward the threshold (the row's drift_low /
+    drift_high), could reach it in as much training again (settled.could_change). At max_ratio 1 a fail is the
+    verdict's "clear gap", which the verdict's own rule has judged already."""
+    if not (np.isfinite(lcb) and lcb > 0) or np.isnan(ucb):
+        return None
+    low, high, threshold = np.log(lcb), np.log(ucb), np.log(max_ratio)
+    shift = np.log([row.drift_low, row.drift_high])
+    if not could_change(low, high, threshold, *shift):
+        return None
+    end, name = (lcb * row.drift_low, "lower") if low > threshold else (ucb * row.drift_high, "upper")
+    value = lcb if low > threshold else ucb
+    return (
+        f"the decision at --max-ratio {max_ratio:g} had not settled: in as much training again the ratio would move "
+        f"x{row.drift_low:.3f} to x{row.drift_high:.3f} (one-sided 95% bounds), so its {name} end {value:.4g} "
+        f"could {'fall' if low > threshold else 'rise'} to {end:.4g}"
+    )
 
 
 def _contrast_outcome(row: Any, max_contrast: float) -> tuple[dict[str, Any], list[str]]:

@@ -36,6 +36,7 @@ from .report import (
     vae_tables,
     verdict_table,
 )
+from .settled import DROP
 from .stats import CLEAR, FAIRER, INSUFFICIENT, LESS_FAIR, NO_CLEAR, NOT_DIFFERENT, Analysis, positive_metric
 
 CSS = """
@@ -262,9 +263,10 @@ def _over_training_html(result, figs: dict[str, str]) -> list[str]:
     if warnings:
         items = "".join(f"<li>{_e(w)}</li>" for w in warnings)
         out.append(
-            f'<div class="warn"><b>{len(warnings)} of {len(result.cells)} cells not converged: their errors were '
-            f"still changing (the verdict reads whether the gap itself had settled).</b><details><summary>Which, and how far their "
-            f"error still moved</summary><ul>{items}</ul></details></div>"
+            f'<div class="warn"><b>{len(warnings)} of {len(result.cells)} cells not converged: their errors could '
+            f"still fall by more than {DROP:.0%} in as much training again (the verdict reads whether the gap itself had "
+            f"settled).</b><details><summary>Which, and how far their error could still fall</summary><ul>{items}</ul>"
+            f"</details></div>"
         )
     if "over_training" in figs:
         out.append(

@@ -3,8 +3,9 @@
 `sample_errors`: one row per (loss, objective, seed, test image), the unit every later statistic resamples.
 `CurveRecorder`: each group's held-out MSE and MAE at the training loop's curve points
 (hooks.EvalPoint), on a fixed stratified subset of the test images sized so that the points cost
-at most CURVE_BUDGET of training, but never fewer than MIN_CURVE_IMAGES (`curve_subset_size`), so
-short runs pay more (1 epoch on 5,000 images: 20 x 256 forwards per cell, a third of training's);
+at most CURVE_BUDGET of training, but never fewer than MIN_CURVE_IMAGES per group (or the whole group:
+`curve_subset`), so short runs pay more (1 epoch on 5,000 images, two groups: 20 x 512 forwards per cell,
+two thirds of training's);
 `curve_table` puts the full test set at each cell's last point, so that point equals the final
 per-group numbers.
 """
@@ -17,12 +18,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .convergence import last_drop, settled
 from .grid import CELL_KEY, Cell, cell_key
 from .groups import GroupedData
 from .hooks import EvalPoint
 from .metrics import PSNR_FLOOR_MSE, QUANTISATION_VAR, SSIM_MIN_SIDE, SSIM_SIGMA
 from .noise import HELDOUT_EPS_STREAM, draw_eps, eps_generators
+from .settled import DROP, fall_bound, projected_fall
 from .stacked import StackedCells, group_errors, residual_chunks
 
 SAMPLE_CHUNK = 2048  # test images whose residuals sample_errors holds at once (reconstruct batches within it)
@@ -122,7 +123,10 @@ def ssim_per_image(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 CURVE_BUDGET = 0.05  # curve points may cost at most 5% of training's forward passes (a step is ~3: forward + backward)
-MIN_CURVE_IMAGES = 256  # ... but never fewer test images than this (or the whole test set, if smaller)
+# ... but never fewer test images per group than this (or the whole group, if smaller): the verdict's drift is
+# measured on these images, whose sampling error every seed shares; at 256 per group it is 0.008-0.013 on the log
+# drift per doubling, below the seed SE in 7 of 8 rows measured (docs/method/settled.md, the curve subset's size)
+MIN_CURVE_IMAGES = 256
 CURVE_COLUMNS = [
     *("loss", "objective", "seed", "step", "epoch", "group", "n"),
     *("mse", "mae", "train_mse", "val_mse", "group_weight"),
@@ -130,13 +134,20 @@ CURVE_COLUMNS = [
 
 
 def curve_subset_size(n_test: int, n_train: int, epochs_per_point: float) -> int:
-    """Test images per curve point: CURVE_BUDGET of the ~3 forward passes per training image and epoch
-    between two points, at least MIN_CURVE_IMAGES, at most the whole test set."""
-    return min(n_test, max(MIN_CURVE_IMAGES, int(CURVE_BUDGET * 3 * n_train * epochs_per_point)))
+    """Test images per curve point that the budget pays for: CURVE_BUDGET of the ~3 forward passes per training
+    image and epoch between two points, at most the whole test set (`curve_subset` adds each group's minimum)."""
+    return min(n_test, int(CURVE_BUDGET * 3 * n_train * epochs_per_point))
 
 
-def stratified_subset(groups: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
-    """Sorted positions of `size` items, each group in its share of `groups` (at least one per group)."""
+def curve_subset(groups: torch.Tensor, n_train: int, epochs_per_point: float) -> torch.Tensor:
+    """Sorted positions of the curve points' test images: `curve_subset_size` of them stratified by group, with
+    at least MIN_CURVE_IMAGES of every group (all of a smaller group)."""
+    return stratified_subset(groups, curve_subset_size(len(groups), n_train, epochs_per_point), MIN_CURVE_IMAGES)
+
+
+def stratified_subset(groups: torch.Tensor, size: int, minimum: int = 1, seed: int = 0) -> torch.Tensor:
+    """Sorted positions of about `size` items, each group in its share of `groups`, but at least `minimum` (and
+    at least one) of each group, or all of a smaller one."""
     codes = groups.numpy()
     if size >= len(codes):
         return torch.arange(len(codes))
@@ -144,7 +155,7 @@ def stratified_subset(groups: torch.Tensor, size: int, seed: int = 0) -> torch.T
     picks = []
     for g in np.unique(codes):
         members = np.flatnonzero(codes == g)
-        k = min(len(members), max(1, round(size * len(members) / len(codes))))
+        k = min(len(members), max(1, minimum, round(size * len(members) / len(codes))))
         picks.append(rng.choice(members, size=k, replace=False))
     return torch.from_numpy(np.sort(np.concatenate(picks)))
 
@@ -155,8 +166,7 @@ class CurveRecorder:
     and the group's weight in its objective there; `seconds` is the time spent inside the hook."""
 
     def __init__(self, data: GroupedData, *, epochs_per_point: float, device: torch.device | str = "cpu"):
-        size = curve_subset_size(len(data.test_x), len(data.train_x), epochs_per_point)
-        self.positions = stratified_subset(data.test_g, size)
+        self.positions = curve_subset(data.test_g, len(data.train_x), epochs_per_point)
         self.names = data.names
         self.x = data.test_x[self.positions].to(device)
         self.g = data.test_g[self.positions].to(device)
@@ -216,26 +226,28 @@ def curve_table(points: pd.DataFrame, samples: pd.DataFrame, final_steps: dict[C
 
 
 def convergence(points: pd.DataFrame) -> pd.DataFrame:
-    """Per cell (loss, [objective,] seed): `last_drop`, the relative change over the last quarter of training (a fitted trend, > 0 falling)
-    with the largest size among each group's held-out MSE (on the fixed subset: the same images at both ends)
-    and training MSE; `last_drop_of`, which one; `converged`: every one `settled` (|change| <= CONVERGED_DROP;
-    False when training was too short to judge)."""
+    """Per cell (loss, [objective,] seed), whether its held-out error had settled at the end of training (settled.py, the notion that
+    stops --epochs auto): each group's validation MSE where the points have one (--epochs auto, so `converged`
+    is exactly "stopped before the cap"), else its held-out MSE on the fixed curve subset (the same images at
+    every point). `converged`: in every group, with 95% confidence, as much training again would not lower it
+    by more than 5% (False when training was too short to judge); `last_drop`: the projected fall over as much
+    training again (> 0 falling, < 0 rising) of the group whose bound is highest, `last_drop_of` which one."""
     rows = []
     for key, part in points.groupby(cell_key(points), sort=False):
-        wide = part.pivot(index="step", columns="group")
-        drops = {
-            f"{kind} MSE of group {group}": d
-            for kind, column in (("held-out", "mse"), ("training", "train_mse"))
-            for group, d in zip(wide[column].columns, last_drop(wide.index, wide[column].to_numpy()))
-        }
-        worst = max(drops, key=lambda k: np.inf if np.isnan(drops[k]) else abs(drops[k]))
-        drop = drops[worst]
+        column, kind = ("val_mse", "validation") if part["val_mse"].notna().all() else ("mse", "held-out")
+        wide = part.pivot(index="step", columns="group", values=column)
+        bound = fall_bound(wide.index, wide.to_numpy())
+        fall = projected_fall(wide.index, wide.to_numpy())
+        judged = np.isfinite(bound)
+        at = int(np.argmax(np.where(judged, bound, -np.inf))) if judged.any() else 0
         rows.append(
             {
                 **dict(zip(cell_key(points), key)),
-                "converged": bool(settled(list(drops.values())).all()),
-                "last_drop": drop,
-                "last_drop_of": worst if np.isfinite(drop) else "too few points to judge",
+                "converged": bool(judged.all() and (bound <= DROP).all()),
+                "last_drop": float(fall[at]) if judged.all() else float("nan"),
+                "last_drop_of": f"{kind} MSE of group {wide.columns[at]}"
+                if judged.all()
+                else "too few points to judge",
             }
         )
     return pd.DataFrame(rows, columns=[*cell_key(points), "converged", "last_drop", "last_drop_of"])

@@ -207,8 +207,8 @@ class AuditSpec:
     seeds: int = setting(5, "Training runs per loss (seeds 0 .. seeds-1).", metavar="N")
     epochs: int | str = setting(
         50,
-        "Training epochs per cell, or auto: until every group's validation and "
-        "training error flatten (at most max_epochs).",
+        "Training epochs per cell, or auto: until every group's validation error has settled (at least 16 "
+        "epochs and 500 optimizer steps, at most max_epochs).",
         metavar="N|auto",
         words=("auto",),
     )

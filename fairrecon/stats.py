@@ -52,9 +52,9 @@ import pandas as pd
 from scipy import optimize, special
 
 from . import metrics
-from .convergence import CONVERGED_DROP, CONVERGED_WINDOW, last_drop
 from .errors import UserError
 from .metrics import PSNR_FLOOR_MSE
+from .settled import DROP, Drift, could_change, seed_drift
 from .spec import split_arm
 
 if TYPE_CHECKING:  # types only: stats imports nothing that imports torch at run time
@@ -525,6 +525,10 @@ DISPARITY_COLUMNS = [
     "p_corrected",
     "mde",
     "mde_relative",
+    "drift",
+    "drift_low",
+    "drift_high",
+    "unsettled",
     "tail_group",
     "tail_images",
     "tail_share",
@@ -978,9 +982,16 @@ def disparities(
                         }
                     )
         pair = (row["worst"], row["reference"]) if "worst" in row else None
-        reasons = insufficient(result, loss, le, pair=pair, external=external)
+        drift = gap_drift(result, loss, *pair, metric=metric) if pair and pair[0] != pair[1] else None
+        row.update(zip(("drift", "drift_low", "drift_high"), np.exp(_drift_logs(drift))))
+        reasons = insufficient(result, loss, le, pair=pair, external=external)  # the data checks
         if ratio and np.isfinite(row.get("gap_lcb", np.nan)) and not np.isfinite(row.get("ratio_lcb", np.nan)):
             reasons.append("a group's mean error is not above 0: no ratio")
+        # the verdict at ratio 1 had not settled (last of the reasons, so a gate at another threshold can tell a
+        # refusal for this alone and judge its own decision's settledness instead: gate._loss_outcome)
+        moving = _unsettled(result, loss, pair, row) if pair is not None and pair[0] != pair[1] else None
+        row["unsettled"] = bool(moving) and not reasons
+        reasons += [moving] if moving else []
         row["verdict"] = verdict(gap_lcb=row.get("gap_lcb", np.nan), reasons=reasons)
         notes = _notes(row, decisive, external, result.spec)
         row["warnings"] = "; ".join(reasons + unconverged(result, loss) + notes)
@@ -1169,7 +1180,9 @@ def paired_contrasts(
         row: dict = {"loss": loss, "reference": reference_loss, "metric": metric}
         reasons, notes = [], []
         for name, r in ((loss, a), (reference_loss, b)):
-            why = insufficient(result, name, by_loss.get(name), pair=_pair(r), external=external, count_failed=False)
+            why = insufficient(
+                result, name, by_loss.get(name), pair=_pair(r), external=external, count_failed=False, row=r.to_dict()
+            )
             if why:
                 reasons.append(
                     f"{name}: {'; '.join(why)}"
@@ -1356,24 +1369,35 @@ def _contrast_verdict(row: dict, reasons: list[str], ratio: bool) -> str:
 # ---------------------------------------------------------------- why a verdict cannot be given, and notes
 
 
-def gap_drift(result: AuditResult, loss: str, worst: str, best: str) -> float:
-    """How far the answer still moved at the end of training: per ok cell of `loss`, the change of its
-    worst/best held-out MSE ratio over the last CONVERGED_WINDOW of training, as a fitted log-linear trend
-    (convergence.last_drop, negated: > 0 the ratio was rising) on the curve points before the cell's final one
-    (the fixed test subset, so every point sees the same images), then the mean over seeds.
-    NaN without curves (a model of yours) or with too few points to fit."""
+def gap_drift(result: AuditResult, loss: str, worst: str, best: str, *, metric: str = "mse") -> Drift | None:
+    """How far the answer is projected to move in as much training again (settled.py): per ok cell of `loss`,
+    the trend of log(worst / best held-out error) against log(step) over the last half of its training, on the
+    curve points before its final one (the fixed test subset, so every point sees the same images; in the
+    metric where the curves record it (mse, mae), else in mse); `settled.Drift` holds the per-seed slopes, their mean and its t interval.
+    None without curves (a model of yours); a Drift of fewer than 2 seeds cannot be judged."""
     curves = getattr(result, "curves", None)
     if curves is None or curves.empty:
-        return float("nan")
+        return None
+    column = metric if metric in curves.columns else metrics.DEFAULT  # curves record mse and mae
     cells = result.cells
     ok = cells.loc[(cells["loss"] == loss) & (cells["status"] == "ok"), "seed"]
     part = curves[(curves["loss"] == loss) & curves["seed"].isin(ok)].assign(group=lambda d: d["group"].astype(str))
-    drifts = []
+    per_seed = []
     for _, cell in part.groupby("seed"):
-        wide = cell[cell["step"] < cell["step"].max()].pivot(index="step", columns="group", values="mse")
+        wide = cell[cell["step"] < cell["step"].max()].pivot(index="step", columns="group", values=column)
         if worst in wide and best in wide:
-            drifts.append(-float(last_drop(wide.index, (wide[worst] / wide[best]).to_numpy())))
-    return float(np.mean(drifts)) if drifts else float("nan")
+            per_seed.append((wide.index.to_numpy(), (wide[worst] / wide[best]).to_numpy()))
+    return seed_drift(per_seed)
+
+
+DB_PER_LOG = 10 / np.log(10)  # a psnr gap in dB moves by this times the change of log(worst / best mse)
+
+
+def _drift_logs(drift: Drift | None) -> tuple[float, float, float]:
+    """A drift's (estimate, low, high) on the log scale of the ratio; NaN when it cannot be judged."""
+    if drift is None or drift.seeds < 2:
+        return (np.nan, np.nan, np.nan)
+    return (drift.estimate, drift.low, drift.high)
 
 
 def insufficient(
@@ -1384,10 +1408,12 @@ def insufficient(
     pair: tuple[str, str] | None = None,
     external: bool = False,
     count_failed: bool = True,
+    row: dict | None = None,
 ) -> list[str]:
     """Why a loss's data cannot support a verdict (empty when they can): failed cells (unless count_failed is
-    False: a paired contrast leaves them out of both losses), an answer still moving at the end of training
-    (`gap_drift` of the shown pair beyond CONVERGED_DROP), fewer than 2 trained seeds, a test or training
+    False: a paired contrast leaves them out of both losses), an answer that had not settled (the decided `row`'s
+    interval, moved by its `drift_low` / `drift_high`, could cross the decision's boundary in as much training
+    again: settled.could_change), fewer than 2 trained seeds, a test or training
     group under MIN_GROUP_N images."""
     reasons = []
     cells = result.cells[result.cells["loss"] == loss]
@@ -1399,14 +1425,10 @@ def insufficient(
             f"{len(failed)} failed cell(s) left out: "
             + ", ".join(f"{loss}/seed{r.seed} ({r.status})" for r in failed.itertuples())
         )
-    if pair is not None and pair[0] != pair[1]:
-        drift = gap_drift(result, loss, *pair)
-        if abs(drift) > CONVERGED_DROP:
-            reasons.append(
-                f"the answer had not settled: {pair[0]}/{pair[1]} still moved {drift:+.1%} over the "
-                f"last {CONVERGED_WINDOW:.0%} of training (settled: within {CONVERGED_DROP:.0%}); "
-                "train longer (--epochs N or --epochs auto)"
-            )
+    if pair is not None and pair[0] != pair[1] and row is not None:
+        reason = _unsettled(result, loss, pair, row)
+        if reason:
+            reasons.append(reason)
     if le is None:
         return reasons
     if not external and len(le.seeds) < 2:
@@ -1422,9 +1444,58 @@ def insufficient(
     return reasons
 
 
+def _unsettled(result: AuditResult, loss: str, pair: tuple[str, str], row: dict[str, Any]) -> str | None:
+    """The "had not settled" reason, or None. The decision is the row's: clear gap when the largest lower end
+    over the covered pairs is above "no gap" (ratio_lcb > 1; psnr: gap_lcb > 0 dB), else no clear gap; the
+    upper end is the row pair's. Both move with the shown pair's drift (exactly the decision for two groups)."""
+    shift = np.log(np.array([row.get(k, np.nan) for k in ("drift", "drift_low", "drift_high")], dtype=float))
+    if not np.isfinite(shift).all():
+        return None
+    if not positive_metric(row.get("metric", metrics.DEFAULT)):  # psnr: a gap in dB, moved in dB
+        low, high, shift, show = row.get("gap_lcb", np.nan), row.get("gap_high", np.nan), shift * DB_PER_LOG, "dB"
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):  # a ratio end at 0 is -inf on the log scale
+            low, high, show = np.log(row.get("ratio_lcb", np.nan)), np.log(row.get("ratio_high", np.nan)), "ratio"
+    if np.isnan(low) or np.isnan(high) or not could_change(low, high, 0.0, shift[1], shift[2]):
+        return None
+
+    def value(v: float) -> str:
+        return f"{v:.3g} dB" if show == "dB" else f"{np.exp(v):.3g}"
+
+    if low > 0:
+        what = f"its lower end {value(low)} could fall to {value(low + shift[1])}: no clear gap"
+    elif low + shift[2] > 0:
+        what = f"its lower end {value(low)} could reach {value(low + shift[2])}: a clear gap"
+    else:
+        what = f"its upper end {value(high)} could fall to {value(high + shift[1])}: group {pair[1]} clearly worse"
+    factors = np.exp(shift / DB_PER_LOG if show == "dB" else shift)
+    seeds = int(((result.cells["loss"] == loss) & (result.cells["status"] == "ok")).sum())
+    trend_alone = could_change(low, high, 0.0, shift[0], shift[0])  # the trend itself, not only its uncertainty
+    return (
+        f"the answer had not settled: in as much training again the {pair[0]}/{pair[1]} ratio would move "
+        f"x{factors[0]:.3f} (one-sided 95% bounds x{factors[1]:.3f} to x{factors[2]:.3f}; its trend over the last "
+        f"half of training, {seeds} seeds), and {what}; {_longer(result, loss, more_seeds=not trend_alone)}"
+    )
+
+
+def _longer(result: AuditResult, loss: str, *, more_seeds: bool) -> str:
+    """The advice for an answer that had not settled: twice the training (the horizon the rule looked at); more
+    seeds too where only the drift's uncertainty, not its trend, reaches the boundary."""
+    cells = result.cells[result.cells["loss"] == loss]
+    epochs = int(cells["epochs"].max()) if "epochs" in cells and cells["epochs"].notna().any() else None
+    spec = result.spec
+    if spec.epochs == "auto" and epochs is not None and epochs >= spec.max_epochs:
+        advice = f"raise --max-epochs (cells reached its {spec.max_epochs})"
+    elif epochs is not None:
+        advice = f"train twice as long (--epochs {2 * epochs})"
+    else:
+        advice = "train longer"
+    return advice + (f" or add seeds (--seeds {2 * len(cells)}): the trend's uncertainty decides" if more_seeds else "")
+
+
 def unconverged(result: AuditResult, loss: str) -> list[str]:
-    """A note (not a reason) when some cells' errors were still changing: the verdict is about this
-    training length; whether the answer itself still moved is `gap_drift`'s question."""
+    """A note (not a reason) when some cells' errors had not settled (settled.py): the verdict is about this
+    training length; whether the answer itself could still change is `gap_drift`'s question."""
     cells = result.cells[(result.cells["loss"] == loss) & (result.cells["status"] == "ok")]
     if "converged" not in cells:
         return []
@@ -1432,8 +1503,8 @@ def unconverged(result: AuditResult, loss: str) -> list[str]:
     if not len(stuck):
         return []
     return [
-        f"{len(stuck)} of {len(cells)} cell(s) not converged (an error still changed by more than "
-        f"{CONVERGED_DROP:.0%} over the last {CONVERGED_WINDOW:.0%} of training: "
+        f"{len(stuck)} of {len(cells)} cell(s) not converged (an error could still fall by more than "
+        f"{DROP:.0%} in as much training again: "
         + ", ".join(f"{loss}/seed{s}" for s in stuck["seed"])
         + "): the verdict holds for this training length"
     ]

@@ -24,16 +24,17 @@ in their loss and objective. Every cell trains on the same split.
 
 Curves and convergence: at `eval_points` evenly spaced steps (with epochs="auto": at every epoch end)
 `on_eval` gets an EvalPoint (hooks.py): the cells, each group's mean training MSE over the batches
-since the previous point (free: the step computes it anyway) and each group's weight in the cells' objectives. measure.CurveRecorder adds each group's
-held-out error there. Whether a cell has converged is convergence.py's rule.
+since the previous point (free: the step computes it anyway) and each group's weight in the cells' objectives.
+measure.CurveRecorder adds each group's held-out error there. Whether a cell's error has settled is settled.py's
+notion.
 
 epochs="auto": after every epoch each cell's per-group error on a validation split (carved from
-the training images, groups.with_validation) and its per-group training error are checked with
-that same rule; a cell whose curves have flattened (convergence.flattened) stops there:
-its weights at that epoch are kept and put back at the end, so its result is exactly what it
-would be trained alone (cells are independent). The stack trains on until every cell has
-stopped or failed, or `max_epochs` is reached; cells still not flat then keep the cap's weights
-and are reported as not converged.
+the training images, groups.with_validation) is checked with that notion; a cell whose validation
+error has settled in every group (settled.stops: as much training again would, with 95% confidence,
+not lower it by more than 5%) stops there: its weights at that epoch are kept and put back at the
+end, so its result is exactly what it would be trained alone (cells are independent). The stack
+trains on until every cell has stopped or failed, or `max_epochs` is reached; cells not settled
+then keep the cap's weights and are reported as not converged.
 
 Speed: the data stays on the device as one tensor and each step gathers the C batches
 with one index; the per-loss slices of the cell dimension are worked out once; Adam is
@@ -53,12 +54,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .convergence import flattened
 from .grid import Cell, TrainConfig
 from .hooks import EvalPoint, Snapshot
 from .memory import cells_per_chunk
 from .noise import draw_eps, eps_generators
 from .objectives import GroupWeights, ObjectiveKind, pca_reference
+from .settled import stops
 from .stacked import (
     StackedCells,
     concat_stacked,
@@ -261,7 +262,7 @@ class ChunkState:
     failed: list[str | None]  # per cell: why it failed (a non-finite loss), else None
     stopped_at: list[int | None]  # per cell: the epoch it stopped after (epochs="auto"), else None
     kept: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor]] = field(default_factory=dict)  # their weights
-    checks: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)  # (step, val (C, G), train (C, G))
+    checks: list[tuple[int, np.ndarray]] = field(default_factory=list)  # epochs="auto": (step, val (C, G)) per epoch
     history: list[dict] = field(default_factory=list)  # one row per active cell and epoch
     step: int = 0  # updates done
     epoch: int = 0  # epochs done
@@ -399,16 +400,15 @@ class ChunkTraining:
 
     def stopping_check(self, alive: list[bool], epoch: int) -> None:
         """epochs="auto", after `epoch` epochs: a curve point with each group's validation error, then the active
-        cells that stop: failed ones, and those whose curves have flattened (convergence.flattened). A cell that
-        stops alive keeps its weights of this epoch, put back by `finish`."""
+        cells that stop: failed ones, and those whose validation error has settled in every group (settled.stops).
+        A cell that stops alive keeps its weights of this epoch, put back by `finish`."""
         s = self.state
         val_mse = group_errors(self.stacked, *self.data.validation, self.data.n_groups)[0]
-        train_mse = self.curve_point(val_mse)
-        s.checks.append((s.step, val_mse.cpu().numpy(), train_mse.double().cpu().numpy()))
-        steps = [c[0] for c in s.checks]
-        flat = flattened(steps, np.stack([c[1] for c in s.checks]), np.stack([c[2] for c in s.checks]), epoch)
+        self.curve_point(val_mse)
+        s.checks.append((s.step, val_mse.cpu().numpy()))
+        done = stops([c[0] for c in s.checks], np.stack([c[1] for c in s.checks]), epoch)
         for c in range(len(self.cells)):
-            if s.active[c] and (not alive[c] or flat[c]):
+            if s.active[c] and (not alive[c] or done[c]):
                 s.stopped_at[c] = epoch
                 s.active[c] = False
                 if alive[c]:  # failed cells need no weights
