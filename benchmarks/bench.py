@@ -21,6 +21,13 @@ Each side is a fresh process, timed from the outside, interleaved (competent, [t
   with its own Adam, then each model over the held-out images (the same transform) for every image's error.
   Which images go to which group (fairrecon's assignment) is worked out first and left out of its time ("setup").
 
+The machine's limit, in the same run (the main process, at the thread count used, before the comparison):
+sgemm GFLOP/s (a --sgemm-n square float32 matmul, median of --limit-repeats), one cell's forward + backward at
+--layers-batch, the grid's training FLOPs counted from the layer shapes (step_flops: 2 m n k per matmul forward,
+the same again for the weight gradient and for the input gradient of every layer but the first; biases,
+activations, losses and Adam not counted), training's achieved GFLOP/s (FLOPs / training seconds) and its
+fraction of sgemm, and each phase's share of fairrecon's whole process. --json FILE writes these numbers.
+
 It reports; it never asserts timings. On a shared machine use the median ratio of interleaved
 --repeats and say so.
 """
@@ -42,6 +49,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
@@ -69,11 +77,6 @@ CELL_STEPS = {"n": 0}
 def _count_cell_steps(opt, args, kwargs) -> None:
     """Global optimizer hook: an Adam step updates as many cells as its learned-loss-parameter group has rows."""
     CELL_STEPS["n"] += opt.param_groups[1]["params"][0].shape[0]
-
-
-from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
-
-register_optimizer_step_post_hook(_count_cell_steps)
 
 
 def peak_mb(now: bool = False) -> float:
@@ -343,7 +346,17 @@ def competent_main(args) -> None:
         data.train_x, data.test_x, cells, TrainConfig.from_spec(spec), torch.device(args.device)
     )
     seconds.update(part)
-    print(json.dumps({**seconds, "threads": torch.get_num_threads(), "errors": list(errors.shape)}))
+    print(
+        json.dumps(
+            {
+                **seconds,
+                "threads": torch.get_num_threads(),
+                "errors": list(errors.shape),
+                "train_images": len(data.train_x),
+                "shape": list(data.train_x.shape[1:]),
+            }
+        )
+    )
 
 
 def check_competent(args) -> None:
@@ -376,6 +389,90 @@ def check_competent(args) -> None:
             f"{diff:.1e} (training moved them up to {moved:.1e}); held-out errors max relative diff {err:.1e} "
             f"over {len(fair_errors[c])} images"
         )
+
+
+# ---------------------------------------------------------------- the machine's limit (issue 22 item 4)
+
+LAYERS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+
+
+def layer_flops(model: torch.nn.Module, shape: tuple[int, ...]) -> list[tuple[str, int]]:
+    """Each matmul-like layer's forward FLOPs for ONE image, from its shapes: 2 * m * n * k, one multiply and one
+    add per term. Linear: 2 * in * out. Conv2d: 2 * (C_out * H_out * W_out) * (C_in / groups * kh * kw).
+    ConvTranspose2d: each input pixel scatters C_out * kh * kw products: 2 * (C_in * H_in * W_in) * (C_out / groups
+    * kh * kw). The spatial sizes come from one forward pass of a single image. -> [(layer name, FLOPs)]"""
+    found: list[tuple[str, int]] = []
+
+    def hook(name: str):
+        def record(layer, inputs, output) -> None:
+            if isinstance(layer, torch.nn.Linear):
+                flops = 2 * layer.in_features * layer.out_features
+            elif isinstance(layer, torch.nn.Conv2d):
+                k = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+                flops = 2 * output[0].numel() * k
+            else:
+                k = layer.out_channels // layer.groups * math.prod(layer.kernel_size)
+                flops = 2 * inputs[0][0].numel() * k
+            found.append((name, flops))
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, LAYERS)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *shape))
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def step_flops(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    """One image's training FLOPs in the matmul-like layers: forward (1x), the weight gradient (1x) and the input
+    gradient (1x) of every layer but the first, whose input (the images) needs no gradient. Left out: biases,
+    activations, the loss, Adam (elementwise work, a few FLOPs per parameter or pixel)."""
+    layers = layer_flops(model, shape)
+    return 3 * sum(f for _, f in layers) - layers[0][1]
+
+
+def training_flops(config: TrainConfig, shape: tuple[int, ...], losses: list[str], seeds: int, images: int) -> int:
+    """The grid's training FLOPs (step_flops per image-step; every epoch passes every training image once)."""
+    per_image = [step_flops(config.build(shape, scale_head=get_loss(loss).pixel_scale), shape) for loss in losses]
+    return sum(per_image) * seeds * int(config.epochs) * images
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """fn's median wall time over repeats calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def machine_limit(config: TrainConfig, shape: tuple[int, ...], *, n: int, batch: int, repeats: int) -> dict:
+    """At this process's thread count: sgemm GFLOP/s (an n x n x n float32 matmul, median of repeats) and one cell's
+    forward + backward (an l2 cell, no Adam) at a large batch, counted with step_flops."""
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    sgemm = 2 * n**3 / median_seconds(lambda: a @ b, repeats)
+    torch.manual_seed(0)
+    model = config.build(shape)
+    x = torch.rand(batch, *shape)
+
+    def forward_backward() -> None:
+        model.zero_grad(set_to_none=True)
+        (model(x) - x).pow(2).mean().backward()
+
+    layers = step_flops(model, shape) * batch / median_seconds(forward_backward, repeats)
+    return {
+        "threads": torch.get_num_threads(),
+        "sgemm_n": n,
+        "sgemm_gflops": sgemm / 1e9,
+        "layers_batch": batch,
+        "layers_gflops": layers / 1e9,
+    }
 
 
 # ---------------------------------------------------------------- fairrecon, as a user runs it
@@ -419,10 +516,12 @@ PARTS = ("load_s", "groups_s", "train_s", "curves_s", "measure_s", "stats_s", "r
 
 
 def breakdown(summary: dict, wall: float) -> dict[str, float]:
-    """Where the fairrecon process's time went: info.timings, training without its curve points, the rest as other_s."""
+    """Where the fairrecon process's time went: info.timings' phases (training without its curve points), and as
+    other_s the rest of the process (start-up, imports, each cell's tables written as it finishes): the parts add up
+    to the process's wall time."""
     t = dict(summary["info"]["timings"])
     t["train_s"] -= t["curves_s"]  # curve points run inside the training loop (train_cells' on_eval)
-    t["other_s"] = wall - t["total_s"] - t.get("stats_s", 0.0) - t.get("report_s", 0.0)
+    t["other_s"] = wall - sum(t.get(k, 0.0) for k in PARTS if k != "other_s")
     return {k: t.get(k, float("nan")) for k in PARTS}
 
 
@@ -457,11 +556,20 @@ def compare(args) -> None:
         str(args.threads),
     ] + (["--test-limit", str(args.test_limit)] if args.test_limit else [])
     competent_cmd = [a for a in plain_cmd if a != "--_plain"] + ["--_competent"]
-    ratios, transform_ratios, parts = [], [], []
+    config = TrainConfig.from_spec(spec_for(args))
+    shape = (1, 28, 28)  # Fashion-MNIST
+    limit = machine_limit(config, shape, n=args.sgemm_n, batch=args.layers_batch, repeats=args.limit_repeats)
+    print(
+        f"machine limit at {limit['threads']} thread(s), median of {args.limit_repeats}: sgemm "
+        f"{limit['sgemm_gflops']:.1f} GFLOP/s ({args.sgemm_n}^3 float32 matmul); one {args.model} cell's layers "
+        f"{limit['layers_gflops']:.1f} GFLOP/s (forward + backward at batch {args.layers_batch})"
+    )
+    ratios, transform_ratios, parts, competent_train = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             wall_c, mem_c, out = run_process(competent_cmd)
             competent = json.loads(out.strip().splitlines()[-1])
+            competent_train.append(competent["train_s"])
             if args.transform_row:
                 wall_p, mem_p, out = run_process(plain_cmd)
                 plain = json.loads(out.strip().splitlines()[-1])
@@ -502,6 +610,38 @@ def compare(args) -> None:
         if rs:
             spread = f" (min {min(rs):.2f}x, max {max(rs):.2f}x, {len(rs)} runs)" if len(rs) > 1 else ""
             print(f"ratio {label} / fairrecon: {statistics.median(rs):.2f}x median{spread}")
+    shape = tuple(competent["shape"])
+    flops = training_flops(config, shape, args.losses, args.seeds, competent["train_images"])
+    shares = {k[:-2]: v / sum(median.values()) for k, v in median.items()}  # the median parts, as parts of their sum
+    achieved = {"fairrecon": flops / trained / 1e9, "competent": flops / statistics.median(competent_train) / 1e9}
+    print(
+        f"training FLOPs: {flops / 1e12:.4f} TFLOP (matmul-like layers: forward, weight and input gradients, no input "
+        f"gradient for the first layer; not counted: biases, activations, losses, Adam)"
+    )
+    print(
+        "training achieved (median): "
+        + ", ".join(
+            f"{side} {g:.1f} GFLOP/s = {g / limit['sgemm_gflops']:.0%} of sgemm" for side, g in achieved.items()
+        )
+    )
+    print(
+        "fairrecon shares of the whole process (median parts): "
+        + ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
+        + f"; not training {1 - shares['train']:.0%}"
+    )
+    if args.json:
+        record = {
+            "grid": {k: getattr(args, k) for k in ("model", "limit", "test_limit", "epochs", "seeds", "losses")},
+            "threads": args.threads,
+            "limit": limit,
+            "training_flops": flops,
+            "achieved_gflops": achieved,
+            "fairrecon_median_s": median,
+            "fairrecon_shares": shares,
+            "ratio_competent": ratios,
+            "ratio_transform": transform_ratios,
+        }
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- scaling
@@ -632,13 +772,19 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="check that the competent plain loop trains what fairrecon trains (weights, errors), then stop",
     )
+    ap.add_argument("--json", default=None, help="also write the comparison's numbers to this JSON file")
+    ap.add_argument("--sgemm-n", type=int, default=2048, help="the machine limit's square matmul size")
+    ap.add_argument("--layers-batch", type=int, default=4096, help="batch of the one-cell layer throughput")
+    ap.add_argument("--limit-repeats", type=int, default=5, help="timed calls per machine-limit figure (median)")
     ap.add_argument("--_plain", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_competent", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_point", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--size", choices=tuple(SIZES), default="28", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    register_optimizer_step_post_hook(_count_cell_steps)  # here, not on import (tests import)
     if args.small:
         args.limit, args.test_limit, args.epochs, args.seeds, args.losses = 256, 64, 1, 1, ["l2", "learned-sigma"]
+        args.sgemm_n, args.layers_batch, args.limit_repeats = 512, 256, 3
     if args._competent:
         return competent_main(args)  # at torch's default threads
     args.threads = args.threads or default_threads()[0]
