@@ -11,7 +11,7 @@ It is part of a results folder's identity (resultsdir.Identity), so an audit nev
 folder, or reuses checkpointed cells, whose numbers an older version computed differently.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 RESULTS_VERSION = 2  # 1: the numbers of fairrecon 0.1.0 (folders written before this field existed);
 # 2: thread-invariant training; epochs=auto stops by settled.py (at least 500 steps); curve points hold at least
-# 256 test images a group (CHANGELOG.md, Unreleased)
+# 256 test images a group (CHANGELOG.md, 0.2.0)
