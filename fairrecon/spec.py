@@ -340,17 +340,22 @@ def load_spec(path: str | Path, **flags: Any) -> AuditSpec:
     (3, 5, None)
     """
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: spec file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read spec ({e})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: invalid TOML ({e})") from None
+    raw = read_toml(path, "spec file")
     if set(raw) == {"audit"} and isinstance(raw["audit"], dict):
         raw = raw["audit"]
     return AuditSpec.from_dict(raw, str(path)).override(**flags)
+
+
+def read_toml(path: Path, kind: str) -> dict[str, Any]:
+    """A TOML file's tables (a spec file, a sweep file), or one line naming the file and what is wrong."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: {kind} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the {kind} ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: invalid TOML ({e})") from None
 
 
 def parse_list(text: str, kind: type = float) -> tuple:

@@ -38,7 +38,6 @@ import itertools
 import json
 import re
 import time
-import tomllib
 from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -61,7 +60,7 @@ from .groups import names_for_targets
 from .losses import check_settings
 from .outputs import save_results
 from .resultsdir import LOCK, MARKER, Identity, check_out, input_paths, writing
-from .spec import FIELDS, AuditSpec, load_spec
+from .spec import FIELDS, AuditSpec, load_spec, read_toml
 from .stats import CLEAR, FAIRER, INSUFFICIENT, LESS_FAIR, NO_CLEAR, Analysis, analyse
 from .version import __version__
 
@@ -92,14 +91,7 @@ def load_sweep(path: str | Path, *, out: str | Path | None = None, sets: dict[st
     """Read a sweep file and build every setting's spec (each checked; a bad one is refused by name)."""
     path = Path(path)
     where = str(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{where}: sweep file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{where}: cannot read the sweep file ({e})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{where}: invalid TOML ({e})") from None
+    raw = read_toml(path, "sweep file")
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown or not all(isinstance(raw.get(s, {}), dict) for s in SECTIONS):
         raise UserError(f"{where}: a sweep file has the tables [sweep], [audit] and [grid] only; found {sorted(raw)}")
